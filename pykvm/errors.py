@@ -1,0 +1,50 @@
+"""pykvm's exception hierarchy.
+
+Library code raises these; only the CLI turns them into one-line messages and
+exit codes. Each class says *what kind* of problem it is so that callers (and
+the CLI) can react without parsing messages.
+"""
+
+
+class PykvmError(Exception):
+    """Base of every error pykvm raises on purpose."""
+
+    exit_code = 1
+
+
+class KvmUnavailable(PykvmError):
+    """/dev/kvm is missing, not accessible, or speaks the wrong API."""
+
+
+class KvmError(PykvmError):
+    """An ioctl on a KVM fd failed; carries the request name and errno."""
+
+    def __init__(self, request: str, errno_: int, detail: str = ""):
+        import os
+
+        self.request = request
+        self.errno = errno_
+        message = f"{request} failed: {os.strerror(errno_)} (errno {errno_})"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+
+
+class ConfigError(PykvmError):
+    """The user asked for something invalid (a size, a path, an option)."""
+
+    exit_code = 2
+
+
+class ImageError(PykvmError):
+    """A kernel, initrd, flat binary or disk image is missing or malformed."""
+
+    exit_code = 2
+
+
+class GuestMemoryError(PykvmError):
+    """A guest-physical access fell outside guest RAM."""
+
+
+class GuestCrashed(PykvmError):
+    """The guest stopped in a way it cannot continue from (triple fault, entry failure)."""

@@ -1,0 +1,161 @@
+"""Guest RAM: anonymous (or file-backed) mmap regions, reached only through
+bounds-checked guest-physical addresses.
+
+Like rust-vmm's vm-memory, nothing here hands out raw host pointers to device
+code: devices get memoryviews that cover exactly the range they asked for, and
+every address and length a guest supplies is checked before it is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from .errors import GuestMemoryError
+from .layout import PAGE_SIZE, ram_ranges
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest RAM backed by one host mapping."""
+
+    guest_addr: int
+    size: int
+    mapping: mmap.mmap
+    host_addr: int = field(init=False)
+    view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        anchor = ctypes.c_char.from_buffer(self.mapping)
+        self.host_addr = ctypes.addressof(anchor)
+        del anchor  # the address stays valid while the mapping is open
+        self.view = memoryview(self.mapping)
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+    def contains(self, gpa: int, length: int) -> bool:
+        return self.guest_addr <= gpa and gpa + length <= self.end
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.mapping.close()
+        except BufferError:
+            # A device still holds a view; the mapping goes when that view does.
+            pass
+
+
+def _map_anonymous(size: int) -> mmap.mmap:
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    # Guest RAM is the guest's business: keep it out of core dumps of pykvm.
+    if hasattr(mmap, "MADV_DONTDUMP"):
+        mapping.madvise(mmap.MADV_DONTDUMP)
+    return mapping
+
+
+class GuestMemory:
+    """All of a VM's RAM, as a list of non-overlapping regions."""
+
+    def __init__(self, regions: list[MemoryRegion]):
+        self.regions = sorted(regions, key=lambda r: r.guest_addr)
+        self._last = self.regions[0]
+
+    @classmethod
+    def anonymous(cls, mem_size: int) -> "GuestMemory":
+        """RAM of ``mem_size`` bytes laid out by :func:`layout.ram_ranges`."""
+        if mem_size <= 0 or mem_size % PAGE_SIZE:
+            raise GuestMemoryError(f"memory size {mem_size} is not a positive multiple of 4 KiB")
+        return cls([MemoryRegion(start, size, _map_anonymous(size))
+                    for start, size in ram_ranges(mem_size)])
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    # --- lookup -----------------------------------------------------------------
+    def region_of(self, gpa: int, length: int = 1) -> MemoryRegion:
+        """The region holding [gpa, gpa+length), or GuestMemoryError."""
+        last = self._last
+        if last.guest_addr <= gpa and gpa + length <= last.end and length >= 0:
+            return last
+        if length >= 0:
+            for region in self.regions:
+                if region.contains(gpa, length):
+                    self._last = region
+                    return region
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.region_of(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of [gpa, gpa+length); the range must lie in one region."""
+        region = self.region_of(gpa, length)
+        offset = gpa - region.guest_addr
+        return region.view[offset:offset + length]
+
+    # --- copies -------------------------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        view = self.view(gpa, length)
+        view[:] = bytes([byte]) * length
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.view(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.view(gpa, size)[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read_int(gpa, 1)
+
+    def read_u16(self, gpa: int) -> int:
+        return self.read_int(gpa, 2)
+
+    def read_u32(self, gpa: int) -> int:
+        return self.read_int(gpa, 4)
+
+    def read_u64(self, gpa: int) -> int:
+        return self.read_int(gpa, 8)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 1, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 2, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 4, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 8, value)
+
+    def unpack(self, fmt: str, gpa: int) -> tuple:
+        return struct.unpack_from(fmt, self.view(gpa, struct.calcsize(fmt)))
+
+    def pack(self, fmt: str, gpa: int, *values) -> None:
+        struct.pack_into(fmt, self.view(gpa, struct.calcsize(fmt)), 0, *values)
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.close()
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
