@@ -1,0 +1,1 @@
+"""Reading the guest's own state: its code, its page tables, its IDT."""

@@ -1,0 +1,41 @@
+"""What a host's KVM cannot do, and how pykvm completes it.
+
+Nothing outside this package knows which kind of host pykvm runs on: the VM
+asks its :class:`Quirks` object to adjust CPUID and the kernel command line and
+to complete exits KVM could not, and on a normal VT-x/AMD-V host every answer is
+"nothing to do".
+"""
+
+from __future__ import annotations
+
+from ..guest.code import code_at_rip
+
+
+class Quirks:
+    """A host with nothing to work around (kvm_intel, kvm_amd)."""
+
+    name = "none"
+    summary: list[str] = []
+
+    def adjust_cpuid(self, entries):
+        return entries
+
+    def adjust_cmdline(self, cmdline: str) -> str:
+        return cmdline
+
+    def on_start(self, vm) -> None:
+        pass
+
+    def complete_internal_error(self, vcpu, suberror: int) -> bool:
+        """Try to finish what KVM could not; True when the guest may go on."""
+        return False
+
+    def instruction_at_rip(self, vcpu) -> tuple[int, bytes]:
+        return code_at_rip(vcpu)
+
+
+def for_host(kind: str) -> Quirks:
+    if kind == "kvm_pvm":
+        from .pvm import PvmQuirks
+        return PvmQuirks()
+    return Quirks()

@@ -1,0 +1,301 @@
+"""One VM: memory slots, the in-kernel irqchip and PIT, eventfds, the PIO and
+MMIO buses, its vCPUs, and its life cycle (created -> running <-> paused ->
+stopped)."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+from . import ioctl as k
+from . import layout
+from .bus import IrqLine, MmioBus, PioBus
+from .errors import KvmError, PykvmError
+from .ioctl import structs as s
+from .kvm import Kvm
+from .memory import GuestMemory
+from .vcpu import KICK_SIGNAL, RFLAGS_IF, Vcpu
+
+IDLE_CHECK_INTERVAL = 1.0  # seconds without an exit before pykvm looks whether a vCPU is dead-halted
+
+
+class State(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Stop:
+    """Why a VM stopped, and the exit status pykvm's CLI reports for it."""
+
+    kind: str          # "exit", "poweroff", "reset", "halt", "crash", "error", "signal", "user"
+    status: int
+    message: str
+    error: PykvmError | None = None
+
+
+class KvmIrqLine(IrqLine):
+    """A GSI of the in-kernel irqchip, driven with KVM_IRQ_LINE."""
+
+    def __init__(self, vm_fd: int, gsi: int):
+        self._fd = vm_fd
+        self._levels = (s.kvm_irq_level(irq=gsi, level=0), s.kvm_irq_level(irq=gsi, level=1))
+        self.gsi = gsi
+
+    def set_level(self, high: bool) -> None:
+        k.ioctl(self._fd, k.KVM_IRQ_LINE, self._levels[1 if high else 0])
+
+
+_kick_handler_installed = False
+
+
+def install_kick_handler() -> None:
+    """A no-op handler for the kick signal: its only job is to make KVM_RUN return EINTR.
+    Must run on the main thread (Python's rule); elsewhere kicks fall back to immediate_exit."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        _kick_handler_installed = True
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, memory: GuestMemory, *, quirks=None, tracer=None,
+                 log=sys.stderr):
+        from .quirks import for_host
+
+        self.kvm = kvm
+        self.memory = memory
+        self.quirks = quirks if quirks is not None else for_host(kvm.host_kind)
+        self.tracer = tracer
+        self.debugger = None
+        self.log = log
+        self.pio_bus = PioBus()
+        self.mmio_bus = MmioBus()
+        self.vcpus: list[Vcpu] = []
+        self.state = State.CREATED
+        self.stop_requested = False
+        self.stop_reason: Stop | None = None
+        self._stopped = threading.Event()
+        self._pause_lock = threading.Condition()
+        self._paused = False
+        self._eventfds: list[int] = []
+        self._closers: list = []
+        self.fd = kvm.create_vm_fd()
+        try:
+            self._create_platform()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        install_kick_handler()
+
+    # --- platform ---------------------------------------------------------------------
+    def _create_platform(self) -> None:
+        # These three must precede vCPU creation. KVM_SET_TSS_ADDR and the identity
+        # map are needed by VMX for real mode; harmless elsewhere.
+        k.ioctl(self.fd, k.KVM_SET_TSS_ADDR, layout.KVM_TSS_ADDR)
+        try:
+            k.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR,
+                    ctypes.c_uint64(layout.KVM_IDENTITY_MAP_ADDR))
+        except KvmError:
+            pass  # only VMX has it; AMD reports ENOTTY/EINVAL
+        k.ioctl(self.fd, k.KVM_CREATE_IRQCHIP)
+        k.ioctl(self.fd, k.KVM_CREATE_PIT2, s.kvm_pit_config(flags=k.KVM_PIT_SPEAKER_DUMMY))
+        for slot, region in enumerate(self.memory.regions):
+            self.set_memory_slot(slot, region.guest_addr, region.size, region.host_addr)
+
+    def set_memory_slot(self, slot: int, guest_addr: int, size: int, host_addr: int,
+                        flags: int = 0) -> None:
+        k.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, s.kvm_userspace_memory_region(
+            slot=slot, flags=flags, guest_phys_addr=guest_addr, memory_size=size,
+            userspace_addr=host_addr))
+
+    def irq_line(self, gsi: int) -> KvmIrqLine:
+        return KvmIrqLine(self.fd, gsi)
+
+    def add_pio_device(self, base: int, length: int, device) -> None:
+        self.pio_bus.register(base, length, device)
+
+    def add_mmio_device(self, base: int, length: int, device) -> None:
+        if self.memory.contains(base) or self.memory.contains(base + length - 1):
+            raise PykvmError(f"MMIO range {base:#x}+{length:#x} of {device.name} overlaps RAM")
+        self.mmio_bus.register(base, length, device)
+
+    # --- eventfds: the kernel-side fast paths --------------------------------------------
+    def new_eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._eventfds.append(fd)
+        return fd
+
+    def add_ioeventfd(self, addr: int, length: int, fd: int, *, pio: bool = False,
+                      datamatch: int | None = None, deassign: bool = False) -> None:
+        flags = (k.KVM_IOEVENTFD_FLAG_PIO if pio else 0) \
+            | (k.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0) \
+            | (k.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        k.ioctl(self.fd, k.KVM_IOEVENTFD, s.kvm_ioeventfd(
+            datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags))
+
+    def add_irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        k.ioctl(self.fd, k.KVM_IRQFD, s.kvm_irqfd(
+            fd=fd, gsi=gsi, flags=k.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0))
+
+    # --- vCPUs ------------------------------------------------------------------------------
+    def create_vcpus(self, count: int) -> list[Vcpu]:
+        supported = self.kvm.supported_cpuid()
+        for vcpu_id in range(len(self.vcpus), len(self.vcpus) + count):
+            vcpu = Vcpu(self, vcpu_id)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid(self.quirks.adjust_cpuid(vcpu_cpuid(supported, vcpu_id, count)))
+        return self.vcpus
+
+    # --- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.vcpus:
+            raise PykvmError("the VM has no vCPUs")
+        self.state = State.RUNNING
+        self.quirks.on_start(self)
+        for vcpu in self.vcpus:
+            vcpu.start()
+        self._idle_monitor = threading.Thread(target=self._watch_idle, name="idle-monitor",
+                                              daemon=True)
+        self._idle_monitor.start()
+
+    def wait(self, timeout: float | None = None) -> Stop | None:
+        """Block until the VM stops (or ``timeout``); the main thread stays free for signals."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopped.is_set():
+            remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if remaining <= 0:
+                return None
+            self._stopped.wait(remaining)
+        for vcpu in self.vcpus:
+            if vcpu.thread is not None:
+                vcpu.thread.join(timeout=5)
+        self.state = State.STOPPED
+        return self.stop_reason
+
+    def run(self, timeout: float | None = None) -> Stop | None:
+        self.start()
+        return self.wait(timeout)
+
+    def request_stop(self, kind: str, status: int, message: str,
+                     error: PykvmError | None = None) -> None:
+        """Stop every vCPU. The first reason given wins; safe from any thread."""
+        with self._pause_lock:
+            if self.stop_reason is None:
+                self.stop_reason = Stop(kind, status, message, error)
+            self.stop_requested = True
+            self._paused = False
+            self._pause_lock.notify_all()
+        for vcpu in self.vcpus:
+            if vcpu.thread is not threading.current_thread():
+                vcpu.kick()
+        self._stopped.set()
+
+    def request_stop_error(self, error: PykvmError) -> None:
+        kind = "crash" if type(error).__name__ == "GuestCrashed" else "error"
+        self.request_stop(kind, error.exit_code if kind == "error" else 3, str(error), error)
+
+    def pause(self) -> None:
+        """Stop running guest code on every vCPU; returns once all of them are out of KVM_RUN."""
+        with self._pause_lock:
+            if self.state is not State.RUNNING:
+                return
+            self._paused = True
+            self.state = State.PAUSED
+        for vcpu in self.vcpus:
+            vcpu.call(lambda v: None)
+
+    def resume(self) -> None:
+        with self._pause_lock:
+            if self.state is not State.PAUSED:
+                return
+            self._paused = False
+            self.state = State.RUNNING
+            self._pause_lock.notify_all()
+
+    def wait_while_paused(self, vcpu: Vcpu) -> None:
+        if not self._paused:
+            return
+        with self._pause_lock:
+            while self._paused and not self.stop_requested:
+                self._pause_lock.wait(0.5)
+                vcpu._serve_requests()
+
+    def _watch_idle(self) -> None:
+        """Notice a guest that halted with interrupts off: with the in-kernel irqchip
+        that HLT never exits to user space (Linux's power-off without ACPI ends so)."""
+        last = [-1] * len(self.vcpus)
+        while not self._stopped.wait(IDLE_CHECK_INTERVAL):
+            if self._paused:
+                continue
+            for i, vcpu in enumerate(self.vcpus):
+                total = vcpu.stats.total_exits
+                if total == last[i]:
+                    try:
+                        if vcpu.call(dead_halted, timeout=IDLE_CHECK_INTERVAL * 5):
+                            self.request_stop("halt", 0, f"guest halted with interrupts disabled "
+                                                         f"on vCPU {vcpu.id} (power-off without ACPI)")
+                    except (PykvmError, TimeoutError):
+                        pass
+                last[i] = vcpu.stats.total_exits
+
+    def log_exception(self, error: BaseException) -> None:
+        traceback.print_exception(error, file=self.log)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self.state is State.RUNNING or self.state is State.PAUSED:
+            self.request_stop("user", 0, "VM closed")
+            self.wait(timeout=10)
+        for closer in reversed(self._closers):
+            closer()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        for fd in self._eventfds:
+            os.close(fd)
+        self._eventfds.clear()
+        os.close(self.fd)
+        self.fd = -1
+
+    def on_close(self, closer) -> None:
+        self._closers.append(closer)
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def dead_halted(vcpu: Vcpu) -> bool:
+    return vcpu.get_mp_state() == k.KVM_MP_STATE_HALTED \
+        and not vcpu.get_regs().rflags & RFLAGS_IF
+
+
+def vcpu_cpuid(supported: list[s.kvm_cpuid_entry2], vcpu_id: int, count: int):
+    """The supported CPUID, made this vCPU's: its APIC ID and the package's CPU count."""
+    entries = []
+    for entry in supported:
+        entry = s.kvm_cpuid_entry2.from_buffer_copy(entry)
+        if entry.function == 1:
+            # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
+            entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu_id << 24) | (max(count, 1) << 16)
+            entry.edx |= 1 << 28  # HTT: the count in EBX[23:16] is valid
+        elif entry.function == 0xB:
+            entry.edx = vcpu_id   # x2APIC ID
+        elif entry.function == 0x1F:
+            entry.edx = vcpu_id
+        entries.append(entry)
+    return entries
