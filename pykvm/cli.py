@@ -1,0 +1,266 @@
+"""The `pykvm` command. Thin: it parses options into a MachineConfig, hands it
+to the library, and turns typed errors into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, layout
+from .errors import PykvmError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_args = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command_args = argv[:split], argv[split + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args.command_args = command_args
+    try:
+        return args.handler(args)
+    except PykvmError as error:
+        print(f"pykvm: error: {first_line(error)}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("pykvm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pykvm", description="A userspace virtual machine monitor in Python on top of KVM.")
+    parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    check = commands.add_parser("check", help="say whether this host can run pykvm (like kvm-ok)")
+    check.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    check.set_defaults(handler=cmd_check)
+
+    run = commands.add_parser(
+        "run", help="boot a guest",
+        usage="pykvm run [options] [-- CMD [ARGS...]]",
+        description="Boot a Linux kernel (default: the guest built by `make guest`) or a flat "
+                    "binary. With `-- CMD`, run one command in the Linux guest, print its output "
+                    "and exit with its status.")
+    boot = run.add_argument_group("what to boot")
+    boot.add_argument("-k", "--kernel", type=Path, help="Linux kernel: bzImage or ELF vmlinux")
+    boot.add_argument("-i", "--initrd", type=Path, help="initramfs (cpio, optionally compressed)")
+    boot.add_argument("-p", "--append", default="", help="extra kernel command line")
+    boot.add_argument("--flat", type=Path, help="a flat binary loaded at 0x10000 (tutorial guests)")
+    boot.add_argument("--entry", default="real", choices=("real", "protected", "long"),
+                      help="CPU mode a --flat guest starts in (default real)")
+    boot.add_argument("--no-extract", action="store_true",
+                      help="enter a bzImage through its own decompressor instead of loading the "
+                           "extracted vmlinux")
+    machine = run.add_argument_group("the machine")
+    machine.add_argument("-m", "--mem", default="512M",
+                         help="guest RAM, e.g. 512M, 2G (a bare number is MiB; default 512M)")
+    machine.add_argument("-c", "--cpus", type=int, default=1, help="vCPUs (default 1)")
+    machine.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    output = run.add_argument_group("observing")
+    output.add_argument("--stats", action="store_true",
+                        help="print exit counts per reason, device and port, and the time split, "
+                             "at exit (stderr)")
+    output.add_argument("-v", "--verbose", action="store_true",
+                        help="with -- CMD: show the guest's boot log on stderr")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+# --- pykvm check ---------------------------------------------------------------------------
+KEY_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IRQ_ROUTING",
+                    "SIGNAL_MSI", "IMMEDIATE_EXIT", "SET_TSS_ADDR", "MP_STATE", "VCPU_EVENTS",
+                    "READONLY_MEM", "SET_GUEST_DEBUG", "BINARY_STATS_FD")
+REQUIRED_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IMMEDIATE_EXIT")
+HOST_KIND_TEXT = {
+    "kvm_intel": "Intel VT-x",
+    "kvm_amd": "AMD-V",
+    "kvm_pvm": "PVM: KVM for nested use without VT-x/AMD-V (guest ring 0 is emulated)",
+}
+
+
+def cmd_check(args) -> int:
+    from .kvm import Kvm
+    from .quirks import for_host
+
+    print(f"pykvm {__version__}")
+    try:
+        kvm = Kvm(args.device)
+    except PykvmError as error:
+        print(f"{args.device}: {error}")
+        print("KVM acceleration can NOT be used")
+        return 1
+    with kvm:
+        print(f"{args.device}: present, opened read/write")
+        print(f"KVM API version: {kvm.api_version}")
+        print(f"host kind: {kvm.host_kind} ({HOST_KIND_TEXT.get(kvm.host_kind, 'unknown module')})")
+        caps = kvm.capabilities()
+        print("capabilities: " + ", ".join(
+            f"{name} {'yes' if caps.get(name) else 'no'}" for name in KEY_CAPABILITIES))
+        print(f"vCPUs: {caps.get('NR_VCPUS', 0)} recommended, {caps.get('MAX_VCPUS', 0)} maximum; "
+              f"memory slots: {caps.get('NR_MEMSLOTS', 0)}")
+        missing = [name for name in REQUIRED_CAPABILITIES if not caps.get(name)]
+        quirks = for_host(kvm.host_kind)
+        if quirks.summary:
+            print(f"quirks pykvm works around on this host ({quirks.name}):")
+            for line in quirks.summary:
+                print(f"  - {line}")
+        else:
+            print("quirks: none (hardware virtualization, everything native)")
+        smoke = smoke_test(kvm)
+        print(f"VM smoke test: {smoke or 'created a VM with 1 vCPU and ran it to its first exit'}")
+    if missing or smoke:
+        if missing:
+            print(f"missing capabilities pykvm needs: {', '.join(missing)}")
+        print("KVM acceleration can NOT be used")
+        return 1
+    print("KVM acceleration can be used")
+    return 0
+
+
+def smoke_test(kvm) -> str | None:
+    """Create a VM, run one `out` instruction, and destroy it; None when all went well."""
+    from .memory import GuestMemory
+    from .vm import Vm
+    from .boot.modes import set_mode
+
+    class Probe:
+        name = "probe"
+
+        def __init__(self):
+            self.value = None
+
+        def write(self, offset, size, value):
+            self.value = value
+            vm.request_stop("exit", 0, "probe done")
+
+        def read(self, offset, size):
+            return 0
+
+    try:
+        with GuestMemory.anonymous(layout.MIN_MEM_SIZE + 0xF000) as memory, \
+                Vm(kvm, memory) as vm:
+            probe = Probe()
+            vm.add_pio_device(0x80, 1, probe)
+            memory.write(layout.FLAT_LOAD_ADDR, bytes([0xB0, 0x2A, 0xE6, 0x80, 0xF4]))  # mov al,42; out 0x80,al
+            vm.create_vcpus(1)
+            set_mode(vm.vcpus[0], memory, "real", layout.FLAT_LOAD_ADDR)
+            stop = vm.run(timeout=10)
+            if probe.value != 42:
+                return f"the test guest did not reach its port write ({stop})"
+    except PykvmError as error:
+        return f"failed: {first_line(error)}"
+    return None
+
+
+# --- pykvm run -------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .machine import Machine, MachineConfig, default_linux_guest, parse_size
+    from .stats import format_report
+
+    config = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, flat=args.flat,
+                           entry=args.entry, kernel=args.kernel, initrd=args.initrd,
+                           append=args.append, kvm_device=args.device, stats=args.stats,
+                           verbose=args.verbose, extract_kernel=not args.no_extract)
+    if args.command_args is not None:
+        if args.flat:
+            from .errors import ConfigError
+            raise ConfigError("-- CMD runs a command in a Linux guest; it cannot go with --flat")
+        config.command = guest_command_line(args.command_args)
+    if config.flat is None and config.kernel is None:
+        config.kernel, default_initrd = default_linux_guest()
+        config.initrd = config.initrd or default_initrd
+    progress = sys.stderr.isatty()
+    started = time.monotonic()
+    machine = Machine(config, stdin=None if config.command is not None else sys.stdin.buffer)
+    with machine:
+        if progress and machine.vm.quirks.summary:
+            print(f"pykvm: host is {machine.kvm.host_kind}: "
+                  f"{machine.vm.quirks.summary[0]}", file=sys.stderr)
+        if progress and config.kernel:
+            print(f"pykvm: booting {config.kernel} with {format_mem(config.mem_size)}, "
+                  f"{config.cpus} vCPU(s)...", file=sys.stderr)
+        install_stop_signals(machine)
+        stop = machine.run()
+        if config.stats:
+            sys.stderr.write(format_report([v.stats for v in machine.vm.vcpus], {
+                "host kind": machine.kvm.host_kind,
+                "boot milestones (s)": milestones(machine.progress),
+                "wall time (s)": f"{time.monotonic() - started:.3f}",
+            }) + "\n")
+    return report_stop(stop, config)
+
+
+def format_mem(size: int) -> str:
+    from .machine import format_size
+    return format_size(size)
+
+
+def milestones(progress) -> str:
+    names = {layout.PROGRESS_INIT_STARTED: "init", layout.PROGRESS_COMMAND_STARTED: "command",
+             layout.PROGRESS_SHELL_STARTED: "shell"}
+    return ", ".join(f"{names.get(code, code)} {at:.3f}" for code, at in progress) or "none"
+
+
+def guest_command_line(words: list[str]) -> str:
+    """`-- uname -r` runs uname; a single word with spaces is a shell command line."""
+    from .errors import ConfigError
+
+    if not words:
+        raise ConfigError("nothing after --: give the command to run in the guest")
+    if len(words) == 1:
+        return words[0]
+    return shlex.join(words)
+
+
+def install_stop_signals(machine) -> None:
+    """SIGINT/SIGTERM stop the VM gracefully; a second SIGINT within a second forces it."""
+    last_interrupt = [0.0]
+
+    def on_signal(signum, frame):
+        now = time.monotonic()
+        if signum == signal.SIGINT and now - last_interrupt[0] < 1.0:
+            machine.close()
+            os._exit(130)
+        last_interrupt[0] = now
+        name = signal.Signals(signum).name
+        machine.request_stop("signal", 128 + signum, f"stopped by {name}")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def report_stop(stop, config) -> int:
+    if stop is None:
+        print("pykvm: error: the VM did not stop", file=sys.stderr)
+        return 1
+    if stop.kind in ("error", "crash"):
+        print(f"pykvm: error: {stop.message}", file=sys.stderr)
+        return stop.status or 1
+    if config.command is None and stop.kind != "exit":
+        print(f"pykvm: {stop.message}", file=sys.stderr)
+    elif config.command is not None and stop.kind != "exit":
+        print(f"pykvm: the guest stopped before the command finished: {stop.message}",
+              file=sys.stderr)
+        return stop.status or 1
+    return stop.status

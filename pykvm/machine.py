@@ -1,0 +1,316 @@
+"""A PC-like machine: a VM with the legacy devices every guest expects, and a
+way to boot it (a flat binary or a Linux kernel).
+
+The CLI builds a :class:`MachineConfig` and hands it here; tests and the pytest
+plugin use the same entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from . import layout
+from .errors import ConfigError, ImageError, PykvmError
+from .kvm import DEFAULT_DEVICE, Kvm
+from .memory import GuestMemory
+from .vm import Stop, Vm
+
+DEFAULT_MEM = 512 * layout.MiB
+LINUX_CONSOLE_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+
+
+@dataclass
+class MachineConfig:
+    mem_size: int = DEFAULT_MEM
+    cpus: int = 1
+    flat: Path | None = None
+    entry: str = "real"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    command: str | None = None          # `pykvm run -- CMD`: a shell command line for the guest
+    kvm_device: str = DEFAULT_DEVICE
+    stats: bool = False
+    verbose: bool = False               # stream the boot log in command mode
+    extract_kernel: bool = True         # bzImage: load the extracted vmlinux (skip the decompressor)
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.mem_size <= 0 or self.mem_size % layout.PAGE_SIZE:
+            raise ConfigError(f"memory size {self.mem_size} bytes is not a multiple of 4 KiB")
+        minimum = layout.MIN_LINUX_MEM if self.kernel else layout.MIN_MEM_SIZE
+        if self.mem_size < minimum:
+            raise ConfigError(f"memory size {format_size(self.mem_size)} is too small "
+                              f"(at least {format_size(minimum)} for this guest)")
+        if self.mem_size > layout.MAX_MEM_SIZE:
+            raise ConfigError(f"memory size {format_size(self.mem_size)} is too large")
+        if not 1 <= self.cpus <= 255:
+            raise ConfigError(f"--cpus {self.cpus}: must be between 1 and 255")
+        if (self.flat is None) == (self.kernel is None):
+            raise ConfigError("give exactly one of --flat FILE or --kernel FILE")
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", layout.GiB), ("MiB", layout.MiB), ("KiB", layout.KiB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"k": layout.KiB, "m": layout.MiB, "g": layout.GiB, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '65536K', '2GiB', '4096B', or a bare number of MiB (QEMU's convention)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"cannot read the size {text!r} (use e.g. 512M or 2G)")
+    number, prefix, suffix = match.groups()
+    scale = _SIZE_UNITS[prefix.lower()] if prefix else (1 if suffix else layout.MiB)
+    size = int(float(number) * scale)
+    if size <= 0:
+        raise ConfigError(f"size {text!r} must be positive")
+    return size
+
+
+class ConsoleRouter:
+    """Where guest console output goes. In command mode the guest's boot log is
+    held back (or streamed to stderr with --verbose) until /init says the
+    command starts; from then on, output is the command's and goes to stdout."""
+
+    def __init__(self, stdout: BinaryIO, stderr: BinaryIO, command_mode: bool, verbose: bool):
+        self.stdout, self.stderr = stdout, stderr
+        self.command_mode = command_mode
+        self.verbose = verbose
+        self.command_started = not command_mode
+        self.boot_log = bytearray()
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.command_started:
+                self.stdout.write(data)
+                self.stdout.flush()
+                return
+            self.boot_log += data
+            del self.boot_log[:-1 << 20]  # keep the last MiB
+            if self.verbose:
+                self.stderr.write(data)
+                self.stderr.flush()
+
+    def flush(self) -> None:
+        for stream in (self.stdout, self.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def start_command(self) -> None:
+        with self._lock:
+            self.command_started = True
+
+
+class Machine:
+    """Build with a config, then :meth:`run`; always :meth:`close` (or use ``with``)."""
+
+    def __init__(self, config: MachineConfig, *, stdout: BinaryIO | None = None,
+                 stderr: BinaryIO | None = None, stdin: BinaryIO | None = None, tracer=None):
+        config.validate()
+        self.config = config
+        self.stdout = stdout or sys.stdout.buffer
+        self.stderr = stderr or sys.stderr.buffer
+        self.stdin = stdin
+        self.started = time.monotonic()
+        self.progress: list[tuple[int, float]] = []
+        self.kvm = self.memory = self.vm = None
+        self.console = ConsoleRouter(self.stdout, self.stderr,
+                                     command_mode=config.command is not None,
+                                     verbose=config.verbose)
+        self._host_console = None
+        try:
+            self.kvm = Kvm(config.kvm_device)
+            self.memory = GuestMemory.anonymous(config.mem_size)
+            self.vm = Vm(self.kvm, self.memory, tracer=tracer)
+            self._add_legacy_devices()
+            self.vm.create_vcpus(config.cpus)
+            self.boot_info = self._load_guest()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- devices -------------------------------------------------------------------------
+    def _add_legacy_devices(self) -> None:
+        from .devices.guest_control import GuestControl
+        from .devices.i8042 import I8042
+        from .devices.rtc import Rtc
+        from .devices.serial import Serial
+
+        vm = self.vm
+        self.serial = Serial(vm.irq_line(4), self.console)
+        vm.add_pio_device(0x3F8, 8, self.serial)
+        vm.add_pio_device(0x60, 1, self._i8042_data(I8042(on_reset=self._guest_reset)))
+        vm.add_pio_device(0x70, 2, Rtc())
+        self.guest_control = GuestControl(on_exit=self._guest_exit, on_progress=self._progress)
+        vm.add_pio_device(layout.EXIT_PORT, 2, self.guest_control)
+
+    def _i8042_data(self, controller):
+        # The controller answers on 0x60 and 0x64; the bus gives each range an offset.
+        self.vm.add_pio_device(0x64, 1, _PortAlias(controller, 4))
+        return controller
+
+    def _guest_exit(self, status: int) -> None:
+        self.vm.request_stop("exit", status, f"guest exited with status {status}")
+
+    def _guest_reset(self) -> None:
+        self.vm.request_stop("reset", 0, "guest requested a reset")
+
+    def _progress(self, code: int) -> None:
+        self.progress.append((code, time.monotonic() - self.started))
+        if code == layout.PROGRESS_COMMAND_STARTED:
+            self.serial.flush()
+            self.console.start_command()
+
+    # --- boot --------------------------------------------------------------------------------
+    def _load_guest(self):
+        config = self.config
+        vcpu = self.vm.vcpus[0]
+        from .boot.modes import set_mode
+
+        if config.flat is not None:
+            image = read_image(config.flat, "flat binary")
+            load = layout.FLAT_LOAD_ADDR
+            room = self.memory.size - load if self.memory.size <= layout.PCI_HOLE_START \
+                else layout.PCI_HOLE_START - load
+            if len(image) > room:
+                raise ImageError(f"{config.flat}: flat binary of {len(image)} bytes does not fit "
+                                 f"in guest RAM above {load:#x} ({format_size(config.mem_size)})")
+            self.memory.write(load, image)
+            set_mode(vcpu, self.memory, config.entry, load)
+            return None
+        from .boot.linux import load_linux
+
+        initrd = read_image(config.initrd, "initrd") if config.initrd else b""
+        if config.command is not None:
+            from .boot.cpio import command_archive
+            initrd = pad4(initrd) + command_archive(config.command)
+        boot = load_linux(self.memory, str(config.kernel), initrd or None, self.linux_cmdline(),
+                          extract=config.extract_kernel)
+        set_mode(vcpu, self.memory, "long", boot.entry, rsi=boot.boot_params_addr)
+        return boot
+
+    def linux_cmdline(self) -> str:
+        parts = [LINUX_CONSOLE_CMDLINE, "pci=off"]
+        if self.config.command is not None:
+            parts.append("quiet")
+        parts.append(self.config.append)
+        return self.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p))
+
+    # --- running -----------------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> Stop | None:
+        interactive = self.stdin is not None
+        if interactive:
+            from .console import HostConsole
+            self._host_console = HostConsole(self.stdin, self.serial.receive,
+                                             on_quit=self._user_quit)
+            self._host_console.start()
+        try:
+            stop = self.vm.run(timeout)
+        finally:
+            if self._host_console is not None:
+                self._host_console.stop()
+            self.serial.flush()
+            self.console.flush()
+        if stop is not None and self.config.command is not None and \
+                not self.console.command_started and not self.config.verbose:
+            # The command never ran: the boot log is what explains why.
+            self.stderr.write(bytes(self.console.boot_log[-8192:]))
+            self.stderr.flush()
+        return stop
+
+    def _user_quit(self) -> None:
+        self.vm.request_stop("user", 0, "quit from the console (Ctrl-A x)")
+
+    def request_stop(self, kind: str, status: int, message: str) -> None:
+        self.vm.request_stop(kind, status, message)
+
+    def close(self) -> None:
+        if self._host_console is not None:
+            self._host_console.stop()
+        for resource in (self.vm, self.memory, self.kvm):
+            if resource is not None:
+                resource.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _PortAlias:
+    """A second port range of one device, seen at ``offset`` within it."""
+
+    def __init__(self, device, offset: int):
+        self.device, self.offset = device, offset
+        self.name = device.name
+
+    def read(self, offset: int, size: int) -> int:
+        return self.device.read(self.offset + offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.device.write(self.offset + offset, size, value)
+
+
+def pad4(data: bytes) -> bytes:
+    """Concatenated initramfs archives must start 4-byte aligned."""
+    return data + b"\0" * (-len(data) % 4)
+
+
+def read_image(path: Path, what: str) -> bytes:
+    try:
+        if Path(path).is_dir():
+            raise ImageError(f"{path}: is a directory, not a {what}")
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such {what}") from None
+    except PermissionError:
+        raise ImageError(f"{path}: no permission to read the {what}") from None
+    except OSError as error:
+        raise ImageError(f"{path}: cannot read the {what}: {error.strerror}") from None
+    if not data:
+        raise ImageError(f"{path}: the {what} is empty")
+    return data
+
+
+def default_guest_dir() -> Path | None:
+    """Where `make guest` put the default Linux guest, if it did."""
+    candidates = []
+    if os.environ.get("PYKVM_GUEST_DIR"):
+        candidates.append(Path(os.environ["PYKVM_GUEST_DIR"]))
+    candidates.append(Path(__file__).resolve().parents[1] / "guests" / "linux" / "out")
+    for directory in candidates:
+        if (directory / "vmlinux").exists() or (directory / "bzImage").exists():
+            return directory
+    return None
+
+
+def default_linux_guest() -> tuple[Path, Path | None]:
+    directory = default_guest_dir()
+    if directory is None:
+        raise ConfigError("no --kernel given and the default guest is not built: run `make guest` "
+                          "(or pass --kernel PATH)")
+    kernel = directory / "vmlinux" if (directory / "vmlinux").exists() else directory / "bzImage"
+    initrd = directory / "initramfs.cpio"
+    return kernel, initrd if initrd.exists() else None
+
+
+__all__ = ["Machine", "MachineConfig", "parse_size", "format_size", "default_linux_guest",
+           "PykvmError"]
