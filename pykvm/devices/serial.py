@@ -1,0 +1,472 @@
+"""An 8250/16550A UART: the PC's COM port, with the register model Linux probes.
+
+The VM places it at 0x3F8 (COM1, 8 ports) and wires its interrupt to GSI 4.
+What is modelled, and why:
+
+- The registers Linux's 8250 autoconfig looks at, so that it reports
+  ``ttyS0 ... is a 16550A``: IER keeps only its 4 defined bits (the scratch
+  test), loopback mode routes MCR to MSR (the loop test), IIR bits 6-7 say
+  "FIFO enabled" once FCR bit 0 is set (FIFO detection), and the RX FIFO holds
+  exactly 16 bytes (``size_fifo`` counts them in loopback mode).
+- Interrupts with the 16550's priorities (line status > received data or
+  character timeout > THR empty > modem status). The THRE interrupt is raised
+  on the rising edge of IER.ETBEI and after every transmitted byte, and cleared
+  by reading IIR or writing THR: Linux's start-up test and its TX path depend
+  on exactly that.
+- The PC's interrupt gating: the UART's INTR pin reaches the PIC only through
+  MCR.OUT2, and the OUT2 pin is inactive in loopback mode.
+
+What is not modelled: line timing. Transmission is instantaneous (THRE and
+TEMT are always set), the baud divisor is stored but unused, and the receive
+"character timeout" is deemed to have expired at once, so bytes below the
+FIFO trigger level are reported straight away (IIR 0x0C) instead of after four
+character times: the guest sees typed input without delay.
+
+Host input that does not fit the FIFO waits in a host-side queue and is fed in
+as the guest drains the FIFO, so pasted text is not lost. Guest output is
+batched by :class:`BufferedOutput` so that a byte-at-a-time guest does not cost
+one host system call per byte.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import BinaryIO, Callable
+
+from ..bus import Device, IrqLine
+
+# --- register offsets (from the device's base port) --------------------------
+RBR = THR = DLL = 0   # receive buffer / transmit holding / divisor low (DLAB=1)
+IER = DLM = 1         # interrupt enable / divisor high (DLAB=1)
+IIR = FCR = 2         # interrupt identification (read) / FIFO control (write)
+LCR = 3               # line control
+MCR = 4               # modem control
+LSR = 5               # line status
+MSR = 6               # modem status
+SCR = 7               # scratch
+REGISTER_COUNT = 8
+
+# --- IER ---------------------------------------------------------------------
+IER_RDI = 0x01        # received data available (and character timeout)
+IER_THRI = 0x02       # transmitter holding register empty
+IER_RLSI = 0x04       # receiver line status
+IER_MSI = 0x08        # modem status
+IER_DEFINED = 0x0F    # a 16550A's upper IER bits read as 0 (Linux's scratch test relies on it)
+
+# --- IIR ---------------------------------------------------------------------
+IIR_NO_INT = 0x01
+IIR_MSI = 0x00
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_RLSI = 0x06
+IIR_RX_TIMEOUT = 0x0C
+IIR_FIFO_ENABLED = 0xC0
+
+# --- FCR ---------------------------------------------------------------------
+FCR_ENABLE_FIFO = 0x01
+FCR_CLEAR_RCVR = 0x02
+FCR_CLEAR_XMIT = 0x04
+RX_TRIGGER_LEVELS = (1, 4, 8, 14)   # indexed by FCR bits 6-7
+
+# --- LCR ---------------------------------------------------------------------
+LCR_DLAB = 0x80
+
+# --- MCR ---------------------------------------------------------------------
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+MCR_DEFINED = 0x1F
+
+# --- LSR ---------------------------------------------------------------------
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+
+# --- MSR ---------------------------------------------------------------------
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+# With nothing but pykvm on the other end, the "cable" is always connected and
+# ready: clear to send, data set ready, carrier detect; no ring.
+MSR_HOST_LINES = MSR_CTS | MSR_DSR | MSR_DCD
+
+FIFO_SIZE = 16
+DEFAULT_DIVISOR = 12              # 9600 baud, what a PC BIOS leaves behind
+BASE_BAUD = 115200                # 1.8432 MHz clock / 16
+HOST_QUEUE_LIMIT = 1 << 20        # host input waiting for the guest; beyond it bytes are dropped
+
+
+Output = BinaryIO | Callable[[bytes], object]
+
+
+class BufferedOutput:
+    """Guest bytes on their way to a host stream or callable, in batches.
+
+    A Linux guest writes its console one byte per port exit. Writing each byte
+    through to the host would add a system call per byte, so bytes are kept
+    until a newline, until ``max_buffer`` bytes have gathered, or until
+    ``flush_delay`` seconds after the first unflushed byte (a prompt without a
+    newline must still appear): a small daemon thread, started on first use,
+    does the last. ``flush_delay=None`` disables it (flush() then does).
+
+    Host-side write errors (a closed pipe, a full disk) are counted in
+    :attr:`errors` and the bytes dropped: the guest must not crash the VMM by
+    printing.
+    """
+
+    def __init__(self, output: Output, *, max_buffer: int = 4096,
+                 flush_delay: float | None = 0.02):
+        self._emit = _writer_for(output)
+        self._max_buffer = max_buffer
+        self._flush_delay = flush_delay
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        # Held while bytes go out, so two flushers cannot reorder output.
+        self._emit_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self.errors = 0
+
+    def write_byte(self, value: int) -> None:
+        with self._lock:
+            was_empty = not self._buffer
+            self._buffer.append(value)
+            must_flush = value == 0x0A or len(self._buffer) >= self._max_buffer
+            if was_empty and not must_flush and self._flush_delay is not None:
+                self._arm_flusher()
+        if must_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._emit_lock:
+            with self._lock:
+                data = bytes(self._buffer)
+                self._buffer.clear()
+            if data:
+                try:
+                    self._emit(data)
+                except (OSError, ValueError):   # ValueError: the stream was closed
+                    self.errors += 1
+
+    def close(self) -> None:
+        """Flush and stop the flusher thread. Later bytes are still accepted."""
+        with self._lock:
+            self._closed = True
+            self._flush_delay = None
+            self._wakeup.notify()
+            flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join()
+        self.flush()
+
+    def _arm_flusher(self) -> None:
+        # Called with self._lock held, when the buffer has just become non-empty.
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_when_idle,
+                                             name="serial-output", daemon=True)
+            self._flusher.start()
+        else:
+            self._wakeup.notify()
+
+    def _flush_when_idle(self) -> None:
+        while True:
+            with self._lock:
+                while not self._buffer and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+                # Give the guest flush_delay to add more before the syscall.
+                self._wakeup.wait(self._flush_delay)
+                if self._closed:
+                    return
+            self.flush()
+
+
+def _writer_for(output: Output) -> Callable[[bytes], object]:
+    if hasattr(output, "write"):
+        stream = output
+
+        def write(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                written = stream.write(view)
+                if written is None:     # a non-blocking raw stream that is full
+                    raise BlockingIOError("output stream would block")
+                view = view[written:]
+            flush = getattr(stream, "flush", None)
+            if flush is not None:
+                flush()
+        return write
+    if callable(output):
+        return output
+    raise TypeError(f"serial output must be a binary stream or a callable, not {output!r}")
+
+
+class Serial(Device):
+    """A 16550A UART. Thread-safe: the vCPU thread and a host input thread share it."""
+
+    name = "serial"
+
+    def __init__(self, irq: IrqLine, output: Output, *,
+                 host_queue_limit: int = HOST_QUEUE_LIMIT,
+                 flush_delay: float | None = 0.02):
+        self._irq = irq
+        self._output = BufferedOutput(output, flush_delay=flush_delay)
+        self._host_queue_limit = host_queue_limit
+        self._lock = threading.Lock()
+        self._irq_level = False
+
+        self._ier = 0
+        self._lcr = 0
+        self._mcr = 0
+        self._scr = 0
+        self._divisor = DEFAULT_DIVISOR
+        self._fifo_enabled = False
+        self._rx_trigger = 1
+        self._rx_fifo: deque[int] = deque()
+        self._host_queue: deque[int] = deque()  # host input not yet in the FIFO
+        self._overrun = False                   # LSR.OE, until LSR is read
+        self._thr_pending = False               # THRE interrupt not yet acknowledged
+        self._msr_deltas = 0
+
+        # Statistics, for the VMM's report.
+        self.tx_bytes = 0
+        self.rx_bytes = 0       # bytes the guest read from RBR
+        self.rx_dropped = 0     # bytes lost to a full FIFO or a full host queue
+
+    # --- host side -------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        """Bytes typed or piped on the host, towards the guest's RX FIFO."""
+        with self._lock:
+            room = self._host_queue_limit - len(self._host_queue)
+            if len(data) > room:
+                # Beyond the queue the bytes are lost; tell the guest as a real
+                # UART would, with an overrun.
+                self.rx_dropped += len(data) - room
+                self._overrun = True
+                data = data[:room]
+            self._host_queue.extend(data)
+            self._refill_rx_fifo()
+            self._update_irq()
+
+    def flush(self) -> None:
+        """Push buffered guest output to the host now (the VMM calls it at exit)."""
+        self._output.flush()
+
+    def close(self) -> None:
+        self._output.close()
+
+    @property
+    def baud(self) -> int:
+        """The rate the guest programmed (informational: no timing is modelled)."""
+        return BASE_BAUD // self._divisor if self._divisor else 0
+
+    @property
+    def output_errors(self) -> int:
+        return self._output.errors
+
+    # --- guest side ------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            if size == 1:
+                value = self._read_register(offset)
+            else:
+                # Wider accesses touch consecutive registers, as on the ISA bus.
+                value = 0
+                for index in range(size):
+                    byte = self._read_register(offset + index) if offset + index < REGISTER_COUNT else 0xFF
+                    value |= byte << (8 * index)
+            self._update_irq()
+            return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            for index in range(size):
+                if offset + index < REGISTER_COUNT:
+                    self._write_register(offset + index, (value >> (8 * index)) & 0xFF)
+            self._update_irq()
+
+    def _read_register(self, offset: int) -> int:
+        dlab = self._lcr & LCR_DLAB
+        if offset == RBR:
+            return self._divisor & 0xFF if dlab else self._pop_rx()
+        if offset == IER:
+            return self._divisor >> 8 if dlab else self._ier
+        if offset == IIR:
+            return self._read_iir()
+        if offset == LCR:
+            return self._lcr
+        if offset == MCR:
+            return self._mcr
+        if offset == LSR:
+            return self._read_lsr()
+        if offset == MSR:
+            return self._read_msr()
+        if offset == SCR:
+            return self._scr
+        return 0xFF
+
+    def _write_register(self, offset: int, value: int) -> None:
+        dlab = self._lcr & LCR_DLAB
+        if offset == THR:
+            if dlab:
+                self._divisor = (self._divisor & 0xFF00) | value
+            else:
+                self._transmit(value)
+        elif offset == IER:
+            if dlab:
+                self._divisor = (self._divisor & 0x00FF) | (value << 8)
+            else:
+                self._write_ier(value & IER_DEFINED)
+        elif offset == FCR:
+            self._write_fcr(value)
+        elif offset == LCR:
+            self._lcr = value
+        elif offset == MCR:
+            self._write_mcr(value & MCR_DEFINED)
+        elif offset == SCR:
+            self._scr = value
+        # LSR and MSR writes are factory-test features of the real chip: ignored.
+
+    # --- transmit --------------------------------------------------------------
+
+    def _transmit(self, value: int) -> None:
+        if self._mcr & MCR_LOOP:
+            # Loopback: the transmitter's output feeds the receiver, nothing leaves.
+            self._push_rx(value)
+        else:
+            self.tx_bytes += 1
+            self._output.write_byte(value)
+        # Transmission is instantaneous, so the holding register is empty again.
+        self._thr_pending = True
+
+    def _write_ier(self, value: int) -> None:
+        if (self._ier ^ value) & IER_THRI:
+            # A rising ETBEI with THR empty raises THRE at once (Linux's start-up
+            # test checks it is re-raised after IER is toggled); a falling one forgets it.
+            self._thr_pending = bool(value & IER_THRI)
+        self._ier = value
+
+    # --- receive ---------------------------------------------------------------
+
+    def _rx_capacity(self) -> int:
+        # Without its FIFO the 16550 behaves as a 16450: a single receive buffer.
+        return FIFO_SIZE if self._fifo_enabled else 1
+
+    def _push_rx(self, value: int) -> None:
+        if len(self._rx_fifo) < self._rx_capacity():
+            self._rx_fifo.append(value)
+        else:
+            self._overrun = True
+            self.rx_dropped += 1
+
+    def _refill_rx_fifo(self) -> None:
+        # In loopback mode the receiver is disconnected from the outside line.
+        if self._mcr & MCR_LOOP:
+            return
+        capacity = self._rx_capacity()
+        while self._host_queue and len(self._rx_fifo) < capacity:
+            self._rx_fifo.append(self._host_queue.popleft())
+
+    def _pop_rx(self) -> int:
+        if not self._rx_fifo:
+            return 0
+        value = self._rx_fifo.popleft()
+        self.rx_bytes += 1
+        self._refill_rx_fifo()
+        return value
+
+    def _write_fcr(self, value: int) -> None:
+        enable = bool(value & FCR_ENABLE_FIFO)
+        if enable != self._fifo_enabled:
+            self._rx_fifo.clear()       # the chip resets both FIFOs when the mode changes
+            self._fifo_enabled = enable
+        if enable:
+            if value & FCR_CLEAR_RCVR:
+                self._rx_fifo.clear()
+            # FCR_CLEAR_XMIT: the transmit FIFO is always empty here.
+            self._rx_trigger = RX_TRIGGER_LEVELS[value >> 6]
+        self._refill_rx_fifo()
+
+    # --- status ----------------------------------------------------------------
+
+    def _read_lsr(self) -> int:
+        value = LSR_THRE | LSR_TEMT
+        if self._rx_fifo:
+            value |= LSR_DR
+        if self._overrun:
+            value |= LSR_OE
+            self._overrun = False   # error bits clear when LSR is read
+        return value
+
+    def _modem_lines(self) -> int:
+        if self._mcr & MCR_LOOP:
+            # The 16550's loopback wiring: RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD.
+            mcr = self._mcr
+            return ((MSR_CTS if mcr & MCR_RTS else 0) | (MSR_DSR if mcr & MCR_DTR else 0)
+                    | (MSR_RI if mcr & MCR_OUT1 else 0) | (MSR_DCD if mcr & MCR_OUT2 else 0))
+        return MSR_HOST_LINES
+
+    def _write_mcr(self, value: int) -> None:
+        before = self._modem_lines()
+        leaving_loopback = self._mcr & MCR_LOOP and not value & MCR_LOOP
+        self._mcr = value
+        after = self._modem_lines()
+        changed = before ^ after
+        if changed & MSR_CTS:
+            self._msr_deltas |= MSR_DCTS
+        if changed & MSR_DSR:
+            self._msr_deltas |= MSR_DDSR
+        if before & MSR_RI and not after & MSR_RI:   # trailing edge only
+            self._msr_deltas |= MSR_TERI
+        if changed & MSR_DCD:
+            self._msr_deltas |= MSR_DDCD
+        if leaving_loopback:
+            self._refill_rx_fifo()
+
+    def _read_msr(self) -> int:
+        value = self._modem_lines() | self._msr_deltas
+        self._msr_deltas = 0
+        return value
+
+    # --- interrupts --------------------------------------------------------------
+
+    def _interrupt_id(self) -> int:
+        """The highest-priority pending and enabled interrupt (IIR bits 0-3)."""
+        ier = self._ier
+        if ier & IER_RLSI and self._overrun:
+            return IIR_RLSI
+        if ier & IER_RDI and self._rx_fifo:
+            if self._fifo_enabled and len(self._rx_fifo) < self._rx_trigger:
+                return IIR_RX_TIMEOUT
+            return IIR_RDI
+        if ier & IER_THRI and self._thr_pending:
+            return IIR_THRI
+        if ier & IER_MSI and self._msr_deltas:
+            return IIR_MSI
+        return IIR_NO_INT
+
+    def _read_iir(self) -> int:
+        interrupt = self._interrupt_id()
+        if interrupt == IIR_THRI:
+            self._thr_pending = False   # reading IIR acknowledges THRE
+        return interrupt | (IIR_FIFO_ENABLED if self._fifo_enabled else 0)
+
+    def _update_irq(self) -> None:
+        level = (self._interrupt_id() != IIR_NO_INT
+                 and self._mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2)
+        if level != self._irq_level:
+            self._irq_level = level
+            self._irq.set_level(level)
