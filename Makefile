@@ -1,0 +1,51 @@
+# pykvm: the two set-up commands are `make run` and `make test` (see README.md).
+# Both work on a fresh Debian 12 machine as root: `deps` installs what they need.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := gcc make binutils libc6-dev linux-libc-dev python3-venv python3-dev \
+                e2fsprogs cpio busybox-static gdb
+
+.PHONY: all deps guests guest run test test-fast bench check clean
+
+all: deps guests
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,trace,plot]'
+	touch $(STAMP)
+
+guests: deps
+	$(MAKE) -C guests/tutorial
+
+guest: deps
+	$(PY) guests/linux/build.py
+
+run: guest
+	$(PY) -m pykvm run
+
+check: deps
+	$(PY) -m pykvm check
+
+test: deps guests guest
+	$(PY) -m pytest -q
+
+test-fast: deps guests
+	$(PY) -m pytest -q -m "not linux"
+
+bench: deps guests
+	$(PY) bench/exits.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	$(MAKE) -C guests/tutorial clean
