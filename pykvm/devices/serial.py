@@ -250,6 +250,8 @@ class Serial(Device):
         """Bytes typed or piped on the host, towards the guest's RX FIFO."""
         with self._lock:
             room = self._host_queue_limit - len(self._host_queue)
+            if not self._mcr & MCR_LOOP:
+                room += max(self._rx_capacity() - len(self._rx_fifo), 0)
             if len(data) > room:
                 # Beyond the queue the bytes are lost; tell the guest as a real
                 # UART would, with an overrun.
