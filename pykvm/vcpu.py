@@ -284,6 +284,8 @@ class Vcpu:
                               entry[0].name if entry else None)
             else:
                 self._handle_exit(reason, t0, t1)
+                if trace is not None and reason != k.KVM_EXIT_MMIO:
+                    trace.exit(self, t0, t1, clock(), reason)
             stats.handler_ns += clock() - t1
 
     def _string_io(self, direction: int, size: int, port: int, count: int, data_offset: int,
