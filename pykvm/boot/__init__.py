@@ -1,0 +1,1 @@
+"""How a guest starts: the Linux boot protocol, flat binaries, CPU modes and tables."""
