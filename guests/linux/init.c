@@ -1,0 +1,345 @@
+/*
+ * /init of pykvm's default Linux guest: PID 1 as one small static program.
+ *
+ * Why C and not a shell script: on kvm_pvm hosts every fork+exec costs about
+ * 1.5 s and every system call about 6.5 ms (shared/HOST.md), so init does its
+ * work in-process, forks once, and keeps its system calls few.
+ *
+ * Protocol with pykvm (the ports are pykvm/layout.py's):
+ *   port 0xF5 <- 1 init started, 2 command started, 3 shell started
+ *   port 0xF4 <- the final exit status byte; pykvm stops the VM on it
+ * Command mode: /pykvm/cmd exists (pykvm appends a second cpio archive that
+ *   carries it): run its exact text with `/bin/sh -c`, report the status.
+ * Shell mode otherwise: an interactive /bin/sh on the console's tty, report
+ *   its status when it exits (no respawn).
+ * busybox poweroff / reboot / halt signal PID 1: report 0.
+ * Init's own failures are printed and reported as 125 (or 126/127 when the
+ * shell cannot be executed), never as a kernel panic.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/io.h>
+#include <sys/ioctl.h>
+#include <sys/klog.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+enum {
+	EXIT_PORT = 0xF4,
+	PROGRESS_PORT = 0xF5, /* right after EXIT_PORT: one ioperm covers both */
+	PROGRESS_INIT_STARTED = 1,
+	PROGRESS_COMMAND_STARTED = 2,
+	PROGRESS_SHELL_STARTED = 3,
+};
+
+/* Init's own failures, with the meanings env(1) and container runtimes use. */
+enum { STATUS_INIT_FAILED = 125, STATUS_CANNOT_EXEC = 126, STATUS_NOT_FOUND = 127 };
+
+#define COMMAND_FILE "/pykvm/cmd"
+#define SHELL "/bin/sh"
+#define CONSOLE_ACTIVE "/sys/class/tty/console/active"
+#define CONSOLE_NAMES_MAX 128
+#define CONSOLE_PATH_MAX (CONSOLE_NAMES_MAX + sizeof "/dev/")
+#define SYSLOG_ACTION_CONSOLE_LEVEL 8
+#define CONSOLE_LEVEL_EMERGENCIES_ONLY 1
+
+#ifdef PYKVM_INIT_HOST_TEST
+/*
+ * test_init.py builds init with this defined and runs it as PID 1 of a PID
+ * namespace on the host, where touching real ports or the host's console log
+ * level would be wrong: port writes become lines in a file, and the console
+ * is the one the test names.
+ */
+#define HOST_TEST_PORTS "/pykvm-test/ports"
+#undef CONSOLE_ACTIVE
+#define CONSOLE_ACTIVE "/pykvm-test/console-active"
+#define ioperm(from, count, on) 0
+#define klogctl(type, buffer, length) ((void)0)
+#define outb(value, port) host_test_outb(value, port)
+static void host_test_outb(unsigned char value, unsigned short port)
+{
+	FILE *log = fopen(HOST_TEST_PORTS, "a");
+	if (log) {
+		fprintf(log, "%#x %d\n", port, value);
+		fclose(log);
+	}
+}
+#endif
+
+static int have_ports; /* ioperm succeeded, so outb will not fault */
+
+/* One line on the console, in a single write(). */
+static void say(const char *format, ...)
+{
+	char line[512];
+	const size_t room = sizeof line - 1; /* keep one byte for the newline */
+	va_list args;
+	size_t length = (size_t)snprintf(line, room, "pykvm-init: ");
+
+	va_start(args, format);
+	int added = vsnprintf(line + length, room - length, format, args);
+	va_end(args);
+	if (added > 0)
+		length += (size_t)added;
+	if (length > room - 1)
+		length = room - 1; /* truncated: vsnprintf stopped at room */
+	line[length++] = '\n';
+	if (write(STDERR_FILENO, line, length) < 0) {
+		/* nowhere else to report it */
+	}
+}
+
+static void port_write(unsigned short port, unsigned char value)
+{
+	if (have_ports)
+		outb(value, port);
+}
+
+/* Hand pykvm the status. PID 1 must never return: the kernel would panic. */
+static void __attribute__((noreturn)) finish(int status)
+{
+	sync();
+	port_write(EXIT_PORT, (unsigned char)status);
+	/* Still running: not under pykvm. Stop the ordinary way. */
+	reboot(RB_POWER_OFF);
+	for (;;)
+		pause();
+}
+
+struct mount_point {
+	const char *source, *target, *type;
+	unsigned long flags;
+	const char *options;
+	int optional; /* absent from some kernels: no message if missing */
+};
+
+static const struct mount_point mounts[] = {
+	{ "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0 },
+	{ "sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0 },
+	{ "devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755", 0 },
+	{ "devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666", 1 },
+	{ "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0 },
+	{ "tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 0 },
+};
+
+/* True if path is its own mount (a different device from "/"). */
+static int is_mount_point(const char *path)
+{
+	struct stat root, here;
+
+	return stat("/", &root) == 0 && stat(path, &here) == 0 && root.st_dev != here.st_dev;
+}
+
+static void mount_file_systems(void)
+{
+	for (size_t i = 0; i < sizeof mounts / sizeof mounts[0]; i++) {
+		const struct mount_point *m = &mounts[i];
+
+		/* CONFIG_DEVTMPFS_MOUNT does not apply to an initramfs, but a
+		 * custom kernel or initramfs may have mounted it already. */
+		if (strcmp(m->type, "devtmpfs") == 0 && is_mount_point(m->target))
+			continue;
+		int done = mount(m->source, m->target, m->type, m->flags, m->options);
+		if (done < 0 && errno == ENOENT) { /* mkdir only when needed: syscalls are dear */
+			mkdir(m->target, 0755);
+			done = mount(m->source, m->target, m->type, m->flags, m->options);
+		}
+		if (done < 0 && !(m->optional && errno == ENODEV))
+			say("cannot mount %s on %s: %s", m->type, m->target, strerror(errno));
+	}
+}
+
+/* The whole of /pykvm/cmd, or NULL in shell mode (no such file). */
+static char *read_command(void)
+{
+	int fd = open(COMMAND_FILE, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno == ENOENT)
+			return NULL;
+		say("cannot open %s: %s", COMMAND_FILE, strerror(errno));
+		finish(STATUS_INIT_FAILED);
+	}
+	struct stat st;
+	size_t capacity = fstat(fd, &st) == 0 ? (size_t)st.st_size + 1 : 4096, length = 0;
+	char *text = malloc(capacity);
+	for (;;) {
+		if (text && length + 1 >= capacity)
+			text = realloc(text, capacity *= 2);
+		if (!text) {
+			say("out of memory reading %s", COMMAND_FILE);
+			finish(STATUS_INIT_FAILED);
+		}
+		ssize_t got = read(fd, text + length, capacity - length - 1);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0) {
+			say("cannot read %s: %s", COMMAND_FILE, strerror(errno));
+			finish(STATUS_INIT_FAILED);
+		}
+		if (got == 0)
+			break;
+		length += (size_t)got;
+	}
+	close(fd);
+	text[length] = '\0';
+	if (strlen(text) != length)
+		say("%s contains NUL bytes: the shell sees only the text before the first",
+		    COMMAND_FILE);
+	return text;
+}
+
+/*
+ * The tty behind /dev/console ("/dev/ttyS0", "/dev/hvc0" with console=hvc0):
+ * the last name in /sys/class/tty/console/active, as busybox cttyhack finds
+ * it. /dev/console itself never becomes a controlling tty when opened, so a
+ * shell on it would have no job control and no Ctrl-C.
+ */
+static void console_tty(char *path, size_t size)
+{
+	char names[CONSOLE_NAMES_MAX];
+	ssize_t got = 0;
+	int fd = open(CONSOLE_ACTIVE, O_RDONLY | O_CLOEXEC);
+
+	snprintf(path, size, "/dev/console");
+	if (fd >= 0) {
+		got = read(fd, names, sizeof names - 1);
+		close(fd);
+	}
+	if (got <= 0)
+		return;
+	names[got] = '\0';
+	names[strcspn(names, "\n")] = '\0';
+	char *last = strrchr(names, ' ');
+	last = last ? last + 1 : names;
+	if (*last)
+		snprintf(path, size, "/dev/%s", last);
+}
+
+/* In the child: a new session whose controlling tty is the console. */
+static void attach_console(int command_mode)
+{
+	char path[CONSOLE_PATH_MAX];
+
+	console_tty(path, sizeof path);
+	if (setsid() < 0)
+		say("setsid: %s", strerror(errno));
+	int fd = open(path, O_RDWR);
+	if (fd < 0) {
+		say("cannot open %s: %s (staying on /dev/console, no job control)", path,
+		    strerror(errno));
+		return;
+	}
+	if (ioctl(fd, TIOCSCTTY, 0) < 0)
+		say("cannot make %s the controlling tty: %s", path, strerror(errno));
+	if (command_mode) {
+		/* A command's output must arrive as written ("\n", not "\r\n"),
+		 * and input pykvm forwards must not be echoed into it. */
+		struct termios mode;
+		if (tcgetattr(fd, &mode) == 0) {
+			mode.c_oflag &= ~(tcflag_t)OPOST;
+			mode.c_lflag &= ~(tcflag_t)(ECHO | ECHONL);
+			tcsetattr(fd, TCSANOW, &mode);
+		}
+	}
+	for (int target = 0; target <= 2; target++)
+		dup2(fd, target);
+	if (fd > 2)
+		close(fd);
+}
+
+/* Fork /bin/sh (with -c command, or interactive when command is NULL). */
+static pid_t start_shell(const char *command, const sigset_t *child_mask)
+{
+	pid_t pid = fork();
+
+	if (pid < 0) {
+		say("cannot fork: %s", strerror(errno));
+		finish(STATUS_INIT_FAILED);
+	}
+	if (pid > 0)
+		return pid;
+	/* A blocked mask survives exec: give the shell back the usual signals. */
+	sigprocmask(SIG_SETMASK, child_mask, NULL);
+	attach_console(command != NULL);
+	if (command)
+		execl(SHELL, "sh", "-c", command, (char *)NULL);
+	else
+		execl(SHELL, "sh", (char *)NULL);
+	int error = errno;
+	say("cannot run %s: %s", SHELL, strerror(error));
+	_exit(error == ENOENT ? STATUS_NOT_FOUND : STATUS_CANNOT_EXEC);
+}
+
+static int exit_status(int wait_status)
+{
+	if (WIFSIGNALED(wait_status))
+		return 128 + WTERMSIG(wait_status);
+	return WEXITSTATUS(wait_status);
+}
+
+int main(void)
+{
+	if (getpid() != 1) {
+		/* Outside a guest, writing to ports 0xF4/0xF5 would be wrong. */
+		fprintf(stderr, "pykvm-init: must run as PID 1 in a pykvm guest\n");
+		return 2;
+	}
+	have_ports = ioperm(EXIT_PORT, 2, 1) == 0;
+	port_write(PROGRESS_PORT, PROGRESS_INIT_STARTED); /* pykvm's boot timer */
+	if (!have_ports)
+		say("ioperm: %s; cannot report to pykvm", strerror(errno));
+
+	/*
+	 * Children's deaths and the power signals of busybox poweroff (SIGUSR2),
+	 * reboot (SIGTERM) and halt (SIGUSR1) are taken with sigwaitinfo. They
+	 * stay blocked: the kernel drops signals that PID 1 leaves at SIG_DFL,
+	 * but queues blocked ones.
+	 */
+	sigset_t handled, original;
+	sigemptyset(&handled);
+	sigaddset(&handled, SIGCHLD);
+	sigaddset(&handled, SIGUSR1);
+	sigaddset(&handled, SIGUSR2);
+	sigaddset(&handled, SIGTERM);
+	sigprocmask(SIG_BLOCK, &handled, &original);
+
+	mount_file_systems();
+	setenv("PATH", "/bin:/sbin:/usr/bin:/usr/sbin", 1);
+	setenv("HOME", "/root", 1);
+
+	char *command = read_command();
+	pid_t main_child;
+	if (command) {
+		/* Kernel messages would interleave with the command's output. */
+		klogctl(SYSLOG_ACTION_CONSOLE_LEVEL, NULL, CONSOLE_LEVEL_EMERGENCIES_ONLY);
+		port_write(PROGRESS_PORT, PROGRESS_COMMAND_STARTED);
+		main_child = start_shell(command, &original);
+	} else {
+		port_write(PROGRESS_PORT, PROGRESS_SHELL_STARTED);
+		main_child = start_shell(NULL, &original);
+	}
+
+	for (;;) {
+		int signal_number = sigwaitinfo(&handled, NULL);
+		if (signal_number < 0)
+			continue; /* EINTR */
+		if (signal_number != SIGCHLD)
+			finish(0); /* poweroff, reboot or halt: the guest ends cleanly */
+		/* Reap every zombie, orphans included; one SIGCHLD may stand for many. */
+		int wait_status;
+		pid_t pid;
+		while ((pid = waitpid(-1, &wait_status, WNOHANG)) > 0)
+			if (pid == main_child)
+				finish(exit_status(wait_status));
+	}
+}
