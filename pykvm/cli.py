@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except Exception as error:  # a bug in pykvm: still one line, the traceback on request
+        if os.environ.get("PYKVM_DEBUG"):
+            raise
+        print(f"pykvm: internal error: {type(error).__name__}: {first_line(error)} "
+              "(set PYKVM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 def first_line(error: BaseException) -> str:
