@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""Build pykvm's default Linux guest: a small kernel made for VMs and a tiny initramfs.
+
+`make guest` runs this (as root on Debian 12: it installs what it needs with
+apt-get). Nothing binary is committed. The result lives in a cache directory
+named after a key over every input, and guests/linux/out points at it:
+
+    ${PYKVM_CACHE:-~/.cache/pykvm}/linux-<key>/
+        bzImage  vmlinux  System.map  config  initramfs.cpio  manifest.json
+
+When that directory exists the build is a no-op (about a second). The kernel
+source is extracted once per linux-source version and built out of tree in one
+build directory per version, so a changed fragment rebuilds incrementally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+from pykvm.boot import cpio  # noqa: E402  (needs the repo on sys.path)
+from pykvm.layout import KERNEL_LOAD_ADDR  # noqa: E402
+
+FRAGMENT = HERE / "kernel.fragment"
+INIT_C = HERE / "init.c"
+OUT_LINK = HERE / "out"
+# Every file whose content changes what comes out; package versions join them.
+KEY_FILES = (FRAGMENT, INIT_C, Path(__file__).resolve(), REPO / "pykvm" / "boot" / "cpio.py")
+
+SOURCE_PACKAGE = "linux-source-6.1"
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+BUSYBOX_PACKAGE = "busybox-static"
+BUSYBOX = Path("/bin/busybox")
+PACKAGES = (SOURCE_PACKAGE, BUSYBOX_PACKAGE, "bc", "bison", "flex", "libelf-dev", "libssl-dev",
+            "cpio", "xz-utils", "gcc", "make", "libc6-dev")
+
+# Fixed build stamps so that `uname -v` and the image bytes do not depend on when or where.
+KERNEL_MAKE_ENV = {
+    "ARCH": "x86_64",
+    "KBUILD_BUILD_TIMESTAMP": "2024-01-01 00:00:00 UTC",
+    "KBUILD_BUILD_USER": "pykvm",
+    "KBUILD_BUILD_HOST": "pykvm",
+    "KBUILD_BUILD_VERSION": "1",
+}
+
+# Mount points and the usual top-level directories of the initramfs.
+INITRAMFS_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run",
+                  "mnt", "root", "etc", "var")
+ETC_FILES = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\n",
+}
+# What a bootable initramfs cannot do without.
+INITRAMFS_MUST_HAVE = ("init", "bin/sh", "bin/busybox", "dev/console")
+
+_started = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[guest {time.monotonic() - _started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class BuildFailed(Exception):
+    """A step failed; the message says which and where its log is."""
+
+
+def run(argv: list[str], *, cwd: Path | None = None, log: Path | None = None,
+        env: dict[str, str] | None = None) -> str:
+    """Run a command; its output goes to ``log`` (appended) or is returned."""
+    full_env = {**os.environ, **(env or {})}
+    if log is None:
+        done = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildFailed(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
+        return done.stdout
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(argv)}\n")
+        out.flush()
+        done = subprocess.run(argv, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise BuildFailed(f"{' '.join(argv)} failed (full log: {log}):\n{tail}")
+    return ""
+
+
+# --- packages and the cache key ---------------------------------------------------------------
+
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Version of each installed package (missing ones are left out)."""
+    done = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev} ${Version}\n",
+                           *packages], capture_output=True, text=True)
+    versions = {}
+    for line in done.stdout.splitlines():
+        name, status, version = (line.split() + ["", "", ""])[:3]
+        if status.startswith("ii"):
+            versions[name.split(":")[0]] = version
+    return versions
+
+
+def ensure_packages() -> dict[str, str]:
+    versions = installed_versions(PACKAGES)
+    missing = [p for p in PACKAGES if p not in versions]
+    if missing:
+        progress(f"installing {' '.join(missing)} with apt-get")
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-qq"], env=env)
+        run(["apt-get", "install", "-y", "-qq", *missing], env=env)
+        versions = installed_versions(PACKAGES)
+    return versions
+
+
+def cache_key(versions: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for path in KEY_FILES:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for package in (SOURCE_PACKAGE, BUSYBOX_PACKAGE):
+        digest.update(f"{package}={versions[package]}\0".encode())
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PYKVM_CACHE") or Path.home() / ".cache" / "pykvm")
+
+
+# --- the kernel -------------------------------------------------------------------------------
+
+def source_tree(root: Path, version: str) -> Path:
+    """Debian's kernel source, extracted once per package version."""
+    tree = root / "src" / f"{SOURCE_PACKAGE}_{version}"
+    if (tree / "Makefile").exists():
+        return tree
+    progress(f"extracting {SOURCE_TARBALL} (once per version, about a minute)")
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tree.parent) as scratch:
+        run(["tar", "-xf", str(SOURCE_TARBALL), "-C", scratch])
+        (Path(scratch) / SOURCE_PACKAGE).rename(tree)
+    return tree
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """CONFIG_X -> value; '# CONFIG_X is not set' reads as 'n'."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("CONFIG_") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            values[line[2:-len(" is not set")]] = "n"
+    return values
+
+
+def missing_options(fragment: str, config: str) -> list[str]:
+    """Every fragment setting that the final .config does not have."""
+    final = parse_config(config)
+    return [f"{name}: wanted {wanted}, got {final.get(name, 'n (absent)')}"
+            for name, wanted in parse_config(fragment).items()
+            if final.get(name, "n") != wanted]
+
+
+def configure_kernel(src: Path, build: Path, log: Path) -> None:
+    progress("configuring: tinyconfig + kernel.fragment (allnoconfig merge)")
+    make = ["make", "-C", str(src), f"O={build}"]
+    run([*make, "tinyconfig"], log=log, env=KERNEL_MAKE_ENV)
+    # -n: symbols neither tinyconfig nor the fragment name stay off, instead of
+    # taking Kconfig defaults that would pull in drivers nobody asked for.
+    run([str(src / "scripts/kconfig/merge_config.sh"), "-n", "-O", str(build),
+         str(build / ".config"), str(FRAGMENT)], cwd=src, log=log, env=KERNEL_MAKE_ENV)
+    run([*make, "olddefconfig"], log=log, env=KERNEL_MAKE_ENV)
+    missing = missing_options(FRAGMENT.read_text(), (build / ".config").read_text())
+    if missing:
+        raise BuildFailed("kernel.fragment options lost in the final .config "
+                          "(an unmet dependency?):\n  " + "\n  ".join(missing))
+
+
+def build_kernel(src: Path, build: Path, log: Path) -> str:
+    progress(f"building bzImage with make -j{os.cpu_count()} (about 3.5 min from scratch; "
+             f"log: {log})")
+    run(["make", "-C", str(src), f"O={build}", f"-j{os.cpu_count()}", "bzImage"],
+        log=log, env=KERNEL_MAKE_ENV)
+    return run(["make", "-s", "-C", str(src), f"O={build}", "kernelrelease"],
+               env=KERNEL_MAKE_ENV).strip()
+
+
+def check_vmlinux(path: Path) -> None:
+    """An x86-64 ELF whose entry and first segment sit where pykvm loads a vmlinux."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2:
+            raise BuildFailed(f"{path} is not an ELF64 file")
+        machine, = struct.unpack_from("<H", header, 18)
+        entry, phoff = struct.unpack_from("<QQ", header, 24)
+        phentsize, phnum = struct.unpack_from("<HH", header, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    loads = [struct.unpack_from("<IIQQQ", table, i * phentsize)
+             for i in range(phnum)]
+    load_paddrs = [paddr for ptype, _, _, _, paddr in loads if ptype == 1]  # PT_LOAD
+    if machine != 62 or entry != KERNEL_LOAD_ADDR or min(load_paddrs) != KERNEL_LOAD_ADDR:
+        raise BuildFailed(f"{path}: machine {machine}, entry {entry:#x}, first PT_LOAD at "
+                          f"{min(load_paddrs):#x}; wanted x86-64 at {KERNEL_LOAD_ADDR:#x}")
+
+
+# --- the initramfs ---------------------------------------------------------------------------
+
+def compile_init(work: Path) -> Path:
+    binary = work / "init"
+    run(["gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o", str(binary),
+         str(INIT_C)])
+    return binary
+
+
+def busybox_applets() -> list[str]:
+    """Where busybox's applets belong ("bin/ls", "usr/bin/awk", ...), minus its init."""
+    listing = run([str(BUSYBOX), "--list-full"]).split()
+    # /init is ours; busybox's own init and linuxrc would only confuse a reader
+    return sorted(p for p in listing if p not in ("sbin/init", "linuxrc", "bin/busybox"))
+
+
+def build_initramfs(init_binary: Path) -> bytes:
+    entries = [cpio.Entry(d, stat.S_IFDIR | 0o755) for d in INITRAMFS_DIRS]
+    entries[INITRAMFS_DIRS.index("tmp")] = cpio.Entry("tmp", stat.S_IFDIR | 0o1777)
+    # The kernel opens /dev/console for init before anything can mount devtmpfs.
+    entries.append(cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1))
+    entries.append(cpio.Entry("init", stat.S_IFREG | 0o755, init_binary.read_bytes()))
+    entries.append(cpio.Entry("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes()))
+    entries += [cpio.Entry(path, stat.S_IFLNK | 0o777, b"/bin/busybox")
+                for path in busybox_applets()]
+    entries += [cpio.Entry(path, stat.S_IFREG | 0o644, text.encode())
+                for path, text in ETC_FILES.items()]
+    archive = cpio.build_archive(entries)
+    names = {e.name for e in cpio.read_archive(archive)}
+    lacking = [n for n in INITRAMFS_MUST_HAVE if n not in names]
+    if lacking:
+        raise BuildFailed(f"initramfs lacks {', '.join(lacking)}")
+    return archive
+
+
+# --- putting it together -------------------------------------------------------------------
+
+def expose(result: Path) -> None:
+    """Point guests/linux/out at ``result`` (atomically replacing an older link)."""
+    if OUT_LINK.is_dir() and not OUT_LINK.is_symlink():
+        shutil.rmtree(OUT_LINK)
+    temporary = OUT_LINK.with_name(".out.tmp")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(result)
+    temporary.replace(OUT_LINK)
+
+
+def build(root: Path, key: str, versions: dict[str, str], result: Path) -> None:
+    source_version = versions[SOURCE_PACKAGE]
+    src = source_tree(root, source_version)
+    kernel_build = root / "build" / f"{SOURCE_PACKAGE}_{source_version}"
+    kernel_build.mkdir(parents=True, exist_ok=True)
+    log = kernel_build / "build.log"
+    log.write_text("")
+    started = time.monotonic()
+    configure_kernel(src, kernel_build, log)
+    release = build_kernel(src, kernel_build, log)
+    check_vmlinux(kernel_build / "vmlinux")
+    progress(f"kernel {release} built; packing the initramfs")
+
+    with tempfile.TemporaryDirectory(dir=root, prefix=".linux-") as scratch:
+        staging = Path(scratch) / "out"
+        staging.mkdir()
+        for name, target in (("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"),
+                             ("System.map", "System.map"), (".config", "config")):
+            shutil.copyfile(kernel_build / name, staging / target)
+        (staging / "initramfs.cpio").write_bytes(build_initramfs(compile_init(Path(scratch))))
+        manifest = {
+            "kernel_release": release,
+            "key": key,
+            "packages": {p: versions[p] for p in (SOURCE_PACKAGE, BUSYBOX_PACKAGE)},
+            "files": {f.name: f.stat().st_size for f in sorted(staging.iterdir())},
+            "vmlinux_entry": hex(KERNEL_LOAD_ADDR),
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.rename(result)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args()
+
+    versions = ensure_packages()
+    key = cache_key(versions)
+    root = cache_root()
+    result = root / f"linux-{key[:16]}"
+    if (result / "manifest.json").exists() and not args.force:
+        expose(result)
+        progress(f"cached: {OUT_LINK} -> {result}")
+        return 0
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "linux.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time per cache
+        if args.force and result.exists():
+            shutil.rmtree(result)
+        if not (result / "manifest.json").exists():
+            try:
+                build(root, key, versions, result)
+            except BuildFailed as failure:
+                print(f"guest build failed: {failure}", file=sys.stderr)
+                return 1
+    expose(result)
+    manifest = json.loads((result / "manifest.json").read_text())
+    progress(f"done: Linux {manifest['kernel_release']}, {OUT_LINK} -> {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
