@@ -1,6 +1,6 @@
 """The host side of the guest console: stdin in, with a way out.
 
-:class:`Console` forwards whatever arrives on stdin to a callable (the serial
+:class:`HostConsole` forwards whatever arrives on stdin to a callable (the serial
 device's ``receive``). When stdin is the foreground terminal it is switched to
 raw mode, so that every key (Ctrl-C, arrows, tab) reaches the guest, and
 Ctrl-A x quits pykvm, as in QEMU; Ctrl-A Ctrl-A sends one Ctrl-A. Output
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import atexit
 import errno
+import io
 import os
 import selectors
 import signal
 import termios
 import threading
-from typing import Callable
+from typing import BinaryIO, Callable
 
 ESCAPE = 0x01       # Ctrl-A
 QUIT_KEY = ord("x")
@@ -79,17 +80,28 @@ def raw_mode_attributes(attributes: list) -> list:
     return [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
 
 
-class Console:
-    """stdin -> ``forward(bytes)``, on a reader thread, for the life of a ``with`` block."""
+class HostConsole:
+    """stdin -> ``forward(bytes)`` on a reader thread, between :meth:`start` and :meth:`stop`.
 
-    def __init__(self, forward: Callable[[bytes], object], *,
+    ``stdin`` is a file descriptor or a stream with one (``sys.stdin.buffer``);
+    a stream without one (``io.BytesIO``) is read to its end, as a pipe would be.
+    ``on_quit`` is called on Ctrl-A x, ``on_eof`` at the end of input, both
+    on the reader thread. ``escape`` forces the Ctrl-A handling on or off; by
+    default it is on for a terminal only.
+    """
+
+    def __init__(self, stdin: int | BinaryIO, forward: Callable[[bytes], object], *,
                  on_quit: Callable[[], object] | None = None,
                  on_eof: Callable[[], object] | None = None,
-                 stdin_fd: int = 0, escape: bool | None = None):
+                 escape: bool | None = None):
         self._forward = forward
         self._on_quit = on_quit
         self._on_eof = on_eof
-        self._fd = stdin_fd
+        self._stream: BinaryIO | None = None
+        self._fd = _fileno(stdin)
+        if self._fd is None:
+            self._stream = stdin
+            self._fd = -1
         self._escape_wanted = escape
         self._escape: EscapeFilter | None = None
         self._saved_attributes: list | None = None
@@ -100,14 +112,20 @@ class Console:
 
     # --- lifecycle ----------------------------------------------------------------
 
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> "HostConsole":
         self.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
+        self.stop()
 
     def start(self) -> None:
+        if self._stream is not None:
+            self._escape = EscapeFilter() if self._escape_wanted else None
+            self._reader = threading.Thread(target=self._read_stream, name="console-input",
+                                            daemon=True)
+            self._reader.start()
+            return
         if not _is_open(self._fd):
             return      # no stdin at all (closed by the caller): nothing to read
         terminal = os.isatty(self._fd)
@@ -123,10 +141,13 @@ class Console:
         self._reader = threading.Thread(target=self._read_loop, name="console-input", daemon=True)
         self._reader.start()
 
-    def close(self) -> None:
+    def stop(self) -> None:
         """Stop the reader and give the terminal back. Safe to call more than once."""
         reader = self._reader
-        if reader is not None:
+        if reader is not None and self._stream is not None:
+            # A stream without a descriptor cannot be woken; it never blocks for long.
+            self._reader = None
+        elif reader is not None:
             try:
                 os.write(self._wake_write, b"\0")
             except OSError:
@@ -156,7 +177,7 @@ class Console:
 
     def restore_terminal(self) -> None:
         """Put the terminal settings back; idempotent, usable from a signal handler."""
-        # Re-entrant: a signal handler may interrupt close() in the same thread.
+        # Re-entrant: a signal handler may interrupt stop() in the same thread.
         # The settings are forgotten only after they are back on the terminal, so
         # an interrupting restore still does the work.
         with self._restore_lock:
@@ -179,7 +200,7 @@ class Console:
                     continue    # e.g. under nohup: the signal will not end us
                 signal.signal(signum, self._on_signal)
             except ValueError:
-                return          # not the main thread: atexit and close() still restore
+                return          # not the main thread: atexit and stop() still restore
             self._previous_handlers[signum] = previous
 
     def _uninstall_signal_handlers(self) -> None:
@@ -203,6 +224,34 @@ class Console:
 
     # --- input ----------------------------------------------------------------------
 
+    def _deliver(self, data: bytes) -> bool:
+        """Forwards one read's worth; returns whether to keep reading."""
+        if not data:
+            if self._on_eof is not None:
+                self._on_eof()
+            return False
+        quit_requested = False
+        if self._escape is not None:
+            data, quit_requested = self._escape.feed(data)
+        if data:
+            self._forward(data)
+        if quit_requested:
+            if self._on_quit is not None:
+                self._on_quit()
+            return False
+        return True
+
+    def _read_stream(self) -> None:
+        stream = self._stream
+        read = getattr(stream, "read1", stream.read)
+        while self._reader is not None:
+            try:
+                data = read(READ_CHUNK)
+            except (OSError, ValueError):
+                data = b""
+            if not self._deliver(data or b""):
+                return
+
     def _read_loop(self) -> None:
         # poll, not epoll: epoll refuses regular files and /dev/null, which
         # poll reports as always readable (and read() then says EOF).
@@ -221,19 +270,17 @@ class Console:
                     if error.errno == errno.EINTR:
                         continue
                     data = b""  # EIO: the terminal hung up; same as end of input
-                if not data:
-                    if self._on_eof is not None:
-                        self._on_eof()
+                if not self._deliver(data):
                     return
-                quit_requested = False
-                if self._escape is not None:
-                    data, quit_requested = self._escape.feed(data)
-                if data:
-                    self._forward(data)
-                if quit_requested:
-                    if self._on_quit is not None:
-                        self._on_quit()
-                    return
+
+
+def _fileno(stdin: int | BinaryIO) -> int | None:
+    if isinstance(stdin, int):
+        return stdin
+    try:
+        return stdin.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
 
 
 def _is_open(fd: int) -> bool:

@@ -1,5 +1,6 @@
 """The host console: raw mode on a real pseudo-terminal, pipes, /dev/null, Ctrl-A x."""
 
+import io
 import os
 import queue
 import signal
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from pykvm.console import Console, EscapeFilter
+from pykvm.console import EscapeFilter, HostConsole
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +69,7 @@ def test_raw_mode_is_set_and_restored_on_a_terminal(pty_pair):
     before = termios.tcgetattr(slave)
     assert before[3] & termios.ICANON     # a fresh pty is cooked
     collector = Collector()
-    with Console(collector, stdin_fd=slave) as console:
+    with HostConsole(slave, collector) as console:
         assert console.raw
         iflag, oflag, cflag, lflag = termios.tcgetattr(slave)[:4]
         assert not lflag & (termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
@@ -83,7 +84,7 @@ def test_raw_mode_is_set_and_restored_on_a_terminal(pty_pair):
 def test_ctrl_a_x_calls_on_quit_and_stops_reading(pty_pair):
     master, slave = pty_pair
     collector = Collector()
-    with Console(collector, on_quit=collector.quit.set, stdin_fd=slave):
+    with HostConsole(slave, collector, on_quit=collector.quit.set):
         os.write(master, b"abc\x01\x01\x01x")
         assert collector.quit.wait(5)
         assert collector.read(4) == b"abc\x01"
@@ -95,12 +96,12 @@ def test_ctrl_a_x_calls_on_quit_and_stops_reading(pty_pair):
 def test_restore_is_idempotent(pty_pair):
     master, slave = pty_pair
     before = termios.tcgetattr(slave)
-    console = Console(Collector(), stdin_fd=slave)
+    console = HostConsole(slave, Collector())
     console.start()
     console.restore_terminal()
     console.restore_terminal()
-    console.close()
-    console.close()
+    console.stop()
+    console.stop()
     assert termios.tcgetattr(slave) == before
 
 
@@ -108,8 +109,8 @@ def run_console_child(slave, ending):
     """A child pykvm-like process whose stdin is the pty; reports once raw."""
     script = (
         "import sys, time\n"
-        "from pykvm.console import Console\n"
-        "console = Console(lambda data: None)\n"
+        "from pykvm.console import HostConsole\n"
+        "console = HostConsole(sys.stdin.buffer, lambda data: None)\n"
         "console.start()\n"
         "print('raw' if console.raw else 'cooked', flush=True)\n"
         f"{ending}\n"
@@ -152,8 +153,8 @@ def test_pipe_is_forwarded_verbatim_until_eof():
     read_fd, write_fd = os.pipe()
     collector = Collector()
     try:
-        with Console(collector, on_quit=collector.quit.set, on_eof=collector.eof.set,
-                     stdin_fd=read_fd) as console:
+        with HostConsole(read_fd, collector, on_quit=collector.quit.set,
+                         on_eof=collector.eof.set) as console:
             assert not console.raw
             os.write(write_fd, b"echo hi\n\x01x")   # no escape on a pipe
             os.close(write_fd)
@@ -171,14 +172,14 @@ def test_dev_null_ends_at_once_without_spinning():
     fd = os.open(os.devnull, os.O_RDONLY)
     collector = Collector()
     try:
-        console = Console(collector, on_eof=collector.eof.set, stdin_fd=fd)
+        console = HostConsole(fd, collector, on_eof=collector.eof.set)
         started = time.process_time()
         console.start()
         assert collector.eof.wait(5)
         reader = console._reader
         reader.join(5)
         assert not reader.is_alive()
-        console.close()
+        console.stop()
         assert time.process_time() - started < 1.0
         assert collector.chunks.empty()
     finally:
@@ -189,5 +190,22 @@ def test_closed_stdin_is_tolerated():
     read_fd, write_fd = os.pipe()
     os.close(read_fd)
     os.close(write_fd)
-    with Console(Collector(), stdin_fd=read_fd) as console:
+    with HostConsole(read_fd, Collector()) as console:
         assert not console.raw
+
+
+def test_stream_without_a_descriptor_is_read_to_its_end():
+    collector = Collector()
+    with HostConsole(io.BytesIO(b"typed ahead\x01x"), collector, on_eof=collector.eof.set):
+        assert collector.eof.wait(5)
+        assert collector.read(13) == b"typed ahead\x01x"
+
+
+def test_sys_stdin_buffer_style_stream_is_read_through_its_descriptor(pty_pair):
+    master, slave = pty_pair
+    collector = Collector()
+    with os.fdopen(os.dup(slave), "rb", buffering=0) as stream:
+        with HostConsole(stream, collector) as console:
+            assert console.raw
+            os.write(master, b"q")
+            assert collector.read(1) == b"q"

@@ -451,6 +451,27 @@ def test_output_to_a_real_pipe(irq):
         assert reader.read() == b"hello\r\nworld"
 
 
+def test_output_to_an_unbuffered_pipe_and_to_a_file_like_object(irq):
+    class FileLike:
+        """Like the VMM's console router: write() returns nothing."""
+        def __init__(self):
+            self.data = bytearray()
+
+        def write(self, data):
+            self.data += data
+
+    file_like = FileLike()
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(write_fd, "wb", buffering=0) as raw:
+        for output in (raw, file_like):
+            uart = Serial(irq, output, flush_delay=None)
+            for byte in b"ok\n":
+                outb(uart, THR, byte)
+            assert uart.output_errors == 0
+        assert reader.read(3) == b"ok\n"
+    assert file_like.data == b"ok\n"
+
+
 def test_host_output_errors_are_counted_not_raised(irq):
     def broken(data):
         raise BrokenPipeError

@@ -30,6 +30,7 @@ one host system call per byte.
 
 from __future__ import annotations
 
+import io
 import threading
 from collections import deque
 from typing import BinaryIO, Callable
@@ -193,17 +194,24 @@ class BufferedOutput:
 
 
 def _writer_for(output: Output) -> Callable[[bytes], object]:
-    if hasattr(output, "write"):
-        stream = output
+    if isinstance(output, io.RawIOBase):
+        raw = output
 
-        def write(data: bytes) -> None:
+        def write_raw(data: bytes) -> None:
+            # An unbuffered stream may take part of the data per call.
             view = memoryview(data)
             while view:
-                written = stream.write(view)
-                if written is None:     # a non-blocking raw stream that is full
+                written = raw.write(view)
+                if written is None:     # non-blocking and full
                     raise BlockingIOError("output stream would block")
                 view = view[written:]
-            flush = getattr(stream, "flush", None)
+        return write_raw
+    if hasattr(output, "write"):
+        stream = output
+        flush = getattr(stream, "flush", None)
+
+        def write(data: bytes) -> None:
+            stream.write(data)      # buffered streams and file-likes take it all
             if flush is not None:
                 flush()
         return write
