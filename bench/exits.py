@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""The port-I/O exit round trip: pykvm's full dispatch against a C reference.
+
+The same guest (bench/guests/exit_loop.S: N `out %al, $0x80` in a loop, then a
+write to pykvm's exit port 0xF4) runs in two VMMs:
+
+- C (bench/c/exit_loop.c, built here with gcc): the raw ioctls, a KVM_RUN loop
+  that reads the port and the byte, counts, and enters again;
+- pykvm: a real Vm, a real Device on the PIO bus, Vcpu.run_loop on its vCPU
+  thread, i.e. the whole dispatch: exit-reason and kvm_run.io decoding, bus
+  lookup, the device call, per-exit statistics and timing.
+
+Each side timestamps the first exit on port 0x80 and the exit-port write: N
+round trips, set-up and the guest's ring-0 prologue excluded. Rounds are
+interleaved (C, pykvm, C, pykvm, ...) so host noise hits both; the table gives
+the median, min and max of the µs per exit, and the last line is
+``ratio: X`` = median pykvm µs/exit / median C µs/exit.
+
+    python3 bench/exits.py            # 5 rounds of 20000 exits each side
+    python3 bench/exits.py --quick    # a tiny run: checks that everything works
+    python3 bench/exits.py --record   # also append the result to bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pykvm import layout  # noqa: E402
+from pykvm.boot.modes import set_mode  # noqa: E402
+from pykvm.bus import Device  # noqa: E402
+from pykvm.kvm import Kvm  # noqa: E402
+from pykvm.memory import GuestMemory  # noqa: E402
+from pykvm.vm import Vm  # noqa: E402
+
+GUEST_SOURCE = BENCH / "guests" / "exit_loop.S"
+C_SOURCE = BENCH / "c" / "exit_loop.c"
+RESULTS = BENCH / "RESULTS.md"
+
+PORT = 0x80                      # the measured port (the PC's POST port; no in-kernel device owns it)
+EXIT_PORT = layout.EXIT_PORT     # 0xF4: the guest's last write
+LOAD_ADDR = layout.FLAT_LOAD_ADDR
+MEM_SIZE = 2 * layout.MiB        # the guest maps (and needs) only the first 2 MiB
+COUNT_OFFSET = 8                 # the guest's `count` quadword
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- building the guest and the C reference -----------------------------------------------
+def assemble_guest(workdir: Path, ring: int) -> bytes:
+    """exit_loop.S -> flat binary linked at LOAD_ADDR (GNU as and ld)."""
+    obj, out = workdir / f"exit_loop{ring}.o", workdir / f"exit_loop{ring}.bin"
+    run_tool(["as", "--64", f"--defsym=PORT={PORT:#x}", f"--defsym=RING={ring}",
+              "-o", str(obj), str(GUEST_SOURCE)])
+    run_tool(["ld", "-m", "elf_x86_64", f"-Ttext={LOAD_ADDR:#x}", "--oformat", "binary",
+              "-o", str(out), str(obj)])
+    return out.read_bytes()
+
+
+def build_c(workdir: Path) -> Path:
+    binary = workdir / "exit_loop"
+    run_tool([os.environ.get("CC", "gcc"), "-O2", "-Wall", "-o", str(binary), str(C_SOURCE)])
+    return binary
+
+
+def run_tool(argv: list[str]) -> None:
+    if shutil.which(argv[0]) is None:
+        raise BenchError(f"{argv[0]} is not installed (the bench builds its guest and C "
+                         f"reference at run time: apt-get install binutils gcc)")
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
+
+
+def with_count(image: bytes, count: int) -> bytes:
+    patched = bytearray(image)
+    patched[COUNT_OFFSET:COUNT_OFFSET + 8] = count.to_bytes(8, "little")
+    return bytes(patched)
+
+
+# --- one round of each side ------------------------------------------------------------------
+def run_c(binary: Path, image_path: Path, count: int) -> float:
+    """µs per exit of one C run."""
+    done = subprocess.run([str(binary), str(image_path), hex(LOAD_ADDR), hex(MEM_SIZE),
+                           hex(PORT), hex(EXIT_PORT)], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise BenchError(f"C reference failed: {done.stderr.strip()}")
+    fields = dict(item.split("=") for item in done.stdout.split())
+    exits, ns = int(fields["exits"]), int(fields["ns"])
+    if exits != count:
+        raise BenchError(f"C reference saw {exits} exits on port {PORT:#x}, expected {count}")
+    return ns / exits / 1000
+
+
+class CountingPort(Device):
+    """The measured device: counts writes, keeps the last value, notes when the first came."""
+
+    name = "bench-port"
+
+    def __init__(self):
+        self.count = 0
+        self.value = 0
+        self.first_ns = 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not self.count:
+            self.first_ns = time.perf_counter_ns()
+        self.count += 1
+        self.value = value
+
+
+class FinishPort(Device):
+    """pykvm's exit port for this guest: note the time, stop the VM."""
+
+    name = "exit"
+
+    def __init__(self, vm: Vm):
+        self.vm = vm
+        self.done_ns = 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.done_ns = time.perf_counter_ns()
+        self.vm.request_stop("exit", value, f"guest exited with status {value}")
+
+
+def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None) -> float:
+    """µs per exit of one pykvm run. ``vcpu_class`` swaps the Vcpu's run loop
+    (bench/profile_exits.py measures candidate loops with it)."""
+    with GuestMemory.anonymous(MEM_SIZE) as memory, Vm(kvm, memory, log=sys.stderr) as vm:
+        port, finish = CountingPort(), FinishPort(vm)
+        vm.add_pio_device(PORT, 1, port)
+        vm.add_pio_device(EXIT_PORT, 1, finish)
+        memory.write(LOAD_ADDR, image)
+        vm.create_vcpus(1)
+        vcpu = vm.vcpus[0]
+        if vcpu_class is not None:
+            vcpu.__class__ = vcpu_class
+        set_mode(vcpu, memory, "long", LOAD_ADDR)
+        stop = vm.run(timeout=300)
+        if stop is None or stop.kind != "exit" or stop.status != 0:
+            raise BenchError(f"pykvm run did not end at the exit port: {stop}")
+        if port.count != count:
+            raise BenchError(f"pykvm saw {port.count} exits on port {PORT:#x}, expected {count}")
+        return (finish.done_ns - port.first_ns) / count / 1000
+
+
+# --- the bench ---------------------------------------------------------------------------------
+class Setup:
+    """The guest image (with N patched in) and the C binary, in a temporary directory."""
+
+    def __init__(self, workdir: Path, ring: int, count: int):
+        self.count = count
+        self.image = with_count(assemble_guest(workdir, ring), count)
+        self.image_path = workdir / "guest.bin"
+        self.image_path.write_bytes(self.image)
+        self.c_binary = build_c(workdir)
+
+
+def measure(kvm: Kvm, setup: Setup, rounds: int, warmup: bool = True,
+            progress=None) -> tuple[list[float], list[float]]:
+    if warmup:  # page in both paths, discard
+        run_c(setup.c_binary, setup.image_path, setup.count)
+        run_pykvm(kvm, setup.image, setup.count)
+    c_times, py_times = [], []
+    for i in range(rounds):
+        c_times.append(run_c(setup.c_binary, setup.image_path, setup.count))
+        py_times.append(run_pykvm(kvm, setup.image, setup.count))
+        if progress:
+            progress(f"round {i + 1}/{rounds}: C {c_times[-1]:.2f} µs, "
+                     f"pykvm {py_times[-1]:.2f} µs")
+    return c_times, py_times
+
+
+def describe(values: list[float]) -> tuple[float, float, float, float]:
+    """median, min, max, and the spread (max - min) / median in percent."""
+    median = statistics.median(values)
+    return median, min(values), max(values), 100 * (max(values) - min(values)) / median
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--exits", "-n", type=int, default=20000, help="exits per round (20000)")
+    parser.add_argument("--rounds", "-r", type=int, default=5, help="rounds of each side (5)")
+    parser.add_argument("--ring", type=int, choices=(0, 3), default=0,
+                        help="ring the guest's loop runs in (0; see bench/guests/exit_loop.S)")
+    parser.add_argument("--quick", action="store_true",
+                        help="200 exits, 1 round, no warm-up: checks that the bench works")
+    parser.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.exits, args.rounds = 200, 1
+    if args.exits < 1 or args.rounds < 1:
+        parser.error("--exits and --rounds must be at least 1")
+
+    try:
+        with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp:
+            setup = Setup(Path(tmp), args.ring, args.exits)
+            progress = None if args.quick else (lambda line: print(line, file=sys.stderr))
+            c_times, py_times = measure(kvm, setup, args.rounds, warmup=not args.quick,
+                                        progress=progress)
+            host_kind = kvm.host_kind
+    except BenchError as error:
+        print(f"exits: {error}", file=sys.stderr)
+        return 1
+
+    c_med, c_min, c_max, c_spread = describe(c_times)
+    p_med, p_min, p_max, p_spread = describe(py_times)
+    ratio = p_med / c_med
+    print(f"port-I/O exit round trip: `out %al, ${PORT:#x}` loop in guest ring {args.ring}, "
+          f"long mode")
+    print(f"host kind: {host_kind}   exits per round: {args.exits}   "
+          f"rounds: {args.rounds} each, interleaved")
+    print(f"{'':<14}{'median µs/exit':>15}{'min':>9}{'max':>9}{'spread':>9}")
+    print(f"{'C reference':<14}{c_med:>15.2f}{c_min:>9.2f}{c_max:>9.2f}{c_spread:>8.1f}%")
+    print(f"{'pykvm':<14}{p_med:>15.2f}{p_min:>9.2f}{p_max:>9.2f}{p_spread:>8.1f}%")
+    print(f"pykvm overhead per exit: {p_med - c_med:.2f} µs (median pykvm - median C)")
+    if args.record:
+        record(host_kind, args, c_med, p_med, ratio)
+    print(f"ratio: {ratio:.3f}")
+    return 0
+
+
+def record(host_kind: str, args, c_med: float, p_med: float, ratio: float) -> None:
+    """Append one row to the table in bench/RESULTS.md (the table ends the file)."""
+    row = (f"| {datetime.date.today().isoformat()} | {host_kind} | {args.ring} | {c_med:.2f} | "
+           f"{p_med:.2f} | {ratio:.3f} | {args.exits} × {args.rounds} |\n")
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if not text.endswith("\n"):
+        text += "\n"
+    RESULTS.write_text(text + row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
