@@ -89,7 +89,7 @@ def test_flat_image_larger_than_ram(tmp_path):
 @pytest.mark.parametrize("content, fragment", [
     (None, "no such"),
     (b"", "empty"),
-])
+], ids=["missing", "empty"])
 def test_unreadable_flat_images(tmp_path, content, fragment):
     flat = tmp_path / "g.bin"
     if content is not None:
@@ -101,6 +101,7 @@ def bzimage_header(xloadflags=1, version=0x020F) -> bytes:
     image = bytearray(0x4000)
     image[0x1F1] = 1                                  # setup_sects
     struct.pack_into("<H", image, 0x1FE, 0xAA55)
+    image[0x200:0x202] = b"\xeb\x66"                  # jmp over the header: its length
     image[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", image, 0x206, version)
     struct.pack_into("<H", image, 0x236, xloadflags)
@@ -111,7 +112,7 @@ def bzimage_header(xloadflags=1, version=0x020F) -> bytes:
 @pytest.mark.parametrize("content, fragment", [
     (b"this is not a kernel" * 100, "not a Linux kernel"),
     (bzimage_header(xloadflags=0), "64-bit"),
-])
+], ids=["garbage", "no-64-bit-entry"])
 def test_bad_kernels_are_one_line_errors(tmp_path, content, fragment):
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(content)
