@@ -276,6 +276,9 @@ syscall_return:
 # For each vector 0-31 a 16-byte stub pushes a dummy error code (where the
 # CPU pushes none) and the vector number, so that exception_common always sees
 #   [RSP] vector, error code, RIP, CS, RFLAGS, RSP, SS (the last five pushed by the CPU)
+# It starts with `cld`: unlike `syscall` (SFMASK), an exception does not clear
+# the direction flag, and user code may have set it; the kernel's string
+# instructions (lodsb in kputs) must run forwards.
 .set EXCEPTION_STUB_SIZE, 16
 # The vectors for which the CPU pushes an error code: #DF, #TS, #NP, #SS, #GP,
 # #PF, #AC, #CP, #VC, #SX (one bit per vector).
@@ -283,6 +286,7 @@ syscall_return:
 .set ERROR_CODE_VECTORS, ERROR_CODE_VECTORS | (1 << 17) | (1 << 21) | (1 << 29) | (1 << 30)
 .macro EXCEPTION_STUB vector
     .balign EXCEPTION_STUB_SIZE
+    cld
     .if ((ERROR_CODE_VECTORS >> \vector) & 1) == 0
     pushq   $0
     .endif
