@@ -34,8 +34,9 @@
 #   KVM        - CR3/CR4 writes, `wrmsr`, `lgdt`/`lidt`/`ltr` as the host needs
 #                (VT-x traps CR and MSR writes; KVM finishes them and resumes).
 #   pykvm      - the `out`s of the kernel's printing and the exit port. The
-#                write() system call uses `rep outsb`: KVM gathers the whole
-#                string and exits to pykvm once for it, not once per byte.
+#                write() system call sends its buffer with one `rep outsb`,
+#                yet that is still one exit per byte: KVM performs a string
+#                `out` one element at a time, each a KVM_EXIT_IO to pykvm.
 #
 # kvm_pvm (HOST.md): `syscall` from ring 3 does not switch to ring 0 there. The
 # CPU jumps to LSTAR still in ring 3, the fetch from a supervisor page faults,
@@ -238,8 +239,8 @@ sys_write:
     sub     %rsi, %rcx                      # bytes from buf to the end of user memory
     cmp     %rcx, %rdx
     ja      syscall_return                  # runs past it (or buf is beyond it)
-    # One `rep outsb` sends the whole buffer. KVM copies the bytes into the
-    # exit data and leaves to pykvm once; 01 paid one exit per byte.
+    # One `rep outsb` sends the whole buffer: one instruction, but to the
+    # hypervisor RCX separate `out`s, so still one exit to pykvm per byte.
     mov     %rdx, %rax                      # the result: all bytes written
     mov     %rdx, %rcx
     mov     $COM1, %dx
