@@ -1,0 +1,386 @@
+"""The virtio-pci modern transport (virtio 1.x, section 4.1) around a VirtioDevice.
+
+One 32 KiB memory BAR holds every region the capabilities point at:
+
+    0x0000  common configuration (features, status, queue registers)
+    0x1000  ISR status (read to acknowledge; used only with INTx)
+    0x2000  device-specific configuration
+    0x3000  notify area: queue i's doorbell at 0x3000 + 4*i (notify_off_multiplier 4)
+    0x4000  MSI-X table, 0x5000 its PBA (one vector per queue + one for config changes)
+
+Doorbells are ioeventfds, so a notify never exits to Python (the MMIO handler
+below only catches writes of an unusual width). Interrupts go out through
+MSI-X irqfds; a driver that does not enable MSI-X gets INTx, a level-triggered
+line into the IOAPIC (and PIC) that stays up until the ISR register is read.
+
+Feature negotiation: VIRTIO_F_VERSION_1 is required (a legacy driver's
+FEATURES_OK is refused), and any bit the device did not offer is refused too.
+Status 0 resets the device synchronously: the queue worker is between requests
+when the write returns, because both hold the transport lock.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+
+from ...bus import Device
+from ...memory import GuestMemory
+from ..pci.config import (COMMAND_INTX_DISABLE, INTX_PIN_A, STATUS_INTERRUPT, Bar,
+                          ConfigSpace)
+from ..pci.device import PciDevice, RegionMap
+from ..pci.msix import NO_VECTOR, MsixTable
+from .device import (STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+                     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+                     QueueWorker, VirtioDevice)
+from .queue import Virtqueue, VirtqueueError
+
+PCI_VENDOR_VIRTIO = 0x1AF4
+PCI_DEVICE_MODERN_BASE = 0x1040          # + virtio device ID: non-transitional devices
+PCI_SUBSYSTEM_MODERN = 0x40              # "0x40 or higher" for non-transitional devices
+PCI_CLASS = {2: 0x018000, 3: 0x078000, 4: 0xFF0000}   # storage, communication, other
+
+# --- virtio PCI capabilities (cap_vndr 0x09) -----------------------------------------------
+CAP_ID_VENDOR = 0x09
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+
+# --- the BAR -------------------------------------------------------------------------------
+BAR_INDEX = 0
+BAR_SIZE = 0x8000
+COMMON_OFFSET, COMMON_SIZE = 0x0000, 0x40
+ISR_OFFSET, ISR_SIZE = 0x1000, 0x1000
+DEVICE_OFFSET, DEVICE_SIZE = 0x2000, 0x1000
+NOTIFY_OFFSET, NOTIFY_SIZE = 0x3000, 0x1000
+NOTIFY_MULTIPLIER = 4
+NOTIFY_WIDTH = 2                          # drivers write the 16-bit queue index
+MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET = 0x4000, 0x5000
+
+ISR_QUEUE = 1
+ISR_CONFIG = 2
+
+# Common configuration: (field, offset, size, writable by the driver).
+_COMMON = struct.Struct("<IIIIHHBBHHHHHQQQHH")
+_COMMON_FIELDS = (
+    ("device_feature_select", 0x00, 4, True), ("device_feature", 0x04, 4, False),
+    ("driver_feature_select", 0x08, 4, True), ("driver_feature", 0x0C, 4, True),
+    ("config_msix_vector", 0x10, 2, True), ("num_queues", 0x12, 2, False),
+    ("device_status", 0x14, 1, True), ("config_generation", 0x15, 1, False),
+    ("queue_select", 0x16, 2, True), ("queue_size", 0x18, 2, True),
+    ("queue_msix_vector", 0x1A, 2, True), ("queue_enable", 0x1C, 2, True),
+    ("queue_notify_off", 0x1E, 2, False), ("queue_desc", 0x20, 8, True),
+    ("queue_driver", 0x28, 8, True), ("queue_device", 0x30, 8, True),
+)
+
+
+class VirtioPciDevice(PciDevice):
+    def __init__(self, vm, memory: GuestMemory, device: VirtioDevice, *, log=None,
+                 interrupt_lines=None):
+        num_queues = len(device.queue_sizes)
+        config = ConfigSpace(vendor_id=PCI_VENDOR_VIRTIO,
+                             device_id=PCI_DEVICE_MODERN_BASE + device.device_id,
+                             class_code=PCI_CLASS.get(device.device_id, 0xFF0000), revision=1,
+                             subsystem_vendor_id=PCI_VENDOR_VIRTIO,
+                             subsystem_id=PCI_SUBSYSTEM_MODERN, interrupt_pin=INTX_PIN_A)
+        super().__init__(config)
+        self.name = device.name
+        self.vm = vm
+        self.device = device
+        self.log = log or getattr(vm, "log", sys.stderr)
+        self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
+        self.queue_fds = [vm.new_eventfd() for _ in range(num_queues)]
+        device.kick = self.kick
+        self._lock = threading.RLock()     # transport state + request processing
+        self._isr_lock = threading.Lock()
+        self._isr = 0
+        self._notify_base: int | None = None
+        self._logged_failure = False
+        self.failures = 0
+        self._reset_state()
+
+        config.add_bar(Bar(BAR_INDEX, BAR_SIZE))
+        for cfg_type, offset, length in ((CFG_COMMON, COMMON_OFFSET, COMMON_SIZE),
+                                         (CFG_ISR, ISR_OFFSET, 1),
+                                         (CFG_DEVICE, DEVICE_OFFSET,
+                                          max(len(device.config_bytes()), 4)),
+                                         (CFG_NOTIFY, NOTIFY_OFFSET,
+                                          NOTIFY_MULTIPLIER * num_queues)):
+            body = struct.pack("<BBBBxxII", 16, cfg_type, BAR_INDEX, 0, offset, length)
+            if cfg_type == CFG_NOTIFY:
+                body = struct.pack("<BBBBxxIII", 20, cfg_type, BAR_INDEX, 0, offset, length,
+                                   NOTIFY_MULTIPLIER)
+            config.add_capability(CAP_ID_VENDOR, body)
+        self.msix = MsixTable(vm, config, num_queues + 1, BAR_INDEX, MSIX_TABLE_OFFSET,
+                              MSIX_PBA_OFFSET, interrupt_lines=interrupt_lines)
+
+        bar = RegionMap(device.name)
+        bar.add(COMMON_OFFSET, COMMON_SIZE, _Region(self._common_read, self._common_write))
+        bar.add(ISR_OFFSET, ISR_SIZE, _Region(self._isr_read, lambda *a: None))
+        bar.add(DEVICE_OFFSET, DEVICE_SIZE, _Region(self._device_read, self._device_write))
+        bar.add(NOTIFY_OFFSET, NOTIFY_SIZE, _Region(lambda o, s: 0, self._notify_write))
+        bar.add(MSIX_TABLE_OFFSET, self.msix.table_size, self.msix.table_device())
+        bar.add(MSIX_PBA_OFFSET, self.msix.pba_size, self.msix.pba_device())
+        self.bar_devices[BAR_INDEX] = bar
+
+        self.worker = QueueWorker(f"{device.name}-io", self.queue_fds, self._process,
+                                  self._worker_error)
+        self.worker.start()
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.config_generation = 0
+        self.device_feature_select = self.driver_feature_select = 0
+        self.driver_features = 0
+        self.config_msix_vector = NO_VECTOR
+        self.queue_select = 0
+        self.running = False
+        self.broken = False
+        for queue in self.queues:
+            queue.reset()
+
+    # --- doorbells ------------------------------------------------------------------------
+    def kick(self, index: int) -> None:
+        """Wake the worker for queue ``index`` (host-side input, or after activation)."""
+        os.eventfd_write(self.queue_fds[index], 1)
+
+    def bar_mapped(self, index: int, address: int) -> None:
+        self._notify_base = address + NOTIFY_OFFSET
+        for queue_index, fd in enumerate(self.queue_fds):
+            self.vm.add_ioeventfd(self._notify_base + NOTIFY_MULTIPLIER * queue_index,
+                                  NOTIFY_WIDTH, fd)
+
+    def bar_unmapped(self, index: int, address: int) -> None:
+        base, self._notify_base = self._notify_base, None
+        if base is None:
+            return
+        for queue_index, fd in enumerate(self.queue_fds):
+            self.vm.add_ioeventfd(base + NOTIFY_MULTIPLIER * queue_index, NOTIFY_WIDTH, fd,
+                                  deassign=True)
+
+    def _notify_write(self, offset: int, size: int, value: int) -> None:
+        # Only reached for writes the ioeventfds did not match (another width).
+        index = offset // NOTIFY_MULTIPLIER
+        if index < len(self.queues):
+            self.kick(index)
+
+    # --- common configuration ---------------------------------------------------------------
+    def _selected(self) -> Virtqueue | None:
+        return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+
+    def _common_image(self) -> bytes:
+        queue = self._selected()
+        offered = self.device.offered_features
+        select = self.device_feature_select
+        driver_select = self.driver_feature_select
+        return _COMMON.pack(
+            select, (offered >> 32 * select) & 0xFFFFFFFF if select < 2 else 0,
+            driver_select,
+            (self.driver_features >> 32 * driver_select) & 0xFFFFFFFF if driver_select < 2 else 0,
+            self.config_msix_vector, len(self.queues), self.status, self.config_generation,
+            self.queue_select,
+            queue.size if queue else 0, queue.msix_vector if queue else NO_VECTOR,
+            int(queue.enabled) if queue else 0, self.queue_select if queue else 0,
+            queue.desc_addr if queue else 0, queue.avail_addr if queue else 0,
+            queue.used_addr if queue else 0, 0, 0).ljust(COMMON_SIZE, b"\0")
+
+    def _common_read(self, offset: int, size: int) -> int:
+        with self._lock:
+            return int.from_bytes(self._common_image()[offset:offset + size], "little")
+
+    def _common_write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            image = bytearray(self._common_image())
+            if offset + size > len(image):
+                return
+            image[offset:offset + size] = value.to_bytes(size, "little")
+            for name, field_offset, field_size, writable in _COMMON_FIELDS:
+                if writable and offset < field_offset + field_size and field_offset < offset + size:
+                    field_value = int.from_bytes(image[field_offset:field_offset + field_size],
+                                                 "little")
+                    getattr(self, f"_set_{name}")(field_value)
+
+    def _set_device_feature_select(self, value: int) -> None:
+        self.device_feature_select = value
+
+    def _set_driver_feature_select(self, value: int) -> None:
+        self.driver_feature_select = value
+
+    def _set_driver_feature(self, value: int) -> None:
+        select = self.driver_feature_select
+        if select < 2 and not self.status & STATUS_FEATURES_OK:
+            shift = 32 * select
+            self.driver_features = self.driver_features & ~(0xFFFFFFFF << shift) | value << shift
+
+    def _valid_vector(self, vector: int) -> int:
+        # A vector the device cannot use reads back as NO_VECTOR; drivers check that.
+        return vector if vector < self.msix.vectors else NO_VECTOR
+
+    def _set_config_msix_vector(self, value: int) -> None:
+        self.config_msix_vector = self._valid_vector(value)
+
+    def _set_queue_select(self, value: int) -> None:
+        self.queue_select = value
+
+    def _set_queue_msix_vector(self, value: int) -> None:
+        queue = self._selected()
+        if queue is not None:
+            queue.msix_vector = self._valid_vector(value)
+
+    def _set_queue_size(self, value: int) -> None:
+        queue = self._selected()
+        if queue is not None and not queue.active:
+            queue.size = value
+
+    def _set_queue_enable(self, value: int) -> None:
+        queue = self._selected()
+        if queue is not None and value == 1:
+            queue.enabled = True
+
+    def _set_queue_desc(self, value: int) -> None:
+        self._set_queue_address("desc_addr", value)
+
+    def _set_queue_driver(self, value: int) -> None:
+        self._set_queue_address("avail_addr", value)
+
+    def _set_queue_device(self, value: int) -> None:
+        self._set_queue_address("used_addr", value)
+
+    def _set_queue_address(self, attribute: str, value: int) -> None:
+        queue = self._selected()
+        if queue is not None and not queue.active:
+            setattr(queue, attribute, value)
+
+    def _set_device_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        added = value & ~self.status
+        if added & STATUS_FEATURES_OK and not self._features_acceptable():
+            value &= ~STATUS_FEATURES_OK   # the driver reads it back and gives up
+        self.status = value | (self.status & STATUS_NEEDS_RESET)
+        if added & STATUS_DRIVER_OK and self.status & STATUS_FEATURES_OK:
+            self._activate()
+
+    def _features_acceptable(self) -> bool:
+        features = self.driver_features
+        return bool(features & VIRTIO_F_VERSION_1) and not features & ~self.device.offered_features
+
+    def _activate(self) -> None:
+        features = self.driver_features
+        try:
+            for queue in self.queues:
+                if queue.enabled:
+                    queue.activate(indirect=bool(features & VIRTIO_F_RING_INDIRECT_DESC),
+                                   event_idx=bool(features & VIRTIO_F_RING_EVENT_IDX))
+        except VirtqueueError as error:
+            self.fail(error)
+            return
+        self.device.activate(features)
+        self.running = True
+        for index, queue in enumerate(self.queues):
+            if queue.active:
+                self.kick(index)   # buffers offered before DRIVER_OK
+
+    def reset(self) -> None:
+        """Status 0: back to the state after power-on; returns when no request is in flight."""
+        with self._lock:
+            self.device.reset()
+            self._reset_state()
+            with self._isr_lock:
+                self._isr = 0
+            self._set_intx(False)
+
+    # --- ISR and device configuration --------------------------------------------------------
+    def _isr_read(self, offset: int, size: int) -> int:
+        if offset != 0:
+            return 0
+        with self._isr_lock:
+            value, self._isr = self._isr, 0
+            self._set_intx(False)
+        return value
+
+    def _device_read(self, offset: int, size: int) -> int:
+        return self.device.read_config(offset, size)
+
+    def _device_write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self.device.write_config(offset, size, value)
+
+    # --- interrupts -----------------------------------------------------------------------------
+    def _interrupt(self, vector: int, isr_bit: int) -> None:
+        if self.msix.enabled:
+            if vector != NO_VECTOR:
+                self.msix.notify(vector)
+            return
+        with self._isr_lock:
+            self._isr |= isr_bit
+            self._set_intx(True)
+
+    def _set_intx(self, high: bool) -> None:
+        self.config.set_status_bit(STATUS_INTERRUPT, high)
+        if self.intx is not None and not (high and self.config.command & COMMAND_INTX_DISABLE):
+            self.intx.set_level(high)
+
+    def interrupt_config(self) -> None:
+        """Tell the driver the device configuration (or NEEDS_RESET) changed."""
+        if self.msix.enabled:
+            with self._isr_lock:
+                self._isr |= ISR_CONFIG   # the spec wants the bit set whatever the delivery
+        self._interrupt(self.config_msix_vector, ISR_CONFIG)
+
+    # --- the data path (worker thread) -----------------------------------------------------------
+    def _process(self, index: int) -> None:
+        with self._lock:
+            queue = self.queues[index]
+            if not self.running or self.broken or not queue.active:
+                return
+            try:
+                while True:
+                    self.device.process_queue(index, queue)
+                    if queue.should_interrupt():
+                        self._interrupt(queue.msix_vector, ISR_QUEUE)
+                    if not queue.enable_notification() or not self.device.wants_more(index):
+                        break
+            except VirtqueueError as error:
+                self.fail(error)
+
+    def fail(self, error: BaseException) -> None:
+        """The guest broke the rules: stop serving queues until it resets the device."""
+        with self._lock:
+            self.failures += 1
+            if not self._logged_failure:
+                self._logged_failure = True
+                print(f"pykvm: {self.name}: {error}; device needs reset", file=self.log)
+            if self.broken:
+                return
+            self.broken = True
+            self.running = False
+            self.status |= STATUS_NEEDS_RESET
+            self.config_generation = (self.config_generation + 1) & 0xFF
+        self.interrupt_config()
+
+    def _worker_error(self, error: BaseException) -> None:
+        self.fail(RuntimeError(f"internal error: {type(error).__name__}: {error}"))
+
+    def config_changed(self) -> None:
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+        self.interrupt_config()
+
+    def close(self) -> None:
+        self.worker.stop()
+        with self._lock:
+            self.device.close()
+        self.msix.close()
+
+
+class _Region(Device):
+    def __init__(self, read, write):
+        self._read, self._write = read, write
+
+    def read(self, offset: int, size: int) -> int:
+        return self._read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._write(offset, size, value)

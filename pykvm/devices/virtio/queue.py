@@ -1,0 +1,270 @@
+"""The split virtqueue (virtio 1.x, section 2.7), seen from the device, with the
+guest treated as hostile.
+
+Every number the guest supplies is checked before it is used: the ring areas
+and every buffer must lie inside guest RAM (GuestMemory's bounds check), a
+descriptor index must be below the queue size, a chain (counting the entries
+of an indirect table) can be at most queue-size long, so a loop ends as an
+error, an indirect table must be a whole number of descriptors, not nested,
+and only used when negotiated, and device-writable buffers come after the
+readable ones. The avail index may run ahead of the device by at most the
+queue size. A violation raises :class:`VirtqueueError`; the transport turns it
+into DEVICE_NEEDS_RESET. Nothing is read twice: a descriptor is unpacked once,
+so the guest cannot change it between check and use.
+
+Buffers are handed to the device as memoryviews of guest RAM (zero-copy), the
+used ring is written straight into guest memory, and with
+VIRTIO_F_RING_EVENT_IDX the device both publishes avail_event (to be notified
+only when it is idle) and honours used_event (to interrupt only when asked).
+
+Ring layout (queue size N): descriptor table 16*N bytes (addr u64, len u32,
+flags u16, next u16), 16-byte aligned; avail ring: flags u16, idx u16,
+ring[N] u16, used_event u16, 2-byte aligned; used ring: flags u16, idx u16,
+ring[N] of (id u32, len u32), avail_event u16, 4-byte aligned.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from ...errors import GuestMemoryError, PykvmError
+from ...memory import GuestMemory
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+DESCRIPTOR_SIZE = 16
+MAX_QUEUE_SIZE = 32768
+
+_DESCRIPTOR = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueError(PykvmError):
+    """The guest broke the virtqueue rules (bad address, index, length or chain)."""
+
+
+_fence_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A store-load fence between the device's ring writes and its next ring read.
+    x86 keeps stores in order and loads in order, but may let a load pass an
+    earlier store; taking a lock executes a locked instruction, a full fence."""
+    with _fence_lock:
+        pass
+
+
+@dataclass
+class DescriptorChain:
+    """One request: its head index and its buffers as views of guest RAM."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+class Virtqueue:
+    """Registers the driver programs (size, ring addresses, enable, MSI-X vector)
+    and the device's ring state once the queue is activated."""
+
+    def __init__(self, memory: GuestMemory, max_size: int):
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise PykvmError(f"virtqueue size {max_size} is not a power of two up to 32768")
+        self.memory = memory
+        self.max_size = max_size
+        self.indirect_allowed = False
+        self.event_idx = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.enabled = False
+        self.msix_vector = 0xFFFF
+        self.active = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self._signalled_used = 0
+        self._desc = self._avail = self._used = None
+
+    # --- activation ------------------------------------------------------------------------
+    def activate(self, *, indirect: bool, event_idx: bool) -> None:
+        """Check the driver's registers and take views of the three ring areas."""
+        size = self.size
+        if not 1 <= size <= self.max_size or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of two up to {self.max_size}")
+        for name, addr, align in (("descriptor table", self.desc_addr, 16),
+                                  ("avail ring", self.avail_addr, 2),
+                                  ("used ring", self.used_addr, 4)):
+            if addr % align:
+                raise VirtqueueError(f"{name} address {addr:#x} is not {align}-byte aligned")
+        self._desc = self._area(self.desc_addr, DESCRIPTOR_SIZE * size, "descriptor table")
+        self._avail = self._area(self.avail_addr, 6 + 2 * size, "avail ring")
+        self._used = self._area(self.used_addr, 6 + 8 * size, "used ring")
+        self.indirect_allowed = indirect
+        self.event_idx = event_idx
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self._signalled_used = 0
+        self.active = True
+
+    def _area(self, addr: int, length: int, what: str) -> memoryview:
+        try:
+            return self.memory.view(addr, length)
+        except GuestMemoryError:
+            raise VirtqueueError(f"{what} at {addr:#x}+{length:#x} is outside guest RAM") from None
+
+    def _buffer(self, addr: int, length: int) -> memoryview:
+        try:
+            return self.memory.view(addr, length)
+        except GuestMemoryError:
+            raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM") from None
+
+    # --- the avail side ----------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def has_available(self) -> bool:
+        return self.active and self.avail_idx() != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None when the driver has offered nothing new."""
+        if not self.active:
+            return None
+        avail_idx = self.avail_idx()
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise VirtqueueError(f"avail index {avail_idx} is {pending} ahead of the device's "
+                                 f"{self.last_avail_idx} (queue size {self.size})")
+        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        chain = DescriptorChain(head)
+        table, table_size = self._desc, self.size
+        index, budget, indirect = head, self.size, False
+        while True:
+            if index >= table_size:
+                raise VirtqueueError(f"descriptor index {index} is out of range "
+                                     f"(table of {table_size})")
+            if budget == 0:
+                raise VirtqueueError(f"chain from head {head} is longer than its table "
+                                     f"({table_size} descriptors): a loop?")
+            budget -= 1
+            addr, length, flags, next_index = _DESCRIPTOR.unpack_from(table, DESCRIPTOR_SIZE * index)
+            if flags & DESC_F_INDIRECT:
+                if indirect:
+                    raise VirtqueueError("an indirect table points to another indirect table")
+                if not self.indirect_allowed:
+                    raise VirtqueueError("indirect descriptor, but INDIRECT_DESC was not negotiated")
+                if flags & DESC_F_NEXT:
+                    raise VirtqueueError("indirect descriptor with NEXT set")
+                if length == 0 or length % DESCRIPTOR_SIZE or length // DESCRIPTOR_SIZE > self.size:
+                    raise VirtqueueError(f"indirect table of {length} bytes is not 1..{self.size} "
+                                         f"descriptors")
+                table = self._buffer(addr, length)
+                table_size = budget = length // DESCRIPTOR_SIZE
+                index, indirect = 0, True
+                continue
+            view = self._buffer(addr, length)
+            if flags & DESC_F_WRITE:
+                chain.writable.append(view)
+            elif chain.writable:
+                raise VirtqueueError(f"chain from head {head} has a readable buffer after a "
+                                     f"writable one")
+            else:
+                chain.readable.append(view)
+            if not flags & DESC_F_NEXT:
+                return chain
+            index = next_index
+
+    # --- the used side -------------------------------------------------------------------------
+    def add_used(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver, saying ``written`` bytes were written to it."""
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
+        # The element must be visible before the index: x86 does not reorder stores.
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.used_idx)
+
+    def should_interrupt(self) -> bool:
+        """After adding used buffers: does the driver want an interrupt for them?"""
+        full_barrier()   # our used-idx store must precede the load of used_event/flags
+        new, old = self.used_idx, self._signalled_used
+        self._signalled_used = new
+        if new == old:
+            return False
+        if self.event_idx:
+            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            return need_event(used_event, new, old)
+        return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+
+    def enable_notification(self) -> bool:
+        """Before the device sleeps: ask to be notified of new buffers; True if some
+        arrived meanwhile (then process them instead of sleeping)."""
+        if not self.active:
+            return False
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+        full_barrier()   # avail_event store before the avail idx load, or a kick is lost
+        return self.avail_idx() != self.last_avail_idx
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event: did the index move past ``event`` going old -> new?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+# --- copying between byte strings and buffer lists (scatter/gather) -------------------------
+def gather(views: list[memoryview], limit: int | None = None) -> bytes:
+    """The bytes of ``views`` in order (at most ``limit``): one copy, for small headers."""
+    out = bytearray()
+    for view in views:
+        if limit is not None and len(out) >= limit:
+            break
+        out += view if limit is None else view[:limit - len(out)]
+    return bytes(out)
+
+
+def scatter(views: list[memoryview], data: bytes | memoryview) -> int:
+    """Copy ``data`` into ``views`` in order; returns the number of bytes written."""
+    data = memoryview(data)
+    done = 0
+    for view in views:
+        if done >= len(data):
+            break
+        count = min(len(view), len(data) - done)
+        view[:count] = data[done:done + count]
+        done += count
+    return done
+
+
+def slice_views(views: list[memoryview], start: int, length: int | None = None) -> list[memoryview]:
+    """The sub-views covering bytes [start, start+length) of the concatenation (no copy)."""
+    out = []
+    position = 0
+    end = None if length is None else start + length
+    for view in views:
+        view_start, view_end = position, position + len(view)
+        position = view_end
+        lo = max(start, view_start)
+        hi = view_end if end is None else min(end, view_end)
+        if lo < hi:
+            out.append(view[lo - view_start:hi - view_start])
+    return out
