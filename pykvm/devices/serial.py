@@ -303,9 +303,12 @@ class Serial(Device):
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
-            for index in range(size):
-                if offset + index < REGISTER_COUNT:
-                    self._write_register(offset + index, (value >> (8 * index)) & 0xFF)
+            if size == 1:
+                self._write_register(offset, value & 0xFF)
+            else:
+                for index in range(size):
+                    if offset + index < REGISTER_COUNT:
+                        self._write_register(offset + index, (value >> (8 * index)) & 0xFF)
             self._update_irq()
 
     def _read_register(self, offset: int) -> int:
@@ -475,8 +478,12 @@ class Serial(Device):
         return interrupt | (IIR_FIFO_ENABLED if self._fifo_enabled else 0)
 
     def _update_irq(self) -> None:
-        level = (self._interrupt_id() != IIR_NO_INT
-                 and self._mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2)
+        # Runs after every access: the common case (line low and gated off, as
+        # while Linux's console polls) is decided without looking at the sources.
+        gated_on = self._mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
+        if not gated_on and not self._irq_level:
+            return
+        level = gated_on and self._interrupt_id() != IIR_NO_INT
         if level != self._irq_level:
             self._irq_level = level
             self._irq.set_level(level)
