@@ -7,7 +7,6 @@ import struct
 import pytest
 
 from pykvm.boot.modes import gdt_entry
-from pykvm.guest import pagewalk
 from pykvm.guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from pykvm.guest.pagewalk import (CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE,
                                   NO_EXECUTE, PAGE_SIZE_BIT, PRESENT, USER, WRITABLE,

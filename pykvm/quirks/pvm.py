@@ -10,8 +10,10 @@ cannot complete (CPUID bits, kernel command-line options).
 from __future__ import annotations
 
 from ..errors import PykvmError
+from ..guest.code import code_at_rip
 from ..ioctl import requests as r
 from . import Quirks
+from .syscall import SyscallCompletion
 
 RFLAGS_AC = 1 << 18
 CPUID_1_ECX_CX16 = 1 << 13
@@ -28,9 +30,17 @@ class PvmQuirks(Quirks):
     summary = [
         "guest ring-0 code is emulated by the host (~1000x slower than VT-x); ring 3 runs natively",
         "int3/int n, clac/stac and fwait in ring 0 are completed by pykvm",
+        "system calls from guest ring 3 are completed by pykvm through the guest's "
+        "page-fault entry (an int3 planted there; every guest page fault exits once)",
         "CPUID.1:ECX.CX16 is cleared (the emulator cannot run lock cmpxchg16b)",
         f"Linux gets: {LINUX_CMDLINE}",
     ]
+
+    def __init__(self):
+        self.syscalls = SyscallCompletion()
+
+    def on_start(self, vm) -> None:
+        self.syscalls.watch(vm)
 
     def adjust_cpuid(self, entries):
         for entry in entries:
@@ -44,24 +54,29 @@ class PvmQuirks(Quirks):
     def complete_internal_error(self, vcpu, suberror: int) -> bool:
         if suberror != r.KVM_INTERNAL_ERROR_EMULATION:
             return False
-        regs = vcpu.get_regs()
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        # Ours first: the int3 planted at the #PF handler is not the guest's breakpoint.
+        self.syscalls.check(vcpu, sregs)
+        if self.syscalls.complete(vcpu, regs, sregs):
+            return True
         try:
-            _, code = self.instruction_at_rip(vcpu)
+            _, code = code_at_rip(vcpu, regs, sregs)
         except PykvmError:
             return False
         return self.complete_instruction(vcpu, regs, code)
 
     def complete_instruction(self, vcpu, regs, code: bytes) -> bool:
         """Finish one instruction the host's emulator refused. True if done."""
-        kind = None
-        if code[:1] == b"\xcc":                       # int3
-            kind, length, vector = "int3", 1, VECTOR_BP
-        elif code[:1] == b"\xcd" and len(code) >= 2:  # int imm8
-            kind, length, vector = "int n", 2, code[1]
-        if kind is not None:
-            regs.rip += length
+        if code[:1] == b"\xcc":                       # int3: the #BP trap, after the int3
+            kind = "int3"
+            regs.rip += 1
             vcpu.set_regs(regs)
-            vcpu.inject_exception(vector)
+            vcpu.inject_exception(VECTOR_BP)
+        elif code[:1] == b"\xcd" and len(code) >= 2:  # int imm8
+            kind = "int n"
+            regs.rip += 2
+            vcpu.set_regs(regs)
+            inject_software_interrupt(vcpu, code[1])
         elif code[:3] in (b"\x0f\x01\xca", b"\x0f\x01\xcb"):  # clac / stac
             kind = "clac/stac"
             if code[2] == 0xCA:
@@ -78,3 +93,15 @@ class PvmQuirks(Quirks):
             return False
         vcpu.stats.quirks[kind] += 1
         return True
+
+
+def inject_software_interrupt(vcpu, vector: int) -> None:
+    """Deliver `int n` through the IDT, with RIP already past the instruction.
+    KVM_SET_VCPU_EVENTS refuses exception vectors above 31, and a software interrupt
+    pushes no error code whatever its vector, so it goes in as a soft interrupt."""
+    events = vcpu.get_events()
+    events.interrupt.injected = 1
+    events.interrupt.nr = vector
+    events.interrupt.soft = 1
+    events.flags = 0
+    vcpu.set_events(events)
