@@ -30,8 +30,8 @@ from pykvm.ioctl.structs import kvm_regs, kvm_sregs
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.quirks import syscall
-from pykvm.quirks.syscall import (MSR_LSTAR, MSR_SFMASK, MSR_STAR, SyscallCompletion,
-                                  first_instruction)
+from pykvm.quirks.syscall import (MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
+                                  SyscallCompletion, first_instruction)
 from pykvm.stats import VcpuStats
 from pykvm.vm import Vm
 
@@ -296,6 +296,7 @@ IDT = 0x30000
 HANDLER = 0x40000
 STACK = 0x50000
 LSTAR = 0x60000
+CSTAR = 0x61000
 STAR = (0x23 << 48) | (0x10 << 32)
 SFMASK = 0x47700
 USER_CS, USER_SS, USER_RSP, USER_RFLAGS = 0x33, 0x2B, 0x7FFF0000, 0x246
@@ -308,7 +309,7 @@ class FakeVcpu:
         self.id = 0
         self.vm = SimpleNamespace(memory=memory)
         self.stats = VcpuStats(0)
-        self.msrs = {MSR_STAR: STAR, MSR_LSTAR: LSTAR, MSR_SFMASK: SFMASK}
+        self.msrs = {MSR_STAR: STAR, MSR_LSTAR: LSTAR, MSR_CSTAR: CSTAR, MSR_SFMASK: SFMASK}
         self.regs = self.sregs = None
 
     def get_msrs(self, indices):
@@ -462,6 +463,13 @@ def test_syscall_is_completed(memory):
     assert (ss.selector, ss.base, ss.limit, ss.type, ss.s, ss.dpl, ss.present, ss.db, ss.g) \
         == (0x18, 0, 0xFFFFFFFF, 0x3, 1, 0, 1, 1, 1)
     assert vcpu.stats.quirks["syscall"] == 1
+
+
+def test_32bit_syscall_goes_to_cstar(memory):
+    vcpu, completion, sregs = planted(memory, "90")
+    regs = at_handler(memory, CSTAR, 0x23)
+    assert completion.complete(vcpu, regs, sregs)
+    assert (vcpu.regs.rip, vcpu.sregs.cs.selector) == (CSTAR, 0x10)
 
 
 def test_a_user_jump_to_lstar_gets_sfmask_applied(memory):

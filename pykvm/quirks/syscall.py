@@ -12,9 +12,9 @@ pykvm therefore plants an `int3` over the first byte of the guest's #PF handler
 `int3`, so every page fault now reaches pykvm once, with the exception frame
 [error, RIP, CS, RFLAGS, RSP, SS] on the guest stack:
 
-- frame RIP == LSTAR and frame CS at ring 3: the system call that did not
-  switch rings. pykvm finishes it: RSP and RFLAGS from the frame, CS/SS the
-  ring-0 segments STAR names, RIP = LSTAR. The frame is dropped (SYSCALL does
+- frame RIP == LSTAR (or CSTAR, SYSCALL's target in 32-bit user code) and
+  frame CS at ring 3: the system call that did not switch rings. pykvm finishes it: RSP and RFLAGS from the frame, CS/SS the
+  ring-0 segments STAR names, RIP = LSTAR (CSTAR). The frame is dropped (SYSCALL does
   not push one) and the kernel's syscall entry runs as on real hardware.
 - anything else is a genuine page fault: pykvm performs the instruction its
   `int3` covers (a NOP, endbr64 or `clac`) and resumes after it, the frame
@@ -47,7 +47,8 @@ CHECK_INTERVAL = 0.5   # seconds between two checks of the plant by the watch th
 MAX_PLANTS = 16        # handlers remembered at once (a guest may keep one IDT per CPU)
 
 MSR_STAR = 0xC0000081
-MSR_LSTAR = 0xC0000082
+MSR_LSTAR = 0xC0000082   # SYSCALL's target from 64-bit user code
+MSR_CSTAR = 0xC0000083   # ... from 32-bit (compatibility-mode) user code, on AMD
 MSR_SFMASK = 0xC0000084
 
 RFLAGS_FIXED = 1 << 1
@@ -158,11 +159,11 @@ class SyscallCompletion:
                 f"vCPU {vcpu.id} entered the guest's page-fault handler at {regs.rip:#x}, but "
                 f"its exception frame at rsp {regs.rsp:#x} is not in mapped guest memory")
         error, rip, cs, rflags, rsp, _ss = EXCEPTION_FRAME.unpack(frame)
-        msrs = vcpu.get_msrs([MSR_STAR, MSR_LSTAR, MSR_SFMASK])
-        lstar = msrs.get(MSR_LSTAR, 0)
-        if lstar and rip == lstar and cs & 3 == 3 \
+        msrs = vcpu.get_msrs([MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK])
+        targets = {msrs.get(MSR_LSTAR, 0), msrs.get(MSR_CSTAR, 0)} - {0}
+        if rip in targets and cs & 3 == 3 \
                 and error & PF_ERROR_USER and not error & PF_ERROR_WRITE:
-            enter_syscall(vcpu, regs, sregs, msrs, rflags, rsp)
+            enter_syscall(vcpu, regs, sregs, msrs, rflags, rsp, rip)
             vcpu.stats.quirks["syscall"] += 1
             return True
         with self._lock:
@@ -200,8 +201,9 @@ class SyscallCompletion:
                 return
 
 
-def enter_syscall(vcpu, regs, sregs, msrs: dict[int, int], rflags: int, rsp: int) -> None:
-    """Do the ring switch SYSCALL did not: the state it would have left, at LSTAR.
+def enter_syscall(vcpu, regs, sregs, msrs: dict[int, int], rflags: int, rsp: int,
+                  target: int) -> None:
+    """Do the ring switch SYSCALL did not: the state it would have left, at ``target``.
     RCX and R11 already hold what SYSCALL stored; the exception frame is dropped."""
     selector = (msrs.get(MSR_STAR, 0) >> 32) & 0xFFFF
     segment_from_descriptor(sregs.cs, selector & 0xFFFC, SYSCALL_CS)
@@ -210,7 +212,7 @@ def enter_syscall(vcpu, regs, sregs, msrs: dict[int, int], rflags: int, rsp: int
     # SFMASK is applied again: a user jump to LSTAR (no SYSCALL at all) must not enter the
     # kernel with the interrupt or trap flag the kernel asked SYSCALL to clear.
     regs.rflags = (rflags & ~msrs.get(MSR_SFMASK, 0) & ~RFLAGS_RF) | RFLAGS_FIXED
-    regs.rip = msrs[MSR_LSTAR]
+    regs.rip = target
     vcpu.set_sregs(sregs)
     vcpu.set_regs(regs)
 
