@@ -42,8 +42,9 @@
 # CPU jumps to LSTAR still in ring 3, the fetch from a supervisor page faults,
 # and without help this kernel reports
 #   kernel: #PF page fault at rip=<syscall_entry> in ring 3 ...
-# and exits with 142. pykvm's syscall completion (pykvm/quirks/) catches that
-# page fault and finishes the system call as the CPU should have.
+# and exits with 142. pykvm's syscall completion (pykvm/quirks/syscall.py)
+# catches that page fault at the #PF handler's entry and finishes the system
+# call as the CPU should have (see the exception stubs below).
 
 .include "tutorial.inc"
 
@@ -277,9 +278,14 @@ syscall_return:
 # For each vector 0-31 a 16-byte stub pushes a dummy error code (where the
 # CPU pushes none) and the vector number, so that exception_common always sees
 #   [RSP] vector, error code, RIP, CS, RFLAGS, RSP, SS (the last five pushed by the CPU)
-# It starts with `cld`: unlike `syscall` (SFMASK), an exception does not clear
-# the direction flag, and user code may have set it; the kernel's string
-# instructions (lodsb in kputs) must run forwards.
+# It starts with a 3-byte NOP, as Linux's entry code does: there Linux patches
+# in `clac` on CPUs with SMAP. On kvm_pvm the NOP has a second use: pykvm's
+# system-call completion plants its `int3` over the first instruction of the
+# #PF handler and then has to perform that instruction itself, which it can
+# for a NOP or `clac` (pykvm/quirks/syscall.py). Then `cld`: unlike `syscall`
+# (SFMASK), an exception does not clear the direction flag, user code may have
+# set it, and the kernel's string instructions (lodsb in kputs) must run
+# forwards.
 .set EXCEPTION_STUB_SIZE, 16
 # The vectors for which the CPU pushes an error code: #DF, #TS, #NP, #SS, #GP,
 # #PF, #AC, #CP, #VC, #SX (one bit per vector).
@@ -287,6 +293,7 @@ syscall_return:
 .set ERROR_CODE_VECTORS, ERROR_CODE_VECTORS | (1 << 17) | (1 << 21) | (1 << 29) | (1 << 30)
 .macro EXCEPTION_STUB vector
     .balign EXCEPTION_STUB_SIZE
+    nopl    (%rax)
     cld
     .if ((ERROR_CODE_VECTORS >> \vector) & 1) == 0
     pushq   $0
