@@ -49,6 +49,11 @@ def symbol(elf, name):
     raise KeyError(f"{name} not in {elf}")
 
 
+def host_kind():
+    from pykvm.kvm import detect_host_kind
+    return detect_host_kind()
+
+
 def assert_ran(result, stdout, status=0):
     assert result.stdout == stdout, result.stderr.decode(errors="replace")
     assert result.returncode == status, result.stderr.decode(errors="replace")
@@ -173,9 +178,12 @@ def test_06_ring_speed(built, record_property):
     print(f"06: ring 0 {ring0 * 1e9:.1f} ns/iteration, ring 3 {ring3 * 1e9:.2f} ns/iteration: "
           f"host clock ratio {host_ratio:.0f}, guest TSC ratio {guest_ratio}")
 
-    # The guest's TSC and the host's clock tell the same story (loosely: the ring-3
-    # loop takes only some milliseconds).
-    assert guest_ratio / 3 <= host_ratio <= guest_ratio * 3
     if on_pvm():
         # Ring 0 is emulated, ring 3 native: about a thousand times slower or more.
         assert host_ratio > 100
+        # The guest's TSC and the host's clock tell the same story (loosely: the
+        # ring-3 loop takes only tens of milliseconds, the timestamps have 1 ms steps).
+        assert guest_ratio / 3 <= host_ratio <= guest_ratio * 3
+    elif host_kind() in ("kvm_intel", "kvm_amd"):
+        # Both rings run natively; the ring-0 loop is too short for the host's clock.
+        assert guest_ratio < 10
