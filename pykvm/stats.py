@@ -8,6 +8,7 @@ faults): user space cannot separate those two.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -39,7 +40,10 @@ class VcpuStats:
 
     @property
     def wall_ns(self) -> int:
-        return max(self.stopped_ns - self.started_ns, 0)
+        """Since the vCPU thread started; up to now while it still runs (live --stats)."""
+        if not self.started_ns:
+            return 0
+        return max((self.stopped_ns or time.perf_counter_ns()) - self.started_ns, 0)
 
     @property
     def other_ns(self) -> int:
@@ -60,10 +64,14 @@ class VcpuStats:
         }
 
 
-def format_report(stats: list[VcpuStats], extra: dict | None = None) -> str:
-    """The human-readable --stats table."""
+def format_report(stats: list[VcpuStats], extra: dict | None = None,
+                  kernel: dict | None = None) -> str:
+    """The human-readable --stats table. ``kernel``: a kvmstats.KvmStats snapshot,
+    whose per-vCPU counters are shown next to pykvm's own."""
+    from . import kvmstats
+
     lines = []
-    for st in stats:
+    for index, st in enumerate(stats):
         wall = st.wall_ns or 1
         lines.append(f"vCPU {st.vcpu_id}: {st.total_exits} exits to pykvm in "
                      f"{st.wall_ns / 1e9:.3f} s wall")
@@ -84,6 +92,18 @@ def format_report(stats: list[VcpuStats], extra: dict | None = None) -> str:
                          f"{st.unhandled_mmio} MMIO accesses (reads gave all-ones, writes dropped)")
         for kind, n in sorted(st.quirks.items()):
             lines.append(f"  completed by pykvm: {kind:<20} {n:>8}")
+        if kernel and kernel.get("available") and index < len(kernel["vcpus"]):
+            lines.extend(kvmstats.format_vcpu(kernel["vcpus"][index], st.total_exits))
+    if kernel is not None:
+        if kernel.get("available"):
+            vm_counters = {name: value for name, value in kernel["vm"].items()
+                           if isinstance(value, int) and value}
+            if vm_counters:
+                lines.append("KVM (kernel), whole VM: " + ", ".join(
+                    f"{name} {value}" for name, value in sorted(vm_counters.items())))
+            lines.append(f"note: {kvmstats.CANNOT_SEPARATE}")
+        else:
+            lines.append(f"KVM (kernel) counters: unavailable ({kernel.get('reason')})")
     for key, value in (extra or {}).items():
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
