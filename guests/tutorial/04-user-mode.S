@@ -31,7 +31,7 @@
 #                included); `syscall` and `sysretq` themselves; the kernel's
 #                ordinary instructions (natively on VT-x/AMD-V, emulated in the
 #                kernel on kvm_pvm, where all ring-0 code is).
-#   KVM        - CR3/CR4 writes, `wrmsr`, `lgdt`/`lidt`/`ltr` as the host needs
+#   KVM        - the CR3 write, `wrmsr`, `lgdt`/`lidt`/`ltr` as the host needs
 #                (VT-x traps CR and MSR writes; KVM finishes them and resumes).
 #   pykvm      - the `out`s of the kernel's printing and the exit port. The
 #                write() system call sends its buffer with one `rep outsb`,
