@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "at exit (stderr)")
     output.add_argument("-v", "--verbose", action="store_true",
                         help="with -- CMD: show the guest's boot log on stderr")
+    add_observing_options(output)
     run.set_defaults(handler=cmd_run)
     return parser
 
@@ -198,8 +199,11 @@ def cmd_run(args) -> int:
         config.initrd = config.initrd or default_initrd
     progress = sys.stderr.isatty()
     started = time.monotonic()
-    machine = Machine(config, stdin=None if config.command is not None else sys.stdin.buffer)
-    with machine:
+    observers = Observers(args)
+    machine = Machine(config, stdin=None if config.command is not None else sys.stdin.buffer,
+                      tracer=observers.tracer)
+    with machine, observers:
+        observers.attach(machine)
         if progress and machine.vm.quirks.summary:
             print(f"pykvm: host is {machine.kvm.host_kind}: "
                   f"{machine.vm.quirks.summary[0]}", file=sys.stderr)
@@ -208,13 +212,106 @@ def cmd_run(args) -> int:
                   f"{config.cpus} vCPU(s)...", file=sys.stderr)
         install_stop_signals(machine)
         stop = machine.run()
+        observers.finish()
         if config.stats:
             sys.stderr.write(format_report([v.stats for v in machine.vm.vcpus], {
                 "host kind": machine.kvm.host_kind,
                 "boot milestones (s)": milestones(machine.progress),
                 "wall time (s)": f"{time.monotonic() - started:.3f}",
-            }) + "\n")
+            }, kernel=observers.kernel_snapshot) + "\n")
+        observers.plot(machine, time.monotonic() - started)
     return report_stop(stop, config)
+
+
+def add_observing_options(group) -> None:
+    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/trace.py and friends)."""
+    from .trace import FILTER_HELP
+
+    group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
+                       help="one line per exit to pykvm (time, vCPU, reason, port/address, "
+                            "size, value, device, time taken, the guest instruction and its "
+                            "symbol) to FILE, or to stderr without one")
+    group.add_argument("--trace-filter", action="append", metavar="TERMS",
+                       help="only trace these exits (implies --trace). " + FILTER_HELP)
+    group.add_argument("--symbols", metavar="FILE",
+                       help="name guest addresses in the trace as func+0xoff: an ELF file "
+                            "(vmlinux, a tutorial guest's .elf) or a System.map")
+    group.add_argument("--stats-interval", type=float, metavar="SECONDS",
+                       help="print the --stats table to stderr every SECONDS while the guest runs")
+    group.add_argument("--stats-plot", metavar="FILE",
+                       help="draw the statistics into FILE.svg or FILE.png at exit "
+                            "(needs matplotlib: pip install 'pykvm[plot]')")
+    group.add_argument("--gdb", type=int, metavar="PORT",
+                       help="serve gdb on 127.0.0.1:PORT; the VM starts paused until gdb "
+                            "connects (gdb FILE.elf -ex 'target remote :PORT')")
+
+
+class Observers:
+    """What `pykvm run` attaches to a machine to watch it: tracer, KVM's counters,
+    periodic stats, the plot, the gdb stub. Released on every exit path."""
+
+    def __init__(self, args):
+        from .errors import ConfigError
+
+        self.args = args
+        self.tracer = self.kernel = self.printer = self.stub = None
+        self.kernel_snapshot = None
+        if args.stats_interval is not None and args.stats_interval <= 0:
+            raise ConfigError("--stats-interval must be a positive number of seconds")
+        if args.stats_plot:
+            from .plot import check_path
+            check_path(args.stats_plot)
+        if args.gdb is not None and not 0 < args.gdb < 65536:
+            raise ConfigError(f"--gdb {args.gdb}: not a TCP port number")
+        if args.trace is not None or args.trace_filter:
+            from .symbols import load
+            from .trace import TraceFilter, Tracer
+            self.tracer = Tracer.to_path(
+                args.trace, filter=TraceFilter.parse(args.trace_filter),
+                symbols=load(args.symbols) if args.symbols else None)
+
+    def attach(self, machine) -> None:
+        args = self.args
+        if args.stats or args.stats_interval or args.stats_plot:
+            from .kvmstats import KvmStats
+            self.kernel = KvmStats(machine.vm)
+        if args.stats_interval:
+            from .kvmstats import StatsPrinter
+            self.printer = StatsPrinter(machine.vm, args.stats_interval, self.kernel, sys.stderr,
+                                        lambda: {"host kind": machine.kvm.host_kind})
+            self.printer.start()
+        if args.gdb is not None:
+            from .gdbstub import GdbStub
+            self.stub = GdbStub(machine.vm, args.gdb)
+            self.stub.attach()
+            print(f"pykvm: the VM waits for gdb on 127.0.0.1:{self.stub.port} "
+                  f"(gdb -ex 'target remote :{self.stub.port}')", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        """The guest stopped: stop the periodic table, read KVM's counters once more."""
+        if self.printer is not None:
+            self.printer.stop()
+        if self.kernel is not None:
+            self.kernel_snapshot = self.kernel.snapshot()
+
+    def plot(self, machine, wall_s: float) -> None:
+        if self.args.stats_plot:
+            from .plot import plot_stats
+            path = plot_stats(self.args.stats_plot, [v.stats for v in machine.vm.vcpus],
+                              kernel=self.kernel_snapshot, host_kind=machine.kvm.host_kind,
+                              wall_s=wall_s)
+            print(f"pykvm: statistics drawn in {path}", file=sys.stderr)
+
+    def __enter__(self) -> "Observers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.printer is not None:
+            self.printer.stop()
+        if self.stub is not None:
+            self.stub.close()
+        if self.tracer is not None:
+            self.tracer.close()
 
 
 def format_mem(size: int) -> str:

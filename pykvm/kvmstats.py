@@ -201,3 +201,40 @@ CANNOT_SEPARATE = (
     "time they took; on a host that emulates guest ring 0 (kvm_pvm) that code shows as "
     "insn_emulation, not as exits")
 
+
+
+class StatsPrinter:
+    """`--stats-interval SECONDS`: the --stats table to ``out`` every ``interval``
+    seconds while the VM runs (a thread; :meth:`stop` ends it)."""
+
+    def __init__(self, vm, interval: float, kernel: "KvmStats | None", out, extra=None):
+        import threading
+
+        self.vm, self.interval, self.kernel, self.out = vm, interval, kernel, out
+        self.extra = extra or (lambda: {})
+        self._done = threading.Event()
+        self.printed = 0
+        self.thread = threading.Thread(target=self._run, name="stats-printer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        from .stats import format_report
+
+        started = time.monotonic()
+        while not self._done.wait(self.interval):
+            snapshot = self.kernel.snapshot() if self.kernel is not None else None
+            report = format_report([vcpu.stats for vcpu in self.vm.vcpus], self.extra(),
+                                   kernel=snapshot)
+            self.out.write(f"--- pykvm stats at {time.monotonic() - started:.1f} s ---\n"
+                           f"{report}\n")
+            self.out.flush()
+            self.printed += 1
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)

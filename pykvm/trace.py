@@ -43,19 +43,16 @@ CR0_PE = 1 << 0
 EFER_LMA = 1 << 10
 
 # --- filters ---------------------------------------------------------------------------------
-FILTER_HELP = """\
-Filter the trace: space-separated KEY=VALUES terms, all of which must hold;
-VALUES is a comma-separated list, any of which may match; ranges LOW-HIGH
-include both ends; numbers are decimal or 0x-hex. The option may be repeated.
-  reason=io,mmio,hlt,internal_error,...  exit reasons (KVM_EXIT_* in lower case)
-  port=0x3f8-0x3ff,0xf4     port-I/O exits at these ports
-  addr=0xd0000000-0xd0000fff MMIO exits at these guest-physical addresses
-  device=serial,none        exits handled by these devices (none: no device)
-  dir=in,out,read,write     direction of the access
-  vcpu=0,1                  these vCPUs
-port= restricts port-I/O exits and addr= MMIO exits; without reason=, giving
-port= and/or addr= also selects only the kinds they name. Example:
-  --trace-filter 'reason=io,mmio port=0x3f8-0x3ff addr=0xd0000000-0xd0000fff'"""
+FILTER_HELP = (
+    "TERMS are space-separated KEY=VALUES, all of which must hold; VALUES is a comma-separated "
+    "list, any of which may match; LOW-HIGH ranges include both ends; numbers are decimal or "
+    "0x-hex. Keys: reason=io,mmio,hlt,internal_error,... (exit reasons, KVM_EXIT_* in lower "
+    "case); port=0x3f8-0x3ff (port-I/O exits at these ports); addr=0xd0000000-0xd0000fff "
+    "(MMIO exits at these guest-physical addresses); device=serial,none (the device that "
+    "handled it; none: no device); dir=in,out,read,write; vcpu=0,1. port= limits port-I/O "
+    "exits and addr= MMIO exits; without reason=, they also select only the kinds they name. "
+    "Repeatable. Example: --trace-filter 'reason=io,mmio port=0x3f8-0x3ff "
+    "addr=0xd0000000-0xd0000fff'")
 
 _REASON_ALIASES = {"pio": "io", "port": "io"}
 _DIRECTIONS = {"in": "in", "read": "in", "out": "out", "write": "out"}

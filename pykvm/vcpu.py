@@ -187,6 +187,7 @@ class Vcpu:
         future: Future = Future()
         self._requests.put((function, future))
         self.kick()
+        self.vm.wake_paused()
         return future.result(timeout)
 
     def kick(self) -> None:
@@ -321,7 +322,9 @@ class Vcpu:
         if reason == k.KVM_EXIT_MMIO:
             self._mmio(t0, t1)
         elif reason == k.KVM_EXIT_INTERNAL_ERROR:
-            if not vm.quirks.complete_internal_error(self, run.internal.suberror):
+            if vm.debugger is not None and vm.debugger.on_internal_error(self):
+                pass  # the debugger's own int3 (kvm_pvm reports it so)
+            elif not vm.quirks.complete_internal_error(self, run.internal.suberror):
                 raise GuestCrashed(self._internal_error_message())
         elif reason == k.KVM_EXIT_HLT:
             # Only without an in-kernel irqchip: the guest has nothing left to do.

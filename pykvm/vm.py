@@ -162,7 +162,7 @@ class Vm:
     def start(self) -> None:
         if not self.vcpus:
             raise PykvmError("the VM has no vCPUs")
-        self.state = State.RUNNING
+        self.state = State.PAUSED if self._paused else State.RUNNING  # paused before start
         self.quirks.on_start(self)
         for vcpu in self.vcpus:
             vcpu.start()
@@ -209,6 +209,13 @@ class Vm:
     def pause(self) -> None:
         """Stop running guest code on every vCPU; returns once all of them are out of KVM_RUN."""
         with self._pause_lock:
+            if self.state is State.CREATED:
+                # Before start: each vCPU's first KVM_RUN returns at once (immediate_exit),
+                # before any guest instruction, and waits (a debugger attaches so).
+                self._paused = True
+                for vcpu in self.vcpus:
+                    vcpu.kick()
+                return
             if self.state is not State.RUNNING:
                 return
             self._paused = True
@@ -223,6 +230,12 @@ class Vm:
             self._paused = False
             self.state = State.RUNNING
             self._pause_lock.notify_all()
+
+    def wake_paused(self) -> None:
+        """Let paused vCPU threads serve a queued request (Vcpu.call) at once."""
+        if self._paused:
+            with self._pause_lock:
+                self._pause_lock.notify_all()
 
     def wait_while_paused(self, vcpu: Vcpu) -> None:
         if not self._paused:
