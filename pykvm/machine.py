@@ -40,6 +40,9 @@ class MachineConfig:
     stats: bool = False
     verbose: bool = False               # stream the boot log in command mode
     extract_kernel: bool = True         # bzImage: load the extracted vmlinux (skip the decompressor)
+    disks: list = field(default_factory=list)  # DiskSpec of each virtio-blk disk
+    console: str = "serial"             # the guest console: "serial" (ttyS0) or "virtio" (hvc0)
+    rng: bool = False                   # a virtio-rng device
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -55,6 +58,8 @@ class MachineConfig:
             raise ConfigError(f"--cpus {self.cpus}: must be between 1 and 255")
         if (self.flat is None) == (self.kernel is None):
             raise ConfigError("give exactly one of --flat FILE or --kernel FILE")
+        if self.console not in ("serial", "virtio"):
+            raise ConfigError(f"--console {self.console}: must be serial or virtio")
 
 
 def format_size(size: int) -> str:
@@ -135,11 +140,13 @@ class Machine:
                                      command_mode=config.command is not None,
                                      verbose=config.verbose)
         self._host_console = None
+        self.virtio = None
         try:
             self.kvm = Kvm(config.kvm_device)
             self.memory = GuestMemory.anonymous(config.mem_size)
             self.vm = Vm(self.kvm, self.memory, tracer=tracer)
             self._add_legacy_devices()
+            self._add_virtio_devices()
             self.vm.create_vcpus(config.cpus)
             self.boot_info = self._load_guest()
         except BaseException:
@@ -160,6 +167,14 @@ class Machine:
         vm.add_pio_device(0x70, 2, Rtc())
         self.guest_control = GuestControl(on_exit=self._guest_exit, on_progress=self._progress)
         vm.add_pio_device(layout.EXIT_PORT, 2, self.guest_control)
+
+    def _add_virtio_devices(self) -> None:
+        config = self.config
+        if config.disks or config.console == "virtio" or config.rng:
+            from .devices.virtio import attach_virtio
+            self.virtio = attach_virtio(self.vm, self.memory, disks=config.disks,
+                                        console=config.console == "virtio", rng=config.rng,
+                                        console_output=self.console)
 
     def _i8042_data(self, controller):
         # The controller answers on 0x60 and 0x64; the bus gives each range an offset.
@@ -207,8 +222,12 @@ class Machine:
         return boot
 
     def linux_cmdline(self) -> str:
-        parts = [LINUX_CONSOLE_CMDLINE, "pci=off"]
-        if self.config.command is not None:
+        parts = [LINUX_CONSOLE_CMDLINE]
+        if self.config.console == "virtio":
+            parts = [LINUX_CONSOLE_CMDLINE.replace("console=ttyS0", "console=hvc0")]
+        if self.virtio is None:
+            parts.append("pci=off")   # no PCI devices: spare the guest the bus scan
+        if self.config.command is not None and not self.config.verbose:
             parts.append("quiet")
         parts.append(self.config.append)
         return self.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p))
@@ -218,7 +237,9 @@ class Machine:
         interactive = self.stdin is not None
         if interactive:
             from .console import HostConsole
-            self._host_console = HostConsole(self.stdin, self.serial.receive,
+            receive = self.virtio.console.receive if self.config.console == "virtio" \
+                else self.serial.receive
+            self._host_console = HostConsole(self.stdin, receive,
                                              on_quit=self._user_quit)
             self._host_console.start()
         try:
