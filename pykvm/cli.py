@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="guest RAM, e.g. 512M, 2G (a bare number is MiB; default 512M)")
     machine.add_argument("-c", "--cpus", type=int, default=1, help="vCPUs (default 1)")
     machine.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    devices = run.add_argument_group("devices (virtio over PCI)")
+    devices.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+                         help="a virtio-blk disk backed by a raw image (repeatable; ro: read-only; "
+                              "serial: the ID the guest reads)")
+    devices.add_argument("--console", choices=("serial", "virtio"), default="serial",
+                         help="the guest console: serial (ttyS0, default) or virtio (hvc0)")
+    devices.add_argument("--rng", action="store_true",
+                         help="a virtio-rng device fed from the host's random source")
     output = run.add_argument_group("observing")
     output.add_argument("--stats", action="store_true",
                         help="print exit counts per reason, device and port, and the time split, "
@@ -182,13 +190,16 @@ def smoke_test(kvm) -> str | None:
 
 # --- pykvm run -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
+    from .devices.virtio import DiskSpec
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
     from .stats import format_report
 
     config = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, flat=args.flat,
                            entry=args.entry, kernel=args.kernel, initrd=args.initrd,
                            append=args.append, kvm_device=args.device, stats=args.stats,
-                           verbose=args.verbose, extract_kernel=not args.no_extract)
+                           verbose=args.verbose, extract_kernel=not args.no_extract,
+                           disks=[DiskSpec.parse(text) for text in args.disk],
+                           console=args.console, rng=args.rng)
     if args.command_args is not None:
         if args.flat:
             from .errors import ConfigError
@@ -360,7 +371,8 @@ def report_stop(stop, config) -> int:
     if stop.kind in ("error", "crash"):
         print(f"pykvm: error: {stop.message}", file=sys.stderr)
         return stop.status or 1
-    if config.command is None and stop.kind != "exit":
+    if stop.kind == "poweroff" or (config.command is None and stop.kind != "exit"):
+        # A guest that powers itself off (ACPI S5) has finished, with a command or without.
         print(f"pykvm: {stop.message}", file=sys.stderr)
     elif config.command is not None and stop.kind != "exit":
         print(f"pykvm: the guest stopped before the command finished: {stop.message}",

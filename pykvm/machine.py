@@ -167,6 +167,9 @@ class Machine:
         vm.add_pio_device(0x70, 2, Rtc())
         self.guest_control = GuestControl(on_exit=self._guest_exit, on_progress=self._progress)
         vm.add_pio_device(layout.EXIT_PORT, 2, self.guest_control)
+        from .devices.acpi_pm import AcpiPm
+        self.acpi_pm = AcpiPm(on_poweroff=self._guest_poweroff)
+        vm.add_pio_device(layout.ACPI_PM_BASE, layout.ACPI_PM_LEN, self.acpi_pm)
 
     def _add_virtio_devices(self) -> None:
         config = self.config
@@ -186,6 +189,9 @@ class Machine:
 
     def _guest_reset(self) -> None:
         self.vm.request_stop("reset", 0, "guest requested a reset")
+
+    def _guest_poweroff(self) -> None:
+        self.vm.request_stop("poweroff", 0, "guest powered off (ACPI S5)")
 
     def _progress(self, code: int) -> None:
         self.progress.append((code, time.monotonic() - self.started))
@@ -218,8 +224,20 @@ class Machine:
             initrd = pad4(initrd) + command_archive(config.command)
         boot = load_linux(self.memory, str(config.kernel), initrd or None, self.linux_cmdline(),
                           extract=config.extract_kernel)
+        self._write_firmware_tables(boot)
         set_mode(vcpu, self.memory, "long", boot.entry, rsi=boot.boot_params_addr)
         return boot
+
+    def _write_firmware_tables(self, boot) -> None:
+        """How Linux finds its CPUs, IOAPIC and power-off: the ACPI tables (RSDP in the
+        zero page and at 0xE0000), and the MP table for a kernel booted with acpi=off."""
+        from .boot.acpi import write_acpi_tables
+        from .boot.mptable import write_mptable
+        from .boot.zeropage import set_acpi_rsdp
+
+        write_mptable(self.memory, self.config.cpus)
+        self.acpi_tables = write_acpi_tables(self.memory, self.config.cpus)
+        set_acpi_rsdp(self.memory, boot.boot_params_addr, self.acpi_tables.rsdp)
 
     def linux_cmdline(self) -> str:
         parts = [LINUX_CONSOLE_CMDLINE]
