@@ -211,6 +211,8 @@ def check_vmlinux(path: Path) -> None:
     loads = [struct.unpack_from("<IIQQQ", table, i * phentsize)
              for i in range(phnum)]
     load_paddrs = [paddr for ptype, _, _, _, paddr in loads if ptype == 1]  # PT_LOAD
+    if not load_paddrs:
+        raise BuildFailed(f"{path} has no loadable segment")
     if machine != 62 or entry != KERNEL_LOAD_ADDR or min(load_paddrs) != KERNEL_LOAD_ADDR:
         raise BuildFailed(f"{path}: machine {machine}, entry {entry:#x}, first PT_LOAD at "
                           f"{min(load_paddrs):#x}; wanted x86-64 at {KERNEL_LOAD_ADDR:#x}")
