@@ -116,7 +116,9 @@ def set_mode(vcpu, memory, mode: str, entry: int, *, stack: int = layout.BOOT_ST
             segment = getattr(sregs, name)
             segment.selector, segment.base = entry >> 4, entry
         regs.rip = 0
-        regs.rsp = 0xFFF0 if stack >= entry + 0x10000 else stack - entry
+        # Real mode sees one 64 KiB segment from the load address: code and data at
+        # its bottom, the stack at its top (a .COM program's layout).
+        regs.rsp = 0xFFFE
     else:
         write_boot_gdt(memory)
         sregs.cr0 |= CR0_PE | CR0_ET | CR0_NE
