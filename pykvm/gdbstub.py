@@ -230,6 +230,7 @@ class GdbStub:
         self.step_vcpu = 0           # vCPU for s/c (Hc)
         self._state: dict[int, tuple] = {}
         self._closing = False
+        self._spoken = False
         self.connected = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
 
@@ -327,6 +328,7 @@ class GdbStub:
             self.conn, self._buffer, self.no_ack = conn, bytearray(), False
             self.connected.set()
             self._say("gdb connected")
+            self._spoken = False
             detach = True
             try:
                 detach = self._session()
@@ -339,7 +341,7 @@ class GdbStub:
                 self.conn = None
             if self.vm.stop_requested or self._closing:
                 return
-            if detach:
+            if detach and self._spoken:   # a client that said nothing changes nothing
                 self._detach()
 
     def _recv(self, timeout: float | None = None) -> int | None:
@@ -392,6 +394,7 @@ class GdbStub:
         """Answer packets until gdb detaches (True) or kills (False)."""
         while True:
             packet = self._read_packet()
+            self._spoken = True
             if packet == "\x03":
                 continue  # already stopped
             if self.verbose:
