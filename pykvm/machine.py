@@ -155,34 +155,19 @@ class Machine:
 
     # --- devices -------------------------------------------------------------------------
     def _add_legacy_devices(self) -> None:
+        from .devices import i8042
         from .devices.guest_control import GuestControl
-        from .devices.i8042 import I8042
         from .devices.rtc import Rtc
         from .devices.serial import Serial
 
         vm = self.vm
         self.serial = Serial(vm.irq_line(4), self.console)
         vm.add_pio_device(0x3F8, 8, self.serial)
-        vm.add_pio_device(0x60, 1, self._i8042_data(I8042(on_reset=self._guest_reset)))
+        vm.add_pio_device(i8042.PORT_BASE, i8042.PORT_COUNT, i8042.I8042(
+            on_reset=self._guest_reset, kbd_irq=vm.irq_line(1), aux_irq=vm.irq_line(12)))
         vm.add_pio_device(0x70, 2, Rtc())
         self.guest_control = GuestControl(on_exit=self._guest_exit, on_progress=self._progress)
         vm.add_pio_device(layout.EXIT_PORT, 2, self.guest_control)
-        from .devices.acpi_pm import AcpiPm
-        self.acpi_pm = AcpiPm(on_poweroff=self._guest_poweroff)
-        vm.add_pio_device(layout.ACPI_PM_BASE, layout.ACPI_PM_LEN, self.acpi_pm)
-
-    def _add_virtio_devices(self) -> None:
-        config = self.config
-        if config.disks or config.console == "virtio" or config.rng:
-            from .devices.virtio import attach_virtio
-            self.virtio = attach_virtio(self.vm, self.memory, disks=config.disks,
-                                        console=config.console == "virtio", rng=config.rng,
-                                        console_output=self.console)
-
-    def _i8042_data(self, controller):
-        # The controller answers on 0x60 and 0x64; the bus gives each range an offset.
-        self.vm.add_pio_device(0x64, 1, _PortAlias(controller, 4))
-        return controller
 
     def _guest_exit(self, status: int) -> None:
         self.vm.request_stop("exit", status, f"guest exited with status {status}")
@@ -292,20 +277,6 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _PortAlias:
-    """A second port range of one device, seen at ``offset`` within it."""
-
-    def __init__(self, device, offset: int):
-        self.device, self.offset = device, offset
-        self.name = device.name
-
-    def read(self, offset: int, size: int) -> int:
-        return self.device.read(self.offset + offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.device.write(self.offset + offset, size, value)
 
 
 def pad4(data: bytes) -> bytes:
