@@ -10,11 +10,15 @@ write to pykvm's exit port 0xF4) runs in two VMMs:
   thread, i.e. the whole dispatch: exit-reason and kvm_run.io decoding, bus
   lookup, the device call, per-exit statistics and timing.
 
-Each side timestamps the first exit on port 0x80 and the exit-port write: N
-round trips, set-up and the guest's ring-0 prologue excluded. Rounds are
-interleaved (C, pykvm, C, pykvm, ...) so host noise hits both; the table gives
-the median, min and max of the µs per exit, and the last line is
-``ratio: X`` = median pykvm µs/exit / median C µs/exit.
+Each side reads two clocks at the first exit on port 0x80 and at the exit-port
+write: N round trips, set-up and the guest's ring-0 prologue excluded. The
+monotonic clock gives wall time; the process CPU-time clock gives the CPU time
+the VMM process used (guest time included, as KVM accounts it to the thread in
+KVM_RUN), which leaves out the time other processes had the CPU -- on a shared,
+busy host wall time can double while CPU time stays put. On a quiet host the two
+agree. Rounds are interleaved (C, pykvm, C, pykvm, ...) so host noise hits both;
+the table gives median, min, max and spread of µs per exit, and the last line is
+``ratio: X`` = median pykvm CPU µs/exit / median C CPU µs/exit.
 
     python3 bench/exits.py            # 5 rounds of 20000 exits each side
     python3 bench/exits.py --quick    # a tiny run: checks that everything works
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -94,17 +99,24 @@ def with_count(image: bytes, count: int) -> bytes:
 
 
 # --- one round of each side ------------------------------------------------------------------
-def run_c(binary: Path, image_path: Path, count: int) -> float:
-    """µs per exit of one C run."""
+@dataclass(frozen=True)
+class Run:
+    wall: float   # µs per exit, monotonic clock
+    cpu: float    # µs per exit, process CPU time
+
+
+def run_c(binary: Path, image_path: Path, count: int) -> Run:
+    """One C run."""
     done = subprocess.run([str(binary), str(image_path), hex(LOAD_ADDR), hex(MEM_SIZE),
                            hex(PORT), hex(EXIT_PORT)], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise BenchError(f"C reference failed: {done.stderr.strip()}")
-    fields = dict(item.split("=") for item in done.stdout.split())
-    exits, ns = int(fields["exits"]), int(fields["ns"])
-    if exits != count:
-        raise BenchError(f"C reference saw {exits} exits on port {PORT:#x}, expected {count}")
-    return ns / exits / 1000
+    fields = {key: int(value) for key, value in
+              (item.split("=") for item in done.stdout.split())}
+    if fields["exits"] != count:
+        raise BenchError(f"C reference saw {fields['exits']} exits on port {PORT:#x}, "
+                         f"expected {count}")
+    return Run(fields["ns"] / count / 1000, fields["cpu_ns"] / count / 1000)
 
 
 class CountingPort(Device):
@@ -115,11 +127,12 @@ class CountingPort(Device):
     def __init__(self):
         self.count = 0
         self.value = 0
-        self.first_ns = 0
+        self.first_ns = self.first_cpu_ns = 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         if not self.count:
             self.first_ns = time.perf_counter_ns()
+            self.first_cpu_ns = time.process_time_ns()
         self.count += 1
         self.value = value
 
@@ -131,15 +144,16 @@ class FinishPort(Device):
 
     def __init__(self, vm: Vm):
         self.vm = vm
-        self.done_ns = 0
+        self.done_ns = self.done_cpu_ns = 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.done_ns = time.perf_counter_ns()
+        self.done_cpu_ns = time.process_time_ns()
         self.vm.request_stop("exit", value, f"guest exited with status {value}")
 
 
-def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None) -> float:
-    """µs per exit of one pykvm run. ``vcpu_class`` swaps the Vcpu's run loop
+def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None) -> Run:
+    """One pykvm run. ``vcpu_class`` swaps the Vcpu's run loop
     (bench/profile_exits.py measures candidate loops with it)."""
     with GuestMemory.anonymous(MEM_SIZE) as memory, Vm(kvm, memory, log=sys.stderr) as vm:
         port, finish = CountingPort(), FinishPort(vm)
@@ -156,7 +170,8 @@ def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None) -> float:
             raise BenchError(f"pykvm run did not end at the exit port: {stop}")
         if port.count != count:
             raise BenchError(f"pykvm saw {port.count} exits on port {PORT:#x}, expected {count}")
-        return (finish.done_ns - port.first_ns) / count / 1000
+        return Run((finish.done_ns - port.first_ns) / count / 1000,
+                   (finish.done_cpu_ns - port.first_cpu_ns) / count / 1000)
 
 
 # --- the bench ---------------------------------------------------------------------------------
@@ -172,24 +187,26 @@ class Setup:
 
 
 def measure(kvm: Kvm, setup: Setup, rounds: int, warmup: bool = True,
-            progress=None) -> tuple[list[float], list[float]]:
+            progress=None) -> tuple[list[Run], list[Run]]:
     if warmup:  # page in both paths, discard
         run_c(setup.c_binary, setup.image_path, setup.count)
         run_pykvm(kvm, setup.image, setup.count)
-    c_times, py_times = [], []
+    c_runs, py_runs = [], []
     for i in range(rounds):
-        c_times.append(run_c(setup.c_binary, setup.image_path, setup.count))
-        py_times.append(run_pykvm(kvm, setup.image, setup.count))
+        c_runs.append(run_c(setup.c_binary, setup.image_path, setup.count))
+        py_runs.append(run_pykvm(kvm, setup.image, setup.count))
         if progress:
-            progress(f"round {i + 1}/{rounds}: C {c_times[-1]:.2f} µs, "
-                     f"pykvm {py_times[-1]:.2f} µs")
-    return c_times, py_times
+            progress(f"round {i + 1}/{rounds}: C {c_runs[-1].cpu:.2f} µs CPU, "
+                     f"{c_runs[-1].wall:.2f} µs wall; pykvm {py_runs[-1].cpu:.2f} µs CPU, "
+                     f"{py_runs[-1].wall:.2f} µs wall")
+    return c_runs, py_runs
 
 
-def describe(values: list[float]) -> tuple[float, float, float, float]:
-    """median, min, max, and the spread (max - min) / median in percent."""
+def describe(values: list[float]) -> str:
+    """median, min, max, and the spread (max - min) / median."""
     median = statistics.median(values)
-    return median, min(values), max(values), 100 * (max(values) - min(values)) / median
+    spread = 100 * (max(values) - min(values)) / median
+    return f"{median:>8.2f}{min(values):>8.2f}{max(values):>8.2f}{spread:>7.0f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,36 +228,44 @@ def main(argv: list[str] | None = None) -> int:
         with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp:
             setup = Setup(Path(tmp), args.ring, args.exits)
             progress = None if args.quick else (lambda line: print(line, file=sys.stderr))
-            c_times, py_times = measure(kvm, setup, args.rounds, warmup=not args.quick,
-                                        progress=progress)
+            load_before = os.getloadavg()[0]
+            c_runs, py_runs = measure(kvm, setup, args.rounds, warmup=not args.quick,
+                                      progress=progress)
             host_kind = kvm.host_kind
     except BenchError as error:
         print(f"exits: {error}", file=sys.stderr)
         return 1
 
-    c_med, c_min, c_max, c_spread = describe(c_times)
-    p_med, p_min, p_max, p_spread = describe(py_times)
-    ratio = p_med / c_med
+    c_cpu = statistics.median(r.cpu for r in c_runs)
+    p_cpu = statistics.median(r.cpu for r in py_runs)
+    c_wall = statistics.median(r.wall for r in c_runs)
+    p_wall = statistics.median(r.wall for r in py_runs)
+    ratio = p_cpu / c_cpu
     print(f"port-I/O exit round trip: `out %al, ${PORT:#x}` loop in guest ring {args.ring}, "
           f"long mode")
-    print(f"host kind: {host_kind}   exits per round: {args.exits}   "
-          f"rounds: {args.rounds} each, interleaved")
-    print(f"{'':<14}{'median µs/exit':>15}{'min':>9}{'max':>9}{'spread':>9}")
-    print(f"{'C reference':<14}{c_med:>15.2f}{c_min:>9.2f}{c_max:>9.2f}{c_spread:>8.1f}%")
-    print(f"{'pykvm':<14}{p_med:>15.2f}{p_min:>9.2f}{p_max:>9.2f}{p_spread:>8.1f}%")
-    print(f"pykvm overhead per exit: {p_med - c_med:.2f} µs (median pykvm - median C)")
+    print(f"host kind: {host_kind}   exits per round: {args.exits}   rounds: {args.rounds} "
+          f"each, interleaved   load average: {load_before:.2f}")
+    print(f"{'µs per exit':<14}{'CPU time: median':>17}{'min':>8}{'max':>8}{'spread':>8}"
+          f"{'wall: median':>16}{'min':>8}{'max':>8}{'spread':>8}")
+    for name, runs in (("C reference", c_runs), ("pykvm", py_runs)):
+        print(f"{name:<14}         {describe([r.cpu for r in runs])}"
+              f"        {describe([r.wall for r in runs])}")
+    print(f"pykvm overhead per exit: {p_cpu - c_cpu:.2f} µs CPU, {p_wall - c_wall:.2f} µs wall "
+          f"(medians); wall-time ratio {p_wall / c_wall:.3f}")
     if args.record:
-        record(host_kind, args, c_med, p_med, ratio)
+        record(host_kind, args, c_cpu, p_cpu, ratio, c_wall, p_wall)
     print(f"ratio: {ratio:.3f}")
     return 0
 
 
-def record(host_kind: str, args, c_med: float, p_med: float, ratio: float) -> None:
-    """Append one row to the table in bench/RESULTS.md (the table ends the file)."""
-    row = (f"| {datetime.date.today().isoformat()} | {host_kind} | {args.ring} | {c_med:.2f} | "
-           f"{p_med:.2f} | {ratio:.3f} | {args.exits} × {args.rounds} |\n")
+def record(host_kind: str, args, c_cpu: float, p_cpu: float, ratio: float,
+           c_wall: float, p_wall: float) -> None:
+    """Append one row to the table that ends bench/RESULTS.md."""
+    row = (f"| {datetime.date.today().isoformat()} | {host_kind} | {args.ring} | {c_cpu:.2f} | "
+           f"{p_cpu:.2f} | {ratio:.3f} | {c_wall:.2f} / {p_wall:.2f} | "
+           f"{args.exits} × {args.rounds} |\n")
     text = RESULTS.read_text() if RESULTS.exists() else ""
-    if not text.endswith("\n"):
+    if text and not text.endswith("\n"):
         text += "\n"
     RESULTS.write_text(text + row)
 

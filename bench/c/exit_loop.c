@@ -10,8 +10,10 @@
  * first exit on PORT and the exit-port write are timestamped.
  *
  *   exit_loop IMAGE LOAD_ADDR MEM_SIZE PORT EXIT_PORT
- *   -> prints "exits=N ns=T" : N exits on PORT, T ns from the first of them to the
- *      write on EXIT_PORT (N round trips; the ring-0 prologue is outside T).
+ *   -> prints "exits=N ns=T cpu_ns=U": N exits on PORT; T ns (monotonic clock) from
+ *      the first of them to the write on EXIT_PORT, N round trips (the ring-0
+ *      prologue is outside T); U the CPU time the process used in that span (guest
+ *      time included), which leaves out the time other processes had the CPU.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -48,10 +50,10 @@ static int xioctl(int fd, unsigned long request, void *arg, const char *what)
     return rc;
 }
 
-static uint64_t now_ns(void)
+static uint64_t clock_ns(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
 }
 
@@ -178,7 +180,7 @@ int main(int argc, char **argv)
     xioctl(vcpu, KVM_SET_REGS, &regs, "KVM_SET_REGS");
 
     /* The measured loop. */
-    uint64_t exits = 0, first = 0, last = 0;
+    uint64_t exits = 0, first = 0, last = 0, first_cpu = 0, last_cpu = 0;
     volatile uint8_t sink = 0;
     for (;;) {
         if (ioctl(vcpu, KVM_RUN, 0) < 0) {
@@ -194,10 +196,13 @@ int main(int argc, char **argv)
         uint16_t io_port = run->io.port;
         if (io_port == port) {
             sink = *((uint8_t *)run + run->io.data_offset);
-            if (exits++ == 0)
-                first = now_ns();
+            if (exits++ == 0) {
+                first = clock_ns(CLOCK_MONOTONIC);
+                first_cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID);
+            }
         } else if (io_port == exit_port) {
-            last = now_ns();
+            last = clock_ns(CLOCK_MONOTONIC);
+            last_cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID);
             break;
         } else {
             fprintf(stderr, "exit_loop: unexpected port %#x\n", io_port);
@@ -205,7 +210,7 @@ int main(int argc, char **argv)
         }
     }
     (void)sink;
-    printf("exits=%llu ns=%llu\n", (unsigned long long)exits,
-           (unsigned long long)(last - first));
+    printf("exits=%llu ns=%llu cpu_ns=%llu\n", (unsigned long long)exits,
+           (unsigned long long)(last - first), (unsigned long long)(last_cpu - first_cpu));
     return 0;
 }
