@@ -168,6 +168,17 @@ class Machine:
         vm.add_pio_device(0x70, 2, Rtc())
         self.guest_control = GuestControl(on_exit=self._guest_exit, on_progress=self._progress)
         vm.add_pio_device(layout.EXIT_PORT, 2, self.guest_control)
+        from .devices.acpi_pm import AcpiPm
+        self.acpi_pm = AcpiPm(on_poweroff=self._guest_poweroff)
+        vm.add_pio_device(layout.ACPI_PM_BASE, layout.ACPI_PM_LEN, self.acpi_pm)
+
+    def _add_virtio_devices(self) -> None:
+        config = self.config
+        if config.disks or config.console == "virtio" or config.rng:
+            from .devices.virtio import attach_virtio
+            self.virtio = attach_virtio(self.vm, self.memory, disks=config.disks,
+                                        console=config.console == "virtio", rng=config.rng,
+                                        console_output=self.console)
 
     def _guest_exit(self, status: int) -> None:
         self.vm.request_stop("exit", status, f"guest exited with status {status}")
