@@ -35,10 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import ioctl as k
 from .errors import ConfigError, GuestMemoryError, PykvmError
 from .guest.code import MAX_INSN_LEN, linear_to_physical
 from .ioctl.requests import EXIT_NAMES
 
+_SYNC = k.KVM_SYNC_X86_REGS | k.KVM_SYNC_X86_SREGS
 CR0_PE = 1 << 0
 EFER_LMA = 1 << 10
 
@@ -329,13 +331,26 @@ class _Site:
 class InstructionLocator:
     """Finds and decodes the instruction behind an exit (see the module docstring)."""
 
-    def __init__(self, disassembler: Disassembler | None = None):
+    def __init__(self, disassembler: Disassembler | None = None, sync_regs: bool = True):
         self.dis = disassembler or Disassembler()
         # (kind, cpl) -> [times RIP was at the instruction, times it was past it]
         self.seen: dict[tuple[str, int], list[int]] = {}
+        self.sync_regs = sync_regs
+        self._synced: set[int] = set()      # vCPUs whose kvm_run carries their registers
+        self._sites: dict[tuple, tuple] = {}  # exit site -> (Located, its physical address, bytes)
 
     def site(self, vcpu) -> _Site:
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        """The vCPU's registers at this exit. With KVM_CAP_SYNC_REGS, KVM copies them
+        into the shared kvm_run page at every exit once asked (kvm_valid_regs), which
+        saves the two ioctls that otherwise cost most of a traced exit."""
+        run = vcpu.run_struct
+        if vcpu.id in self._synced and run.kvm_valid_regs & _SYNC == _SYNC:
+            regs, sregs = run.s.regs.regs, run.s.regs.sregs
+        else:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            if self.sync_regs and vcpu.vm.kvm.check_extension(k.KVM_CAP_SYNC_REGS) & _SYNC == _SYNC:
+                run.kvm_valid_regs |= _SYNC   # from the next exit on
+                self._synced.add(vcpu.id)
         return _Site(vcpu, regs, sregs, cpu_bits(sregs), sregs.cs.base)
 
     def at_rip(self, vcpu) -> Located:
@@ -346,9 +361,37 @@ class InstructionLocator:
             return Located(rip, None, None, "code not mapped")
         return Located(rip, None, self.dis.decode(code, rip, site.bits, phys, 1))
 
+    # -- the exit-site cache ----------------------------------------------------------------
+    def _cached(self, vcpu, key) -> Located | None:
+        """The same exit at the same RIP as before: one byte comparison, no page walk."""
+        hit = self._sites.get(key)
+        if hit is None:
+            return None
+        located, physical, code = hit
+        try:
+            if vcpu.vm.memory.read(physical, len(code)) == code:
+                return located
+        except GuestMemoryError:
+            pass
+        del self._sites[key]
+        return None
+
+    def _remember(self, key, located: Located, physical: int | None) -> Located:
+        if physical is not None and located.insn is not None and located.past is not None:
+            if len(self._sites) > 16384:
+                self._sites.clear()
+            self._sites[key] = (located, physical, located.insn.code)
+        return located
+
     # -- port I/O ---------------------------------------------------------------------------
     def pio(self, vcpu, port: int, size: int, direction: int) -> Located:
         site = self.site(vcpu)
+        regs = site.regs
+        key = (site.bits, site.cs_base, regs.rip, site.sregs.cr3, direction, size, port,
+               regs.rdx & 0xFFFF == port)
+        return self._cached(vcpu, key) or self._remember(key, *self._pio(site, port, size, direction))
+
+    def _pio(self, site: _Site, port: int, size: int, direction: int):
         rip = site.regs.rip
         dx = site.regs.rdx & 0xFFFF
 
@@ -371,39 +414,44 @@ class InstructionLocator:
         choice = self._choose(kind, site, at is not None, past is not None)
         if choice is None:
             return Located(rip, None, self.dis.decode(code, rip, site.bits, phys, 1) if code else None,
-                           "instruction not found")
+                           "instruction not found"), None
         if choice == "at":
-            return Located(rip, False, self.dis.decode(code, rip, site.bits, phys, at.length))
+            return Located(rip, False, self.dis.decode(code, rip, site.bits, phys, at.length)), phys
         address = rip - past
         key = before_phys + len(before) - past if before_phys is not None else None
-        return Located(address, True, self.dis.decode(before[-past:], address, site.bits, key, past))
+        return Located(address, True,
+                       self.dis.decode(before[-past:], address, site.bits, key, past)), key
 
     # -- MMIO --------------------------------------------------------------------------------
     def mmio(self, vcpu, addr: int, is_write: bool) -> Located:
         site = self.site(vcpu)
+        key = (site.bits, site.cs_base, site.regs.rip, site.sregs.cr3, is_write, addr)
+        return self._cached(vcpu, key) or self._remember(key, *self._mmio(site, addr, is_write))
+
+    def _mmio(self, site: _Site, addr: int, is_write: bool):
         rip = site.regs.rip
         if not self.dis.available:
             code, _ = site.read(rip, 8)
             return Located(rip, None, Instruction(None, code.hex(" "), code) if code else None,
-                           "" if not is_write else "next instruction? (no capstone to find it)")
+                           "" if not is_write else "next instruction? (no capstone to find it)"), None
         code, phys = site.read(rip, MAX_INSN_LEN)
         at = self.dis.decode(code, rip, site.bits, phys) if code else None
         at_fits = at is not None and self._touches(site, at, rip, addr)
         start = max(rip - MAX_INSN_LEN, 0) if site.bits != 64 else rip - MAX_INSN_LEN
         before, before_phys = site.read(start, rip - start)
-        past = None
+        past = past_phys = None
         for n in range(1, len(before) + 1):
             key = before_phys + len(before) - n if before_phys is not None else None
             insn = self.dis.decode(before[-n:], rip - n, site.bits, key)
             if insn is not None and insn.length == n and self._touches(site, insn, rip - n, addr):
-                past = insn
+                past, past_phys = insn, key
                 break
         choice = self._choose("write" if is_write else "read", site, at_fits, past is not None)
         if choice == "at":
-            return Located(rip, False, at)
+            return Located(rip, False, at), phys
         if choice == "past":
-            return Located(rip - past.length, True, past)
-        return Located(rip, None, at, "instruction not found")
+            return Located(rip - past.length, True, past), past_phys
+        return Located(rip, None, at, "instruction not found"), None
 
     def _touches(self, site: _Site, insn: Instruction, address: int, addr: int) -> bool:
         """Does one of ``insn``'s memory operands land on guest-physical ``addr``?"""
