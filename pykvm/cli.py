@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a virtio-rng device fed from the host's random source")
     output = run.add_argument_group("observing")
     output.add_argument("--stats", action="store_true",
-                        help="print exit counts per reason, device and port, and the time split, "
-                             "at exit (stderr)")
+                        help="print exit counts per reason, device and port, the time split, "
+                             "and KVM's own in-kernel counters, at exit (stderr)")
     output.add_argument("-v", "--verbose", action="store_true",
                         help="with -- CMD: show the guest's boot log on stderr")
     add_observing_options(output)
@@ -211,8 +211,12 @@ def cmd_run(args) -> int:
     progress = sys.stderr.isatty()
     started = time.monotonic()
     observers = Observers(args)
-    machine = Machine(config, stdin=None if config.command is not None else sys.stdin.buffer,
-                      tracer=observers.tracer)
+    try:
+        machine = Machine(config, stdin=None if config.command is not None else sys.stdin.buffer,
+                          tracer=observers.tracer)
+    except BaseException:
+        observers.__exit__(None, None, None)
+        raise
     with machine, observers:
         observers.attach(machine)
         if progress and machine.vm.quirks.summary:

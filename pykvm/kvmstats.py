@@ -229,7 +229,8 @@ class StatsPrinter:
             snapshot = self.kernel.snapshot() if self.kernel is not None else None
             report = format_report([vcpu.stats for vcpu in self.vm.vcpus], self.extra(),
                                    kernel=snapshot)
-            self.out.write(f"--- pykvm stats at {time.monotonic() - started:.1f} s ---\n"
+            self.out.write(f"--- pykvm stats at {time.monotonic() - started:.1f} s (live: a "
+                           f"KVM_RUN still in progress counts as 'other' until it returns) ---\n"
                            f"{report}\n")
             self.out.flush()
             self.printed += 1
