@@ -12,11 +12,12 @@ an instruction that needed user space in one of two ways:
 - *after* user space answered: RIP still points at the instruction when
   KVM_RUN returns, and KVM moves it on during the next KVM_RUN. Always so for
   ``in``/``ins`` and MMIO reads (KVM still has to put the value in a register),
-  and for ``in``/``out`` on a VT-x/AMD-V host's fast port-I/O path;
+  and, by KVM's source, for ``in``/``out`` on a VT-x/AMD-V host's fast
+  port-I/O path (complete_fast_pio_out);
 - *before* it exited: KVM's instruction emulator writes RIP back as soon as the
-  instruction is done from the guest's point of view. So for MMIO writes on
-  every host, and for ``out``/``outs`` wherever the emulator ran them: on
-  kvm_pvm, all guest ring-0 code (real, protected and long mode).
+  instruction is done from the guest's point of view. So for MMIO writes, and
+  for ``out``/``outs`` wherever the emulator ran them: measured on kvm_pvm for
+  guest ring-0 code in real, protected and long mode, and for ring-3 MMIO.
 
 So the tracer looks at RIP first and, when the instruction there cannot have
 caused this exit, at the instruction that *ends* at RIP; when both could have
