@@ -159,6 +159,42 @@ class EventfdIrqLine(IrqLine):
                 pass
 
 
+class SharedLevelLine:
+    """A level-triggered GSI shared by several devices (PCI INTx), as a board's
+    wired-OR: high while any source holds it high. Without it one device lowering
+    the line would swallow another's pending interrupt."""
+
+    def __init__(self, line: IrqLine):
+        self._line = line
+        self._lock = threading.Lock()
+        self._high: set[int] = set()
+        self._count = 0
+
+    def source(self) -> IrqLine:
+        """A new input of the line, for one device."""
+        with self._lock:
+            self._count += 1
+            return _SharedSource(self, self._count)
+
+    def _set(self, source: int, high: bool) -> None:
+        with self._lock:
+            was_high = bool(self._high)
+            if high:
+                self._high.add(source)
+            else:
+                self._high.discard(source)
+            if bool(self._high) != was_high:
+                self._line.set_level(not was_high)
+
+
+class _SharedSource(IrqLine):
+    def __init__(self, shared: SharedLevelLine, source: int):
+        self._shared, self._source = shared, source
+
+    def set_level(self, high: bool) -> None:
+        self._shared._set(self._source, high)
+
+
 def _irqchip_entry(gsi: int, chip: int, pin: int) -> s.kvm_irq_routing_entry:
     entry = s.kvm_irq_routing_entry(gsi=gsi, type=k.KVM_IRQ_ROUTING_IRQCHIP)
     entry.u.irqchip.irqchip = chip

@@ -219,8 +219,24 @@ def test_intx_line_is_given_from_the_pci_irq_range(stand_in):
     probe = Probe()
     probe.config.set(0x3D, 1, 1)
     bus.add(probe)
-    assert probe.config.read(0x3C, 1) in layout.PCI_INTX_GSIS
-    assert probe.intx is stand_in.lines[probe.config.read(0x3C, 1)]
+    gsi = probe.config.read(0x3C, 1)
+    assert gsi in layout.PCI_INTX_GSIS
+    probe.intx.set_level(True)
+    assert stand_in.lines[gsi].level
+
+
+def test_shared_intx_line_is_a_wired_or():
+    from pykvm.interrupts import SharedLevelLine
+
+    line = RecordingLine(10)
+    shared = SharedLevelLine(line)
+    first, second = shared.source(), shared.source()
+    first.set_level(True)
+    second.set_level(True)
+    first.set_level(False)
+    assert line.level                      # the second device still holds it
+    second.set_level(False)
+    assert not line.level and line.triggered == 1
 
 
 # --- virtio-pci transport registers ------------------------------------------------------------

@@ -21,6 +21,7 @@ import threading
 from ... import layout
 from ...bus import Device
 from ...errors import ConfigError, PykvmError
+from ...interrupts import SharedLevelLine
 from .config import (COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, INTERRUPT_PIN, INTX_PIN_A,
                      ConfigSpace)
 from .device import PciDevice
@@ -67,6 +68,7 @@ class PciBus:
         self.slots: list[PciDevice | None] = [None] * SLOTS
         self._mapped: dict[tuple[int, int], int] = {}   # (slot, BAR index) -> address
         self._lock = threading.RLock()
+        self._intx_lines: dict[int, SharedLevelLine] = {}
         self.allocator = BarAllocator()
         self.config_access = ConfigMechanism1(self)
         vm.add_pio_device(layout.PCI_CONFIG_ADDRESS_PORT, 8, self.config_access)
@@ -91,7 +93,9 @@ class PciBus:
             if config.get(INTERRUPT_PIN, 1) == INTX_PIN_A:
                 gsi = layout.PCI_INTX_GSIS[slot % len(layout.PCI_INTX_GSIS)]
                 config.set(INTERRUPT_LINE, 1, gsi)
-                device.intx = self.vm.irq_line(gsi)
+                if gsi not in self._intx_lines:
+                    self._intx_lines[gsi] = SharedLevelLine(self.vm.irq_line(gsi))
+                device.intx = self._intx_lines[gsi].source()
             if any(config.bars):
                 config.set(COMMAND, 2, config.command | COMMAND_MEMORY)
             self._update_mappings(slot)
