@@ -48,7 +48,7 @@ PCI_MMIO64_START = 1 << 40    # 64-bit BAR window, far above any RAM
 # --- PCI and interrupts -----------------------------------------------------------
 PCI_CONFIG_ADDRESS_PORT = 0xCF8  # configuration mechanism #1: address (4 bytes) ...
 PCI_CONFIG_DATA_PORT = 0xCFC     # ... and data (0xCFC-0xCFF, any width)
-PCI_INTX_GSIS = (5, 9, 10, 11)   # ISA-free IRQs for PCI INTx, shared round-robin by slot
+PCI_INTX_GSIS = (5, 10, 11)      # ISA-free IRQs for PCI INTx, by slot (9 is the ACPI SCI)
 MSI_GSI_BASE = 24                # GSIs from here on carry MSI routes (0-23 are the IOAPIC's)
 
 # --- limits ---------------------------------------------------------------------
