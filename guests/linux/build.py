@@ -297,34 +297,37 @@ def build(root: Path, key: str, versions: dict[str, str], result: Path) -> None:
         staging.rename(result)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    args = parser.parse_args()
-
+def build_or_reuse(force: bool) -> Path:
+    """The cached result for the current inputs, built first if need be."""
     versions = ensure_packages()
     key = cache_key(versions)
     root = cache_root()
     result = root / f"linux-{key[:16]}"
-    if (result / "manifest.json").exists() and not args.force:
-        expose(result)
-        progress(f"cached: {OUT_LINK} -> {result}")
-        return 0
-
+    if (result / "manifest.json").exists() and not force:
+        progress("cached")
+        return result
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "linux.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time per cache
-        if args.force and result.exists():
+        if force and result.exists():
             shutil.rmtree(result)
-        if not (result / "manifest.json").exists():
-            try:
-                build(root, key, versions, result)
-            except BuildFailed as failure:
-                print(f"guest build failed: {failure}", file=sys.stderr)
-                return 1
+        if not (result / "manifest.json").exists():  # another build may have made it meanwhile
+            build(root, key, versions, result)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args()
+    try:
+        result = build_or_reuse(args.force)
+    except BuildFailed as failure:
+        print(f"guest build failed: {failure}", file=sys.stderr)
+        return 1
     expose(result)
     manifest = json.loads((result / "manifest.json").read_text())
-    progress(f"done: Linux {manifest['kernel_release']}, {OUT_LINK} -> {result}")
+    progress(f"Linux {manifest['kernel_release']}: {OUT_LINK} -> {result}")
     return 0
 
 
