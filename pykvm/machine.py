@@ -241,6 +241,10 @@ class Machine:
             parts = [LINUX_CONSOLE_CMDLINE.replace("console=ttyS0", "console=hvc0")]
         if self.virtio is None:
             parts.append("pci=off")   # no PCI devices: spare the guest the bus scan
+        else:
+            # The DSDT declares no PCI root bridge (it is kept minimal), and with ACPI
+            # Linux scans only the roots ACPI declares: have it probe bus 0 through conf1.
+            parts.append("pci=noacpi")
         if self.config.command is not None and not self.config.verbose:
             parts.append("quiet")
         parts.append(self.config.append)
