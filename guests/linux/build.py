@@ -5,7 +5,7 @@
 apt-get). Nothing binary is committed. The result lives in a cache directory
 named after a key over every input, and guests/linux/out points at it:
 
-    ${PYKVM_CACHE:-~/.cache/pykvm}/linux-<key>/
+    ${PYKVM_CACHE:-~/.cache/pykvm}/linux-<first 16 hex digits of the key>/
         bzImage  vmlinux  System.map  config  initramfs.cpio  manifest.json
 
 When that directory exists the build is a no-op (about a second). The kernel

@@ -13,7 +13,6 @@ Run: python3 -m pytest guests/linux/test_init.py
 import os
 import select
 import shutil
-import stat
 import subprocess
 import time
 from pathlib import Path
