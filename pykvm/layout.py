@@ -25,6 +25,10 @@ MPTABLE_ADDR = 0x9FC00      # MP floating pointer + table, in the last KiB of ba
 EBDA_START = 0x9FC00
 LOW_RAM_END = 0xA0000       # 640 KiB: VGA hole and BIOS ROMs follow
 ACPI_ADDR = 0xE0000         # RSDP must sit in 0xE0000..0xFFFFF
+ACPI_END = 0xF0000          # the ACPI tables (RSDP first) live in [ACPI_ADDR, ACPI_END)
+MP_CONFIG_HIGH_ADDR = 0xF0000  # MP configuration table when it outgrows the EBDA (> ~40 vCPUs)
+BDA_EBDA_SEGMENT = 0x40E    # BIOS data area: EBDA segment (word), where the MP spec looks first
+BDA_BASE_MEM_KB = 0x413     # BIOS data area: KiB of base memory below the EBDA (word)
 HIGH_RAM_START = 0x100000   # 1 MiB: where the kernel image conventionally starts
 
 # --- flat (tutorial) guests ---------------------------------------------------
@@ -50,6 +54,15 @@ PCI_CONFIG_ADDRESS_PORT = 0xCF8  # configuration mechanism #1: address (4 bytes)
 PCI_CONFIG_DATA_PORT = 0xCFC     # ... and data (0xCFC-0xCFF, any width)
 PCI_INTX_GSIS = (5, 10, 11)      # ISA-free IRQs for PCI INTx, by slot (9 is the ACPI SCI)
 MSI_GSI_BASE = 24                # GSIs from here on carry MSI routes (0-23 are the IOAPIC's)
+
+# --- ACPI fixed hardware (the FADT points here; pykvm/devices/acpi_pm.py) ---------
+ACPI_PM_BASE = 0x600        # PM1a event block (status, enable: 2+2 ports), then PM1a control
+ACPI_PM1A_EVT_BLK = 0x600
+ACPI_PM1A_EVT_LEN = 4
+ACPI_PM1A_CNT_BLK = 0x604
+ACPI_PM1A_CNT_LEN = 2
+ACPI_PM_LEN = 8             # ports ACPI_PM_BASE .. +7 belong to the PM device
+ACPI_SCI_IRQ = 9            # the SCI: ISA IRQ 9, level-triggered, as on a PIIX4 PC
 
 # --- limits ---------------------------------------------------------------------
 MIN_MEM_SIZE = 1 * MiB + 64 * KiB  # a flat guest needs at least its load area
