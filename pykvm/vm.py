@@ -152,10 +152,11 @@ class Vm:
     # --- vCPUs ------------------------------------------------------------------------------
     def create_vcpus(self, count: int) -> list[Vcpu]:
         supported = self.kvm.supported_cpuid()
-        for vcpu_id in range(len(self.vcpus), len(self.vcpus) + count):
+        total = len(self.vcpus) + count
+        for vcpu_id in range(len(self.vcpus), total):
             vcpu = Vcpu(self, vcpu_id)
             self.vcpus.append(vcpu)
-            vcpu.set_cpuid(self.quirks.adjust_cpuid(vcpu_cpuid(supported, vcpu_id, count)))
+            vcpu.set_cpuid(self.quirks.adjust_cpuid(vcpu_cpuid(supported, vcpu_id, total)))
         return self.vcpus
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -252,16 +253,22 @@ class Vm:
         while not self._stopped.wait(IDLE_CHECK_INTERVAL):
             if self._paused:
                 continue
+            dead = set()
             for i, vcpu in enumerate(self.vcpus):
                 total = vcpu.stats.total_exits
                 if total == last[i]:
                     try:
                         if vcpu.call(dead_halted, timeout=IDLE_CHECK_INTERVAL * 5):
-                            self.request_stop("halt", 0, f"guest halted with interrupts disabled "
-                                                         f"on vCPU {vcpu.id} (power-off without ACPI)")
+                            dead.add(i)
                     except (PykvmError, TimeoutError):
                         pass
                 last[i] = vcpu.stats.total_exits
+            # One dead AP is an offlined CPU (Linux parks it in cli; hlt): the guest goes on.
+            # The bootstrap processor dead, or every vCPU, is the guest's end.
+            if 0 in dead or (dead and len(dead) == len(self.vcpus)):
+                where = f"all {len(dead)} vCPUs" if 1 < len(dead) == len(self.vcpus) else "vCPU 0"
+                self.request_stop("halt", 0, f"guest halted with interrupts disabled on {where} "
+                                             f"(power-off without ACPI)")
 
     def log_exception(self, error: BaseException) -> None:
         traceback.print_exception(error, file=self.log)
@@ -272,8 +279,10 @@ class Vm:
         if self.state is State.RUNNING or self.state is State.PAUSED:
             self.request_stop("user", 0, "VM closed")
             self.wait(timeout=10)
-        for closer in reversed(self._closers):
-            closer()
+        monitor = getattr(self, "_idle_monitor", None)
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=10)   # it calls into vCPUs: done before their fds close
+        self._close_devices()
         for vcpu in self.vcpus:
             vcpu.close()
         for fd in self._eventfds:
@@ -285,6 +294,36 @@ class Vm:
     def on_close(self, closer) -> None:
         self._closers.append(closer)
 
+    def devices(self) -> list:
+        """Every device object on the PIO and MMIO buses, each once, in registration order."""
+        seen, found = set(), []
+        for bus in (self.pio_bus, self.mmio_bus):
+            for mapping in bus.mappings():
+                if id(mapping.device) not in seen:
+                    seen.add(id(mapping.device))
+                    found.append(mapping.device)
+        return found
+
+    def _close_devices(self) -> None:
+        """With the vCPUs stopped: flush() every device that has one (serial output, disk
+        caches), run the on_close hooks (a PCI bus closes its functions), then close()
+        whatever device is still on a bus. One failing device does not stop the rest."""
+        def attempt(action) -> None:
+            try:
+                action()
+            except Exception as error:
+                print(f"pykvm: closing devices: {type(error).__name__}: {error}", file=self.log)
+
+        for device in self.devices():
+            if callable(getattr(device, "flush", None)):
+                attempt(device.flush)
+        for closer in reversed(self._closers):
+            attempt(closer)
+        self._closers.clear()
+        for device in self.devices():
+            if callable(getattr(device, "close", None)):
+                attempt(device.close)
+
     def __enter__(self) -> "Vm":
         return self
 
@@ -293,22 +332,62 @@ class Vm:
 
 
 def dead_halted(vcpu: Vcpu) -> bool:
+    """HLT with interrupts off: nothing but an NMI or INIT can wake it. An application
+    processor still waiting for its INIT/SIPI (MP state UNINITIALIZED or INIT_RECEIVED,
+    KVM's start state for non-BSP vCPUs with the in-kernel LAPIC) is not HALTED."""
     return vcpu.get_mp_state() == k.KVM_MP_STATE_HALTED \
         and not vcpu.get_regs().rflags & RFLAGS_IF
 
 
 def vcpu_cpuid(supported: list[s.kvm_cpuid_entry2], vcpu_id: int, count: int):
-    """The supported CPUID, made this vCPU's: its APIC ID and the package's CPU count."""
+    """The supported CPUID, made this vCPU's: its APIC ID, and a topology of one package
+    with ``count`` cores of one thread each, told the same way by every leaf a guest may
+    read (Intel: 1, 4, 0xB, 0x1F; AMD: 0x80000001, 0x80000008, 0x8000001D, 0x8000001E)."""
+    count = max(count, 1)
+    core_bits = (count - 1).bit_length()   # APIC ID bits that number the cores
     entries = []
     for entry in supported:
         entry = s.kvm_cpuid_entry2.from_buffer_copy(entry)
-        if entry.function == 1:
+        function = entry.function
+        if function == 1:
             # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-            entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu_id << 24) | (max(count, 1) << 16)
+            entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu_id << 24) | (count << 16)
             entry.edx |= 1 << 28  # HTT: the count in EBX[23:16] is valid
-        elif entry.function == 0xB:
-            entry.edx = vcpu_id   # x2APIC ID
-        elif entry.function == 0x1F:
-            entry.edx = vcpu_id
+        elif function == 4:
+            if entry.eax & 0x1F:   # a cache: cores per package - 1, and who shares it
+                shared = count - 1 if (entry.eax >> 5) & 7 == 3 else 0   # L3: all; L1/L2: one
+                entry.eax = (entry.eax & 0x3FFF) | (shared << 14) | ((count - 1) << 26)
+        elif function in (0xB, 0x1F):
+            if entry.index != 0:
+                continue          # the levels are rebuilt below from sub-leaf 0
+            entries.extend(_extended_topology(function, vcpu_id, count, core_bits))
+            continue
+        elif function == 0x80000001:
+            # ECX bit 1 CmpLegacy: the HTT count is cores, not threads (AMD)
+            entry.ecx = entry.ecx | 2 if count > 1 else entry.ecx & ~2
+        elif function == 0x80000008:
+            # ECX[15:12] APIC ID bits for the core, ECX[7:0] cores - 1 (AMD)
+            entry.ecx = (entry.ecx & ~0xF0FF) | (core_bits << 12) | (count - 1)
+        elif function == 0x8000001D:
+            if entry.eax & 0x1F:   # AMD cache topology: EAX[25:14] sharing logical CPUs - 1
+                shared = count - 1 if (entry.eax >> 5) & 7 == 3 else 0
+                entry.eax = (entry.eax & ~(0xFFF << 14)) | (shared << 14)
+        elif function == 0x8000001E:
+            # EAX extended APIC ID; EBX[15:8] threads per core - 1, EBX[7:0] core ID;
+            # ECX[10:8] nodes per package - 1, ECX[7:0] node ID
+            entry.eax, entry.ebx, entry.ecx, entry.edx = vcpu_id, vcpu_id & 0xFF, 0, 0
         entries.append(entry)
     return entries
+
+
+def _extended_topology(function: int, vcpu_id: int, count: int, core_bits: int):
+    """Leaf 0xB (or 0x1F) sub-leaves: SMT level (1 thread), core level (``count`` cores),
+    then the invalid level that ends the list. EDX is the x2APIC ID in each."""
+    levels = [(0, 1, 1), (core_bits, count, 2), (0, 0, 0)]   # (shift, CPUs, level type)
+    out = []
+    for index, (shift, cpus, level_type) in enumerate(levels):
+        entry = s.kvm_cpuid_entry2(function=function, index=index,
+                                   flags=k.KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
+        entry.eax, entry.ebx, entry.ecx, entry.edx = shift, cpus, (level_type << 8) | index, vcpu_id
+        out.append(entry)
+    return out

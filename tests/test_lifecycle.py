@@ -1,0 +1,264 @@
+"""VM life cycle with real KVM: resource hygiene over many create/run/destroy
+cycles, devices flushed and closed on the way out, and SMP start-up through the
+in-kernel LAPIC (INIT/SIPI) with flat guests, no Linux needed."""
+
+import io
+import os
+import threading
+import time
+
+import pytest
+
+from pykvm import ioctl as k
+from pykvm import layout
+from pykvm.boot.modes import set_mode
+from pykvm.bus import Device
+from pykvm.machine import Machine, MachineConfig
+from pykvm.memory import GuestMemory
+from pykvm.vm import State, Vm
+
+from .asm import assemble
+
+CYCLES = 100
+
+
+# --- resource hygiene ---------------------------------------------------------------------
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def settled_thread_count(expected: int, timeout: float = 3.0) -> int:
+    """Threads that end on their own once a VM stops (helper threads watching it) get
+    a moment to do so."""
+    deadline = time.monotonic() + timeout
+    while threading.active_count() > expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return threading.active_count()
+
+
+@pytest.fixture(scope="module")
+def hello_guest(tmp_path_factory):
+    """A flat real-mode guest: 'ok' on the serial port, then exit status 0 on the exit port."""
+    code = assemble(f"""
+        mov $0x3f8, %dx
+        mov $'o', %al
+        out %al, %dx
+        mov $'k', %al
+        out %al, %dx
+        mov ${layout.EXIT_PORT:#x}, %dx
+        xor %al, %al
+        out %al, %dx
+    1:  hlt
+        jmp 1b""")
+    path = tmp_path_factory.mktemp("guest") / "hello.bin"
+    path.write_bytes(code)
+    return path
+
+
+def one_cycle(path, cpus: int) -> None:
+    out, err = io.BytesIO(), io.BytesIO()
+    config = MachineConfig(flat=path, mem_size=layout.MIN_MEM_SIZE + 0x10000, cpus=cpus)
+    with Machine(config, stdout=out, stderr=err) as machine:
+        stop = machine.run(timeout=30)
+        assert (stop.kind, stop.status) == ("exit", 0), stop
+        assert machine.vm.state is State.STOPPED
+    assert out.getvalue() == b"ok", (out.getvalue(), err.getvalue())
+
+
+def test_create_run_destroy_cycles_leak_nothing(kvm, hello_guest):
+    one_cycle(hello_guest, 2)           # warm-up: imports, caches, the kick handler
+    fds, maps, threads = open_fds(), mappings(), settled_thread_count(1)
+    for i in range(CYCLES):
+        one_cycle(hello_guest, 1 + i % 2)   # 1 and 2 vCPUs (an AP that never starts)
+    assert open_fds() == fds
+    assert settled_thread_count(threads) == threads
+    assert mappings() == maps
+
+
+def test_vm_close_releases_everything_even_never_started(kvm):
+    fds, maps = open_fds(), mappings()
+    for _ in range(10):
+        with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
+            vm.create_vcpus(3)
+    assert (open_fds(), mappings()) == (fds, maps)
+
+
+class Closable(Device):
+    name = "closable"
+
+    def __init__(self, log):
+        self.log = log
+
+    def flush(self):
+        self.log.append(("flush", self))
+
+    def close(self):
+        self.log.append(("close", self))
+
+
+class Broken(Closable):
+    name = "broken"
+
+    def close(self):
+        raise OSError("disk on fire")
+
+
+def test_close_flushes_then_closes_every_device_once(kvm):
+    log, messages = [], io.StringIO()
+    with GuestMemory.anonymous(2 << 20) as memory:
+        vm = Vm(kvm, memory, log=messages)
+        first, broken, mmio = Closable(log), Broken(log), Closable(log)
+        vm.add_pio_device(0x100, 4, first)
+        vm.add_pio_device(0x200, 1, first)          # a second range of the same device
+        vm.add_pio_device(0x300, 1, broken)
+        vm.add_mmio_device(0xD0000000, 0x1000, mmio)
+        vm.on_close(lambda: log.append(("closer", None)))
+        vm.close()
+        vm.close()                                   # idempotent
+    kinds = [kind for kind, _ in log]
+    assert kinds == ["flush", "flush", "flush", "closer", "close", "close"]
+    assert [d for kind, d in log if kind == "close"] == [first, mmio]
+    assert "disk on fire" in messages.getvalue()     # reported, and the others still closed
+
+
+# --- pause and resume: tests/test_core.py has the single-vCPU case -------------------------
+class Counter(Device):
+    name = "counter"
+
+    def __init__(self):
+        self.count = 0
+
+    def write(self, offset, size, value):
+        self.count += 1
+
+
+def test_pause_and_resume_with_an_ap_waiting_for_sipi(kvm):
+    """A paused 2-vCPU VM: the BSP stops counting, the AP (blocked in KVM_RUN until a
+    SIPI that never comes) is paused too; both resume; states follow the life cycle."""
+    counter = Counter()
+    code = assemble("1: out %al, $0x80\n jmp 1b", "long", origin=layout.FLAT_LOAD_ADDR)
+    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
+        vm.add_pio_device(0x80, 1, counter)
+        memory.write(layout.FLAT_LOAD_ADDR, code)
+        vm.create_vcpus(2)
+        set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
+        assert vm.state is State.CREATED
+        vm.start()
+        assert vm.state is State.RUNNING
+        time.sleep(0.3)
+        vm.pause()
+        assert vm.state is State.PAUSED
+        frozen = counter.count
+        time.sleep(0.3)
+        assert counter.count == frozen > 0
+        assert vm.vcpus[1].call(lambda v: v.get_mp_state()) == k.KVM_MP_STATE_UNINITIALIZED
+        vm.resume()
+        assert vm.state is State.RUNNING
+        time.sleep(0.3)
+        assert counter.count > frozen
+        vm.request_stop("user", 0, "test done")
+        assert vm.wait(timeout=5).kind == "user"
+        assert vm.state is State.STOPPED
+        assert not any(v.thread.is_alive() for v in vm.vcpus)
+
+
+# --- SMP: application processors start through the in-kernel LAPIC --------------------------
+AP_VECTOR = 0x30            # SIPI vector: the AP starts in real mode at 0x30000
+AP_ADDR = AP_VECTOR << 12
+AP_PORT, GO_PORT = 0x82, 0x81
+
+
+class Gate(Device):
+    """Port GO_PORT reads 0 until the test opens it; AP_PORT records the AP's hello."""
+
+    name = "gate"
+
+    def __init__(self):
+        self.open = False
+        self.hello = []
+
+    def read(self, offset, size):
+        return int(self.open)
+
+    def write(self, offset, size, value):
+        self.hello.append(value)
+
+
+def smp_guest(bsp_end: str) -> tuple[bytes, bytes]:
+    """BSP (long mode): LAPIC on, INIT + SIPI + SIPI to APIC ID 1, wait for the gate, then
+    ``bsp_end``.
+    AP (real mode at AP_ADDR): say hello on AP_PORT, then cli; hlt forever."""
+    bsp = assemble(f"""
+        mov $0xfee000f0, %edi
+        movl $0x1ff, (%rdi)              # SVR: software-enable the BSP's LAPIC (KVM sends no
+        mov $0xfee00310, %edi            # IPI from a disabled one; every OS enables it first)
+        movl $(1 << 24), (%rdi)          # ICR high: destination APIC ID 1
+        mov $0xfee00300, %edi
+        movl $0x4500, (%rdi)             # INIT, assert
+        movl $0x{0x4600 | AP_VECTOR:x}, (%rdi)   # STARTUP
+        movl $0x{0x4600 | AP_VECTOR:x}, (%rdi)   # STARTUP again, as the MP spec does
+        mov ${GO_PORT:#x}, %dx
+    1:  in %dx, %al
+        test %al, %al
+        jz 1b
+        {bsp_end}""", "long", origin=layout.FLAT_LOAD_ADDR)
+    ap = assemble(f"""
+        mov ${AP_PORT:#x}, %dx
+        mov $0xa5, %al
+        out %al, %dx
+        cli
+    1:  hlt
+        jmp 1b""")
+    return bsp, ap
+
+
+def run_smp(kvm, bsp_end: str, open_after: float):
+    gate = Gate()
+    bsp, ap = smp_guest(bsp_end)
+    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
+        vm.add_pio_device(GO_PORT, 2, gate)
+        vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
+        memory.write(layout.FLAT_LOAD_ADDR, bsp)
+        memory.write(AP_ADDR, ap)
+        vm.create_vcpus(2)
+        assert [v.get_mp_state() for v in vm.vcpus] == \
+            [k.KVM_MP_STATE_RUNNABLE, k.KVM_MP_STATE_UNINITIALIZED]
+        set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
+        vm.start()
+        deadline = time.monotonic() + 20
+        while not gate.hello and time.monotonic() < deadline and not vm.stop_requested:
+            time.sleep(0.05)
+        assert gate.hello == [0xA5], "the AP did not start"
+        assert vm.vcpus[1].stats.pio[(AP_PORT, "out")] == 1
+        time.sleep(open_after)
+        gate.open = True
+        stop = vm.wait(timeout=20)
+        return stop, vm
+
+
+class ExitPort(Device):
+    name = "exit"
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def write(self, offset, size, value):
+        self.vm.request_stop("exit", value, f"guest exit {value}")
+
+
+def test_ap_starts_by_init_sipi_and_a_halted_ap_does_not_end_the_vm(kvm):
+    """The AP ends in cli; hlt (as Linux parks an offlined CPU). For several idle-monitor
+    rounds only the BSP runs: the VM must go on until the BSP exits by itself."""
+    stop, vm = run_smp(kvm, f"mov $7, %al\n mov ${layout.EXIT_PORT:#x}, %dx\n out %al, %dx",
+                       open_after=3.5)
+    assert (stop.kind, stop.status) == ("exit", 7), stop
+
+
+def test_bsp_halted_with_interrupts_off_ends_an_smp_vm(kvm):
+    stop, _ = run_smp(kvm, "cli\n 2: hlt\n jmp 2b", open_after=0)
+    assert stop.kind == "halt" and "all 2 vCPUs" in stop.message, stop   # the AP halted too
