@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from . import layout
 from .errors import ConfigError, ImageError, PykvmError
+from .images import read_image_file
 from .kvm import DEFAULT_DEVICE, Kvm
 from .memory import GuestMemory
 from .vm import Stop, Vm
@@ -202,7 +203,7 @@ class Machine:
         from .boot.modes import set_mode
 
         if config.flat is not None:
-            image = read_image(config.flat, "flat binary")
+            image = read_image_file(config.flat, "flat binary")
             load = layout.FLAT_LOAD_ADDR
             room = self.memory.size - load if self.memory.size <= layout.PCI_HOLE_START \
                 else layout.PCI_HOLE_START - load
@@ -214,7 +215,7 @@ class Machine:
             return None
         from .boot.linux import load_linux
 
-        initrd = read_image(config.initrd, "initrd") if config.initrd else b""
+        initrd = read_image_file(config.initrd, "initrd") if config.initrd else b""
         if config.command is not None:
             from .boot.cpio import command_archive
             initrd = pad4(initrd) + command_archive(config.command)
@@ -297,22 +298,6 @@ class Machine:
 def pad4(data: bytes) -> bytes:
     """Concatenated initramfs archives must start 4-byte aligned."""
     return data + b"\0" * (-len(data) % 4)
-
-
-def read_image(path: Path, what: str) -> bytes:
-    try:
-        if Path(path).is_dir():
-            raise ImageError(f"{path}: is a directory, not a {what}")
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such {what}") from None
-    except PermissionError:
-        raise ImageError(f"{path}: no permission to read the {what}") from None
-    except OSError as error:
-        raise ImageError(f"{path}: cannot read the {what}: {error.strerror}") from None
-    if not data:
-        raise ImageError(f"{path}: the {what} is empty")
-    return data
 
 
 def default_guest_dir() -> Path | None:

@@ -184,7 +184,8 @@ def test_unreadable_files_are_image_errors(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(bz, "open", forbidden, raising=False)
+    import pykvm.images
+    monkeypatch.setattr(pykvm.images, "open", forbidden, raising=False)
     with pytest.raises(ImageError, match=r"secret: initrd image is not readable \(permission denied\)"):
         read_image_file(write(tmp_path, "secret", b"x"), "initrd")
 

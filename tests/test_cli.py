@@ -87,7 +87,7 @@ def test_flat_image_larger_than_ram(tmp_path):
 
 
 @pytest.mark.parametrize("content, fragment", [
-    (None, "no such"),
+    (None, "not found"),
     (b"", "empty"),
 ], ids=["missing", "empty"])
 def test_unreadable_flat_images(tmp_path, content, fragment):

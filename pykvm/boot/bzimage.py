@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import ImageError
+from ..images import read_image_file
 
 # --- setup header offsets (boot.rst name, size) -----------------------------------
 # The same offsets hold in the kernel file and in struct boot_params (the zero
@@ -55,25 +56,6 @@ XLF_KERNEL_64 = 1 << 0      # the kernel has the 64-bit entry point at load addr
 # (edd_mbr_sig_buffer at 0x290), since loaders copy it there.
 MIN_HEADER_END = INIT_SIZE + 4
 MAX_HEADER_END = 0x290
-
-
-def read_image_file(path: str | os.PathLike, what: str = "kernel") -> bytes:
-    """The whole content of an image file, or an ImageError naming the file and the problem."""
-    name = os.fspath(path)
-    try:
-        with open(name, "rb") as image:
-            data = image.read()
-    except FileNotFoundError:
-        raise ImageError(f"{name}: {what} image not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory, not a {what} image") from None
-    except PermissionError:
-        raise ImageError(f"{name}: {what} image is not readable (permission denied)") from None
-    except OSError as error:
-        raise ImageError(f"{name}: cannot read {what} image: {error.strerror}") from None
-    if not data:
-        raise ImageError(f"{name}: {what} image is empty")
-    return data
 
 
 def protocol_text(version: int) -> str:
