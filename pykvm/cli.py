@@ -375,8 +375,9 @@ def report_stop(stop, config) -> int:
     if stop.kind in ("error", "crash"):
         print(f"pykvm: error: {stop.message}", file=sys.stderr)
         return stop.status or 1
-    if stop.kind == "poweroff" or (config.command is None and stop.kind != "exit"):
-        # A guest that powers itself off (ACPI S5) has finished, with a command or without.
+    if stop.kind in ("poweroff", "halt") or (config.command is None and stop.kind != "exit"):
+        # A guest that powers itself off (ACPI S5; without ACPI Linux halts with interrupts
+        # off instead) has finished, with a command or without: status 0.
         print(f"pykvm: {stop.message}", file=sys.stderr)
     elif config.command is not None and stop.kind != "exit":
         print(f"pykvm: the guest stopped before the command finished: {stop.message}",
