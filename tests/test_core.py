@@ -11,7 +11,7 @@ from pykvm.boot.modes import set_mode
 from pykvm.errors import ConfigError, GuestMemoryError, KvmUnavailable
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
-from pykvm.vm import Vm
+from pykvm.vm import State, Vm
 
 from .asm import assemble
 
@@ -180,17 +180,22 @@ def test_pause_stops_progress_and_resume_continues(kvm):
         memory.write(layout.FLAT_LOAD_ADDR, code)
         vm.create_vcpus(1)
         set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
+        assert vm.state is State.CREATED
         vm.start()
+        assert vm.state is State.RUNNING
         time.sleep(0.3)
         vm.pause()
+        assert vm.state is State.PAUSED
         frozen = len(counter.writes)
         time.sleep(0.3)
         assert len(counter.writes) == frozen and frozen > 0
         vm.resume()
+        assert vm.state is State.RUNNING
         time.sleep(0.3)
         assert len(counter.writes) > frozen
         vm.request_stop("user", 0, "test done")
         assert vm.wait(timeout=5).kind == "user"
+        assert vm.state is State.STOPPED
         assert not any(v.thread.is_alive() for v in vm.vcpus)
 
 

@@ -4,6 +4,9 @@ in-kernel LAPIC (INIT/SIPI) with flat guests, no Linux needed."""
 
 import io
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -262,3 +265,33 @@ def test_ap_starts_by_init_sipi_and_a_halted_ap_does_not_end_the_vm(kvm):
 def test_bsp_halted_with_interrupts_off_ends_an_smp_vm(kvm):
     stop, _ = run_smp(kvm, "cli\n 2: hlt\n jmp 2b", open_after=0)
     assert stop.kind == "halt" and "all 2 vCPUs" in stop.message, stop   # the AP halted too
+
+
+# --- the CLI: signals stop the VM gracefully ---------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_gracefully_with_128_plus_signal(kvm, tmp_path, signum):
+    """Output the guest wrote is flushed, the status says which signal (130, 143)."""
+    code = assemble("""
+        mov $0x3f8, %dx
+        mov $'a', %al
+        out %al, %dx
+        mov $'b', %al
+        out %al, %dx
+    1:  jmp 1b""")
+    guest = tmp_path / "spin.bin"
+    guest.write_bytes(code)
+    child = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--flat", str(guest)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        time.sleep(2.0)
+        child.send_signal(signum)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    name = signal.Signals(signum).name
+    assert child.returncode == 128 + signum, err
+    assert out == b"ab"
+    assert f"stopped by {name}".encode() in err
