@@ -138,16 +138,17 @@ class BlockDevice(VirtioDevice):
             raise VirtqueueError(f"block request {chain.head} has a header of "
                                  f"{chain.readable_len} bytes, not {_HEADER.size}")
         kind, _, sector = _HEADER.unpack(gather(chain.readable, _HEADER.size))
-        status_byte = slice_views(chain.writable, writable_len - 1, 1)[0]
-        data_in = slice_views(chain.writable, 0, writable_len - 1)
+        status_byte, data_in = _split_status(chain.writable, writable_len)
         written = 0
         if kind == VIRTIO_BLK_T_IN:
             status = self._transfer(os.preadv, data_in, sector, "read")
             if status == VIRTIO_BLK_S_OK:
                 written = writable_len - 1
         elif kind == VIRTIO_BLK_T_OUT:
+            data_out = chain.readable[1:] if len(chain.readable[0]) == _HEADER.size else \
+                slice_views(chain.readable, _HEADER.size)   # the usual layout, or any other
             status = VIRTIO_BLK_S_IOERR if self.read_only else \
-                self._transfer(os.pwritev, slice_views(chain.readable, _HEADER.size), sector, "write")
+                self._transfer(os.pwritev, data_out, sector, "write")
         elif kind == VIRTIO_BLK_T_FLUSH:
             status = self._flush()
         elif kind == VIRTIO_BLK_T_GET_ID:
@@ -194,3 +195,13 @@ class BlockDevice(VirtioDevice):
         if self.fd >= 0:
             os.close(self.fd)   # also drops the flock
             self.fd = -1
+
+
+def _split_status(writable: list[memoryview], total: int) -> tuple[memoryview, list[memoryview]]:
+    """(the status byte, the data buffers before it): the last writable byte is the status."""
+    last = writable[-1]
+    if len(last) == 1:                  # Linux's layout: the status in a descriptor of its own
+        return last, writable[:-1]
+    if len(last) > 1:
+        return last[len(last) - 1:], writable[:-1] + [last[:len(last) - 1]]
+    return slice_views(writable, total - 1, 1)[0], slice_views(writable, 0, total - 1)
