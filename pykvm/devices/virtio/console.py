@@ -8,6 +8,9 @@ puts the kernel log and /dev/console there.
 The host side is the same as the serial port's: input comes through
 :meth:`receive` (the HostConsole's receive callable, on its own thread), output
 goes to an object with ``write(bytes)`` (the machine's console router).
+Input typed before the driver is ready is kept for it, through device resets
+(Linux resets the device when it probes it): it is the host's type-ahead, not
+device state.
 """
 
 from __future__ import annotations
@@ -77,8 +80,3 @@ class ConsoleDevice(VirtioDevice):
             return True
         with self._input_lock:
             return bool(self._input)
-
-    def reset(self) -> None:
-        super().reset()
-        with self._input_lock:
-            self._input.clear()
