@@ -1,0 +1,420 @@
+"""The host side of a virtual NIC, plumbed with pyroute2: what `--net` asks for.
+
+    --net tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]
+
+For each NIC, :func:`open_nic` opens the TAP (creating it, or attaching to an
+existing one of that name), then, with pyroute2's IPRoute, enslaves it to the
+bridge BR (creating BR if there is none), puts the host address CIDR on the
+bridge (or on the TAP when there is no bridge), and brings the links up. With
+``netns=NS`` all of it happens inside the named network namespace NS
+(/run/netns/NS, as made by `ip netns add`): the TAP is created there and never
+appears in pykvm's own namespace.
+
+Every change is recorded as it succeeds, and :meth:`NicBackend.close` undoes
+exactly those, newest first, in the namespace where they were made: a TAP pykvm
+created goes away with its fd, a bridge pykvm created is deleted once no other
+port is left on it, an address pykvm added is removed, a pre-existing TAP is
+taken out of the bridge, brought down again if pykvm brought it up, and its
+offloads are reset. Links and addresses that were there before are left as they
+were. A failure half-way through undoes what was done so far.
+
+The guest's MAC: ``mac=`` or a stable default, :func:`default_mac` -- locally
+administered, derived by hashing the machine's identity and the NIC's index, so
+the same configuration gets the same MAC on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import ipaddress
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..ioctl.call import libc
+from .tap import Tap, TapError, valid_ifname
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+IFF_UP = 0x1
+
+_setns = libc.setns
+_setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_setns.restype = ctypes.c_int
+
+
+# --- MAC addresses ------------------------------------------------------------------------
+_MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
+
+
+def parse_mac(text: str) -> bytes:
+    """'52:54:00:12:34:56' (or with '-') -> 6 bytes; a unicast, non-zero address."""
+    if not _MAC.match(text):
+        raise ConfigError(f"MAC address {text!r} is malformed (use six hex bytes, "
+                          f"e.g. 52:54:00:12:34:56)")
+    mac = bytes(int(part, 16) for part in re.split("[:-]", text))
+    if mac[0] & 1:
+        raise ConfigError(f"MAC address {text} is a multicast address (the first byte must "
+                          f"be even)")
+    if mac == bytes(6):
+        raise ConfigError("MAC address 00:00:00:00:00:00 is not a valid station address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def default_mac(machine_key: str, index: int) -> bytes:
+    """A locally administered unicast MAC derived from the machine and the NIC index:
+    the same for the same configuration on every run, different per NIC."""
+    digest = hashlib.sha256(f"pykvm-net\0{machine_key}\0{index}".encode()).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+def machine_key(config) -> str:
+    """What identifies a machine for its default MACs: the guest it boots, its disks
+    and its NICs' host ends (not memory or vCPUs, which may change freely)."""
+    parts = [str(getattr(config, "kernel", None) or getattr(config, "flat", None) or "")]
+    parts += [str(getattr(disk, "path", disk)) for disk in getattr(config, "disks", [])]
+    parts += [f"{n.tap or ''}/{n.bridge or ''}/{n.netns or ''}" for n in getattr(config, "nets", [])]
+    return "\n".join(parts)
+
+
+# --- the --net option ------------------------------------------------------------------------
+NET_USAGE = "tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]"
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One --net argument."""
+
+    tap: str | None = None                 # None: a new TAP named pykvmN by the kernel
+    mac: bytes | None = None               # None: default_mac(machine, index)
+    bridge: str | None = None
+    host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    netns: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "NetSpec":
+        kind, *options = text.split(",")
+        backend, _, tap = kind.partition("=")
+        if backend != "tap":
+            raise ConfigError(f"--net {text!r}: unknown backend {backend!r} (use {NET_USAGE})")
+        if _ and not tap:
+            raise ConfigError(f"--net {text!r}: empty TAP name after tap=")
+        values: dict = {"tap": tap or None}
+        if tap and not valid_ifname(tap):
+            raise ConfigError(f"--net {text!r}: {tap!r} is not a valid interface name "
+                              f"(1 to 15 characters, no '/', ':' or spaces)")
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or not value:
+                raise ConfigError(f"--net {text!r}: option {option!r} needs a value "
+                                  f"(use {NET_USAGE})")
+            if key in ("mac", "bridge", "host-ip", "netns") and key.replace("-", "_") in values:
+                raise ConfigError(f"--net {text!r}: {key} given twice")
+            if key == "mac":
+                values["mac"] = parse_mac(value)
+            elif key == "bridge":
+                if not valid_ifname(value) or "%" in value:
+                    raise ConfigError(f"--net {text!r}: {value!r} is not a valid bridge name")
+                values["bridge"] = value
+            elif key == "host-ip":
+                values["host_ip"] = parse_cidr(value)
+            elif key == "netns":
+                if "/" in value or value in (".", ".."):
+                    raise ConfigError(f"--net {text!r}: {value!r} is not a namespace name "
+                                      f"(a name under {NETNS_DIR}, as `ip netns add` makes)")
+                values["netns"] = value
+            else:
+                raise ConfigError(f"--net {text!r}: unknown option {key!r} (use {NET_USAGE})")
+        return cls(**values)
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """'10.0.2.2/24' -> an address with its prefix; the prefix is required."""
+    if "/" not in text:
+        raise ConfigError(f"host-ip {text!r}: give an address with its prefix length, "
+                          f"e.g. 10.0.2.2/24")
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise ConfigError(f"host-ip {text!r} is not an address/prefix (e.g. 10.0.2.2/24 "
+                          f"or fd00::2/64)") from None
+    if interface.ip.is_multicast or interface.ip.is_unspecified:
+        raise ConfigError(f"host-ip {text}: not a host address")
+    return interface
+
+
+def check_specs(specs: list[NetSpec]) -> None:
+    """Conflicts between NICs: the same TAP twice, the same MAC twice."""
+    seen_taps, seen_macs = set(), set()
+    for spec in specs:
+        if spec.tap and "%" not in spec.tap:
+            where = (spec.netns, spec.tap)
+            if where in seen_taps:
+                raise ConfigError(f"--net: TAP {spec.tap} is given twice")
+            seen_taps.add(where)
+        if spec.mac:
+            if spec.mac in seen_macs:
+                raise ConfigError(f"--net: MAC {format_mac(spec.mac)} is given twice")
+            seen_macs.add(spec.mac)
+
+
+# --- network namespaces ------------------------------------------------------------------------
+def open_netns(name: str | None) -> int:
+    """An fd of the named namespace, or of this thread's own when ``name`` is None."""
+    path = "/proc/thread-self/ns/net" if name is None else os.path.join(NETNS_DIR, name)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"network namespace {name!r} does not exist (create it with "
+                          f"`ip netns add {name}`)") from None
+    except OSError as error:
+        raise ConfigError(f"cannot open network namespace {name!r}: {error.strerror}") from None
+
+
+@contextlib.contextmanager
+def entered_netns(fd: int):
+    """Run the body with this thread in the network namespace ``fd``; back after it.
+    (setns acts on the calling thread only: pykvm's other threads are not moved.)"""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(own).st_ino == os.fstat(fd).st_ino:
+            yield
+            return
+        if _setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise ConfigError(f"cannot enter the network namespace: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if _setns(own, CLONE_NEWNET) != 0:   # pragma: no cover - cannot fail for our own ns
+                raise OSError(ctypes.get_errno(), "setns back to pykvm's namespace failed")
+    finally:
+        os.close(own)
+
+
+# --- one NIC's host side ------------------------------------------------------------------------
+def _netlink_error(what: str, error: BaseException) -> ConfigError:
+    code = getattr(error, "code", None)
+    text = os.strerror(code) if isinstance(code, int) and code > 0 else str(error)
+    if code == errno.EPERM:
+        text += " (network configuration needs root or CAP_NET_ADMIN)"
+    return ConfigError(f"{what}: {text}")
+
+
+def _link(ipr, name: str):
+    found = ipr.link_lookup(ifname=name)
+    return ipr.get_links(found[0])[0] if found else None
+
+
+def link_kind(message) -> str:
+    info = message.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    if kind == "tun":
+        data = info.get_attr("IFLA_INFO_DATA")
+        tun_type = data.get_attr("IFLA_TUN_TYPE") if data is not None else None
+        return {1: "tun", 2: "tap"}.get(tun_type, "tap")
+    return kind or ("loopback" if message.get_attr("IFLA_IFNAME") == "lo" else "device")
+
+
+def tun_flags(message) -> int | None:
+    """The IFF_* flags a TUN/TAP link was last attached with, from its link info."""
+    from .tap import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR
+
+    info = message.get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    if data is None or data.get_attr("IFLA_TUN_TYPE") is None:
+        return None
+    flags = IFF_TAP if data.get_attr("IFLA_TUN_TYPE") == 2 else IFF_TUN
+    flags |= 0 if data.get_attr("IFLA_TUN_PI") else IFF_NO_PI
+    flags |= IFF_VNET_HDR if data.get_attr("IFLA_TUN_VNET_HDR") else 0
+    flags |= IFF_MULTI_QUEUE if data.get_attr("IFLA_TUN_MULTI_QUEUE") else 0
+    return flags
+
+
+class NicBackend:
+    """One NIC's host end: the open :class:`Tap` and the changes made around it."""
+
+    def __init__(self, spec: NetSpec, mac: bytes):
+        self.spec = spec
+        self.mac = mac
+        self.tap: Tap | None = None
+        self.mtu = 1500
+        self.bridge_created = False
+        self._undo: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._ns_fd = open_netns(spec.netns)
+
+    @property
+    def fd(self) -> int:
+        return self.tap.fd
+
+    @property
+    def name(self) -> str:
+        return self.tap.name
+
+    def describe(self) -> str:
+        parts = [f"TAP {self.tap.name}{'' if self.tap.created else ' (existing)'}",
+                 f"MAC {format_mac(self.mac)}"]
+        if self.spec.bridge:
+            parts.append(f"bridge {self.spec.bridge}{' (created)' if self.bridge_created else ''}")
+        if self.spec.host_ip:
+            parts.append(f"host {self.spec.host_ip}")
+        if self.spec.netns:
+            parts.append(f"netns {self.spec.netns}")
+        return ", ".join(parts)
+
+    # --- set-up -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        spec = self.spec
+        with entered_netns(self._ns_fd):
+            try:
+                with IPRoute() as ipr:
+                    existing = None
+                    if spec.tap and "%" not in spec.tap:
+                        existing = _link(ipr, spec.tap)
+                        if existing is not None and link_kind(existing) != "tap":
+                            raise TapError(f"{spec.tap} is in use by a non-TAP link "
+                                           f"({link_kind(existing)}): choose another TAP name")
+                    self.tap = Tap(spec.tap)
+                    self._undo.append(("close-tap", None))
+                    if not self.tap.created and existing is not None:
+                        self.tap.restore_flags = tun_flags(existing)
+                    tap_link = ipr.get_links(self.tap.ifindex)[0]
+                    self.mtu = tap_link.get_attr("IFLA_MTU") or 1500
+                    if not self.tap.created:
+                        self._undo.append(("offload", None))
+                    target = self.tap.ifindex
+                    if spec.bridge:
+                        target = self._bridge(ipr, tap_link)
+                    if spec.host_ip:
+                        self._address(ipr, target)
+                    if not tap_link["flags"] & IFF_UP:
+                        ipr.link("set", index=self.tap.ifindex, state="up")
+                        if not self.tap.created:
+                            self._undo.append(("down", self.tap.ifindex))
+            except NetlinkError as error:
+                self.close()
+                raise _netlink_error(f"--net {self._label()}", error) from None
+            except BaseException:
+                self.close()
+                raise
+
+    def _label(self) -> str:
+        return self.tap.name if self.tap is not None else (self.spec.tap or "tap")
+
+    def _bridge(self, ipr, tap_link) -> int:
+        name = self.spec.bridge
+        bridge = _link(ipr, name)
+        if bridge is None:
+            ipr.link("add", ifname=name, kind="bridge")
+            bridge = _link(ipr, name)
+            self.bridge_created = True
+            self._undo.append(("delete-bridge", bridge["index"]))
+        elif link_kind(bridge) != "bridge":
+            raise ConfigError(f"--net {self._label()}: {name} exists and is a "
+                              f"{link_kind(bridge)} link, not a bridge")
+        index = bridge["index"]
+        if not bridge["flags"] & IFF_UP:
+            ipr.link("set", index=index, state="up")
+            if not self.bridge_created:
+                self._undo.append(("down", index))
+        previous = tap_link.get_attr("IFLA_MASTER") or 0
+        if previous != index:
+            ipr.link("set", index=self.tap.ifindex, master=index)
+            if not self.tap.created:
+                self._undo.append(("master", previous))
+        return index
+
+    def _address(self, ipr, index: int) -> None:
+        interface = self.spec.host_ip
+        address, prefix = str(interface.ip), interface.network.prefixlen
+        for message in ipr.get_addr(index=index):
+            if message.get_attr("IFA_ADDRESS") == address and message["prefixlen"] == prefix:
+                return   # already there: not ours to remove
+        ipr.addr("add", index=index, address=address, prefixlen=prefix)
+        self._undo.append(("address", (index, address, prefix)))
+
+    # --- clean-up ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Undo what set-up did, newest first; safe to call twice and from any thread."""
+        with self._lock:
+            if self._ns_fd < 0:
+                return
+            problems = []
+            try:
+                with entered_netns(self._ns_fd):
+                    self._run_undo(problems)
+            except Exception as error:   # noqa: BLE001 - keep cleaning what can be cleaned
+                problems.append(str(error))
+                self._close_tap()
+            os.close(self._ns_fd)
+            self._ns_fd = -1
+            if problems:
+                import sys
+                print(f"pykvm: --net {self._label()}: clean-up: {'; '.join(problems)}",
+                      file=sys.stderr)
+
+    def _run_undo(self, problems: list[str]) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        ipr = None
+        try:
+            while self._undo:
+                action, argument = self._undo.pop()
+                if action == "close-tap":
+                    self._close_tap()
+                    continue
+                if action == "offload":
+                    continue   # Tap.close resets offloads of a TAP it did not create
+                if ipr is None:
+                    ipr = IPRoute()
+                try:
+                    if action == "down":
+                        ipr.link("set", index=argument, state="down")
+                    elif action == "master":
+                        ipr.link("set", index=self.tap.ifindex, master=argument)
+                    elif action == "address":
+                        index, address, prefix = argument
+                        ipr.addr("del", index=index, address=address, prefixlen=prefix)
+                    elif action == "delete-bridge":
+                        others = [link for link in ipr.get_links()
+                                  if link.get_attr("IFLA_MASTER") == argument
+                                  and (self.tap is None or link["index"] != self.tap.ifindex)]
+                        if not others:
+                            ipr.link("del", index=argument)
+                except NetlinkError as error:
+                    if error.code not in (errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENOENT):
+                        problems.append(f"{action}: {os.strerror(error.code)}")
+        finally:
+            if ipr is not None:
+                ipr.close()
+
+    def _close_tap(self) -> None:
+        if self.tap is not None:
+            self.tap.close()
+
+    def __enter__(self) -> "NicBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_nic(spec: NetSpec, mac: bytes) -> NicBackend:
+    """Open and plumb one NIC's TAP; ConfigError (one line) on bad input."""
+    backend = NicBackend(spec, mac)
+    backend.setup()
+    return backend
