@@ -6,14 +6,13 @@ NEEDS_RESET), never as another exception, and no buffer handed to a device may
 lie outside guest RAM.
 """
 
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm.devices.virtio.driver import DriverRing
-from pykvm.devices.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+from pykvm.devices.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT,
                                         DescriptorChain, Virtqueue, VirtqueueError, gather,
                                         need_event, scatter, slice_views)
 from pykvm.memory import GuestMemory
