@@ -106,7 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
 KEY_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IRQ_ROUTING",
                     "SIGNAL_MSI", "IMMEDIATE_EXIT", "SET_TSS_ADDR", "MP_STATE", "VCPU_EVENTS",
                     "READONLY_MEM", "SET_GUEST_DEBUG", "BINARY_STATS_FD")
+    snapshots = run.add_argument_group("snapshots and control (pykvm/snapshot, pykvm/control.py)")
+    snapshots.add_argument("--restore", type=Path, metavar="DIR",
+                           help="resume the guest saved in the snapshot directory DIR (the "
+                                "machine comes from the snapshot: no boot or device options)")
+    snapshots.add_argument("--api-sock", metavar="PATH",
+                           help="serve JSON requests (pause, resume, snapshot, stop, status, "
+                                "stats) on the Unix socket PATH; see `pykvm ctl`")
 REQUIRED_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IMMEDIATE_EXIT")
+
+    ctl = commands.add_parser(
+        "ctl", help="talk to a running pykvm through its --api-sock",
+        usage="pykvm ctl SOCKET ACTION [ARGS]",
+        description="Send one request to `pykvm run --api-sock SOCKET` and print the JSON "
+                    "response. ACTION: status, pause, resume, snapshot DIR, stats, stop.")
+    ctl.add_argument("socket", metavar="SOCKET", help="the path given to --api-sock")
+    ctl.add_argument("words", nargs="+", metavar="ACTION [ARGS]", help="what to do")
+    ctl.set_defaults(handler=cmd_ctl)
 HOST_KIND_TEXT = {
     "kvm_intel": "Intel VT-x",
     "kvm_amd": "AMD-V",
@@ -203,26 +219,36 @@ def cmd_run(args) -> int:
     if args.command_args is not None:
         if args.flat:
             from .errors import ConfigError
+    if args.restore is not None:
+        check_restore_options(args)
             raise ConfigError("-- CMD runs a command in a Linux guest; it cannot go with --flat")
         config.command = guest_command_line(args.command_args)
-    if config.flat is None and config.kernel is None:
+    if config.flat is None and config.kernel is None and args.restore is None:
         config.kernel, default_initrd = default_linux_guest()
         config.initrd = config.initrd or default_initrd
     progress = sys.stderr.isatty()
     started = time.monotonic()
     observers = Observers(args)
     try:
-        machine = Machine(config, stdin=None if config.command is not None else sys.stdin.buffer,
-                          tracer=observers.tracer)
+        if args.restore is not None:
+            from .snapshot import restore_machine
+            machine = restore_machine(args.restore, stdin=sys.stdin.buffer, tracer=observers.tracer)
+            config = machine.config
+            config.stats, config.verbose = args.stats, args.verbose
+        else:
+            machine = Machine(config, stdin=None if config.command is not None
+                              else sys.stdin.buffer, tracer=observers.tracer)
     except BaseException:
         observers.__exit__(None, None, None)
         raise
-    with machine, observers:
+    with machine, observers, control_socket(args.api_sock, machine):
         observers.attach(machine)
         if progress and machine.vm.quirks.summary:
             print(f"pykvm: host is {machine.kvm.host_kind}: "
                   f"{machine.vm.quirks.summary[0]}", file=sys.stderr)
-        if progress and config.kernel:
+        if progress and args.restore is not None:
+            print(f"pykvm: resuming the guest saved in {args.restore}", file=sys.stderr)
+        elif progress and config.kernel:
             print(f"pykvm: booting {config.kernel} with {format_mem(config.mem_size)}, "
                   f"{config.cpus} vCPU(s)...", file=sys.stderr)
         install_stop_signals(machine)
@@ -251,6 +277,45 @@ def add_observing_options(group) -> None:
     group.add_argument("--symbols", metavar="FILE",
                        help="name guest addresses in the trace as func+0xoff: an ELF file "
                             "(vmlinux, a tutorial guest's .elf) or a System.map")
+RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
+                     ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
+                     ("disk", []), ("console", "serial"), ("rng", False))
+
+
+def check_restore_options(args) -> None:
+    """--restore takes the whole machine from the snapshot: options that would build
+    another one are refused rather than ignored."""
+    from .errors import ConfigError
+
+    given = [f"--{name.replace('_', '-')}" for name, default in RESTORE_CONFLICTS
+             if getattr(args, name) != default]
+    if args.command_args is not None:
+        given.append("-- CMD")
+    if given:
+        raise ConfigError(f"--restore takes the machine from the snapshot; drop {', '.join(given)}")
+
+
+def control_socket(path, machine):
+    """The --api-sock server for ``machine`` (a context manager), or nothing."""
+    import contextlib
+
+    if path is None:
+        return contextlib.nullcontext()
+    from .control import ControlServer
+    return ControlServer(path, machine)
+
+
+# --- pykvm ctl ---------------------------------------------------------------------------------
+def cmd_ctl(args) -> int:
+    import json
+
+    from .control import parse_command, request
+
+    response = request(args.socket, parse_command(args.words))
+    print(json.dumps(response, indent=1))
+    return 0 if response.get("ok") else 1
+
+
     group.add_argument("--stats-interval", type=float, metavar="SECONDS",
                        help="print the --stats table to stderr every SECONDS while the guest runs")
     group.add_argument("--stats-plot", metavar="FILE",

@@ -128,7 +128,10 @@ class Machine:
     """Build with a config, then :meth:`run`; always :meth:`close` (or use ``with``)."""
 
     def __init__(self, config: MachineConfig, *, stdout: BinaryIO | None = None,
-                 stderr: BinaryIO | None = None, stdin: BinaryIO | None = None, tracer=None):
+                 stderr: BinaryIO | None = None, stdin: BinaryIO | None = None, tracer=None,
+                 memory: GuestMemory | None = None):
+        """With ``memory`` (a snapshot's RAM, which the machine then owns) no guest is
+        loaded: the caller restores the saved state instead (pykvm/snapshot)."""
         config.validate()
         self.config = config
         self.stdout = stdout or sys.stdout.buffer
@@ -144,12 +147,12 @@ class Machine:
         self.virtio = None
         try:
             self.kvm = Kvm(config.kvm_device)
-            self.memory = GuestMemory.anonymous(config.mem_size)
+            self.memory = memory if memory is not None else GuestMemory.anonymous(config.mem_size)
             self.vm = Vm(self.kvm, self.memory, tracer=tracer)
             self._add_legacy_devices()
             self._add_virtio_devices()
             self.vm.create_vcpus(config.cpus)
-            self.boot_info = self._load_guest()
+            self.boot_info = self._load_guest() if memory is None else None
         except BaseException:
             self.close()
             raise

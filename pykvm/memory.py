@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -72,6 +73,31 @@ class GuestMemory:
             raise GuestMemoryError(f"memory size {mem_size} is not a positive multiple of 4 KiB")
         return cls([MemoryRegion(start, size, _map_anonymous(size))
                     for start, size in ram_ranges(mem_size)])
+
+    @classmethod
+    def from_file(cls, path: str, layout: list[tuple[int, int, int]]) -> "GuestMemory":
+        """RAM mapped copy-on-write from a file (a snapshot's memory.bin): ``layout``
+        lists (guest_addr, size, file_offset) per region. Guest writes stay private to
+        this mapping; the file is never changed, so one file serves many VMs."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        regions: list[MemoryRegion] = []
+        try:
+            for guest_addr, size, file_offset in layout:
+                if size <= 0 or size % PAGE_SIZE or file_offset % PAGE_SIZE:
+                    raise GuestMemoryError(f"{path}: region {guest_addr:#x}+{size:#x} at file "
+                                           f"offset {file_offset:#x} is not page-aligned")
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=file_offset)
+                if hasattr(mmap, "MADV_DONTDUMP"):
+                    mapping.madvise(mmap.MADV_DONTDUMP)
+                regions.append(MemoryRegion(guest_addr, size, mapping))
+        except BaseException:
+            for region in regions:
+                region.close()
+            raise
+        finally:
+            os.close(fd)   # the mappings keep the file
+        return cls(regions)
 
     @property
     def size(self) -> int:

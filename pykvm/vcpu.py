@@ -166,6 +166,15 @@ class Vcpu:
         events.flags = 0
         self.set_events(events)
 
+    def save_state(self) -> dict:
+        """Everything KVM holds for this vCPU, JSON-able (pykvm/snapshot/kvmstate.py)."""
+        from .snapshot.kvmstate import save_vcpu
+        return save_vcpu(self)
+
+    def restore_state(self, state: dict) -> None:
+        from .snapshot.kvmstate import restore_vcpu
+        restore_vcpu(self, state, log=self.vm.log)
+
     def describe_registers(self) -> str:
         """A register dump for crash messages."""
         try:

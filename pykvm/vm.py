@@ -120,6 +120,15 @@ class Vm:
             slot=slot, flags=flags, guest_phys_addr=guest_addr, memory_size=size,
             userspace_addr=host_addr))
 
+    def save_state(self) -> dict:
+        """The in-kernel PIC, IOAPIC, PIT and clock, JSON-able (pykvm/snapshot/kvmstate.py)."""
+        from .snapshot.kvmstate import save_vm
+        return save_vm(self)
+
+    def restore_state(self, state: dict) -> None:
+        from .snapshot.kvmstate import restore_vm
+        restore_vm(self, state)
+
     def irq_line(self, gsi: int) -> KvmIrqLine:
         return KvmIrqLine(self.fd, gsi)
 

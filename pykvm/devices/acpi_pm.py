@@ -46,6 +46,14 @@ class AcpiPm(Device):
         self.control = SCI_EN
         self.sleeps: list[int] = []   # SLP_TYP of every sleep request, in order
 
+    def save_state(self) -> dict:
+        return {"status": self.status, "enable": self.enable, "control": self.control}
+
+    def restore_state(self, state: dict) -> None:
+        self.status = state["status"] & 0xFFFF
+        self.enable = state["enable"] & 0xFFFF
+        self.control = state["control"] & 0xFFFF & ~SLP_EN
+
     def _registers(self) -> bytes:
         control = (self.control | SCI_EN) & ~CNT_WRITE_ONLY
         return (self.status.to_bytes(2, "little") + self.enable.to_bytes(2, "little")

@@ -110,6 +110,30 @@ class I8042(Device):
         self.reset_requests = 0
         self.unknown_commands = 0
 
+    _STATE = ("ctr", "output_port", "pending_command", "last_write_was_command", "data",
+              "data_full", "data_from_aux", "data_timed_out")
+
+    def save_state(self) -> dict:
+        with self._lock:
+            state = {name: getattr(self, f"_{name}") for name in self._STATE}
+            state.update(kbd_level=self._kbd_level, aux_level=self._aux_level)
+            return state
+
+    def restore_state(self, state: dict) -> None:
+        values = {name: state[name] for name in self._STATE}
+        pending = values["pending_command"]
+        if pending is not None and pending not in PARAMETER_COMMANDS:
+            raise ValueError(f"i8042: {pending!r} is not a command that takes a parameter")
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, f"_{name}", value)
+            self._ctr &= 0xFF
+            self._output_port &= 0xFF
+            self._data &= 0xFF
+            # The new VM's lines are low: raise again what the controller held high.
+            self._kbd_level = self._aux_level = False
+            self._update_irqs()
+
     def read(self, offset: int, size: int) -> int:
         with self._lock:
             if offset == DATA:

@@ -19,6 +19,7 @@ IRQ 8 and register C always reads 0), daylight saving, and the divider chain.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from datetime import datetime, timezone
@@ -83,6 +84,28 @@ class Rtc(Device):
         self._held: dict[str, int] | None = None   # the time fields while SET is raised
         self.nmi_masked = False
         self.invalid_time_writes = 0
+
+    def save_state(self) -> dict:
+        """CMOS RAM, the selected register, and the guest's clock as an offset from
+        the host's (so the restored clock keeps running with host time)."""
+        with self._lock:
+            return {"index": self._index, "cmos": base64.b64encode(bytes(self._cmos)).decode(),
+                    "offset": self._offset, "held": dict(self._held) if self._held else None,
+                    "nmi_masked": self.nmi_masked}
+
+    def restore_state(self, state: dict) -> None:
+        cmos = base64.b64decode(state["cmos"], validate=True)
+        if len(cmos) != CMOS_SIZE:
+            raise ValueError(f"rtc: CMOS image of {len(cmos)} bytes, not {CMOS_SIZE}")
+        held = state["held"]
+        if held is not None and set(held) != set(TIME_FIELDS.values()):
+            raise ValueError("rtc: held time fields incomplete")
+        with self._lock:
+            self._index = state["index"] & INDEX_MASK
+            self._cmos = bytearray(cmos)
+            self._offset = float(state["offset"])
+            self._held = {name: int(value) for name, value in held.items()} if held else None
+            self.nmi_masked = bool(state["nmi_masked"])
 
     def read(self, offset: int, size: int) -> int:
         if offset != DATA:

@@ -30,6 +30,7 @@ one host system call per byte.
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 from collections import deque
@@ -276,6 +277,47 @@ class Serial(Device):
 
     def close(self) -> None:
         self._output.close()
+
+    # --- snapshots (pykvm/snapshot) ---------------------------------------------
+
+    def save_state(self) -> dict:
+        """Registers, the RX FIFO, host input not yet in it, and the interrupt line."""
+        with self._lock:
+            return {"ier": self._ier, "lcr": self._lcr, "mcr": self._mcr, "scr": self._scr,
+                    "divisor": self._divisor, "fifo_enabled": self._fifo_enabled,
+                    "rx_trigger": self._rx_trigger,
+                    "rx_fifo": base64.b64encode(bytes(self._rx_fifo)).decode(),
+                    "host_queue": base64.b64encode(bytes(self._host_queue)).decode(),
+                    "overrun": self._overrun, "thr_pending": self._thr_pending,
+                    "msr_deltas": self._msr_deltas, "irq_level": self._irq_level,
+                    "tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes,
+                    "rx_dropped": self.rx_dropped}
+
+    def restore_state(self, state: dict) -> None:
+        rx_fifo = base64.b64decode(state["rx_fifo"], validate=True)
+        host_queue = base64.b64decode(state["host_queue"], validate=True)
+        if len(rx_fifo) > FIFO_SIZE or state["rx_trigger"] not in RX_TRIGGER_LEVELS:
+            raise ValueError("serial: RX FIFO state out of range")
+        with self._lock:
+            self._ier = state["ier"] & IER_DEFINED
+            self._lcr = state["lcr"] & 0xFF
+            self._mcr = state["mcr"] & MCR_DEFINED
+            self._scr = state["scr"] & 0xFF
+            self._divisor = state["divisor"] & 0xFFFF
+            self._fifo_enabled = bool(state["fifo_enabled"])
+            self._rx_trigger = state["rx_trigger"]
+            self._rx_fifo = deque(rx_fifo)
+            self._host_queue = deque(host_queue[:self._host_queue_limit])
+            self._overrun = bool(state["overrun"])
+            self._thr_pending = bool(state["thr_pending"])
+            self._msr_deltas = state["msr_deltas"] & 0x0F
+            self.tx_bytes, self.rx_bytes = state["tx_bytes"], state["rx_bytes"]
+            self.rx_dropped = state["rx_dropped"]
+            # The new VM's line is low: raise it again if the UART held it high.
+            self._irq_level = False
+            if state["irq_level"]:
+                self._irq_level = True
+                self._irq.set_level(True)
 
     @property
     def baud(self) -> int:

@@ -33,6 +33,14 @@ class Quirks:
     def instruction_at_rip(self, vcpu) -> tuple[int, bytes]:
         return code_at_rip(vcpu)
 
+    def save_state(self) -> dict:
+        """What pykvm keeps for the guest on this host (a snapshot carries it)."""
+        return {"name": self.name}
+
+    def restore_state(self, state: dict) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"quirks of {state['name']} given to {self.name}")
+
 
 def for_host(kind: str) -> Quirks:
     if kind == "kvm_pvm":

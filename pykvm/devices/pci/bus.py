@@ -160,6 +160,37 @@ class PciBus:
         """Where BAR ``index`` of the device in ``slot`` decodes now, or None."""
         return self._mapped.get((slot, index))
 
+    # --- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """conf1's address register, and per slot the config space (BARs, command,
+        MSI-X control) and what the function itself keeps."""
+        with self._lock:
+            slots = {}
+            for slot, device in self.devices():
+                slots[str(slot)] = {
+                    "name": device.name, "config": device.config.save_state(),
+                    "device": device.save_state() if hasattr(device, "save_state") else None}
+            return {"conf1_address": self.config_access.address, "slots": slots}
+
+    def restore_state(self, state: dict) -> None:
+        """Onto a bus built from the same configuration: the same functions in the same
+        slots. BARs the guest moved are mapped where it put them."""
+        with self._lock:
+            saved = state["slots"]
+            present = {str(slot): device for slot, device in self.devices()}
+            if set(saved) != set(present):
+                raise ValueError(f"PCI slots {sorted(saved)} saved, {sorted(present)} present")
+            self.config_access.address = state["conf1_address"] & 0x80FFFFFC
+            for key, device in present.items():
+                if saved[key]["name"] != device.name:
+                    raise ValueError(f"PCI slot {key}: {saved[key]['name']} saved, "
+                                     f"{device.name} present")
+                device.config.restore_state(saved[key]["config"])
+                self._update_mappings(int(key))
+            for key, device in present.items():
+                if saved[key]["device"] is not None:
+                    device.restore_state(saved[key]["device"])
+
     def close(self) -> None:
         with self._lock:
             for slot, device in self.devices():

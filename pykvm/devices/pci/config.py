@@ -13,6 +13,7 @@ follow its Enable and Function Mask bits).
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,6 +126,19 @@ class ConfigSpace:
     def set_status_bit(self, bit: int, on: bool) -> None:
         status = self.get(STATUS, 2)
         self.set(STATUS, 2, status | bit if on else status & ~bit)
+
+    # --- snapshots: the bytes are the state (masks and capabilities follow from the device) ---
+    def save_state(self) -> dict:
+        return {"data": base64.b64encode(bytes(self.data)).decode()}
+
+    def restore_state(self, state: dict) -> None:
+        data = base64.b64decode(state["data"], validate=True)
+        if len(data) != CONFIG_SIZE:
+            raise ValueError(f"PCI config space of {len(data)} bytes, not {CONFIG_SIZE}")
+        if data[:4] != self.data[:4]:
+            raise ValueError(f"PCI config space of device {data[2:4][::-1].hex()} given to "
+                             f"{self.data[2:4][::-1].hex()}")
+        self.data[:] = data
 
     # --- the guest's side --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

@@ -15,6 +15,7 @@ message address low, high, message data, vector control (bit 0 = masked).
 
 from __future__ import annotations
 
+import base64
 import struct
 import threading
 
@@ -83,6 +84,29 @@ class MsixTable(Device):
 
     def pending(self, vector: int) -> bool:
         return self._pending[vector]
+
+    # --- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The vector table, pending bits and each vector's GSI (Enable and Function
+        Mask live in config space, saved with it)."""
+        with self._lock:
+            return {"table": base64.b64encode(bytes(self._table)).decode(),
+                    "pending": [v for v in range(self.vectors) if self._pending[v]],
+                    "gsis": [getattr(line, "gsi", None) for line in self._lines]}
+
+    def restore_state(self, state: dict) -> None:
+        """After the config space: restores the table and routes the live vectors."""
+        table = base64.b64decode(state["table"], validate=True)
+        if len(table) != len(self._table):
+            raise ValueError(f"MSI-X table of {len(table)} bytes, not {len(self._table)}")
+        if state["gsis"] != [getattr(line, "gsi", None) for line in self._lines]:
+            raise ValueError("MSI-X vectors sit on other GSIs than when the snapshot was taken")
+        with self._lock:
+            self._table[:] = table
+            self._pending = [False] * self.vectors
+            for vector in state["pending"]:
+                self._pending[vector] = True
+        self._deliver_unmasked()
 
     # --- the device's side -----------------------------------------------------------------
     def notify(self, vector: int) -> bool:

@@ -1,0 +1,291 @@
+"""The control socket: a running machine answers JSON requests on a Unix socket.
+
+``pykvm run --api-sock PATH`` serves it; ``pykvm ctl PATH ACTION [ARGS]`` is its client.
+One request per line, one response per line, any number per connection:
+
+    {"action": "status"}                         -> {"ok": true, "state": "running", ...}
+    {"action": "pause"} / {"action": "resume"}   -> {"ok": true, "state": "paused"|"running"}
+    {"action": "snapshot", "path": "DIR"}        -> {"ok": true, "snapshot": {sizes, seconds}}
+    {"action": "stats"}                          -> {"ok": true, "vcpus": [per-vCPU exit counts]}
+    {"action": "stop"}                           -> {"ok": true, "state": "stopping"}
+    anything wrong                               -> {"ok": false, "error": "one line"}
+
+A request may carry an ``"id"``, echoed in its response. A snapshot of a running VM
+pauses it for the snapshot and resumes it after; a paused VM stays paused.
+
+The requests are shaped after Firecracker's API so that its REST layer can be put in
+front of this one without new semantics: :func:`from_firecracker` maps a method, path
+and JSON body of Firecracker's API to a request here (``PATCH /vm {"state": "Paused"}``
+is ``pause``, ``PUT /snapshot/create {"snapshot_path": ...}`` is ``snapshot``, ...). An
+HTTP front end parses the request line and body, calls it, and sends the response
+back with 204 when ``ok`` (200 with a body for GET), 400 with
+``{"fault_message": error}`` otherwise. Loading a snapshot is not a request: as with
+Firecracker, a snapshot is loaded into a fresh process (``pykvm run --restore DIR``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, PykvmError
+
+MAX_REQUEST = 1 << 16
+ACTIONS = ("status", "pause", "resume", "snapshot", "stats", "stop")
+
+
+class ControlError(PykvmError):
+    """The control socket cannot be served, reached, or answered a request with an error."""
+
+
+class ControlServer:
+    """Serves ``path`` for ``machine`` on a thread of its own until :meth:`close`; the
+    socket file is removed then. Use as a context manager."""
+
+    def __init__(self, path, machine, *, log=sys.stderr):
+        self.path = str(path)
+        self.machine = machine
+        self.log = log
+        self.started = time.monotonic()
+        self._lock = threading.Lock()     # one state-changing request at a time
+        self._closed = False
+        self._sock = _listen(self.path)
+        self._thread = threading.Thread(target=self._serve, name="api-sock", daemon=True)
+        self._thread.start()
+
+    # --- serving ------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                connection, _ = self._sock.accept()
+            except OSError:
+                return            # closed
+            threading.Thread(target=self._connection, args=(connection,), name="api-conn",
+                             daemon=True).start()
+
+    def _connection(self, connection: socket.socket) -> None:
+        with connection, connection.makefile("rwb", buffering=0) as stream:
+            while not self._closed:
+                try:
+                    line = stream.readline(MAX_REQUEST + 1)
+                except OSError:
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                response = self.handle_line(line)
+                try:
+                    stream.write(json.dumps(response).encode() + b"\n")
+                except OSError:
+                    return
+                if response.get("state") == "stopping":
+                    self.machine.vm.request_stop("user", 0, "stopped through the control socket")
+
+    def handle_line(self, line: bytes) -> dict:
+        if len(line) > MAX_REQUEST:
+            return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+        try:
+            request = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return {"ok": False, "error": f"not a JSON request: {error}"}
+        return self.handle(request)
+
+    def handle(self, request) -> dict:
+        """Answer one request (a dict); never raises."""
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "a request is a JSON object with an \"action\""}
+        action = request.get("action")
+        response: dict
+        try:
+            if action not in ACTIONS:
+                raise ControlError(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+            with self._lock:
+                response = getattr(self, f"_do_{action}")(request)
+            response = {"ok": True, **response}
+        except PykvmError as error:
+            text = str(error).strip()
+            response = {"ok": False, "error": text.splitlines()[0] if text else type(error).__name__}
+        except Exception as error:   # a bug must not take the server down
+            response = {"ok": False, "error": f"internal error: {type(error).__name__}: {error}"}
+        if "id" in request:
+            response["id"] = request["id"]
+        return response
+
+    # --- actions --------------------------------------------------------------------------------
+    def _state(self) -> str:
+        vm = self.machine.vm
+        return "stopping" if vm.stop_requested else vm.state.value
+
+    def _do_status(self, request) -> dict:
+        machine = self.machine
+        return {"state": self._state(), "pykvm_version": __version__,
+                "host_kind": machine.kvm.host_kind, "vcpus": len(machine.vm.vcpus),
+                "mem_size": machine.config.mem_size, "uptime_s": round(
+                    time.monotonic() - self.started, 3)}
+
+    def _do_pause(self, request) -> dict:
+        self._running_vm().pause()
+        return {"state": self._state()}
+
+    def _do_resume(self, request) -> dict:
+        self._running_vm().resume()
+        return {"state": self._state()}
+
+    def _do_stop(self, request) -> dict:
+        return {"state": "stopping"}     # the stop follows the response (_connection)
+
+    def _do_stats(self, request) -> dict:
+        return {"state": self._state(), "vcpus": [v.stats.as_dict() for v in self.machine.vm.vcpus]}
+
+    def _do_snapshot(self, request) -> dict:
+        from .snapshot import save_snapshot
+
+        path = request.get("path")
+        if not isinstance(path, str) or not path:
+            raise ControlError("snapshot needs a \"path\": the directory to write it to")
+        self._running_vm()
+        info = save_snapshot(self.machine, path)
+        return {"state": self._state(), "snapshot": info.as_dict()}
+
+    def _running_vm(self):
+        vm = self.machine.vm
+        if vm.stop_requested:
+            raise ControlError("the VM is stopping")
+        return vm
+
+    # --- the end -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "ControlServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _listen(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``; a stale socket file there is replaced, a live
+    one (another pykvm) or any other file is an error."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"--api-sock {path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)       # nobody listens: left over from a killed pykvm
+        else:
+            raise ConfigError(f"--api-sock {path}: another process serves this socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"--api-sock {path}: cannot listen: {error.strerror}") from None
+    return sock
+
+
+# --- the client -------------------------------------------------------------------------------------
+def request(path, message: dict, timeout: float = 600.0) -> dict:
+    """Send one request to the socket at ``path``; returns the response dict."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlError(f"{path}: no such control socket (is pykvm running with "
+                               f"--api-sock {path}?)") from None
+        except OSError as error:
+            what = "nobody serves it" if error.errno == errno.ECONNREFUSED else error.strerror
+            raise ControlError(f"{path}: cannot connect: {what}") from None
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        with sock.makefile("rb") as stream:
+            line = stream.readline()
+    except socket.timeout:
+        raise ControlError(f"{path}: no answer within {timeout:g} s") from None
+    finally:
+        sock.close()
+    if not line:
+        raise ControlError(f"{path}: the VM closed the connection without answering")
+    return json.loads(line)
+
+
+def parse_command(words: list[str]) -> dict:
+    """``pykvm ctl PATH`` arguments after the path: ACTION [ARGS] -> a request."""
+    if not words:
+        raise ConfigError(f"pykvm ctl: give an action: {', '.join(ACTIONS)}")
+    action, args = words[0], words[1:]
+    if action not in ACTIONS:
+        raise ConfigError(f"pykvm ctl: unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    if action == "snapshot":
+        if len(args) != 1:
+            raise ConfigError("pykvm ctl PATH snapshot DIR: give the snapshot directory")
+        return {"action": action, "path": str(Path(args[0]).absolute())}
+    if args:
+        raise ConfigError(f"pykvm ctl: {action} takes no arguments")
+    return {"action": action}
+
+
+# --- Firecracker's API, mapped ----------------------------------------------------------------------
+def from_firecracker(method: str, path: str, body: dict | None = None) -> dict:
+    """The request here for a Firecracker API call (the part of it pykvm has)."""
+    body = body or {}
+    method, path = method.upper(), "/" + path.strip("/")
+    if (method, path) == ("PATCH", "/vm"):
+        state = body.get("state")
+        if state in ("Paused", "Resumed"):
+            return {"action": "pause" if state == "Paused" else "resume"}
+        raise ControlError(f"PATCH /vm: state {state!r} is not Paused or Resumed")
+    if (method, path) == ("PUT", "/snapshot/create"):
+        if body.get("snapshot_type", "Full") != "Full":
+            raise ControlError("only full snapshots are supported")
+        snapshot = body.get("snapshot_path")
+        if not snapshot:
+            raise ControlError("PUT /snapshot/create: snapshot_path is required")
+        # Firecracker writes two files; pykvm writes one directory holding both.
+        return {"action": "snapshot", "path": str(Path(snapshot).parent
+                                                   if body.get("mem_file_path") else snapshot)}
+    if (method, path) == ("PUT", "/actions"):
+        kind = body.get("action_type")
+        if kind == "SendCtrlAltDel":
+            return {"action": "stop"}
+        raise ControlError(f"PUT /actions: {kind!r} is not supported")
+    if (method, path) == ("GET", "/"):
+        return {"action": "status"}
+    if (method, path) == ("GET", "/vm"):
+        return {"action": "status"}
+    if (method, path) == ("GET", "/metrics"):
+        return {"action": "stats"}
+    raise ControlError(f"{method} {path}: not part of pykvm's API")
