@@ -22,7 +22,8 @@ the table gives median, min, max and spread of µs per exit, and the last line i
 
     python3 bench/exits.py            # 5 rounds of 20000 exits each side
     python3 bench/exits.py --quick    # a tiny run: checks that everything works
-    python3 bench/exits.py --record   # also append the result to bench/RESULTS.md
+    python3 bench/exits.py --ring 3   # the guest's loop in ring 3 (see exit_loop.S)
+    python3 bench/exits.py --record   # also add a row to bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -253,21 +254,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pykvm overhead per exit: {p_cpu - c_cpu:.2f} µs CPU, {p_wall - c_wall:.2f} µs wall "
           f"(medians); wall-time ratio {p_wall / c_wall:.3f}")
     if args.record:
-        record(host_kind, args, c_cpu, p_cpu, ratio, c_wall, p_wall)
+        record(host_kind, args, c_cpu, p_cpu, ratio, c_wall, p_wall, load_before)
     print(f"ratio: {ratio:.3f}")
     return 0
 
 
+ROWS_MARKER = "<!-- exits.py --record adds rows above this line -->"
+
+
 def record(host_kind: str, args, c_cpu: float, p_cpu: float, ratio: float,
-           c_wall: float, p_wall: float) -> None:
-    """Append one row to the table that ends bench/RESULTS.md."""
+           c_wall: float, p_wall: float, load: float) -> None:
+    """Add one row to the exits table in bench/RESULTS.md (above ROWS_MARKER)."""
     row = (f"| {datetime.date.today().isoformat()} | {host_kind} | {args.ring} | {c_cpu:.2f} | "
-           f"{p_cpu:.2f} | {ratio:.3f} | {c_wall:.2f} / {p_wall:.2f} | "
+           f"{p_cpu:.2f} | {ratio:.3f} | {c_wall:.2f} / {p_wall:.2f} | {load:.1f} | "
            f"{args.exits} × {args.rounds} |\n")
     text = RESULTS.read_text() if RESULTS.exists() else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    RESULTS.write_text(text + row)
+    if ROWS_MARKER in text:
+        text = text.replace(ROWS_MARKER, row + ROWS_MARKER, 1)
+    else:
+        text += ("" if not text or text.endswith("\n") else "\n") + row
+    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ _EXIT_AND_IO = struct.Struct("<I20xBBHIQ")
 # --- loops that do less than pykvm (what each ingredient costs) -----------------------------
 class DispatchOnly(Vcpu):
     """ioctl (pykvm's ctypes call), decode the port, bus lookup, device call.
-    No statistics, no timing: the floor of a Python VMM with this call style."""
+    No statistics, no timing: the floor of a Python VMM with this call style.
+    (Kicks are served as in pykvm: the idle monitor, seeing no exits counted,
+    kicks the vCPU once a second.)"""
 
     def run_loop(self):
         vm, fd, buf, run = self.vm, self.fd, self._run_map, k.raw_ioctl
@@ -62,10 +64,18 @@ class DispatchOnly(Vcpu):
         unpack_io = _IO.unpack_from
         while not vm.stop_requested:
             if run(fd, KVM_RUN, None) < 0:
-                raise KvmError("KVM_RUN", ctypes.get_errno())
+                self._interrupted(ctypes.get_errno())
+                continue
             direction, size, port, count, data_offset = unpack_io(buf, _EXIT_OFFSET)
             device, offset = ports[port]
             device.write(offset, size, buf[data_offset])
+
+    def _interrupted(self, err: int) -> None:
+        if err not in (errno.EINTR, errno.EAGAIN):
+            raise KvmError("KVM_RUN", err)
+        self._run_map[_IMMEDIATE_EXIT_OFFSET] = 0
+        self._serve_requests()
+        self.vm.wait_while_paused(self)
 
 
 class DispatchOnlyPlain(DispatchOnly):
@@ -77,7 +87,8 @@ class DispatchOnlyPlain(DispatchOnly):
         unpack_io = _IO.unpack_from
         while not vm.stop_requested:
             if run(fd, KVM_RUN, 0) < 0:
-                raise KvmError("KVM_RUN", ctypes.get_errno())
+                self._interrupted(ctypes.get_errno())
+                continue
             direction, size, port, count, data_offset = unpack_io(buf, _EXIT_OFFSET)
             device, offset = ports[port]
             device.write(offset, size, buf[data_offset])
@@ -85,21 +96,23 @@ class DispatchOnlyPlain(DispatchOnly):
 
 class DispatchOnlyFcntl(DispatchOnly):
     """DispatchOnly with fcntl.ioctl (a C builtin, releases the GIL). Python >= 3.14
-    retries ioctl on EINTR, which would swallow pykvm's kicks: not a candidate for
-    pykvm, measured to show what the call style costs."""
+    retries ioctl on EINTR, which would swallow pykvm's kicks (see ProposedFcntl)."""
 
     def run_loop(self):
         vm, fd, buf, run = self.vm, self.fd, self._run_map, fcntl.ioctl
         ports = vm.pio_bus.ports
         unpack_io = _IO.unpack_from
         while not vm.stop_requested:
-            run(fd, KVM_RUN)
+            try:
+                run(fd, KVM_RUN)
+            except OSError as error:
+                self._interrupted(error.errno)
+                continue
             direction, size, port, count, data_offset = unpack_io(buf, _EXIT_OFFSET)
             device, offset = ports[port]
             device.write(offset, size, buf[data_offset])
 
 
-# --- pykvm's loop with one ingredient removed or changed ------------------------------------
 NO_TIMING = (("drop", "t0 = clock()"), ("drop", "t1 = clock()"),
              ("drop", "stats.guest_ns += t1 - t0"), ("drop", "stats.handler_ns += clock() - t1"),
              ("sub", "trace.pio(self, t0, t1, clock(),", "trace.pio(self, 0, 0, 0,"))
@@ -258,6 +271,15 @@ ProposedFcntlNoTimingLeanStats = _edited(
      "port_counts[port << 1 | direction] += 1"),
     ("sub", "pio_counts = stats.pio", "port_counts = _PORT_COUNTS"))
 
+# The least a loop with exact counts can do: as the one above, and the bus's port
+# dictionary's get bound once (pykvm's PioBus swaps the dict on every register, so
+# this needs PioBus to update it in place instead).
+ProposedMinimal = _edited(
+    ProposedFcntlNoTimingLeanStats, "ProposedMinimal",
+    "ProposedFcntlNoTimingLeanStats with ports.get bound once",
+    ("sub", "pio = vm.pio_bus", "ports_get = vm.pio_bus.ports.get"),
+    ("sub", "entry = pio.ports.get(port)", "entry = ports_get(port)"))
+
 
 VARIANTS: dict[str, type | None] = {
     "current": None,  # pykvm's Vcpu as it is: what bench/exits.py measures
@@ -278,13 +300,14 @@ VARIANTS: dict[str, type | None] = {
     "proposed, fcntl, lean stats": ProposedFcntlLeanStats,
     "proposed, fcntl, no timing": ProposedFcntlNoTiming,
     "proposed, fcntl, no timing, lean": ProposedFcntlNoTimingLeanStats,
+    "minimal with exact counts": ProposedMinimal,
 }
 
 
 def profile(variants: list[str], rounds: int, count: int, raw: Path | None = None,
-            wall: bool = False) -> None:
+            wall: bool = False, ring: int = 0) -> None:
     with bench.Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-prof-") as tmp:
-        setup = bench.Setup(Path(tmp), 0, count)
+        setup = bench.Setup(Path(tmp), ring, count)
         bench.run_c(setup.c_binary, setup.image_path, count)  # warm-up
         pairs: dict[str, list[tuple[float, float]]] = {}
         for name in variants:
@@ -299,11 +322,13 @@ def profile(variants: list[str], rounds: int, count: int, raw: Path | None = Non
             print(f"round {i + 1}/{rounds} done", file=sys.stderr)
         host_kind = kvm.host_kind
     if raw is not None:
-        raw.write_text(json.dumps({"host_kind": host_kind, "exits": count, "pairs": pairs}))
-    report(host_kind, count, rounds, pairs, wall)
+        raw.write_text(json.dumps({"host_kind": host_kind, "exits": count, "ring": ring,
+                                   "pairs": pairs}))
+    report(host_kind, count, rounds, pairs, wall, ring)
 
 
-def report(host_kind: str, count: int, rounds: int, pairs: dict, wall: bool = False) -> None:
+def report(host_kind: str, count: int, rounds: int, pairs: dict, wall: bool = False,
+           ring: int = 0) -> None:
     """Per variant, of its µs per exit (process CPU time, or wall time): min, median,
     and two ratios: the median over all pairs of (variant run / the C run next to
     it), and the same over the quiet pairs only -- those whose C run was within
@@ -313,7 +338,7 @@ def report(host_kind: str, count: int, rounds: int, pairs: dict, wall: bool = Fa
     pairs = {name: [pick(run) for run in runs] for name, runs in pairs.items()}
     all_c = [c for runs in pairs.values() for c, _ in runs]
     c_min = min(all_c)
-    print(f"host kind: {host_kind}; guest ring 0; {count} exits per run, {rounds} rounds; "
+    print(f"host kind: {host_kind}; guest ring {ring}; {count} exits per run, {rounds} rounds; "
           f"{'wall' if wall else 'process CPU'} time; "
           f"C: min {c_min:.2f} µs, median {statistics.median(all_c):.2f} µs")
     print(f"{'loop':<30}{'min µs':>8}{'median':>8}{'min-Cmin':>10}{'ratio':>7}"
@@ -391,6 +416,8 @@ def main() -> int:
                         help=f"loops to measure (default all: {', '.join(VARIANTS)})")
     parser.add_argument("-r", "--rounds", type=int, default=15)
     parser.add_argument("-n", "--exits", type=int, default=5000)
+    parser.add_argument("--ring", type=int, choices=(0, 3), default=0,
+                        help="ring of the guest's loop (as bench/exits.py --ring)")
     parser.add_argument("--micro", action="store_true", help="per-operation costs only")
     parser.add_argument("--raw", type=Path, help="also write every (C, variant) pair to this JSON file")
     parser.add_argument("--wall", action="store_true",
@@ -403,9 +430,10 @@ def main() -> int:
     elif args.report:
         data = json.loads(args.report.read_text())
         rounds = max(len(runs) for runs in data["pairs"].values())
-        report(data["host_kind"], data["exits"], rounds, data["pairs"], args.wall)
+        report(data["host_kind"], data["exits"], rounds, data["pairs"], args.wall,
+               data.get("ring", 0))
     else:
-        profile(args.variants, args.rounds, args.exits, args.raw, args.wall)
+        profile(args.variants, args.rounds, args.exits, args.raw, args.wall, args.ring)
     return 0
 
 

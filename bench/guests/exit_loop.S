@@ -12,18 +12,18 @@
  *   4. writes status 0 to pykvm's exit port 0xF4.
  *
  * Which ring (the bench's --ring, default 0), measured on kvm_pvm:
- * ring-0 code is emulated there (~0.5 us per instruction) and ring-3 code runs
- * natively, so a ring-3 loop looked like the way to time the exit alone. It is
- * not: an `out` from ring 3 (allowed by IOPL = 3) costs ~38 us per round trip in
- * the C reference, against ~12 us from ring 0 (where `out`, `dec`, `jnz` are
- * emulated, ~1.5 us of it). On this host a ring-3 port access traps into the
- * PVM hypervisor, which must fetch and decode the instruction through the
- * guest's page tables before it can exit to user space; in ring 0 the
- * instruction is already in the emulator's hands. The VMM's own per-exit cost
- * is the same in both rings, so the smaller fixed cost, ring 0, gives the
- * strictest ratio, and it is what real guests do (kernel drivers touch ports
- * from ring 0). On VT-x/AMD-V hosts both rings run natively and the choice
- * hardly matters. The prologue (a dozen instructions) runs before the timed span.
+ * ring-0 code is emulated there (~0.5-0.8 us per instruction) and ring-3 code
+ * runs natively, so a ring-3 loop looked like the way to time the exit alone.
+ * It is not: an `out` from ring 3 (allowed by IOPL = 3) costs ~35 us per round
+ * trip in the C reference, against ~10 us from ring 0 (where `out`, `dec`,
+ * `jnz` are emulated, ~2 us of it). A ring-3 port access leaves natively run
+ * guest code through a much longer path than the emulator's, and the VMM's own
+ * user-space work after it is slower too (pykvm's per-exit overhead: ~9 us after
+ * ring-3 exits, ~4 us after ring-0 ones; presumably it starts with colder caches).
+ * Ring 0 has the smaller fixed cost, so the stricter ratio, and it is where real
+ * guests do port I/O (kernel drivers). On VT-x/AMD-V hosts both rings run
+ * natively and the choice hardly matters. The prologue below (a dozen
+ * instructions) runs before the timed span.
  */
 
         .code64
