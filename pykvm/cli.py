@@ -98,14 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("-v", "--verbose", action="store_true",
                         help="with -- CMD: show the guest's boot log on stderr")
     add_observing_options(output)
-    run.set_defaults(handler=cmd_run)
-    return parser
-
-
-# --- pykvm check ---------------------------------------------------------------------------
-KEY_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IRQ_ROUTING",
-                    "SIGNAL_MSI", "IMMEDIATE_EXIT", "SET_TSS_ADDR", "MP_STATE", "VCPU_EVENTS",
-                    "READONLY_MEM", "SET_GUEST_DEBUG", "BINARY_STATS_FD")
     snapshots = run.add_argument_group("snapshots and control (pykvm/snapshot, pykvm/control.py)")
     snapshots.add_argument("--restore", type=Path, metavar="DIR",
                            help="resume the guest saved in the snapshot directory DIR (the "
@@ -113,7 +105,7 @@ KEY_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IRQ
     snapshots.add_argument("--api-sock", metavar="PATH",
                            help="serve JSON requests (pause, resume, snapshot, stop, status, "
                                 "stats) on the Unix socket PATH; see `pykvm ctl`")
-REQUIRED_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IMMEDIATE_EXIT")
+    run.set_defaults(handler=cmd_run)
 
     ctl = commands.add_parser(
         "ctl", help="talk to a running pykvm through its --api-sock",
@@ -123,6 +115,14 @@ REQUIRED_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD",
     ctl.add_argument("socket", metavar="SOCKET", help="the path given to --api-sock")
     ctl.add_argument("words", nargs="+", metavar="ACTION [ARGS]", help="what to do")
     ctl.set_defaults(handler=cmd_ctl)
+    return parser
+
+
+# --- pykvm check ---------------------------------------------------------------------------
+KEY_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IRQ_ROUTING",
+                    "SIGNAL_MSI", "IMMEDIATE_EXIT", "SET_TSS_ADDR", "MP_STATE", "VCPU_EVENTS",
+                    "READONLY_MEM", "SET_GUEST_DEBUG", "BINARY_STATS_FD")
+REQUIRED_CAPABILITIES = ("IRQCHIP", "PIT2", "USER_MEMORY", "IOEVENTFD", "IRQFD", "IMMEDIATE_EXIT")
 HOST_KIND_TEXT = {
     "kvm_intel": "Intel VT-x",
     "kvm_amd": "AMD-V",
@@ -210,6 +210,8 @@ def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
     from .stats import format_report
 
+    if args.restore is not None:
+        check_restore_options(args)
     config = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, flat=args.flat,
                            entry=args.entry, kernel=args.kernel, initrd=args.initrd,
                            append=args.append, kvm_device=args.device, stats=args.stats,
@@ -219,8 +221,6 @@ def cmd_run(args) -> int:
     if args.command_args is not None:
         if args.flat:
             from .errors import ConfigError
-    if args.restore is not None:
-        check_restore_options(args)
             raise ConfigError("-- CMD runs a command in a Linux guest; it cannot go with --flat")
         config.command = guest_command_line(args.command_args)
     if config.flat is None and config.kernel is None and args.restore is None:
@@ -264,19 +264,6 @@ def cmd_run(args) -> int:
     return report_stop(stop, config)
 
 
-def add_observing_options(group) -> None:
-    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/trace.py and friends)."""
-    from .trace import FILTER_HELP
-
-    group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
-                       help="one line per exit to pykvm (time, vCPU, reason, port/address, "
-                            "size, value, device, time taken, the guest instruction and its "
-                            "symbol) to FILE, or to stderr without one")
-    group.add_argument("--trace-filter", action="append", metavar="TERMS",
-                       help="only trace these exits (implies --trace). " + FILTER_HELP)
-    group.add_argument("--symbols", metavar="FILE",
-                       help="name guest addresses in the trace as func+0xoff: an ELF file "
-                            "(vmlinux, a tutorial guest's .elf) or a System.map")
 RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
                      ("disk", []), ("console", "serial"), ("rng", False))
@@ -316,6 +303,19 @@ def cmd_ctl(args) -> int:
     return 0 if response.get("ok") else 1
 
 
+def add_observing_options(group) -> None:
+    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/trace.py and friends)."""
+    from .trace import FILTER_HELP
+
+    group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
+                       help="one line per exit to pykvm (time, vCPU, reason, port/address, "
+                            "size, value, device, time taken, the guest instruction and its "
+                            "symbol) to FILE, or to stderr without one")
+    group.add_argument("--trace-filter", action="append", metavar="TERMS",
+                       help="only trace these exits (implies --trace). " + FILTER_HELP)
+    group.add_argument("--symbols", metavar="FILE",
+                       help="name guest addresses in the trace as func+0xoff: an ELF file "
+                            "(vmlinux, a tutorial guest's .elf) or a System.map")
     group.add_argument("--stats-interval", type=float, metavar="SECONDS",
                        help="print the --stats table to stderr every SECONDS while the guest runs")
     group.add_argument("--stats-plot", metavar="FILE",
