@@ -526,3 +526,17 @@ def test_unplant_gives_the_bytes_back(memory):
     _, completion, _ = planted(memory, "0f 1f 00")
     completion.unplant(memory)
     assert memory.read(HANDLER, 3) == bytes.fromhex("0f 1f 00") and not completion.plants
+
+
+def test_plants_survive_a_snapshot(memory):
+    """Guest RAM saved after planting holds the int3: a restored VM must know it as ours."""
+    vcpu, completion, sregs = planted(memory, "0f 1f 00")
+    state = completion.save_state()
+    assert state == {"plants": [{"handler": HANDLER, "physical": HANDLER, "displaced": "0f1f00",
+                                 "kind": "nop"}]}
+    restored = SyscallCompletion()
+    restored.restore_state(state)
+    assert restored.complete(vcpu, at_handler(memory, 0x401000, USER_CS), sregs)
+    assert vcpu.regs.rip == HANDLER + 3
+    with pytest.raises(ValueError):
+        restored.restore_state({"plants": [{**state["plants"][0], "kind": "jmp"}]})

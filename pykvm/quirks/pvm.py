@@ -51,6 +51,14 @@ class PvmQuirks(Quirks):
     def on_start(self, vm) -> None:
         self.syscalls.watch(vm)
 
+    def save_state(self) -> dict:
+        # The int3 bytes are in guest memory; what they displaced is only here.
+        return {**super().save_state(), "syscalls": self.syscalls.save_state()}
+
+    def restore_state(self, state: dict) -> None:
+        super().restore_state(state)
+        self.syscalls.restore_state(state["syscalls"])
+
     def adjust_cpuid(self, entries):
         for entry in entries:
             if entry.function == 1:

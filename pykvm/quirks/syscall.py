@@ -145,6 +145,27 @@ class SyscallCompletion:
                     memory.write_u8(plant.physical, plant.displaced[0])
             self._plants = {}
 
+    # --- snapshots -----------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The plants: where each int3 is and the instruction it displaced. A snapshot's
+        memory holds the int3 bytes; without these, a restored guest's next page fault
+        would look like its own breakpoint."""
+        with self._lock:
+            return {"plants": [{"handler": p.handler, "physical": p.physical,
+                                "displaced": p.displaced.hex(), "kind": p.kind}
+                               for p in self._plants.values()]}
+
+    def restore_state(self, state: dict) -> None:
+        plants = {}
+        for saved in state["plants"]:
+            plant = Plant(int(saved["handler"]), int(saved["physical"]),
+                          bytes.fromhex(saved["displaced"]), str(saved["kind"]))
+            if plant.kind not in ("nop", "clac") or not 1 <= len(plant.displaced) <= 15:
+                raise ValueError(f"not a page-fault hook pykvm could have planted: {saved!r}")
+            plants[plant.handler] = plant
+        with self._lock:
+            self._plants = plants
+
     # --- the completion ----------------------------------------------------------------
     def complete(self, vcpu, regs, sregs) -> bool:
         """Finish an emulation-failure exit at a planted handler; False if it is not one.
@@ -180,11 +201,13 @@ class SyscallCompletion:
 
     # --- the watch ---------------------------------------------------------------------
     def watch(self, vm) -> None:
-        """Re-check the plant from vCPU 0's thread every CHECK_INTERVAL while ``vm`` runs."""
-        if self._watch is not None and self._watch.is_alive():
-            return
-        self._watch = threading.Thread(target=self._watch_loop, args=(vm,),
-                                       name="pvm-pf-hook", daemon=True)
+        """Re-check the plant from vCPU 0's thread every CHECK_INTERVAL while ``vm`` runs
+        (one watch thread per VM; it ends when the VM stops)."""
+        with self._lock:
+            if self._watch is not None:
+                return
+            self._watch = threading.Thread(target=self._watch_loop, args=(vm,),
+                                           name="pvm-pf-hook", daemon=True)
         self._watch.start()
 
     def _watch_loop(self, vm) -> None:
