@@ -266,7 +266,7 @@ def cmd_run(args) -> int:
 
 RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
-                     ("disk", []), ("console", "serial"), ("rng", False))
+                     ("disk", []), ("console", "serial"), ("rng", False), ("net", []))
 
 
 def check_restore_options(args) -> None:
@@ -275,7 +275,7 @@ def check_restore_options(args) -> None:
     from .errors import ConfigError
 
     given = [f"--{name.replace('_', '-')}" for name, default in RESTORE_CONFLICTS
-             if getattr(args, name) != default]
+             if getattr(args, name, default) != default]
     if args.command_args is not None:
         given.append("-- CMD")
     if given:

@@ -399,6 +399,8 @@ def _part(where: str):
         raise
     except KvmError as error:
         raise SnapshotError(f"{where}: KVM refused the state: {error}") from None
+    except PykvmError as error:
+        raise SnapshotError(f"{where}: {str(error).strip().splitlines()[0]}") from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
         detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
         raise SnapshotError(f"state.json: {where}: bad or missing value ({detail})") from None

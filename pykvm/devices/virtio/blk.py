@@ -191,6 +191,18 @@ class BlockDevice(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
+    def save_state(self) -> dict:
+        """A snapshot: the image is fsync'ed (what the guest was told is written is on
+        the disk); the image itself is the user's and must not change until a restore."""
+        if not self.read_only:
+            os.fsync(self.fd)
+        return {"path": self.path, "size": self.size, "read_only": self.read_only}
+
+    def restore_state(self, state: dict) -> None:
+        if state["size"] != self.size:
+            raise ValueError(f"{self.path}: the disk image has {self.size} bytes, "
+                             f"{state['size']} when the snapshot was taken: it was changed")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)   # also drops the flock

@@ -21,6 +21,8 @@ when the write returns, because both hold the transport lock.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import struct
 import sys
@@ -138,6 +140,65 @@ class VirtioPciDevice(PciDevice):
         self.broken = False
         for queue in self.queues:
             queue.reset()
+
+    # --- snapshots -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def quiesced(self):
+        """While inside, no request is in flight: the worker waits at the transport lock."""
+        with self._lock:
+            yield
+
+    def save_state(self) -> dict:
+        """Status, features, the queues' registers and indices, MSI-X, ISR, the device
+        configuration (blk capacity, ...) and what the device itself keeps."""
+        with self._lock:
+            with self._isr_lock:
+                isr = self._isr
+            return {
+                "device_id": self.device.device_id, "status": self.status,
+                "config_generation": self.config_generation,
+                "device_feature_select": self.device_feature_select,
+                "driver_feature_select": self.driver_feature_select,
+                "driver_features": self.driver_features,
+                "config_msix_vector": self.config_msix_vector, "queue_select": self.queue_select,
+                "running": self.running, "broken": self.broken, "isr": isr,
+                "queues": [queue.save_state() for queue in self.queues],
+                "msix": self.msix.save_state(),
+                "config": base64.b64encode(self.device.config_bytes()).decode(),
+                "device": self.device.save_state() if hasattr(self.device, "save_state") else None,
+            }
+
+    def restore_state(self, state: dict) -> None:
+        """After the config space (the PCI bus restores it first). A running device is
+        activated again with its negotiated features and its active queues are kicked,
+        so requests the guest made just before the snapshot are served now."""
+        if state["device_id"] != self.device.device_id or len(state["queues"]) != len(self.queues):
+            raise ValueError(f"{self.name}: the saved state is of another device")
+        with self._lock:
+            self.status = state["status"] & 0xFF
+            self.config_generation = state["config_generation"] & 0xFF
+            self.device_feature_select = state["device_feature_select"]
+            self.driver_feature_select = state["driver_feature_select"]
+            self.driver_features = state["driver_features"]
+            self.config_msix_vector = state["config_msix_vector"] & 0xFFFF
+            self.queue_select = state["queue_select"] & 0xFFFF
+            self.broken = bool(state["broken"])
+            for queue, saved in zip(self.queues, state["queues"]):
+                queue.restore_state(saved)
+            if state["device"] is not None:
+                self.device.restore_state(state["device"])
+            self.running = bool(state["running"])
+            if self.running:
+                self.device.activate(self.driver_features)
+            with self._isr_lock:
+                self._isr = state["isr"] & (ISR_QUEUE | ISR_CONFIG)
+        self.msix.restore_state(state["msix"])
+        if self._isr and not self.msix.enabled:
+            self._set_intx(True)
+        if self.running:
+            for index, queue in enumerate(self.queues):
+                if queue.active:
+                    self.kick(index)
 
     # --- doorbells ------------------------------------------------------------------------
     def kick(self, index: int) -> None:

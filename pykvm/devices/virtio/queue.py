@@ -100,6 +100,32 @@ class Virtqueue:
         self._signalled_used = 0
         self._desc = self._avail = self._used = None
 
+    # --- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The driver's registers and the device's ring indices (the rings are in RAM)."""
+        return {"size": self.size, "desc_addr": self.desc_addr, "avail_addr": self.avail_addr,
+                "used_addr": self.used_addr, "enabled": self.enabled,
+                "msix_vector": self.msix_vector, "active": self.active,
+                "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+                "signalled_used": self._signalled_used, "indirect": self.indirect_allowed,
+                "event_idx": self.event_idx}
+
+    def restore_state(self, state: dict) -> None:
+        """Onto a reset queue; an active queue is activated again (its ring views then
+        point into this VM's RAM), with the saved indices. VirtqueueError if the saved
+        registers do not make a valid queue."""
+        self.reset()
+        self.size = state["size"]
+        self.desc_addr, self.avail_addr = state["desc_addr"], state["avail_addr"]
+        self.used_addr = state["used_addr"]
+        self.enabled = bool(state["enabled"])
+        self.msix_vector = state["msix_vector"] & 0xFFFF
+        if state["active"]:
+            self.activate(indirect=bool(state["indirect"]), event_idx=bool(state["event_idx"]))
+            self.last_avail_idx = state["last_avail_idx"] & 0xFFFF
+            self.used_idx = state["used_idx"] & 0xFFFF
+            self._signalled_used = state["signalled_used"] & 0xFFFF
+
     # --- activation ------------------------------------------------------------------------
     def activate(self, *, indirect: bool, event_idx: bool) -> None:
         """Check the driver's registers and take views of the three ring areas."""
