@@ -380,7 +380,7 @@ def micro() -> None:
            "ioctl": fcntl.ioctl, "clock": time.perf_counter_ns, "getppid": os.getppid,
            "R": _EXIT_REASON.unpack_from, "IO": _IO.unpack_from, "ALL": _EXIT_AND_IO.unpack_from,
            "U1": _DATA_UNPACK[1], "dd": defaultdict(int), "lst": [0] * 64, "dev": Dev(),
-           "keys": _PioKeys(), "ports": {0x80: (Dev(), 0)}}
+           "big": [0] * (1 << 17), "ports": {0x80: (Dev(), 0)}}
     tests = [
         ("os.getppid() (a bare system call, for scale)", "getppid()"),
         ("ioctl via pykvm raw_ioctl (ctypes, argtypes)", "raw(fd, req, None)"),
@@ -393,10 +393,11 @@ def micro() -> None:
         ("unpack exit_reason + io at once", "ALL(buf, 8)"),
         ("int.from_bytes(buf[a:a+1], 'little')", "int.from_bytes(buf[4032:4033], 'little')"),
         ("struct unpack_from <B", "U1(buf, 4032)[0]"),
+        ("buf[a] (mmap index, 1 byte)", "buf[4032]"),
         ("ports.get(port)", "ports.get(0x80)"),
         ("exits[reason] += 1 (list)", "lst[2] += 1"),
         ("pio[(port, 'out' if d else 'in')] += 1", "dd[(0x80, 'out' if 1 else 'in')] += 1"),
-        ("pio[keys[port, d]] += 1 (cached key)", "dd[keys[0x80, 1]] += 1"),
+        ("port_counts[port << 1 | d] += 1 (list)", "big[0x80 << 1 | 1] += 1"),
         ("devices[device.name] += 1", "dd[dev.name] += 1"),
         ("device.write(offset, size, value)", "dev.write(0, 1, 42)"),
     ]
