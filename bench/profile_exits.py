@@ -5,9 +5,9 @@ bench/exits.py measures pykvm's real Vcpu.run_loop. This script runs the same
 guest through variants of that loop (each a Vcpu subclass whose run_loop keeps
 or drops one ingredient), each run next to a C reference run, and prints the µs
 per exit of each (process CPU time by default, as bench/exits.py) and its ratio
-to C. It is how the changes proposed
-for pykvm/vcpu.py in bench/RESULTS.md were measured; the loops below are the
-exact code measured.
+to C. It is how the changes proposed for pykvm/vcpu.py in bench/RESULTS.md were
+measured; the loops below are the exact code measured (Proposed.run_loop is the
+proposed replacement of Vcpu.run_loop).
 
     python3 bench/profile_exits.py                 # every variant, 15 rounds of 5000 exits
     python3 bench/profile_exits.py -v current proposed -r 11
