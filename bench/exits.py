@@ -153,10 +153,12 @@ class FinishPort(Device):
         self.vm.request_stop("exit", value, f"guest exited with status {value}")
 
 
-def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None) -> Run:
-    """One pykvm run. ``vcpu_class`` swaps the Vcpu's run loop
-    (bench/profile_exits.py measures candidate loops with it)."""
-    with GuestMemory.anonymous(MEM_SIZE) as memory, Vm(kvm, memory, log=sys.stderr) as vm:
+def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None, timing: bool = False) -> Run:
+    """One pykvm run, as `pykvm run` does it without --stats (no per-exit clock
+    reads; ``timing=True`` measures the --stats path). ``vcpu_class`` swaps the
+    Vcpu's run loop, to measure a candidate loop."""
+    with GuestMemory.anonymous(MEM_SIZE) as memory, \
+            Vm(kvm, memory, log=sys.stderr, timing=timing) as vm:
         port, finish = CountingPort(), FinishPort(vm)
         vm.add_pio_device(PORT, 1, port)
         vm.add_pio_device(EXIT_PORT, 1, finish)

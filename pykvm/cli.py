@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the guest console: serial (ttyS0, default) or virtio (hvc0)")
     devices.add_argument("--rng", action="store_true",
                          help="a virtio-rng device fed from the host's random source")
+    devices.add_argument("--net", action="append", default=[],
+                         metavar="tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]",
+                         help="a virtio-net NIC on a TAP (repeatable): NAME is created, or "
+                              "attached if it exists (default: a new pykvmN); bridge: enslave "
+                              "it to BR, created if missing; host-ip: the host's address on "
+                              "BR (or on the TAP); netns: all of it inside namespace NS; mac: "
+                              "the guest's (default: stable per machine and NIC). What pykvm "
+                              "created or added is removed when it exits")
     output = run.add_argument_group("observing")
     output.add_argument("--stats", action="store_true",
                         help="print exit counts per reason, device and port, the time split, "
@@ -208,6 +216,7 @@ def smoke_test(kvm) -> str | None:
 def cmd_run(args) -> int:
     from .devices.virtio import DiskSpec
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
+    from .net.plumbing import NetSpec
     from .stats import format_report
 
     if args.restore is not None:
@@ -217,7 +226,8 @@ def cmd_run(args) -> int:
                            append=args.append, kvm_device=args.device, stats=args.stats,
                            verbose=args.verbose, extract_kernel=not args.no_extract,
                            disks=[DiskSpec.parse(text) for text in args.disk],
-                           console=args.console, rng=args.rng)
+                           console=args.console, rng=args.rng,
+                           nets=[NetSpec.parse(text) for text in args.net])
     if args.command_args is not None:
         if args.flat:
             from .errors import ConfigError
@@ -229,6 +239,9 @@ def cmd_run(args) -> int:
     progress = sys.stderr.isatty()
     started = time.monotonic()
     observers = Observers(args)
+    # Until the stop handlers below are in place, SIGTERM unwinds like Ctrl-C does, so
+    # what the machine set up on the host (TAPs, bridges) is released.
+    signal.signal(signal.SIGTERM, _terminate_during_setup)
     try:
         if args.restore is not None:
             from .snapshot import restore_machine
@@ -354,6 +367,7 @@ class Observers:
         args = self.args
         if args.stats or args.stats_interval or args.stats_plot:
             from .kvmstats import KvmStats
+            machine.vm.timing = True
             self.kernel = KvmStats(machine.vm)
         if args.stats_interval:
             from .kvmstats import StatsPrinter
@@ -414,6 +428,10 @@ def guest_command_line(words: list[str]) -> str:
     if len(words) == 1:
         return words[0]
     return shlex.join(words)
+
+
+def _terminate_during_setup(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def install_stop_signals(machine) -> None:

@@ -44,6 +44,7 @@ class MachineConfig:
     disks: list = field(default_factory=list)  # DiskSpec of each virtio-blk disk
     console: str = "serial"             # the guest console: "serial" (ttyS0) or "virtio" (hvc0)
     rng: bool = False                   # a virtio-rng device
+    nets: list = field(default_factory=list)   # NetSpec of each virtio-net NIC (pykvm/net)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -148,7 +149,8 @@ class Machine:
         try:
             self.kvm = Kvm(config.kvm_device)
             self.memory = memory if memory is not None else GuestMemory.anonymous(config.mem_size)
-            self.vm = Vm(self.kvm, self.memory, tracer=tracer)
+            self.vm = Vm(self.kvm, self.memory, tracer=tracer,
+                         timing=config.stats or tracer is not None)
             self._add_legacy_devices()
             self._add_virtio_devices()
             self.vm.create_vcpus(config.cpus)
@@ -178,11 +180,13 @@ class Machine:
 
     def _add_virtio_devices(self) -> None:
         config = self.config
-        if config.disks or config.console == "virtio" or config.rng:
+        if config.disks or config.console == "virtio" or config.rng or config.nets:
             from .devices.virtio import attach_virtio
+            from .net.plumbing import machine_key
             self.virtio = attach_virtio(self.vm, self.memory, disks=config.disks,
                                         console=config.console == "virtio", rng=config.rng,
-                                        console_output=self.console)
+                                        console_output=self.console, nets=config.nets,
+                                        net_key=machine_key(config))
 
     def _guest_exit(self, status: int) -> None:
         self.vm.request_stop("exit", status, f"guest exited with status {status}")

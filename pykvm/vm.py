@@ -71,13 +71,16 @@ def install_kick_handler() -> None:
 
 class Vm:
     def __init__(self, kvm: Kvm, memory: GuestMemory, *, quirks=None, tracer=None,
-                 log=sys.stderr):
+                 timing: bool = True, log=sys.stderr):
         from .quirks import for_host
 
         self.kvm = kvm
         self.memory = memory
         self.quirks = quirks if quirks is not None else for_host(kvm.host_kind)
         self.tracer = tracer
+        # Per-exit timing (the guest/pykvm time split) costs two clock reads per
+        # exit; --stats and tracers want it, a plain run does not.
+        self.timing = timing
         self.debugger = None
         self.log = log
         self.pio_bus = PioBus()
