@@ -10,6 +10,7 @@ from ...errors import ConfigError
 from ..pci.bus import PciBus
 from .blk import VIRTIO_BLK_ID_BYTES, BlockDevice
 from .console import ConsoleDevice
+from .net import NetDevice, open_net_devices
 from .pci import VirtioPciDevice
 from .rng import RngDevice
 
@@ -54,11 +55,13 @@ class VirtioDevices:
     disks: list[BlockDevice] = field(default_factory=list)
     console: ConsoleDevice | None = None
     rng: RngDevice | None = None
+    nets: list[NetDevice] = field(default_factory=list)
     functions: list[VirtioPciDevice] = field(default_factory=list)
 
 
 def attach_virtio(vm, memory, *, disks: list[DiskSpec] = (), console: bool = False,
-                  rng: bool = False, console_output=None) -> VirtioDevices:
+                  rng: bool = False, console_output=None, nets=(),
+                  net_key: str = "") -> VirtioDevices:
     """Create PCI bus 0 on ``vm`` with the asked-for devices. Images are opened
     (and locked) here, so a bad --disk fails before the guest starts. Every
     thread and fd is released when the VM closes."""
@@ -69,11 +72,14 @@ def attach_virtio(vm, memory, *, disks: list[DiskSpec] = (), console: bool = Fal
         for index, spec in enumerate(disks):
             devices.append(BlockDevice(spec.path, read_only=spec.read_only, serial=spec.serial,
                                        name=f"virtio-blk{index}"))
+        # NICs: TAPs opened and plumbed now, so a bad --net fails before the guest starts.
+        nics = open_net_devices(nets, net_key, vm=vm)
+        devices += nics
     except BaseException:
         for device in devices:
             device.close()
         raise
-    result = VirtioDevices(PciBus(vm), disks=list(devices))
+    result = VirtioDevices(PciBus(vm), disks=list(devices[:len(disks)]), nets=list(nics))
     if console:
         result.console = ConsoleDevice(console_output)
         devices.append(result.console)

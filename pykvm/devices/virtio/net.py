@@ -1,0 +1,387 @@
+"""virtio-net (virtio 1.x, section 5.1) over a TAP device.
+
+Queue 0 is receiveq (frames for the guest), queue 1 transmitq (frames from
+it); there is no control queue. Every frame in either direction starts with
+the 12-byte virtio_net_hdr_v1, which is also what the TAP speaks (IFF_VNET_HDR,
+TUNSETVNETHDRSZ 12, see pykvm/net/tap.py), so the header passes through:
+
+- transmit: the chain's device-readable buffers -- header and frame, as views of
+  guest RAM -- go to the TAP in one writev(); the kernel reads the header
+  (checksum to complete, TSO segment size) itself.
+- receive: readv() from the TAP lands straight in the guest's receive buffers;
+  the device only fills in num_buffers. With VIRTIO_NET_F_MRG_RXBUF a frame may
+  spread over several buffers (each its own used element; num_buffers counts
+  them); without it each frame takes one chain (the driver's "big" buffers
+  when it asked for TSO). The device reads only once it holds buffers for the
+  largest frame the negotiated features allow; until the guest offers that
+  much, frames wait in the TAP's queue (and the kernel drops beyond it, as a
+  full NIC would). A frame longer than the buffers -- the host raised the TAP's
+  MTU, say -- is dropped and counted (a spare host byte after the buffers shows
+  it: the kernel truncates silently); the buffers are reused.
+
+Offloads: the device offers CSUM/HOST_TSO4/6/ECN (the guest may send partial
+checksums and TSO frames: the TAP accepts them) and GUEST_CSUM/GUEST_TSO4/6/ECN;
+what the guest accepts is told to the TAP with TUNSETOFFLOAD at DRIVER_OK, so
+the host kernel sends it partial checksums and TSO frames only then.
+
+Threads: both queues are served on the transport's queue worker (poll() on
+the queue ioeventfds), never on a vCPU. The TAP is watched by a small thread of
+its own that only kicks the receive queue when the TAP becomes readable, and
+is re-armed when the worker has drained the TAP: a busy TAP costs one wake-up
+per batch, not per frame. A batch is at most RX_BATCH / TX_BATCH frames, after
+which the worker re-kicks itself, so neither direction starves the other.
+Interrupts: the transport's (MSI-X irqfd, honouring EVENT_IDX), once per batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import struct
+import threading
+
+from .device import VirtioDevice
+from .queue import DescriptorChain, Virtqueue, VirtqueueError
+
+VIRTIO_ID_NET = 1
+RECEIVE_QUEUE = 0
+TRANSMIT_QUEUE = 1
+QUEUE_SIZE = 256
+
+# --- feature bits (section 5.1.3) ---------------------------------------------------------
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_MTU = 1 << 3
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_GUEST_ECN = 1 << 9
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_HOST_ECN = 1 << 13
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_STATUS = 1 << 16
+
+VIRTIO_NET_S_LINK_UP = 1
+
+BASIC_FEATURES = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU | VIRTIO_NET_F_MRG_RXBUF
+OFFLOAD_FEATURES = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+                    | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN
+                    | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_ECN)
+
+# --- the header and the TAP --------------------------------------------------------------------
+NET_HDR_SIZE = 12               # virtio_net_hdr_v1 (VERSION_1: num_buffers always present)
+NUM_BUFFERS_OFFSET = 10
+ETH_HEADER = 14 + 4             # Ethernet header with one VLAN tag
+MAX_GSO_FRAME = NET_HDR_SIZE + ETH_HEADER + 65535
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+
+RX_BATCH = 128                  # frames per worker turn before the other queue gets one
+TX_BATCH = 128
+RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset: dropped
+
+_U16 = struct.Struct("<H")
+_CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
+
+
+def tun_offload(features: int) -> int:
+    """TUNSETOFFLOAD flags for what the driver accepted on receive."""
+    if not features & VIRTIO_NET_F_GUEST_CSUM:
+        return 0      # without partial checksums the kernel may not send TSO either
+    flags = TUN_F_CSUM
+    if features & VIRTIO_NET_F_GUEST_TSO4:
+        flags |= TUN_F_TSO4
+    if features & VIRTIO_NET_F_GUEST_TSO6:
+        flags |= TUN_F_TSO6
+    if features & VIRTIO_NET_F_GUEST_ECN and flags & (TUN_F_TSO4 | TUN_F_TSO6):
+        flags |= TUN_F_TSO_ECN
+    return flags
+
+
+class NetDevice(VirtioDevice):
+    """A NIC whose wire is ``tap`` (an open TAP with ``fd`` and ``set_offload``).
+    ``owner``, if given, is closed with the device instead of the TAP alone (the
+    NicBackend, which also undoes the host-side plumbing)."""
+
+    device_id = VIRTIO_ID_NET
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, tap, mac: bytes, *, mtu: int = 1500, offloads: bool = True,
+                 name: str = "virtio-net", owner=None, log=None):
+        super().__init__()
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.name = name
+        self.tap = tap
+        self.fd = tap.fd
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.owner = owner
+        self.log = log
+        self.features = BASIC_FEATURES | (OFFLOAD_FEATURES if offloads else 0)
+        self.stats = collections.Counter()
+        self._mergeable = False
+        self._rx_target = NET_HDR_SIZE + ETH_HEADER + mtu
+        self._pending: collections.deque[tuple[DescriptorChain, int, int]] = collections.deque()
+        # readv() target: the pending buffers, then one spare host byte. The kernel
+        # truncates a frame to the buffers and reports only what it copied, so a
+        # frame that reaches the spare byte did not fit.
+        self._spill = memoryview(bytearray(1))
+        self._rx_views: list[memoryview] = [self._spill]
+        self._rx_capacity = 0
+        self._rx_wants_more = False
+        self._tx_wants_more = True
+        self._broken_backend = False
+        self._watcher = TapWatcher(self.fd, self._tap_readable, f"{name}-tap")
+        self._watcher.start()
+
+    def config_bytes(self) -> bytes:
+        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, min(self.mtu, 0xFFFF))
+
+    # --- negotiation -------------------------------------------------------------------------
+    def activate(self, features: int) -> None:
+        super().activate(features)
+        self._mergeable = bool(features & VIRTIO_NET_F_MRG_RXBUF)
+        gso = features & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6)
+        self._rx_target = MAX_GSO_FRAME if gso and features & VIRTIO_NET_F_GUEST_CSUM \
+            else NET_HDR_SIZE + ETH_HEADER + self.mtu
+        self._drop_pending()
+        try:
+            self.tap.set_offload(tun_offload(features))
+        except Exception as error:   # noqa: BLE001 - the guest still works without offloads
+            self._note(f"cannot enable offloads on the TAP: {error}")
+            self.stats["offload_errors"] += 1
+
+    def reset(self) -> None:
+        super().reset()
+        self._drop_pending()
+        try:
+            self.tap.set_offload(0)
+        except Exception:   # noqa: BLE001
+            pass
+        # Frames queued for the old driver (perhaps as TSO frames it accepted) are not
+        # for the next one.
+        for _ in range(RESET_DRAIN_LIMIT):
+            try:
+                os.read(self.fd, MAX_GSO_FRAME)
+            except OSError:
+                break
+            self.stats["rx_dropped_reset"] += 1
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._rx_views = [self._spill]
+        self._rx_capacity = 0
+
+    # --- queues (the transport's worker thread) ----------------------------------------------
+    def process_queue(self, index: int, queue: Virtqueue) -> None:
+        if index == TRANSMIT_QUEUE:
+            self._transmit(queue)
+        elif index == RECEIVE_QUEUE:
+            self._receive(queue)
+
+    def wants_more(self, index: int) -> bool:
+        return self._rx_wants_more if index == RECEIVE_QUEUE else self._tx_wants_more
+
+    def _transmit(self, queue: Virtqueue) -> None:
+        fd, stats, writev = self.fd, self.stats, os.writev
+        budget = TX_BATCH
+        self._tx_wants_more = True
+        while (chain := queue.pop()) is not None:
+            views = chain.readable
+            length = sum(map(len, views))
+            if length < NET_HDR_SIZE:
+                stats["tx_malformed"] += 1
+            else:
+                try:
+                    writev(fd, views)
+                    stats["tx_frames"] += 1
+                    stats["tx_bytes"] += length - NET_HDR_SIZE
+                except BlockingIOError:
+                    stats["tx_dropped"] += 1
+                except OSError:
+                    stats["tx_errors"] += 1   # the kernel refused the header or the frame
+            queue.add_used(chain.head, 0)
+            budget -= 1
+            if not budget:
+                self._tx_wants_more = False   # the worker comes back after the other queue
+                self.kick(TRANSMIT_QUEUE)
+                return
+
+    def _receive(self, queue: Virtqueue) -> None:
+        self._rx_wants_more = False
+        if self._broken_backend:
+            return
+        fd, stats, readv = self.fd, self.stats, os.readv
+        for _ in range(RX_BATCH):
+            if self._rx_capacity < self._rx_target and not self._take_buffers(queue):
+                self._rx_wants_more = True    # out of buffers: the guest's notify resumes us
+                stats["rx_waits_for_buffers"] += 1
+                return
+            try:
+                length = readv(fd, self._rx_views)
+            except BlockingIOError:
+                self._watcher.arm()           # drained: wake us when the TAP has more
+                return
+            except OSError as error:
+                if error.errno == errno.EINTR:
+                    continue
+                self._broken_backend = True
+                self._note(f"reading the TAP failed: {error.strerror}; receive stopped")
+                return
+            if length > self._rx_capacity:
+                stats["rx_dropped_too_long"] += 1   # reached the spare byte: buffers reused
+                continue
+            self._complete(queue, length)
+        self.kick(RECEIVE_QUEUE)              # batch done: come back after the other queue
+
+    def _take_buffers(self, queue: Virtqueue) -> bool:
+        """Pop receive chains until they hold a largest frame (one chain without
+        MRG_RXBUF: a frame never spans chains then). False if the guest has too few."""
+        while self._rx_capacity < self._rx_target:
+            if self._pending and not self._mergeable:
+                return True                   # the one chain is what the driver gave us
+            chain = queue.pop()
+            if chain is None:
+                return False
+            if chain.readable:
+                raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
+            capacity = chain.writable_len
+            if capacity < NET_HDR_SIZE:
+                raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes cannot "
+                                     f"hold the {NET_HDR_SIZE}-byte header")
+            self._pending.append((chain, capacity, len(chain.writable)))
+            self._rx_views[-1:-1] = chain.writable
+            self._rx_capacity += capacity
+        return True
+
+    def _complete(self, queue: Virtqueue, length: int) -> None:
+        """``length`` bytes landed at the start of the pending buffers: say how many
+        buffers the frame took, then hand them to the guest."""
+        pending = self._pending
+        used, remaining, views = 0, length, 0
+        for _, capacity, count in pending:
+            used += 1
+            views += count
+            remaining -= capacity
+            if remaining <= 0:
+                break
+        if not self._mergeable:
+            used, views = 1, pending[0][2]
+        first = pending[0][0].writable
+        if len(first[0]) >= NET_HDR_SIZE:
+            _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, used)
+        else:   # a header split over descriptors: write it byte by byte
+            from .queue import scatter, slice_views
+            scatter(slice_views(first, NUM_BUFFERS_OFFSET, 2), _U16.pack(used))
+        remaining = length
+        for _ in range(used):
+            chain, capacity, _count = pending.popleft()
+            written = min(capacity, remaining)
+            queue.add_used(chain.head, written)
+            remaining -= written
+            self._rx_capacity -= capacity
+        del self._rx_views[:views]
+        self.stats["rx_frames"] += 1
+        self.stats["rx_bytes"] += length - NET_HDR_SIZE
+
+    # --- the TAP watcher's side ------------------------------------------------------------------
+    def _tap_readable(self) -> None:
+        self.kick(RECEIVE_QUEUE)
+
+    def _note(self, message: str) -> None:
+        import sys
+        print(f"pykvm: {self.name}: {message}", file=self.log or sys.stderr)
+
+    def close(self) -> None:
+        self._watcher.stop()
+        self._drop_pending()
+        if self.owner is not None:
+            self.owner.close()
+        else:
+            self.tap.close()
+
+
+class TapWatcher:
+    """A thread that calls ``on_readable`` once when ``fd`` becomes readable after
+    each :meth:`arm` (the consumer arms it when it has drained the fd)."""
+
+    def __init__(self, fd: int, on_readable, name: str):
+        self._fd = fd
+        self._on_readable = on_readable
+        self._arm_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.wakeups = 0
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def arm(self) -> None:
+        os.eventfd_write(self._arm_fd, 1)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self._arm_fd, select.POLLIN)
+        armed = False
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._stop_fd in ready:
+                return
+            if self._arm_fd in ready:
+                try:
+                    os.eventfd_read(self._arm_fd)
+                except BlockingIOError:
+                    pass
+                if not armed:
+                    armed = True
+                    poller.register(self._fd, select.POLLIN)
+            elif armed and self._fd in ready:
+                armed = False
+                poller.unregister(self._fd)
+                self.wakeups += 1
+                try:
+                    self._on_readable()
+                except Exception:   # noqa: BLE001 - the device is closing
+                    return
+
+    def stop(self) -> None:
+        if self._stop_fd < 0:
+            return
+        os.eventfd_write(self._stop_fd, 1)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+        os.close(self._stop_fd)
+        os.close(self._arm_fd)
+        self._stop_fd = self._arm_fd = -1
+
+
+def open_net_devices(specs, machine_key: str = "", *, vm=None) -> list[NetDevice]:
+    """A NetDevice for each --net NetSpec, its TAP opened and plumbed (pykvm/net/);
+    on any failure the ones already opened are closed again. With ``vm``, each
+    NIC's host-side clean-up is also registered with ``vm.on_close`` (it runs once,
+    whichever comes first: the device's close or the VM's)."""
+    from ...net.plumbing import check_specs, default_mac, open_nic
+
+    check_specs(list(specs))
+    devices: list[NetDevice] = []
+    try:
+        for index, spec in enumerate(specs):
+            backend = open_nic(spec, spec.mac or default_mac(machine_key, index))
+            try:
+                device = NetDevice(backend.tap, backend.mac, mtu=backend.mtu,
+                                   name=f"virtio-net{index}", owner=backend)
+            except BaseException:
+                backend.close()
+                raise
+            devices.append(device)
+            if vm is not None:
+                vm.on_close(backend.close)
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
+    return devices
