@@ -20,7 +20,7 @@ import weakref
 from . import ioctl as k
 from . import layout
 from .bus import IrqLine
-from .errors import PykvmError
+from .errors import KvmError, PykvmError
 from .ioctl import structs as s
 
 IOAPIC_PINS = 24
@@ -76,10 +76,20 @@ class GsiRouting:
     def set_msi(self, gsi: int, address: int, data: int) -> None:
         """Route ``gsi`` to the MSI message (address, data); no ioctl if nothing changed."""
         with self._lock:
-            if self._msi.get(gsi) == (address, data):
+            previous = self._msi.get(gsi)
+            if previous == (address, data):
                 return
             self._msi[gsi] = (address, data)
-            self._commit()
+            try:
+                self._commit()
+            except KvmError as error:
+                # Keep the table KVM accepted: one refused message must not block others.
+                if previous is None:
+                    del self._msi[gsi]
+                else:
+                    self._msi[gsi] = previous
+                raise InterruptRoutingError(f"KVM refused the MSI route for GSI {gsi} "
+                                            f"(address {address:#x}, data {data:#x}): {error}") from None
 
     def clear_msi(self, gsi: int) -> None:
         with self._lock:

@@ -430,3 +430,22 @@ def test_console_transmits_and_receives(stand_in):
         assert output.getvalue() == b"hello from hvc0\n"
     finally:
         function.close()
+
+
+def test_a_route_kvm_refuses_is_counted_not_raised(kvm, monkeypatch):
+    from pykvm.errors import KvmError
+    from pykvm.interrupts import GsiRouting, gsi_routing
+    from pykvm.vm import Vm
+
+    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
+        function = VirtioPciDevice(vm, memory, RngDevice())
+        PciBus(vm).add(function)
+        msix = function.msix
+        function.config.write(msix.offset + 2, 2, CONTROL_ENABLE)
+        msix.write(0, 4, 0xFEE00000)
+        monkeypatch.setattr(GsiRouting, "_commit", lambda self: (_ for _ in ()).throw(
+            KvmError("KVM_SET_GSI_ROUTING", 22)))
+        msix.write(12, 4, 0)                     # unmask: KVM says EINVAL
+        assert msix.refused_routes == 1
+        assert msix._lines[0].gsi not in {e.gsi for e in gsi_routing(vm).entries()}
+        monkeypatch.undo()
