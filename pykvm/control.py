@@ -199,8 +199,11 @@ def _listen(path: str) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(path)       # nobody listens: left over from a killed pykvm
+        except OSError as error:
+            raise ConfigError(f"--api-sock {path}: cannot tell whether another process "
+                              f"serves it: {error.strerror}") from None
         else:
             raise ConfigError(f"--api-sock {path}: another process serves this socket")
         finally:

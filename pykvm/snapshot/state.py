@@ -64,14 +64,21 @@ def struct_to_json(value):
     """A ctypes struct (or array, or scalar) as nested dicts and lists of ints.
     ``c_char`` arrays (raw register pages) become base64 text."""
     if isinstance(value, ctypes.Structure):
-        return {name: struct_to_json(getattr(value, name))
-                for name, _ in value._fields_ if not _skipped(name)}
+        out = {}
+        for name, field_type in value._fields_:
+            if _skipped(name):
+                continue
+            if issubclass(field_type, ctypes.Array) and field_type._type_ is ctypes.c_char:
+                # A c_char array field reads as bytes cut at the first NUL: take them all.
+                offset = getattr(type(value), name).offset
+                out[name] = b64(field_type.from_buffer_copy(value, offset).raw)
+            else:
+                out[name] = struct_to_json(getattr(value, name))
+        return out
     if isinstance(value, ctypes.Array):
         if value._type_ is ctypes.c_char:
             return b64(bytes(value))     # .value/.raw would stop or copy oddly: the bytes
         return [struct_to_json(item) for item in value]
-    if isinstance(value, bytes):         # a c_char array read through a field
-        return b64(value)
     return value
 
 
@@ -94,6 +101,10 @@ def _fill(target: ctypes.Structure, data: dict) -> None:
         value = data[name]
         if issubclass(field_type, ctypes.Structure):
             _fill(getattr(target, name), value)
+        elif issubclass(field_type, ctypes.Array) and field_type._type_ is ctypes.c_char:
+            raw = unb64(value, ctypes.sizeof(field_type))   # the field reads as bytes: write
+            offset = getattr(type(target), name).offset     # through the address instead
+            ctypes.memmove(ctypes.addressof(target) + offset, raw, len(raw))
         elif issubclass(field_type, ctypes.Array):
             _fill_array(getattr(target, name), field_type, value, f"{type(target).__name__}.{name}")
         else:
