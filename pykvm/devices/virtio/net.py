@@ -43,7 +43,7 @@ import struct
 import threading
 
 from .device import VirtioDevice
-from .queue import DescriptorChain, Virtqueue, VirtqueueError
+from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views
 
 VIRTIO_ID_NET = 1
 RECEIVE_QUEUE = 0
@@ -84,6 +84,11 @@ RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset:
 
 _U16 = struct.Struct("<H")
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
+
+
+def _set_num_buffers(views: list[memoryview], count: int) -> None:
+    """num_buffers into a header that a driver split over descriptors."""
+    scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
 
 
 def tun_offload(features: int) -> int:
@@ -186,56 +191,70 @@ class NetDevice(VirtioDevice):
         return self._rx_wants_more if index == RECEIVE_QUEUE else self._tx_wants_more
 
     def _transmit(self, queue: Virtqueue) -> None:
-        fd, stats, writev = self.fd, self.stats, os.writev
-        budget = TX_BATCH
+        # The hot loop of the transmit path: locals only, counters folded in at the end.
+        fd, writev, pop, add_used = self.fd, os.writev, queue.pop, queue.add_used
+        frames = octets = malformed = errors = 0
         self._tx_wants_more = True
-        while (chain := queue.pop()) is not None:
-            views = chain.readable
-            length = sum(map(len, views))
-            if length < NET_HDR_SIZE:
-                stats["tx_malformed"] += 1
-            else:
-                try:
-                    writev(fd, views)
-                    stats["tx_frames"] += 1
-                    stats["tx_bytes"] += length - NET_HDR_SIZE
-                except BlockingIOError:
-                    stats["tx_dropped"] += 1
-                except OSError:
-                    stats["tx_errors"] += 1   # the kernel refused the header or the frame
-            queue.add_used(chain.head, 0)
-            budget -= 1
-            if not budget:
-                self._tx_wants_more = False   # the worker comes back after the other queue
-                self.kick(TRANSMIT_QUEUE)
-                return
+        try:
+            for _ in range(TX_BATCH):
+                chain = pop()
+                if chain is None:
+                    return
+                views = chain.readable
+                length = len(views[0]) if len(views) == 1 else sum(map(len, views))
+                if length < NET_HDR_SIZE:
+                    malformed += 1
+                else:
+                    try:
+                        writev(fd, views)
+                        frames += 1
+                        octets += length
+                    except OSError:
+                        errors += 1   # the kernel refused the header or the frame
+                add_used(chain.head, 0)
+            self._tx_wants_more = False       # the worker comes back after the other queue
+            self.kick(TRANSMIT_QUEUE)
+        finally:
+            stats = self.stats
+            stats["tx_frames"] += frames
+            stats["tx_bytes"] += octets - NET_HDR_SIZE * frames
+            if malformed or errors:
+                stats["tx_malformed"] += malformed
+                stats["tx_errors"] += errors
 
     def _receive(self, queue: Virtqueue) -> None:
         self._rx_wants_more = False
         if self._broken_backend:
             return
-        fd, stats, readv = self.fd, self.stats, os.readv
-        for _ in range(RX_BATCH):
-            if self._rx_capacity < self._rx_target and not self._take_buffers(queue):
-                self._rx_wants_more = True    # out of buffers: the guest's notify resumes us
-                stats["rx_waits_for_buffers"] += 1
-                return
-            try:
-                length = readv(fd, self._rx_views)
-            except BlockingIOError:
-                self._watcher.arm()           # drained: wake us when the TAP has more
-                return
-            except OSError as error:
-                if error.errno == errno.EINTR:
+        fd, readv, complete = self.fd, os.readv, self._complete
+        frames = octets = 0
+        try:
+            for _ in range(RX_BATCH):
+                if self._rx_capacity < self._rx_target and not self._take_buffers(queue):
+                    self._rx_wants_more = True   # out of buffers: the guest's notify resumes us
+                    self.stats["rx_waits_for_buffers"] += 1
+                    return
+                try:
+                    length = readv(fd, self._rx_views)
+                except BlockingIOError:
+                    self._watcher.arm()          # drained: wake us when the TAP has more
+                    return
+                except OSError as error:
+                    if error.errno == errno.EINTR:
+                        continue
+                    self._broken_backend = True
+                    self._note(f"reading the TAP failed: {error.strerror}; receive stopped")
+                    return
+                if length > self._rx_capacity:
+                    self.stats["rx_dropped_too_long"] += 1   # reached the spare byte: reused
                     continue
-                self._broken_backend = True
-                self._note(f"reading the TAP failed: {error.strerror}; receive stopped")
-                return
-            if length > self._rx_capacity:
-                stats["rx_dropped_too_long"] += 1   # reached the spare byte: buffers reused
-                continue
-            self._complete(queue, length)
-        self.kick(RECEIVE_QUEUE)              # batch done: come back after the other queue
+                complete(queue, length)
+                frames += 1
+                octets += length
+            self.kick(RECEIVE_QUEUE)             # batch done: come back after the other queue
+        finally:
+            self.stats["rx_frames"] += frames
+            self.stats["rx_bytes"] += octets - NET_HDR_SIZE * frames
 
     def _take_buffers(self, queue: Virtqueue) -> bool:
         """Pop receive chains until they hold a largest frame (one chain without
@@ -261,6 +280,18 @@ class NetDevice(VirtioDevice):
         """``length`` bytes landed at the start of the pending buffers: say how many
         buffers the frame took, then hand them to the guest."""
         pending = self._pending
+        chain, capacity, count = pending[0]
+        first = chain.writable
+        if length <= capacity or not self._mergeable:   # one buffer: the common case
+            if len(first[0]) >= NET_HDR_SIZE:
+                _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, 1)
+            else:
+                _set_num_buffers(first, 1)
+            queue.add_used(chain.head, length)
+            pending.popleft()
+            self._rx_capacity -= capacity
+            del self._rx_views[:count]
+            return
         used, remaining, views = 0, length, 0
         for _, capacity, count in pending:
             used += 1
@@ -268,14 +299,10 @@ class NetDevice(VirtioDevice):
             remaining -= capacity
             if remaining <= 0:
                 break
-        if not self._mergeable:
-            used, views = 1, pending[0][2]
-        first = pending[0][0].writable
         if len(first[0]) >= NET_HDR_SIZE:
             _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, used)
-        else:   # a header split over descriptors: write it byte by byte
-            from .queue import scatter, slice_views
-            scatter(slice_views(first, NUM_BUFFERS_OFFSET, 2), _U16.pack(used))
+        else:
+            _set_num_buffers(first, used)
         remaining = length
         for _ in range(used):
             chain, capacity, _count = pending.popleft()
@@ -284,8 +311,6 @@ class NetDevice(VirtioDevice):
             remaining -= written
             self._rx_capacity -= capacity
         del self._rx_views[:views]
-        self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += length - NET_HDR_SIZE
 
     # --- the TAP watcher's side ------------------------------------------------------------------
     def _tap_readable(self) -> None:

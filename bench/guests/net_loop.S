@@ -1,0 +1,170 @@
+/*
+ * net_loop.S: the guest of bench/net.py -- ring-3 code that owns one virtio-net
+ * queue and keeps it as busy as it can.
+ *
+ * Entered in 64-bit long mode, ring 0, at its first byte (linked for the load
+ * address with -Ttext). The bench has already done what a driver's probe does:
+ * features negotiated, both queues set up and DRIVER_OK, every descriptor
+ * written once (the same buffer per descriptor for the whole run) and the avail
+ * ring filled with slot i -> descriptor i. The device hands chains back in the
+ * order it took them, so the guest never touches a descriptor: it only moves
+ * the avail index, exactly as far as the used index says buffers came back.
+ *
+ * The parameter block at offset 8 (patched by the bench) says what to do:
+ *   mode   0: transmit -- keep all N frames in flight: whenever the device has
+ *             used k of them, make those k available again (publish avail idx);
+ *          1: receive  -- count the frames the device filled (used idx moved by
+ *             k), add k to `frames`, and give the k buffers back;
+ *   and where the avail and used rings are, the queue size N, the notify
+ *   address (the queue's doorbell in the device's BAR, an ioeventfd in KVM) and
+ *   the value to write there (the queue index).
+ * Notifications follow VIRTIO_F_RING_EVENT_IDX: after publishing a new avail
+ * idx the guest reads avail_event (after the used ring) and rings the doorbell
+ * only if the index moved past it, i.e. only when the device asked to be woken
+ * (it had run dry). `notifies` counts the doorbells.
+ *
+ * Ring 0 does only the set-up (its instructions are emulated on kvm_pvm): its
+ * own GDT with ring-3 segments, page tables mapping the first GiB of RAM and
+ * the PCI MMIO window at 3 GiB user-accessible, then iretq to ring 3 with
+ * interrupts off. Ring 3 runs natively on every host; it never exits to pykvm
+ * (doorbell writes end in KVM's ioeventfd) and loops until the bench stops the VM.
+ */
+
+        .code64
+        .text
+        .globl _start
+_start:
+        jmp     ring0                   /* offset 0 */
+        .balign 8
+params:                                 /* offset 8: patched by the bench */
+mode:           .quad   0               /* +0  */
+queue_size:     .quad   0               /* +8  */
+avail_ring:     .quad   0               /* +16 */
+used_ring:      .quad   0               /* +24 */
+notify_addr:    .quad   0               /* +32 */
+notify_value:   .quad   0               /* +40 */
+frames:         .quad   0               /* +48: receive: frames the guest got */
+notifies:       .quad   0               /* +56: doorbells rung */
+
+ring0:
+        lgdt    gdt_pointer(%rip)
+        lea     pml4(%rip), %rax
+        mov     %rax, %cr3
+        pushq   $USER_DS                /* iretq frame: SS */
+        lea     user_stack_top(%rip), %rax
+        push    %rax                    /*               RSP */
+        pushq   $0x2                    /*               RFLAGS: IF=0 */
+        pushq   $USER_CS                /*               CS (64-bit, DPL 3) */
+        lea     ring3(%rip), %rax
+        push    %rax                    /*               RIP */
+        iretq
+
+ring3:
+        mov     queue_size(%rip), %r11
+        mov     avail_ring(%rip), %r8
+        mov     used_ring(%rip), %r9
+        mov     notify_addr(%rip), %r10
+        mov     notify_value(%rip), %r13
+        lea     4(%r9,%r11,8), %r14     /* &avail_event: after used ring[N] */
+        cmpq    $0, mode(%rip)
+        jne     receive
+
+/* --- transmit: all N frames in flight, always ---------------------------------------- */
+transmit:
+        xor     %ebx, %ebx              /* avail idx (the bench published 0) */
+1:      movzwl  2(%r9), %eax            /* used idx */
+        mov     %ebx, %ecx
+        sub     %eax, %ecx
+        and     $0xffff, %ecx           /* in flight */
+        mov     %r11d, %edx
+        sub     %ecx, %edx              /* free slots */
+        jz      3f
+        mov     %ebx, %esi              /* old avail idx */
+        add     %edx, %ebx
+        and     $0xffff, %ebx           /* new avail idx */
+        call    publish
+        jmp     1b
+3:      pause
+        jmp     1b
+
+/* --- receive: count what came, give the buffers back --------------------------------- */
+receive:
+        xor     %r12d, %r12d            /* used idx seen */
+        mov     %r11d, %ebx             /* avail idx: the bench made all N available */
+1:      movzwl  2(%r9), %eax            /* used idx */
+        cmp     %eax, %r12d
+        je      3f
+        mov     %eax, %ecx
+        sub     %r12d, %ecx
+        and     $0xffff, %ecx           /* frames received since last look */
+        add     %rcx, frames(%rip)
+        mov     %eax, %r12d
+        mov     %ebx, %esi
+        add     %ecx, %ebx
+        and     $0xffff, %ebx
+        call    publish
+        jmp     1b
+3:      pause
+        jmp     1b
+
+/* publish: avail idx := %ebx (old value %esi); ring the doorbell if the device
+ * asked for it: vring_need_event(avail_event, new, old) */
+publish:
+        mov     %bx, 2(%r8)
+        mfence                          /* idx store before the avail_event load */
+        movzwl  (%r14), %eax
+        mov     %ebx, %ecx
+        sub     %eax, %ecx
+        dec     %ecx
+        and     $0xffff, %ecx           /* (new - event - 1) & 0xffff */
+        mov     %ebx, %edi
+        sub     %esi, %edi
+        and     $0xffff, %edi           /* (new - old) & 0xffff */
+        cmp     %edi, %ecx
+        jae     2f
+        mov     %r13w, (%r10)           /* doorbell: KVM signals the queue's eventfd */
+        incq    notifies(%rip)
+2:      ret
+
+/* --- GDT: pykvm's boot selectors (CS 0x10, data 0x18) keep their meaning ------------- */
+        .set    USER_DS, 0x20 | 3
+        .set    USER_CS, 0x28 | 3
+        .balign 8
+gdt:
+        .quad   0
+        .quad   0
+        .quad   0x00af9b000000ffff      /* 0x10: 64-bit code, DPL 0 */
+        .quad   0x00cf93000000ffff      /* 0x18: data, DPL 0 */
+        .quad   0x00cff3000000ffff      /* 0x20: data, DPL 3 */
+        .quad   0x00affb000000ffff      /* 0x28: 64-bit code, DPL 3 */
+gdt_end:
+gdt_pointer:
+        .word   gdt_end - gdt - 1
+        .quad   gdt
+
+/* --- page tables: 2 MiB pages, present | writable | user ------------------------------ */
+        .set    PTE, 0x87               /* P | W | U | PS */
+        .set    PTE_UC, 0x9f            /* P | W | U | PWT | PCD | PS: the MMIO window */
+        .balign 4096
+pml4:   .quad   pdpt + 0x7
+        .fill   511, 8, 0
+pdpt:   .quad   pd_ram + 0x7            /* 0 .. 1 GiB: RAM */
+        .quad   0
+        .quad   0
+        .quad   pd_mmio + 0x7           /* 3 .. 4 GiB: the PCI MMIO window */
+        .fill   508, 8, 0
+pd_ram:
+        .set    page, 0
+        .rept   512
+        .quad   page + PTE
+        .set    page, page + 0x200000
+        .endr
+pd_mmio:
+        .set    page, 0xC0000000
+        .rept   512
+        .quad   page + PTE_UC
+        .set    page, page + 0x200000
+        .endr
+
+        .space  512
+user_stack_top:

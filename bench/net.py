@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+"""virtio-net through a TAP, guest to host and host to guest, against two veth
+ends on the host: frames per second for 64-byte and 1500-byte Ethernet frames.
+
+pykvm side: a real VM whose guest (bench/guests/net_loop.S, assembled at run
+time) drops to ring 3 -- native speed on every host, kvm_pvm included -- and
+owns one virtio-net queue of a real NetDevice on a real VirtioPciDevice over a
+TAP. The bench plays the driver's probe from the host (features, rings, every
+descriptor written once); the guest then only moves avail indexes and rings the
+doorbell (an ioeventfd) when the device asks for it (EVENT_IDX).
+
+- transmit: the guest keeps all 256 frames of its queue in flight; the device
+  writev()s each to the TAP. The host counts what arrived: the TAP's kernel
+  rx_packets counter (netlink), cross-checked with the device's own count.
+- receive: a sender process on the host writes frames to the TAP's host side
+  with a raw AF_PACKET socket as fast as it can; the device readv()s them into
+  the guest's buffers and the guest counts them (its counter, in guest RAM).
+  Frames the guest could not take in time are dropped by the TAP's queue.
+
+Reference (the limit): the same sender process, the same frames, on one end of
+a veth pair; the other end's kernel rx_packets counter counts. Both directions
+compare with it: it is what the host's own stack does with those frames when
+nothing is in the way. Everything happens in a network namespace the bench
+creates (and removes); no frame leaves it.
+
+    python3 bench/net.py                # 3 s per case, 64 and 1500 bytes, both directions
+    python3 bench/net.py --seconds 10
+    python3 bench/net.py --quick        # 0.5 s per case: does it work?
+    python3 bench/net.py --record       # also append the table to bench/RESULTS.md
+
+Needs root (TAPs, namespaces), /dev/kvm, GNU as/ld, pyroute2. Last line:
+``ratio: X`` = pykvm transmit frames/s / veth frames/s for 1500-byte frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GUEST_SOURCE = BENCH / "guests" / "net_loop.S"
+RESULTS = BENCH / "RESULTS.md"
+
+ETHERTYPE = 0x88B5                      # IEEE local experimental: no protocol takes it
+GUEST_MAC = bytes.fromhex("525400000b01")
+SENDER_MAC = bytes.fromhex("020000000b02")
+NET_HDR = 12
+QUEUE = 256
+BUFFER = 2048
+MEM_SIZE = 16 << 20
+LOAD_ADDR = 0x10000
+PARAMS = 8                              # offset of the guest's parameter block
+RX_RING, TX_RING = 0x100000, 0x110000
+TX_BUFFERS, RX_BUFFERS = 0x200000, 0x400000
+BAR_ADDR = 0xC0000000                   # where the bench "maps" the device's BAR
+
+
+class BenchError(Exception):
+    pass
+
+
+def frame(size: int, dst: bytes = GUEST_MAC, seq: int = 0) -> bytes:
+    """An Ethernet frame of ``size`` bytes (no FCS): header, a sequence number, a pattern."""
+    head = dst + SENDER_MAC + struct.pack("!HI", ETHERTYPE, seq)
+    return head + bytes((i * 7) & 0xFF for i in range(size - len(head)))
+
+
+# --- the sender: a separate process, so it does not share pykvm's interpreter ---------
+def sender_main(netns: str, ifname: str, size: int, seconds: float) -> int:
+    from pykvm.net.plumbing import entered_netns, open_netns
+
+    fd = open_netns(netns)
+    with entered_netns(fd):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock.bind((ifname, 0))
+    data = frame(size)
+    send = sock.send
+    sent = 0
+    print("ready", flush=True)
+    deadline = time.monotonic() + seconds
+    while True:
+        for _ in range(256):
+            try:
+                send(data)
+            except (BlockingIOError, OSError):
+                pass                    # a full qdisc: the kernel said no, keep trying
+            sent += 1
+        if time.monotonic() >= deadline:
+            break
+    print(sent)
+    return 0
+
+
+def start_sender(netns: str, ifname: str, size: int, seconds: float) -> subprocess.Popen:
+    """The sender process, once it is ready to send (its start-up is not measured)."""
+    sender = subprocess.Popen([sys.executable, __file__, "--sender", netns, ifname, str(size),
+                               str(seconds)], stdout=subprocess.PIPE, text=True)
+    if sender.stdout.readline().strip() != "ready":
+        sender.wait(timeout=30)
+        raise BenchError(f"the sender process failed (status {sender.returncode})")
+    return sender
+
+
+# --- the host's counters ---------------------------------------------------------------
+def rx_packets(ifname: str) -> int:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+        return link.get_attr("IFLA_STATS64")["rx_packets"]
+
+
+@dataclass
+class Result:
+    frames_per_s: float
+    size: int
+    note: str = ""
+
+    @property
+    def gbit(self) -> float:
+        return self.frames_per_s * self.size * 8 / 1e9
+
+
+def sample(counter, warmup: float, seconds: float) -> float:
+    """frames/s of a monotonically growing ``counter()`` over ``seconds`` after ``warmup``."""
+    time.sleep(warmup)
+    first, started = counter(), time.perf_counter()
+    time.sleep(seconds)
+    last, ended = counter(), time.perf_counter()
+    return (last - first) / (ended - started)
+
+
+# --- the reference: a veth pair ------------------------------------------------------------
+def veth_rate(netns: str, size: int, warmup: float, seconds: float) -> Result:
+    sender = start_sender(netns, "pbveth0", size, warmup + seconds + 0.5)
+    try:
+        rate = sample(lambda: rx_packets("pbveth1"), warmup, seconds)
+    finally:
+        sender.communicate(timeout=30)
+    return Result(rate, size)
+
+
+# --- the pykvm side ---------------------------------------------------------------------------
+def assemble_guest(workdir: Path) -> bytes:
+    for tool in ("as", "ld"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed (apt-get install binutils)")
+    obj, out = workdir / "net_loop.o", workdir / "net_loop.bin"
+    for argv in (["as", "--64", "-o", str(obj), str(GUEST_SOURCE)],
+                 ["ld", "-m", "elf_x86_64", f"-Ttext={LOAD_ADDR:#x}", "--oformat", "binary",
+                  "-o", str(out), str(obj)]):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode:
+            raise BenchError(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
+    return out.read_bytes()
+
+
+class GuestNic:
+    """A VM with one virtio-net function on TAP ``pbtap0``, its queues set up as a
+    driver would, and the ring-3 guest told which queue to drive."""
+
+    def __init__(self, kvm, image: bytes, mode: str, size: int):
+        from pykvm.boot.modes import set_mode
+        from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+        from pykvm.devices.virtio.driver import DriverRing, PciDriver
+        from pykvm.devices.virtio.net import (VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+                                              VIRTIO_NET_F_STATUS, NetDevice)
+        from pykvm.devices.virtio.pci import NOTIFY_MULTIPLIER, NOTIFY_OFFSET, VirtioPciDevice
+        from pykvm.devices.virtio.queue import DESC_F_WRITE
+        from pykvm.memory import GuestMemory
+        from pykvm.net.plumbing import NetSpec, open_nic
+        from pykvm.vm import Vm
+
+        self.mode, self.size = mode, size
+        self.memory = GuestMemory.anonymous(MEM_SIZE)
+        self.vm = Vm(kvm, self.memory, log=sys.stderr)
+        self.backend = open_nic(NetSpec(tap="pbtap0"), GUEST_MAC)
+        self.device = NetDevice(self.backend.tap, GUEST_MAC, offloads=False, name="bench-net",
+                                owner=self.backend)
+        self.function = VirtioPciDevice(self.vm, self.memory, self.device)
+        self.vm.on_close(self.function.close)
+        self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
+        driver = PciDriver(self.function)
+        if not driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MAC
+                                | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF) & 8:
+            raise BenchError("the device refused the bench's features")
+        self.rx, self.tx = DriverRing(self.memory, RX_RING, QUEUE), \
+            DriverRing(self.memory, TX_RING, QUEUE)
+        driver.setup_queue(0, self.rx)
+        driver.setup_queue(1, self.tx)
+        payload = bytes(NET_HDR) + frame(size, dst=SENDER_MAC)
+        for i in range(QUEUE):
+            self.memory.write(TX_BUFFERS + BUFFER * i, payload)
+            self.tx.write_descriptor(i, TX_BUFFERS + BUFFER * i, len(payload))
+            self.rx.write_descriptor(i, RX_BUFFERS + BUFFER * i, BUFFER, DESC_F_WRITE)
+            for ring in (self.tx, self.rx):
+                self.memory.write_u16(ring.avail_addr + 4 + 2 * i, i)
+        ring, queue = (self.tx, 1) if mode == "tx" else (self.rx, 0)
+        if mode == "rx":
+            self.rx.set_avail_idx(QUEUE)              # every receive buffer offered
+        driver.driver_ok()
+        params = struct.pack("<8Q", 0 if mode == "tx" else 1, QUEUE, ring.avail_addr,
+                             ring.used_addr, BAR_ADDR + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * queue,
+                             queue, 0, 0)
+        image = bytearray(image)
+        image[PARAMS:PARAMS + len(params)] = params
+        self.memory.write(LOAD_ADDR, bytes(image))
+        self.vm.create_vcpus(1)
+        set_mode(self.vm.vcpus[0], self.memory, "long", LOAD_ADDR)
+
+    def guest_counter(self, index: int) -> int:
+        return self.memory.read_u64(LOAD_ADDR + PARAMS + 8 * index)
+
+    def start(self) -> None:
+        self.vm.start()
+
+    def check_received(self) -> None:
+        """The last frames the guest was given must be the sender's, header first."""
+        used = self.rx.used_idx()
+        expected = frame(self.size)
+        for back in range(1, 4):
+            slot = (used - back) % QUEUE
+            head, length = struct.unpack("<II", self.memory.read(self.rx.used_addr + 4 + 8 * slot,
+                                                                  8))
+            data = self.memory.read(RX_BUFFERS + BUFFER * head, length)
+            if length != NET_HDR + self.size or data[NET_HDR:] != expected or \
+                    struct.unpack_from("<H", data, 10)[0] != 1:
+                raise BenchError(f"receive: used entry {slot} holds {length} bytes that are not "
+                                 f"the sender's frame")
+
+    def check_sent(self) -> None:
+        """What reaches the TAP's host side must be the guest's frame, unchanged."""
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock.bind(("pbtap0", 0))
+        sock.settimeout(2)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            raise BenchError("transmit: no frame reached the TAP's host side") from None
+        finally:
+            sock.close()
+        if data != frame(self.size, dst=SENDER_MAC):
+            raise BenchError("transmit: the frame on the TAP is not the guest's")
+
+    def close(self) -> None:
+        self.vm.close()
+        self.memory.close()
+
+
+def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: float,
+               seconds: float) -> Result:
+    nic = GuestNic(kvm, image, mode, size)
+    try:
+        cpu_before = time.process_time()
+        if mode == "tx":
+            nic.start()
+            rate = sample(lambda: rx_packets("pbtap0"), warmup, seconds)
+            nic.check_sent()
+            stats = nic.device.stats
+            note = (f"device wrote {stats['tx_frames']}, errors {stats['tx_errors']}; "
+                    f"doorbells {nic.guest_counter(7)}")
+        else:
+            nic.start()
+            sender = start_sender(netns, "pbtap0", size, warmup + seconds + 0.5)
+            try:
+                rate = sample(lambda: nic.guest_counter(6), warmup, seconds)
+            finally:
+                sent = int(sender.communicate(timeout=30)[0] or 0)
+            nic.check_received()
+            note = (f"sender {sent} frames, guest got {nic.guest_counter(6)}; "
+                    f"doorbells {nic.guest_counter(7)}")
+        note += f"; pykvm process CPU {time.process_time() - cpu_before:.1f} s"
+        stop = nic.vm.stop_reason
+        if stop is not None:
+            raise BenchError(f"the guest stopped: {stop.message}")
+        return Result(rate, size, note)
+    finally:
+        nic.close()
+
+
+# --- the bench -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def bench_namespace():
+    """A network namespace of our own with a veth pair, this thread inside it."""
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pyroute_netns
+
+    from pykvm.net.plumbing import entered_netns, open_netns
+
+    name = f"pykvm-bench-{os.getpid()}"
+    pyroute_netns.create(name)
+    fd = open_netns(name)
+    try:
+        with entered_netns(fd):
+            for path in ("all", "default"):
+                Path(f"/proc/sys/net/ipv6/conf/{path}/disable_ipv6").write_text("1")
+            with IPRoute() as ipr:
+                ipr.link("add", ifname="pbveth0", kind="veth", peer="pbveth1")
+                for ifname in ("pbveth0", "pbveth1"):
+                    ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+            yield name
+    finally:
+        os.close(fd)
+        pyroute_netns.remove(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--sender"]:
+        return sender_main(argv[1], argv[2], int(argv[3]), float(argv[4]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured span per case (3)")
+    parser.add_argument("--sizes", default="64,1500", help="frame sizes in bytes (64,1500)")
+    parser.add_argument("--quick", action="store_true", help="0.5 s per case: does it work?")
+    parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("net: needs root (TAP devices and a network namespace)", file=sys.stderr)
+        return 1
+    seconds, warmup = (0.5, 0.2) if args.quick else (args.seconds, 0.5)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if any(not 60 <= s <= 1514 for s in sizes):
+        parser.error("frame sizes must be between 60 and 1514 bytes")
+
+    from pykvm.kvm import Kvm
+
+    rows = []
+    load = os.getloadavg()[0]
+    try:
+        with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp, \
+                bench_namespace() as netns:
+            image = assemble_guest(Path(tmp))
+            host_kind = kvm.host_kind
+            for size in sizes:
+                reference = veth_rate(netns, size, warmup, seconds)
+                tx = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds)
+                rx = pykvm_rate(kvm, image, netns, "rx", size, warmup, seconds)
+                rows.append((size, reference, tx, rx))
+                if not args.quick:
+                    print(f"{size} B: veth {reference.frames_per_s:,.0f}/s; pykvm tx "
+                          f"{tx.frames_per_s:,.0f}/s ({tx.note}); rx {rx.frames_per_s:,.0f}/s "
+                          f"({rx.note})", file=sys.stderr)
+    except BenchError as error:
+        print(f"net: {error}", file=sys.stderr)
+        return 1
+
+    print(f"virtio-net over a TAP vs a veth pair (raw AF_PACKET sender, one frame per send())")
+    print(f"host kind: {host_kind}   {seconds:g} s per case   load average: {load:.2f}   "
+          f"CPUs: {os.cpu_count()}")
+    header = (f"{'frame':>6} {'veth frames/s':>14} {'Gbit/s':>7} {'pykvm tx/s':>12} {'Gbit/s':>7} "
+              f"{'tx/veth':>8} {'pykvm rx/s':>12} {'Gbit/s':>7} {'rx/veth':>8}")
+    print(header)
+    for size, reference, tx, rx in rows:
+        base = reference.frames_per_s or 1
+        print(f"{size:>5}B {reference.frames_per_s:>14,.0f} {reference.gbit:>7.3f} "
+              f"{tx.frames_per_s:>12,.0f} {tx.gbit:>7.3f} {tx.frames_per_s / base:>8.3f} "
+              f"{rx.frames_per_s:>12,.0f} {rx.gbit:>7.3f} {rx.frames_per_s / base:>8.3f}")
+    if args.record:
+        record(host_kind, rows, seconds, load)
+    big = [row for row in rows if row[0] == max(sizes)][0]
+    print(f"ratio: {big[2].frames_per_s / (big[1].frames_per_s or 1):.3f}")
+    return 0
+
+
+ROWS_MARKER = "<!-- net.py --record adds rows above this line -->"
+
+
+def record(host_kind: str, rows, seconds: float, load: float) -> None:
+    lines = ""
+    for size, reference, tx, rx in rows:
+        base = reference.frames_per_s or 1
+        lines += (f"| {datetime.date.today().isoformat()} | {host_kind} | {size} | "
+                  f"{reference.frames_per_s:,.0f} ({reference.gbit:.2f}) | "
+                  f"{tx.frames_per_s:,.0f} ({tx.gbit:.2f}) | {tx.frames_per_s / base:.3f} | "
+                  f"{rx.frames_per_s:,.0f} ({rx.gbit:.2f}) | {rx.frames_per_s / base:.3f} | "
+                  f"{load:.1f} | {seconds:g} s |\n")
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if ROWS_MARKER in text:
+        text = text.replace(ROWS_MARKER, lines + ROWS_MARKER, 1)
+    else:
+        text += ("" if not text or text.endswith("\n") else "\n") + lines
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
