@@ -160,6 +160,28 @@ def test_snapshot_of_a_restored_vm_into_its_own_directory(counting_guest, tmp_pa
 
 
 @needs_kvm
+def test_a_stopped_vm_is_not_snapshotted_and_a_restore_may_start_paused(counting_guest,
+                                                                          tmp_path):
+    with Machine(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
+        machine.vm.start()
+        time.sleep(0.1)
+        save_snapshot(machine, tmp_path / "snap")
+        machine.vm.request_stop("user", 0, "test")
+        machine.vm.wait()
+        with pytest.raises(SnapshotError, match="has stopped"):
+            save_snapshot(machine, tmp_path / "late")
+    out = io.BytesIO()
+    with restore_machine(tmp_path / "snap", stdout=out, paused=True) as restored:
+        restored.vm.start()
+        time.sleep(0.3)
+        assert restored.vm.state.value == "paused" and out.getvalue() == b""
+        restored.vm.resume()
+        wait_for_output(out, 3)
+        restored.vm.request_stop("user", 0, "test")
+        restored.vm.wait()
+
+
+@needs_kvm
 def test_vcpu_and_vm_state_round_trip(counting_guest, tmp_path):
     with Machine(flat_config(counting_guest, cpus=2), stdout=io.BytesIO()) as machine:
         machine.vm.start()
@@ -675,9 +697,11 @@ def test_snapshot_mid_disk_io_restores_intact_data(linux_snapshot, restored_gues
     """A guest writes 8 MiB to its disk in the background; it is snapshotted mid-write,
     stopped, and restored: the restored guest finishes the write and reads back exactly
     what it wrote, and the host sees it in the image."""
-    pattern = "pykvm-snapshot-data-"
+    size = 8 << 20
     with restored_guest() as guest:
-        guest.check(f"yes {pattern} | head -c 8388608 > /tmp/data; sync")
+        # seq's output is stdio-buffered (few system calls, each ~10 ms here) and every
+        # line differs, so a block landing at the wrong place would show.
+        guest.check(f"seq 1 1200000 | head -c {size} > /tmp/data")
         guest.check("( (dd if=/tmp/data of=/dev/vda bs=64k conv=fsync 2>/dev/null; "
                     "echo done > /tmp/dd-finished) & )")
         time.sleep(1.0)
@@ -690,8 +714,8 @@ def test_snapshot_mid_disk_io_restores_intact_data(linux_snapshot, restored_gues
             time.sleep(2)
         guest.check("sync")
         local = guest.check("md5sum < /tmp/data").split()[0]
-        on_disk = guest.check("head -c 8388608 /dev/vda | md5sum").split()[0]
+        on_disk = guest.check(f"head -c {size} /dev/vda | md5sum").split()[0]
         assert local == on_disk
-    image = linux_snapshot.disk.read_bytes()[:8 << 20]
-    expected = ((pattern + "\n").encode() * ((8 << 20) // len(pattern) + 2))[:8 << 20]
+    image = linux_snapshot.disk.read_bytes()[:size]
+    expected = "".join(f"{i}\n" for i in range(1, 1200001)).encode()[:size]
     assert hashlib.md5(image).hexdigest() == hashlib.md5(expected).hexdigest() == local

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Restore against cold boot: seconds until the default Linux guest answers a command.
+
+In one run:
+
+1. **cold boot** — `pykvm run --mem 256M --api-sock S` (interactive shell on the
+   serial console): seconds from starting the process until the guest answers
+   `echo @$((6*7))@` (typed once the prompt shows) with `@42@`;
+2. **snapshot** at that shell through the control socket (`pykvm ctl S snapshot DIR`):
+   its seconds, and memory.bin's size on disk against guest RAM;
+3. **restore**, N times (default 3) — `pykvm run --restore DIR`: seconds from starting
+   the process until the guest answers the same command (typed at once: it waits in
+   the pipe until the guest runs). The median is compared with the cold boot.
+4. the library's `restore_machine()` in this process, split into checking state.json,
+   verifying memory.bin's digest, and building the machine with its state.
+
+The goal is a restore at most 1/50 of the cold boot. On kvm_pvm hosts a typed
+character costs the guest tens of milliseconds (its tty and shell run emulated ring-0
+code and system calls), so the command is kept short.
+
+    python3 bench/snapshot.py              # one boot, 3 restores
+    python3 bench/snapshot.py --record     # also add a row to bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from pykvm.kvm import detect_host_kind  # noqa: E402
+from pykvm.machine import default_guest_dir  # noqa: E402
+from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell  # noqa: E402
+
+RESULTS = BENCH / "RESULTS.md"
+MARKER = "<!-- snapshot.py --record adds rows above this line -->"
+COMMAND = "echo @$((6*7))@\n"
+ANSWER = b"@42@"
+SECTION = f"""
+## snapshot — restore vs cold boot of the default Linux guest
+
+`python3 bench/snapshot.py --record` adds a row. Seconds from starting `pykvm run` until
+the guest's shell answers a command (cold: `--mem 256M`, the command typed at the prompt;
+restore: `--restore DIR`, the command typed at once), median of the restores; the
+snapshot taken at the shell through the control socket; memory.bin on disk against
+guest RAM; load is the 1-minute load average at the start (2 CPUs).
+
+| date | host kind | cold boot → answer | restore → answer | restore ÷ cold | snapshot s | RAM | memory.bin on disk | load |
+|---|---|---|---|---|---|---|---|---|
+{MARKER}
+"""
+
+
+def answer_time(shell: GuestShell, started: float, *, wait_prompt: bool) -> float:
+    if wait_prompt:
+        shell.wait_for(PROMPT, BOOT_TIMEOUT)
+    shell.type(COMMAND)
+    shell.wait_for(ANSWER, BOOT_TIMEOUT)
+    return time.monotonic() - started
+
+
+def library_restore(directory: Path) -> dict:
+    """restore_machine() phases, in this process (the guest is not started)."""
+    import io
+
+    from pykvm.snapshot.snapshot import decode_config, load_state, restore_machine, verify_memory
+    t0 = time.monotonic()
+    document = load_state(directory)
+    t1 = time.monotonic()
+    verify_memory(directory, document)
+    t2 = time.monotonic()
+    decode_config(document["config"])
+    with restore_machine(directory, stdout=io.BytesIO(), verify=False):
+        t3 = time.monotonic()
+    return {"check state.json": t1 - t0, "verify memory.bin": t2 - t1,
+            "build machine + state": t3 - t2}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--restores", type=int, default=3)
+    parser.add_argument("--mem", default="256M")
+    parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
+    args = parser.parse_args()
+    if default_guest_dir() is None:
+        print("the default Linux guest is not built (make guest)", file=sys.stderr)
+        return 1
+    load = os.getloadavg()[0]
+    host = detect_host_kind()
+    with tempfile.TemporaryDirectory(prefix="pykvm-bench-snapshot-") as tmp:
+        work = Path(tmp)
+        started = time.monotonic()
+        with GuestShell(["--mem", args.mem], api_sock=work / "boot.sock",
+                        log=work / "boot.log") as shell:
+            cold = answer_time(shell, started, wait_prompt=True)
+            print(f"cold boot: {cold:.1f} s to the answer", flush=True)
+            info = shell.snapshot(work / "snap")
+        print(f"snapshot: {info['seconds']:.2f} s, {info['mem_size'] >> 20} MiB RAM, "
+              f"{info['disk_bytes'] / (1 << 20):.1f} MiB on disk", flush=True)
+        restores = []
+        for index in range(args.restores):
+            started = time.monotonic()
+            with GuestShell(["--restore", str(work / "snap")], api_sock=work / f"r{index}.sock",
+                            log=work / f"r{index}.log") as shell:
+                restores.append(answer_time(shell, started, wait_prompt=False))
+            print(f"restore {index + 1}: {restores[-1]:.2f} s to the answer", flush=True)
+        phases = library_restore(work / "snap")
+    restore = statistics.median(restores)
+    ratio = restore / cold
+    print()
+    print(f"host kind: {host}, load {load:.1f}")
+    print(f"cold boot to answer:  {cold:8.2f} s")
+    print(f"restore to answer:    {restore:8.2f} s (median of {len(restores)}: "
+          f"{', '.join(f'{r:.2f}' for r in restores)})")
+    print("restore_machine():    " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+    print(f"snapshot:             {info['seconds']:8.2f} s; memory.bin "
+          f"{info['disk_bytes'] / (1 << 20):.1f} MiB on disk for {info['mem_size'] >> 20} MiB "
+          f"of RAM ({100 * info['disk_bytes'] / info['mem_size']:.1f} %)")
+    print(f"goal: restore <= 1/50 of the cold boot ({cold / 50:.2f} s): "
+          f"{'met' if ratio <= 1 / 50 else 'NOT met'}")
+    print(f"ratio: {ratio:.4f}")
+    if args.record:
+        record(host, cold, restore, ratio, info, load)
+    return 0
+
+
+def record(host: str, cold: float, restore: float, ratio: float, info: dict, load: float) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Bench results\n"
+    if MARKER not in text:
+        text = text.rstrip("\n") + "\n" + SECTION
+    row = (f"| {datetime.date.today()} | {host} | {cold:.1f} | {restore:.2f} | 1/{1 / ratio:.0f} "
+           f"| {info['seconds']:.2f} | {info['mem_size'] >> 20} MiB "
+           f"| {info['disk_bytes'] / (1 << 20):.1f} MiB | {load:.1f} |\n")
+    RESULTS.write_text(text.replace(MARKER, row + MARKER, 1))
+    print(f"recorded in {RESULTS}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
