@@ -13,17 +13,7 @@ from pykvm.devices.i8042 import I8042
 from pykvm.devices.rtc import Rtc
 from pykvm.layout import EXIT_PORT, PROGRESS_PORT
 
-
-class FakeIrqLine:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(bool(high))
-
-    def pulse(self):
-        self.set_level(True)
-        self.set_level(False)
+from .fakes import FakeIrqLine
 
 
 class StopVm(Exception):

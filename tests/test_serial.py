@@ -13,21 +13,7 @@ from pykvm.devices.serial import (
     MCR_DTR, MCR_LOOP, MCR_OUT1, MCR_OUT2, MCR_RTS,
 )
 
-
-class FakeIrqLine:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(bool(high))
-
-    def pulse(self):
-        self.set_level(True)
-        self.set_level(False)
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
+from .fakes import FakeIrqLine
 
 
 class Sink:
