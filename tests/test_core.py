@@ -2,6 +2,7 @@
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -44,7 +45,10 @@ class ExitDevice(Device):
         self.vm.request_stop("exit", value, f"guest exit {value}")
 
 
-def run_guest(kvm, code: bytes, mode="real", devices=(), mmio=(), mem=2 << 20, timeout=20):
+@contextmanager
+def flat_vm(kvm, code: bytes, mode="long", devices=(), mmio=(), mem=2 << 20):
+    """A VM with ``code`` loaded at FLAT_LOAD_ADDR, one vCPU set up in ``mode``, and
+    pykvm's exit port wired; not started."""
     with GuestMemory.anonymous(mem) as memory, Vm(kvm, memory) as vm:
         vm.add_pio_device(layout.EXIT_PORT, 1, ExitDevice(vm))
         for base, length, device in devices:
@@ -54,6 +58,11 @@ def run_guest(kvm, code: bytes, mode="real", devices=(), mmio=(), mem=2 << 20, t
         memory.write(layout.FLAT_LOAD_ADDR, code)
         vm.create_vcpus(1)
         set_mode(vm.vcpus[0], memory, mode, layout.FLAT_LOAD_ADDR)
+        yield vm
+
+
+def run_guest(kvm, code: bytes, mode="real", devices=(), mmio=(), timeout=20):
+    with flat_vm(kvm, code, mode, devices, mmio) as vm:
         stop = vm.run(timeout=timeout)
         return stop, vm.vcpus[0].stats
 
@@ -175,11 +184,7 @@ def test_pause_stops_progress_and_resume_continues(kvm):
         mov $0x80, %dx
         out %eax, %dx
         jmp 1b""", "long", origin=layout.FLAT_LOAD_ADDR)
-    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
-        vm.add_pio_device(0x80, 4, counter)
-        memory.write(layout.FLAT_LOAD_ADDR, code)
-        vm.create_vcpus(1)
-        set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
+    with flat_vm(kvm, code, devices=[(0x80, 4, counter)]) as vm:
         assert vm.state is State.CREATED
         vm.start()
         assert vm.state is State.RUNNING
@@ -201,10 +206,7 @@ def test_pause_stops_progress_and_resume_continues(kvm):
 
 def test_stop_from_another_thread_kicks_a_spinning_guest(kvm):
     code = assemble("1: jmp 1b", "long", origin=layout.FLAT_LOAD_ADDR)
-    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
-        memory.write(layout.FLAT_LOAD_ADDR, code)
-        vm.create_vcpus(1)
-        set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
+    with flat_vm(kvm, code) as vm:
         vm.start()
         threading.Timer(0.2, vm.request_stop, ("user", 5, "stopped")).start()
         stop = vm.wait(timeout=10)
@@ -213,10 +215,7 @@ def test_stop_from_another_thread_kicks_a_spinning_guest(kvm):
 
 def test_vcpu_call_runs_on_the_vcpu_thread(kvm):
     code = assemble("1: jmp 1b", "long", origin=layout.FLAT_LOAD_ADDR)
-    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
-        memory.write(layout.FLAT_LOAD_ADDR, code)
-        vm.create_vcpus(1)
-        set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
+    with flat_vm(kvm, code) as vm:
         vm.start()
         name = vm.vcpus[0].call(lambda vcpu: threading.current_thread().name)
         rip = vm.vcpus[0].call(lambda vcpu: vcpu.get_regs().rip)
