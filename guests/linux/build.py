@@ -11,6 +11,11 @@ named after a key over every input, and guests/linux/out points at it:
 When that directory exists the build is a no-op (about a second). The kernel
 source is extracted once per linux-source version and built out of tree in one
 build directory per version, so a changed fragment rebuilds incrementally.
+
+The kernel has a key of its own (the fragment, the source version and the
+kernel-building code of this file) and its own cache directory,
+``kernel-<key>/``: a change to init.c, agent.c or the initramfs recipe rebuilds
+only the initramfs (seconds), never the kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -38,9 +44,14 @@ from pykvm.layout import KERNEL_LOAD_ADDR  # noqa: E402
 
 FRAGMENT = HERE / "kernel.fragment"
 INIT_C = HERE / "init.c"
+AGENT_C = HERE / "agent.c"         # pykvm-agent, the guest side of pykvm/agent.py
+AGENT_PATH = "sbin/pykvm-agent"    # where the initramfs has it (init.c starts it)
 OUT_LINK = HERE / "out"
 # Every file whose content changes what comes out; package versions join them.
-KEY_FILES = (FRAGMENT, INIT_C, Path(__file__).resolve(), REPO / "pykvm" / "boot" / "cpio.py")
+KEY_FILES = (FRAGMENT, INIT_C, AGENT_C, Path(__file__).resolve(),
+             REPO / "pykvm" / "boot" / "cpio.py")
+KERNEL_FILES = (("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"),
+                ("System.map", "System.map"), (".config", "config"))
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -66,7 +77,7 @@ ETC_FILES = {
     "etc/group": "root:x:0:\n",
 }
 # What a bootable initramfs cannot do without.
-INITRAMFS_MUST_HAVE = ("init", "bin/sh", "bin/busybox", "dev/console")
+INITRAMFS_MUST_HAVE = ("init", "bin/sh", "bin/busybox", "dev/console", AGENT_PATH)
 
 _started = time.monotonic()
 
@@ -130,6 +141,19 @@ def cache_key(versions: dict[str, str]) -> str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for package in (SOURCE_PACKAGE, BUSYBOX_PACKAGE):
         digest.update(f"{package}={versions[package]}\0".encode())
+    return digest.hexdigest()
+
+
+def kernel_key(versions: dict[str, str]) -> str:
+    """What the kernel alone depends on: the fragment, the source package's version and
+    the code below that configures, builds and checks it (not init.c, agent.c or the
+    initramfs code: changing those must not cost a kernel build)."""
+    digest = hashlib.sha256(FRAGMENT.read_bytes() + b"\0")
+    digest.update(f"{SOURCE_PACKAGE}={versions[SOURCE_PACKAGE]}\0".encode())
+    digest.update(repr(sorted(KERNEL_MAKE_ENV.items())).encode() + repr(KERNEL_FILES).encode())
+    for function in (source_tree, parse_config, missing_options, configure_kernel, build_kernel,
+                     check_vmlinux, kernel_or_build):
+        digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()
 
 
@@ -218,13 +242,42 @@ def check_vmlinux(path: Path) -> None:
                           f"{min(load_paddrs):#x}; wanted x86-64 at {KERNEL_LOAD_ADDR:#x}")
 
 
+def kernel_or_build(root: Path, versions: dict[str, str]) -> tuple[Path, str]:
+    """The kernel cache directory for the current kernel key (built first if missing)
+    and the kernel release. Holds bzImage, vmlinux, System.map, config, release."""
+    kernel = root / f"kernel-{kernel_key(versions)[:16]}"
+    if (kernel / "release").exists():
+        progress(f"kernel cached in {kernel.name}: only the initramfs is built")
+        return kernel, (kernel / "release").read_text().strip()
+    source_version = versions[SOURCE_PACKAGE]
+    src = source_tree(root, source_version)
+    kernel_build = root / "build" / f"{SOURCE_PACKAGE}_{source_version}"
+    kernel_build.mkdir(parents=True, exist_ok=True)
+    log = kernel_build / "build.log"
+    log.write_text("")
+    configure_kernel(src, kernel_build, log)
+    release = build_kernel(src, kernel_build, log)
+    check_vmlinux(kernel_build / "vmlinux")
+    with tempfile.TemporaryDirectory(dir=root, prefix=".kernel-") as scratch:
+        staging = Path(scratch) / "kernel"
+        staging.mkdir()
+        for name, target in KERNEL_FILES:
+            shutil.copyfile(kernel_build / name, staging / target)
+        (staging / "release").write_text(release + "\n")
+        staging.rename(kernel)
+    return kernel, release
+
+
 # --- the initramfs ---------------------------------------------------------------------------
 
-def compile_init(work: Path) -> Path:
-    binary = work / "init"
+def compile_static(source: Path, binary: Path) -> Path:
     run(["gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o", str(binary),
-         str(INIT_C)])
+         str(source)])
     return binary
+
+
+def compile_init(work: Path) -> Path:
+    return compile_static(INIT_C, work / "init")
 
 
 def busybox_applets() -> list[str]:
@@ -234,13 +287,14 @@ def busybox_applets() -> list[str]:
     return sorted(p for p in listing if p not in ("sbin/init", "linuxrc", "bin/busybox"))
 
 
-def build_initramfs(init_binary: Path) -> bytes:
+def build_initramfs(init_binary: Path, agent_binary: Path) -> bytes:
     entries = [cpio.Entry(d, stat.S_IFDIR | 0o755) for d in INITRAMFS_DIRS]
     entries[INITRAMFS_DIRS.index("tmp")] = cpio.Entry("tmp", stat.S_IFDIR | 0o1777)
     # The kernel opens /dev/console for init before anything can mount devtmpfs.
     entries.append(cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1))
     entries.append(cpio.Entry("init", stat.S_IFREG | 0o755, init_binary.read_bytes()))
     entries.append(cpio.Entry("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes()))
+    entries.append(cpio.Entry(AGENT_PATH, stat.S_IFREG | 0o755, agent_binary.read_bytes()))
     entries += [cpio.Entry(path, stat.S_IFLNK | 0o777, b"/bin/busybox")
                 for path in busybox_applets()]
     entries += [cpio.Entry(path, stat.S_IFREG | 0o644, text.encode())
@@ -266,28 +320,25 @@ def expose(result: Path) -> None:
 
 
 def build(root: Path, key: str, versions: dict[str, str], result: Path) -> None:
-    source_version = versions[SOURCE_PACKAGE]
-    src = source_tree(root, source_version)
-    kernel_build = root / "build" / f"{SOURCE_PACKAGE}_{source_version}"
-    kernel_build.mkdir(parents=True, exist_ok=True)
-    log = kernel_build / "build.log"
-    log.write_text("")
     started = time.monotonic()
-    configure_kernel(src, kernel_build, log)
-    release = build_kernel(src, kernel_build, log)
-    check_vmlinux(kernel_build / "vmlinux")
-    progress(f"kernel {release} built; packing the initramfs")
+    kernel, release = kernel_or_build(root, versions)
+    progress(f"kernel {release} ready; packing the initramfs")
 
     with tempfile.TemporaryDirectory(dir=root, prefix=".linux-") as scratch:
         staging = Path(scratch) / "out"
         staging.mkdir()
-        for name, target in (("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"),
-                             ("System.map", "System.map"), (".config", "config")):
-            shutil.copyfile(kernel_build / name, staging / target)
-        (staging / "initramfs.cpio").write_bytes(build_initramfs(compile_init(Path(scratch))))
+        for _, name in KERNEL_FILES:
+            try:
+                os.link(kernel / name, staging / name)   # no second copy of the same kernel
+            except OSError:
+                shutil.copyfile(kernel / name, staging / name)
+        agent = compile_static(AGENT_C, Path(scratch) / "pykvm-agent")
+        (staging / "initramfs.cpio").write_bytes(build_initramfs(compile_init(Path(scratch)),
+                                                                 agent))
         manifest = {
             "kernel_release": release,
             "key": key,
+            "kernel_key": kernel.name,
             "packages": {p: versions[p] for p in (SOURCE_PACKAGE, BUSYBOX_PACKAGE)},
             "files": {f.name: f.stat().st_size for f in sorted(staging.iterdir())},
             "vmlinux_entry": hex(KERNEL_LOAD_ADDR),

@@ -13,6 +13,8 @@
  * Shell mode otherwise: an interactive /bin/sh on the console's tty, report
  *   its status when it exits (no respawn).
  * busybox poweroff / reboot / halt signal PID 1: report 0.
+ * With pykvm.agent=1 on the kernel command line, /sbin/pykvm-agent (agent.c)
+ *   is started too, before the command or shell; init only reaps it.
  * Init's own failures are printed and reported as 125 (or 126/127 when the
  * shell cannot be executed), never as a kernel panic.
  */
@@ -48,6 +50,9 @@ enum { STATUS_INIT_FAILED = 125, STATUS_CANNOT_EXEC = 126, STATUS_NOT_FOUND = 12
 #define COMMAND_FILE "/pykvm/cmd"
 #define SHELL "/bin/sh"
 #define CONSOLE_ACTIVE "/sys/class/tty/console/active"
+#define AGENT "/sbin/pykvm-agent"
+#define AGENT_FLAG "pykvm.agent=1"
+#define KERNEL_CMDLINE "/proc/cmdline"
 #define CONSOLE_NAMES_MAX 128
 #define CONSOLE_PATH_MAX (CONSOLE_NAMES_MAX + sizeof "/dev/")
 #define SYSLOG_ACTION_CONSOLE_LEVEL 8
@@ -257,6 +262,40 @@ static void attach_console(int command_mode)
 		close(fd);
 }
 
+/* pykvm-agent (agent.c), when pykvm asked for it on the kernel command line. */
+static void start_agent(const sigset_t *child_mask)
+{
+	char cmdline[4096];
+	int fd = open(KERNEL_CMDLINE, O_RDONLY | O_CLOEXEC);
+	ssize_t got = fd < 0 ? -1 : read(fd, cmdline, sizeof cmdline - 1);
+
+	if (fd >= 0)
+		close(fd);
+	if (got <= 0)
+		return;
+	cmdline[got] = '\0';
+	const char *at = cmdline;
+	size_t length = strlen(AGENT_FLAG);
+	while ((at = strstr(at, AGENT_FLAG)) != NULL) {
+		if ((at == cmdline || at[-1] == ' ') && strchr(" \n", at[length]))
+			break;    /* a whole word */
+		at += length;
+	}
+	if (!at)
+		return;
+	pid_t pid = fork();
+	if (pid < 0) {
+		say("cannot fork %s: %s", AGENT, strerror(errno));
+		return;
+	}
+	if (pid == 0) {
+		sigprocmask(SIG_SETMASK, child_mask, NULL);
+		execl(AGENT, "pykvm-agent", (char *)NULL);
+		say("cannot run %s: %s", AGENT, strerror(errno));
+		_exit(STATUS_NOT_FOUND);
+	}
+}
+
 /* Fork /bin/sh (with -c command, or interactive when command is NULL). */
 static pid_t start_shell(const char *command, const sigset_t *child_mask)
 {
@@ -318,6 +357,7 @@ int main(void)
 	setenv("HOME", "/root", 1);
 
 	char *command = read_command();
+	start_agent(&original);
 	pid_t main_child;
 	if (command) {
 		/* Kernel messages would interleave with the command's output. */

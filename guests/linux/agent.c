@@ -1,0 +1,847 @@
+/*
+ * pykvm-agent: runs commands and moves files for the host, over a virtio-serial
+ * port named org.pykvm.agent.0 (the protocol is in pykvm/agent.py's docstring).
+ *
+ * The default guest's /init starts it (/sbin/pykvm-agent) when the kernel
+ * command line has pykvm.agent=1. It then:
+ *   1. mounts each virtio disk whose serial starts with "pykvm-share" read-only
+ *      at /mnt/<serial without "pykvm-"> (pykvm run --share DIR: /mnt/share);
+ *   2. finds its port in /sys/class/virtio-ports/<dev>/name (waiting up to 60 s
+ *      for the driver to add it) and opens /dev/<dev>;
+ *   3. sends READY and serves requests until the port goes away.
+ *
+ * One process, one poll() loop, no threads: on kvm_pvm hosts every system call
+ * costs milliseconds, so the loop moves data in 64 KiB chunks and forks only to
+ * run the commands themselves. Each command runs in its own session (so a
+ * timeout can kill its whole process group) with pipes for stdin, stdout and
+ * stderr; its exit is seen through a signalfd for SIGCHLD.
+ *
+ * Options (for running it by hand, and for the host-side tests):
+ *   --device PATH   use this file instead of looking for the port
+ *   --fd N          use the already open descriptor N (a socket in the tests)
+ *   --no-mount      do not mount share disks
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PORT_NAME "org.pykvm.agent.0"
+#define PORTS_DIR "/sys/class/virtio-ports"
+#define BLOCK_DIR "/sys/block"
+#define SHARE_PREFIX "pykvm-share"
+#define AGENT_TEXT "pykvm-agent 1"
+#define PROTOCOL_VERSION 1
+#define PORT_WAIT_SECONDS 60
+
+enum {
+	MAGIC = 0x4B50,
+	HEADER_SIZE = 12,
+	MAX_PAYLOAD = 1 << 20,
+	CHUNK = 64 * 1024,
+	MAX_SESSIONS = 16,
+	MAX_PUTS = 8,
+	MAX_STRINGS = 4096,
+};
+
+enum {
+	T_EXEC = 0x01, T_STDIN = 0x02, T_SIGNAL = 0x03, T_PUT_FILE = 0x04, T_GET_FILE = 0x05,
+	T_DATA = 0x06, T_PING = 0x07,
+	T_READY = 0x81, T_STDOUT = 0x82, T_STDERR = 0x83, T_EXIT = 0x84, T_OK = 0x85,
+	T_ERROR = 0x86, T_FILE_INFO = 0x87, T_PONG = 0x88,
+};
+
+enum { EXEC_SHELL = 1, EXEC_STDIN = 2 };
+
+struct session {
+	int used;
+	uint32_t id;
+	pid_t pid;
+	int out, err, in;         /* our ends of the pipes; -1 when closed */
+	int exited, status;
+	unsigned char *input;     /* stdin bytes not yet written */
+	size_t input_len, input_off;
+	int input_end;            /* the host closed stdin: close the pipe once drained */
+};
+
+struct put {
+	int used;
+	uint32_t id;
+	int fd, error;
+	char *path, *part;
+	mode_t mode;
+};
+
+static struct session sessions[MAX_SESSIONS];
+static struct put transfers[MAX_PUTS];
+static int channel = -1;
+static unsigned char out_frame[HEADER_SIZE + CHUNK];
+
+static void say(const char *format, ...)
+{
+	char line[512];
+	va_list args;
+	int length = snprintf(line, sizeof line, "pykvm-agent: ");
+
+	va_start(args, format);
+	length += vsnprintf(line + length, sizeof line - (size_t)length - 1, format, args);
+	va_end(args);
+	if (length > (int)sizeof line - 2)
+		length = (int)sizeof line - 2;
+	line[length++] = '\n';
+	if (write(STDERR_FILENO, line, (size_t)length) < 0) {
+		/* nowhere else to say it */
+	}
+}
+
+/* --- the channel ----------------------------------------------------------------------- */
+
+static void write_all(int fd, const unsigned char *data, size_t length)
+{
+	while (length > 0) {
+		ssize_t done = write(fd, data, length);
+		if (done > 0) {
+			data += done;
+			length -= (size_t)done;
+			continue;
+		}
+		if (done < 0 && errno == EINTR)
+			continue;
+		if (done < 0 && errno == EAGAIN) {
+			struct pollfd wait_out = { .fd = fd, .events = POLLOUT };
+			poll(&wait_out, 1, -1);
+			continue;
+		}
+		say("the channel is gone (write: %s)", done < 0 ? strerror(errno) : "0 bytes");
+		exit(1);
+	}
+}
+
+static void put_le16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void put_le32(unsigned char *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+static void put_le64(unsigned char *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+static uint32_t get_le32(const unsigned char *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void header(unsigned char *h, int type, uint32_t id, uint32_t length)
+{
+	put_le16(h, MAGIC);
+	h[2] = (unsigned char)type;
+	h[3] = 0;
+	put_le32(h + 4, id);
+	put_le32(h + 8, length);
+}
+
+/* One frame, in one write() when it fits (each write is a system call). */
+static void send_frame(int type, uint32_t id, const void *payload, size_t length)
+{
+	if (length <= CHUNK) {
+		header(out_frame, type, id, (uint32_t)length);
+		if (length && payload != out_frame + HEADER_SIZE)
+			memcpy(out_frame + HEADER_SIZE, payload, length);
+		write_all(channel, out_frame, HEADER_SIZE + length);
+		return;
+	}
+	unsigned char h[HEADER_SIZE];
+	header(h, type, id, (uint32_t)length);
+	write_all(channel, h, sizeof h);
+	write_all(channel, payload, length);
+}
+
+static void send_error(uint32_t id, int error, const char *format, ...)
+{
+	unsigned char payload[4 + 400];
+	va_list args;
+
+	put_le32(payload, (uint32_t)error);
+	va_start(args, format);
+	int length = vsnprintf((char *)payload + 4, sizeof payload - 4, format, args);
+	va_end(args);
+	if (length < 0)
+		length = 0;
+	if (length > (int)sizeof payload - 5)
+		length = (int)sizeof payload - 5;
+	send_frame(T_ERROR, id, payload, 4 + (size_t)length);
+}
+
+static void send_exit(uint32_t id, int status)
+{
+	unsigned char payload[4];
+	put_le32(payload, (uint32_t)status);
+	send_frame(T_EXIT, id, payload, sizeof payload);
+}
+
+/* --- sessions (commands) ----------------------------------------------------------------- */
+
+static struct session *find_session(uint32_t id)
+{
+	for (int i = 0; i < MAX_SESSIONS; i++)
+		if (sessions[i].used && sessions[i].id == id)
+			return &sessions[i];
+	return NULL;
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+static void set_nonblocking(int fd)
+{
+	int flags = fcntl(fd, F_GETFL);
+	if (flags >= 0)
+		fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+/* In the child: become the command. Never returns. */
+static void __attribute__((noreturn))
+run_child(int flags, char **argv, char **env, int envc, const char *cwd, int in, int out, int err)
+{
+	sigset_t none;
+
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	signal(SIGPIPE, SIG_DFL);
+	setsid();
+	if (in < 0)
+		in = open("/dev/null", O_RDONLY);
+	if (in >= 0 && in != STDIN_FILENO)
+		dup2(in, STDIN_FILENO);
+	dup2(out, STDOUT_FILENO);
+	dup2(err, STDERR_FILENO);
+	for (int i = 0; i < envc; i++)
+		putenv(env[i]);
+	if (chdir(*cwd ? cwd : "/") < 0) {
+		dprintf(STDERR_FILENO, "pykvm-agent: cannot enter %s: %s\n", cwd, strerror(errno));
+		_exit(126);
+	}
+	if (flags & EXEC_SHELL)
+		execl("/bin/sh", "sh", "-c", argv[0], (char *)NULL);
+	else
+		execvp(argv[0], argv);
+	int error = errno;
+	dprintf(STDERR_FILENO, "pykvm-agent: cannot run %s: %s\n",
+		flags & EXEC_SHELL ? "/bin/sh" : argv[0], strerror(error));
+	_exit(error == ENOENT ? 127 : 126);
+}
+
+static void start_command(uint32_t id, unsigned char *payload, uint32_t length)
+{
+	if (find_session(id)) {
+		send_error(id, EEXIST, "request %u is already running", id);
+		return;
+	}
+	struct session *s = NULL;
+	for (int i = 0; i < MAX_SESSIONS && !s; i++)
+		if (!sessions[i].used)
+			s = &sessions[i];
+	if (!s) {
+		send_error(id, EAGAIN, "%d commands are running already", MAX_SESSIONS);
+		return;
+	}
+	if (length < 12 || payload[length - 1] != '\0') {
+		send_error(id, EINVAL, "malformed EXEC");
+		return;
+	}
+	uint32_t flags = get_le32(payload), argc = get_le32(payload + 4), envc = get_le32(payload + 8);
+	if (argc < 1 || argc > MAX_STRINGS || envc > MAX_STRINGS) {
+		send_error(id, EINVAL, "EXEC with %u arguments and %u variables", argc, envc);
+		return;
+	}
+	size_t count = argc + envc + 1;
+	char **strings = calloc(count + 1, sizeof *strings);
+	if (!strings) {
+		send_error(id, ENOMEM, "out of memory");
+		return;
+	}
+	char *p = (char *)payload + 12, *end = (char *)payload + length;
+	size_t n = 0;
+	while (n < count && p < end) {
+		strings[n++] = p;
+		p += strlen(p) + 1;
+	}
+	if (n != count || p != end) {
+		free(strings);
+		send_error(id, EINVAL, "EXEC strings do not match their counts");
+		return;
+	}
+	/* argv must end with NULL for execvp: move the env and cwd out of the way. */
+	char **argv = calloc(argc + 1, sizeof *argv);
+	if (!argv) {
+		free(strings);
+		send_error(id, ENOMEM, "out of memory");
+		return;
+	}
+	memcpy(argv, strings, argc * sizeof *argv);
+	char **env = strings + argc;
+	const char *cwd = strings[argc + envc];
+
+	int out[2], err[2], in[2] = { -1, -1 };
+	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
+	    ((flags & EXEC_STDIN) && pipe2(in, O_CLOEXEC) < 0)) {
+		int error = errno;
+		send_error(id, error, "pipe: %s", strerror(error));
+		free(argv);
+		free(strings);
+		return;   /* (the pipes that were made leak: only when out of descriptors) */
+	}
+	pid_t pid = fork();
+	if (pid == 0)
+		run_child((int)flags, argv, env, (int)envc, cwd, in[0], out[1], err[1]);
+	int error = errno;
+	close(out[1]);
+	close(err[1]);
+	if (in[0] >= 0)
+		close(in[0]);
+	free(argv);
+	free(strings);
+	if (pid < 0) {
+		close(out[0]);
+		close(err[0]);
+		if (in[1] >= 0)
+			close(in[1]);
+		send_error(id, error, "fork: %s", strerror(error));
+		return;
+	}
+	memset(s, 0, sizeof *s);
+	s->used = 1;
+	s->id = id;
+	s->pid = pid;
+	s->out = out[0];
+	s->err = err[0];
+	s->in = in[1];
+	set_nonblocking(s->out);
+	set_nonblocking(s->err);
+	if (s->in >= 0)
+		set_nonblocking(s->in);
+}
+
+static void add_input(uint32_t id, const unsigned char *data, uint32_t length)
+{
+	struct session *s = find_session(id);
+	if (!s || s->in < 0)
+		return;            /* finished, or stdin closed: the bytes have nowhere to go */
+	if (length == 0) {
+		s->input_end = 1;
+		if (s->input_len == s->input_off)
+			close_fd(&s->in);
+		return;
+	}
+	if (s->input_off > 0) {   /* compact */
+		memmove(s->input, s->input + s->input_off, s->input_len - s->input_off);
+		s->input_len -= s->input_off;
+		s->input_off = 0;
+	}
+	unsigned char *grown = realloc(s->input, s->input_len + length);
+	if (!grown) {
+		say("out of memory for stdin of request %u: dropped", id);
+		return;
+	}
+	s->input = grown;
+	memcpy(s->input + s->input_len, data, length);
+	s->input_len += length;
+}
+
+static void feed_input(struct session *s)
+{
+	while (s->in >= 0 && s->input_off < s->input_len) {
+		ssize_t done = write(s->in, s->input + s->input_off, s->input_len - s->input_off);
+		if (done > 0) {
+			s->input_off += (size_t)done;
+		} else if (done < 0 && errno == EINTR) {
+			continue;
+		} else if (done < 0 && errno == EAGAIN) {
+			return;
+		} else {        /* EPIPE: the command does not read any more */
+			close_fd(&s->in);
+			s->input_off = s->input_len;
+		}
+	}
+	if (s->input_off == s->input_len) {
+		free(s->input);
+		s->input = NULL;
+		s->input_len = s->input_off = 0;
+		if (s->input_end)
+			close_fd(&s->in);
+	}
+}
+
+/* Read what a pipe has now; returns 0 at end of file or error (then the fd is closed). */
+static int forward(uint32_t id, int *fd, int type, int until_empty)
+{
+	do {
+		ssize_t got = read(*fd, out_frame + HEADER_SIZE, CHUNK);
+		if (got > 0) {
+			send_frame(type, id, out_frame + HEADER_SIZE, (size_t)got);
+			continue;
+		}
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0 && errno == EAGAIN)
+			return 1;
+		close_fd(fd);
+		return 0;
+	} while (until_empty);
+	return 1;
+}
+
+static void finish_session(struct session *s)
+{
+	if (s->out >= 0)
+		forward(s->id, &s->out, T_STDOUT, 1);
+	if (s->err >= 0)
+		forward(s->id, &s->err, T_STDERR, 1);
+	close_fd(&s->out);
+	close_fd(&s->err);
+	close_fd(&s->in);
+	free(s->input);
+	int status = WIFSIGNALED(s->status) ? 128 + WTERMSIG(s->status) : WEXITSTATUS(s->status);
+	send_exit(s->id, status);
+	memset(s, 0, sizeof *s);
+	s->out = s->err = s->in = -1;
+}
+
+static void reap(int signal_fd)
+{
+	struct signalfd_siginfo info[8];
+	while (read(signal_fd, info, sizeof info) > 0) {
+		/* drain: one SIGCHLD may stand for many children */
+	}
+	int status;
+	pid_t pid;
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		for (int i = 0; i < MAX_SESSIONS; i++) {
+			if (sessions[i].used && sessions[i].pid == pid) {
+				sessions[i].exited = 1;
+				sessions[i].status = status;
+			}
+		}
+	}
+}
+
+static void signal_command(uint32_t id, const unsigned char *payload, uint32_t length)
+{
+	struct session *s = find_session(id);
+	if (!s || s->exited || length < 4)
+		return;
+	int number = (int)get_le32(payload);
+	if (kill(-s->pid, number) < 0)
+		kill(s->pid, number);
+}
+
+/* --- files ----------------------------------------------------------------------------------- */
+
+static struct put *find_put(uint32_t id)
+{
+	for (int i = 0; i < MAX_PUTS; i++)
+		if (transfers[i].used && transfers[i].id == id)
+			return &transfers[i];
+	return NULL;
+}
+
+static void start_put(uint32_t id, const unsigned char *payload, uint32_t length)
+{
+	struct put *t = NULL;
+	for (int i = 0; i < MAX_PUTS && !t; i++)
+		if (!transfers[i].used)
+			t = &transfers[i];
+	if (find_put(id) || !t || length < 6 || payload[length - 1] != '\0') {
+		/* its DATA frames will find no transfer and be dropped */
+		send_error(id, t ? EINVAL : EAGAIN, t ? "malformed PUT_FILE" : "too many transfers");
+		return;
+	}
+	memset(t, 0, sizeof *t);
+	t->used = 1;
+	t->id = id;
+	t->mode = get_le32(payload) & 07777;
+	t->path = strdup((const char *)payload + 4);
+	if (!t->path || asprintf(&t->part, "%s.pykvm-part", t->path) < 0) {
+		t->part = NULL;
+		t->error = ENOMEM;
+		t->fd = -1;
+		return;
+	}
+	t->fd = open(t->part, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (t->fd < 0)
+		t->error = errno;
+}
+
+static void put_data(uint32_t id, const unsigned char *data, uint32_t length)
+{
+	struct put *t = find_put(id);
+	if (!t)
+		return;
+	if (length > 0) {
+		while (t->fd >= 0 && !t->error && length > 0) {
+			ssize_t done = write(t->fd, data, length);
+			if (done < 0 && errno == EINTR)
+				continue;
+			if (done <= 0) {
+				t->error = done < 0 ? errno : ENOSPC;
+				break;
+			}
+			data += done;
+			length -= (uint32_t)done;
+		}
+		return;
+	}
+	/* the end of the file */
+	if (t->fd >= 0) {
+		if (!t->error && fchmod(t->fd, t->mode) < 0)
+			t->error = errno;
+		if (close(t->fd) < 0 && !t->error)
+			t->error = errno;
+		if (!t->error && rename(t->part, t->path) < 0)
+			t->error = errno;
+		if (t->error)
+			unlink(t->part);
+	}
+	if (t->error)
+		send_error(id, t->error, "%s", strerror(t->error));
+	else
+		send_frame(T_OK, id, NULL, 0);
+	free(t->path);
+	free(t->part);
+	memset(t, 0, sizeof *t);
+}
+
+static void get_file(uint32_t id, const unsigned char *payload, uint32_t length)
+{
+	if (length < 2 || payload[length - 1] != '\0') {
+		send_error(id, EINVAL, "malformed GET_FILE");
+		return;
+	}
+	const char *path = (const char *)payload;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) < 0) {
+		int error = errno;
+		if (fd >= 0)
+			close(fd);
+		send_error(id, error, "%s", strerror(error));
+		return;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		close(fd);
+		send_error(id, EISDIR, "%s", strerror(EISDIR));
+		return;
+	}
+	unsigned char info[12];
+	put_le32(info, st.st_mode & 07777);
+	put_le64(info + 4, (uint64_t)st.st_size);
+	send_frame(T_FILE_INFO, id, info, sizeof info);
+	for (;;) {
+		ssize_t got = read(fd, out_frame + HEADER_SIZE, CHUNK);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0) {
+			int error = errno;
+			close(fd);
+			send_error(id, error, "read: %s", strerror(error));
+			return;
+		}
+		send_frame(T_DATA, id, out_frame + HEADER_SIZE, (size_t)got);
+		if (got == 0)
+			break;
+	}
+	close(fd);
+}
+
+/* --- the request loop --------------------------------------------------------------------------- */
+
+static void handle(int type, uint32_t id, unsigned char *payload, uint32_t length)
+{
+	switch (type) {
+	case T_EXEC:
+		start_command(id, payload, length);
+		break;
+	case T_STDIN:
+		add_input(id, payload, length);
+		break;
+	case T_SIGNAL:
+		signal_command(id, payload, length);
+		break;
+	case T_PUT_FILE:
+		start_put(id, payload, length);
+		break;
+	case T_DATA:
+		put_data(id, payload, length);
+		break;
+	case T_GET_FILE:
+		get_file(id, payload, length);
+		break;
+	case T_PING:
+		send_frame(T_PONG, id, payload, length);
+		break;
+	default:
+		send_error(id, ENOSYS, "unknown request type %#x", type);
+	}
+}
+
+static unsigned char *in_buffer;
+static size_t in_length, in_capacity;
+
+/* Take the complete frames out of the input buffer; resynchronise on garbage. */
+static void parse_input(void)
+{
+	size_t offset = 0;
+	while (in_length - offset >= HEADER_SIZE) {
+		unsigned char *h = in_buffer + offset;
+		uint32_t length = get_le32(h + 8);
+		if (h[0] != (MAGIC & 0xFF) || h[1] != (MAGIC >> 8) || length > MAX_PAYLOAD) {
+			offset++;   /* out of step: look for the next header */
+			continue;
+		}
+		if (in_length - offset < HEADER_SIZE + (size_t)length)
+			break;
+		handle(h[2], get_le32(h + 4), h + HEADER_SIZE, length);
+		offset += HEADER_SIZE + length;
+	}
+	memmove(in_buffer, in_buffer + offset, in_length - offset);
+	in_length -= offset;
+}
+
+static int read_channel(void)
+{
+	if (in_capacity - in_length < CHUNK) {
+		size_t wanted = in_capacity ? in_capacity * 2 : 4 * CHUNK;
+		if (wanted > HEADER_SIZE + MAX_PAYLOAD + 2 * CHUNK)
+			wanted = HEADER_SIZE + MAX_PAYLOAD + 2 * CHUNK;
+		unsigned char *grown = wanted > in_capacity ? realloc(in_buffer, wanted) : NULL;
+		if (grown) {
+			in_buffer = grown;
+			in_capacity = wanted;
+		}
+	}
+	if (in_length == in_capacity) {
+		say("input buffer full without a complete frame: dropped");
+		in_length = 0;
+	}
+	for (;;) {
+		ssize_t got = read(channel, in_buffer + in_length, in_capacity - in_length);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0 && errno == EAGAIN)
+			return 1;
+		if (got <= 0)
+			return 0;
+		in_length += (size_t)got;
+		parse_input();
+		return 1;
+	}
+}
+
+static void serve(void)
+{
+	sigset_t child;
+	sigemptyset(&child);
+	sigaddset(&child, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &child, NULL);
+	int signal_fd = signalfd(-1, &child, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (signal_fd < 0) {
+		say("signalfd: %s", strerror(errno));
+		exit(1);
+	}
+	for (int i = 0; i < MAX_SESSIONS; i++)
+		sessions[i].out = sessions[i].err = sessions[i].in = -1;
+
+	unsigned char ready[4 + sizeof AGENT_TEXT - 1];
+	put_le32(ready, PROTOCOL_VERSION);
+	memcpy(ready + 4, AGENT_TEXT, sizeof AGENT_TEXT - 1);
+	send_frame(T_READY, 0, ready, sizeof ready);
+
+	struct pollfd fds[2 + 3 * MAX_SESSIONS];
+	struct { struct session *s; int which; } owner[2 + 3 * MAX_SESSIONS];
+	for (;;) {
+		int n = 0;
+		fds[n++] = (struct pollfd){ .fd = channel, .events = POLLIN };
+		fds[n++] = (struct pollfd){ .fd = signal_fd, .events = POLLIN };
+		for (int i = 0; i < MAX_SESSIONS; i++) {
+			struct session *s = &sessions[i];
+			if (!s->used)
+				continue;
+			int wanted[3] = { s->out, s->err, s->input_off < s->input_len ? s->in : -1 };
+			for (int which = 0; which < 3; which++) {
+				if (wanted[which] < 0)
+					continue;
+				owner[n].s = s;
+				owner[n].which = which;
+				fds[n++] = (struct pollfd){ .fd = wanted[which],
+							    .events = which == 2 ? POLLOUT : POLLIN };
+			}
+		}
+		if (poll(fds, (nfds_t)n, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			say("poll: %s", strerror(errno));
+			exit(1);
+		}
+		for (int i = 2; i < n; i++) {
+			if (!fds[i].revents)
+				continue;
+			struct session *s = owner[i].s;
+			if (owner[i].which == 0 && s->out == fds[i].fd)
+				forward(s->id, &s->out, T_STDOUT, 0);
+			else if (owner[i].which == 1 && s->err == fds[i].fd)
+				forward(s->id, &s->err, T_STDERR, 0);
+			else if (owner[i].which == 2 && s->in == fds[i].fd)
+				feed_input(s);
+		}
+		if (fds[1].revents)
+			reap(signal_fd);
+		for (int i = 0; i < MAX_SESSIONS; i++)
+			if (sessions[i].used && sessions[i].exited)
+				finish_session(&sessions[i]);
+		if (fds[0].revents & POLLIN) {
+			if (!read_channel()) {
+				say("the channel closed");
+				exit(0);
+			}
+		} else if (fds[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+			say("the channel hung up");
+			exit(0);
+		}
+		for (int i = 0; i < MAX_SESSIONS; i++)
+			if (sessions[i].used && sessions[i].input_off < sessions[i].input_len)
+				feed_input(&sessions[i]);
+	}
+}
+
+/* --- start-up in the guest ------------------------------------------------------------------------ */
+
+static int read_small_file(const char *path, char *buffer, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t got = read(fd, buffer, size - 1);
+	close(fd);
+	if (got < 0)
+		return -1;
+	buffer[got] = '\0';
+	buffer[strcspn(buffer, "\n")] = '\0';
+	return (int)got;
+}
+
+/* /dev/<port> of the port named PORT_NAME, or -1 when there is none (yet). */
+static int find_port(char *device, size_t size)
+{
+	DIR *dir = opendir(PORTS_DIR);
+	if (!dir)
+		return -1;
+	struct dirent *entry;
+	int found = -1;
+	while (found < 0 && (entry = readdir(dir)) != NULL) {
+		if (entry->d_name[0] == '.')
+			continue;
+		char path[300], name[128];
+		snprintf(path, sizeof path, "%s/%s/name", PORTS_DIR, entry->d_name);
+		if (read_small_file(path, name, sizeof name) > 0 && strcmp(name, PORT_NAME) == 0) {
+			snprintf(device, size, "/dev/%s", entry->d_name);
+			found = 0;
+		}
+	}
+	closedir(dir);
+	return found;
+}
+
+static void mount_shares(void)
+{
+	DIR *dir = opendir(BLOCK_DIR);
+	if (!dir)
+		return;
+	struct dirent *entry;
+	while ((entry = readdir(dir)) != NULL) {
+		if (strncmp(entry->d_name, "vd", 2) != 0)
+			continue;
+		char path[300], serial[64], target[128], device[300];
+		snprintf(path, sizeof path, "%s/%s/serial", BLOCK_DIR, entry->d_name);
+		if (read_small_file(path, serial, sizeof serial) <= 0 ||
+		    strncmp(serial, SHARE_PREFIX, strlen(SHARE_PREFIX)) != 0)
+			continue;
+		snprintf(target, sizeof target, "/mnt/%s", serial + strlen("pykvm-"));
+		snprintf(device, sizeof device, "/dev/%s", entry->d_name);
+		mkdir(target, 0755);
+		unsigned long flags = MS_RDONLY | MS_NOSUID | MS_NODEV;
+		if (mount(device, target, "ext4", flags, NULL) < 0 &&
+		    mount(device, target, "ext2", flags, NULL) < 0)
+			say("cannot mount %s (%s) on %s: %s", device, serial, target, strerror(errno));
+	}
+	closedir(dir);
+}
+
+int main(int argc, char **argv)
+{
+	const char *device_path = NULL;
+	int mount_wanted = 1;
+
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
+			device_path = argv[++i];
+		} else if (strcmp(argv[i], "--fd") == 0 && i + 1 < argc) {
+			channel = atoi(argv[++i]);
+		} else if (strcmp(argv[i], "--no-mount") == 0) {
+			mount_wanted = 0;
+		} else {
+			fprintf(stderr, "usage: pykvm-agent [--device PATH | --fd N] [--no-mount]\n");
+			return 2;
+		}
+	}
+	for (int fd = 0; fd <= 2; fd++)   /* pipes must not become fds 0-2 */
+		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
+			return 1;
+	signal(SIGPIPE, SIG_IGN);
+	if (mount_wanted)
+		mount_shares();
+	if (channel < 0) {
+		char found[300];
+		if (!device_path) {
+			struct timespec pause = { 0, 50 * 1000 * 1000 };
+			for (int tries = 0; find_port(found, sizeof found) < 0; tries++) {
+				if (tries >= PORT_WAIT_SECONDS * 20) {
+					say("no virtio port named %s (is this a pykvm machine with --agent?)",
+					    PORT_NAME);
+					return 1;
+				}
+				nanosleep(&pause, NULL);
+			}
+			device_path = found;
+		}
+		channel = open(device_path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+		if (channel < 0) {
+			say("cannot open %s: %s", device_path, strerror(errno));
+			return 1;
+		}
+	} else {
+		fcntl(channel, F_SETFD, FD_CLOEXEC);
+		set_nonblocking(channel);
+	}
+	serve();
+	return 0;
+}
