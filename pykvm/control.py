@@ -8,6 +8,12 @@ One request per line, one response per line, any number per connection:
     {"action": "snapshot", "path": "DIR"}        -> {"ok": true, "snapshot": {sizes, seconds}}
     {"action": "stats"}                          -> {"ok": true, "vcpus": [per-vCPU exit counts]}
     {"action": "stop"}                           -> {"ok": true, "state": "stopping"}
+    {"action": "exec", "command": "CMD"}         -> {"ok": true, "status": N, "stdout": b64,
+     (or "argv": [...]; optional "stdin": b64,      "stderr": b64, "seconds": S}; a timeout:
+      "env": {}, "cwd", "timeout": S)               "timed_out": true, "status" of the kill
+    {"action": "copy_in", "host_path": P, "guest_path": G}  -> {"ok": true}  (file or dir;
+    {"action": "copy_out", "guest_path": G, "host_path": P} -> {"ok": true}   host paths are
+                                                    this host's: pykvm reads/writes them)
     anything wrong                               -> {"ok": false, "error": "one line"}
 
 A request may carry an ``"id"``, echoed in its response. A snapshot of a running VM
@@ -25,6 +31,7 @@ Firecracker, a snapshot is loaded into a fresh process (``pykvm run --restore DI
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -39,7 +46,11 @@ from . import __version__
 from .errors import ConfigError, PykvmError
 
 MAX_REQUEST = 1 << 16
-ACTIONS = ("status", "pause", "resume", "snapshot", "stats", "stop")
+ACTIONS = ("status", "pause", "resume", "snapshot", "stats", "stop", "exec", "copy_in",
+           "copy_out")
+# Guest-agent requests (pykvm/agent.py) take as long as the guest needs: they do not hold
+# the lock that orders state changes, so pause, snapshot and stop are served meanwhile.
+UNLOCKED_ACTIONS = ("exec", "copy_in", "copy_out")
 
 
 class ControlError(PykvmError):
@@ -108,7 +119,8 @@ class ControlServer:
         try:
             if action not in ACTIONS:
                 raise ControlError(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
-            with self._lock:
+            lock = contextlib.nullcontext() if action in UNLOCKED_ACTIONS else self._lock
+            with lock:
                 response = getattr(self, f"_do_{action}")(request)
             response = {"ok": True, **response}
         except PykvmError as error:
@@ -155,6 +167,58 @@ class ControlServer:
         self._running_vm()
         info = save_snapshot(self.machine, path)
         return {"state": self._state(), "snapshot": info.as_dict()}
+
+    def _do_exec(self, request) -> dict:
+        import base64
+
+        from .agent import AgentTimeout
+
+        command = request.get("argv", request.get("command"))
+        if isinstance(command, list) and command and all(isinstance(w, str) for w in command):
+            pass
+        elif not isinstance(command, str) or not command:
+            raise ControlError("exec needs \"command\" (a shell command line) or \"argv\" "
+                               "(a list of strings)")
+        options = {}
+        if request.get("stdin") is not None:
+            try:
+                options["stdin"] = base64.b64decode(request["stdin"], validate=True)
+            except (ValueError, TypeError):
+                raise ControlError("exec: \"stdin\" must be base64") from None
+        for name, kind in (("env", dict), ("cwd", str), ("timeout", (int, float))):
+            if request.get(name) is not None:
+                if not isinstance(request[name], kind):
+                    raise ControlError(f"exec: \"{name}\" has the wrong type")
+                options[name] = request[name]
+        self._running_vm()
+        try:
+            result = self.machine.exec(command, **options)
+        except AgentTimeout as timeout:
+            partial = timeout.result.as_dict() if timeout.result else {"status": None}
+            return {**partial, "timed_out": True, "error": str(timeout)}
+        return result.as_dict()
+
+    def _do_copy_in(self, request) -> dict:
+        host, guest = self._copy_paths(request)
+        self._running_vm()
+        self.machine.copy_in(host, guest)
+        return {}
+
+    def _do_copy_out(self, request) -> dict:
+        host, guest = self._copy_paths(request)
+        self._running_vm()
+        self.machine.copy_out(guest, host)
+        return {}
+
+    @staticmethod
+    def _copy_paths(request) -> tuple[str, str]:
+        host, guest = request.get("host_path"), request.get("guest_path")
+        if not isinstance(host, str) or not host or not isinstance(guest, str) or not guest:
+            raise ControlError("copy_in/copy_out need \"host_path\" and \"guest_path\"")
+        if not os.path.isabs(host):
+            raise ControlError(f"host_path {host!r} must be absolute (it is read by the pykvm "
+                               f"process, not the client)")
+        return host, guest
 
     def _running_vm(self):
         vm = self.machine.vm

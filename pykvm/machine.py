@@ -45,6 +45,8 @@ class MachineConfig:
     console: str = "serial"             # the guest console: "serial" (ttyS0) or "virtio" (hvc0)
     rng: bool = False                   # a virtio-rng device
     nets: list = field(default_factory=list)   # NetSpec of each virtio-net NIC (pykvm/net)
+    agent: bool = False                 # the guest agent's channel (pykvm/agent.py): exec, files
+    shares: list = field(default_factory=list)  # host dirs, read-only at /mnt/share... (pykvm/share.py)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -62,6 +64,8 @@ class MachineConfig:
             raise ConfigError("give exactly one of --flat FILE or --kernel FILE")
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"--console {self.console}: must be serial or virtio")
+        if (self.agent or self.shares) and self.flat is not None:
+            raise ConfigError("--agent and --share need a Linux guest (the agent runs in it)")
 
 
 def format_size(size: int) -> str:
@@ -146,6 +150,7 @@ class Machine:
                                      verbose=config.verbose)
         self._host_console = None
         self.virtio = None
+        self.agent = None                   # AgentClient with config.agent (pykvm/agent.py)
         try:
             self.kvm = Kvm(config.kvm_device)
             self.memory = memory if memory is not None else GuestMemory.anonymous(config.mem_size)
@@ -180,13 +185,36 @@ class Machine:
 
     def _add_virtio_devices(self) -> None:
         config = self.config
-        if config.disks or config.console == "virtio" or config.rng or config.nets:
+        if config.disks or config.console == "virtio" or config.rng or config.nets or \
+                config.agent or config.shares:
             from .devices.virtio import attach_virtio
             from .net.plumbing import machine_key
-            self.virtio = attach_virtio(self.vm, self.memory, disks=config.disks,
+            extra = self._agent_devices()
+            self.virtio = attach_virtio(self.vm, self.memory,
+                                        disks=config.disks + self._share_disks(),
                                         console=config.console == "virtio", rng=config.rng,
                                         console_output=self.console, nets=config.nets,
-                                        net_key=machine_key(config))
+                                        net_key=machine_key(config), extra=extra)
+
+    def _agent_devices(self) -> list:
+        """The agent's virtio-serial device (``--agent``; ``--share`` implies it)."""
+        if not (self.config.agent or self.config.shares):
+            return []
+        from .agent import agent_channel
+        device, self.agent = agent_channel(alive=lambda: not self.vm.stop_requested)
+        self.vm.on_close(lambda: self.agent.close("the VM was closed"))
+        return [device]
+
+    def _share_disks(self) -> list:
+        """A read-only ext2 image per ``--share`` directory, removed when the VM closes."""
+        if not self.config.shares:
+            return []
+        import shutil
+        import tempfile
+        from .share import share_disks
+        workdir = tempfile.mkdtemp(prefix="pykvm-share-")
+        self.vm.on_close(lambda: shutil.rmtree(workdir, ignore_errors=True))
+        return share_disks(self.config.shares, workdir)
 
     def _guest_exit(self, status: int) -> None:
         self.vm.request_stop("exit", status, f"guest exited with status {status}")
@@ -255,6 +283,9 @@ class Machine:
             parts.append("pci=noacpi")
         if self.config.command is not None and not self.config.verbose:
             parts.append("quiet")
+        if self.config.agent or self.config.shares:
+            from .agent import CMDLINE_FLAG
+            parts.append(CMDLINE_FLAG)      # the default guest's /init starts pykvm-agent
         parts.append(self.config.append)
         return self.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p))
 
@@ -281,6 +312,41 @@ class Machine:
             self.stderr.write(bytes(self.console.boot_log[-8192:]))
             self.stderr.flush()
         return stop
+
+    # --- the guest agent (pykvm/agent.py) -----------------------------------------------------
+    def _agent_client(self):
+        if self.agent is None:
+            from .agent import AgentUnavailable
+            raise AgentUnavailable("this machine has no agent channel (pykvm run --agent, or "
+                                   "MachineConfig(agent=True))")
+        return self.agent
+
+    def wait_for_agent(self, timeout: float = 900.0) -> None:
+        """Until the guest agent answers (a booting guest starts it after its kernel)."""
+        self._agent_client().wait_ready(timeout)
+
+    def exec(self, command, timeout: float | None = None, **options):
+        """Run ``command`` in the running guest (a string: a shell command line; a list:
+        argv); returns ``Result(status, stdout, stderr)``. Past ``timeout`` seconds the
+        command is killed in the guest and ``AgentTimeout`` raised. Options: stdin
+        (bytes), env (dict), cwd, check, ready_timeout (see AgentClient.exec)."""
+        return self._agent_client().exec(command, timeout=timeout, **options)
+
+    def put_file(self, guest_path: str, data: bytes, mode: int = 0o644, **options) -> None:
+        """Write ``data`` to the guest file ``guest_path``."""
+        self._agent_client().put_file(guest_path, data, mode, **options)
+
+    def get_file(self, guest_path: str, **options) -> bytes:
+        """The content of the guest file ``guest_path``."""
+        return self._agent_client().get_file(guest_path, **options)[0]
+
+    def copy_in(self, host_path, guest_path: str, **options) -> None:
+        """Copy a host file or directory into the guest."""
+        self._agent_client().copy_in(host_path, guest_path, **options)
+
+    def copy_out(self, guest_path: str, host_path, **options) -> None:
+        """Copy a guest file or directory to the host."""
+        self._agent_client().copy_out(guest_path, host_path, **options)
 
     def _user_quit(self) -> None:
         self.vm.request_stop("user", 0, "quit from the console (Ctrl-A x)")

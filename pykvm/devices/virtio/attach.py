@@ -57,14 +57,16 @@ class VirtioDevices:
     rng: RngDevice | None = None
     nets: list[NetDevice] = field(default_factory=list)
     functions: list[VirtioPciDevice] = field(default_factory=list)
+    extra: list = field(default_factory=list)     # attach_virtio(extra=...), in order
 
 
 def attach_virtio(vm, memory, *, disks: list[DiskSpec] = (), console: bool = False,
                   rng: bool = False, console_output=None, nets=(),
-                  net_key: str = "") -> VirtioDevices:
+                  net_key: str = "", extra=()) -> VirtioDevices:
     """Create PCI bus 0 on ``vm`` with the asked-for devices. Images are opened
     (and locked) here, so a bad --disk fails before the guest starts. Every
-    thread and fd is released when the VM closes."""
+    thread and fd is released when the VM closes. ``extra``: more VirtioDevice
+    instances (the guest agent's virtio-serial), put on the bus after the others."""
     if console and console_output is None:
         raise ConfigError("a virtio console needs somewhere to write its output")
     devices: list = []
@@ -86,6 +88,8 @@ def attach_virtio(vm, memory, *, disks: list[DiskSpec] = (), console: bool = Fal
     if rng:
         result.rng = RngDevice()
         devices.append(result.rng)
+    result.extra = list(extra)
+    devices += result.extra
     for position, device in enumerate(devices):
         # Functions already on the bus close with the VM; the rest close here.
         try:

@@ -1,0 +1,579 @@
+"""The guest agent's host side: run commands in a running guest and move files in
+and out of it, over a dedicated virtio channel.
+
+The channel
+-----------
+A virtio-serial device (:mod:`pykvm.devices.virtio.ports`: a virtio-console with
+VIRTIO_CONSOLE_F_MULTIPORT) with one port named ``org.pykvm.agent.0``. It is not
+the guest console: kernel messages and the serial console never mix with it.
+In the guest the port is the character device ``/dev/vport<N>p0`` whose
+``/sys/class/virtio-ports/vport<N>p0/name`` reads ``org.pykvm.agent.0``;
+``pykvm-agent`` (guests/linux/agent.c, a static C program that the default
+guest's /init starts when the kernel command line has ``pykvm.agent=1``) finds
+it there and serves the protocol below. ``pykvm run --agent`` (or
+``MachineConfig(agent=True)``) adds the device and the command-line word.
+
+Frames
+------
+Both directions carry the same frames, little-endian::
+
+    offset 0  u16  magic 0x4B50 ("PK")
+           2  u8   type
+           3  u8   reserved, 0
+           4  u32  id        the request it belongs to (chosen by the host; 0: none)
+           8  u32  length    payload bytes that follow, at most MAX_PAYLOAD (1 MiB)
+          12       payload
+
+Data travels in chunks of at most CHUNK (64 KiB). A receiver that sees a bad
+magic or an oversized length has lost the stream; the host then fails every
+pending request (AgentError) and the guest agent drops its input up to the
+next valid header.
+
+Host -> guest:
+
+    EXEC      0x01  u32 flags, u32 argc, u32 envc, then argc + envc + 1 NUL-terminated
+                    strings: argv..., "NAME=value"..., the working directory ("" = /).
+                    flags: 1 SHELL (argv is one command line for /bin/sh -c),
+                    2 STDIN (STDIN frames follow; otherwise stdin is /dev/null)
+    STDIN     0x02  bytes for the command's stdin; an empty payload closes it
+    SIGNAL    0x03  u32 signal number, sent to the command's process group
+    PUT_FILE  0x04  u32 mode, path NUL: DATA frames follow, an empty one ends the file;
+                    the agent answers OK once it is in place (written to path +
+                    ".pykvm-part", then renamed), or ERROR
+    GET_FILE  0x05  path NUL: answered by FILE_INFO, DATA frames, an empty DATA; or ERROR
+    DATA      0x06  file content (both directions)
+    PING      0x07  answered by PONG with the same payload
+
+Guest -> host:
+
+    READY     0x81  u32 protocol version, then text (the agent's name and version);
+                    sent when the agent starts
+    STDOUT    0x82  bytes the command wrote to stdout
+    STDERR    0x83  bytes it wrote to stderr
+    EXIT      0x84  i32 status: the exit code; 128 + n when signal n killed it;
+                    127 when the program was not found, 126 when it could not be run
+    OK        0x85  a PUT_FILE is done
+    ERROR     0x86  u32 errno, then a message: the request failed
+    FILE_INFO 0x87  u32 mode, u64 size (as stat says; /proc files say 0): before the
+                    GET_FILE's DATA frames, which end with an empty one. A directory is
+                    an ERROR with EISDIR
+    PONG      0x88  the PING's payload
+
+A command's pipes are read until the command exits; what is still in them then
+is sent, then EXIT. Output of background processes that outlive the command is
+not collected. Commands run in a new session (no controlling tty), in ``/`` by
+default, with /init's environment plus the EXEC's. Several commands may run at
+once (the agent serves up to 16); this client numbers requests itself.
+
+The client
+----------
+:class:`AgentClient` is transport-neutral: it writes frames with a ``send``
+callable and is fed whatever the channel delivers (:meth:`AgentClient.feed`,
+on the device's I/O thread). :class:`pykvm.machine.Machine` wires one to its
+virtio-serial port (``Machine.exec``, ``put_file``, ``get_file``); the tests
+wire one to the agent running on the host over a socketpair.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import io
+import itertools
+import os
+import posixpath
+import shlex
+import signal
+import struct
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import PykvmError
+
+PORT_NAME = "org.pykvm.agent.0"
+CMDLINE_FLAG = "pykvm.agent=1"
+PROTOCOL_VERSION = 1
+
+MAGIC = 0x4B50
+HEADER = struct.Struct("<HBBII")
+MAX_PAYLOAD = 1 << 20
+CHUNK = 64 * 1024
+
+# frame types
+EXEC, STDIN, SIGNAL, PUT_FILE, GET_FILE, DATA, PING = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+READY, STDOUT, STDERR, EXIT, OK, ERROR, FILE_INFO, PONG = (0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
+                                                           0x87, 0x88)
+TYPE_NAMES = {EXEC: "EXEC", STDIN: "STDIN", SIGNAL: "SIGNAL", PUT_FILE: "PUT_FILE",
+              GET_FILE: "GET_FILE", DATA: "DATA", PING: "PING", READY: "READY",
+              STDOUT: "STDOUT", STDERR: "STDERR", EXIT: "EXIT", OK: "OK", ERROR: "ERROR",
+              FILE_INFO: "FILE_INFO", PONG: "PONG"}
+EXEC_SHELL = 1
+EXEC_STDIN = 2
+
+_EXEC_HEAD = struct.Struct("<III")
+_FILE_INFO = struct.Struct("<IQ")
+
+KILL_GRACE = 15.0          # seconds to wait for EXIT after the SIGKILL of a timed-out command
+DEFAULT_READY_TIMEOUT = 900.0
+
+
+# --- errors ---------------------------------------------------------------------------------------
+class AgentError(PykvmError):
+    """The guest agent is unreachable, broke the protocol, or refused a request."""
+
+
+class AgentUnavailable(AgentError):
+    """No agent channel, or no agent answered on it."""
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """A command ran past its timeout; it was killed in the guest (``result`` holds what it
+    wrote until then, its status the one the kill produced, or None)."""
+
+    exit_code = 124
+
+    def __init__(self, message: str, result: "Result | None" = None):
+        super().__init__(message)
+        self.result = result
+
+
+class GuestFileError(AgentError):
+    """The guest could not read or write a file (``errno`` is the guest's)."""
+
+    def __init__(self, message: str, errno: int = 0):
+        super().__init__(message)
+        self.errno = errno
+
+
+class CommandFailed(AgentError):
+    """``exec(..., check=True)`` and the command's status was not 0."""
+
+    def __init__(self, command, result: "Result"):
+        tail = result.stderr[-2000:].decode(errors="replace").strip()
+        super().__init__(f"`{describe(command)}` exited with status {result.status}"
+                         + (f": {tail}" if tail else ""))
+        self.result = result
+
+
+# --- frames ---------------------------------------------------------------------------------------
+def frame(kind: int, request_id: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, kind, 0, request_id, len(payload)) + payload
+
+
+def data_frames(kind: int, request_id: int, data: bytes, *, end: bool) -> list[bytes]:
+    """``data`` cut into CHUNK-sized frames, plus an empty one when ``end``."""
+    view = memoryview(data)
+    frames = [frame(kind, request_id, bytes(view[i:i + CHUNK])) for i in range(0, len(view), CHUNK)]
+    if end:
+        frames.append(frame(kind, request_id))
+    return frames
+
+
+def exec_payload(argv: list[str], *, shell: bool, stdin: bool, env: dict | None = None,
+                 cwd: str | None = None) -> bytes:
+    env_items = [f"{name}={value}" for name, value in (env or {}).items()]
+    strings = [*argv, *env_items, cwd or ""]
+    for text in strings:
+        if "\0" in text:
+            raise ValueError(f"{text!r}: NUL bytes cannot reach the guest")
+    for name in (env or {}):
+        if not name or "=" in name:
+            raise ValueError(f"environment variable name {name!r} is not valid")
+    flags = (EXEC_SHELL if shell else 0) | (EXEC_STDIN if stdin else 0)
+    return _EXEC_HEAD.pack(flags, len(argv), len(env_items)) + b"".join(
+        s.encode() + b"\0" for s in strings)
+
+
+def parse_exec_payload(payload: bytes) -> tuple[int, list[str], list[str], str]:
+    """(flags, argv, env, cwd): the inverse of :func:`exec_payload` (for tests and tools)."""
+    flags, argc, envc = _EXEC_HEAD.unpack_from(payload)
+    strings = payload[_EXEC_HEAD.size:].split(b"\0")
+    if len(strings) != argc + envc + 2 or strings[-1] != b"":
+        raise ValueError("EXEC payload: wrong string count")
+    text = [s.decode() for s in strings[:-1]]
+    return flags, text[:argc], text[argc:argc + envc], text[-1]
+
+
+class ProtocolError(AgentError):
+    """The byte stream is not frames any more."""
+
+
+class FrameReader:
+    """Bytes in, (type, id, payload) frames out; keeps a partial frame for the next feed."""
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= HEADER.size:
+            magic, kind, _, request_id, length = HEADER.unpack_from(self._buffer)
+            if magic != MAGIC:
+                bad = bytes(self._buffer[:HEADER.size])
+                self._buffer.clear()
+                raise ProtocolError(f"bad frame header {bad.hex()} (the stream is out of step)")
+            if length > MAX_PAYLOAD:
+                self._buffer.clear()
+                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            frames.append((kind, request_id, bytes(self._buffer[HEADER.size:end])))
+            del self._buffer[:end]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# --- results ----------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """What a command did: its exit status (see EXIT above) and its output, separately."""
+
+    status: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def returncode(self) -> int | None:
+        """The status, named as in subprocess."""
+        return self.status
+
+    @property
+    def text(self) -> str:
+        """stdout decoded (UTF-8, undecodable bytes replaced)."""
+        return self.stdout.decode(errors="replace")
+
+    def as_dict(self) -> dict:
+        import base64
+        return {"status": self.status, "stdout": base64.b64encode(self.stdout).decode(),
+                "stderr": base64.b64encode(self.stderr).decode(),
+                "seconds": round(self.seconds, 3)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        import base64
+        return cls(data.get("status"), base64.b64decode(data.get("stdout", "")),
+                   base64.b64decode(data.get("stderr", "")), data.get("seconds", 0.0))
+
+
+def describe(command) -> str:
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+# --- the client -----------------------------------------------------------------------------------------
+@dataclass
+class _Request:
+    kind: int
+    frames: list = field(default_factory=list)       # (type, payload) in arrival order
+    done: bool = False
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    status: int | None = None
+    error: tuple[int, str] | None = None
+    info: tuple[int, int] | None = None
+    data: bytearray = field(default_factory=bytearray)
+    on_output: Callable[[int, bytes], object] | None = None
+
+
+class AgentClient:
+    """Requests to one guest agent. Thread-safe: several threads may run commands at
+    once. ``alive()`` says whether the guest can still answer (a stopped VM cannot);
+    waits give up with AgentError as soon as it returns False."""
+
+    def __init__(self, send: Callable[[bytes], object], *,
+                 alive: Callable[[], bool] = lambda: True):
+        self._send_raw = send
+        self._alive = alive
+        self._reader = FrameReader()
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._broken: str | None = None
+        self._closed: str | None = None
+        self.ready_info: str | None = None     # READY's text, when one was seen
+        self.answered = False                  # a PONG (or any reply) came back
+        self.discarded = 0                     # frames for requests no one waits for
+
+    # --- the channel ------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Bytes from the guest (the channel's reader thread); never blocks for long."""
+        with self._cond:
+            try:
+                frames = self._reader.feed(data)
+            except ProtocolError as error:
+                self._fail_all(f"agent protocol error: {error}")
+                return
+            for kind, request_id, payload in frames:
+                self._dispatch(kind, request_id, payload)
+            self._cond.notify_all()
+
+    def _dispatch(self, kind: int, request_id: int, payload: bytes) -> None:
+        if kind == READY:
+            version = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+            self.ready_info = f"protocol {version}: {payload[4:].decode(errors='replace')}"
+            self.answered = True
+            return
+        request = self._requests.get(request_id)
+        if request is None:
+            self.discarded += 1
+            return
+        self.answered = True
+        if kind == STDOUT or kind == STDERR:
+            (request.stdout if kind == STDOUT else request.stderr).extend(payload)
+            if request.on_output is not None:
+                try:
+                    request.on_output(kind, payload)
+                except Exception:
+                    request.on_output = None
+        elif kind == EXIT and len(payload) >= 4:
+            request.status = struct.unpack_from("<i", payload)[0]
+            request.done = True
+        elif kind == ERROR:
+            code = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+            request.error = (code, payload[4:].decode(errors="replace"))
+            request.done = True
+        elif kind == FILE_INFO and len(payload) >= _FILE_INFO.size:
+            request.info = _FILE_INFO.unpack_from(payload)
+        elif kind == DATA:
+            if payload:
+                request.data.extend(payload)
+            else:
+                request.done = True
+        elif kind in (OK, PONG):
+            request.data.extend(payload)
+            request.done = True
+
+    def _fail_all(self, message: str) -> None:
+        self._broken = message
+        for request in self._requests.values():
+            if not request.done:
+                request.error = (errno_module.EPROTO, message)
+                request.done = True
+        self._cond.notify_all()
+
+    def close(self, reason: str = "the VM has stopped") -> None:
+        """Fail whatever waits: no answer will come any more."""
+        with self._cond:
+            self._closed = reason
+            self._cond.notify_all()
+
+    def _send(self, *frames: bytes) -> None:
+        with self._send_lock:
+            for item in frames:
+                self._send_raw(item)
+
+    def _new(self, kind: int, **fields) -> tuple[int, _Request]:
+        with self._cond:
+            if self._closed:
+                raise AgentUnavailable(f"the guest agent cannot answer: {self._closed}")
+            request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+            request = _Request(kind, **fields)
+            self._requests[request_id] = request
+            return request_id, request
+
+    def _forget(self, request_id: int) -> None:
+        with self._cond:
+            self._requests.pop(request_id, None)
+
+    def _wait(self, request: _Request, deadline: float | None, what: str) -> bool:
+        """Until ``request`` is done (True) or ``deadline`` passes (False)."""
+        with self._cond:
+            while not request.done:
+                if self._closed:
+                    raise AgentUnavailable(f"{what}: {self._closed}")
+                if not self._alive():
+                    raise AgentUnavailable(f"{what}: the VM has stopped")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(0.25 if remaining is None else min(remaining, 0.25))
+        return True
+
+    # --- readiness ----------------------------------------------------------------------------------
+    def ping(self, timeout: float = 5.0) -> bool:
+        """Whether the agent answers a PING within ``timeout`` seconds."""
+        request_id, request = self._new(PING)
+        try:
+            token = os.urandom(8)
+            self._send(frame(PING, request_id, token))
+            return self._wait(request, time.monotonic() + timeout, "ping") and \
+                bytes(request.data) == token
+        finally:
+            self._forget(request_id)
+
+    def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
+        """Until the agent answers (a booting guest starts it only after its kernel is
+        up: minutes on kvm_pvm hosts). AgentUnavailable after ``timeout`` seconds."""
+        if self.answered:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentUnavailable(f"the guest agent did not answer within {timeout:g} s "
+                                       f"(does the guest run pykvm-agent? the default guest "
+                                       f"starts it with {CMDLINE_FLAG} on its command line)")
+            if self.ping(min(remaining, 2.0)):
+                return
+
+    # --- commands -------------------------------------------------------------------------------------
+    def exec(self, command: str | list[str], *, timeout: float | None = None,
+             stdin: bytes | None = None, env: dict | None = None, cwd: str | None = None,
+             check: bool = False, ready_timeout: float = DEFAULT_READY_TIMEOUT,
+             on_output: Callable[[int, bytes], object] | None = None) -> Result:
+        """Run ``command`` in the guest: a string is a shell command line (/bin/sh -c), a
+        list is argv (looked up in PATH). Returns its Result. ``timeout``: seconds the
+        command may run; past it the command's process group is killed and
+        :class:`AgentTimeout` raised. ``on_output(STDOUT|STDERR, bytes)`` sees output as
+        it arrives (on the channel thread)."""
+        shell = isinstance(command, str)
+        argv = [command] if shell else [str(word) for word in command]
+        if not argv or not argv[0]:
+            raise ValueError("no command to run")
+        payload = exec_payload(argv, shell=shell, stdin=stdin is not None, env=env, cwd=cwd)
+        self.wait_ready(ready_timeout)
+        request_id, request = self._new(EXEC, on_output=on_output)
+        started = time.monotonic()
+        try:
+            frames = [frame(EXEC, request_id, payload)]
+            if stdin is not None:
+                frames += data_frames(STDIN, request_id, stdin, end=True)
+            self._send(*frames)
+            deadline = None if timeout is None else started + timeout
+            finished = self._wait(request, deadline, f"`{describe(command)}`")
+            if not finished:
+                self._send(frame(SIGNAL, request_id, struct.pack("<I", signal.SIGKILL)))
+                self._wait(request, time.monotonic() + KILL_GRACE, f"`{describe(command)}`")
+            with self._cond:
+                result = Result(request.status, bytes(request.stdout), bytes(request.stderr),
+                                time.monotonic() - started)
+                error = request.error
+        finally:
+            self._forget(request_id)
+        if not finished:
+            raise AgentTimeout(f"`{describe(command)}` did not finish within {timeout:g} s; "
+                               f"it was killed in the guest", result)
+        if error is not None:
+            raise AgentError(f"`{describe(command)}`: the agent could not run it: "
+                             f"{error[1]} (errno {error[0]})")
+        if check and result.status != 0:
+            raise CommandFailed(command, result)
+        return result
+
+    # --- files -------------------------------------------------------------------------------------------
+    def put_file(self, guest_path: str, data: bytes, mode: int = 0o644, *,
+                 timeout: float | None = 600, ready_timeout: float = DEFAULT_READY_TIMEOUT) -> None:
+        """Write ``data`` to ``guest_path`` (replaced whole, created with ``mode``)."""
+        path = _guest_path(guest_path)
+        self.wait_ready(ready_timeout)
+        request_id, request = self._new(PUT_FILE)
+        try:
+            self._send(frame(PUT_FILE, request_id, struct.pack("<I", mode & 0o7777)
+                             + path.encode() + b"\0"),
+                       *data_frames(DATA, request_id, data, end=True))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not self._wait(request, deadline, f"writing {path}"):
+                raise AgentTimeout(f"writing {path} in the guest took more than {timeout:g} s")
+            if request.error is not None:
+                code, message = request.error
+                raise GuestFileError(f"guest: {path}: {message}", code)
+        finally:
+            self._forget(request_id)
+
+    def get_file(self, guest_path: str, *, timeout: float | None = 600,
+                 ready_timeout: float = DEFAULT_READY_TIMEOUT) -> tuple[bytes, int]:
+        """(content, mode) of the guest's regular file ``guest_path``."""
+        path = _guest_path(guest_path)
+        self.wait_ready(ready_timeout)
+        request_id, request = self._new(GET_FILE)
+        try:
+            self._send(frame(GET_FILE, request_id, path.encode() + b"\0"))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not self._wait(request, deadline, f"reading {path}"):
+                raise AgentTimeout(f"reading {path} from the guest took more than {timeout:g} s")
+            if request.error is not None:
+                code, message = request.error
+                raise GuestFileError(f"guest: {path}: {message}", code)
+            mode, _ = request.info or (0o644, 0)
+            return bytes(request.data), mode & 0o7777
+        finally:
+            self._forget(request_id)
+
+    # --- files and directories from and to the host -----------------------------------------------
+    def copy_in(self, host_path, guest_path: str, *, timeout: float | None = 600) -> None:
+        """Copy the host file or directory ``host_path`` to ``guest_path``. A directory
+        goes as a tar stream unpacked by the guest's tar (busybox) into ``guest_path``
+        (created if missing): one command, whatever the number of files."""
+        source = Path(host_path)
+        if source.is_dir():
+            archive = io.BytesIO()
+            with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                for child in sorted(source.iterdir()):
+                    tar.add(str(child), arcname=child.name)
+            target = shlex.quote(_guest_path(guest_path))
+            self.exec(f"mkdir -p {target} && tar -xf - -C {target}", stdin=archive.getvalue(),
+                      timeout=timeout, check=True)
+            return
+        try:
+            data = source.read_bytes()
+            mode = source.stat().st_mode & 0o7777
+        except OSError as error:
+            raise GuestFileError(f"{source}: {error.strerror}", error.errno) from None
+        self.put_file(guest_path, data, mode, timeout=timeout)
+
+    def copy_out(self, guest_path: str, host_path, *, timeout: float | None = 600) -> None:
+        """Copy the guest's file or directory ``guest_path`` to ``host_path``. A directory
+        comes as a tar stream from the guest's tar; members that would land outside
+        ``host_path`` (absolute paths, ``..``, links out) are refused."""
+        path = _guest_path(guest_path)
+        target = Path(host_path)
+        try:
+            data, mode = self.get_file(path, timeout=timeout)
+        except GuestFileError as error:
+            if error.errno != errno_module.EISDIR:
+                raise
+            result = self.exec(["tar", "-cf", "-", "-C", path, "."], timeout=timeout, check=True)
+            target.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=io.BytesIO(result.stdout), mode="r") as tar:
+                tar.extractall(str(target), filter="data")
+            return
+        if target.is_dir():
+            target = target / posixpath.basename(path.rstrip("/"))
+        try:
+            target.write_bytes(data)
+            os.chmod(target, mode)
+        except OSError as error:
+            raise GuestFileError(f"{target}: {error.strerror}", error.errno) from None
+
+
+def _guest_path(path: str) -> str:
+    path = str(path)
+    if not path or "\0" in path:
+        raise ValueError(f"{path!r} is not a guest path")
+    return path
+
+
+# --- the machine's channel ------------------------------------------------------------------------------
+def agent_channel(alive: Callable[[], bool] = lambda: True):
+    """A virtio-serial device with the agent's port, and the client wired to it."""
+    from .devices.virtio.ports import PortsDevice
+
+    client: AgentClient | None = None
+    device = PortsDevice([(PORT_NAME, lambda data: client.feed(data))])
+    client = AgentClient(lambda data: device.send(0, data), alive=alive)
+    return device, client

@@ -1,0 +1,97 @@
+"""``--share DIR``: a host directory shown to the guest, read-only, as a disk.
+
+There is no shared file system device (virtio-fs needs a daemon and DAX, 9p a
+transport pykvm does not have); a share is a snapshot of the directory instead:
+``mke2fs -t ext2 -d DIR`` (e2fsprogs) writes an ext2 image of it into a
+temporary file when the machine is built, and the image is attached as a
+read-only virtio-blk disk whose serial is ``pykvm-share`` (``pykvm-share1``,
+``pykvm-share2``, ... for more). The guest agent (guests/linux/agent.c) mounts
+each such disk read-only at ``/mnt/share`` (``/mnt/share1``, ...) before it
+answers its first request. Changes on the host after the machine started are
+not seen; copy files in with ``Machine.copy_in`` / ``pykvm cp`` for that.
+
+Images are byte-for-byte reproducible for the same directory content (fixed
+UUID, hash seed and file-system times), so a machine restored from a snapshot
+gets the very image the snapshot's guest has mounted, as long as the directory
+has not changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import ConfigError
+
+SERIAL_PREFIX = "pykvm-share"
+FS_UUID = "6b1ab6c7-9f2a-4c55-8d3e-70796b766d31"
+HASH_SEED = "6b1ab6c7-9f2a-4c55-8d3e-70796b766d32"
+FAKE_TIME = "1704067200"           # 2024-01-01: the file system's own times
+BLOCK = 4096
+MIN_IMAGE = 4 << 20
+
+
+def serial(index: int) -> str:
+    return SERIAL_PREFIX if index == 0 else f"{SERIAL_PREFIX}{index}"
+
+
+def mount_point(index: int) -> str:
+    """Where the guest agent mounts share ``index``."""
+    return "/mnt/" + serial(index)[len("pykvm-"):]
+
+
+def image_size(directory: Path) -> tuple[int, int]:
+    """(image bytes, inodes) for the tree at ``directory``, with room to spare."""
+    data, count = 0, 1
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            count += 1
+            try:
+                size = os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+            data += -(-size // BLOCK) * BLOCK
+    inodes = count + 64
+    size = max(MIN_IMAGE, int(data * 1.2) + inodes * 512 + (2 << 20))
+    return -(-size // BLOCK) * BLOCK, inodes
+
+
+def build_image(directory, image) -> Path:
+    """Write an ext2 image of ``directory`` to ``image``; returns its path."""
+    directory, image = Path(directory), Path(image)
+    if not directory.is_dir():
+        raise ConfigError(f"--share {directory}: not a directory")
+    mke2fs = shutil.which("mke2fs") or shutil.which("mkfs.ext2", path="/sbin:/usr/sbin")
+    if mke2fs is None:
+        raise ConfigError("--share needs mke2fs (apt-get install e2fsprogs)")
+    size, inodes = image_size(directory)
+    env = dict(os.environ, E2FSPROGS_FAKE_TIME=FAKE_TIME)
+    for _ in range(4):
+        with open(image, "wb") as out:
+            out.truncate(size)
+        done = subprocess.run(
+            [mke2fs, "-q", "-F", "-t", "ext2", "-b", str(BLOCK), "-N", str(inodes), "-m", "0",
+             "-L", "pykvm-share", "-U", FS_UUID, "-E", f"hash_seed={HASH_SEED}",
+             "-d", str(directory), str(image)],
+            env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            return image
+        if "allocate" not in done.stderr and "space" not in done.stderr:
+            break
+        size *= 2                  # many small files or sparse ones: try a bigger image
+    image.unlink(missing_ok=True)
+    message = (done.stderr or done.stdout).strip().splitlines()
+    raise ConfigError(f"--share {directory}: mke2fs failed: {message[-1] if message else '?'}")
+
+
+def share_disks(directories, workdir):
+    """A read-only DiskSpec per shared directory, its image built in ``workdir``."""
+    from .devices.virtio import DiskSpec
+
+    disks = []
+    for index, directory in enumerate(directories):
+        image = build_image(directory, Path(workdir) / f"share{index}.img")
+        disks.append(DiskSpec(str(image), read_only=True, serial=serial(index)))
+    return disks
