@@ -18,10 +18,25 @@
  *   and where the avail and used rings are, the queue size N, the notify
  *   address (the queue's doorbell in the device's BAR, an ioeventfd in KVM) and
  *   the value to write there (the queue index).
+ * With nothing to do (transmit: every frame in flight; receive: nothing new) the
+ * guest either spins (wait_addr 0) or, like an interrupt-driven driver, sets
+ * used_event and blocks in a read of the bench's wait register until the device
+ * interrupts: the default, so that the guest does not take a host CPU from the
+ * device on a busy 2-CPU host.
  * Notifications follow VIRTIO_F_RING_EVENT_IDX: after publishing a new avail
  * idx the guest reads avail_event (after the used ring) and rings the doorbell
  * only if the index moved past it, i.e. only when the device asked to be woken
  * (it had run dry). `notifies` counts the doorbells.
+ *
+ * `glitches` counts ring indexes read in the middle of the host's store: two
+ * reads a few pauses apart that differ, or an index that cannot be true (more
+ * than N buffers in flight or returned at once); the guest reads again. Measured
+ * cause: pykvm's Virtqueue stores the used index and avail_event with
+ * struct.pack_into, which clears both bytes and then writes them one at a time,
+ * so a driver reading at that instant sees 0 or half an index. With the index
+ * stored as one 16-bit store (a memoryview cast to "H") the count stays 0. A
+ * real driver (Linux's virtqueue_get_buf) does not re-read: it would take the 0
+ * for new used entries; the store belongs fixed in pykvm/devices/virtio/queue.py.
  *
  * Ring 0 does only the set-up (its instructions are emulated on kvm_pvm): its
  * own GDT with ring-3 segments, page tables mapping the first GiB of RAM and
@@ -29,6 +44,22 @@
  * interrupts off. Ring 3 runs natively on every host; it never exits to pykvm
  * (doorbell writes end in KVM's ioeventfd) and loops until the bench stops the VM.
  */
+
+/* READ16 src, reg: a 16-bit ring index, read until two reads a few pauses apart
+ * agree (see `glitches` above: the host may be half-way through storing it). */
+        .macro  READ16 src, reg, scratch
+        movzwl  \src, \reg
+99:     pause
+        pause
+        pause
+        movzwl  \src, \scratch
+        cmp     \reg, \scratch
+        je      98f
+        mov     \scratch, \reg
+        incq    glitches(%rip)
+        jmp     99b
+98:
+        .endm
 
         .code64
         .text
@@ -45,6 +76,9 @@ notify_addr:    .quad   0               /* +32 */
 notify_value:   .quad   0               /* +40 */
 frames:         .quad   0               /* +48: receive: frames the guest got */
 notifies:       .quad   0               /* +56: doorbells rung */
+glitches:       .quad   0               /* +64: ring indexes read mid-store (see below) */
+wait_addr:      .quad   0               /* +72: 0: spin; else the bench's wait register */
+waits:          .quad   0               /* +80: times the guest waited there */
 
 ring0:
         lgdt    gdt_pointer(%rip)
@@ -66,16 +100,19 @@ ring3:
         mov     notify_addr(%rip), %r10
         mov     notify_value(%rip), %r13
         lea     4(%r9,%r11,8), %r14     /* &avail_event: after used ring[N] */
+        lea     4(%r8,%r11,2), %r15     /* &used_event: after avail ring[N] */
         cmpq    $0, mode(%rip)
         jne     receive
 
 /* --- transmit: all N frames in flight, always ---------------------------------------- */
 transmit:
         xor     %ebx, %ebx              /* avail idx (the bench published 0) */
-1:      movzwl  2(%r9), %eax            /* used idx */
+1:      READ16  2(%r9), %eax, %edx      /* used idx */
         mov     %ebx, %ecx
         sub     %eax, %ecx
         and     $0xffff, %ecx           /* in flight */
+        cmp     %r11d, %ecx
+        ja      glitch_tx
         mov     %r11d, %edx
         sub     %ecx, %edx              /* free slots */
         jz      3f
@@ -84,19 +121,32 @@ transmit:
         and     $0xffff, %ebx           /* new avail idx */
         call    publish
         jmp     1b
-3:      pause
+3:      cmpq    $0, wait_addr(%rip)
+        je      4f
+        /* Block until half the ring is back: used_event = used + N/2 - 1 */
+        mov     %r11d, %ecx
+        shr     $1, %ecx
+        lea     -1(%rax,%rcx), %ecx
+        call    wait
+        jmp     1b
+4:      pause
+        jmp     1b
+glitch_tx:
+        incq    glitches(%rip)
         jmp     1b
 
 /* --- receive: count what came, give the buffers back --------------------------------- */
 receive:
         xor     %r12d, %r12d            /* used idx seen */
         mov     %r11d, %ebx             /* avail idx: the bench made all N available */
-1:      movzwl  2(%r9), %eax            /* used idx */
+1:      READ16  2(%r9), %eax, %edx      /* used idx */
         cmp     %eax, %r12d
         je      3f
         mov     %eax, %ecx
         sub     %r12d, %ecx
         and     $0xffff, %ecx           /* frames received since last look */
+        cmp     %r11d, %ecx
+        ja      glitch_rx
         add     %rcx, frames(%rip)
         mov     %eax, %r12d
         mov     %ebx, %esi
@@ -104,15 +154,38 @@ receive:
         and     $0xffff, %ebx
         call    publish
         jmp     1b
-3:      pause
+3:      cmpq    $0, wait_addr(%rip)
+        je      4f
+        mov     %r12d, %ecx             /* block until the next frame: used_event = seen */
+        call    wait
         jmp     1b
+4:      pause
+        jmp     1b
+glitch_rx:
+        incq    glitches(%rip)
+        jmp     1b
+
+/* wait: used idx was %eax; ask for an interrupt once it passes %ecx (used_event,
+ * VIRTIO_F_RING_EVENT_IDX), look once more, then read the bench's wait register:
+ * that exit returns when the device interrupted (or after a few ms). A kernel
+ * driver would `hlt` here; ring 3 cannot. */
+wait:
+        mov     %cx, (%r15)
+        mfence                          /* used_event store before the used idx load */
+        movzwl  2(%r9), %edx
+        cmp     %eax, %edx
+        jne     1f                      /* it moved meanwhile: no need to wait */
+        mov     wait_addr(%rip), %rdx
+        mov     (%rdx), %edx            /* the exit: blocks in the bench */
+        incq    waits(%rip)
+1:      ret
 
 /* publish: avail idx := %ebx (old value %esi); ring the doorbell if the device
  * asked for it: vring_need_event(avail_event, new, old) */
 publish:
         mov     %bx, 2(%r8)
         mfence                          /* idx store before the avail_event load */
-        movzwl  (%r14), %eax
+        READ16  (%r14), %eax, %edx
         mov     %ebx, %ecx
         sub     %eax, %ecx
         dec     %ecx
