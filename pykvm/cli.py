@@ -307,6 +307,8 @@ def cmd_run(args) -> int:
         elif progress and config.kernel:
             print(f"pykvm: booting {config.kernel} with {format_mem(config.mem_size)}, "
                   f"{config.cpus} vCPU(s)...", file=sys.stderr)
+        for nic in (machine.virtio.nets if progress and machine.virtio else []):
+            print(f"pykvm: {nic.name}: {nic.describe()}", file=sys.stderr)
         install_stop_signals(machine)
         stop = machine.run()
         observers.finish()

@@ -274,8 +274,11 @@ class NicBackend:
 
     # --- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
+        try:
+            from pyroute2 import IPRoute
+            from pyroute2.netlink.exceptions import NetlinkError
+        except ImportError:
+            raise ConfigError("--net needs pyroute2 (pip install pyroute2)") from None
 
         spec = self.spec
         with entered_netns(self._ns_fd):

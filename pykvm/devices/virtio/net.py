@@ -142,6 +142,12 @@ class NetDevice(VirtioDevice):
         self._watcher = TapWatcher(self.fd, self._tap_readable, f"{name}-tap")
         self._watcher.start()
 
+    def describe(self) -> str:
+        """One line for the user: the host end (the NicBackend's words) and the MAC."""
+        if self.owner is not None and hasattr(self.owner, "describe"):
+            return self.owner.describe()
+        return f"TAP fd {self.fd}, MAC " + ":".join(f"{b:02x}" for b in self.mac)
+
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, min(self.mtu, 0xFFFF))
 
@@ -259,20 +265,23 @@ class NetDevice(VirtioDevice):
     def _take_buffers(self, queue: Virtqueue) -> bool:
         """Pop receive chains until they hold a largest frame (one chain without
         MRG_RXBUF: a frame never spans chains then). False if the guest has too few."""
+        pending, views, pop = self._pending, self._rx_views, queue.pop
         while self._rx_capacity < self._rx_target:
-            if self._pending and not self._mergeable:
+            if pending and not self._mergeable:
                 return True                   # the one chain is what the driver gave us
-            chain = queue.pop()
+            chain = pop()
             if chain is None:
                 return False
             if chain.readable:
                 raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
-            capacity = chain.writable_len
+            writable = chain.writable
+            count = len(writable)
+            capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
             if capacity < NET_HDR_SIZE:
                 raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes cannot "
                                      f"hold the {NET_HDR_SIZE}-byte header")
-            self._pending.append((chain, capacity, len(chain.writable)))
-            self._rx_views[-1:-1] = chain.writable
+            pending.append((chain, capacity, count))
+            views[-1:-1] = writable
             self._rx_capacity += capacity
         return True
 
