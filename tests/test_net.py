@@ -37,7 +37,7 @@ from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
 from pykvm.net.plumbing import (NetSpec, default_mac, entered_netns, format_mac, machine_key,
                                 open_netns, open_nic, parse_cidr, parse_mac)
-from pykvm.net.tap import Tap, TapError
+from pykvm.net.tap import Tap
 
 from .conftest import needs_kvm
 
