@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print("frames/s by the wall clock; k/CPU-s: thousands of frames per CPU-second of the path "
           "(veth: the sender process; pykvm: its device threads)")
     print(f"{'frame':>6} {'veth /s':>9} {'Gbit/s':>6} {'k/CPU-s':>7} | {'tx /s':>8} {'Gbit/s':>6} "
-          f"{'k/CPU-s':>7} {'tx/veth':>7} | {'rx /s':>8} {'Gbit/s':>6} {'k/CPU-s':>7} {'rx/veth':>7}")
+          f"{'k/CPU-s':>7} {'tx/veth':>7} | {'rx /s':>8} {'Gbit/s':>6} {'k/CPU-s':>7} "
+          f"{'rx/veth':>7}")
     for size, reference, tx, rx in rows:
         base = reference.frames_per_s or 1
         print(f"{size:>5}B {reference.frames_per_s:>9,.0f} {reference.gbit:>6.3f} "

@@ -82,7 +82,8 @@ def machine_key(config) -> str:
     and its NICs' host ends (not memory or vCPUs, which may change freely)."""
     parts = [str(getattr(config, "kernel", None) or getattr(config, "flat", None) or "")]
     parts += [str(getattr(disk, "path", disk)) for disk in getattr(config, "disks", [])]
-    parts += [f"{n.tap or ''}/{n.bridge or ''}/{n.netns or ''}" for n in getattr(config, "nets", [])]
+    parts += [f"{n.tap or ''}/{n.bridge or ''}/{n.netns or ''}"
+              for n in getattr(config, "nets", [])]
     return "\n".join(parts)
 
 
