@@ -297,8 +297,6 @@ class NicBackend:
                         self.tap.restore_flags = tun_flags(existing)
                     tap_link = ipr.get_links(self.tap.ifindex)[0]
                     self.mtu = tap_link.get_attr("IFLA_MTU") or 1500
-                    if not self.tap.created:
-                        self._undo.append(("offload", None))
                     target = self.tap.ifindex
                     if spec.bridge:
                         target = self._bridge(ipr, tap_link)
@@ -379,10 +377,8 @@ class NicBackend:
             while self._undo:
                 action, argument = self._undo.pop()
                 if action == "close-tap":
-                    self._close_tap()
+                    self._close_tap()     # also puts back a kept TAP's offloads and flags
                     continue
-                if action == "offload":
-                    continue   # Tap.close resets offloads of a TAP it did not create
                 if ipr is None:
                     ipr = IPRoute()
                 try:
