@@ -29,7 +29,17 @@ CYCLES = 100
 
 # --- resource hygiene ---------------------------------------------------------------------
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return len(fd_targets())
+
+
+def fd_targets() -> list[str]:
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass    # the listing's own descriptor, closed by now
+    return sorted(targets)
 
 
 def mappings() -> int:
@@ -78,15 +88,17 @@ def one_cycle(path, cpus: int) -> None:
 def test_create_run_destroy_cycles_leak_nothing(kvm, hello_guest):
     one_cycle(hello_guest, 2)           # warm-up: imports, caches, the kick handler
     gc.collect()                        # what earlier tests left for the collector goes now
-    fds, maps, threads = open_fds(), mappings(), settled_thread_count(1)
+    fds, maps, threads = fd_targets(), mappings(), settled_thread_count(1)
+    names = sorted(thread.name for thread in threading.enumerate())
     for i in range(CYCLES):
         one_cycle(hello_guest, 1 + i % 2)   # 1 and 2 vCPUs (an AP that never starts)
     # No growth. (Fewer is fine: a thread or fd an earlier test left may end meanwhile.)
-    assert open_fds() <= fds
-    assert settled_thread_count(threads) <= threads
+    assert open_fds() <= len(fds), (fds, fd_targets())
+    assert settled_thread_count(threads) <= threads, \
+        (names, sorted(thread.name for thread in threading.enumerate()))
     # A leaked guest RAM, kvm_run page or thread stack is one mapping or more per cycle;
     # the Python allocator may map an arena or two of its own over 100 cycles.
-    assert mappings() <= maps + CYCLES // 20
+    assert mappings() <= maps + CYCLES // 20, (maps, mappings())
 
 
 def test_vm_close_releases_everything_even_never_started(kvm):
