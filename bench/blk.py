@@ -1,157 +1,428 @@
 #!/usr/bin/env python3
-"""virtio-blk's data path against plain preadv() into the same memory.
+"""virtio-blk driven by a guest at native speed, against the host's own
+preadv/pwritev on the same file: MB/s and IOPS for 1 MiB sequential reads and
+writes and 4 KiB random reads, at queue depth 1 and 32.
 
-pykvm side: a VirtioPciDevice with a BlockDevice over a temporary raw image, in
-guest RAM (GuestMemory) but without a guest: a Python driver
-(pykvm.devices.virtio.driver) puts ``depth`` read requests (header, data
-buffer, status byte) on the ring, signals the queue's eventfd exactly as KVM
-does for a matched ioeventfd write, and waits for the MSI-X "interrupt" (the
-vector's line). The device's I/O thread pops each chain, validates it, and
-preadv()s straight into the guest buffers. The clock runs from each doorbell to
-the batch's last completion, so it times everything pykvm does per request
-(eventfd wake-up, ring parsing and checks, preadv, used ring, interrupt), but
-neither the driver's ring writes nor the ioeventfd exit, which KVM finishes in
-the kernel.
+pykvm side: a real VM whose guest (bench/guests/blk_loop.S, assembled at run
+time) drops to ring 3 -- native speed on every host, kvm_pvm included, where a
+Linux guest's block layer (ring 0) would be emulated and measure kvm_pvm, not
+pykvm -- and owns the one queue of a real BlockDevice on a real VirtioPciDevice
+over a temporary raw image. The bench plays the driver's probe from the host
+(features with EVENT_IDX, the ring, DRIVER_OK) and, per case, writes the request
+slots' descriptors (header, data buffer, status byte); the guest then keeps
+``depth`` requests in flight: for each completion it finds by polling the used
+index it checks the status byte, writes the slot's next sector into its header,
+puts it back on the avail ring and rings the doorbell (an MMIO write matched by
+an ioeventfd: no exit) when the device asked for one (EVENT_IDX). Nothing of the
+data path passes through a vCPU exit; the device's I/O thread preadv()s and
+pwritev()s straight between the image and guest RAM.
 
-Reference: the same number of preadv() calls of the same size into the same
-buffers, in one thread: the cost with nothing in the way. Both read the image
-from the page cache (it is read once before timing).
+Reference (the limit): this process, one thread, preadv()/pwritev() of the same
+sizes with the same pattern (sequential from offset 0, wrapping; random 4 KiB
+blocks from the same xorshift64 sequence) on the same file into buffers in the
+same guest RAM. Queue depth means nothing to a synchronous call, so one
+reference row serves both depths; it is what one host thread gets with nothing
+in the way. Page cache: the image is read whole before each case (both sides), so
+every read is served from the page cache and every write dirties cached pages
+(no O_DIRECT, no fsync): both sides measure the same memory-speed path.
 
-    python3 bench/blk.py             # 5 rounds x 4096 requests of 4 KiB, queue depth 32
-    python3 bench/blk.py --size 65536
-    python3 bench/blk.py --quick     # does it work?
+Counts are sampled over ``--seconds`` after a warm-up (time-based, like
+bench/net.py); after each pykvm case the bench checks the data of every slot's
+last request against the file, and the device's own request count against the
+guest's.
 
-Last line: ``ratio: X`` = median pykvm time / median reference time.
+    python3 bench/blk.py             # 1 s per case
+    python3 bench/blk.py --quick     # 0.2 s per case: does it work?
+    python3 bench/blk.py --wait      # an idle guest waits for the interrupt instead of spinning
+    python3 bench/blk.py --record    # also add rows to bench/RESULTS.md
+
+Needs /dev/kvm and GNU as/ld. Last line: ``ratio: X`` = pykvm MB/s / host MB/s
+for 1 MiB sequential reads at queue depth 32.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
-import statistics
+import queue
 import struct
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for _path in (ROOT, BENCH):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from pykvm.devices.pci.msix import CONTROL_ENABLE  # noqa: E402
-from pykvm.devices.virtio.blk import VIRTIO_BLK_T_IN, BlockDevice  # noqa: E402
-from pykvm.devices.virtio.device import VIRTIO_F_VERSION_1  # noqa: E402
-from pykvm.devices.virtio.driver import DriverRing, PciDriver, StandInVm  # noqa: E402
-from pykvm.devices.virtio.pci import VirtioPciDevice  # noqa: E402
-from pykvm.memory import GuestMemory  # noqa: E402
+from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
 
-RING, HEADERS, STATUS, DATA = 0x1000, 0x10000, 0x20000, 0x100000
-IMAGE_SIZE = 64 << 20
+GUEST_SOURCE = BENCH / "guests" / "blk_loop.S"
+RESULTS = BENCH / "RESULTS.md"
+
+MEM_SIZE = 64 << 20
+LOAD_ADDR = 0x10000
+PARAMS = 8                              # offset of the guest's parameter block
+QUEUE = 256
+RING = 0x100000
+HEADERS, STATUSES = 0x110000, 0x111000
+DATA = 0x200000                         # slot i's data buffer at DATA + i * size
+MAX_DEPTH = 32
+BAR_ADDR = 0xC0000000                   # where the bench "maps" the device's BAR
+WAIT_ADDR = 0xD0000000                  # the wait register (flatguest.Waiter)
+CMD_ADDR = 0xD0001000                   # the command register (Commands below)
+SEED = 0x9E3779B97F4A7C15
+
+# The parameter block of blk_loop.S, u64 each, by name -> index.
+P = {name: i for i, name in enumerate(
+    "queue_size avail_ring used_ring notify_addr notify_value wait_addr cmd_addr headers "
+    "statuses depth pattern spr limit stop completed errors notifies waits glitches rng "
+    "next_sector cases".split())}
 
 
-class EventLine:
-    """An MSI-X vector's line that wakes the waiting driver."""
+@dataclass(frozen=True)
+class Case:
+    label: str
+    write: bool
+    size: int
+    random: bool
 
-    def __init__(self, gsi):
-        self.gsi, self.event = gsi, threading.Event()
 
-    def trigger(self):
-        self.event.set()
+CASES = (Case("seq read 1 MiB", False, 1 << 20, False),
+         Case("seq write 1 MiB", True, 1 << 20, False),
+         Case("rand read 4 KiB", False, 4096, True))
+DEPTHS = (1, 32)
 
-    def close(self):
+
+@dataclass
+class Rate:
+    ops_per_s: float
+    size: int
+    cpu: float = 0.0                    # CPU s/s of the measured path
+    note: str = ""
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.ops_per_s * self.size / 1e6
+
+
+def xorshift(state: int):
+    """The guest's random sequence (blk_loop.S `offer`)."""
+    mask = (1 << 64) - 1
+    while True:
+        state ^= (state << 13) & mask
+        state ^= state >> 7
+        state ^= (state << 17) & mask
+        yield state
+
+
+def block_offsets(case: Case, image_size: int, count: int = 1 << 16) -> list[int]:
+    """Byte offsets of the case's first ``count`` requests, as the guest makes them."""
+    if not case.random:
+        per = image_size // case.size
+        return [(i % per) * case.size for i in range(min(count, per))]
+    blocks = image_size // case.size
+    numbers = xorshift(SEED)
+    return [(next(numbers) & (blocks - 1)) * case.size for _ in range(count)]
+
+
+def warm_cache(path: Path) -> None:
+    """Read the image whole: everything both sides touch is then in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(1 << 20)
+        while f.readinto(buffer):
+            pass
+
+
+def timed_loop(step, warmup: float, seconds: float) -> tuple[int, float, float]:
+    """Run ``step(n)`` (n = operations so far) for ``warmup`` + ``seconds``; returns the
+    operations, wall seconds and CPU seconds (this thread) of the measured span."""
+    clock = time.perf_counter
+    n = 0
+    end = clock() + warmup
+    while clock() < end:
+        for _ in range(16):
+            step(n)
+            n += 1
+    first, started, cpu0 = n, clock(), time.thread_time()
+    end = started + seconds
+    while clock() < end:
+        for _ in range(16):
+            step(n)
+            n += 1
+    return n - first, clock() - started, time.thread_time() - cpu0
+
+
+def host_rate(memory, path: Path, case: Case, image_size: int, warmup: float,
+              seconds: float) -> Rate:
+    offsets = block_offsets(case, image_size)
+    count = len(offsets)
+    views = [memory.view(DATA + i * case.size, case.size) for i in range(MAX_DEPTH)]
+    iovs = [[v] for v in views]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        call = os.pwritev if case.write else os.preadv
+        size = case.size
+
+        def step(n):
+            if call(fd, iovs[n & (MAX_DEPTH - 1)], offsets[n % count]) != size:
+                raise BenchError("host reference: a short transfer")
+
+        warm_cache(path)
+        ops, wall, cpu = timed_loop(step, warmup, seconds)
+    finally:
+        os.close(fd)
+    return Rate(ops / wall, case.size, cpu / wall)
+
+
+# --- the pykvm side -------------------------------------------------------------------------
+class Commands:
+    """The command register: the guest's read blocks until the bench posts a case
+    (returns 1), or returns 0 after a while so that the vCPU can be stopped."""
+
+    name = "bench-cmd"
+
+    def __init__(self):
+        self.pending: queue.Queue[int] = queue.Queue()
+
+    def read(self, offset: int, size: int) -> int:
+        try:
+            return self.pending.get(timeout=0.05)
+        except queue.Empty:
+            return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
         pass
 
 
-def pykvm_round(memory, function, ring, line, count, depth, size):
-    """Seconds from each batch's doorbell to its last completion, summed (the driver's
-    own ring writes happen before the doorbell and are not counted)."""
-    sectors = IMAGE_SIZE // 512
-    elapsed = 0.0
-    done = 0
-    while done < count:
-        batch = min(depth, count - done)
-        for i in range(batch):
-            sector = ((done + i) * (size // 512)) % (sectors - size // 512)
-            memory.write(HEADERS + 16 * i, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, sector))
-            ring.add_chain([(HEADERS + 16 * i, 16, False), (DATA + i * size, size, True),
-                            (STATUS + i, 1, True)])
-        line.event.clear()
-        started = time.perf_counter()
-        os.eventfd_write(function.queue_fds[0], 1)       # what KVM does on the doorbell
-        while ring.used_idx() != ring.avail_idx:
-            line.event.wait(1.0)
-            line.event.clear()
-        elapsed += time.perf_counter() - started
-        ring.take_used()
-        done += batch
-    return elapsed
+class GuestDisk:
+    """A VM with one virtio-blk function over ``image``, its queue set up as a
+    driver would, and the ring-3 guest waiting for cases."""
 
+    def __init__(self, kvm, guest: bytes, image: Path, wait: bool):
+        from pykvm.boot.modes import set_mode
+        from pykvm.devices.virtio.blk import BlockDevice
+        from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+        from pykvm.devices.virtio.driver import DriverRing, PciDriver
+        from pykvm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
+        from pykvm.memory import GuestMemory
+        from pykvm.vm import Vm
 
-def reference_round(memory, fd, count, depth, size):
-    sectors = IMAGE_SIZE // 512
-    views = [memory.view(DATA + i * size, size) for i in range(depth)]
-    started = time.perf_counter()
-    for n in range(count):
-        sector = (n * (size // 512)) % (sectors - size // 512)
-        os.preadv(fd, [views[n % depth]], sector * 512)
-    return time.perf_counter() - started
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096, help="bytes per request (default 4096)")
-    parser.add_argument("--count", type=int, default=4096, help="requests per round")
-    parser.add_argument("--depth", type=int, default=32, help="requests per notify (queue depth)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="200 requests, 1 round")
-    args = parser.parse_args()
-    if args.quick:
-        args.count, args.rounds = 200, 1
-    if args.size % 512 or args.depth * 3 > 256 or DATA + args.depth * args.size > 256 << 20:
-        parser.error("--size must be a multiple of 512 and depth*3 <= 256")
-
-    with tempfile.TemporaryDirectory() as scratch, GuestMemory.anonymous(256 << 20) as memory:
-        image = Path(scratch) / "bench.img"
-        image.write_bytes(os.urandom(1 << 20) * (IMAGE_SIZE >> 20))
-        vm = StandInVm(memory)
-        lines = [EventLine(24), EventLine(25)]
-        function = VirtioPciDevice(vm, memory, BlockDevice(str(image)), interrupt_lines=lines)
-        driver = PciDriver(function)
-        driver.negotiate(VIRTIO_F_VERSION_1)
-        function.config.write(function.msix.offset + 2, 2, CONTROL_ENABLE)
-        function.msix.write(12, 4, 0)
-        ring = DriverRing(memory, RING, 256)
-        driver.setup_queue(0, ring, vector=0)
+        self.memory = GuestMemory.anonymous(MEM_SIZE)
+        self.vm = Vm(kvm, self.memory, log=sys.stderr)
+        self.device = BlockDevice(str(image), name="bench-blk")
+        self.function = VirtioPciDevice(self.vm, self.memory, self.device)
+        self.vm.on_close(self.function.close)
+        self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
+        self.waiter = Waiter(self.function)
+        self.function.intx = self.waiter
+        self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
+        self.commands = Commands()
+        self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
+        driver = PciDriver(self.function)
+        if not driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & 8:
+            raise BenchError("the device refused the bench's features")
+        self.ring = DriverRing(self.memory, RING, QUEUE)
+        driver.setup_queue(0, self.ring)
         driver.driver_ok()
-        fd = os.open(image, os.O_RDONLY)
-        try:
-            reference_round(memory, fd, IMAGE_SIZE // args.size, 1, args.size)  # warm the cache
-            pykvm_round(memory, function, ring, lines[0], args.depth, args.depth, args.size)
-            pykvm_times, reference_times = [], []
-            for _ in range(args.rounds):
-                reference_times.append(reference_round(memory, fd, args.count, args.depth, args.size))
-                pykvm_times.append(pykvm_round(memory, function, ring, lines[0], args.count,
-                                               args.depth, args.size))
-        finally:
-            os.close(fd)
-            function.close()
-            vm.close()
+        image_bytes = bytearray(guest)
+        self.params = LOAD_ADDR + PARAMS
+        self.memory.write(LOAD_ADDR, bytes(image_bytes))
+        for name, value in (("queue_size", QUEUE), ("avail_ring", self.ring.avail_addr),
+                            ("used_ring", self.ring.used_addr),
+                            ("notify_addr", BAR_ADDR + NOTIFY_OFFSET), ("notify_value", 0),
+                            ("wait_addr", WAIT_ADDR if wait else 0), ("cmd_addr", CMD_ADDR),
+                            ("headers", HEADERS), ("statuses", STATUSES)):
+            self.set(name, value)
+        self.vm.create_vcpus(1)
+        set_mode(self.vm.vcpus[0], self.memory, "long", LOAD_ADDR)
+        self.vm.start()
 
-    def row(name, times):
-        per = [t / args.count * 1e6 for t in times]
-        mbps = args.count * args.size / statistics.median(times) / 1e6
-        return (f"{name:<28} {statistics.median(per):9.2f} {min(per):9.2f} {max(per):9.2f} "
-                f"{mbps:10.1f}")
+    def get(self, name: str) -> int:
+        return self.memory.read_u64(self.params + 8 * P[name])
 
-    print(f"virtio-blk reads: {args.count} requests of {args.size} bytes, depth {args.depth}, "
-          f"{args.rounds} round(s)")
-    print(f"{'':<28} {'µs/req':>9} {'min':>9} {'max':>9} {'MB/s':>10}")
-    print(row("reference (preadv)", reference_times))
-    print(row("pykvm (virtio-blk path)", pykvm_times))
-    overhead = (statistics.median(pykvm_times) - statistics.median(reference_times)) / args.count
-    print(f"pykvm overhead per request: {overhead * 1e6:.2f} µs")
-    print(f"ratio: {statistics.median(pykvm_times) / statistics.median(reference_times):.2f}")
+    def set(self, name: str, value: int) -> None:
+        self.memory.write(self.params + 8 * P[name], struct.pack("<Q", value))
+
+    def prepare(self, case: Case, depth: int, image_size: int) -> None:
+        """Slot i: descriptors 4i (header), 4i+1 (data), 4i+2 (status): the guest is
+        waiting for a command and nothing is in flight, so the ring is ours."""
+        from pykvm.devices.virtio.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+        from pykvm.devices.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
+
+        for i in range(depth):
+            head = 4 * i
+            self.ring.write_descriptor(head, HEADERS + 16 * i, 16, DESC_F_NEXT, head + 1)
+            self.ring.write_descriptor(head + 1, DATA + i * case.size, case.size,
+                                       DESC_F_NEXT | (0 if case.write else DESC_F_WRITE), head + 2)
+            self.ring.write_descriptor(head + 2, STATUSES + i, 1, DESC_F_WRITE)
+            self.memory.write(HEADERS + 16 * i, struct.pack(
+                "<IIQ", VIRTIO_BLK_T_OUT if case.write else VIRTIO_BLK_T_IN, 0, 0))
+            if case.write:                  # data the file does not hold yet
+                mark = f"pykvm bench slot {i} {time.monotonic_ns()} ".encode()
+                self.memory.write(DATA + i * case.size,
+                                  (mark * (case.size // len(mark) + 1))[:case.size])
+        self.memory.write(STATUSES, b"\xff" * MAX_DEPTH)
+        spr = case.size // 512
+        self.set("depth", depth)
+        self.set("pattern", int(case.random))
+        self.set("spr", spr)
+        self.set("limit", image_size // case.size - 1 if case.random else image_size // 512)
+        self.set("rng", SEED)
+        self.set("next_sector", 0)
+        self.set("stop", 0)
+
+    def run(self, case: Case, depth: int, image: Path, image_size: int, warmup: float,
+            seconds: float) -> Rate:
+        self.prepare(case, depth, image_size)
+        warm_cache(image)
+        cases = self.get("cases")
+        worker = self.function.worker.thread.native_id
+        kind = "write" if case.write else "read"
+        device0, errors0, completed0 = self.device.requests[kind], self.get("errors"), \
+            self.get("completed")
+        self.commands.pending.put(1)
+        time.sleep(warmup)
+        first, cpu0, started = self.get("completed"), cpu_seconds(os.getpid(), worker), \
+            time.perf_counter()
+        time.sleep(seconds)
+        last, cpu1, ended = self.get("completed"), cpu_seconds(os.getpid(), worker), \
+            time.perf_counter()
+        self.set("stop", 1)
+        deadline = time.monotonic() + 30
+        while self.get("cases") == cases:
+            if self.vm.stop_reason is not None:
+                raise BenchError(f"the guest stopped: {self.vm.stop_reason.message}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{case.label}: the guest did not drain its queue")
+            time.sleep(0.001)
+        if self.function.broken:
+            raise BenchError(f"{case.label}: the device failed (needs reset)")
+        errors = self.get("errors") - errors0
+        if errors:
+            raise BenchError(f"{case.label}: {errors} requests completed with an error status")
+        served = self.device.requests[kind] - device0
+        if served != self.get("completed") - completed0:
+            raise BenchError(f"{case.label}: the device served {served} requests, the guest "
+                             f"counted {self.get('completed') - completed0}")
+        self.check_data(case, depth, image)
+        return Rate((last - first) / (ended - started), case.size, (cpu1 - cpu0) / (ended - started),
+                    f"device served {served}, doorbells {self.get('notifies')}, "
+                    f"waits {self.get('waits')}, glitches {self.get('glitches')}")
+
+    def check_data(self, case: Case, depth: int, image: Path) -> None:
+        """Each slot's last request: its buffer and the file agree at its sector."""
+        with open(image, "rb", buffering=0) as f:
+            for i in range(depth):
+                sector = struct.unpack("<Q", self.memory.read(HEADERS + 16 * i + 8, 8))[0]
+                f.seek(sector * 512)
+                if f.read(case.size) != self.memory.read(DATA + i * case.size, case.size):
+                    raise BenchError(f"{case.label}: slot {i}'s buffer is not the file's data "
+                                     f"at sector {sector}")
+
+    def close(self) -> None:
+        self.vm.close()
+        self.memory.close()
+
+
+def filesystem_of(path: Path) -> str:
+    done = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="measured span per case (1)")
+    parser.add_argument("--image-mib", type=int, default=256, help="image size in MiB (256)")
+    parser.add_argument("--dir", default=None, help="where the image goes (default: $TMPDIR)")
+    parser.add_argument("--wait", action="store_true",
+                        help="an idle guest waits for the device's interrupt instead of spinning")
+    parser.add_argument("--quick", action="store_true", help="0.2 s per case: does it work?")
+    parser.add_argument("--record", action="store_true", help="add rows to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    seconds, warmup = (0.2, 0.1) if args.quick else (args.seconds, 0.3)
+    image_size = args.image_mib << 20
+    if args.image_mib < 64 or args.image_mib & (args.image_mib - 1):
+        parser.error("--image-mib must be a power of two, at least 64")
+
+    from pykvm.kvm import Kvm
+
+    load = os.getloadavg()[0]
+    rows = []
+    try:
+        with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-bench-",
+                                                       dir=args.dir) as tmp:
+            guest = assemble(GUEST_SOURCE, Path(tmp), LOAD_ADDR)
+            image = Path(tmp) / "bench.img"
+            chunk = os.urandom(1 << 20)
+            with open(image, "wb") as f:
+                for _ in range(args.image_mib):
+                    f.write(chunk)
+            fs = filesystem_of(image)
+            host_kind = kvm.host_kind
+            disk = GuestDisk(kvm, guest, image, args.wait)
+            try:
+                for case in CASES:
+                    reference = host_rate(disk.memory, image, case, image_size, warmup, seconds)
+                    rates = [disk.run(case, depth, image, image_size, warmup, seconds)
+                             for depth in DEPTHS]
+                    rows.append((case, reference, rates))
+                    if not args.quick:
+                        print(f"{case.label}: " + "; ".join(
+                            f"QD{d} {r.note}" for d, r in zip(DEPTHS, rates)), file=sys.stderr)
+            finally:
+                disk.close()
+    except BenchError as error:
+        print(f"blk: {error}", file=sys.stderr)
+        return 1
+
+    print("virtio-blk driven by a ring-3 guest vs the host's preadv/pwritev on the same file")
+    print(f"host kind: {host_kind}   {seconds:g} s per case   load average: {load:.2f}   "
+          f"CPUs: {os.cpu_count()}   guest: {'waits for interrupts' if args.wait else 'spins'}")
+    print(f"image: {args.image_mib} MiB on {fs}, read whole before each case (all in the page "
+          f"cache; writes dirty cached pages, no O_DIRECT, no fsync)")
+    print("host: one thread, synchronous calls (the same figure for both depths); "
+          "dev CPU: the device thread's CPU share")
+    head = f"{'case':<16} {'host MB/s':>9} {'IOPS':>7}"
+    for depth in DEPTHS:
+        head += f" | {'QD' + str(depth) + ' MB/s':>9} {'IOPS':>7} {'dev CPU':>7} {'/host':>6}"
+    print(head)
+    for case, reference, rates in rows:
+        line = f"{case.label:<16} {reference.mb_per_s:>9.1f} {reference.ops_per_s:>7.0f}"
+        for rate in rates:
+            line += (f" | {rate.mb_per_s:>9.1f} {rate.ops_per_s:>7.0f} {rate.cpu:>7.0%} "
+                     f"{rate.mb_per_s / (reference.mb_per_s or 1):>6.3f}")
+        print(line)
+    if args.record:
+        record(host_kind, rows, seconds, load, args.wait)
+    case, reference, rates = rows[0]
+    print(f"ratio: {rates[DEPTHS.index(32)].mb_per_s / (reference.mb_per_s or 1):.3f}")
     return 0
+
+
+ROWS_MARKER = "<!-- blk.py --record adds rows above this line -->"
+
+
+def record(host_kind: str, rows, seconds: float, load: float, wait: bool) -> None:
+    lines = ""
+    for case, reference, rates in rows:
+        lines += (f"| {datetime.date.today().isoformat()} | {host_kind} | {case.label} | "
+                  f"{reference.mb_per_s:.0f} ({reference.ops_per_s:,.0f}) | ")
+        for rate in rates:
+            lines += (f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | "
+                      f"{rate.mb_per_s / (reference.mb_per_s or 1):.3f} | ")
+        lines += f"{'wait' if wait else 'spin'} | {load:.1f} | {seconds:g} s |\n"
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if ROWS_MARKER in text:
+        text = text.replace(ROWS_MARKER, lines + ROWS_MARKER, 1)
+    else:
+        text += ("" if not text or text.endswith("\n") else "\n") + lines
+    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -61,6 +60,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "net_loop.S"
 RESULTS = BENCH / "RESULTS.md"
@@ -78,11 +79,6 @@ RX_RING, TX_RING = 0x100000, 0x110000
 TX_BUFFERS, RX_BUFFERS = 0x200000, 0x400000
 BAR_ADDR = 0xC0000000                   # where the bench "maps" the device's BAR
 WAIT_ADDR = 0xD0000000                  # the bench's wait register (MMIO, a Python device)
-WAIT_TIMEOUT = 0.005                    # a waiting guest looks again after this at the latest
-
-
-class BenchError(Exception):
-    pass
 
 
 def frame(size: int, dst: bytes = GUEST_MAC, seq: int = 0) -> bytes:
@@ -152,16 +148,6 @@ class Result:
         return self.frames_per_s / self.cpu if self.cpu else 0.0
 
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """user + system CPU time of a process (or one of its threads), from /proc."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
 def sample(counter, cpu, warmup: float, seconds: float) -> tuple[float, float]:
     """(frames/s, CPU s/s) of a growing ``counter()`` and ``cpu()`` clock over
     ``seconds`` after ``warmup``."""
@@ -185,44 +171,7 @@ def veth_rate(netns: str, size: int, warmup: float, seconds: float) -> Result:
 
 # --- the pykvm side ---------------------------------------------------------------------------
 def assemble_guest(workdir: Path) -> bytes:
-    for tool in ("as", "ld"):
-        if shutil.which(tool) is None:
-            raise BenchError(f"{tool} is not installed (apt-get install binutils)")
-    obj, out = workdir / "net_loop.o", workdir / "net_loop.bin"
-    for argv in (["as", "--64", "-o", str(obj), str(GUEST_SOURCE)],
-                 ["ld", "-m", "elf_x86_64", f"-Ttext={LOAD_ADDR:#x}", "--oformat", "binary",
-                  "-o", str(out), str(obj)]):
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode:
-            raise BenchError(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
-    return out.read_bytes()
-
-
-class Waiter:
-    """What an idle guest waits on: the device's interrupt. It is the function's INTx
-    line (no MSI-X here), and an MMIO register whose read returns once the line
-    went up (or after WAIT_TIMEOUT), acknowledging the interrupt (ISR read)."""
-
-    name = "bench-wait"
-
-    def __init__(self, function):
-        import threading
-
-        from pykvm.devices.virtio.pci import ISR_OFFSET
-        self.event = threading.Event()
-        self._isr = lambda: function.bar_devices[0].read(ISR_OFFSET, 1)
-
-    def set_level(self, high: bool) -> None:
-        if high:
-            self.event.set()
-
-    def read(self, offset: int, size: int) -> int:
-        self.event.wait(WAIT_TIMEOUT)
-        self.event.clear()
-        return self._isr()
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
+    return assemble(GUEST_SOURCE, workdir, LOAD_ADDR)
 
 
 class GuestNic:

@@ -1,0 +1,72 @@
+"""What the device benches share about their flat guests (bench/guests/*.S):
+ring-3 code that owns a virtio device's queue and BAR.
+
+- :func:`assemble`: a guest source into a flat binary linked for its load address;
+- :class:`Waiter`: the register an idle guest reads to wait for the device's
+  interrupt (ring 3 cannot ``hlt``): one exit per wait;
+- :func:`cpu_seconds`: a process's or thread's CPU time, from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+WAIT_TIMEOUT = 0.005                    # a waiting guest looks again after this at the latest
+
+
+class BenchError(Exception):
+    pass
+
+
+def assemble(source: Path, workdir: Path, load_addr: int) -> bytes:
+    """``source`` assembled with GNU as and linked with ld as a flat binary for ``load_addr``."""
+    for tool in ("as", "ld"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed (apt-get install binutils)")
+    obj, out = workdir / f"{source.stem}.o", workdir / f"{source.stem}.bin"
+    for argv in (["as", "--64", "-o", str(obj), str(source)],
+                 ["ld", "-m", "elf_x86_64", f"-Ttext={load_addr:#x}", "--oformat", "binary",
+                  "-o", str(out), str(obj)]):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode:
+            raise BenchError(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
+    return out.read_bytes()
+
+
+class Waiter:
+    """What an idle guest waits on: the device's interrupt. It is the function's INTx
+    line (no MSI-X here), and an MMIO register whose read returns once the line
+    went up (or after WAIT_TIMEOUT), acknowledging the interrupt (ISR read)."""
+
+    name = "bench-wait"
+
+    def __init__(self, function):
+        from pykvm.devices.virtio.pci import ISR_OFFSET
+        self.event = threading.Event()
+        self._isr = lambda: function.bar_devices[0].read(ISR_OFFSET, 1)
+
+    def set_level(self, high: bool) -> None:
+        if high:
+            self.event.set()
+
+    def read(self, offset: int, size: int) -> int:
+        self.event.wait(WAIT_TIMEOUT)
+        self.event.clear()
+        return self._isr()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """user + system CPU time of a process (or one of its threads), from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
