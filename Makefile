@@ -37,8 +37,11 @@ run: guest
 check: deps
 	$(PY) -m pykvm check
 
+# The Linux boots are long (minutes on kvm_pvm) and each keeps one CPU busy:
+# they run two at a time, a test file per worker so a file's boot serves all of it.
 test: deps guests guest
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not linux"
+	$(PY) -m pytest -q -m linux -n 2 --dist loadfile
 
 test-fast: deps guests
 	$(PY) -m pytest -q -m "not linux"
