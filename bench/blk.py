@@ -11,7 +11,8 @@ over a temporary raw image. The bench plays the driver's probe from the host
 (features with EVENT_IDX, the ring, DRIVER_OK) and, per case, writes the request
 slots' descriptors (header, data buffer, status byte); the guest then keeps
 ``depth`` requests in flight: for each completion it finds by polling the used
-index it checks the status byte, writes the slot's next sector into its header,
+index (or, with nothing completed yet, after waiting for the device's interrupt
+in one exit, as net.py's guest does; --spin: it spins) it checks the status byte, writes the slot's next sector into its header,
 puts it back on the avail ring and rings the doorbell (an MMIO write matched by
 an ioeventfd: no exit) when the device asked for one (EVENT_IDX). Nothing of the
 data path passes through a vCPU exit; the device's I/O thread preadv()s and
@@ -20,9 +21,11 @@ pwritev()s straight between the image and guest RAM.
 Reference (the limit): this process, one thread, preadv()/pwritev() of the same
 sizes with the same pattern (sequential from offset 0, wrapping; random 4 KiB
 blocks from the same xorshift64 sequence) on the same file into buffers in the
-same guest RAM. Queue depth means nothing to a synchronous call, so one
-reference row serves both depths; it is what one host thread gets with nothing
-in the way. Page cache: the image is read whole before each case (both sides), so
+same guest RAM, cycling through as many buffers as the guest has requests in
+flight (queue depth means nothing to a synchronous call, but the buffers' memory
+footprint does: one 1 MiB buffer stays in the CPU's caches, 32 do not). It is
+what one host thread gets with nothing in the way; each pykvm case runs right
+after its reference, so host noise hits both. Page cache: the image is read whole before each case (both sides), so
 every read is served from the page cache and every write dirties cached pages
 (no O_DIRECT, no fsync): both sides measure the same memory-speed path.
 
@@ -33,7 +36,7 @@ guest's.
 
     python3 bench/blk.py             # 1 s per case
     python3 bench/blk.py --quick     # 0.2 s per case: does it work?
-    python3 bench/blk.py --wait      # an idle guest waits for the interrupt instead of spinning
+    python3 bench/blk.py --spin      # the guest spins on the used index instead of waiting
     python3 bench/blk.py --record    # also add rows to bench/RESULTS.md
 
 Needs /dev/kvm and GNU as/ld. Last line: ``ratio: X`` = pykvm MB/s / host MB/s
@@ -103,7 +106,8 @@ DEPTHS = (1, 32)
 class Rate:
     ops_per_s: float
     size: int
-    cpu: float = 0.0                    # CPU s/s of the measured path
+    cpu: float = 0.0                    # CPU s/s of the measured path (pykvm: the device thread)
+    vcpu: float = 0.0                   # pykvm: CPU s/s of the vCPU thread
     note: str = ""
 
     @property
@@ -158,11 +162,13 @@ def timed_loop(step, warmup: float, seconds: float) -> tuple[int, float, float]:
     return n - first, clock() - started, time.thread_time() - cpu0
 
 
-def host_rate(memory, path: Path, case: Case, image_size: int, warmup: float,
+def host_rate(memory, path: Path, case: Case, depth: int, image_size: int, warmup: float,
               seconds: float) -> Rate:
+    """One thread, synchronous calls; the buffers cycle through ``depth`` slots like the
+    guest's (the same memory footprint: 1 MiB stays in the CPU's caches, 32 MiB does not)."""
     offsets = block_offsets(case, image_size)
     count = len(offsets)
-    views = [memory.view(DATA + i * case.size, case.size) for i in range(MAX_DEPTH)]
+    views = [memory.view(DATA + i * case.size, case.size) for i in range(depth)]
     iovs = [[v] for v in views]
     fd = os.open(path, os.O_RDWR)
     try:
@@ -170,7 +176,7 @@ def host_rate(memory, path: Path, case: Case, image_size: int, warmup: float,
         size = case.size
 
         def step(n):
-            if call(fd, iovs[n & (MAX_DEPTH - 1)], offsets[n % count]) != size:
+            if call(fd, iovs[n % depth], offsets[n % count]) != size:
                 raise BenchError("host reference: a short transfer")
 
         warm_cache(path)
@@ -283,16 +289,18 @@ class GuestDisk:
         warm_cache(image)
         cases = self.get("cases")
         worker = self.function.worker.thread.native_id
+        vcpu = self.vm.vcpus[0].thread.native_id
         kind = "write" if case.write else "read"
         device0, errors0, completed0 = self.device.requests[kind], self.get("errors"), \
             self.get("completed")
+        guest0 = {name: self.get(name) for name in ("notifies", "waits", "glitches")}
         self.commands.pending.put(1)
         time.sleep(warmup)
-        first, cpu0, started = self.get("completed"), cpu_seconds(os.getpid(), worker), \
-            time.perf_counter()
+        first, cpu0, vcpu0, started = self.get("completed"), cpu_seconds(os.getpid(), worker), \
+            cpu_seconds(os.getpid(), vcpu), time.perf_counter()
         time.sleep(seconds)
-        last, cpu1, ended = self.get("completed"), cpu_seconds(os.getpid(), worker), \
-            time.perf_counter()
+        last, cpu1, vcpu1, ended = self.get("completed"), cpu_seconds(os.getpid(), worker), \
+            cpu_seconds(os.getpid(), vcpu), time.perf_counter()
         self.set("stop", 1)
         deadline = time.monotonic() + 30
         while self.get("cases") == cases:
@@ -311,9 +319,10 @@ class GuestDisk:
             raise BenchError(f"{case.label}: the device served {served} requests, the guest "
                              f"counted {self.get('completed') - completed0}")
         self.check_data(case, depth, image)
-        return Rate((last - first) / (ended - started), case.size, (cpu1 - cpu0) / (ended - started),
-                    f"device served {served}, doorbells {self.get('notifies')}, "
-                    f"waits {self.get('waits')}, glitches {self.get('glitches')}")
+        span = ended - started
+        return Rate((last - first) / span, case.size, (cpu1 - cpu0) / span, (vcpu1 - vcpu0) / span,
+                    f"device served {served} requests; guest: " + ", ".join(
+                        f"{name} {self.get(name) - value}" for name, value in guest0.items()))
 
     def check_data(self, case: Case, depth: int, image: Path) -> None:
         """Each slot's last request: its buffer and the file agree at its sector."""
@@ -340,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="measured span per case (1)")
     parser.add_argument("--image-mib", type=int, default=256, help="image size in MiB (256)")
     parser.add_argument("--dir", default=None, help="where the image goes (default: $TMPDIR)")
-    parser.add_argument("--wait", action="store_true",
-                        help="an idle guest waits for the device's interrupt instead of spinning")
+    parser.add_argument("--spin", action="store_true",
+                        help="the guest spins on the used index instead of waiting for the "
+                        "device's interrupt (it then takes a host CPU for itself)")
     parser.add_argument("--quick", action="store_true", help="0.2 s per case: does it work?")
     parser.add_argument("--record", action="store_true", help="add rows to bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -365,16 +375,16 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(chunk)
             fs = filesystem_of(image)
             host_kind = kvm.host_kind
-            disk = GuestDisk(kvm, guest, image, args.wait)
+            disk = GuestDisk(kvm, guest, image, not args.spin)
             try:
                 for case in CASES:
-                    reference = host_rate(disk.memory, image, case, image_size, warmup, seconds)
-                    rates = [disk.run(case, depth, image, image_size, warmup, seconds)
-                             for depth in DEPTHS]
-                    rows.append((case, reference, rates))
-                    if not args.quick:
-                        print(f"{case.label}: " + "; ".join(
-                            f"QD{d} {r.note}" for d, r in zip(DEPTHS, rates)), file=sys.stderr)
+                    for depth in DEPTHS:
+                        reference = host_rate(disk.memory, image, case, depth, image_size,
+                                              warmup, seconds)
+                        rate = disk.run(case, depth, image, image_size, warmup, seconds)
+                        rows.append((case, depth, reference, rate))
+                        if not args.quick:
+                            print(f"{case.label} QD{depth}: {rate.note}", file=sys.stderr)
             finally:
                 disk.close()
     except BenchError as error:
@@ -383,25 +393,22 @@ def main(argv: list[str] | None = None) -> int:
 
     print("virtio-blk driven by a ring-3 guest vs the host's preadv/pwritev on the same file")
     print(f"host kind: {host_kind}   {seconds:g} s per case   load average: {load:.2f}   "
-          f"CPUs: {os.cpu_count()}   guest: {'waits for interrupts' if args.wait else 'spins'}")
+          f"CPUs: {os.cpu_count()}   guest: {'spins' if args.spin else 'waits for interrupts'}")
     print(f"image: {args.image_mib} MiB on {fs}, read whole before each case (all in the page "
           f"cache; writes dirty cached pages, no O_DIRECT, no fsync)")
-    print("host: one thread, synchronous calls (the same figure for both depths); "
-          "dev CPU: the device thread's CPU share")
-    head = f"{'case':<16} {'host MB/s':>9} {'IOPS':>7}"
-    for depth in DEPTHS:
-        head += f" | {'QD' + str(depth) + ' MB/s':>9} {'IOPS':>7} {'dev CPU':>7} {'/host':>6}"
-    print(head)
-    for case, reference, rates in rows:
-        line = f"{case.label:<16} {reference.mb_per_s:>9.1f} {reference.ops_per_s:>7.0f}"
-        for rate in rates:
-            line += (f" | {rate.mb_per_s:>9.1f} {rate.ops_per_s:>7.0f} {rate.cpu:>7.0%} "
-                     f"{rate.mb_per_s / (reference.mb_per_s or 1):>6.3f}")
-        print(line)
+    print("host: one thread, synchronous calls, as many buffers as the queue depth; "
+          "dev/vCPU: CPU share of pykvm's device I/O thread / of its vCPU thread")
+    print(f"{'case':<16} {'QD':>3} | {'host MB/s':>9} {'IOPS':>7} | {'pykvm MB/s':>10} {'IOPS':>7} "
+          f"{'dev/vCPU':>9} | {'pykvm/host':>10}")
+    for case, depth, reference, rate in rows:
+        print(f"{case.label:<16} {depth:>3} | {reference.mb_per_s:>9.1f} "
+              f"{reference.ops_per_s:>7.0f} | {rate.mb_per_s:>10.1f} {rate.ops_per_s:>7.0f} "
+              f"{f'{rate.cpu:.0%}/{rate.vcpu:.0%}':>9} | "
+              f"{rate.mb_per_s / (reference.mb_per_s or 1):>10.3f}")
     if args.record:
-        record(host_kind, rows, seconds, load, args.wait)
-    case, reference, rates = rows[0]
-    print(f"ratio: {rates[DEPTHS.index(32)].mb_per_s / (reference.mb_per_s or 1):.3f}")
+        record(host_kind, rows, seconds, load, not args.spin)
+    reference, rate = [(r, p) for c, d, r, p in rows if c is CASES[0] and d == max(DEPTHS)][0]
+    print(f"ratio: {rate.mb_per_s / (reference.mb_per_s or 1):.3f}")
     return 0
 
 
@@ -410,13 +417,13 @@ ROWS_MARKER = "<!-- blk.py --record adds rows above this line -->"
 
 def record(host_kind: str, rows, seconds: float, load: float, wait: bool) -> None:
     lines = ""
-    for case, reference, rates in rows:
-        lines += (f"| {datetime.date.today().isoformat()} | {host_kind} | {case.label} | "
-                  f"{reference.mb_per_s:.0f} ({reference.ops_per_s:,.0f}) | ")
-        for rate in rates:
-            lines += (f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | "
-                      f"{rate.mb_per_s / (reference.mb_per_s or 1):.3f} | ")
-        lines += f"{'wait' if wait else 'spin'} | {load:.1f} | {seconds:g} s |\n"
+    for case, depth, reference, rate in rows:
+        lines += (f"| {datetime.date.today().isoformat()} | {host_kind} | {case.label} | {depth} | "
+                  f"{reference.mb_per_s:.0f} ({reference.ops_per_s:,.0f}) | "
+                  f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | "
+                  f"{rate.mb_per_s / (reference.mb_per_s or 1):.3f} | "
+                  f"{rate.cpu:.0%} / {rate.vcpu:.0%} | {'wait' if wait else 'spin'} | "
+                  f"{load:.1f} | {seconds:g} s |\n")
     text = RESULTS.read_text() if RESULTS.exists() else ""
     if ROWS_MARKER in text:
         text = text.replace(ROWS_MARKER, lines + ROWS_MARKER, 1)
