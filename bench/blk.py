@@ -27,7 +27,10 @@ footprint does: one 1 MiB buffer stays in the CPU's caches, 32 do not). It is
 what one host thread gets with nothing in the way; each pykvm case runs right
 after its reference, so host noise hits both. Page cache: the image is read whole before each case (both sides), so
 every read is served from the page cache and every write dirties cached pages
-(no O_DIRECT, no fsync): both sides measure the same memory-speed path.
+(no O_DIRECT, no fsync): both sides measure the same memory-speed path. The
+image is on /dev/shm (tmpfs) by default: on a disk's file system the kernel's
+writeback throttling stalls writers at random moments, which made the write
+figures of either side jump by up to 8x between runs.
 
 Counts are sampled over ``--seconds`` after a warm-up (time-based, like
 bench/net.py); after each pykvm case the bench checks the data of every slot's
@@ -348,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="measured span per case (1)")
     parser.add_argument("--image-mib", type=int, default=256, help="image size in MiB (256)")
-    parser.add_argument("--dir", default=None, help="where the image goes (default: $TMPDIR)")
+    parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                        help="where the image goes (default /dev/shm: a tmpfs, so writes never "
+                        "wait for writeback to a disk; give a disk's directory to include that)")
     parser.add_argument("--spin", action="store_true",
                         help="the guest spins on the used index instead of waiting for the "
                         "device's interrupt (it then takes a host CPU for itself)")
