@@ -140,6 +140,15 @@ class Virtqueue:
         self._desc = self._area(self.desc_addr, DESCRIPTOR_SIZE * size, "descriptor table")
         self._avail = self._area(self.avail_addr, 6 + 2 * size, "avail ring")
         self._used = self._area(self.used_addr, 6 + 8 * size, "used ring")
+        # The indexes the guest reads while the device writes them (and the other way
+        # round) go through 16-bit views: one load or store each. struct's pack_into
+        # clears the bytes first and then writes them one by one, so a guest reading at
+        # that moment would see a torn index (bench/net.py saw thousands).
+        self._avail_flags = _u16_view(self._avail, 0)
+        self._avail_idx = _u16_view(self._avail, 2)
+        self._used_event = _u16_view(self._avail, 4 + 2 * size)
+        self._used_idx = _u16_view(self._used, 2)
+        self._avail_event = _u16_view(self._used, 4 + 8 * size)
         self.indirect_allowed = indirect
         self.event_idx = event_idx
         self.last_avail_idx = 0
@@ -161,7 +170,7 @@ class Virtqueue:
 
     # --- the avail side ----------------------------------------------------------------------
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail_idx[0]
 
     def has_available(self) -> bool:
         return self.active and self.avail_idx() != self.last_avail_idx
@@ -227,7 +236,7 @@ class Virtqueue:
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
         # The element must be visible before the index: x86 does not reorder stores.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)
+        self._used_idx[0] = self.used_idx
 
     def should_interrupt(self) -> bool:
         """After adding used buffers: does the driver want an interrupt for them?"""
@@ -237,9 +246,8 @@ class Virtqueue:
         if new == old:
             return False
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
-            return need_event(used_event, new, old)
-        return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+            return need_event(self._used_event[0], new, old)
+        return not self._avail_flags[0] & AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> bool:
         """Before the device sleeps: ask to be notified of new buffers; True if some
@@ -247,9 +255,13 @@ class Virtqueue:
         if not self.active:
             return False
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+            self._avail_event[0] = self.last_avail_idx
         full_barrier()   # avail_event store before the avail idx load, or a kick is lost
         return self.avail_idx() != self.last_avail_idx
+
+
+def _u16_view(area: memoryview, offset: int) -> memoryview:
+    return area[offset:offset + 2].cast("H")
 
 
 def need_event(event: int, new: int, old: int) -> bool:
