@@ -286,6 +286,10 @@ class Machine:
         if self.config.agent or self.config.shares:
             from .agent import CMDLINE_FLAG
             parts.append(CMDLINE_FLAG)      # the default guest's /init starts pykvm-agent
+        # Tell the kernel its TSC frequency instead of letting it calibrate against the
+        # PIT: calibration is slow everywhere and fails outright when guest ring 0 is
+        # emulated (kvm_pvm), leaving a guest clock that runs at a third of real time.
+        parts.append(f"tsc_early_khz={self.vm.vcpus[0].tsc_khz()}")
         parts.append(self.config.append)
         return self.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p))
 

@@ -109,6 +109,10 @@ class Vcpu:
     def set_events(self, events: s.kvm_vcpu_events) -> None:
         k.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events)
 
+    def tsc_khz(self) -> int:
+        """The guest TSC's frequency in kHz, as KVM runs it."""
+        return k.ioctl(self.fd, k.KVM_GET_TSC_KHZ)
+
     def get_mp_state(self) -> int:
         return self._get(k.KVM_GET_MP_STATE, s.kvm_mp_state).mp_state
 
