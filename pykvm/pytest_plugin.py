@@ -1,0 +1,630 @@
+"""pykvm's pytest plugin: virtual machines as fixtures.
+
+Installed with pykvm (the ``pytest11`` entry point ``pykvm``), so any project that
+has pykvm installed can use it; ``-p no:pykvm`` turns it off.
+
+Fixtures
+--------
+``kvm``
+    An open :class:`pykvm.kvm.Kvm`. Where KVM cannot be used the test is *skipped*,
+    never errored, with the reason: no such device, no permission to open it, or
+    another KVM API version. ``--pykvm-device PATH`` (or ``PYKVM_DEVICE``) names
+    another device node; every fixture here honours it.
+``vm``
+    :class:`FlatVm`, for tutorial-class guests: a few instructions assembled with GNU
+    as (or raw bytes), loaded at 0x10000 and run in real, protected or long mode::
+
+        def test_hello(vm):
+            result = vm.run('''
+                mov $COM1, %dx
+                mov $'H', %al
+                out %al, %dx
+                mov $7, %al
+                out %al, $EXIT_PORT ''')          # mode="real" (default), "protected", "long"
+            assert result.output == b"H" and result.status == 7
+
+    ``COM1`` (0x3f8, the serial port: its output is ``result.output``) and
+    ``EXIT_PORT`` (0xf4: the byte written there stops the guest and is
+    ``result.status``) are predefined.
+``linux_vm``
+    :class:`LinuxVm`: the default Linux guest (``make guest``; or
+    ``--pykvm-kernel``/``--pykvm-initrd``) running, with the guest agent:
+    ``linux_vm.exec("uname -r")`` returns ``Result(status, stdout, stderr)``; also
+    ``put_file``, ``get_file``, ``copy_in``, ``copy_out`` (pykvm/agent.py).
+
+    A Linux boot takes minutes where guest ring 0 is emulated (kvm_pvm) and seconds
+    on VT-x/AMD-V; so the plugin boots each distinct machine once, snapshots it with
+    its agent answering (pykvm/snapshot), and gives every test a fresh guest restored
+    from that snapshot (about a second): tests cannot see each other's changes. The
+    snapshots are kept between sessions in ``--pykvm-snapshots DIR`` (default
+    ``${PYKVM_CACHE:-~/.cache/pykvm}/snapshots``; ``none``: only for this session),
+    under a key over the kernel, the initramfs, the machine's configuration, the
+    host's kind of KVM and pykvm's own source, so a change to any of them boots
+    again. Where a snapshot cannot be taken, the booted guest is shared by the
+    session's tests instead. A machine with a ``pykvm_disk`` or ``pykvm_net`` is
+    booted afresh for each test (a restore would meet a changed disk or a TAP
+    that no longer exists).
+
+Markers that configure ``linux_vm``
+-----------------------------------
+``@pytest.mark.pykvm_cpus(2)``, ``@pytest.mark.pykvm_mem("512M")`` (default 256M),
+``@pytest.mark.pykvm_disk(path, read_only=False, serial="")`` (repeatable),
+``@pytest.mark.pykvm_net("tap=NAME,...")`` (repeatable; ``pykvm run --net``'s
+syntax), ``@pytest.mark.pykvm_share(directory)`` (repeatable; read-only at
+/mnt/share, /mnt/share1, ...).
+
+Failing tests
+-------------
+A test that fails while it uses ``vm`` or ``linux_vm`` gets the guest's console
+output attached to its report (a ``pykvm console: ...`` section, printed under
+the failure), with the tail of the boot log for a restored Linux guest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DEFAULT_LINUX_MEM = "256M"
+DEFAULT_BOOT_TIMEOUT = 900.0
+CONSOLE_KEEP = 1 << 20
+REPORT_TAIL = 16 * 1024           # console bytes a failure report shows
+BOOT_LOG_TAIL = 4 * 1024          # ... and of a restored guest's boot log
+FLAT_MEM = "16M"
+SNAPSHOTS_KEPT = 6
+
+MARKERS = (
+    "pykvm_cpus(n): vCPUs of the linux_vm guest",
+    "pykvm_mem(size): RAM of the linux_vm guest, e.g. '512M' (default 256M)",
+    "pykvm_disk(path, read_only=False, serial=''): a virtio-blk disk for linux_vm (repeatable)",
+    "pykvm_net(spec): a virtio-net NIC for linux_vm, as pykvm run --net (repeatable)",
+    "pykvm_share(directory): a host directory read-only at /mnt/share in linux_vm (repeatable)",
+)
+
+_CONSOLES = pytest.StashKey[list]()
+_STATE = pytest.StashKey["_Session"]()
+
+
+# --- options and configuration --------------------------------------------------------------------
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("pykvm", "pykvm virtual machines")
+    group.addoption("--pykvm-device", metavar="PATH", default=None,
+                    help="the KVM device node (default $PYKVM_DEVICE or /dev/kvm); tests that "
+                         "need KVM are skipped when it cannot be used")
+    group.addoption("--pykvm-kernel", metavar="PATH", default=None,
+                    help="the Linux kernel of linux_vm (default: the guest `make guest` built; "
+                         "$PYKVM_KERNEL)")
+    group.addoption("--pykvm-initrd", metavar="PATH", default=None,
+                    help="its initramfs (default: the default guest's; $PYKVM_INITRD)")
+    group.addoption("--pykvm-append", metavar="WORDS", default=None,
+                    help="extra kernel command line for linux_vm ($PYKVM_APPEND)")
+    group.addoption("--pykvm-snapshots", metavar="DIR", default=None,
+                    help="where booted linux_vm guests are kept as snapshots between sessions "
+                         "(default $PYKVM_SNAPSHOTS or ~/.cache/pykvm/snapshots; 'none': "
+                         "for this session only)")
+    group.addoption("--pykvm-boot-timeout", metavar="SECONDS", type=float, default=None,
+                    help=f"how long a linux_vm boot may take (default {DEFAULT_BOOT_TIMEOUT:g})")
+
+
+def pytest_configure(config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+    config.stash[_STATE] = _Session(config)
+
+
+def pytest_unconfigure(config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None:
+        state.close()
+
+
+def _option(config, name: str, env: str):
+    value = config.getoption(name, default=None)
+    return value if value is not None else (os.environ.get(env) or None)
+
+
+# --- failure reports ------------------------------------------------------------------------------------
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or report.when not in ("setup", "call"):
+        return
+    for name, source in item.stash.get(_CONSOLES, []):
+        try:
+            text = source()
+        except Exception as error:           # a report must not fail
+            text = f"(console log unavailable: {type(error).__name__}: {error})"
+        report.sections.append((f"pykvm console: {name}", text or "(the guest printed nothing)"))
+
+
+def _attach_console(request, name: str, source) -> None:
+    consoles = request.node.stash.setdefault(_CONSOLES, [])
+    consoles.append((name, source))
+
+
+class ConsoleLog:
+    """A file-like sink for a machine's console output that keeps the last MiB."""
+
+    def __init__(self):
+        self._data = bytearray()
+        self._lock = threading.Lock()
+
+    def write(self, data) -> int:
+        with self._lock:
+            self._data += data
+            del self._data[:-CONSOLE_KEEP]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+    def text(self, tail: int = REPORT_TAIL) -> str:
+        return self.getvalue()[-tail:].decode(errors="replace")
+
+
+# --- kvm -----------------------------------------------------------------------------------------------------
+def _device(config) -> str:
+    from pykvm.kvm import DEFAULT_DEVICE
+    return _option(config, "pykvm_device", "PYKVM_DEVICE") or DEFAULT_DEVICE
+
+
+def kvm_unavailable_reason(device: str) -> str | None:
+    """Why ``device`` cannot run pykvm's guests, or None when it can."""
+    from pykvm.errors import KvmUnavailable
+    from pykvm.kvm import Kvm
+
+    try:
+        Kvm(device).close()
+    except KvmUnavailable as error:
+        return str(error)
+    return None
+
+
+@pytest.fixture(scope="session")
+def pykvm_device(pytestconfig) -> str:
+    """The KVM device path; skips the test when KVM cannot be used through it."""
+    state = pytestconfig.stash[_STATE]
+    device = _device(pytestconfig)
+    reason = state.unavailable(device)
+    if reason is not None:
+        pytest.skip(f"KVM is not usable: {reason}")
+    return device
+
+
+@pytest.fixture
+def kvm(pykvm_device):
+    """An open pykvm.kvm.Kvm (skipped, with the reason, where KVM cannot be used)."""
+    from pykvm.kvm import Kvm
+
+    with Kvm(pykvm_device) as handle:
+        yield handle
+
+
+# --- vm: flat guests ----------------------------------------------------------------------------------------------
+_DIRECTIVES = {"real": ".code16", "protected": ".code32", "long": ".code64"}
+_PRELUDE = ".set COM1, 0x3f8\n.set EXIT_PORT, 0xf4\n"
+
+
+@dataclass
+class FlatResult:
+    status: int | None          # the byte written to EXIT_PORT; None if the guest did not stop so
+    output: bytes               # what the guest sent to the serial port
+    stop: object = None         # pykvm.vm.Stop (kind, status, message), None after a timeout
+    timed_out: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+@dataclass
+class FlatVm:
+    """Builds and runs small flat guests (the ``vm`` fixture)."""
+
+    device: str
+    workdir: Path
+    runs: list = field(default_factory=list, repr=False)   # (label, console) of each run
+
+    def assemble(self, source: str, mode: str = "real") -> bytes:
+        """GNU as/ld: ``source`` for ``mode`` as a flat binary linked at 0x10000."""
+        from pykvm import layout
+
+        if mode not in _DIRECTIVES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(_DIRECTIVES)}")
+        missing = [tool for tool in ("as", "ld") if shutil.which(tool) is None]
+        if missing:
+            pytest.skip(f"assembling a guest needs GNU binutils ({', '.join(missing)} missing)")
+        with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
+            src, obj, out = (Path(scratch, name) for name in ("g.S", "g.o", "g.bin"))
+            src.write_text(f"{_DIRECTIVES[mode]}\n{_PRELUDE}.globl _start\n_start:\n{source}\n")
+            bits, emulation = (["--64"], "elf_x86_64") if mode == "long" else (["--32"], "elf_i386")
+            for argv in (["as", *bits, "-o", str(obj), str(src)],
+                         ["ld", "-m", emulation, f"-Ttext={layout.FLAT_LOAD_ADDR:#x}",
+                          "--oformat", "binary", "-o", str(out), str(obj)]):
+                done = subprocess.run(argv, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise AssertionError(f"{argv[0]} failed:\n{done.stderr}")
+            return out.read_bytes()
+
+    def run(self, program: str | bytes, *, mode: str = "real", timeout: float = 10.0,
+            input: bytes = b"", mem: str = FLAT_MEM, cpus: int = 1) -> FlatResult:
+        """Run ``program`` (assembly source, or the bytes of a flat binary) until it writes
+        EXIT_PORT, halts for good, or ``timeout`` seconds pass."""
+        import io
+
+        from pykvm.machine import Machine, MachineConfig, parse_size
+
+        image = self.assemble(program, mode) if isinstance(program, str) else bytes(program)
+        path = self.workdir / f"flat{len(self.runs)}.bin"
+        path.write_bytes(image)
+        console = ConsoleLog()
+        config = MachineConfig(mem_size=parse_size(mem), cpus=cpus, flat=path, entry=mode,
+                               kvm_device=self.device)
+        label = f"run {len(self.runs) + 1} ({mode} mode, {len(image)} bytes)"
+        self.runs.append((label, console))
+        with Machine(config, stdout=console, stderr=console,
+                     stdin=io.BytesIO(input) if input else None) as machine:
+            stop = machine.run(timeout)
+        if stop is None:
+            return FlatResult(None, console.getvalue(), None, True)
+        status = stop.status if stop.kind == "exit" else None
+        return FlatResult(status, console.getvalue(), stop)
+
+    def console_text(self) -> str:
+        return "\n".join(f"--- {label} ---\n{console.text()}" for label, console in self.runs)
+
+
+@pytest.fixture
+def vm(request, pykvm_device, tmp_path) -> FlatVm:
+    """Flat guests from assembly or bytes: ``vm.run(source, mode=...)`` -> FlatResult."""
+    helper = FlatVm(pykvm_device, tmp_path)
+    _attach_console(request, "vm", helper.console_text)
+    return helper
+
+
+# --- linux_vm --------------------------------------------------------------------------------------------------
+class LinuxVm:
+    """A running Linux guest with its agent (the ``linux_vm`` fixture)."""
+
+    def __init__(self, machine, console: ConsoleLog, origin: str, boot_log: str = ""):
+        self.machine = machine
+        self.console = console
+        self.origin = origin            # "booted", "restored from DIR" or "shared ..."
+        self.boot_log = boot_log
+        self._thread = threading.Thread(target=self._run, name="linux-vm", daemon=True)
+        self.stop = None
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.stop = self.machine.run()
+
+    # the agent
+    def exec(self, command, timeout: float | None = 600.0, **options):
+        """Run ``command`` in the guest: see pykvm.agent.AgentClient.exec."""
+        return self.machine.exec(command, timeout=timeout, **options)
+
+    def put_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
+        self.machine.put_file(guest_path, data, mode)
+
+    def get_file(self, guest_path: str) -> bytes:
+        return self.machine.get_file(guest_path)
+
+    def copy_in(self, host_path, guest_path: str) -> None:
+        self.machine.copy_in(host_path, guest_path)
+
+    def copy_out(self, guest_path: str, host_path) -> None:
+        self.machine.copy_out(guest_path, host_path)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def console_text(self) -> str:
+        parts = [f"(guest {self.origin})"]
+        if self.boot_log:
+            parts.append(f"--- boot log (tail) ---\n{self.boot_log[-BOOT_LOG_TAIL:]}")
+        parts.append(f"--- console during the test ---\n{self.console.text()}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.machine.request_stop("user", 0, "the test is over")
+            self._thread.join(timeout=60)
+        self.machine.close()
+
+
+@dataclass(frozen=True)
+class _LinuxSpec:
+    kernel: str
+    initrd: str | None
+    append: str
+    mem: int
+    cpus: int
+    disks: tuple = ()
+    nets: tuple = ()
+    shares: tuple = ()
+
+    @property
+    def restorable(self) -> bool:
+        return not self.disks and not self.nets
+
+    def machine_config(self, device: str):
+        from pykvm.machine import MachineConfig
+
+        return MachineConfig(mem_size=self.mem, cpus=self.cpus, kernel=Path(self.kernel),
+                             initrd=Path(self.initrd) if self.initrd else None,
+                             append=self.append, kvm_device=device, disks=list(self.disks),
+                             nets=list(self.nets), agent=True, shares=list(self.shares))
+
+
+def _linux_spec(request) -> _LinuxSpec:
+    from pykvm.devices.virtio import DiskSpec
+    from pykvm.machine import default_guest_dir, parse_size
+
+    config = request.config
+    kernel = _option(config, "pykvm_kernel", "PYKVM_KERNEL")
+    initrd = _option(config, "pykvm_initrd", "PYKVM_INITRD")
+    if kernel is None:
+        directory = default_guest_dir()
+        if directory is None:
+            pytest.skip("no Linux guest: the default one is not built (make guest) and no "
+                        "--pykvm-kernel was given")
+        kernel = str(directory / "vmlinux" if (directory / "vmlinux").exists()
+                     else directory / "bzImage")
+        if initrd is None and (directory / "initramfs.cpio").exists():
+            initrd = str(directory / "initramfs.cpio")
+    node = request.node
+
+    def last(name, default):
+        marker = node.get_closest_marker(name)
+        return marker.args[0] if marker is not None and marker.args else default
+
+    disks = []
+    for marker in node.iter_markers("pykvm_disk"):
+        if not marker.args:
+            raise pytest.UsageError("pykvm_disk needs the image path")
+        disks.append(DiskSpec(str(Path(marker.args[0]).absolute()),
+                              read_only=bool(marker.kwargs.get("read_only", False)),
+                              serial=str(marker.kwargs.get("serial", ""))))
+    nets = []
+    for marker in node.iter_markers("pykvm_net"):
+        from pykvm.net.plumbing import NetSpec
+        nets.append(NetSpec.parse(str(marker.args[0])))
+    shares = [str(Path(marker.args[0]).absolute()) for marker in node.iter_markers("pykvm_share")]
+    return _LinuxSpec(kernel=str(Path(kernel).absolute()),
+                      initrd=str(Path(initrd).absolute()) if initrd else None,
+                      append=_option(config, "pykvm_append", "PYKVM_APPEND") or "",
+                      mem=parse_size(str(last("pykvm_mem", DEFAULT_LINUX_MEM))),
+                      cpus=int(last("pykvm_cpus", 1)), disks=tuple(disks), nets=tuple(nets),
+                      shares=tuple(reversed(shares)))
+
+
+@pytest.fixture
+def linux_vm(request, pykvm_device):
+    """The Linux guest, running, its agent answering: ``linux_vm.exec(cmd)``."""
+    spec = _linux_spec(request)
+    state = request.config.stash[_STATE]
+    guest = state.linux_vm(spec, pykvm_device)
+    _attach_console(request, "linux_vm", guest.console_text)
+    try:
+        yield guest
+    finally:
+        state.release(guest)
+
+
+# --- the session: booted guests and their snapshots -------------------------------------------------------------
+def _digest_file(path: str | None, digest) -> None:
+    if path is None:
+        digest.update(b"-\0")
+        return
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    digest.update(b"\0")
+
+
+def default_snapshot_root() -> Path:
+    """Where snapshots of booted guests are kept between sessions by default."""
+    cache = os.environ.get("PYKVM_CACHE") or Path.home() / ".cache" / "pykvm"
+    return Path(cache) / "snapshots"
+
+
+# pykvm modules that never shape a guest's state: a change to them keeps the snapshots
+_STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py", "plot.py",
+                      "stats.py", "kvmstats.py", "gdbstub.py"}
+
+
+def _pykvm_source_digest() -> str:
+    """pykvm's own code, as far as it decides what a snapshot holds."""
+    import pykvm
+
+    digest = hashlib.sha256()
+    root = Path(pykvm.__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        if str(path.relative_to(root)) in _STATELESS_SOURCES:
+            continue
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _tree_digest(directory: str, digest) -> None:
+    """A share's content as the image will hold it: names, modes, sizes, times."""
+    for root, dirs, files in sorted(os.walk(directory)):
+        dirs.sort()
+        for name in sorted(files + dirs):
+            st = os.lstat(os.path.join(root, name))
+            digest.update(f"{os.path.relpath(os.path.join(root, name), directory)}:{st.st_mode}:"
+                          f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+
+
+class _Session:
+    """What the plugin keeps for one pytest session."""
+
+    def __init__(self, config):
+        self.config = config
+        self._reasons: dict[str, str | None] = {}
+        self._snapshots: dict[str, Path] = {}
+        self._shared: dict[str, LinuxVm] = {}
+        self._tmp: Path | None = None
+        self._source_digest: str | None = None
+
+    def unavailable(self, device: str) -> str | None:
+        if device not in self._reasons:
+            self._reasons[device] = kvm_unavailable_reason(device)
+        return self._reasons[device]
+
+    @property
+    def boot_timeout(self) -> float:
+        value = self.config.getoption("pykvm_boot_timeout", default=None)
+        return float(value) if value else DEFAULT_BOOT_TIMEOUT
+
+    def tmp(self) -> Path:
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="pykvm-pytest-"))
+        return self._tmp
+
+    def snapshot_root(self) -> Path:
+        chosen = _option(self.config, "pykvm_snapshots", "PYKVM_SNAPSHOTS")
+        if chosen and chosen.lower() == "none":
+            return self.tmp() / "snapshots"
+        return Path(chosen) if chosen else default_snapshot_root()
+
+    def key(self, spec: _LinuxSpec, device: str) -> str:
+        from pykvm.kvm import detect_host_kind
+        from pykvm.snapshot import VERSION
+
+        if self._source_digest is None:
+            self._source_digest = _pykvm_source_digest()
+        digest = hashlib.sha256()
+        _digest_file(spec.kernel, digest)
+        _digest_file(spec.initrd, digest)
+        digest.update(repr((spec.append, spec.mem, spec.cpus, device, detect_host_kind(),
+                            VERSION, self._source_digest, spec.shares)).encode())
+        for share in spec.shares:
+            _tree_digest(share, digest)
+        return digest.hexdigest()[:24]
+
+    # --- giving a test its guest ---------------------------------------------------------------------
+    def linux_vm(self, spec: _LinuxSpec, device: str) -> LinuxVm:
+        if not spec.restorable:
+            return self._boot(spec, device)
+        key = self.key(spec, device)
+        if key in self._shared:
+            return self._shared[key]
+        snapshot = self._snapshots.get(key) or self._find_snapshot(key)
+        if snapshot is not None:
+            guest = self._try_restore(key, snapshot)
+            if guest is not None:
+                return guest
+        booted = self._boot(spec, device)
+        snapshot = self._take_snapshot(booted, key)
+        guest = self._try_restore(key, snapshot) if snapshot is not None else None
+        if guest is None:               # no snapshots here: the booted guest serves the session
+            booted.origin = "booted once for the session (no snapshot could be used)"
+            self._shared[key] = booted
+            return booted
+        booted.close()
+        return guest
+
+    def _try_restore(self, key: str, snapshot: Path) -> LinuxVm | None:
+        from pykvm.errors import PykvmError
+
+        try:
+            guest = self._restore(snapshot)
+        except PykvmError as error:
+            warnings.warn(pytest.PytestWarning(f"pykvm: cannot restore {snapshot}: {error}; "
+                                               f"booting instead"))
+            self._snapshots.pop(key, None)
+            shutil.rmtree(snapshot, ignore_errors=True)
+            return None
+        self._snapshots[key] = snapshot
+        return guest
+
+    def release(self, guest: LinuxVm) -> None:
+        if guest not in self._shared.values():
+            guest.close()
+
+    def _boot(self, spec: _LinuxSpec, device: str) -> LinuxVm:
+        from pykvm.machine import Machine
+
+        console = ConsoleLog()
+        machine = Machine(spec.machine_config(device), stdout=console, stderr=console)
+        guest = LinuxVm(machine, console, "booted for this test")
+        try:
+            machine.wait_for_agent(self.boot_timeout)
+        except BaseException as error:
+            guest.close()
+            tail = console.text(4096)
+            raise RuntimeError(f"the Linux guest's agent did not answer: {error}\n"
+                               f"--- console (tail) ---\n{tail}") from None
+        return guest
+
+    def _find_snapshot(self, key: str) -> Path | None:
+        directory = self.snapshot_root() / key
+        return directory if (directory / "state.json").exists() else None
+
+    def _take_snapshot(self, guest: LinuxVm, key: str) -> Path | None:
+        from pykvm.errors import PykvmError
+        from pykvm.snapshot import save_snapshot
+
+        root = self.snapshot_root()
+        final = root / key
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+            save_snapshot(guest.machine, scratch)
+            (scratch / "boot-console.log").write_bytes(guest.console.getvalue())
+            try:
+                scratch.rename(final)
+            except OSError:             # another session made it meanwhile: use theirs
+                shutil.rmtree(scratch, ignore_errors=True)
+        except (PykvmError, OSError) as error:
+            warnings.warn(pytest.PytestWarning(f"pykvm: no snapshot of the booted guest "
+                                               f"({error}); its tests share one guest"))
+            return None
+        self._prune(root, keep=final)
+        return final
+
+    def _prune(self, root: Path, keep: Path) -> None:
+        entries = sorted((p for p in root.iterdir() if (p / "state.json").exists()),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[SNAPSHOTS_KEPT:]:
+            if old != keep and old not in self._snapshots.values():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, snapshot: Path) -> LinuxVm:
+        from pykvm.snapshot import restore_machine
+
+        console = ConsoleLog()
+        machine = restore_machine(snapshot, stdout=console, stderr=console)
+        boot_log = snapshot / "boot-console.log"
+        guest = LinuxVm(machine, console, f"restored from {snapshot}",
+                        boot_log.read_bytes().decode(errors="replace") if boot_log.exists() else "")
+        try:
+            machine.wait_for_agent(60)
+        except BaseException:
+            guest.close()
+            raise
+        os.utime(snapshot)              # recently used: kept by _prune
+        return guest
+
+    def close(self) -> None:
+        for guest in self._shared.values():
+            guest.close()
+        self._shared.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)

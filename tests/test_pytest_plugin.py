@@ -1,0 +1,112 @@
+"""pykvm's pytest plugin (pykvm/pytest_plugin.py), used the way a project would use it:
+sample test files run by pytester in a session of their own.
+
+- flat ``vm`` guests: one passes; one fails, and its report carries the guest's
+  console output; ``kvm`` gives an open device;
+- ``--pykvm-device /nonexistent``: every KVM test is skipped with the reason, none
+  errors (no guest needed);
+- one ``linux_vm`` test (marked linux): with the same share as tests/test_agent.py's
+  Linux test, so the snapshot that test's session made (kept in
+  ~/.cache/pykvm/snapshots) is restored here instead of booting again.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# Read before pytester gives each test another HOME: the snapshots of this user's sessions.
+from pykvm.pytest_plugin import default_snapshot_root  # noqa: E402
+
+SNAPSHOTS = default_snapshot_root()
+
+FLAT_TESTS = textwrap.dedent('''
+    def say(text):
+        """Assembly that writes ``text`` to the serial port."""
+        return "mov $COM1, %dx\\n" + "".join(
+            f"mov ${ord(c)}, %al\\nout %al, %dx\\n" for c in text)
+
+
+    def test_guest_passes(vm):
+        result = vm.run(say("ok") + "mov $3, %al\\nout %al, $EXIT_PORT")
+        assert result.output == b"ok" and result.status == 3
+
+
+    def test_guest_fails(vm):
+        result = vm.run(say("guest says boom\\n") + "mov $1, %al\\nout %al, $EXIT_PORT")
+        assert result.status == 0, "the guest reported a failure"
+
+
+    def test_long_mode_guest(vm):
+        result = vm.run(say("64") + "mov $0, %al\\nout %al, $EXIT_PORT", mode="long")
+        assert (result.output, result.status) == (b"64", 0)
+
+
+    def test_device(kvm):
+        assert kvm.api_version == 12
+''')
+
+
+def test_flat_guests_pass_fail_and_attach_the_console(pytester):
+    from pykvm.pytest_plugin import kvm_unavailable_reason
+
+    reason = kvm_unavailable_reason("/dev/kvm")
+    if reason is not None:
+        pytest.skip(f"needs /dev/kvm: {reason}")
+    pytester.makepyfile(test_sample=FLAT_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*- pykvm console: vm -*", "*guest says boom*",
+                                 "FAILED test_sample.py::test_guest_fails*"])
+    # only the failing test carries the console section
+    assert result.stdout.str().count("pykvm console: vm") == 1
+
+
+def test_kvm_tests_skip_with_the_reason_when_the_device_is_missing(pytester):
+    pytester.makepyfile(test_sample=FLAT_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rs", "--pykvm-device", "/nonexistent")
+    result.assert_outcomes(skipped=4)
+    result.stdout.fnmatch_lines(["SKIPPED*KVM is not usable: /nonexistent does not exist*"])
+    assert "error" not in result.stdout.str().lower().split("short test summary")[0]
+
+
+def test_device_from_the_environment(pytester, monkeypatch):
+    monkeypatch.setenv("PYKVM_DEVICE", "/nonexistent-too")
+    pytester.makepyfile(test_sample="def test_device(kvm):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*/nonexistent-too does not exist*"])
+
+
+def test_markers_are_registered(pytester):
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["*pykvm_cpus(n)*", "*pykvm_mem(size)*", "*pykvm_disk(*",
+                                 "*pykvm_net(spec)*", "*pykvm_share(directory)*"])
+
+
+@pytest.mark.linux
+def test_linux_vm_runs_commands(pytester, monkeypatch):
+    from pykvm.machine import default_guest_dir
+    from pykvm.pytest_plugin import kvm_unavailable_reason
+
+    from .test_agent import make_share
+
+    if kvm_unavailable_reason("/dev/kvm") is not None or default_guest_dir() is None:
+        pytest.skip("needs /dev/kvm and the default guest (make guest)")
+    share = make_share()
+    # pytester gives the inner session another HOME: point it at this one's snapshots
+    monkeypatch.setenv("PYKVM_SNAPSHOTS", str(SNAPSHOTS))
+    pytester.makepyfile(test_linux=textwrap.dedent(f'''
+        import pytest
+
+        @pytest.mark.pykvm_share({str(share)!r})
+        def test_guest(linux_vm):
+            result = linux_vm.exec("cat /mnt/share/hello.txt; uname -s; echo oops >&2")
+            assert (result.status, result.stdout, result.stderr) == (
+                0, b"hello from the host\\nLinux\\n", b"oops\\n")
+    '''))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
