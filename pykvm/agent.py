@@ -27,7 +27,8 @@ Both directions carry the same frames, little-endian::
 Data travels in chunks of at most CHUNK (64 KiB). A receiver that sees a bad
 magic or an oversized length has lost the stream; the host then fails every
 pending request (AgentError) and the guest agent drops its input up to the
-next valid header.
+next valid header (magic, a host type 0x01-0x7f, reserved 0). The host sends
+only while the agent has its port open (Linux drops data on a closed port).
 
 Host -> guest:
 

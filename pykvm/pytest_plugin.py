@@ -104,7 +104,8 @@ def pytest_addoption(parser) -> None:
                     help="the Linux kernel of linux_vm (default: the guest `make guest` built; "
                          "$PYKVM_KERNEL)")
     group.addoption("--pykvm-initrd", metavar="PATH", default=None,
-                    help="its initramfs (default: the default guest's; $PYKVM_INITRD)")
+                    help="its initramfs (default: the default guest's, whose /init starts the "
+                         "agent, also with --pykvm-kernel; $PYKVM_INITRD)")
     group.addoption("--pykvm-append", metavar="WORDS", default=None,
                     help="extra kernel command line for linux_vm ($PYKVM_APPEND)")
     group.addoption("--pykvm-snapshots", metavar="DIR", default=None,
@@ -378,15 +379,15 @@ def _linux_spec(request) -> _LinuxSpec:
     config = request.config
     kernel = _option(config, "pykvm_kernel", "PYKVM_KERNEL")
     initrd = _option(config, "pykvm_initrd", "PYKVM_INITRD")
+    directory = default_guest_dir()
     if kernel is None:
-        directory = default_guest_dir()
         if directory is None:
             pytest.skip("no Linux guest: the default one is not built (make guest) and no "
                         "--pykvm-kernel was given")
         kernel = str(directory / "vmlinux" if (directory / "vmlinux").exists()
                      else directory / "bzImage")
-        if initrd is None and (directory / "initramfs.cpio").exists():
-            initrd = str(directory / "initramfs.cpio")
+    if initrd is None and directory is not None and (directory / "initramfs.cpio").exists():
+        initrd = str(directory / "initramfs.cpio")     # its /init starts the agent
     node = request.node
 
     def last(name, default):

@@ -399,18 +399,22 @@ def test_virtio_serial_brings_a_named_port_up_and_carries_data():
             assert struct.unpack("<IHH", name_head) == (0, ports.PORT_NAME, 1)
             assert name == agent.PORT_NAME.encode() + b"\0"
             assert struct.unpack("<IHH", open_head) == (0, ports.PORT_OPEN, 1)   # host connected
+
+            # Linux drops what reaches a port nobody opened: it waits for the open
+            device.send(0, b"to the guest")
+            rx.add_chain([(0x310000, 64, True)])
+            driver.notify(0)
+            time.sleep(0.2)
+            assert rx.used_idx() == 0 and device.pending(0) == 12
             control(ports.PORT_OPEN, 1, port=0)
             assert wait_for(lambda: opened == [(0, True)])
+            assert wait_for(lambda: rx.used_idx() == 1)
+            assert rx.take_used() == [(0, 12)] and memory.read(0x310000, 12) == b"to the guest"
 
             memory.write(0x300000, b"to the host")
             tx.add_chain([(0x300000, 11, False)])
             driver.notify(1)
             assert wait_for(lambda: received == [b"to the host"])
-            device.send(0, b"to the guest")
-            rx.add_chain([(0x310000, 64, True)])
-            driver.notify(0)
-            assert wait_for(lambda: rx.used_idx() == 1)
-            assert rx.take_used() == [(0, 12)] and memory.read(0x310000, 12) == b"to the guest"
             state = device.save_state()
             assert state["ports"][0]["ready"] and state["ports"][0]["guest_open"]
         finally:

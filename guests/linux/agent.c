@@ -614,7 +614,10 @@ static void parse_input(void)
 	while (in_length - offset >= HEADER_SIZE) {
 		unsigned char *h = in_buffer + offset;
 		uint32_t length = get_le32(h + 8);
-		if (h[0] != (MAGIC & 0xFF) || h[1] != (MAGIC >> 8) || length > MAX_PAYLOAD) {
+		/* host -> guest types are 0x01-0x7f and the reserved byte is 0: a stricter
+		 * check than the magic alone when looking for the next header */
+		if (h[0] != (MAGIC & 0xFF) || h[1] != (MAGIC >> 8) || h[2] == 0 || h[2] > 0x7f ||
+		    h[3] != 0 || length > MAX_PAYLOAD) {
 			offset++;   /* out of step: look for the next header */
 			continue;
 		}

@@ -28,8 +28,10 @@ data instead of returning end-of-file, and a guest write goes through.
 Host side: guest output of port i goes to that port's ``sink(bytes)`` on the
 device's I/O thread (keep it short); :meth:`send` queues host data for the
 guest and blocks while more than ``MAX_PENDING`` bytes wait (never call it from
-the sink). Data queued before the driver is ready is kept for it, through
-device resets, as the console keeps type-ahead.
+the sink). Queued data is delivered only while a guest program has the port
+open: Linux throws away what arrives on a closed port, and a frame cut in two
+that way would put the reader out of step. Data queued before that is kept,
+through device resets, as the console keeps type-ahead.
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ class PortsDevice(VirtioDevice):
             if index == CONTROL_TRANSMIT_QUEUE:
                 return True
             port, receive = self._port_of(index)
-            return not receive or (port < len(self.ports) and bool(self.ports[port].pending))
+            return not receive or (port < len(self.ports) and self.ports[port].guest_open
+                                   and bool(self.ports[port].pending))
 
     def _transmit(self, port: Port, queue: Virtqueue) -> None:
         output = bytearray()
@@ -180,7 +183,7 @@ class PortsDevice(VirtioDevice):
 
     def _deliver(self, port: Port, queue: Virtqueue) -> None:
         with self._lock:
-            while port.pending and (chain := queue.pop()) is not None:
+            while port.guest_open and port.pending and (chain := queue.pop()) is not None:
                 written = scatter(chain.writable, port.pending)
                 del port.pending[:written]
                 port.sent += written
@@ -231,6 +234,9 @@ class PortsDevice(VirtioDevice):
                     opened.append((port_id, bool(value)))
         if queued:
             self.kick(CONTROL_RECEIVE_QUEUE)
+        for port_id, state in opened:
+            if state:
+                self.kick(port_queues(port_id)[0])      # what waited for the open
         if self.on_open is not None:
             for port_id, state in opened:
                 self.on_open(port_id, state)
