@@ -279,6 +279,7 @@ class Vcpu:
         device_counts = stats.devices
         exit_io = k.KVM_EXIT_IO
         trace = vm.tracer
+        observe = vm.pio_observer
         guest_ns = handler_ns = 0
         t1 = clock()
         try:
@@ -298,6 +299,7 @@ class Vcpu:
                     buf[_IMMEDIATE_EXIT_OFFSET] = 0
                     self._serve_requests()
                     vm.wait_while_paused(self)
+                    observe = vm.pio_observer
                     continue
                 reason, direction, size, port, count, data_offset = unpack_exit(buf, 8)
                 exits[reason] += 1
@@ -316,6 +318,8 @@ class Vcpu:
                     else:
                         value = self._string_io(direction, size, port, count, data_offset, entry)
                     port_counts[port << 1 | direction] += 1
+                    if observe is not None:
+                        observe(self)
                     if trace is not None:
                         trace.pio(self, t0, t1, clock(), port, size, direction, count, value,
                                   entry[0].name if entry else None)
@@ -324,6 +328,7 @@ class Vcpu:
                     stats.handler_ns += handler_ns
                     guest_ns = handler_ns = 0
                     self._handle_exit(reason, t0, t1)
+                    observe = vm.pio_observer
                     if trace is not None and reason != k.KVM_EXIT_MMIO:
                         trace.exit(self, t0, t1, clock(), reason)
         finally:

@@ -84,16 +84,8 @@ def test_03_long_mode(built):
 # --- 04: user mode and system calls -----------------------------------------------------------
 def test_04_user_mode_syscalls(built):
     result = run_guest(built / "04-user-mode.bin", "long")
-    syscall_entry = symbol(built / "04-user-mode.elf", "syscall_entry")
-    if on_pvm() and result.returncode == 128 + 14 and \
-            f"#PF page fault at rip={syscall_entry:#x} in ring 3".encode() in result.stdout:
-        # kvm_pvm's `syscall` jumps to LSTAR without leaving ring 3 (HOST.md); the
-        # kernel then sees an instruction-fetch page fault at its own syscall entry.
-        # pykvm's completion (pykvm/quirks/syscall.py) is in progress; remove this
-        # xfail once it completes this guest's system calls.
-        pytest.xfail("kvm_pvm: `syscall` from guest ring 3 was not completed by pykvm "
-                     "(pykvm/quirks/syscall.py: its #PF hook must be planted before this "
-                     "guest's first system call, a few ms after it starts)")
+    # On kvm_pvm this passes only because pykvm completes the system calls
+    # (pykvm/quirks/syscall.py): there `syscall` does not leave ring 3 by itself.
     assert_ran(result, b"kernel: entering user mode\n"
                        b"user: hello via syscall\n"
                        b"kernel: user exited with 0\n")

@@ -50,6 +50,16 @@ class PvmQuirks(Quirks):
 
     def on_start(self, vm) -> None:
         self.syscalls.watch(vm)
+        if not self.syscalls.plants:
+            # A guest may reach its first system call a few ms after loading its IDT,
+            # before any emulator stop or watch round: until the hook is planted, look
+            # at each port-I/O exit too (guests print before they enter user mode).
+            vm.pio_observer = self._plant_early
+
+    def _plant_early(self, vcpu) -> None:
+        self.syscalls.check(vcpu, vcpu.get_sregs())
+        if self.syscalls.plants:
+            vcpu.vm.pio_observer = None
 
     def save_state(self) -> dict:
         # The int3 bytes are in guest memory; what they displaced is only here.
