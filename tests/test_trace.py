@@ -300,8 +300,9 @@ def test_time_split_sums_to_the_wall_time(kvm):
     measured = stats.guest_ns + stats.handler_ns
     assert 0.95 * stats.wall_ns <= measured <= stats.wall_ns, (measured, stats.wall_ns)
     # and the vCPU's wall time is the run's, less thread start-up and join (which wait
-    # for the GIL while the vCPU thread is busy)
-    assert 0.8 * elapsed <= stats.wall_ns <= elapsed, (stats.wall_ns, elapsed)
+    # for the GIL while the vCPU thread is busy, and for a CPU on a loaded host)
+    assert stats.wall_ns <= elapsed, (stats.wall_ns, elapsed)
+    assert elapsed - stats.wall_ns <= 0.2 * elapsed + 50_000_000, (stats.wall_ns, elapsed)
 
 
 def test_live_stats_are_printed_while_the_guest_runs(kvm):
