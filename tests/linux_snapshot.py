@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT = 900         # seconds to a shell: minutes on kvm_pvm hosts, seconds elsewhere
-COMMAND_TIMEOUT = 180      # one command (a fork+exec is ~1.5 s on kvm_pvm)
+COMMAND_TIMEOUT = 300      # one command (a fork+exec is 1.5 s on kvm_pvm, more when busy)
 PROMPT = b"# "
 
 
@@ -49,6 +49,7 @@ class GuestShell:
         self._output = bytearray()
         self._cond = threading.Condition()
         self._count = 0
+        self.log_path = Path(log) if log else None
         self._stderr_log = open(log, "wb") if log else subprocess.DEVNULL
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.process = subprocess.Popen(
@@ -98,8 +99,30 @@ class GuestShell:
                                       and not self._reader.is_alive()):
                     tail = bytes(self._output[-3000:]).decode(errors="replace")
                     why = "pykvm exited" if self.process.poll() is not None else "timed out"
-                    raise GuestError(f"{why} waiting for {regex.pattern!r}; output so far:\n{tail}")
+                    break
                 self._cond.wait(min(remaining, 1.0))
+        raise GuestError(f"{why} waiting for {regex.pattern!r}{self.post_mortem()}; "
+                         f"output so far:\n{tail}")
+
+    def post_mortem(self) -> str:
+        """A guest that stopped answering: snapshot it where its log is (or next to the
+        socket) and say where it stands (vCPU, serial port), for the error message."""
+        if self.process.poll() is not None:
+            return ""
+        where = (self.log_path or self.api_sock).with_suffix(".hung")
+        try:
+            self.ctl("snapshot", timeout=120, path=str(where))
+            state = json.loads((where / "state.json").read_text())
+        except Exception as error:
+            return f" (no post-mortem snapshot: {error})"
+        vcpus = ", ".join(f"vCPU {v['id']} rip {v['regs']['rip']:#x} rflags "
+                          f"{v['regs']['rflags']:#x} mp_state {v['mp_state']}"
+                          for v in state["vcpus"])
+        serial = state["devices"].get("serial@0x3f8", {})
+        keys = ("ier", "mcr", "irq_level", "thr_pending", "rx_fifo", "host_queue", "tx_bytes")
+        return (f" (guest snapshotted in {where}: {vcpus}; serial "
+                f"{ {k: serial.get(k) for k in keys} }; ioapic irr "
+                f"{state['vm']['irqchip']['ioapic']['irr']:#x})")
 
     def type(self, text: str) -> None:
         self.process.stdin.write(text.encode())

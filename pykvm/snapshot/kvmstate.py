@@ -9,7 +9,8 @@ The restore order follows what KVM needs (QEMU and Firecracker do much the same)
 CPUID first (it decides which MSRs and XSAVE features exist), general registers,
 FPU/XSAVE and XCRs, special registers (EFER, CR0/CR4, the APIC base, which the
 LAPIC's state depends on), MSRs (the TSC among them: guest time continues from
-the snapshot), the MP state, the LAPIC, pending events, debug registers.
+the snapshot), the MP state, the LAPIC, the TSC deadline (KVM takes it only once the
+LAPIC timer is in TSC-deadline mode), pending events, debug registers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ IRQCHIPS = (("pic_master", k.KVM_IRQCHIP_PIC_MASTER, "pic"),
 EVENTS_SET_FLAGS = k.KVM_VCPUEVENT_VALID_NMI_PENDING | k.KVM_VCPUEVENT_VALID_SIPI_VECTOR \
     | k.KVM_VCPUEVENT_VALID_SHADOW
 XSAVE_SIZE = 4096
+MSR_TSC_DEADLINE = 0x6E0
 
 
 # --- one vCPU -------------------------------------------------------------------------------
@@ -68,13 +70,18 @@ def restore_vcpu(vcpu, state: dict, log=sys.stderr) -> None:
         vcpu.set_xcrs(struct_from_json(s.kvm_xcrs, state["xcrs"]))
     vcpu.set_sregs(struct_from_json(s.kvm_sregs, state["sregs"]))
     msrs = {int(index, 16): value for index, value in state["msrs"].items()}
+    # KVM ignores a TSC deadline written while the LAPIC timer is not in TSC-deadline
+    # mode (a new vCPU's is not): it goes after the LAPIC, or the guest's timer is lost
+    # and the restored guest stalls the first time only the timer could wake it.
+    deadline = {index: msrs.pop(index) for index in (MSR_TSC_DEADLINE,) if index in msrs}
     failed = write_msrs(vcpu, msrs)
-    if failed:
-        print(f"pykvm: restore: vCPU {vcpu.id}: KVM refused MSR(s) "
-              f"{', '.join(f'{i:#x}' for i in failed)}", file=log)
     vcpu.set_mp_state(state["mp_state"])
     vcpu.set_lapic(s.kvm_lapic_state.from_buffer_copy(
         unb64(state["lapic"], s.KVM_APIC_REG_SIZE)))
+    failed += write_msrs(vcpu, deadline)
+    if failed:
+        print(f"pykvm: restore: vCPU {vcpu.id}: KVM refused MSR(s) "
+              f"{', '.join(f'{i:#x}' for i in failed)}", file=log)
     events = struct_from_json(s.kvm_vcpu_events, state["events"])
     events.flags = EVENTS_SET_FLAGS | (events.flags & k.KVM_VCPUEVENT_VALID_SMM)
     vcpu.set_events(events)
