@@ -28,7 +28,7 @@ def assemble(source: Path, workdir: Path, load_addr: int) -> bytes:
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed (apt-get install binutils)")
     obj, out = workdir / f"{source.stem}.o", workdir / f"{source.stem}.bin"
-    for argv in (["as", "--64", "-o", str(obj), str(source)],
+    for argv in (["as", "--64", "-I", str(source.parent), "-o", str(obj), str(source)],
                  ["ld", "-m", "elf_x86_64", f"-Ttext={load_addr:#x}", "--oformat", "binary",
                   "-o", str(out), str(obj)]):
         done = subprocess.run(argv, capture_output=True, text=True)

@@ -242,45 +242,4 @@ publish:
         incq    notifies(%rip)
 1:      ret
 
-/* --- GDT: pykvm's boot selectors (CS 0x10, data 0x18) keep their meaning ------------- */
-        .set    USER_DS, 0x20 | 3
-        .set    USER_CS, 0x28 | 3
-        .balign 8
-gdt:
-        .quad   0
-        .quad   0
-        .quad   0x00af9b000000ffff      /* 0x10: 64-bit code, DPL 0 */
-        .quad   0x00cf93000000ffff      /* 0x18: data, DPL 0 */
-        .quad   0x00cff3000000ffff      /* 0x20: data, DPL 3 */
-        .quad   0x00affb000000ffff      /* 0x28: 64-bit code, DPL 3 */
-gdt_end:
-gdt_pointer:
-        .word   gdt_end - gdt - 1
-        .quad   gdt
-
-/* --- page tables: 2 MiB pages, present | writable | user ------------------------------ */
-        .set    PTE, 0x87               /* P | W | U | PS */
-        .set    PTE_UC, 0x9f            /* P | W | U | PWT | PCD | PS: the MMIO window */
-        .balign 4096
-pml4:   .quad   pdpt + 0x7
-        .fill   511, 8, 0
-pdpt:   .quad   pd_ram + 0x7            /* 0 .. 1 GiB: RAM */
-        .quad   0
-        .quad   0
-        .quad   pd_mmio + 0x7           /* 3 .. 4 GiB: the PCI MMIO window */
-        .fill   508, 8, 0
-pd_ram:
-        .set    page, 0
-        .rept   512
-        .quad   page + PTE
-        .set    page, page + 0x200000
-        .endr
-pd_mmio:
-        .set    page, 0xC0000000
-        .rept   512
-        .quad   page + PTE_UC
-        .set    page, page + 0x200000
-        .endr
-
-        .space  512
-user_stack_top:
+        .include "user_tables.inc"      /* GDT, page tables, user stack */
