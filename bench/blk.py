@@ -67,6 +67,7 @@ for _path in (ROOT, BENCH):
         sys.path.insert(0, str(_path))
 
 from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
+from results import add_rows  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "blk_loop.S"
 RESULTS = BENCH / "RESULTS.md"
@@ -429,12 +430,7 @@ def record(host_kind: str, rows, seconds: float, load: float, wait: bool) -> Non
                   f"{rate.mb_per_s / (reference.mb_per_s or 1):.3f} | "
                   f"{rate.cpu:.0%} / {rate.vcpu:.0%} | {'wait' if wait else 'spin'} | "
                   f"{load:.1f} | {seconds:g} s |\n")
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    if ROWS_MARKER in text:
-        text = text.replace(ROWS_MARKER, lines + ROWS_MARKER, 1)
-    else:
-        text += ("" if not text or text.endswith("\n") else "\n") + lines
-    RESULTS.write_text(text)
+    add_rows(ROWS_MARKER, lines, RESULTS)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
+from results import add_rows  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "net_loop.S"
 RESULTS = BENCH / "RESULTS.md"
@@ -406,12 +407,7 @@ def record(host_kind: str, rows, seconds: float, load: float) -> None:
                   f"{tx.frames_per_s / base:.3f} | "
                   f"{rx.frames_per_s:,.0f} ({rx.gbit:.2f}; {rx.per_cpu_second / 1000:.0f}k) | "
                   f"{rx.frames_per_s / base:.3f} | {load:.1f} | {seconds:g} s |\n")
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    if ROWS_MARKER in text:
-        text = text.replace(ROWS_MARKER, lines + ROWS_MARKER, 1)
-    else:
-        text += ("" if not text or text.endswith("\n") else "\n") + lines
-    RESULTS.write_text(text)
+    add_rows(ROWS_MARKER, lines, RESULTS)
 
 
 if __name__ == "__main__":
