@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("words", nargs="+", metavar="ACTION [ARGS]", help="what to do")
     ctl.set_defaults(handler=cmd_ctl)
 
+    stat = commands.add_parser(
+        "stat", help="the --stats table of a running pykvm, live, through its --api-sock")
+    stat.add_argument("socket", metavar="SOCKET", help="the path given to --api-sock")
+    stat.add_argument("-i", "--interval", type=float, default=0,
+                      help="print it again every SECONDS until interrupted")
+    stat.set_defaults(handler=cmd_stat)
+
     run_in = commands.add_parser(
         "exec", help="run a command in a running guest (through its --api-sock and --agent)",
         usage="pykvm exec --api-sock SOCKET [options] -- CMD [ARGS...]",
@@ -298,6 +305,8 @@ def cmd_run(args) -> int:
         observers.__exit__(None, None, None)
         raise
     with machine, observers, control_socket(args.api_sock, machine):
+        if args.api_sock:
+            machine.vm.timing = True    # `pykvm stat` may ask for the time split live
         observers.attach(machine)
         if progress and machine.vm.quirks.summary:
             print(f"pykvm: host is {machine.kvm.host_kind}: "
@@ -360,6 +369,24 @@ def cmd_ctl(args) -> int:
     response = request(args.socket, parse_command(args.words))
     print(json.dumps(response, indent=1))
     return 0 if response.get("ok") else 1
+
+
+def cmd_stat(args) -> int:
+    """The --stats table of a running VM, through its control socket, once or every N s."""
+    from .control import request
+    from .stats import VcpuStats, format_report
+
+    while True:
+        response = request(args.socket, {"action": "stats"})
+        if not response.get("ok"):
+            print(f"pykvm: error: {response.get('error', 'the VM did not answer')}",
+                  file=sys.stderr)
+            return 1
+        stats = [VcpuStats.from_dict(vcpu) for vcpu in response["vcpus"]]
+        print(format_report(stats, {"state": response.get("state", "?")}), flush=True)
+        if not args.interval:
+            return 0
+        time.sleep(args.interval)
 
 
 # --- pykvm exec and pykvm cp ------------------------------------------------------------------

@@ -72,6 +72,31 @@ class VcpuStats:
         }
 
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "VcpuStats":
+        """The inverse of :meth:`as_dict` (what the control socket's "stats" sends)."""
+        numbers = {name: number for number, name in EXIT_NAMES.items()}
+        stats = cls(int(data["vcpu"]))
+        for name, n in data.get("exits", {}).items():
+            reason = numbers.get(name, int(name) if name.isdigit() else None)
+            if reason is not None and reason < len(stats.exits):
+                stats.exits[reason] = n
+        for key, n in data.get("pio", {}).items():
+            port, direction = key.split("/")
+            stats.port_counts[int(port, 16) << 1 | (direction == "out")] = n
+        for key, n in data.get("mmio", {}).items():
+            addr, kind = key.split("/")
+            stats.mmio[(int(addr, 16), kind)] = n
+        stats.devices.update(data.get("devices", {}))
+        stats.quirks.update(data.get("quirks", {}))
+        unhandled = data.get("unhandled", {})
+        stats.unhandled_pio, stats.unhandled_mmio = unhandled.get("pio", 0), unhandled.get("mmio", 0)
+        times = data.get("time_ns", {})
+        stats.guest_ns, stats.handler_ns = times.get("guest", 0), times.get("handlers", 0)
+        stats.started_ns, stats.stopped_ns = 1, 1 + times.get("wall", 0)
+        return stats
+
+
 def format_report(stats: list[VcpuStats], extra: dict | None = None,
                   kernel: dict | None = None) -> str:
     """The human-readable --stats table. ``kernel``: a kvmstats.KvmStats snapshot,
@@ -83,10 +108,15 @@ def format_report(stats: list[VcpuStats], extra: dict | None = None,
         wall = st.wall_ns or 1
         lines.append(f"vCPU {st.vcpu_id}: {st.total_exits} exits to pykvm in "
                      f"{st.wall_ns / 1e9:.3f} s wall")
-        lines.append(f"  time: guest (inside KVM_RUN, incl. in-kernel exits) "
-                     f"{st.guest_ns / 1e9:.3f} s ({100 * st.guest_ns / wall:.1f}%), "
-                     f"pykvm handlers {st.handler_ns / 1e9:.3f} s ({100 * st.handler_ns / wall:.1f}%), "
-                     f"other {st.other_ns / 1e9:.3f} s ({100 * st.other_ns / wall:.1f}%)")
+        if st.guest_ns or st.handler_ns:
+            lines.append(f"  time: guest (inside KVM_RUN, incl. in-kernel exits) "
+                         f"{st.guest_ns / 1e9:.3f} s ({100 * st.guest_ns / wall:.1f}%), "
+                         f"pykvm handlers {st.handler_ns / 1e9:.3f} s "
+                         f"({100 * st.handler_ns / wall:.1f}%), "
+                         f"other {st.other_ns / 1e9:.3f} s ({100 * st.other_ns / wall:.1f}%)")
+        else:
+            lines.append("  time: not measured (per-exit timing is on with --stats, "
+                         "--trace or --api-sock)")
         for name, n in sorted(st.exits_by_name().items(), key=lambda item: -item[1]):
             lines.append(f"  exit {name:<16} {n:>10}")
         for device, n in sorted(st.devices.items(), key=lambda item: -item[1]):

@@ -3,6 +3,7 @@
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,3 +127,29 @@ def test_missing_kernel(tmp_path):
 
 def test_nothing_after_double_dash_is_an_error():
     assert_one_line_error(pykvm("run", "--"), "nothing after --")
+
+
+@needs_kvm
+def test_stat_shows_a_running_vm_live(tmp_path):
+    flat = tmp_path / "spin.bin"
+    flat.write_bytes(assemble("1: mov $0x80, %dx\n out %al, %dx\n jmp 1b", "long", 0x10000))
+    socket_path = tmp_path / "vm.sock"
+    vm = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--flat", str(flat), "--entry",
+                           "long", "--api-sock", str(socket_path)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if socket_path.exists():
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        result = pykvm("stat", str(socket_path))
+        assert result.returncode == 0, result.stderr
+        assert "exit io" in result.stdout and "port 0x0080 out" in result.stdout
+        assert "time: guest (inside KVM_RUN" in result.stdout
+        assert pykvm("ctl", str(socket_path), "stop").returncode == 0
+        assert vm.wait(timeout=30) == 0
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
