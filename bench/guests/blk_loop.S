@@ -73,19 +73,6 @@ rng:            .quad   0               /* +152 xorshift64 state (random) */
 next_sector:    .quad   0               /* +160 sequential: the next request's sector */
 cases:          .quad   0               /* +168 cases finished */
 
-ring0:
-        lgdt    gdt_pointer(%rip)
-        lea     pml4(%rip), %rax
-        mov     %rax, %cr3
-        pushq   $USER_DS                /* iretq frame: SS */
-        lea     user_stack_top(%rip), %rax
-        push    %rax                    /*               RSP */
-        pushq   $0x2                    /*               RFLAGS: IF=0 */
-        pushq   $USER_CS                /*               CS (64-bit, DPL 3) */
-        lea     ring3(%rip), %rax
-        push    %rax                    /*               RIP */
-        iretq
-
 /* Registers in ring 3: r8 avail ring, r9 used ring, r10 notify address, r11 N,
  * r12 used index seen, ebx avail index, ebp in flight, r13 notify value,
  * r14 &avail_event, r15 &used_event. */

@@ -80,19 +80,6 @@ glitches:       .quad   0               /* +64: ring indexes read mid-store (see
 wait_addr:      .quad   0               /* +72: 0: spin; else the bench's wait register */
 waits:          .quad   0               /* +80: times the guest waited there */
 
-ring0:
-        lgdt    gdt_pointer(%rip)
-        lea     pml4(%rip), %rax
-        mov     %rax, %cr3
-        pushq   $USER_DS                /* iretq frame: SS */
-        lea     user_stack_top(%rip), %rax
-        push    %rax                    /*               RSP */
-        pushq   $0x2                    /*               RFLAGS: IF=0 */
-        pushq   $USER_CS                /*               CS (64-bit, DPL 3) */
-        lea     ring3(%rip), %rax
-        push    %rax                    /*               RIP */
-        iretq
-
 ring3:
         mov     queue_size(%rip), %r11
         mov     avail_ring(%rip), %r8
