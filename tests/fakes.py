@@ -15,3 +15,16 @@ class FakeIrqLine(IrqLine):
     @property
     def high(self):
         return bool(self.levels) and self.levels[-1]
+
+
+def wait_for(predicate, timeout=5.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False):
+    for device threads that answer asynchronously."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False

@@ -38,6 +38,8 @@ from pykvm import agent
 from pykvm.agent import (AgentClient, AgentError, AgentTimeout, AgentUnavailable, FrameReader,
                          GuestFileError, ProtocolError, Result, frame)
 
+from .fakes import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 AGENT_C = REPO / "guests" / "linux" / "agent.c"
 
@@ -422,13 +424,6 @@ def test_virtio_serial_brings_a_named_port_up_and_carries_data():
             stand_in.close()
 
 
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 # --- --share images ---------------------------------------------------------------------------------------------

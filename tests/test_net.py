@@ -40,6 +40,7 @@ from pykvm.net.plumbing import (NetSpec, default_mac, entered_netns, format_mac,
 from pykvm.net.tap import Tap
 
 from .conftest import needs_kvm
+from .fakes import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ETHERTYPE = 0x88B5          # IEEE local experimental: nothing in the kernel answers it
@@ -502,15 +503,6 @@ def test_guest_offloads_reach_the_tap_and_reset_clears_them(memory, netns):
 
 
 # --- the whole transport: worker thread, TAP watcher, MSI-X ---------------------------------------
-def wait_for(predicate, timeout=3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
-
-
 @pytest.fixture
 def net_function(memory, netns):
     from pykvm.devices.pci.msix import CONTROL_ENABLE

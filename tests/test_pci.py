@@ -20,6 +20,7 @@ from pykvm.devices.virtio.rng import RngDevice
 from pykvm.memory import GuestMemory
 
 from .asm import assemble
+from .fakes import wait_for
 
 
 def conf1_address(slot, register, function=0, bus=0):
@@ -369,14 +370,6 @@ def test_msix_vectors_program_kvm_gsi_routes(kvm):
 
 
 # --- the console and rng devices behind the transport (worker thread, MSI-X) -------------------
-def wait_for(predicate, timeout=5.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def start(function, memory, queues):

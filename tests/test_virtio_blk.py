@@ -23,6 +23,8 @@ from pykvm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pykvm.errors import ConfigError, ImageError
 from pykvm.memory import GuestMemory
 
+from .fakes import wait_for
+
 RING, HEADER, DATA, STATUS = 0x1000, 0x8000, 0x10000, 0x9000
 SECTORS = 64
 
@@ -223,13 +225,6 @@ def test_disk_spec_errors(text):
 
 
 # --- the whole transport: worker thread, interrupts, NEEDS_RESET ------------------------------
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @pytest.fixture
