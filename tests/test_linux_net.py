@@ -46,7 +46,10 @@ SCRIPT = (
     "&& echo link=up; "
     "echo mac0=$(cat /sys/class/net/eth0/address); "
     "echo mac1=$(cat /sys/class/net/eth1/address); "
-    f"echo ping=$(ping -c 3 -W 20 {HOST_IP} | grep -c 'bytes from'); "
+    # The summary's "N packets received" counts each answered request once; a
+    # duplicate reply (busybox marks it DUP!, seen once under load) is counted apart.
+    f"echo ping=$(ping -c 3 -W 20 {HOST_IP} | grep -o '[0-9]* packets received' "
+    "| cut -d' ' -f1); "
     "seq 1 20000 > /tmp/up; echo upsum=$(md5sum < /tmp/up); "
     f"nc {HOST_IP} {UP_PORT} < /tmp/up; echo upnc=$?; "
     f"nc {HOST_IP} {DOWN_PORT} < /dev/null > /tmp/down; echo downnc=$?; "
