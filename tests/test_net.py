@@ -486,6 +486,56 @@ def test_hostile_receive_chains_are_virtqueue_errors(memory, netns, buffers, mes
     nic.close()
 
 
+def test_receive_chains_beyond_iov_max_cost_frames_not_the_nic(memory, netns):
+    # Seven indirect chains of 250 one-byte buffers: together more iovecs than one
+    # readv() takes (IOV_MAX 1024) before they hold a largest frame. readv() failed
+    # with EINVAL and receive stopped for the VM's lifetime.
+    nic = Nic(memory, VIRTIO_NET_F_MRG_RXBUF, size=256)
+    tables = 0x300000
+    for chain in range(7):
+        buffers = [(RX_BUFFERS + 250 * chain + i, 1, True) for i in range(250)]
+        nic.rx.add_indirect(tables + 0x1000 * chain, buffers)
+    small = [frame(b"a"), frame(b"b")]
+    for data in small:
+        nic.sock.send(data)
+    used = nic.receive(2)
+    assert len(used) == 2, nic.device.stats
+    assert sum(written for _, written in used) == sum(NET_HDR_SIZE + len(d) for d in small)
+    landed = memory.read(RX_BUFFERS, sum(written for _, written in used))
+    assert landed[NET_HDR_SIZE:NET_HDR_SIZE + len(small[0])] == small[0]
+    nic.close()
+
+
+def test_reset_gives_a_failed_tap_read_another_chance(memory, netns):
+    nic = Nic(memory, VIRTIO_NET_F_MRG_RXBUF)
+    saved = os.dup(nic.device.fd)
+    unreadable = os.open("/dev/null", os.O_WRONLY)
+    try:
+        os.dup2(unreadable, nic.device.fd)           # the backend fails a read: EBADF
+        nic.rx.add_chain([(RX_BUFFERS, 2048, True)])
+        nic.device.process_queue(RECEIVE_QUEUE, nic.rxq)
+        assert nic.rx.take_used() == []
+    finally:
+        os.dup2(saved, nic.device.fd)                # ... and is fine again
+        os.close(saved)
+        os.close(unreadable)
+    nic.device.reset()                               # the driver starts over
+    nic.device.activate(VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_VERSION_1)
+    nic.rx.add_chain([(RX_BUFFERS + 0x1000, 2048, True)])
+    data = frame(b"after reset")
+    nic.sock.send(data)
+    assert [written for _, written in nic.receive(1)] == [NET_HDR_SIZE + len(data)]
+    nic.close()
+
+
+def test_transmit_of_a_chain_longer_than_any_frame_is_dropped(memory, netns):
+    nic = Nic(memory, 0)
+    nic.tx.add_chain([(0, 2 << 20, False)])           # 2 MiB: no frame is that long
+    nic.device.process_queue(TRANSMIT_QUEUE, nic.txq)
+    assert nic.tx.take_used() == [(0, 0)] and nic.device.stats["tx_malformed"] == 1
+    nic.close()
+
+
 def test_guest_offloads_reach_the_tap_and_reset_clears_them(memory, netns):
     from pyroute2.ethtool import Ethtool
 

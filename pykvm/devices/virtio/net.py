@@ -18,6 +18,15 @@ TUNSETVNETHDRSZ 12, see pykvm/net/tap.py), so the header passes through:
   full NIC would). A frame longer than the buffers -- the host raised the TAP's
   MTU, say -- is dropped and counted (a spare host byte after the buffers shows
   it: the kernel truncates silently); the buffers are reused.
+  One readv() takes at most IOV_MAX buffers, so the device never holds more
+  descriptors than that for one frame: a receive chain that would pass the
+  bound waits for the next frame (the frame is read into the buffers already
+  held, a longer one is dropped as too long), and a chain that alone has more
+  is returned unused (length 0), as a malformed buffer the driver drops
+  (virtio 1.2 section 2.7.4: the device decides how much it writes). A guest's
+  odd buffers cost it frames, never the NIC.
+- errors: a TAP that fails a read stops receive until the driver resets the
+  device (reset clears it), never for the VM's lifetime.
 
 Offloads: the device offers CSUM/HOST_TSO4/6/ECN (the guest may send partial
 checksums and TSO frames: the TAP accepts them) and GUEST_CSUM/GUEST_TSO4/6/ECN;
@@ -81,6 +90,8 @@ TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 RX_BATCH = 128                  # frames per worker turn before the other queue gets one
 TX_BATCH = 128
 RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset: dropped
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+MAX_RX_VIEWS = IOV_MAX - 1      # buffers one readv() fills; the last iovec is the spare byte
 
 _U16 = struct.Struct("<H")
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
@@ -130,6 +141,8 @@ class NetDevice(VirtioDevice):
         self._mergeable = False
         self._rx_target = NET_HDR_SIZE + ETH_HEADER + mtu
         self._pending: collections.deque[tuple[DescriptorChain, int, int]] = collections.deque()
+        # A validated receive chain that did not fit the readv() bound: the next frame's.
+        self._held: tuple[DescriptorChain, int, int] | None = None
         # readv() target: the pending buffers, then one spare host byte. The kernel
         # truncates a frame to the buffers and reports only what it copied, so a
         # frame that reaches the spare byte did not fit.
@@ -168,6 +181,7 @@ class NetDevice(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._drop_pending()
+        self._broken_backend = False   # a new driver gets a new chance at the TAP
         try:
             self.tap.set_offload(0)
         except Exception:   # noqa: BLE001
@@ -183,6 +197,7 @@ class NetDevice(VirtioDevice):
 
     def _drop_pending(self) -> None:
         self._pending.clear()
+        self._held = None
         self._rx_views = [self._spill]
         self._rx_capacity = 0
 
@@ -208,8 +223,8 @@ class NetDevice(VirtioDevice):
                     return
                 views = chain.readable
                 length = len(views[0]) if len(views) == 1 else sum(map(len, views))
-                if length < NET_HDR_SIZE:
-                    malformed += 1
+                if length < NET_HDR_SIZE or length > MAX_GSO_FRAME:
+                    malformed += 1          # no frame is that short or that long
                 else:
                     try:
                         writev(fd, views)
@@ -264,26 +279,44 @@ class NetDevice(VirtioDevice):
 
     def _take_buffers(self, queue: Virtqueue) -> bool:
         """Pop receive chains until they hold a largest frame (one chain without
-        MRG_RXBUF: a frame never spans chains then). False if the guest has too few."""
+        MRG_RXBUF: a frame never spans chains then), within one readv()'s IOV_MAX
+        buffers. False if the guest has too few."""
         pending, views, pop = self._pending, self._rx_views, queue.pop
         while self._rx_capacity < self._rx_target:
             if pending and not self._mergeable:
                 return True                   # the one chain is what the driver gave us
-            chain = pop()
-            if chain is None:
-                return False
-            if chain.readable:
-                raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
-            writable = chain.writable
-            count = len(writable)
-            capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
-            if capacity < NET_HDR_SIZE:
-                raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes cannot "
-                                     f"hold the {NET_HDR_SIZE}-byte header")
-            pending.append((chain, capacity, count))
-            views[-1:-1] = writable
+            if self._held is not None:
+                entry, self._held = self._held, None
+            else:
+                chain = pop()
+                if chain is None:
+                    return False
+                entry = self._check_receive_chain(chain)
+            chain, capacity, count = entry
+            if len(views) - 1 + count > MAX_RX_VIEWS:
+                if pending:
+                    self._held = entry        # the next frame's; this one reads what we hold
+                    return True
+                queue.add_used(chain.head, 0)  # more buffers than one readv() takes
+                self.stats["rx_chains_too_fragmented"] += 1
+                continue
+            pending.append(entry)
+            views[-1:-1] = chain.writable
             self._rx_capacity += capacity
         return True
+
+    @staticmethod
+    def _check_receive_chain(chain: DescriptorChain) -> tuple[DescriptorChain, int, int]:
+        """(chain, its capacity, its buffer count); VirtqueueError if it is no receive buffer."""
+        if chain.readable:
+            raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
+        writable = chain.writable
+        count = len(writable)
+        capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
+        if capacity < NET_HDR_SIZE:
+            raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes cannot "
+                                 f"hold the {NET_HDR_SIZE}-byte header")
+        return chain, capacity, count
 
     def _complete(self, queue: Virtqueue, length: int) -> None:
         """``length`` bytes landed at the start of the pending buffers: say how many
