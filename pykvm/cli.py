@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except PykvmError as error:
         print(f"pykvm: error: {first_line(error)}", file=sys.stderr)
-        return error.exit_code
+        return exit_status(error)
     except KeyboardInterrupt:
         print("pykvm: interrupted", file=sys.stderr)
         return 130
@@ -45,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pykvm: internal error: {type(error).__name__}: {first_line(error)} "
               "(set PYKVM_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+def exit_status(error: PykvmError) -> int:
+    """One convention (README, "exit statuses"): 2 when what the user handed pykvm is
+    wrong (an option, the configuration, an image, a snapshot to restore, a --device
+    that is not KVM), else the error's own status (1: pykvm or KVM failed)."""
+    from .snapshot.state import SnapshotError
+
+    if isinstance(error, SnapshotError):
+        return EXIT_USAGE
+    return error.exit_code
 
 
 def first_line(error: BaseException) -> str:

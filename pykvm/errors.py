@@ -16,6 +16,12 @@ class KvmUnavailable(PykvmError):
     """/dev/kvm is missing, not accessible, or speaks the wrong API."""
 
 
+class NotKvmDevice(KvmUnavailable):
+    """The device the user named is not KVM (``--device /dev/null``): a bad option."""
+
+    exit_code = 2
+
+
 class KvmError(PykvmError):
     """An ioctl on a KVM fd failed; carries the request name and errno."""
 
@@ -36,10 +42,19 @@ class ConfigError(PykvmError):
     exit_code = 2
 
 
+class HostResourceError(ConfigError):
+    """The host cannot give what the user asked for (more guest RAM than it can map)."""
+
+
 class ImageError(PykvmError):
     """A kernel, initrd, flat binary or disk image is missing or malformed."""
 
     exit_code = 2
+
+
+class GuestBuildError(PykvmError):
+    """The default Linux guest cannot be built (missing packages, a failed step) or is not
+    built yet; the message says what to run."""
 
 
 class GuestMemoryError(PykvmError):

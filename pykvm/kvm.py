@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ioctl as k
-from .errors import KvmError, KvmUnavailable
+from .errors import KvmError, KvmUnavailable, NotKvmDevice
 from .ioctl import structs as s
 
 DEFAULT_DEVICE = "/dev/kvm"
@@ -44,7 +44,7 @@ class Kvm:
         self.device = device
         self.fd = open_device(device)
         try:
-            version = k.ioctl(self.fd, k.KVM_GET_API_VERSION)
+            version = api_version(device, self.fd)
             if version != k.KVM_API_VERSION:
                 raise KvmUnavailable(
                     f"{device} speaks KVM API version {version}, pykvm needs {k.KVM_API_VERSION}")
@@ -121,8 +121,22 @@ def open_device(device: str) -> int:
         raise KvmUnavailable(
             f"no permission to open {device}: run as root or add your user to the group "
             f"that owns it (usually 'kvm')") from None
+    except IsADirectoryError:
+        raise NotKvmDevice(f"{device} is a directory, not a KVM device") from None
     except OSError as error:
         raise KvmUnavailable(f"cannot open {device}: {error.strerror}") from None
+
+
+def api_version(device: str, fd: int) -> int:
+    """KVM_GET_API_VERSION, the first thing asked of a KVM fd: if it fails, ``device``
+    is some other file (/dev/null, a regular file), and the error says so."""
+    try:
+        return k.ioctl(fd, k.KVM_GET_API_VERSION)
+    except KvmError as error:
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        raise NotKvmDevice(f"{device} is not a KVM device: KVM_GET_API_VERSION failed with "
+                           f"{name} ({os.strerror(error.errno)}); give the KVM device "
+                           f"(usually {DEFAULT_DEVICE}) to --device") from None
 
 
 def copy_struct(struct):

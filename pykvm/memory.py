@@ -9,12 +9,13 @@ every address and length a guest supplies is checked before it is used.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 
-from .errors import GuestMemoryError
+from .errors import GuestMemoryError, HostResourceError
 from .layout import PAGE_SIZE, ram_ranges
 
 
@@ -50,9 +51,44 @@ class MemoryRegion:
             pass
 
 
+def host_ram_size() -> int:
+    """This host's physical RAM in bytes (0 when the kernel does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def check_fits_host(mem_size: int) -> None:
+    """Refuse guest RAM larger than the host's before mapping any of it: a guest that
+    touches more than the host has gets pykvm (or something else) OOM-killed later."""
+    host = host_ram_size()
+    if host and mem_size > host:
+        raise HostResourceError(f"guest RAM of {_format(mem_size)} is more than this host has "
+                                f"({_format(host)}): ask for less with --mem")
+
+
+def _format(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.{0 if size % (1 << shift) == 0 else 1}f} {unit}"
+    return f"{size} bytes"
+
+
+def _mmap(what: str, size: int, *args, **kwargs) -> mmap.mmap:
+    """mmap, with the host refusing memory (ENOMEM) as a typed error naming the size."""
+    try:
+        return mmap.mmap(*args, **kwargs)
+    except OSError as error:
+        if error.errno != errno.ENOMEM:
+            raise
+        raise HostResourceError(f"cannot map {_format(size)} of {what}: the host is out of "
+                                f"memory for it (ENOMEM); ask for less with --mem") from None
+
+
 def _map_anonymous(size: int) -> mmap.mmap:
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mapping = _mmap("guest RAM", size, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
     # Guest RAM is the guest's business: keep it out of core dumps of pykvm.
     if hasattr(mmap, "MADV_DONTDUMP"):
         mapping.madvise(mmap.MADV_DONTDUMP)
@@ -71,6 +107,7 @@ class GuestMemory:
         """RAM of ``mem_size`` bytes laid out by :func:`layout.ram_ranges`."""
         if mem_size <= 0 or mem_size % PAGE_SIZE:
             raise GuestMemoryError(f"memory size {mem_size} is not a positive multiple of 4 KiB")
+        check_fits_host(mem_size)
         return cls([MemoryRegion(start, size, _map_anonymous(size))
                     for start, size in ram_ranges(mem_size)])
 
@@ -86,8 +123,9 @@ class GuestMemory:
                 if size <= 0 or size % PAGE_SIZE or file_offset % PAGE_SIZE:
                     raise GuestMemoryError(f"{path}: region {guest_addr:#x}+{size:#x} at file "
                                            f"offset {file_offset:#x} is not page-aligned")
-                mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=file_offset)
+                mapping = _mmap(f"guest RAM from {path}", size, fd, size,
+                                flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                offset=file_offset)
                 if hasattr(mmap, "MADV_DONTDUMP"):
                     mapping.madvise(mmap.MADV_DONTDUMP)
                 regions.append(MemoryRegion(guest_addr, size, mapping))

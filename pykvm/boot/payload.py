@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import ImageError
+from ..images import MAX_VMLINUX_SIZE, too_big_payload
 from .bzimage import BzImage
 
 ELF_MAGIC = b"\x7fELF"
@@ -45,6 +46,7 @@ LZ4_LEGACY_MAX_BLOCK = LZ4_LEGACY_CHUNK + LZ4_LEGACY_CHUNK // 255 + 16  # LZ4_co
 # Linux builds zstd payloads with `zstd -22 --ultra` (windows up to 128 MiB);
 # allow the largest window zstd defines rather than the library's default.
 ZSTD_MAX_WINDOW = 1 << 31
+ZSTD_INPUT_STEP = 1024
 
 
 def detect_compression(payload: bytes | memoryview, name: str = "kernel") -> str:
@@ -84,14 +86,16 @@ def _not_compressed(payload, name) -> bytes:
 
 def _gunzip(payload, name) -> bytes:
     decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip container, one member
-    vmlinux = decoder.decompress(payload)
+    vmlinux = decoder.decompress(payload, MAX_VMLINUX_SIZE + 1)
+    _require_bounded(vmlinux, "gzip", name)
     _require_end(decoder.eof, "gzip", name)
     return vmlinux
 
 
 def _unxz(payload, name) -> bytes:
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    vmlinux = decoder.decompress(payload)
+    vmlinux = decoder.decompress(payload, MAX_VMLINUX_SIZE + 1)
+    _require_bounded(vmlinux, "xz", name)
     _require_end(decoder.eof, "xz", name)
     return vmlinux
 
@@ -99,12 +103,23 @@ def _unxz(payload, name) -> bytes:
 def _unzstd(payload, name) -> bytes:
     zstandard = _import_optional("zstandard", "zstd")
     decoder = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+    data = memoryview(payload)
+    pieces, size = [], 0
     try:
-        vmlinux = decoder.decompress(payload)
+        # Fed in small steps so the output stays bounded: one step of input can only
+        # expand by ~ZSTD_INPUT_STEP / 4 blocks of 128 KiB (RLE blocks are 4 bytes).
+        for start in range(0, len(data), ZSTD_INPUT_STEP):
+            if decoder.eof:
+                break
+            piece = decoder.decompress(data[start:start + ZSTD_INPUT_STEP])
+            size += len(piece)
+            if size > MAX_VMLINUX_SIZE:
+                raise too_big_payload(name, "zstd")
+            pieces.append(piece)
     except zstandard.ZstdError as error:
         raise _CorruptStream(error) from None
     _require_end(decoder.eof, "zstd", name)
-    return vmlinux
+    return b"".join(pieces)
 
 
 def _unlz4_legacy(payload, name) -> bytes:
@@ -120,6 +135,8 @@ def _unlz4_legacy(payload, name) -> bytes:
         if not 0 < size <= LZ4_LEGACY_MAX_BLOCK or position + 4 + size > len(data):
             break  # not a chunk: the size Linux appends, or other trailing bytes
         block = data[position + 4:position + 4 + size]
+        if len(chunks) * LZ4_LEGACY_CHUNK >= MAX_VMLINUX_SIZE:
+            raise too_big_payload(name, "lz4")
         try:
             chunks.append(lz4_block.decompress(block, uncompressed_size=LZ4_LEGACY_CHUNK))
         except lz4_block.LZ4BlockError as error:
@@ -131,6 +148,12 @@ def _unlz4_legacy(payload, name) -> bytes:
 
 
 _DECODERS = {"elf": _not_compressed, "gzip": _gunzip, "xz": _unxz, "zstd": _unzstd, "lz4": _unlz4_legacy}
+
+
+def _require_bounded(vmlinux: bytes, kind: str, name: str) -> None:
+    """Decoders stop one byte past MAX_VMLINUX_SIZE: more means a decompression bomb."""
+    if len(vmlinux) > MAX_VMLINUX_SIZE:
+        raise too_big_payload(name, kind)
 
 
 def _require_end(reached_end: bool, kind: str, name: str) -> None:
