@@ -54,35 +54,30 @@ def nonzero_runs(buffer, start: int = 0, end: int | None = None):
         yield run_start, end - run_start
 
 
-def write_memory(memory, path: str) -> dict:
-    """Write ``memory`` (a GuestMemory) to a new sparse file at ``path``; returns the
-    ``memory`` section of state.json (layout, size, digest, pages written)."""
+def write_memory(memory, fd: int) -> dict:
+    """Write ``memory`` (a GuestMemory) into ``fd``, a new empty file (the caller creates
+    it safely: pykvm/snapshot/directory.py), as a sparse file; returns the ``memory``
+    section of state.json but its ``file`` (layout, size, digest, pages written)."""
     digest = hashlib.sha256()
     regions, file_offset, data_bytes = [], 0, 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        total = sum(region.size for region in memory.regions)
-        os.ftruncate(fd, total)
-        for region in memory.regions:
-            view = region.view
-            for offset, length in nonzero_runs(view, 0, region.size):
-                data = view[offset:offset + length]
-                digest.update(_RUN_HEADER.pack(file_offset + offset, length))
-                digest.update(data)
-                written = 0
-                while written < length:
-                    written += os.pwrite(fd, data[written:], file_offset + offset + written)
-                data_bytes += length
-            regions.append({"guest_addr": region.guest_addr, "size": region.size,
-                            "file_offset": file_offset})
-            file_offset += region.size
-        os.fsync(fd)
-        blocks = os.fstat(fd).st_blocks
-    finally:
-        os.close(fd)
-    return {"file": os.path.basename(path), "size": file_offset, "regions": regions,
-            "data_bytes": data_bytes, "sha256": digest.hexdigest(),
-            "disk_bytes": blocks * 512}
+    total = sum(region.size for region in memory.regions)
+    os.ftruncate(fd, total)
+    for region in memory.regions:
+        view = region.view
+        for offset, length in nonzero_runs(view, 0, region.size):
+            data = view[offset:offset + length]
+            digest.update(_RUN_HEADER.pack(file_offset + offset, length))
+            digest.update(data)
+            written = 0
+            while written < length:
+                written += os.pwrite(fd, data[written:], file_offset + offset + written)
+            data_bytes += length
+        regions.append({"guest_addr": region.guest_addr, "size": region.size,
+                        "file_offset": file_offset})
+        file_offset += region.size
+    os.fsync(fd)
+    return {"size": file_offset, "regions": regions, "data_bytes": data_bytes,
+            "sha256": digest.hexdigest(), "disk_bytes": os.fstat(fd).st_blocks * 512}
 
 
 def data_extents(fd: int, size: int):

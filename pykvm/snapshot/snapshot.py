@@ -6,10 +6,12 @@ The directory holds two files (schema: README.md next to this file):
                  layout, and a sha256 over the canonical JSON of all of it
     memory.bin   guest RAM, sparse (pykvm/snapshot/memfile.py)
 
-Both are written to temporary names and renamed into place, state.json last, so a
-directory never holds a half-written snapshot under the final names, and a VM
-restored from a directory can be snapshotted into that same directory (its RAM
-stays mapped from the old memory.bin's inode).
+Both are created under temporary names relative to the directory's fd (O_EXCL,
+O_NOFOLLOW: pykvm/snapshot/directory.py says what else is checked, against other
+local users) and renamed into place, state.json last, so a directory never holds a
+half-written snapshot under the final names, and a VM restored from a directory can
+be snapshotted into that same directory (its RAM stays mapped from the old
+memory.bin's inode).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import KvmError, PykvmError
 from ..kvm import detect_host_kind
+from .directory import SnapshotDirectory
 from .memfile import memory_digest, write_memory
 from .state import SnapshotError
 
@@ -58,42 +61,47 @@ class SnapshotInfo:
 
 # --- taking a snapshot --------------------------------------------------------------------------
 def save_snapshot(machine, directory) -> SnapshotInfo:
-    """Snapshot ``machine`` into ``directory`` (created if needed). A running VM is paused
-    for the snapshot and resumed after it; a paused one stays paused. Disk images are
-    fsync'ed; they are the user's, and must not change before a restore."""
+    """Snapshot ``machine`` into ``directory``: a new directory (its parent must exist),
+    or one of yours holding only a previous snapshot, which is replaced (see
+    :mod:`pykvm.snapshot.directory` for what is refused, and why). A running VM is
+    paused for the snapshot and resumed after it; a paused one stays paused. Disk
+    images are fsync'ed; they are the user's, and must not change before a restore."""
     from ..vm import State
 
     started = time.monotonic()
     vm = machine.vm
     if vm.stop_requested or vm.state is State.STOPPED:
         raise SnapshotError("the VM has stopped: there is nothing left to snapshot")
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SnapshotError(f"{directory}: cannot create the snapshot directory: "
-                            f"{error.strerror}") from None
-    was_running = vm.state is State.RUNNING
-    if was_running:
-        vm.pause()
-    try:
-        with quiesced(machine):
-            document = collect_state(machine)
-            memory_tmp = directory / (MEMORY_FILE + ".tmp")
-            try:
-                document["memory"] = write_memory(machine.memory, str(memory_tmp))
-            except OSError as error:
-                raise SnapshotError(f"{memory_tmp}: cannot write guest memory: "
-                                    f"{error.strerror}") from None
-            document["memory"]["file"] = MEMORY_FILE
-        os.replace(memory_tmp, directory / MEMORY_FILE)
-        state_bytes = write_state(directory, document)
-    finally:
+    with SnapshotDirectory(directory, (STATE_FILE, MEMORY_FILE)) as target:
+        was_running = vm.state is State.RUNNING
         if was_running:
-            vm.resume()
-    disk = document["memory"]["disk_bytes"] + (directory / STATE_FILE).stat().st_blocks * 512
-    return SnapshotInfo(directory, machine.memory.size, document["memory"]["data_bytes"], disk,
-                        state_bytes, time.monotonic() - started)
+            vm.pause()
+        try:
+            with quiesced(machine):
+                document = collect_state(machine)
+                document["memory"] = dict(file=MEMORY_FILE, **write_memory_file(machine, target))
+            target.publish(MEMORY_FILE)
+            state_bytes = write_state(target, document)
+        finally:
+            target.discard(MEMORY_FILE)
+            target.discard(STATE_FILE)
+            if was_running:
+                vm.resume()
+        disk = document["memory"]["disk_bytes"] + target.allocated(STATE_FILE)
+    return SnapshotInfo(Path(directory), machine.memory.size, document["memory"]["data_bytes"],
+                        disk, state_bytes, time.monotonic() - started)
+
+
+def write_memory_file(machine, target: SnapshotDirectory) -> dict:
+    """Guest RAM into the snapshot's new memory file (under its temporary name)."""
+    fd = target.create(MEMORY_FILE)
+    try:
+        return write_memory(machine.memory, fd)
+    except OSError as error:
+        raise SnapshotError(f"{target.path / MEMORY_FILE}: cannot write guest memory: "
+                            f"{error.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -155,17 +163,24 @@ def checksum(document: dict) -> str:
                                      if k != "checksum"})).hexdigest()
 
 
-def write_state(directory: Path, document: dict) -> int:
+def write_state(target: SnapshotDirectory, document: dict) -> int:
+    """state.json with its checksum, put in place atomically; returns its size."""
     document = dict(document, checksum="")
     document["checksum"] = checksum(document)
-    text = json.dumps(document, indent=1, sort_keys=True, allow_nan=False) + "\n"
-    tmp = directory / (STATE_FILE + ".tmp")
-    with open(tmp, "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, directory / STATE_FILE)
-    return len(text)
+    data = (json.dumps(document, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+    fd = target.create(STATE_FILE)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except OSError as error:
+        raise SnapshotError(f"{target.path / STATE_FILE}: cannot write: "
+                            f"{error.strerror}") from None
+    finally:
+        os.close(fd)
+    target.publish(STATE_FILE)
+    return len(data)
 
 
 # --- the configuration ----------------------------------------------------------------------------
