@@ -1,0 +1,53 @@
+"""What every lesson script shares: pykvm importable from the source tree, the
+host note, and the path of a built tutorial guest.
+
+Imported first by each lesson (``import lesson``): Python puts the script's own
+directory on sys.path, so this module is found, and it puts the top of the tree
+there too, so ``python3 guests/tutorial/vmm/NN_name.py`` works without
+installing pykvm.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+BUILD = ROOT / "guests" / "tutorial" / "build"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pykvm.bus import Device  # noqa: E402,F401  (needs the path above; lessons subclass it)
+from pykvm.kvm import detect_host_kind  # noqa: E402
+
+# What a kvm_pvm host does differently, in one paragraph per lesson topic
+# (docs/hosts.md has the whole story).
+PVM_NOTE = ("host: kvm_pvm (KVM without VT-x/AMD-V): every instruction this ring-0 guest "
+            "runs is emulated by KVM, one at a time, in the kernel; the exits you see "
+            "are the same as on VT-x/AMD-V (docs/hosts.md)")
+
+
+def host_note() -> None:
+    """Print which kind of KVM runs the lesson, and on kvm_pvm what it emulates."""
+    kind = detect_host_kind()
+    if kind == "kvm_pvm":
+        print(PVM_NOTE)
+    else:
+        print(f"host: {kind} (guest code runs natively on the CPU)")
+
+
+def guest(name: str) -> Path:
+    """A guest built by `make guests`, or SystemExit with what to run."""
+    path = BUILD / name
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make guests` first")
+    return path
+
+
+def per_exit(seconds: float, count: int) -> str:
+    """A cost per event in microseconds, for printing (never for asserting)."""
+    return f"{seconds / max(count, 1) * 1e6:.1f} µs"
+
+
+now = time.perf_counter
