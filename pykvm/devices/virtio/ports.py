@@ -45,7 +45,7 @@ from typing import Callable
 
 from ...errors import PykvmError
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
-from .queue import Virtqueue, gather, scatter
+from .queue import Virtqueue, gather, scatter, stream_readable
 
 VIRTIO_CONSOLE_F_MULTIPORT = 1 << 1
 
@@ -90,6 +90,7 @@ class Port:
     guest_open: bool = False     # a guest program holds it open
     sent: int = 0                # bytes delivered to the guest
     received: int = 0            # bytes the guest wrote
+    dropped: int = 0             # bytes of a request beyond MAX_STREAM_PER_CHAIN
 
 
 class PortsDevice(VirtioDevice):
@@ -173,13 +174,10 @@ class PortsDevice(VirtioDevice):
                                    and bool(self.ports[port].pending))
 
     def _transmit(self, port: Port, queue: Virtqueue) -> None:
-        output = bytearray()
-        while (chain := queue.pop()) is not None:
-            output += gather(chain.readable)
-            queue.add_used(chain.head, 0)
-        if output:
-            port.received += len(output)
-            port.sink(bytes(output))
+        # Streamed in bounded pieces: a request may name all of guest RAM many times.
+        count = stream_readable(queue, port.sink)
+        port.received += count.sent
+        port.dropped += count.dropped
 
     def _deliver(self, port: Port, queue: Virtqueue) -> None:
         with self._lock:

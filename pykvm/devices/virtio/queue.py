@@ -270,14 +270,60 @@ def need_event(event: int, new: int, old: int) -> bool:
 
 
 # --- copying between byte strings and buffer lists (scatter/gather) -------------------------
-def gather(views: list[memoryview], limit: int | None = None) -> bytes:
-    """The bytes of ``views`` in order (at most ``limit``): one copy, for small headers."""
+def gather(views: list[memoryview], limit: int) -> bytes:
+    """The first ``limit`` bytes of ``views`` in order: one copy, for small headers
+    (a limit is required: a chain's total may be many times guest RAM)."""
     out = bytearray()
     for view in views:
-        if limit is not None and len(out) >= limit:
+        if len(out) >= limit:
             break
-        out += view if limit is None else view[:limit - len(out)]
+        out += view[:limit - len(out)]
     return bytes(out)
+
+
+# What a device may copy out of one request at most, and the piece it copies at a time:
+# a chain may name all of guest RAM many times over (64 descriptors of 512 MiB each), so
+# a device streams what it reads, never gathers it (virtio 1.2 section 2.7.4 lets the
+# device decide what it consumes of a buffer).
+STREAM_CHUNK = 64 * 1024
+MAX_STREAM_PER_CHAIN = 1 << 20
+
+
+@dataclass
+class StreamCount:
+    """What :func:`stream_readable` passed on and what it dropped (beyond the bound)."""
+
+    sent: int = 0
+    dropped: int = 0
+
+
+def stream_readable(queue: "Virtqueue", write, limit: int = MAX_STREAM_PER_CHAIN) -> StreamCount:
+    """Pop every available chain and pass its device-readable bytes to ``write(bytes)``
+    in order, at most ``limit`` bytes of each chain (the rest is counted as dropped),
+    through one buffer of at most STREAM_CHUNK bytes: the host memory this takes does
+    not depend on what the guest wrote. Each chain is returned with length 0."""
+    count = StreamCount()
+    buffer = bytearray()
+    while (chain := queue.pop()) is not None:
+        room = limit
+        for view in chain.readable:
+            take = min(len(view), room)
+            room -= take
+            count.dropped += len(view) - take
+            offset = 0
+            while offset < take:
+                piece = min(take - offset, STREAM_CHUNK - len(buffer))
+                buffer += view[offset:offset + piece]
+                offset += piece
+                if len(buffer) >= STREAM_CHUNK:
+                    count.sent += len(buffer)
+                    write(bytes(buffer))
+                    buffer.clear()
+        queue.add_used(chain.head, 0)
+    if buffer:
+        count.sent += len(buffer)
+        write(bytes(buffer))
+    return count
 
 
 def scatter(views: list[memoryview], data: bytes | memoryview) -> int:
