@@ -29,7 +29,7 @@ guests: deps
 	$(MAKE) -C guests/tutorial
 
 guest: deps
-	$(PY) guests/linux/build.py
+	$(PY) -m pykvm guest build
 
 run: guest
 	$(PY) -m pykvm run

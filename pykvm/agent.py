@@ -8,7 +8,7 @@ VIRTIO_CONSOLE_F_MULTIPORT) with one port named ``org.pykvm.agent.0``. It is not
 the guest console: kernel messages and the serial console never mix with it.
 In the guest the port is the character device ``/dev/vport<N>p0`` whose
 ``/sys/class/virtio-ports/vport<N>p0/name`` reads ``org.pykvm.agent.0``;
-``pykvm-agent`` (guests/linux/agent.c, a static C program that the default
+``pykvm-agent`` (pykvm/guestimage/agent.c, a static C program that the default
 guest's /init starts when the kernel command line has ``pykvm.agent=1``) finds
 it there and serves the protocol below. ``pykvm run --agent`` (or
 ``MachineConfig(agent=True)``) adds the device and the command-line word.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__, layout
 from .errors import PykvmError
+from .guestimage import cli as guest_cli
 
 EXIT_USAGE = 2
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND")
 
+    guest_cli.add_parser(commands)
     check = commands.add_parser("check", help="say whether this host can run pykvm (like kvm-ok)")
     check.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     check.set_defaults(handler=cmd_check)
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     snapshots.add_argument("--api-sock", metavar="PATH",
                            help="serve JSON requests (pause, resume, snapshot, stop, status, "
                                 "stats) on the Unix socket PATH; see `pykvm ctl`")
+    snapshots.add_argument("--api-sock-group", metavar="GROUP",
+                           help="let members of GROUP use the --api-sock too (the socket is "
+                                "made 0660 and GROUP's); by default only your own uid and root")
     run.set_defaults(handler=cmd_run)
 
     ctl = commands.add_parser(
@@ -280,6 +285,12 @@ def cmd_run(args) -> int:
 
     if args.restore is not None:
         check_restore_options(args)
+    if args.api_sock_group is not None:
+        from .control import group_id
+        from .errors import ConfigError
+        if args.api_sock is None:
+            raise ConfigError("--api-sock-group widens --api-sock: give --api-sock PATH too")
+        group_id(args.api_sock_group)       # an unknown group is refused before the boot
     config = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, flat=args.flat,
                            entry=args.entry, kernel=args.kernel, initrd=args.initrd,
                            append=args.append, kvm_device=args.device, stats=args.stats,
@@ -315,7 +326,7 @@ def cmd_run(args) -> int:
     except BaseException:
         observers.__exit__(None, None, None)
         raise
-    with machine, observers, control_socket(args.api_sock, machine):
+    with machine, observers, control_socket(args.api_sock, machine, args.api_sock_group):
         if args.api_sock:
             machine.vm.timing = True    # `pykvm stat` may ask for the time split live
         observers.attach(machine)
@@ -361,14 +372,14 @@ def check_restore_options(args) -> None:
         raise ConfigError(f"--restore takes the machine from the snapshot; drop {', '.join(given)}")
 
 
-def control_socket(path, machine):
+def control_socket(path, machine, group=None):
     """The --api-sock server for ``machine`` (a context manager), or nothing."""
     import contextlib
 
     if path is None:
         return contextlib.nullcontext()
     from .control import ControlServer
-    return ControlServer(path, machine)
+    return ControlServer(path, machine, group=group)
 
 
 # --- pykvm ctl ---------------------------------------------------------------------------------
@@ -518,6 +529,9 @@ class Observers:
 
     def attach(self, machine) -> None:
         args = self.args
+        if args.symbols:   # names the RIP of an instruction the host refused (kvm_pvm)
+            from .symbols import load
+            machine.vm.quirks.symbols = self.tracer.symbols if self.tracer else load(args.symbols)
         if args.stats or args.stats_interval or args.stats_plot:
             from .kvmstats import KvmStats
             machine.vm.timing = True

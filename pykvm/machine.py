@@ -378,21 +378,21 @@ def pad4(data: bytes) -> bytes:
 
 
 def default_guest_dir() -> Path | None:
-    """Where `make guest` put the default Linux guest, if it did."""
-    candidates = []
+    """Where the default Linux guest is: $PYKVM_GUEST_DIR, else the cache's build of this
+    pykvm's guest sources (`pykvm guest build`; pykvm/guestimage/cache.py); None if neither."""
+    from .guestimage.cache import find_guest
+
     if os.environ.get("PYKVM_GUEST_DIR"):
-        candidates.append(Path(os.environ["PYKVM_GUEST_DIR"]))
-    candidates.append(Path(__file__).resolve().parents[1] / "guests" / "linux" / "out")
-    for directory in candidates:
+        directory = Path(os.environ["PYKVM_GUEST_DIR"])
         if (directory / "vmlinux").exists() or (directory / "bzImage").exists():
             return directory
-    return None
+    return find_guest()
 
 
 def default_linux_guest() -> tuple[Path, Path | None]:
     directory = default_guest_dir()
     if directory is None:
-        raise ConfigError("no --kernel given and the default guest is not built: run `make guest` "
+        raise ConfigError("no --kernel given and the default guest is not built: run `pykvm guest build` "
                           "(or pass --kernel PATH)")
     kernel = directory / "vmlinux" if (directory / "vmlinux").exists() else directory / "bzImage"
     initrd = directory / "initramfs.cpio"

@@ -5,7 +5,7 @@ transport pykvm does not have); a share is a snapshot of the directory instead:
 ``mke2fs -t ext2 -d DIR`` (e2fsprogs) writes an ext2 image of it into a
 temporary file when the machine is built, and the image is attached as a
 read-only virtio-blk disk whose serial is ``pykvm-share`` (``pykvm-share1``,
-``pykvm-share2``, ... for more). The guest agent (guests/linux/agent.c) mounts
+``pykvm-share2``, ... for more). The guest agent (pykvm/guestimage/agent.c) mounts
 each such disk read-only at ``/mnt/share`` (``/mnt/share1``, ...) before it
 answers its first request. Changes on the host after the machine started are
 not seen; copy files in with ``Machine.copy_in`` / ``pykvm cp`` for that.

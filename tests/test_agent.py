@@ -2,7 +2,7 @@
 
 Without KVM:
 - the framing and the client against a fake channel (a scripted agent in Python);
-- guests/linux/agent.c itself, compiled here and run on the host over a socketpair
+- pykvm/guestimage/agent.c itself, compiled here and run on the host over a socketpair
   (``--fd``): exit statuses, separate stdout/stderr, 1 MiB through, stdin, timeouts,
   concurrent commands, files and directories;
 - the virtio-serial device (multiport console) behind the PCI transport, driven the
@@ -41,7 +41,7 @@ from pykvm.agent import (AgentClient, AgentError, AgentTimeout, AgentUnavailable
 from .fakes import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-AGENT_C = REPO / "guests" / "linux" / "agent.c"
+AGENT_C = REPO / "pykvm" / "guestimage" / "agent.c"
 
 
 # --- frames ---------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_result_serialises_for_the_control_socket():
 @pytest.fixture(scope="module")
 def agent_binary(tmp_path_factory):
     if shutil.which("gcc") is None:
-        pytest.skip("needs gcc to build guests/linux/agent.c")
+        pytest.skip("needs gcc to build pykvm/guestimage/agent.c")
     binary = tmp_path_factory.mktemp("agent") / "pykvm-agent"
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(AGENT_C)],
                    check=True)

@@ -2,7 +2,7 @@
  * /init of pykvm's default Linux guest: PID 1 as one small static program.
  *
  * Why C and not a shell script: on kvm_pvm hosts every fork+exec costs about
- * 1.5 s and every system call about 6.5 ms (shared/HOST.md), so init does its
+ * 1.5 s and every system call about 6.5 ms (docs/hosts.md), so init does its
  * work in-process, forks once, and keeps its system calls few.
  *
  * Protocol with pykvm (the ports are pykvm/layout.py's):

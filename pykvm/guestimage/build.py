@@ -1,26 +1,29 @@
-#!/usr/bin/env python3
 """Build pykvm's default Linux guest: a small kernel made for VMs and a tiny initramfs.
 
-`make guest` runs this (as root on Debian 12: it installs what it needs with
-apt-get). Nothing binary is committed. The result lives in a cache directory
-named after a key over every input, and guests/linux/out points at it:
+``pykvm guest build`` runs this (``make guest`` in pykvm's repository runs the same
+command). Its inputs ship in the package, next to this file: ``kernel.fragment``
+(the kernel configuration over ``tinyconfig``), ``init.c`` (the guest's /init) and
+``agent.c`` (pykvm-agent); the kernel source and busybox come from Debian 12's
+``linux-source-6.1`` and ``busybox-static``, which a root user gets installed with
+apt-get and anyone else is told to install. Nothing binary ships. The result lives
+in a cache directory named after a key over every input:
 
     ${PYKVM_CACHE:-~/.cache/pykvm}/linux-<first 16 hex digits of the key>/
         bzImage  vmlinux  System.map  config  initramfs.cpio  manifest.json
 
-When that directory exists the build is a no-op (about a second). The kernel
-source is extracted once per linux-source version and built out of tree in one
-build directory per version, so a changed fragment rebuilds incrementally.
+When that directory exists the build is a no-op (about a second), and
+pykvm.guestimage.cache finds it for ``pykvm run`` and the pytest plugin. The kernel
+source is extracted once per linux-source version and built out of tree in one build
+directory per version, so a changed fragment rebuilds incrementally.
 
 The kernel has a key of its own (the fragment, the source version and the
 kernel-building code of this file) and its own cache directory,
 ``kernel-<key>/``: a change to init.c, agent.c or the initramfs recipe rebuilds
-only the initramfs (seconds), never the kernel.
+only the initramfs (seconds), never the kernel. Details: README.md in this directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import inspect
@@ -31,25 +34,23 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from ..boot import cpio
+from ..errors import GuestBuildError
+from ..layout import KERNEL_LOAD_ADDR
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-sys.path.insert(0, str(REPO))
-
-from pykvm.boot import cpio  # noqa: E402  (needs the repo on sys.path)
-from pykvm.layout import KERNEL_LOAD_ADDR  # noqa: E402
-
 FRAGMENT = HERE / "kernel.fragment"
 INIT_C = HERE / "init.c"
 AGENT_C = HERE / "agent.c"         # pykvm-agent, the guest side of pykvm/agent.py
 AGENT_PATH = "sbin/pykvm-agent"    # where the initramfs has it (init.c starts it)
-OUT_LINK = HERE / "out"
 # Every file whose content changes what comes out; package versions join them.
 KEY_FILES = (FRAGMENT, INIT_C, AGENT_C, Path(__file__).resolve(),
-             REPO / "pykvm" / "boot" / "cpio.py")
+             HERE.parent / "boot" / "cpio.py")
 KERNEL_FILES = (("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"),
                 ("System.map", "System.map"), (".config", "config"))
 
@@ -59,6 +60,11 @@ BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX = Path("/bin/busybox")
 PACKAGES = (SOURCE_PACKAGE, BUSYBOX_PACKAGE, "bc", "bison", "flex", "libelf-dev", "libssl-dev",
             "cpio", "xz-utils", "gcc", "make", "libc6-dev")
+# --kernel-source: the source's version in the key reads "custom-<digest>"
+CUSTOM_SOURCE_PREFIX = "custom-"
+LOCK_NAME = "linux.lock"           # serialises builds (and cleaning) of one cache
+DEFAULT_LINK = "default-guest"     # -> the last linux-<key> built or found by a build
+PROGRESS_EVERY = 30.0              # seconds between "still building" lines of a long step
 
 # Fixed build stamps so that `uname -v` and the image bytes do not depend on when or where.
 KERNEL_MAKE_ENV = {
@@ -86,35 +92,63 @@ def progress(message: str) -> None:
     print(f"[guest {time.monotonic() - _started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-class BuildFailed(Exception):
+class BuildFailed(GuestBuildError):
     """A step failed; the message says which and where its log is."""
 
 
 def run(argv: list[str], *, cwd: Path | None = None, log: Path | None = None,
         env: dict[str, str] | None = None) -> str:
-    """Run a command; its output goes to ``log`` (appended) or is returned."""
+    """Run a command; its output goes to ``log`` (appended) or is returned. A step with a
+    log (configuring, compiling the kernel) says every PROGRESS_EVERY seconds that it is
+    still going and what it last did, so a build of minutes is never silent."""
     full_env = {**os.environ, **(env or {})}
     if log is None:
-        done = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True)
+        try:
+            done = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise BuildFailed(f"{argv[0]} is not installed") from None
         if done.returncode != 0:
             raise BuildFailed(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
         return done.stdout
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
-        done = subprocess.run(argv, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+        try:
+            child = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=out,
+                                     stderr=subprocess.STDOUT)
+        except FileNotFoundError:
+            raise BuildFailed(f"{argv[0]} is not installed") from None
+        with child:
+            while True:
+                try:
+                    child.wait(PROGRESS_EVERY)
+                    break
+                except subprocess.TimeoutExpired:
+                    progress(f"  ... {_last_line(log)}")
+    if child.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise BuildFailed(f"{' '.join(argv)} failed (full log: {log}):\n{tail}")
     return ""
 
 
+def _last_line(log: Path) -> str:
+    """The last line a running step wrote to its log (read from the end: logs grow large)."""
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        lines = f.read().decode(errors="replace").strip().splitlines()
+    return lines[-1].strip() if lines else "(no output yet)"
+
+
 # --- packages and the cache key ---------------------------------------------------------------
 
 def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
-    """Version of each installed package (missing ones are left out)."""
-    done = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev} ${Version}\n",
-                           *packages], capture_output=True, text=True)
+    """Version of each installed package (missing ones are left out; none without dpkg)."""
+    try:
+        done = subprocess.run(["dpkg-query", "-W", "-f",
+                               "${Package} ${db:Status-Abbrev} ${Version}\n", *packages],
+                              capture_output=True, text=True)
+    except FileNotFoundError:          # not a Debian system
+        return {}
     versions = {}
     for line in done.stdout.splitlines():
         name, status, version = (line.split() + ["", "", ""])[:3]
@@ -123,16 +157,26 @@ def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
     return versions
 
 
-def ensure_packages() -> dict[str, str]:
-    versions = installed_versions(PACKAGES)
-    missing = [p for p in PACKAGES if p not in versions]
-    if missing:
-        progress(f"installing {' '.join(missing)} with apt-get")
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        run(["apt-get", "update", "-qq"], env=env)
-        run(["apt-get", "install", "-y", "-qq", *missing], env=env)
-        versions = installed_versions(PACKAGES)
-    return versions
+def ensure_packages(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """The installed versions of ``packages``. Missing ones are installed with apt-get when
+    pykvm runs as root (the Makefile's `deps` step); anyone else gets one line naming them,
+    since a build cannot start without them."""
+    versions = installed_versions(packages)
+    missing = [p for p in packages if p not in versions]
+    if not missing:
+        return versions
+    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
+        raise GuestBuildError(
+            f"building the default guest needs Debian 12 packages ({' '.join(packages)}); "
+            f"elsewhere pass your own kernel: pykvm run --kernel PATH, pytest --pykvm-kernel PATH")
+    if os.geteuid() != 0:
+        raise GuestBuildError(f"building the default guest needs Debian packages: "
+                              f"sudo apt-get install {' '.join(missing)}")
+    progress(f"installing {' '.join(missing)} with apt-get")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", *missing], env=env)
+    return installed_versions(packages)
 
 
 def cache_key(versions: dict[str, str]) -> str:
@@ -309,16 +353,6 @@ def build_initramfs(init_binary: Path, agent_binary: Path) -> bytes:
 
 # --- putting it together -------------------------------------------------------------------
 
-def expose(result: Path) -> None:
-    """Point guests/linux/out at ``result`` (atomically replacing an older link)."""
-    if OUT_LINK.is_dir() and not OUT_LINK.is_symlink():
-        shutil.rmtree(OUT_LINK)
-    temporary = OUT_LINK.with_name(".out.tmp")
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(result)
-    temporary.replace(OUT_LINK)
-
-
 def build(root: Path, key: str, versions: dict[str, str], result: Path) -> None:
     started = time.monotonic()
     kernel, release = kernel_or_build(root, versions)
@@ -348,39 +382,81 @@ def build(root: Path, key: str, versions: dict[str, str], result: Path) -> None:
         staging.rename(result)
 
 
-def build_or_reuse(force: bool) -> Path:
-    """The cached result for the current inputs, built first if need be."""
-    versions = ensure_packages()
-    key = cache_key(versions)
+def custom_source(root: Path, source: Path) -> str:
+    """Make ``--kernel-source`` (a Linux source tree, or a tarball of one) the tree that
+    source_tree() finds, and return the version that stands for it in the keys:
+    ``custom-`` and a digest of the tarball's bytes, or of a tree's path and top Makefile
+    (a tree's other files are not read: after changing them, build with --force)."""
+    source = source.expanduser().resolve()
+    digest = hashlib.sha256()
+    if source.is_dir():
+        if not (source / "Makefile").is_file():
+            raise GuestBuildError(f"{source}: not a Linux source tree (no Makefile)")
+        digest.update(str(source).encode() + b"\0" + (source / "Makefile").read_bytes())
+    elif source.is_file():
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    else:
+        raise GuestBuildError(f"{source}: no such kernel source (a directory or a tarball)")
+    version = CUSTOM_SOURCE_PREFIX + digest.hexdigest()[:16]
+    tree = root / "src" / f"{SOURCE_PACKAGE}_{version}"
+    if (tree / "Makefile").exists():
+        return version
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        tree.unlink(missing_ok=True)
+        tree.symlink_to(source)         # built out of tree: the source is only read
+        return version
+    if not tarfile.is_tarfile(source):
+        raise GuestBuildError(f"{source}: not a tar archive of a Linux source tree")
+    progress(f"extracting {source}")
+    with tempfile.TemporaryDirectory(dir=tree.parent) as scratch:
+        run(["tar", "-xf", str(source), "-C", scratch])
+        tops = [p for p in Path(scratch).iterdir() if (p / "Makefile").is_file()]
+        if len(tops) != 1:
+            raise GuestBuildError(f"{source}: wanted one top-level directory with a Makefile, "
+                                  f"found {len(tops)}")
+        tops[0].rename(tree)
+    return version
+
+
+def build_or_reuse(force: bool = False, kernel_source: Path | None = None) -> Path:
+    """The cached result for the current inputs, built first if need be. ``force`` removes
+    the cached result and its kernel first (the kernel then rebuilds incrementally)."""
     root = cache_root()
-    result = root / f"linux-{key[:16]}"
-    if (result / "manifest.json").exists() and not force:
-        progress("cached")
-        return result
+    if kernel_source is None:
+        versions = ensure_packages()
+    else:
+        versions = ensure_packages(tuple(p for p in PACKAGES if p != SOURCE_PACKAGE))
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "linux.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time per cache
-        if force and result.exists():
-            shutil.rmtree(result)
-        if not (result / "manifest.json").exists():  # another build may have made it meanwhile
+    with open(root / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another build in {root} to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)   # one build at a time per cache
+        if kernel_source is not None:
+            versions[SOURCE_PACKAGE] = custom_source(root, kernel_source)
+        key = cache_key(versions)
+        result = root / f"linux-{key[:16]}"
+        if force:
+            for stale in (result, root / f"kernel-{kernel_key(versions)[:16]}"):
+                if stale.exists():
+                    shutil.rmtree(stale)
+        if (result / "manifest.json").exists():
+            progress(f"cached in {result}")
+        else:
             build(root, key, versions, result)
+        point_default_at(root, result)
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    args = parser.parse_args()
-    try:
-        result = build_or_reuse(args.force)
-    except BuildFailed as failure:
-        print(f"guest build failed: {failure}", file=sys.stderr)
-        return 1
-    expose(result)
-    manifest = json.loads((result / "manifest.json").read_text())
-    progress(f"Linux {manifest['kernel_release']}: {OUT_LINK} -> {result}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def point_default_at(root: Path, result: Path) -> None:
+    """Make ``root/default-guest`` a symlink to ``result`` (replaced atomically): the build
+    the lookup falls back to when the installed packages do not name it (a --kernel-source
+    build, or a linux-source upgraded since)."""
+    temporary = root / f".{DEFAULT_LINK}.{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(result.name)
+    temporary.replace(root / DEFAULT_LINK)

@@ -1,4 +1,4 @@
-"""The guest's /init (init.c), run on the host as PID 1 of a PID namespace.
+"""The guest's /init (pykvm/guestimage/init.c), run on the host as PID 1 of a PID namespace.
 
 init.c built with -DPYKVM_INIT_HOST_TEST logs its port writes to
 /pykvm-test/ports instead of touching real ports, and takes its console from
@@ -7,7 +7,7 @@ controlling tty, signals, reaping, exit status) is the code the guest runs.
 Needs root, unshare (util-linux), gcc with static glibc and busybox-static;
 skips without them. Each case takes well under a second here.
 
-Run: python3 -m pytest guests/linux/test_init.py
+Run: python3 -m pytest tests/test_guest_init.py
 """
 
 import os
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+INIT_C = Path(__file__).resolve().parents[1] / "pykvm" / "guestimage" / "init.c"
 BUSYBOX = Path("/bin/busybox")
 PROGRESS, EXIT = 0xF5, 0xF4
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 def init_binary(tmp_path_factory):
     binary = tmp_path_factory.mktemp("init") / "init"
     subprocess.run(["gcc", "-static", "-Os", "-Wall", "-Wextra", "-Werror",
-                    "-DPYKVM_INIT_HOST_TEST", "-o", str(binary), str(HERE / "init.c")], check=True)
+                    "-DPYKVM_INIT_HOST_TEST", "-o", str(binary), str(INIT_C)], check=True)
     return binary
 
 
