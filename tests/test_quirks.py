@@ -33,7 +33,10 @@ from pykvm.quirks import syscall
 from pykvm.quirks.syscall import (MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
                                   SyscallCompletion, first_instruction)
 from pykvm.stats import VcpuStats
+from pykvm.vcpu import Vcpu
 from pykvm.vm import Vm
+
+from .asm import assemble as assemble_snippet
 
 GUESTS = Path(__file__).parent / "guests"
 LOAD = layout.FLAT_LOAD_ADDR
@@ -254,6 +257,60 @@ def test_syscalls_from_user_mode(syscall_guests, handler_start):
     else:
         assert not run.quirks
     assert run.watch_ended
+
+
+def test_first_syscall_microseconds_after_lidt(syscall_guests, tmp_path):
+    """No emulation stop between the guest's lidt and its first system call, only the
+    port writes of one line: the early watch (syscall.EarlyPlant) plants the hook at
+    one of those exits, and then disarms itself."""
+    guest = assemble(tmp_path, "syscall", "NO_STOP")
+    count = 3
+    run = run_guest(guest, pokes={SYSCALL_COUNT: count})
+    assert_clean_exit(run)
+    assert run.lines == expected_lines(0, count)
+    if run.on_pvm:
+        assert run.quirks == Counter({"syscall": count + 2, "page fault passed through": 1,
+                                      "page-fault hook planted": 1})
+    else:
+        assert not run.quirks
+
+
+def test_early_watch_looks_only_after_the_idt_or_paging_changes(monkeypatch):
+    """A guest that never gets a plantable #PF handler costs one full look at its first
+    exit and at the first exit after its lidt (each for EARLY_WINDOW exits), not one per
+    exit: in between only the registers KVM stored in kvm_run are compared."""
+    if not all(shutil.which(tool) for tool in BINUTILS):
+        pytest.skip("GNU binutils not installed")
+    loops = 3 * syscall.EARLY_WINDOW
+    binary = assemble_snippet(f"""
+        mov ${loops}, %ecx
+    1:  out %al, $0x80
+        dec %ecx
+        jnz 1b
+        lidt idtr(%rip)           # a 16-byte IDT with nothing present
+        mov ${loops}, %ecx
+    2:  out %al, $0x80
+        dec %ecx
+        jnz 2b
+        xor %eax, %eax
+        out %al, ${layout.EXIT_PORT:#x}
+    3:  jmp 3b
+        .balign 16
+    idt: .quad 0, 0
+    idtr: .word 15
+        .quad idt
+    """, "long", LOAD)
+    looks = Counter()
+    synced = Vcpu.synced_sregs
+    monkeypatch.setattr(Vcpu, "synced_sregs", lambda self: (looks.update([self.id]),
+                                                            synced(self))[1])
+    run = run_guest(Guest(binary, {}))
+    assert_clean_exit(run)
+    if not run.on_pvm:
+        assert not looks
+        return
+    assert looks == Counter({0: 2 * (1 + syscall.EARLY_WINDOW)})
+    assert not run.quirks
 
 
 def test_rewritten_handler_is_planted_again(syscall_guests):

@@ -40,6 +40,8 @@ from ..boot.modes import gdt_entry, segment_from_descriptor
 from ..errors import GuestCrashed, GuestMemoryError, PykvmError
 from ..guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from ..guest.pagewalk import LEVEL4, LEVEL5, paging_mode, read_linear, translate
+from ..ioctl.structs import kvm_sregs
+from ..vcpu import SYNCED_SREGS_OFFSET
 
 VECTOR_PF = 14
 INT3 = 0xCC
@@ -56,6 +58,16 @@ RFLAGS_RF = 1 << 16
 RFLAGS_AC = 1 << 18
 PF_ERROR_WRITE = 1 << 1
 PF_ERROR_USER = 1 << 2
+
+# What a plant depends on among the special registers: IDTR (where vector 14 is), CR0, CR3,
+# CR4 and EFER (the paging mode and tables the gate and handler are read through), read
+# straight from the copy KVM stores in kvm_run at each exit (kvm_sregs from idt at offset
+# 208 to efer at 264; CR2 and CR8 are skipped: CR2 changes at every page fault).
+PLANT_KEY = struct.Struct("<QH6xQ8xQQ8xQ")
+PLANT_KEY_OFFSET = SYNCED_SREGS_OFFSET + kvm_sregs.idt.offset
+# Port-I/O exits after a change of those registers at which the plant is still looked for:
+# a guest may write its IDT's gates (or its handler) just after its lidt.
+EARLY_WINDOW = 256
 
 # What the CPU pushes for an exception with an error code in long mode.
 EXCEPTION_FRAME = struct.Struct("<6Q")   # error, RIP, CS, RFLAGS, RSP, SS
@@ -222,6 +234,65 @@ class SyscallCompletion:
             except Exception as error:  # a bug here must not go unseen, nor stop the guest
                 vm.log_exception(error)
                 return
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the early watch last saw on one vCPU."""
+
+    buffer: object                 # the vCPU's kvm_run page
+    key: tuple | None = None       # PLANT_KEY there at the last look
+    window: int = 0                # exits left at which to look again though it is unchanged
+
+
+class EarlyPlant:
+    """Until the #PF hook is planted, look for the handler at port-I/O exits too.
+
+    A guest may make its first system call microseconds after loading its IDT, with no
+    emulation stop between (a few `out`s to print, then `iretq` and `syscall`: tutorial
+    04, tests/guests/syscall.S), long before the watch thread's next round. Looking at
+    every exit through KVM_GET_SREGS doubled the cost of each exit of any guest that never
+    plants the hook (flat guests, bench/exits.py). Instead KVM stores the special
+    registers into kvm_run at each exit (KVM_SYNC_X86_SREGS) while this watch is armed,
+    and an exit costs one unpack and a compare of IDTR, CR0, CR3, CR4 and EFER against
+    what the vCPU showed last; the full check (gate, page walk, handler bytes) runs only
+    after they change, and for EARLY_WINDOW exits after that. Once the hook is planted
+    the watch disarms itself: the hot path is back to what it was without it.
+    """
+
+    def __init__(self, completion: SyscallCompletion):
+        self.completion = completion
+        self._seen: dict[int, _Seen] = {}
+        self._vm = None
+
+    def arm(self, vm) -> None:
+        self._vm = vm
+        self._seen = {vcpu.id: _Seen(vcpu.run_buffer) for vcpu in vm.vcpus}
+        for vcpu in vm.vcpus:
+            vcpu.sync_sregs(True)
+        vm.pio_observer = self.observe
+
+    def disarm(self) -> None:
+        vm = self._vm
+        if vm is None:
+            return
+        vm.pio_observer = None
+        for vcpu in vm.vcpus:
+            vcpu.sync_sregs(False)
+
+    def observe(self, vcpu) -> None:
+        """The Vm.pio_observer: called on ``vcpu``'s thread after each port-I/O exit."""
+        seen = self._seen[vcpu.id]
+        key = PLANT_KEY.unpack_from(seen.buffer, PLANT_KEY_OFFSET)
+        if key == seen.key:
+            if not seen.window:
+                return
+            seen.window -= 1
+        else:
+            seen.key, seen.window = key, EARLY_WINDOW
+        self.completion.check(vcpu, vcpu.synced_sregs())
+        if self.completion.plants:
+            self.disarm()
 
 
 def enter_syscall(vcpu, regs, sregs, msrs: dict[int, int], rflags: int, rsp: int,

@@ -141,8 +141,12 @@ kernel_main:
     wrmsr
 
     /* Any instruction the host's emulator stops at lets a VMM look at the IDT
-     * now, as Linux's boot gives it many chances to; fwait is one (a no-op here). */
+     * now, as Linux's boot gives it many chances to; fwait is one (a no-op here).
+     * With --defsym NO_STOP=1 there is none: the first system call follows the lidt
+     * by a few port writes (the line below) and microseconds. */
+    .ifndef NO_STOP
     fwait
+    .endif
 
     LOCKED_PRINT_BEGIN
     PRINT "cpu "
