@@ -226,10 +226,20 @@ class FlatResult:
     output: bytes               # what the guest sent to the serial port
     stop: object = None         # pykvm.vm.Stop (kind, status, message), None after a timeout
     timed_out: bool = False
+    # What the guest left behind, read after it stopped (kvm-hello-world's last step):
+    # vCPU 0's registers (KVM_GET_REGS: .rax, .rip, ...) and a copy of the guest RAM from
+    # address 0 (all of it below 3 GiB), indexed by guest-physical address. None after a
+    # timeout.
+    regs: object = None
+    memory: memoryview | None = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
         return self.output.decode(errors="replace")
+
+    def read_int(self, address: int, size: int = 8) -> int:
+        """The little-endian integer the guest left at ``address`` (``size`` bytes)."""
+        return int.from_bytes(self.memory[address:address + size], "little")
 
 
 @dataclass
@@ -280,10 +290,13 @@ class FlatVm:
         with Machine(config, stdout=console, stderr=console,
                      stdin=io.BytesIO(input) if input else None) as machine:
             stop = machine.run(timeout)
-        if stop is None:
-            return FlatResult(None, console.getvalue(), None, True)
+            if stop is None:
+                return FlatResult(None, console.getvalue(), None, True)
+            # The vCPU threads have ended: their registers and the RAM can be read here.
+            regs = machine.vm.vcpus[0].get_regs()
+            memory = memoryview(machine.memory.read(0, machine.memory.regions[0].size))
         status = stop.status if stop.kind == "exit" else None
-        return FlatResult(status, console.getvalue(), stop)
+        return FlatResult(status, console.getvalue(), stop, regs=regs, memory=memory)
 
     def console_text(self) -> str:
         return "\n".join(f"--- {label} ---\n{console.text()}" for label, console in self.runs)

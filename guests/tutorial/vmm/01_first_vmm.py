@@ -9,6 +9,7 @@ Documentation/virt/kvm/api.rst.
     python3 guests/tutorial/vmm/01_first_vmm.py
 """
 
+import ctypes
 import mmap
 import os
 
@@ -37,7 +38,7 @@ def first_vmm() -> list[str]:
     print("KVM_CREATE_VM -> VM fd", vm)
     ram = mmap.mmap(-1, MEM_SIZE)                 # anonymous memory: the guest's RAM
     ram[0:len(CODE)] = CODE
-    host_addr = s.ctypes.addressof(s.ctypes.c_char.from_buffer(ram))
+    host_addr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
     k.ioctl(vm, k.KVM_SET_USER_MEMORY_REGION, s.kvm_userspace_memory_region(
         slot=0, guest_phys_addr=GUEST_ADDR, memory_size=MEM_SIZE, userspace_addr=host_addr))
     print(f"KVM_SET_USER_MEMORY_REGION: guest {GUEST_ADDR:#x}+{MEM_SIZE:#x} = host {host_addr:#x}")
@@ -79,7 +80,7 @@ def with_pykvm() -> None:
     from pykvm.memory import GuestMemory
     from pykvm.vm import Vm
 
-    print("\nThe same guest through pykvm's Kvm, GuestMemory, Vm and Vcpu:")
+    print("\nthe same guest through pykvm's Kvm, GuestMemory, Vm and Vcpu:")
     with Kvm() as kvm, GuestMemory.anonymous(1 << 20) as memory, Vm(kvm, memory) as vm:
         memory.write(GUEST_ADDR, CODE)
         vcpu = vm.create_vcpus(1)[0]
@@ -90,6 +91,9 @@ def with_pykvm() -> None:
         vm.add_pio_device(0x3F8, 1, Printer())
         stop = vm.run(timeout=10)
     print(f"  stopped: {stop.message if stop else 'timeout'}")
+    print("  (no KVM_EXIT_HLT this time: pykvm's VM has KVM's in-kernel interrupt controllers,\n"
+          "  so `hlt` waits inside KVM for an interrupt; pykvm noticed the vCPU halted with\n"
+          "  interrupts off and ended the VM)")
     print("  KVM_GET_API_VERSION           -> Kvm() (pykvm/kvm.py)\n"
           "  KVM_CREATE_VM, _USER_MEMORY_REGION -> Vm() (pykvm/vm.py: _create_platform)\n"
           "  mmap of the RAM               -> GuestMemory.anonymous (pykvm/memory.py)\n"

@@ -10,7 +10,6 @@ installing pykvm.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -23,9 +22,9 @@ from pykvm.kvm import detect_host_kind  # noqa: E402
 
 # What a kvm_pvm host does differently, in one paragraph per lesson topic
 # (docs/hosts.md has the whole story).
-PVM_NOTE = ("host: kvm_pvm (KVM without VT-x/AMD-V): every instruction this ring-0 guest "
-            "runs is emulated by KVM, one at a time, in the kernel; the exits you see "
-            "are the same as on VT-x/AMD-V (docs/hosts.md)")
+PVM_NOTE = ("host: kvm_pvm (KVM without VT-x/AMD-V). These guests run in ring 0 (real mode\n"
+            "is ring 0 too), and kvm_pvm emulates every ring-0 instruction in the kernel, one\n"
+            "at a time; the exits are the same as on VT-x/AMD-V, only slower (docs/hosts.md)")
 
 
 def host_note() -> None:
@@ -49,5 +48,3 @@ def per_exit(seconds: float, count: int) -> str:
     """A cost per event in microseconds, for printing (never for asserting)."""
     return f"{seconds / max(count, 1) * 1e6:.1f} µs"
 
-
-now = time.perf_counter
