@@ -9,7 +9,9 @@ Fixtures
     An open :class:`pykvm.kvm.Kvm`. Where KVM cannot be used the test is *skipped*,
     never errored, with the reason: no such device, no permission to open it, or
     another KVM API version. ``--pykvm-device PATH`` (or ``PYKVM_DEVICE``) names
-    another device node; every fixture here honours it.
+    another device node; every fixture here honours it. ``--pykvm-require`` (or
+    ``PYKVM_REQUIRE=1``) makes each of those skips a failure, for CI jobs that
+    must not pass without running their VM tests.
 ``vm``
     :class:`FlatVm`, for tutorial-class guests: a few instructions assembled with GNU
     as (or raw bytes), loaded at 0x10000 and run in real, protected or long mode::
@@ -27,10 +29,13 @@ Fixtures
     ``EXIT_PORT`` (0xf4: the byte written there stops the guest and is
     ``result.status``) are predefined.
 ``linux_vm``
-    :class:`LinuxVm`: the default Linux guest (``make guest``; or
+    :class:`LinuxVm`: the default Linux guest (``pykvm guest build``; or
     ``--pykvm-kernel``/``--pykvm-initrd``) running, with the guest agent:
     ``linux_vm.exec("uname -r")`` returns ``Result(status, stdout, stderr)``; also
     ``put_file``, ``get_file``, ``copy_in``, ``copy_out`` (pykvm/agent.py).
+    Where KVM works but there is no guest (not built, no ``--pykvm-kernel``), the
+    test *fails*, naming ``pykvm guest build``: that is a set-up step that was
+    missed, not a host that cannot run VMs.
 
     A Linux boot takes minutes where guest ring 0 is emulated (kvm_pvm) and seconds
     on VT-x/AMD-V; so the plugin boots each distinct machine once, snapshots it with
@@ -100,9 +105,12 @@ def pytest_addoption(parser) -> None:
     group.addoption("--pykvm-device", metavar="PATH", default=None,
                     help="the KVM device node (default $PYKVM_DEVICE or /dev/kvm); tests that "
                          "need KVM are skipped when it cannot be used")
+    group.addoption("--pykvm-require", action="store_true", default=None,
+                    help="fail, instead of skipping, the tests that need KVM where it cannot "
+                         "be used ($PYKVM_REQUIRE=1)")
     group.addoption("--pykvm-kernel", metavar="PATH", default=None,
-                    help="the Linux kernel of linux_vm (default: the guest `make guest` built; "
-                         "$PYKVM_KERNEL)")
+                    help="the Linux kernel of linux_vm (default: the guest `pykvm guest build` "
+                         "built; $PYKVM_KERNEL)")
     group.addoption("--pykvm-initrd", metavar="PATH", default=None,
                     help="its initramfs (default: the default guest's, whose /init starts the "
                          "agent, also with --pykvm-kernel; $PYKVM_INITRD)")
@@ -131,6 +139,22 @@ def pytest_unconfigure(config) -> None:
 def _option(config, name: str, env: str):
     value = config.getoption(name, default=None)
     return value if value is not None else (os.environ.get(env) or None)
+
+
+def _required(config) -> bool:
+    """--pykvm-require, or PYKVM_REQUIRE set to anything but 0/no/false/off."""
+    value = _option(config, "pykvm_require", "PYKVM_REQUIRE")
+    return value is True or (isinstance(value, str)
+                              and value.strip().lower() not in ("0", "no", "false", "off"))
+
+
+def _cannot_run(config, reason: str) -> None:
+    """Skip the test for ``reason`` (something this host lacks), or fail it under
+    --pykvm-require: a CI job that needs its VM tests must not pass without them."""
+    if _required(config):
+        pytest.fail(f"{reason} (--pykvm-require / PYKVM_REQUIRE turns this skip into a "
+                    f"failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 # --- failure reports ------------------------------------------------------------------------------------
@@ -197,12 +221,13 @@ def kvm_unavailable_reason(device: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def pykvm_device(pytestconfig) -> str:
-    """The KVM device path; skips the test when KVM cannot be used through it."""
+    """The KVM device path; skips the test when KVM cannot be used through it (fails it
+    under --pykvm-require)."""
     state = pytestconfig.stash[_STATE]
     device = _device(pytestconfig)
     reason = state.unavailable(device)
     if reason is not None:
-        pytest.skip(f"KVM is not usable: {reason}")
+        _cannot_run(pytestconfig, f"KVM is not usable: {reason}")
     return device
 
 
@@ -248,6 +273,7 @@ class FlatVm:
 
     device: str
     workdir: Path
+    config: object = field(default=None, repr=False)      # pytest's, for --pykvm-require
     runs: list = field(default_factory=list, repr=False)   # (label, console) of each run
 
     def assemble(self, source: str, mode: str = "real") -> bytes:
@@ -258,7 +284,8 @@ class FlatVm:
             raise ValueError(f"mode {mode!r}: one of {', '.join(_DIRECTIVES)}")
         missing = [tool for tool in ("as", "ld") if shutil.which(tool) is None]
         if missing:
-            pytest.skip(f"assembling a guest needs GNU binutils ({', '.join(missing)} missing)")
+            _cannot_run(self.config, f"assembling a guest needs GNU binutils "
+                                     f"({', '.join(missing)} missing)")
         with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
             src, obj, out = (Path(scratch, name) for name in ("g.S", "g.o", "g.bin"))
             src.write_text(f"{_DIRECTIVES[mode]}\n{_PRELUDE}.globl _start\n_start:\n{source}\n")
@@ -305,7 +332,7 @@ class FlatVm:
 @pytest.fixture
 def vm(request, pykvm_device, tmp_path) -> FlatVm:
     """Flat guests from assembly or bytes: ``vm.run(source, mode=...)`` -> FlatResult."""
-    helper = FlatVm(pykvm_device, tmp_path)
+    helper = FlatVm(pykvm_device, tmp_path, request.config)
     _attach_console(request, "vm", helper.console_text)
     return helper
 
@@ -395,8 +422,10 @@ def _linux_spec(request) -> _LinuxSpec:
     directory = default_guest_dir()
     if kernel is None:
         if directory is None:
-            pytest.skip("no Linux guest: the default one is not built (make guest) and no "
-                        "--pykvm-kernel was given")
+            # KVM works (pykvm_device came first): this is a missed set-up step, not a host
+            # that cannot run guests, so it fails rather than skips
+            pytest.fail("no Linux guest for linux_vm: the default guest is not built; run "
+                        "`pykvm guest build` (or pass --pykvm-kernel PATH)", pytrace=False)
         kernel = str(directory / "vmlinux" if (directory / "vmlinux").exists()
                      else directory / "bzImage")
     if initrd is None and directory is not None and (directory / "initramfs.cpio").exists():
@@ -458,6 +487,8 @@ def default_snapshot_root() -> Path:
 
 
 # pykvm modules that never shape a guest's state: a change to them keeps the snapshots
+# (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
+# are in the key themselves)
 _STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py", "plot.py",
                       "stats.py", "kvmstats.py", "gdbstub.py"}
 
@@ -469,7 +500,8 @@ def _pykvm_source_digest() -> str:
     digest = hashlib.sha256()
     root = Path(pykvm.__file__).resolve().parent
     for path in sorted(root.rglob("*.py")):
-        if str(path.relative_to(root)) in _STATELESS_SOURCES:
+        relative = path.relative_to(root)
+        if str(relative) in _STATELESS_SOURCES or relative.parts[0] == "guestimage":
             continue
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

@@ -34,7 +34,7 @@ def _skip_without_linux() -> None:
     if _REASON is not None:
         pytest.skip(f"needs /dev/kvm: {_REASON}")
     if default_guest_dir() is None:
-        pytest.skip("the default Linux guest is not built (make guest)")
+        pytest.skip("the default Linux guest is not built (pykvm guest build)")
 
 
 @pytest.fixture(scope="session")

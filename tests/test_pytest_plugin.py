@@ -4,7 +4,9 @@ sample test files run by pytester in a session of their own.
 - flat ``vm`` guests: one passes; one fails, and its report carries the guest's
   console output; ``kvm`` gives an open device;
 - ``--pykvm-device /nonexistent``: every KVM test is skipped with the reason, none
-  errors (no guest needed);
+  errors (no guest needed); with ``--pykvm-require`` or ``PYKVM_REQUIRE=1`` each of
+  those skips is a failure instead;
+- KVM usable but no Linux guest: a ``linux_vm`` test fails, naming ``pykvm guest build``;
 - one ``linux_vm`` test (marked linux): with the same share as tests/test_agent.py's
   Linux test, so the snapshot that test's session made (kept in
   ~/.cache/pykvm/snapshots) is restored here instead of booting again.
@@ -81,6 +83,45 @@ def test_device_from_the_environment(pytester, monkeypatch):
     result.stdout.fnmatch_lines(["*/nonexistent-too does not exist*"])
 
 
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_require_fails_instead_of_skipping(pytester, monkeypatch, how):
+    pytester.makepyfile(test_sample=FLAT_TESTS)
+    args = ["-p", "no:cacheprovider", "-rf", "--pykvm-device", "/nonexistent"]
+    if how == "option":
+        args.append("--pykvm-require")
+    else:
+        monkeypatch.setenv("PYKVM_REQUIRE", "1")
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(errors=4)          # the fixture fails: an error at set-up
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*KVM is not usable: /nonexistent does not exist*"
+                                 "--pykvm-require*"])
+
+
+def test_require_off_in_the_environment_still_skips(pytester, monkeypatch):
+    monkeypatch.setenv("PYKVM_REQUIRE", "0")
+    pytester.makepyfile(test_sample="def test_device(kvm):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--pykvm-device", "/nonexistent")
+    result.assert_outcomes(skipped=1)
+
+
+def test_linux_vm_fails_naming_the_build_command_when_no_guest_is_built(pytester, monkeypatch,
+                                                                         tmp_path):
+    from pykvm.pytest_plugin import kvm_unavailable_reason
+
+    reason = kvm_unavailable_reason("/dev/kvm")
+    if reason is not None:
+        pytest.skip(f"needs /dev/kvm: {reason}")
+    monkeypatch.setenv("PYKVM_CACHE", str(tmp_path / "empty-cache"))  # no guest built there
+    for name in ("PYKVM_GUEST_DIR", "PYKVM_KERNEL", "PYKVM_REQUIRE"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makepyfile(test_sample="def test_guest(linux_vm):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rf")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*the default guest is not built; run `pykvm guest build`*"])
+    assert "Traceback" not in result.stdout.str()
+
+
 def test_markers_are_registered(pytester):
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["*pykvm_cpus(n)*", "*pykvm_mem(size)*", "*pykvm_disk(*",
@@ -95,7 +136,7 @@ def test_linux_vm_runs_commands(pytester, monkeypatch):
     from .test_agent import make_share
 
     if kvm_unavailable_reason("/dev/kvm") is not None or default_guest_dir() is None:
-        pytest.skip("needs /dev/kvm and the default guest (make guest)")
+        pytest.skip("needs /dev/kvm and the default guest (pykvm guest build)")
     share = make_share()
     # pytester gives the inner session another HOME: point it at this one's snapshots
     monkeypatch.setenv("PYKVM_SNAPSHOTS", str(SNAPSHOTS))
