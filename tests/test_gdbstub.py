@@ -46,7 +46,7 @@ GUEST = """
 OUT_A, INC1, INC3 = BASE + 0x10, BASE + 0x11, BASE + 0x20
 SPIN = "spin: jmp spin\n"
 PVM_RING3 = ("kvm_pvm does not report single-step or hardware-breakpoint traps for guest "
-             "ring 3, and int3 there goes straight to the guest's IDT (measured, HOST.md)")
+             "ring 3, and int3 there goes straight to the guest's IDT (measured; docs/hosts.md)")
 
 
 class Serial(Device):

@@ -12,7 +12,7 @@
 #
 # Who runs what (the lesson of this guest):
 #   guest mode - mov, lodsb, test, jz, jmp: plain CPU work. On a VT-x/AMD-V
-#                host the CPU runs them itself. On kvm_pvm (HOST.md) all
+#                host the CPU runs them itself. On kvm_pvm (docs/hosts.md) all
 #                ring-0 code, and real mode is always ring 0, is emulated by
 #                KVM one instruction at a time: slower, but still inside the
 #                kernel, invisible to pykvm.

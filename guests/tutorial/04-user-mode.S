@@ -38,7 +38,7 @@
 #                yet that is still one exit per byte: KVM performs a string
 #                `out` one element at a time, each a KVM_EXIT_IO to pykvm.
 #
-# kvm_pvm (HOST.md): `syscall` from ring 3 does not switch to ring 0 there. The
+# kvm_pvm (docs/hosts.md): `syscall` from ring 3 does not switch to ring 0 there. The
 # CPU jumps to LSTAR still in ring 3, the fetch from a supervisor page faults,
 # and without help this kernel reports
 #   kernel: #PF page fault at rip=<syscall_entry> in ring 3 ...

@@ -9,7 +9,7 @@
 #   ring 0 / ring 3 time per iteration: 4014
 #
 # On a VT-x or AMD-V host both rings run natively: the last line says about 1.
-# On kvm_pvm (HOST.md) guest ring 3 runs natively but every ring-0 instruction
+# On kvm_pvm (docs/hosts.md) guest ring 3 runs natively but every ring-0 instruction
 # is emulated by KVM, and the ratio is in the thousands. The ring-0 loop is
 # therefore 100 times shorter than the ring-3 one, so that it takes about a
 # second there rather than minutes.

@@ -7,7 +7,7 @@ modes.py's job, not this module's).
 
 A bzImage is by default not entered through its decompressor: its ELF vmlinux
 is extracted (and cached) in pykvm and loaded like a bare vmlinux, because
-guest ring-0 code may be emulated and slow (HOST.md).
+guest ring-0 code may be emulated and slow (docs/hosts.md).
 """
 
 from __future__ import annotations

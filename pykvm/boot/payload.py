@@ -1,6 +1,6 @@
 """The ELF vmlinux inside a bzImage: find its compression, decompress it, cache it.
 
-Why: on hosts where guest ring-0 code is emulated (kvm_pvm, see HOST.md) the
+Why: on hosts where guest ring-0 code is emulated (kvm_pvm, see docs/hosts.md) the
 kernel's own decompressor takes minutes; decompressing in pykvm and loading the
 ELF takes a second, and the cache makes the next boot free.
 

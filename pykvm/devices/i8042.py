@@ -4,7 +4,7 @@ A VM needs it for two reasons. Guests reboot through it (command 0xFE pulses
 the CPU reset line: Linux's ``reboot=k``, Firecracker's way out), and a
 guest's i8042 driver probes it, polling the status port until the answer it
 waits for arrives: a status that never settles costs tens of thousands of
-port exits (HOST.md). So every command completes at once, the input buffer is
+port exits (measured on kvm_pvm). So every command completes at once, the input buffer is
 always empty, and the output buffer holds at most the one byte just answered.
 
 Registered at port 0x60 for 5 ports: offset 0 is the data port (0x60), offset

@@ -5,7 +5,7 @@ On kvm_pvm a `syscall` in guest user mode does everything SYSCALL should
 except the switch to ring 0: CS and SS keep the user selectors, so fetching
 the first instruction at LSTAR faults, and the guest kernel sees a user-mode
 instruction-fetch page fault at its own syscall entry (Linux then kills init).
-See HOST.md, "System calls from guest user mode".
+See docs/hosts.md, "System calls".
 
 pykvm therefore plants an `int3` over the first byte of the guest's #PF handler
 (IDT vector 14). Ring-0 code is emulated on this host and the emulator stops at
@@ -24,7 +24,7 @@ The plant waits until vector 14 points at a handler that starts with one of
 those instructions (Linux's early boot handler, `early_idt_handler_array`,
 starts with a push, and is replaced later). It is re-checked on every
 emulation-failure exit and every CHECK_INTERVAL seconds from a watch thread,
-because the IDT may move and the kernel rewrites its own text (HOST.md: the
+because the IDT may move and the kernel rewrites its own text (measured: the
 handler's `90 90 90` later became `90 66 90`, wiping the first byte).
 One plant serves all vCPUs (Linux shares its IDT); the completion itself is
 per vCPU, on that vCPU's thread.
