@@ -13,11 +13,17 @@ Two levels:
 
 from __future__ import annotations
 
+import functools
+import io
 import os
+import queue
 import socket
 import struct
+import threading
+import time
 import tracemalloc
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +36,9 @@ from pykvm.devices.virtio.ports import PortsDevice
 from pykvm.devices.virtio.queue import MAX_STREAM_PER_CHAIN, STREAM_CHUNK, Virtqueue
 from pykvm.devices.virtio.rng import RngDevice
 from pykvm.memory import GuestMemory
+
+from .asm import assemble
+from .conftest import needs_kvm
 
 RING_BASE = 0x100000          # queue i's rings at RING_BASE + RING_STRIDE * i
 RING_STRIDE = 0x10000
@@ -184,3 +193,168 @@ def test_streamed_output_keeps_order_across_chains_and_descriptors(ram, tmp_path
         assert rig.rings[1].take_used() == [(2 * i, 0) for i in range(5)]
     finally:
         rig.close()
+
+
+# --- the flat guest (tests/guests/hostile.S) --------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+GUEST_MEM = 64 << 20
+LOAD_ADDR = 0x10000
+PARAMS = LOAD_ADDR + 8                 # hostile.S's parameter block
+SCRIPT_ADDR = 0x80000                  # scripts are written here (up to 0x80000 bytes)
+CMD_ADDR = 0xD0001000                  # the command register, outside the BAR window's use
+OP_END, OP_STORE, OP_LOAD, OP_WATCH = 0, 1, 2, 3
+_ENTRY = struct.Struct("<QQQQQ")
+
+
+class CommandRegister:
+    """The guest's read blocks until the test posts a script (1), or returns 0 after a
+    while so that the vCPU can be stopped between scripts."""
+
+    name = "hostile-cmd"
+
+    def __init__(self):
+        self.pending: queue.Queue[int] = queue.Queue()
+
+    def read(self, offset: int, size: int) -> int:
+        try:
+            return self.pending.get(timeout=0.05)
+        except queue.Empty:
+            return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+@dataclass
+class Script:
+    """What the guest will do, entry by entry (hostile.S's ops)."""
+
+    entries: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def store(self, addr: int, value: int, width: int = 4) -> None:
+        self.entries.append((OP_STORE, width, addr, value & ((1 << 8 * width) - 1)))
+
+    def load(self, addr: int, width: int = 4) -> int:
+        self.entries.append((OP_LOAD, width, addr, 0))
+        return len(self.entries) - 1
+
+    def watch(self, used_addr: int, size: int, count: int) -> int:
+        self.entries.append((OP_WATCH, size, used_addr, count))
+        return len(self.entries) - 1
+
+    def encode(self) -> bytes:
+        return b"".join(_ENTRY.pack(*entry, 0) for entry in self.entries + [(OP_END, 0, 0, 0)])
+
+
+@functools.lru_cache(maxsize=1)
+def guest_image() -> bytes:
+    source = (ROOT / "tests/guests/hostile.S").read_text()
+    tables = (ROOT / "bench/guests/user_tables.inc").read_text()
+    return assemble(source + "\n" + tables, "long", LOAD_ADDR)
+
+
+class FlatGuest:
+    """A VM running hostile.S in ring 3 on one vCPU; :meth:`run` has it run a script."""
+
+    def __init__(self, kvm, memory: GuestMemory, log=None):
+        from pykvm.boot.modes import set_mode
+        from pykvm.vm import Vm
+
+        self.memory = memory
+        self.log = log if log is not None else io.StringIO()
+        self.vm = Vm(kvm, memory, log=self.log)
+        self.commands = CommandRegister()
+        self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
+        memory.write(LOAD_ADDR, guest_image())
+        memory.write_u64(PARAMS, SCRIPT_ADDR)
+        memory.write_u64(PARAMS + 8, CMD_ADDR)
+        self.vm.create_vcpus(1)
+        set_mode(self.vm.vcpus[0], memory, "long", LOAD_ADDR)
+
+    def start(self) -> None:
+        self.vm.start()
+
+    @property
+    def progress(self) -> int:
+        return self.memory.read_u64(PARAMS + 16)
+
+    def run(self, script: Script, timeout: float = 30.0) -> list[int]:
+        """Run ``script`` in the guest; the results of its entries (loads, watches)."""
+        encoded = script.encode()
+        assert len(encoded) <= 0x80000
+        self.memory.write(SCRIPT_ADDR, encoded)
+        runs = self.memory.read_u64(PARAMS + 24)
+        self.commands.pending.put(1)
+        deadline = time.monotonic() + timeout
+        while self.memory.read_u64(PARAMS + 24) == runs:
+            assert self.vm.stop_reason is None, f"the guest stopped: {self.vm.stop_reason}"
+            assert time.monotonic() < deadline, "the guest did not finish its script"
+            time.sleep(0.0005)
+        return [_ENTRY.unpack_from(self.memory.read(SCRIPT_ADDR + 40 * i, 40))[4]
+                for i in range(len(script.entries))]
+
+    def close(self) -> None:
+        self.vm.close()
+
+
+# --- used-ring publication (issue 12, item 3) -------------------------------------------------------
+WATCH_RING = 0x200000
+WATCH_SIZE = 64
+
+
+def publish_with_virtqueue(queue: Virtqueue, memory: GuestMemory, k: int) -> None:
+    queue.add_used(k, k ^ 0xA5A5A5A5)
+
+
+def publish_torn(queue: Virtqueue, memory: GuestMemory, k: int) -> None:
+    """What a byte-at-a-time index store looks like, slowed down at each carry: the
+    check below must see it (or it could not fail)."""
+    slot = queue.used_idx % queue.size
+    memory.write(queue.used_addr + 4 + 8 * slot, struct.pack("<II", k, k ^ 0xA5A5A5A5))
+    queue.used_idx = new = (queue.used_idx + 1) & 0xFFFF
+    index = memory.view(queue.used_addr + 2, 2)
+    index[0] = new & 0xFF
+    if new & 0xFF == 0:
+        time.sleep(0.0002)
+    index[1] = new >> 8
+
+
+@needs_kvm
+@pytest.mark.parametrize("publish, torn", [(publish_with_virtqueue, False), (publish_torn, True)],
+                         ids=["virtqueue", "byte-at-a-time"])
+def test_guest_never_sees_a_used_index_or_element_half_published(kvm, publish, torn):
+    # A ring-3 guest on its own vCPU reads the used index with one 16-bit load as
+    # fast as it can while the host publishes 60,000 completions through 256-carries:
+    # every index it sees must be the old one or a newer one (never backwards, never
+    # further than the ring holds), and every element it then reads must be the
+    # one published (element before index).
+    count = 60_000
+    with GuestMemory.anonymous(GUEST_MEM) as memory:
+        guest = FlatGuest(kvm, memory)
+        try:
+            ring = DriverRing(memory, WATCH_RING, WATCH_SIZE)
+            used = Virtqueue(memory, WATCH_SIZE)
+            used.desc_addr, used.avail_addr, used.used_addr = \
+                ring.desc_addr, ring.avail_addr, ring.used_addr
+            used.activate(indirect=False, event_idx=False)
+            script = Script()
+            entry = script.watch(ring.used_addr, WATCH_SIZE, count)
+            guest.start()
+            results: list[int] = []
+            runner = threading.Thread(target=lambda: results.extend(guest.run(script, 60)))
+            runner.start()
+            seen = 0
+            for k in range(count):
+                while k - seen >= WATCH_SIZE:           # the guest has not taken them yet
+                    seen = guest.progress
+                publish(used, memory, k)
+            runner.join(90)
+            assert results, "the guest did not finish watching"
+            anomalies = results[entry]
+            assert guest.progress == count
+        finally:
+            guest.close()
+    if torn:
+        assert anomalies > 0, "the check cannot see a torn index"
+    else:
+        assert anomalies == 0

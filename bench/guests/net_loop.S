@@ -28,9 +28,8 @@
  * only if the index moved past it, i.e. only when the device asked to be woken
  * (it had run dry). `notifies` counts the doorbells.
  *
- * `glitches` counts ring indexes read in the middle of the host's store: two
- * reads a few pauses apart that differ, or an index that cannot be true (more
- * than N buffers in flight or returned at once); the guest reads again. Measured
+ * `glitches` counts ring indexes that cannot be true (more than N buffers in
+ * flight or returned at once): a torn read; the guest reads again. Measured
  * cause: pykvm's Virtqueue stores the used index and avail_event with
  * struct.pack_into, which clears both bytes and then writes them one at a time,
  * so a driver reading at that instant sees 0 or half an index. With the index
@@ -45,20 +44,12 @@
  * (doorbell writes end in KVM's ioeventfd) and loops until the bench stops the VM.
  */
 
-/* READ16 src, reg: a 16-bit ring index, read until two reads a few pauses apart
- * agree (see `glitches` above: the host may be half-way through storing it). */
+/* READ16 src, reg: a 16-bit ring index, with one 16-bit load (pykvm stores each
+ * index with one 16-bit store, after the elements it covers). Re-reading and
+ * counting a difference, as this macro once did, also counted the device's
+ * legitimate progress between the two loads. */
         .macro  READ16 src, reg, scratch
         movzwl  \src, \reg
-99:     pause
-        pause
-        pause
-        movzwl  \src, \scratch
-        cmp     \reg, \scratch
-        je      98f
-        mov     \scratch, \reg
-        incq    glitches(%rip)
-        jmp     99b
-98:
         .endm
 
         .code64

@@ -41,7 +41,6 @@ MAX_QUEUE_SIZE = 32768
 
 _DESCRIPTOR = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
 
 
 class VirtqueueError(PykvmError):
@@ -98,7 +97,7 @@ class Virtqueue:
         self.last_avail_idx = 0
         self.used_idx = 0
         self._signalled_used = 0
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used_ring = None
 
     # --- snapshots ---------------------------------------------------------------------------
     def save_state(self) -> dict:
@@ -149,6 +148,9 @@ class Virtqueue:
         self._used_event = _u16_view(self._avail, 4 + 2 * size)
         self._used_idx = _u16_view(self._used, 2)
         self._avail_event = _u16_view(self._used, 4 + 8 * size)
+        # The used elements as (id, len) pairs of 32-bit words: one store per field,
+        # never the clear-then-bytes of struct.pack_into.
+        self._used_ring = self._used[4:4 + 8 * size].cast("I")
         self.indirect_allowed = indirect
         self.event_idx = event_idx
         self.last_avail_idx = 0
@@ -231,10 +233,18 @@ class Virtqueue:
 
     # --- the used side -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
-        """Return chain ``head`` to the driver, saying ``written`` bytes were written to it."""
-        slot = self.used_idx % self.size
-        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
-        # The element must be visible before the index: x86 does not reorder stores.
+        """Return chain ``head`` to the driver, saying ``written`` bytes were written to it.
+
+        Publication (virtio 1.2 section 2.7.8.2): the element is written first, with
+        one 32-bit store per field, then the index with one 16-bit store. x86 makes
+        stores visible in program order (TSO), so a driver that sees the new index
+        sees the whole element; nothing else writes this ring, and only one thread
+        at a time serves a queue (the transport's lock), so the index never goes
+        back. tests/test_hostile_guest.py watches it from a guest vCPU."""
+        slot = 2 * (self.used_idx % self.size)
+        ring = self._used_ring
+        ring[slot] = head
+        ring[slot + 1] = written if written <= 0xFFFFFFFF else 0xFFFFFFFF   # len is a u32
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used_idx[0] = self.used_idx
 
