@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, layout
+from . import layout, sandbox
 from .errors import PykvmError
 from .guestimage import cli as guest_cli
 
@@ -64,10 +64,22 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class VersionAction(argparse.Action):
+    """--version, with pykvm.__version__ read only when asked (it costs start-up time)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show pykvm's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+        print(f"pykvm {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pykvm", description="A userspace virtual machine monitor in Python on top of KVM.")
-    parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(metavar="COMMAND")
 
     guest_cli.add_parser(commands)
@@ -96,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="guest RAM, e.g. 512M, 2G (a bare number is MiB; default 512M)")
     machine.add_argument("-c", "--cpus", type=int, default=1, help="vCPUs (default 1)")
     machine.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    machine.add_argument("--no-seccomp", action="store_true",
+                         help="do not confine vCPU and device threads with seccomp filters "
+                              "(pykvm/sandbox; a forbidden call otherwise ends pykvm with "
+                              "status 159)")
     devices = run.add_argument_group("devices (virtio over PCI)")
     devices.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                          help="a virtio-blk disk backed by a raw image (repeatable; ro: read-only; "
@@ -130,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     snapshots = run.add_argument_group("snapshots and control (pykvm/snapshot, pykvm/control.py)")
     snapshots.add_argument("--restore", type=Path, metavar="DIR",
                            help="resume the guest saved in the snapshot directory DIR (the "
-                                "machine comes from the snapshot: no boot or device options)")
+                                "machine comes from the snapshot: no boot or device options). "
+                                "Host resources are yours: --disk, --share, --net give one "
+                                "per device of the snapshot, in its order, or the snapshot's "
+                                "own are used with --trust-snapshot")
+    snapshots.add_argument("--trust-snapshot", action="store_true",
+                           help="with --restore: use the disk images, shared directories and "
+                                "TAPs the snapshot names (only for a snapshot you took "
+                                "yourself; a read-only disk stays read-only)")
     snapshots.add_argument("--api-sock", metavar="PATH",
                            help="serve JSON requests (pause, resume, snapshot, stop, status, "
                                 "stats) on the Unix socket PATH; see `pykvm ctl`")
@@ -203,6 +226,7 @@ HOST_KIND_TEXT = {
 
 
 def cmd_check(args) -> int:
+    from . import __version__
     from .kvm import Kvm
     from .quirks import for_host
 
@@ -278,13 +302,19 @@ def smoke_test(kvm) -> str | None:
 
 # --- pykvm run -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from .devices.virtio import DiskSpec
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
-    from .net.plumbing import NetSpec
     from .stats import format_report
+    if args.disk:   # virtio and networking are imported only by runs that use them
+        from .devices.virtio import DiskSpec
+    if args.net:
+        from .net.plumbing import NetSpec
 
+    sandbox.configure(enabled=not args.no_seccomp)
     if args.restore is not None:
         check_restore_options(args)
+    elif args.trust_snapshot:
+        from .errors import ConfigError
+        raise ConfigError("--trust-snapshot goes with --restore DIR")
     if args.api_sock_group is not None:
         from .control import group_id
         from .errors import ConfigError
@@ -317,7 +347,12 @@ def cmd_run(args) -> int:
     try:
         if args.restore is not None:
             from .snapshot import restore_machine
-            machine = restore_machine(args.restore, stdin=sys.stdin.buffer, tracer=observers.tracer)
+            machine = restore_machine(
+                args.restore, stdin=sys.stdin.buffer, tracer=observers.tracer,
+                trust=args.trust_snapshot, kvm_device=args.device,
+                disks=config.disks if args.disk else None,
+                nets=config.nets if args.net else None,
+                shares=config.shares if args.share else None)
             config = machine.config
             config.stats, config.verbose = args.stats, args.verbose
         else:
@@ -355,13 +390,13 @@ def cmd_run(args) -> int:
 
 RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
-                     ("disk", []), ("console", "serial"), ("rng", False), ("net", []),
-                     ("agent", False), ("share", []))
+                     ("console", "serial"), ("rng", False), ("agent", False))
 
 
 def check_restore_options(args) -> None:
-    """--restore takes the whole machine from the snapshot: options that would build
-    another one are refused rather than ignored."""
+    """--restore takes the machine from the snapshot: options that would build another
+    one are refused rather than ignored. --disk, --share and --net are the host side of
+    the snapshot's devices (pykvm/snapshot/resources.py)."""
     from .errors import ConfigError
 
     given = [f"--{name.replace('_', '-')}" for name, default in RESTORE_CONFLICTS

@@ -15,6 +15,7 @@ import select
 import threading
 from typing import Callable
 
+from ... import sandbox
 from .queue import Virtqueue
 
 # --- device IDs (virtio 1.x, section 5) --------------------------------------------------
@@ -106,6 +107,7 @@ class QueueWorker:
         self.thread.start()
 
     def _run(self) -> None:
+        sandbox.thread_role("device")   # pykvm/sandbox: seccomp, unless --no-seccomp
         poller = select.poll()
         index_of = {fd: index for index, fd in enumerate(self._fds)}
         for fd in self._fds:

@@ -51,6 +51,7 @@ import select
 import struct
 import threading
 
+from ... import sandbox
 from .device import VirtioDevice
 from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views
 
@@ -390,6 +391,7 @@ class TapWatcher:
         os.eventfd_write(self._arm_fd, 1)
 
     def _run(self) -> None:
+        sandbox.thread_role("device")   # pykvm/sandbox: seccomp, unless --no-seccomp
         poller = select.poll()
         poller.register(self._stop_fd, select.POLLIN)
         poller.register(self._arm_fd, select.POLLIN)

@@ -1,0 +1,148 @@
+"""What each pykvm thread may ask of the kernel once it is set up: one allow-list
+per thread role, and the BPF program that enforces it.
+
+Roles (see the README's "Threat model and sandbox"):
+
+- ``vcpu``: the KVM_RUN loop. It also emulates every port-I/O and MMIO access in
+  Python (legacy devices, virtio configuration, MSI-X), serves the requests other
+  threads queue with ``Vcpu.call`` (registers for gdb, snapshots, quirks), writes
+  the console and the trace, and may start the serial flusher thread. So: the
+  vCPU and VM ioctls of a running machine (never the ones that create a VM or
+  vCPU, or map memory), reads and writes on fds it already holds, and the CPython
+  runtime.
+- ``device``: a virtio device's I/O thread (and the TAP watcher): poll, read and
+  write, vectored and positioned I/O on the image or TAP, fsync, and the interrupt
+  ioctls a device raises (INTx line, MSI).
+
+Both refuse: opening a file for writing, creating processes (clone without
+CLONE_THREAD, fork, vfork, execve), ptrace, sockets, mounts, anything not listed.
+Opening a file read-only fails with EACCES instead of killing: Python's own lazy
+machinery (a traceback's source lines, an import) tries it on error paths, and
+refusing is as safe as killing for a call that never runs.
+
+The program checks the architecture first (anything but x86-64 is killed
+outright: the numbers would mean other calls), then ``ioctl`` with ``KVM_RUN``
+(the one call per guest exit: three comparisons and it is allowed), then the x32
+bit, then the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from ..ioctl import requests as k
+from . import bpf
+from .syscalls import AUDIT_ARCH_X86_64, X32_SYSCALL_BIT, number
+
+# --- filter return values (include/uapi/linux/seccomp.h) --------------------------------
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_TRAP = 0x00030000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+
+CLONE_THREAD = 0x00010000
+OPEN_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+# What any CPython thread needs to keep running: the allocator, the GIL and locks,
+# signals (the vCPU kick, SIGSYS's own return), clocks and sleeps, threads (with
+# CLONE_THREAD only: checked below), and its own end.
+RUNTIME = (
+    "futex", "mmap", "munmap", "mremap", "mprotect", "madvise", "brk",
+    "rt_sigreturn", "rt_sigprocmask", "sigaltstack", "restart_syscall",
+    "clock_gettime", "clock_getres", "gettimeofday", "clock_nanosleep", "nanosleep",
+    "sched_yield", "sched_getaffinity", "getcpu", "getpid", "gettid", "tgkill", "getrandom",
+    "set_robust_list", "rseq", "exit", "exit_group",
+    "close", "fcntl", "fstat", "newfstatat", "lseek", "read", "write",
+    "getcwd",                   # the import system asks before it finds it cannot open
+
+    "poll", "ppoll", "select", "pselect6",
+)
+DEVICE_IO = (
+    "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    "fsync", "fdatasync", "fallocate",
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "epoll_ctl",
+    "recvfrom", "sendto", "recvmsg", "sendmsg",      # a channel's socket pair (agent)
+)
+
+# KVM ioctls raising an interrupt: any thread that completes a request may need them.
+INTERRUPT_IOCTLS = (k.KVM_IRQ_LINE, k.KVM_IRQ_LINE_STATUS, k.KVM_SIGNAL_MSI)
+# A running vCPU's and VM's ioctls, KVM_RUN first (the hot path is the first compare).
+VCPU_IOCTLS = (
+    k.KVM_RUN,
+    k.KVM_GET_REGS, k.KVM_SET_REGS, k.KVM_GET_SREGS, k.KVM_SET_SREGS, k.KVM_TRANSLATE,
+    k.KVM_GET_MSRS, k.KVM_SET_MSRS, k.KVM_GET_FPU, k.KVM_SET_FPU, k.KVM_GET_LAPIC,
+    k.KVM_SET_LAPIC, k.KVM_GET_CPUID2, k.KVM_GET_MP_STATE, k.KVM_SET_MP_STATE, k.KVM_NMI,
+    k.KVM_SET_GUEST_DEBUG, k.KVM_GET_VCPU_EVENTS, k.KVM_SET_VCPU_EVENTS,
+    k.KVM_GET_DEBUGREGS, k.KVM_SET_DEBUGREGS, k.KVM_GET_XSAVE, k.KVM_SET_XSAVE,
+    k.KVM_GET_XCRS, k.KVM_SET_XCRS, k.KVM_GET_TSC_KHZ, k.KVM_KVMCLOCK_CTRL,
+    # the VM's, for what a guest configures at run time (virtio queues, MSI-X routes)
+    k.KVM_IOEVENTFD, k.KVM_IRQFD, k.KVM_SET_GSI_ROUTING,
+    k.KVM_GET_IRQCHIP, k.KVM_SET_IRQCHIP, k.KVM_GET_PIT2, k.KVM_SET_PIT2,
+    k.KVM_GET_CLOCK, k.KVM_SET_CLOCK,
+    # read-only queries of /dev/kvm (the tracer asks for KVM_CAP_SYNC_REGS, a snapshot
+    # for the MSR list); never KVM_CREATE_VM
+    k.KVM_CHECK_EXTENSION, k.KVM_GET_MSR_INDEX_LIST, k.KVM_GET_MSR_FEATURE_INDEX_LIST,
+    k.KVM_GET_SUPPORTED_CPUID, k.KVM_GET_VCPU_MMAP_SIZE, k.KVM_GET_API_VERSION,
+) + INTERRUPT_IOCTLS
+
+
+@dataclass(frozen=True)
+class Role:
+    """A thread role: the system calls it may make and, for ``ioctl``, the requests."""
+    name: str
+    syscalls: tuple[str, ...]
+    ioctls: tuple[int, ...]
+
+    def program(self) -> bytes:
+        return build_filter(self)
+
+
+ROLES: dict[str, Role] = {
+    "vcpu": Role("vcpu", RUNTIME + DEVICE_IO, VCPU_IOCTLS),
+    "device": Role("device", RUNTIME + DEVICE_IO, INTERRUPT_IOCTLS),
+}
+
+
+def build_filter(role: Role) -> bytes:
+    """The seccomp BPF program for ``role`` (see the module docstring for its order)."""
+    p = bpf.Program()
+    p.load(bpf.DATA_ARCH)
+    p.jeq(AUDIT_ARCH_X86_64, false="kill")
+    p.load(bpf.DATA_NR)
+    p.jeq(number("ioctl"), true="ioctl")
+    p.jge(X32_SYSCALL_BIT, true="trap")
+    p.jeq(number("openat"), true="openat")
+    p.jeq(number("open"), true="open")
+    p.jeq(number("clone"), true="clone")
+    p.jeq(number("clone3"), true="enosys")   # its flags are behind a pointer: glibc falls back
+    for name in dict.fromkeys(role.syscalls):
+        p.jeq(number(name), true="allow")
+    p.ret(SECCOMP_RET_TRAP)
+
+    p.label("ioctl")
+    p.load(bpf.data_arg_low(1))   # the kernel reads cmd as an unsigned int: low 32 bits
+    for request in dict.fromkeys(role.ioctls):
+        p.jeq(request, true="allow")
+    p.ret(SECCOMP_RET_TRAP)
+
+    for label, flags_arg in (("openat", 2), ("open", 1)):
+        p.label(label)
+        p.load(bpf.data_arg_low(flags_arg))
+        p.jset(OPEN_WRITE_FLAGS, true="trap")
+        p.ret(SECCOMP_RET_ERRNO | errno.EACCES)
+
+    p.label("clone")
+    p.load(bpf.data_arg_low(0))
+    p.jset(CLONE_THREAD, true="allow", false="trap")
+
+    p.label("enosys")
+    p.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
+    p.label("allow")
+    p.ret(SECCOMP_RET_ALLOW)
+    p.label("trap")
+    p.ret(SECCOMP_RET_TRAP)
+    p.label("kill")
+    p.ret(SECCOMP_RET_KILL_PROCESS)
+    return p.assemble()

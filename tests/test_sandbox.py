@@ -1,0 +1,334 @@
+"""The VMM's seccomp sandbox (pykvm/sandbox): the BPF assembler, each role's filter
+decisions, and the real kernel enforcing them on real pykvm threads.
+
+A forbidden call ends the whole process, so every test that makes one runs its
+scenario in a child Python process and checks that process's exit status and
+stderr line."""
+
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pykvm import layout, sandbox
+from pykvm.ioctl import requests as k
+from pykvm.sandbox import bpf, policy, syscalls
+
+from .asm import assemble
+from .conftest import needs_kvm
+
+ROOT = Path(__file__).resolve().parents[1]
+UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+TRAP, ALLOW, KILL = policy.SECCOMP_RET_TRAP, policy.SECCOMP_RET_ALLOW, \
+    policy.SECCOMP_RET_KILL_PROCESS
+PROBE_PORT = 0x510
+
+
+# --- the syscall table and the assembler ---------------------------------------------------
+@pytest.mark.skipif(not UNISTD.exists(), reason="no <asm/unistd_64.h> installed")
+def test_syscall_table_matches_the_kernel_header():
+    header = dict(re.findall(r"#define __NR_(\w+) (\d+)", UNISTD.read_text()))
+    assert {name: int(nr) for name, nr in header.items()} == syscalls.NUMBERS
+    assert syscalls.name(59) == "execve" and syscalls.name(0x40000000 | 59) == "x32 system call 59"
+
+
+def test_assembler_refuses_what_the_kernel_would_misread():
+    program = bpf.Program()
+    program.jeq(1, true="far")
+    for _ in range(256):
+        program.ret(0)
+    program.label("far")
+    program.ret(1)
+    with pytest.raises(bpf.BpfError, match="0..255"):
+        program.assemble()
+    dangling = bpf.Program()
+    dangling.jeq(1, true="nowhere")
+    dangling.ret(0)
+    with pytest.raises(bpf.BpfError, match="undefined label"):
+        dangling.assemble()
+    open_end = bpf.Program()
+    open_end.load(bpf.DATA_NR)
+    with pytest.raises(bpf.BpfError, match="end with a return"):
+        open_end.assemble()
+
+
+# --- each role's decisions, through the interpreter ------------------------------------------
+def seccomp_data(name_or_nr, *args, arch=syscalls.AUDIT_ARCH_X86_64) -> bytes:
+    nr = syscalls.number(name_or_nr) if isinstance(name_or_nr, str) else name_or_nr
+    return struct.pack("<IIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+
+
+def decide(role: str, *call, **kw) -> int:
+    return bpf.run(policy.ROLES[role].program(), seccomp_data(*call, **kw))
+
+
+@pytest.mark.parametrize("role", ["vcpu", "device"])
+def test_both_roles_refuse_what_a_compromised_thread_wants(role):
+    for call in (("execve",), ("execveat",), ("fork",), ("vfork",), ("ptrace",),
+                 ("socket", 2, 1), ("connect",), ("mount",), ("setuid",), ("unshare",),
+                 ("process_vm_writev",), ("memfd_create",), ("kill",), ("seccomp",),
+                 ("clone", 0x11),                                    # fork through clone
+                 ("openat", 0xFFFFFF9C, 0, os.O_WRONLY | os.O_CREAT),
+                 ("open", 0, os.O_RDWR), ("openat", 0xFFFFFF9C, 0, os.O_RDONLY | os.O_TRUNC),
+                 ("ioctl", 3, k.KVM_CREATE_VM), ("ioctl", 3, k.KVM_SET_USER_MEMORY_REGION),
+                 ("ioctl", 3, k.KVM_CREATE_VCPU), ("ioctl", 3, 0x5401)):          # TCGETS
+        assert decide(role, *call) == TRAP, call
+    # x32 numbers and any other architecture never reach the list
+    assert decide(role, 0x40000000 | syscalls.number("read")) == TRAP
+    assert decide(role, "read", arch=0x40000003) == KILL                      # i386
+
+
+@pytest.mark.parametrize("role", ["vcpu", "device"])
+def test_both_roles_allow_the_runtime_and_threads(role):
+    for call in ("futex", "mmap", "munmap", "madvise", "brk", "rt_sigreturn", "rt_sigprocmask",
+                 "clock_gettime", "write", "read", "poll", "exit", "exit_group", "tgkill"):
+        assert decide(role, call) == ALLOW, call
+    assert decide(role, "clone", 0x3D0F00) == ALLOW          # glibc's pthread_create flags
+    assert decide(role, "clone3") == policy.SECCOMP_RET_ERRNO | 38        # ENOSYS: use clone
+    assert decide(role, "openat", 0xFFFFFF9C, 0, os.O_RDONLY | os.O_CLOEXEC) == \
+        policy.SECCOMP_RET_ERRNO | 13                                      # EACCES, not a kill
+    for request in policy.INTERRUPT_IOCTLS:
+        assert decide(role, "ioctl", 9, request) == ALLOW
+
+
+def test_the_vcpu_role_runs_the_guest_and_the_device_role_does_not():
+    for request in (k.KVM_RUN, k.KVM_GET_REGS, k.KVM_SET_REGS, k.KVM_IOEVENTFD, k.KVM_IRQFD):
+        assert decide("vcpu", "ioctl", 9, request) == ALLOW
+        assert decide("device", "ioctl", 9, request) == TRAP
+    for call in ("preadv", "pwritev", "fdatasync", "readv", "writev"):
+        assert decide("device", call) == ALLOW
+
+
+def test_kvm_run_is_decided_within_the_first_instructions():
+    """The per-exit cost: arch, nr == ioctl, cmd == KVM_RUN, allow."""
+    executed = []
+    assert bpf.run(policy.ROLES["vcpu"].program(), seccomp_data("ioctl", 9, k.KVM_RUN),
+                   executed) == ALLOW
+    assert len(executed) == 7
+
+
+# --- the kernel enforcing it ----------------------------------------------------------------
+def child(script: str, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+CONFINED_THREAD = """
+    import os, socket, sys, threading
+    from pykvm import sandbox
+
+    def work():
+        sandbox.thread_role(sys.argv[1])
+        data = [str(i) * 10 for i in range(50000)]          # the allocator
+        helper = threading.Thread(target=lambda: None)      # a thread of its own
+        helper.start(); helper.join()
+        try:
+            open("/etc/hostname")
+        except PermissionError:
+            print("read-only open refused", flush=True)
+        print("confined and working", flush=True)
+        exec(sys.argv[2])
+        print("survived", flush=True)
+
+    thread = threading.Thread(target=work, name="confined")
+    thread.start(); thread.join()
+"""
+
+
+@pytest.mark.parametrize("role", ["vcpu", "device"])
+@pytest.mark.parametrize("forbidden, syscall", [
+    ("os.fork()", "clone"),
+    ("os.execv('/bin/true', ['true'])", "execve"),
+    ("open(sys.argv[3], 'w')", "openat"),
+    ("socket.socket()", "socket"),
+])
+def test_a_forbidden_call_kills_the_process_with_one_clear_line(tmp_path, role, forbidden,
+                                                                syscall):
+    target = tmp_path / "created"
+    result = child(CONFINED_THREAD, role, forbidden, target)
+    assert result.stdout.splitlines() == ["read-only open refused", "confined and working"]
+    assert result.returncode == sandbox.KILL_STATUS == 159
+    assert re.fullmatch(
+        rf"pykvm: seccomp: thread confined \(role {role}\) made the forbidden system call "
+        rf"{syscall} \(\d+\) with arguments .*; the VMM exits with status 159\n", result.stderr)
+    assert not target.exists()
+
+
+def test_an_allowed_workload_survives():
+    result = child(CONFINED_THREAD, "vcpu", "os.write(1, b'')")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "survived"
+
+
+# --- pykvm's own threads -----------------------------------------------------------------------
+def probe_guest(tmp_path) -> Path:
+    """Real mode: out to PROBE_PORT, then spin (the test stops it)."""
+    path = tmp_path / "probe.bin"
+    path.write_bytes(assemble(f"mov ${PROBE_PORT:#x}, %dx\n out %al, %dx\n 1: jmp 1b\n"))
+    return path
+
+
+VCPU_SCENARIO = """
+    import os, sys, threading
+    from pykvm import sandbox
+    from pykvm.bus import Device
+    from pykvm.machine import Machine, MachineConfig
+
+    if sys.argv[3] == "off":
+        sandbox.configure(enabled=False)
+
+    class Creator(Device):
+        '''What a compromised vCPU thread would do: create a host file.'''
+        name = "creator"
+        def read(self, offset, size):
+            return 0
+        def write(self, offset, size, value):
+            fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            machine.request_stop("exit", 0, "the device wrote its file")
+
+    with Machine(MachineConfig(mem_size=2 << 20, flat=sys.argv[1])) as machine:
+        machine.vm.add_pio_device(int(sys.argv[4]), 1, Creator())
+        stop = machine.run(timeout=30)
+        print(stop.kind if stop else "timeout", flush=True)
+"""
+
+
+@needs_kvm
+def test_the_vcpu_thread_is_confined(tmp_path):
+    target = tmp_path / "escape"
+    result = child(VCPU_SCENARIO, probe_guest(tmp_path), target, "on", PROBE_PORT)
+    assert result.returncode == 159, (result.stdout, result.stderr)
+    assert "thread vcpu0 (role vcpu) made the forbidden system call openat (257)" \
+        in result.stderr
+    assert not target.exists()
+
+
+@needs_kvm
+def test_the_library_switch_turns_it_off(tmp_path):
+    target = tmp_path / "escape"
+    result = child(VCPU_SCENARIO, probe_guest(tmp_path), target, "off", PROBE_PORT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "exit" and target.exists()
+
+
+DEVICE_SCENARIO = """
+    import os, socket, sys
+    from pykvm.devices.virtio import DiskSpec
+    from pykvm.machine import Machine, MachineConfig
+
+    config = MachineConfig(mem_size=2 << 20, flat=sys.argv[1], disks=[DiskSpec(sys.argv[2])])
+    with Machine(config) as machine:
+        function = machine.virtio.functions[0]
+        # the test-only hook: the blk worker's next wake-up runs this instead of the queue
+        function.worker._handle = lambda index: socket.socket()
+        machine.vm.start()
+        os.eventfd_write(function.queue_fds[0], 1)
+        stop = machine.vm.wait(timeout=30)
+        print("not killed:", stop, flush=True)
+"""
+
+
+@needs_kvm
+def test_a_forbidden_call_from_a_device_thread_kills_the_vmm(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    result = child(DEVICE_SCENARIO, probe_guest(tmp_path), disk)
+    assert result.returncode == 159, (result.stdout, result.stderr)
+    assert re.search(r"pykvm: seccomp: thread \S+-io \(role device\) made the forbidden system "
+                     r"call socket \(41\) with arguments 0x2, 0x80001, ", result.stderr)
+    assert result.stdout == ""
+
+
+@needs_kvm
+def test_vcpu_and_device_threads_run_under_a_filter(tmp_path):
+    """In this process (the default: on): the flat guest runs, and /proc shows the
+    vCPU and the disk's I/O thread each under a filter, the main thread under none."""
+    from pykvm.devices.virtio import DiskSpec
+    from pykvm.machine import Machine, MachineConfig
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    config = MachineConfig(mem_size=2 << 20, flat=probe_guest(tmp_path),
+                           disks=[DiskSpec(str(disk))])
+    with Machine(config) as machine:
+        seen = []
+        machine.vm.add_pio_device(PROBE_PORT, 1, Probe(seen))
+        machine.vm.start()
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen, "the guest never reached its port write"
+        vcpu_thread = machine.vm.vcpus[0].thread
+        worker = machine.virtio.functions[0].worker.thread
+        assert sandbox.thread_filters(vcpu_thread.native_id) == 1
+        assert sandbox.thread_filters(worker.native_id) == 1
+        assert sandbox.thread_filters(os.getpid()) == 0
+        machine.request_stop("user", 0, "test done")
+        assert machine.vm.wait(timeout=10).kind == "user"
+
+
+class Probe:
+    name = "probe"
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.seen.append(value)
+
+
+def test_cli_no_seccomp_turns_the_switch_off(tmp_path):
+    guest = tmp_path / "exit.bin"
+    guest.write_bytes(assemble(f"mov ${layout.EXIT_PORT:#x}, %dx\n mov $7, %al\n out %al, %dx\n"))
+    script = """
+        import sys
+        from pykvm import cli, sandbox
+        status = cli.main(sys.argv[1:])
+        print(status, sandbox.enabled())
+    """
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm")
+    assert child(script, "run", "--flat", guest).stdout.split() == ["7", "True"]
+    assert child(script, "run", "--flat", guest, "--no-seccomp").stdout.split() == ["7", "False"]
+
+
+# --- a Linux guest with a disk workload under the filter --------------------------------------
+@pytest.mark.linux
+@needs_kvm
+def test_linux_boot_and_disk_workload_under_the_filter(tmp_path):
+    from pykvm.machine import default_guest_dir
+    if default_guest_dir() is None:
+        pytest.skip("the default Linux guest is not built (make guest)")
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as image:
+        image.truncate(16 << 20)
+    script = ("mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && "
+              "dd if=/dev/urandom of=/mnt/f bs=64k count=32 2>/dev/null && sync && "
+              "echo sum=$(md5sum < /mnt/f | cut -c1-32) && umount /mnt && echo done=ok")
+    process = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--mem", "256M",
+                                "--disk", str(disk), "--", script],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    confined = set()
+    while process.poll() is None:     # sample which threads run under a filter
+        for task in Path(f"/proc/{process.pid}/task").glob("*"):
+            try:
+                if "Seccomp_filters:\t1" in (task / "status").read_text():
+                    confined.add(task.name)
+            except OSError:
+                pass
+        time.sleep(0.5)
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "done=ok" in stdout and re.search(r"sum=[0-9a-f]{32}", stdout)
+    assert len(confined) >= 2        # the vCPU and the disk's I/O thread at least
