@@ -16,6 +16,7 @@ class Quirks:
 
     name = "none"
     summary: list[str] = []
+    symbols = None   # a symbols.SymbolTable (--symbols): names the RIP in a stop message
 
     def adjust_cpuid(self, entries):
         return entries
