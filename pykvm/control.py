@@ -37,6 +37,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -45,7 +46,12 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, PykvmError
 
-MAX_REQUEST = 1 << 16
+MAX_REQUEST = 1 << 16       # bytes in one request line, newline excluded
+MAX_CONNECTIONS = 8         # clients served at once; more are refused with one error line
+MAX_DEPTH = 32              # nesting of arrays and objects in a request
+MAX_INT_DIGITS = 32         # digits of a JSON integer (CPython's int() is quadratic past ~4300)
+IDLE_TIMEOUT = 300.0
+MAX_RESPONSE = 1 << 30      # what a client reads of one response (exec output included)        # seconds a connection may sit without sending a whole request
 ACTIONS = ("status", "pause", "resume", "snapshot", "stats", "stop", "exec", "copy_in",
            "copy_out")
 # Guest-agent requests (pykvm/agent.py) take as long as the guest needs: they do not hold
@@ -57,57 +63,110 @@ class ControlError(PykvmError):
     """The control socket cannot be served, reached, or answered a request with an error."""
 
 
+class RequestTooLong(ControlError):
+    """A request line longer than MAX_REQUEST: the connection is closed after the answer."""
+
+
+_UCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
+
+
 class ControlServer:
     """Serves ``path`` for ``machine`` on a thread of its own until :meth:`close`; the
-    socket file is removed then. Use as a context manager."""
+    socket file is removed then. Use as a context manager.
 
-    def __init__(self, path, machine, *, log=sys.stderr):
+    Clients are local users, and other local users are hostile: only the same uid or
+    root may talk to it (SO_PEERCRED on every connection), or members of ``group`` when
+    given (the socket is then 0660 and chgrp'ed to it). Every resource a client can make
+    it spend is bounded: connections (MAX_CONNECTIONS), a request's length (MAX_REQUEST,
+    refused whole, never split), its nesting (MAX_DEPTH) and its numbers (MAX_INT_DIGITS).
+    """
+
+    def __init__(self, path, machine, *, log=sys.stderr, group: str | None = None):
         self.path = str(path)
         self.machine = machine
         self.log = log
+        self.group = None if group is None else group_id(group)
         self.started = time.monotonic()
         self._lock = threading.Lock()     # one state-changing request at a time
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
-        self._sock = _listen(self.path)
+        self._sock = _listen(self.path, self.group)
         self._thread = threading.Thread(target=self._serve, name="api-sock", daemon=True)
         self._thread.start()
 
     # --- serving ------------------------------------------------------------------------------
     def _serve(self) -> None:
+        """Accept clients; at most MAX_CONNECTIONS are served at once, each on a thread of its
+        own. A peer whose credentials do not pass (:meth:`_peer_refused`) or one too many
+        gets one error line and is closed, without a thread."""
         while not self._closed:
             try:
                 connection, _ = self._sock.accept()
             except OSError:
                 return            # closed
-            threading.Thread(target=self._connection, args=(connection,), name="api-conn",
-                             daemon=True).start()
+            refusal = self._peer_refused(connection)
+            if refusal is None and not self._slots.acquire(blocking=False):
+                refusal = f"too many connections ({MAX_CONNECTIONS} are served at once)"
+            if refusal is not None:
+                _refuse(connection, refusal)
+                continue
+            try:
+                threading.Thread(target=self._connection, args=(connection,),
+                                 name="api-conn", daemon=True).start()
+            except RuntimeError:            # the host refuses another thread
+                self._slots.release()
+                _refuse(connection, "cannot serve another connection now")
+
+    def _peer_refused(self, connection: socket.socket) -> str | None:
+        """Why the process at the other end may not use this socket, or None. SO_PEERCRED
+        gives the credentials the peer had when it connected (socket(7)): the socket
+        file's mode is not the only guard (a directory with the wrong mode, a socket made
+        group-accessible by mistake)."""
+        try:
+            raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            pid, uid, gid = _UCRED.unpack(raw)
+        except OSError as error:
+            return f"cannot read the peer's credentials: {error.strerror}"
+        if uid in (0, os.geteuid()):
+            return None
+        if self.group is not None and _in_group(uid, gid, self.group):
+            return None
+        return f"uid {uid} may not use this control socket"
 
     def _connection(self, connection: socket.socket) -> None:
-        with connection, connection.makefile("rwb", buffering=0) as stream:
-            while not self._closed:
-                try:
-                    line = stream.readline(MAX_REQUEST + 1)
-                except OSError:
-                    return
-                if not line:
-                    return
-                if not line.strip():
-                    continue
-                response = self.handle_line(line)
-                try:
-                    stream.write(json.dumps(response).encode() + b"\n")
-                except OSError:
-                    return
-                if response.get("state") == "stopping":
-                    self.machine.vm.request_stop("user", 0, "stopped through the control socket")
+        try:
+            with connection:
+                connection.settimeout(IDLE_TIMEOUT)
+                self._converse(connection, _LineReader(connection))
+        finally:
+            self._slots.release()
+
+    def _converse(self, connection: socket.socket, reader: "_LineReader") -> None:
+        while not self._closed:
+            try:
+                line = reader.readline()
+            except RequestTooLong as error:
+                # The rest of the line is not parsed as more requests: answer and hang up.
+                _send_line(connection, {"ok": False, "error": str(error)})
+                return
+            except OSError:           # the client went, or sat idle past IDLE_TIMEOUT
+                return
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            response = self.handle_line(line)
+            if not _send_line(connection, response):
+                return
+            if response.get("state") == "stopping":
+                self.machine.vm.request_stop("user", 0, "stopped through the control socket")
 
     def handle_line(self, line: bytes) -> dict:
-        if len(line) > MAX_REQUEST:
-            return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+        """Answer one request line; never raises (see :func:`parse_request`)."""
         try:
-            request = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return {"ok": False, "error": f"not a JSON request: {error}"}
+            request = parse_request(line)
+        except ControlError as error:
+            return {"ok": False, "error": str(error)}
         return self.handle(request)
 
     def handle(self, request) -> dict:
@@ -124,8 +183,7 @@ class ControlServer:
                 response = getattr(self, f"_do_{action}")(request)
             response = {"ok": True, **response}
         except PykvmError as error:
-            text = str(error).strip()
-            response = {"ok": False, "error": text.splitlines()[0] if text else type(error).__name__}
+            response = {"ok": False, "error": first_line(error)}
         except Exception as error:   # a bug must not take the server down
             response = {"ok": False, "error": f"internal error: {type(error).__name__}: {error}"}
         if "id" in request:
@@ -250,7 +308,7 @@ class ControlServer:
         self.close()
 
 
-def _listen(path: str) -> socket.socket:
+def _listen(path: str, group: int | None = None) -> socket.socket:
     """A listening Unix socket at ``path``; a stale socket file there is replaced, a live
     one (another pykvm) or any other file is an error."""
     try:
@@ -276,11 +334,151 @@ def _listen(path: str) -> socket.socket:
     try:
         sock.bind(path)
         os.chmod(path, 0o600)
-        sock.listen(8)
+        if group is not None:
+            os.chown(path, -1, group)
+            os.chmod(path, 0o660)
+        sock.listen(MAX_CONNECTIONS)
     except OSError as error:
         sock.close()
+        if group is not None and error.errno == errno.EPERM:
+            raise ConfigError(f"--api-sock-group: cannot give {path} to group {group}: "
+                              f"{error.strerror} (you must belong to it)") from None
         raise ConfigError(f"--api-sock {path}: cannot listen: {error.strerror}") from None
     return sock
+
+
+def group_id(group: str) -> int:
+    """The gid of --api-sock-group GROUP (a name or a number)."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ConfigError(f"--api-sock-group {group}: no such group") from None
+
+
+def _in_group(uid: int, gid: int, group: int) -> bool:
+    """Whether a peer (its uid, and the gid SO_PEERCRED reports) belongs to ``group``."""
+    import grp
+    import pwd
+
+    if gid == group:
+        return True
+    try:
+        return pwd.getpwuid(uid).pw_name in grp.getgrgid(group).gr_mem
+    except KeyError:
+        return False
+
+
+def _refuse(connection: socket.socket, reason: str) -> None:
+    """One error line to a client pykvm will not serve, then close, without blocking."""
+    with connection:
+        connection.setblocking(False)
+        try:
+            connection.send(json.dumps({"ok": False, "error": reason}).encode() + b"\n")
+            connection.shutdown(socket.SHUT_WR)
+            # Closing with unread input resets the connection (the line would be lost):
+            # drop what the client already sent, a bounded amount.
+            connection.recv(MAX_REQUEST)
+        except OSError:
+            pass
+
+
+def _send_line(connection: socket.socket, response: dict) -> bool:
+    try:
+        connection.sendall(json.dumps(response).encode() + b"\n")
+    except OSError:
+        return False
+    return True
+
+
+class _LineReader:
+    """Request lines from a socket, at most MAX_REQUEST bytes each: a longer one raises
+    RequestTooLong (whole: the server then closes, so no tail of it is read as a request)."""
+
+    def __init__(self, connection: socket.socket):
+        self.connection = connection
+        self.buffer = bytearray()
+
+    def readline(self) -> bytes | None:
+        """The next line (with its newline; the last one may lack it), None at the end."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end > MAX_REQUEST or (end < 0 and len(self.buffer) > MAX_REQUEST):
+                raise RequestTooLong(f"request longer than {MAX_REQUEST} bytes: refused, "
+                                     f"and the connection closed")
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                return line
+            chunk = self.connection.recv(MAX_REQUEST)
+            if not chunk:
+                line, self.buffer = bytes(self.buffer), bytearray()
+                return line or None
+            self.buffer += chunk
+
+
+def parse_request(line: bytes):
+    """One request line -> the JSON value, or ControlError. Bounded: the nesting is checked
+    before the parser recurses, integers longer than MAX_INT_DIGITS are refused before
+    int() sees them; whatever the parser still raises is one error, never a dead thread."""
+    if len(line) > MAX_REQUEST + 1:
+        raise ControlError(f"request longer than {MAX_REQUEST} bytes")
+    try:
+        text = line.decode()
+    except UnicodeDecodeError as error:
+        raise ControlError(f"not a JSON request: {error}") from None
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ControlError(f"not a JSON request: nested deeper than {MAX_DEPTH} levels")
+    try:
+        return _DECODER.decode(text)
+    except (ValueError, RecursionError) as error:
+        # JSONDecodeError is a ValueError, and so is an integer refused by _bounded_int.
+        raise ControlError(f"not a JSON request: {first_line(error)}") from None
+
+
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in the JSON ``text`` (brackets in strings not
+    counted); cheap when there are few brackets at all."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS})")
+    return int(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_bounded_int)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+
 
 
 # --- the client -------------------------------------------------------------------------------------
@@ -297,9 +495,12 @@ def request(path, message: dict, timeout: float = 600.0) -> dict:
         except OSError as error:
             what = "nobody serves it" if error.errno == errno.ECONNREFUSED else error.strerror
             raise ControlError(f"{path}: cannot connect: {what}") from None
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass     # a server that refuses this client says why, then hangs up: read it
         with sock.makefile("rb") as stream:
-            line = stream.readline()
+            line = stream.readline(MAX_RESPONSE)
     except socket.timeout:
         raise ControlError(f"{path}: no answer within {timeout:g} s") from None
     finally:

@@ -95,6 +95,9 @@ BAD_COMMAND_LINES = [
     (["run", "--flat", "FLAT", "--stats-interval", "0"], ["--stats-interval"]),
     (["run", "--flat", "FLAT", "--api-sock", "TEXT"], ["not a socket"]),
     (["run", "--flat", "FLAT", "--disk", "MISSING"], ["MISSING"]),
+    (["run", "--flat", "FLAT", "--api-sock", "SOCK", "--api-sock-group", "no-such-group-x"],
+     ["no-such-group-x"]),
+    (["run", "--flat", "FLAT", "--api-sock-group", "root"], ["--api-sock-group"]),
     # snapshots: a directory that holds none, options that would build another machine
     (["run", "--restore", "SNAPSHOT"], ["SNAPSHOT"]),
     (["run", "--restore", "MISSING"], ["MISSING"]),
