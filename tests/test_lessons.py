@@ -111,3 +111,25 @@ def test_06_c_guest_prints_through_the_serial_port(built):
     stats = done.stderr.decode()
     assert re.search(r"port 0x03f8 out\s+42\b", stats), stats
     assert re.search(r"port 0x03fd in\s+42\b", stats), stats
+
+
+@pytest.mark.linux
+def test_07_linux_view_stats_and_plot(tmp_path):
+    """Lesson 7's command on the default guest: the command's output, the report's
+    three places (KVM, pykvm, completions on kvm_pvm) and the plot file."""
+    pytest.importorskip("matplotlib")
+    from pykvm.kvm import detect_host_kind
+
+    plot = tmp_path / "stats.png"
+    done = subprocess.run([sys.executable, "-m", "pykvm", "run", "--stats", "--stats-plot",
+                           str(plot), "--", "ls", "/"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"bin", "proc", "sys"} <= set(done.stdout.split()), done.stdout
+    report = done.stderr
+    assert re.search(r"vCPU 0: \d+ exits to pykvm", report), report
+    assert re.search(r"device serial\s+\d+", report), report
+    assert re.search(r"KVM \(kernel\): \d+ VM exits counted", report), report
+    if detect_host_kind() == "kvm_pvm":
+        assert re.search(r"completed by pykvm: syscall\s+\d+", report), report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
