@@ -93,4 +93,4 @@ idt_pointer:
     .quad   idt
 .balign 16
 idt:
-    .fill   256, 16, 0
+    .fill   2 * 256, 8, 0       # 256 gates of 16 bytes
