@@ -20,6 +20,11 @@ code and system calls), so the command is kept short.
 
     python3 bench/snapshot.py              # one boot, 3 restores
     python3 bench/snapshot.py --record     # also add a row to bench/RESULTS.md
+    python3 bench/snapshot.py --keep DIR   # keep the snapshot in DIR (a new directory)
+    python3 bench/snapshot.py --snapshot DIR --quick
+                                           # no cold boot: 3 restores of DIR (a snapshot
+                                           # taken at the shell, e.g. by --keep); the last
+                                           # line is then the restore's seconds
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell  # noqa: E402
 
 RESULTS = BENCH / "RESULTS.md"
 MARKER = "<!-- snapshot.py --record adds rows above this line -->"
+RESTORE_GOAL = 0.15            # seconds from `pykvm run --restore` to the guest's answer (issue #13)
 COMMAND = "echo @$((6*7))@\n"
 ANSWER = b"@42@"
 SECTION = f"""
@@ -78,7 +84,7 @@ def library_restore(directory: Path) -> dict:
     t1 = time.monotonic()
     verify_memory(directory, document)
     t2 = time.monotonic()
-    decode_config(document["config"])
+    decode_config(document["config"] if isinstance(document, dict) else document.config)
     with restore_machine(directory, stdout=io.BytesIO(), verify=False):
         t3 = time.monotonic()
     return {"check state.json": t1 - t0, "verify memory.bin": t2 - t1,
@@ -90,31 +96,50 @@ def main() -> int:
     parser.add_argument("--restores", type=int, default=3)
     parser.add_argument("--mem", default="256M")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="take the snapshot into DIR (must not exist) and keep it")
+    parser.add_argument("--snapshot", type=Path, metavar="DIR",
+                        help="no cold boot: restore this snapshot (taken at the shell)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --snapshot: the restores only, no library split")
     args = parser.parse_args()
-    if default_guest_dir() is None:
+    if default_guest_dir() is None and args.snapshot is None:
         print("the default Linux guest is not built (make guest)", file=sys.stderr)
         return 1
+    if args.record and args.snapshot is not None:
+        parser.error("--record needs the cold boot (no --snapshot)")
     load = os.getloadavg()[0]
     host = detect_host_kind()
     with tempfile.TemporaryDirectory(prefix="pykvm-bench-snapshot-") as tmp:
         work = Path(tmp)
-        started = time.monotonic()
-        with GuestShell(["--mem", args.mem], api_sock=work / "boot.sock",
-                        log=work / "boot.log") as shell:
-            cold = answer_time(shell, started, wait_prompt=True)
-            print(f"cold boot: {cold:.1f} s to the answer", flush=True)
-            info = shell.snapshot(work / "snap")
-        print(f"snapshot: {info['seconds']:.2f} s, {info['mem_size'] >> 20} MiB RAM, "
-              f"{info['disk_bytes'] / (1 << 20):.1f} MiB on disk", flush=True)
+        snap = args.snapshot or args.keep or work / "snap"
+        if args.snapshot is None:
+            started = time.monotonic()
+            with GuestShell(["--mem", args.mem], api_sock=work / "boot.sock",
+                            log=work / "boot.log") as shell:
+                cold = answer_time(shell, started, wait_prompt=True)
+                print(f"cold boot: {cold:.1f} s to the answer", flush=True)
+                info = shell.snapshot(snap)
+            print(f"snapshot: {info['seconds']:.2f} s, {info['mem_size'] >> 20} MiB RAM, "
+                  f"{info['disk_bytes'] / (1 << 20):.1f} MiB on disk", flush=True)
         restores = []
         for index in range(args.restores):
             started = time.monotonic()
-            with GuestShell(["--restore", str(work / "snap")], api_sock=work / f"r{index}.sock",
+            with GuestShell(["--restore", str(snap)], api_sock=work / f"r{index}.sock",
                             log=work / f"r{index}.log") as shell:
                 restores.append(answer_time(shell, started, wait_prompt=False))
             print(f"restore {index + 1}: {restores[-1]:.2f} s to the answer", flush=True)
-        phases = library_restore(work / "snap")
+        phases = None if args.quick else library_restore(snap)
     restore = statistics.median(restores)
+    if args.snapshot is not None:
+        print()
+        print(f"host kind: {host}, load {load:.1f}")
+        print(f"restore to answer:    {restore:8.2f} s (median of {len(restores)}: "
+              f"{', '.join(f'{r:.2f}' for r in restores)}); goal <= {RESTORE_GOAL:.2f} s")
+        if phases:
+            print("restore_machine():    " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+        print(f"seconds: {restore:.3f}")
+        return 0
     ratio = restore / cold
     print()
     print(f"host kind: {host}, load {load:.1f}")

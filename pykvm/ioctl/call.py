@@ -5,13 +5,14 @@ Structure, or nothing, and lets KVM_RUN release the GIL while the guest runs.
 """
 
 import ctypes
-import ctypes.util
 import errno as errno_codes
 
 from ..errors import KvmError
 from .requests import REQUEST_NAMES
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols, libc's among them: ctypes.util.find_library("c") would cost
+# every start ~10-40 ms (it imports subprocess and tempfile and runs ldconfig).
+libc = ctypes.CDLL(None, use_errno=True)
 raw_ioctl = libc.ioctl
 raw_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 raw_ioctl.restype = ctypes.c_int
