@@ -168,6 +168,19 @@ def test_unknown_instruction_stops_with_one_line(tmp_path):
                     f"see docs/hosts.md")
 
 
+def test_operand_outside_guest_ram_stops_the_vm(tmp_path):
+    if not all(shutil.which(tool) for tool in BINUTILS):
+        pytest.skip("GNU binutils not installed")
+    guest = assemble(tmp_path, "complete_unknown", "NOT_RAM")
+    run = run_guest(guest)
+    if not run.on_pvm:
+        pytest.skip("only kvm_pvm hands this instruction to pykvm")
+    assert run.lines == ["before"]
+    assert run.stop.kind == "crash" and run.stop.status == 3
+    assert run.stop.message == (f"vCPU 0: the instruction at {guest.symbols['refused']:#x} "
+                                f"reads 0x1000000, which is not guest RAM")
+
+
 # --- the decoder -----------------------------------------------------------------------
 ENCODINGS = [
     "0f ae 54 24 04", "0f ae 17", "0f ae 1f", "cc", "cd 80", "0f 01 ca", "0f 01 cb", "9b",

@@ -101,19 +101,19 @@ class Step:
         try:
             return where.read(self.vcpu.vm.memory)
         except GuestMemoryError:
-            raise GuestCrashed(f"vCPU {self.vcpu.id}: {self.name_for_errors()} reads "
-                               f"{linear:#x}, which is not guest RAM") from None
+            raise self._not_ram("reads", linear) from None
 
     def write(self, data: bytes) -> None:
         linear, where = self._locate(len(data), write=True)
         try:
             where.write(self.vcpu.vm.memory, data)
         except GuestMemoryError:
-            raise GuestCrashed(f"vCPU {self.vcpu.id}: {self.name_for_errors()} writes "
-                               f"{linear:#x}, which is not guest RAM") from None
+            raise self._not_ram("writes", linear) from None
 
-    def name_for_errors(self) -> str:
-        return f"the instruction at {self.linear_rip:#x}"
+    def _not_ram(self, verb: str, linear: int) -> GuestCrashed:
+        """An operand on MMIO or outside guest memory: nothing pykvm can complete."""
+        return GuestCrashed(f"vCPU {self.vcpu.id}: the instruction at {self.linear_rip:#x} "
+                            f"{verb} {linear:#x}, which is not guest RAM")
 
 
 @dataclass(frozen=True)
@@ -239,8 +239,8 @@ def find(instruction: Instruction) -> Completion | None:
 
 
 def complete(step: Step, completion: Completion) -> str:
-    """Run ``completion``; the name it is counted under ("#UD in ldmxcsr" style names for an
-    exception raised instead keep the two apart in --stats)."""
+    """Run ``completion``; the name --stats counts it under: the row's name, or
+    "ldmxcsr: #PF" when the instruction raised an exception in the guest instead."""
     try:
         if step.instruction.lock:
             raise GuestFault(VECTOR_UD)     # none of these takes a LOCK prefix
