@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 import os
 import queue
 import socket
@@ -35,7 +36,7 @@ from pykvm.devices.virtio.net import NetDevice
 from pykvm.devices.virtio.ports import PortsDevice
 from pykvm.devices.virtio.queue import MAX_STREAM_PER_CHAIN, STREAM_CHUNK, Virtqueue
 from pykvm.devices.virtio.rng import RngDevice
-from pykvm.memory import GuestMemory
+from pykvm.memory import GuestMemory, MemoryRegion
 
 from .asm import assemble
 from .conftest import needs_kvm
@@ -358,3 +359,339 @@ def test_guest_never_sees_a_used_index_or_element_half_published(kvm, publish, t
         assert anomalies > 0, "the check cannot see a torn index"
     else:
         assert anomalies == 0
+
+
+# --- end to end: the hostile guest against every device on the PCI bus (issue 12, tests) -----------
+# One VM (64 MiB of RAM between two canary pages of the same host mapping) with one
+# device of each kind on PCI bus 0, run in a subprocess under RLIMIT_AS. For each
+# case and device, the guest resets the device, negotiates, sets up the attacked
+# queue, writes the chain into its rings and rings the doorbell; then it reads the
+# device status back, and a legitimate request after a reset must work.
+CANARY_SIZE = 1 << 16
+CANARY = bytes((7 * i + 3) & 0xFF for i in range(CANARY_SIZE))
+RINGS = 0x400000                       # the attacked queue's rings
+DATA = 0x600000                        # request buffers
+TABLE = 0x700000                       # indirect tables
+QSIZE = 16
+NEEDS_RESET = 0x40
+AS_HEADROOM = 256 << 20                # address space the VMM may grow by while attacked
+ATTACKED_QUEUE = {"blk": 0, "net": 1, "console": 1, "rng": 0, "ports": 1}
+DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
+FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC
+
+
+def canaried_memory(size: int) -> tuple[GuestMemory, mmap.mmap]:
+    """Guest RAM of ``size`` bytes in the middle of one host mapping, with CANARY_SIZE
+    bytes of a known pattern on each side: a device that wrote outside guest RAM
+    (within reach of a view) would change them."""
+    mapping = mmap.mmap(-1, size + 2 * CANARY_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping[:CANARY_SIZE] = CANARY
+    mapping[CANARY_SIZE + size:] = CANARY
+    region = MemoryRegion(0, size, mapping)
+    region.view.release()
+    region.host_addr += CANARY_SIZE
+    region.view = memoryview(mapping)[CANARY_SIZE:CANARY_SIZE + size]
+    return GuestMemory([region]), mapping
+
+
+def canaries_intact(mapping: mmap.mmap, size: int) -> bool:
+    return mapping[:CANARY_SIZE] == CANARY and mapping[CANARY_SIZE + size:] == CANARY
+
+
+class DriverScript(Script):
+    """A Script that speaks virtio-pci through one function's BAR, as a driver does."""
+
+    def __init__(self, bar: int):
+        super().__init__()
+        self.bar = bar
+
+    def common(self, offset: int, value: int, width: int) -> None:
+        self.store(self.bar + offset, value, width)
+
+    def init(self, queue: int, *, features: int = FEATURES, size: int = QSIZE,
+             desc: int = 0, avail: int = 0, used: int = 0) -> None:
+        for status in (0, 1, 3):                          # reset, ACKNOWLEDGE, DRIVER
+            self.common(0x14, status, 1)
+        for select in (0, 1):
+            self.common(0x08, select, 4)
+            self.common(0x0C, features >> 32 * select, 4)
+        self.common(0x14, 0xB, 1)                         # FEATURES_OK
+        self.common(0x16, queue, 2)
+        self.common(0x18, size, 2)
+        for offset, addr in ((0x20, desc), (0x28, avail), (0x30, used)):
+            self.common(offset, addr, 4)
+            self.common(offset + 4, addr >> 32, 4)
+        self.common(0x1C, 1, 2)
+        self.common(0x14, 0xF, 1)                         # DRIVER_OK
+
+    def descriptor(self, index: int, addr: int, length: int, flags: int = 0, next_index: int = 0,
+                   table: int = RINGS) -> None:
+        self.store(table + 16 * index, addr, 8)
+        self.store(table + 16 * index + 8, length | flags << 32 | next_index << 48, 8)
+
+    def offer(self, ring: DriverRing, heads: list[int], avail_idx: int | None = None) -> None:
+        for position, head in enumerate(heads):
+            self.store(ring.avail_addr + 4 + 2 * position, head, 2)
+        self.store(ring.avail_addr + 2, len(heads) if avail_idx is None else avail_idx, 2)
+
+    def notify(self, queue: int) -> None:
+        self.store(self.bar + 0x3000 + 4 * queue, queue, 2)
+
+
+def _chain(script, ring, buffers, *, head=0):
+    """Descriptors head, head+1, ... for (addr, len, flags) buffers, chained."""
+    for i, (addr, length, flags) in enumerate(buffers):
+        last = i == len(buffers) - 1
+        script.descriptor(head + i, addr, length, flags | (0 if last else DESC_NEXT), head + i + 1)
+    script.offer(ring, [head])
+
+
+def _indirect(script, ring, entries, *, length=None, flags=DESC_INDIRECT):
+    for i, (addr, size, entry_flags, next_index) in enumerate(entries):
+        script.descriptor(i, addr, size, entry_flags, next_index, table=TABLE)
+    script.descriptor(0, TABLE, 16 * len(entries) if length is None else length, flags)
+    script.offer(ring, [0])
+
+
+# Each case: (name, NEEDS_RESET expected: True, or per device kind (the others must
+# serve it without failing), what the guest does).
+# ``s`` is the DriverScript after init, ``r`` the ring, ``ram`` the guest RAM size.
+HOSTILE_CASES = [
+    ("outside RAM", True, lambda s, r, ram, bar: _chain(s, r, [(ram + 0x1000, 64, 0)])),
+    ("straddles RAM's end", True, lambda s, r, ram, bar: _chain(s, r, [(ram - 8, 64, 0)])),
+    ("straddles the PCI hole", True,
+     lambda s, r, ram, bar: _chain(s, r, [(0xBFFFF000, 0x2000, 0)])),
+    ("in the device's BAR", True, lambda s, r, ram, bar: _chain(s, r, [(bar, 64, 0)])),
+    ("above 4 GiB", True, lambda s, r, ram, bar: _chain(s, r, [(1 << 32, 16, 0)])),
+    ("length 2^32-1", True, lambda s, r, ram, bar: _chain(s, r, [(0, 0xFFFFFFFF, 0)])),
+    ("zero lengths", {"blk": True}, lambda s, r, ram, bar: _chain(s, r, [(DATA, 0, 0), (DATA, 0, DESC_WRITE)])),
+    ("next loop", True, lambda s, r, ram, bar: (
+        s.descriptor(0, DATA, 16, DESC_NEXT, 1), s.descriptor(1, DATA, 16, DESC_NEXT, 0),
+        s.offer(r, [0]))),
+    ("chain longer than the queue", True, lambda s, r, ram, bar: (
+        [s.descriptor(i, DATA, 16, DESC_NEXT, (i + 1) % QSIZE) for i in range(QSIZE)],
+        s.offer(r, [3]))),
+    ("next index out of range", True, lambda s, r, ram, bar: (
+        s.descriptor(0, DATA, 16, DESC_NEXT, QSIZE + 7), s.offer(r, [0]))),
+    ("head out of range", True, lambda s, r, ram, bar: s.offer(r, [QSIZE + 5])),
+    ("indirect table of 24 bytes", True, lambda s, r, ram, bar: _indirect(
+        s, r, [(DATA, 16, 0, 0)], length=24)),
+    ("nested indirect", True, lambda s, r, ram, bar: _indirect(
+        s, r, [(TABLE, 16, DESC_INDIRECT, 0)])),
+    ("indirect with NEXT", True, lambda s, r, ram, bar: _indirect(
+        s, r, [(DATA, 16, 0, 0)], flags=DESC_INDIRECT | DESC_NEXT)),
+    ("indirect table outside RAM", True, lambda s, r, ram, bar: (
+        s.descriptor(0, ram - 16, 64, DESC_INDIRECT), s.offer(r, [0]))),
+    ("indirect table longer than the queue", True, lambda s, r, ram, bar: _indirect(
+        s, r, [(DATA, 16, DESC_NEXT, i + 1) for i in range(QSIZE)] + [(DATA, 16, 0, 0)])),
+    ("loop inside an indirect table", True, lambda s, r, ram, bar: _indirect(
+        s, r, [(DATA, 16, DESC_NEXT, 1), (DATA, 16, DESC_NEXT, 0)])),
+    ("readable after writable", True, lambda s, r, ram, bar: _chain(
+        s, r, [(DATA, 16, DESC_WRITE), (DATA + 16, 16, 0)])),
+    ("avail index jumps", True, lambda s, r, ram, bar: s.offer(r, [0], avail_idx=QSIZE + 1)),
+    ("all of RAM, 16 times", {"blk": True}, lambda s, r, ram, bar: _indirect(
+        s, r, [(0, ram, DESC_NEXT, i + 1) for i in range(QSIZE - 1)] + [(0, ram, 0, 0)])),
+]
+# Cases in the queue registers: (name, init arguments beyond the ring's own).
+REGISTER_CASES = [
+    ("queue size 3", {"size": 3}),
+    ("queue size 0", {"size": 0}),
+    ("rings in MMIO", {"desc": "bar"}),
+    ("used ring misaligned", {"used": "used+2"}),
+    ("indirect not negotiated", {"features": VIRTIO_F_VERSION_1}),
+]
+
+
+class HostileBench:
+    """The VM, its devices and the guest (inside the subprocess)."""
+
+    def __init__(self, kvm, workdir: Path):
+        from pykvm.devices.virtio.attach import DiskSpec, attach_virtio
+
+        self.memory, self.mapping = canaried_memory(GUEST_MEM)
+        self.image = workdir / "disk.img"
+        self.expected_image = bytearray(IMAGE_SECTORS * 512)
+        self.image.write_bytes(self.expected_image)
+        self.guest = FlatGuest(kvm, self.memory)
+        self.console, self.serial = Sink(), Sink()
+        self.tap = FakeTap()
+        extra = [NetDevice(self.tap, MAC), PortsDevice([("org.pykvm.hostile.0", self.serial)])]
+        self.virtio = attach_virtio(self.guest.vm, self.memory, disks=[DiskSpec(str(self.image))],
+                                    console=True, rng=True, console_output=self.console,
+                                    extra=extra)
+        kinds = ["blk", "console", "rng", "net", "ports"]
+        slots = {id(device): slot for slot, device in self.virtio.pci.devices()}
+        self.functions = {kind: function for kind, function in zip(kinds, self.virtio.functions)}
+        self.bars = {kind: self.virtio.pci.bar_address(slots[id(function)], 0)
+                     for kind, function in self.functions.items()}
+        self.failures: list[tuple[str, str]] = []
+        for kind, function in self.functions.items():
+            function.fail = self._recording(kind, function.fail)
+        self.guest.start()
+
+    def _recording(self, kind: str, fail):
+        def recorded(error: BaseException) -> None:
+            self.failures.append((kind, str(error)))
+            fail(error)
+        return recorded
+
+    def attack(self, kind: str, build, init: dict | None = None) -> int:
+        """Run one hostile case against ``kind``; the device status read back."""
+        function, bar, queue = self.functions[kind], self.bars[kind], ATTACKED_QUEUE[kind]
+        ring = DriverRing(self.memory, RINGS, QSIZE)       # zeroed rings
+        arguments = {"desc": ring.desc_addr, "avail": ring.avail_addr, "used": ring.used_addr}
+        for key, value in (init or {}).items():
+            arguments[key] = {"bar": bar, "used+2": ring.used_addr + 2}.get(value, value)
+        script = DriverScript(bar)
+        script.init(queue, **arguments)
+        if build is not None:
+            build(script, ring, GUEST_MEM, bar)
+            script.notify(queue)
+        self.guest.run(script)
+        wait_until(lambda: function.broken or ring.used_idx() != 0, 2.0)
+        check = DriverScript(bar)
+        status = check.load(bar + 0x14, 1)
+        return self.guest.run(check)[status]
+
+    def legitimate(self, kind: str, number: int) -> bool:
+        """After a reset, one ordinary request works and does what it says."""
+        function, bar, queue = self.functions[kind], self.bars[kind], ATTACKED_QUEUE[kind]
+        ring = DriverRing(self.memory, RINGS, QSIZE)
+        script = DriverScript(bar)
+        script.init(queue, desc=ring.desc_addr, avail=ring.avail_addr, used=ring.used_addr)
+        marker = f"legitimate request {number} to {kind}".encode().ljust(64, b".")
+        self.memory.write(DATA, bytes(0x3000))
+        if kind == "blk":
+            sector = number % IMAGE_SECTORS
+            data = marker * 8
+            self.memory.write(DATA, struct.pack("<IIQ", 1, 0, sector))
+            self.memory.write(DATA + 0x1000, data)
+            _chain(script, ring, [(DATA, 16, 0), (DATA + 0x1000, 512, 0),
+                                  (DATA + 0x2000, 1, DESC_WRITE)])
+            self.expected_image[512 * sector:512 * sector + 512] = data
+        elif kind == "net":
+            frame = b"\xff" * 6 + MAC + b"\x88\xb5" + marker
+            self.memory.write(DATA, bytes(12) + frame)
+            _chain(script, ring, [(DATA, 12 + len(frame), 0)])
+        elif kind == "rng":
+            _chain(script, ring, [(DATA, 64, DESC_WRITE)])
+        else:
+            self.memory.write(DATA, marker)
+            _chain(script, ring, [(DATA, len(marker), 0)])
+        script.notify(queue)
+        self.guest.run(script)
+        if not wait_until(lambda: ring.used_idx() == 1, 5.0) or function.broken:
+            return False
+        head, written = ring.take_used()[0]
+        if kind == "blk":
+            return self.memory.read(DATA + 0x2000, 1) == b"\0" and written == 1
+        if kind == "net":
+            return wait_until(lambda: _received(self.tap) == frame, 2.0)
+        if kind == "rng":
+            return written == 64 and self.memory.read(DATA, 64) != bytes(64)
+        sink = self.console if kind == "console" else self.serial
+        return wait_until(lambda: marker in bytes(sink.head) or sink.size > 4096, 2.0)
+
+    def close(self) -> None:
+        self.guest.close()
+
+
+def _received(tap: FakeTap) -> bytes | None:
+    try:
+        return tap.wire.recv(65536)[12:]
+    except BlockingIOError:
+        return None
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return predicate()
+
+
+def address_space() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def run_hostile_suite(workdir: str) -> dict:
+    """The whole suite, in this process (the subprocess of the test below): results as
+    a dict for JSON."""
+    import resource
+
+    from pykvm.kvm import Kvm
+
+    results: dict = {"cases": []}
+    with Kvm() as kvm:
+        bench = HostileBench(kvm, Path(workdir))
+        try:
+            limit = address_space() + AS_HEADROOM
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            results["address_space_limit"] = limit
+            number = 0
+            for kind in DEVICE_KINDS:
+                cases = [(name, expect, build, None) for name, expect, build in HOSTILE_CASES]
+                cases += [(name, True, None, init) for name, init in REGISTER_CASES]
+                for name, expect, build, init in cases:
+                    if init is not None and "features" in init:
+                        build = HOSTILE_CASES[12][2]            # an indirect descriptor
+                    if isinstance(expect, dict):
+                        expect = expect.get(kind, False)
+                    failed = len(bench.failures)
+                    status = bench.attack(kind, build, init)
+                    number += 1
+                    results["cases"].append({
+                        "device": kind, "case": name, "expect_reset": expect, "status": status,
+                        "failures": [message for _, message in bench.failures[failed:]],
+                        "recovered": bench.legitimate(kind, number)})
+            results["alive"] = bench.guest.vm.stop_reason is None and all(
+                function.worker.thread.is_alive() for function in bench.functions.values())
+            results["canaries_intact"] = canaries_intact(bench.mapping, GUEST_MEM)
+            results["image_as_requested"] = bench.image.read_bytes() == bytes(bench.expected_image)
+            results["log"] = bench.guest.log.getvalue()
+        finally:
+            bench.close()
+    return results
+
+
+@pytest.fixture(scope="module")
+def hostile_results(tmp_path_factory):
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import kvm_unavailable_reason
+
+    reason = kvm_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"needs /dev/kvm: {reason}")
+    workdir = tmp_path_factory.mktemp("hostile")
+    code = ("import json, sys; from tests.test_hostile_guest import run_hostile_suite; "
+            "print(json.dumps(run_hostile_suite(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", code, str(workdir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"the VMM died under attack:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", DEVICE_KINDS)
+def test_hostile_guest_on_the_pci_bus(hostile_results, kind):
+    cases = [case for case in hostile_results["cases"] if case["device"] == kind]
+    assert len(cases) == len(HOSTILE_CASES) + len(REGISTER_CASES)
+    for case in cases:
+        assert bool(case["status"] & NEEDS_RESET) == case["expect_reset"], case
+        # a guest's rule broken, never a device's exception (MemoryError under
+        # RLIMIT_AS, struct.error, ...): the transport words those "internal error"
+        assert not any("internal error" in message for message in case["failures"]), case
+        assert case["recovered"], case
+
+
+def test_hostile_guest_leaves_the_host_as_it_was(hostile_results):
+    assert hostile_results["alive"]
+    assert hostile_results["canaries_intact"]
+    assert hostile_results["image_as_requested"]
