@@ -533,9 +533,11 @@ def add_observing_options(group) -> None:
     group.add_argument("--stats-plot", metavar="FILE",
                        help="draw the statistics into FILE.svg or FILE.png at exit "
                             "(needs matplotlib: pip install 'pykvm[plot]')")
-    group.add_argument("--gdb", type=int, metavar="PORT",
-                       help="serve gdb on 127.0.0.1:PORT; the VM starts paused until gdb "
-                            "connects (gdb FILE.elf -ex 'target remote :PORT')")
+    group.add_argument("--gdb", metavar="PATH|tcp:PORT",
+                       help="serve gdb on the Unix socket PATH (yours only); the VM starts "
+                            "paused until gdb connects (gdb FILE.elf -ex 'target remote PATH')."
+                            " tcp:PORT or HOST:PORT serve TCP instead, which any local user "
+                            "can reach (a warning says so)")
 
 
 class Observers:
@@ -546,15 +548,16 @@ class Observers:
         from .errors import ConfigError
 
         self.args = args
-        self.tracer = self.kernel = self.printer = self.stub = None
+        self.tracer = self.kernel = self.printer = self.stub = self.gdb = None
         self.kernel_snapshot = None
         if args.stats_interval is not None and args.stats_interval <= 0:
             raise ConfigError("--stats-interval must be a positive number of seconds")
         if args.stats_plot:
             from .plot import check_path
             check_path(args.stats_plot)
-        if args.gdb is not None and not 0 < args.gdb < 65536:
-            raise ConfigError(f"--gdb {args.gdb}: not a TCP port number")
+        if args.gdb is not None:
+            from .gdbstub import GdbAddress
+            self.gdb = GdbAddress.parse(args.gdb)
         if args.trace is not None or args.trace_filter:
             from .symbols import load
             from .trace import TraceFilter, Tracer
@@ -578,10 +581,15 @@ class Observers:
             self.printer.start()
         if args.gdb is not None:
             from .gdbstub import GdbStub
-            self.stub = GdbStub(machine.vm, args.gdb)
+            self.stub = GdbStub(machine.vm, self.gdb)
             self.stub.attach()
-            print(f"pykvm: the VM waits for gdb on 127.0.0.1:{self.stub.port} "
-                  f"(gdb -ex 'target remote :{self.stub.port}')", file=sys.stderr, flush=True)
+            where = self.stub.address
+            if where.tcp:
+                print(f"pykvm: warning: the gdb stub on TCP {where.describe()} has no "
+                      "authentication: any local user can take over the guest",
+                      file=sys.stderr, flush=True)
+            print(f"pykvm: the VM waits for gdb on {where.describe()} "
+                  f"(gdb -ex 'target remote {where.gdb_target()}')", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
         """The guest stopped: stop the periodic table, read KVM's counters once more."""

@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, sandbox
 from .errors import ConfigError, PykvmError
 
 MAX_REQUEST = 1 << 16       # bytes in one request line, newline excluded
@@ -90,21 +90,22 @@ class ControlServer:
         self._lock = threading.Lock()     # one state-changing request at a time
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
-        self._sock = _listen(self.path, self.group)
+        self._sock = listen_unix(self.path, "--api-sock", self.group)
         self._thread = threading.Thread(target=self._serve, name="api-sock", daemon=True)
         self._thread.start()
 
     # --- serving ------------------------------------------------------------------------------
     def _serve(self) -> None:
         """Accept clients; at most MAX_CONNECTIONS are served at once, each on a thread of its
-        own. A peer whose credentials do not pass (:meth:`_peer_refused`) or one too many
+        own. A peer whose credentials do not pass (:func:`peer_refusal`) or one too many
         gets one error line and is closed, without a thread."""
+        sandbox.thread_role("control")   # pykvm/sandbox; connection threads inherit it
         while not self._closed:
             try:
                 connection, _ = self._sock.accept()
             except OSError:
                 return            # closed
-            refusal = self._peer_refused(connection)
+            refusal = peer_refusal(connection, self.group)
             if refusal is None and not self._slots.acquire(blocking=False):
                 refusal = f"too many connections ({MAX_CONNECTIONS} are served at once)"
             if refusal is not None:
@@ -116,22 +117,6 @@ class ControlServer:
             except RuntimeError:            # the host refuses another thread
                 self._slots.release()
                 _refuse(connection, "cannot serve another connection now")
-
-    def _peer_refused(self, connection: socket.socket) -> str | None:
-        """Why the process at the other end may not use this socket, or None. SO_PEERCRED
-        gives the credentials the peer had when it connected (socket(7)): the socket
-        file's mode is not the only guard (a directory with the wrong mode, a socket made
-        group-accessible by mistake)."""
-        try:
-            raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            pid, uid, gid = _UCRED.unpack(raw)
-        except OSError as error:
-            return f"cannot read the peer's credentials: {error.strerror}"
-        if uid in (0, os.geteuid()):
-            return None
-        if self.group is not None and _in_group(uid, gid, self.group):
-            return None
-        return f"uid {uid} may not use this control socket"
 
     def _connection(self, connection: socket.socket) -> None:
         try:
@@ -308,26 +293,27 @@ class ControlServer:
         self.close()
 
 
-def _listen(path: str, group: int | None = None) -> socket.socket:
-    """A listening Unix socket at ``path``; a stale socket file there is replaced, a live
-    one (another pykvm) or any other file is an error."""
+def listen_unix(path: str, option: str, group: int | None = None) -> socket.socket:
+    """A listening Unix socket at ``path`` (given with ``option``), mode 0600 (0660 and
+    ``group``'s when given); a stale socket file there is replaced, a live one (another
+    pykvm) or any other file is an error. Peers are checked too: :func:`peer_refusal`."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         mode = None
     if mode is not None:
         if not stat.S_ISSOCK(mode):
-            raise ConfigError(f"--api-sock {path}: exists and is not a socket")
+            raise ConfigError(f"{option} {path}: exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except ConnectionRefusedError:
             os.unlink(path)       # nobody listens: left over from a killed pykvm
         except OSError as error:
-            raise ConfigError(f"--api-sock {path}: cannot tell whether another process "
+            raise ConfigError(f"{option} {path}: cannot tell whether another process "
                               f"serves it: {error.strerror}") from None
         else:
-            raise ConfigError(f"--api-sock {path}: another process serves this socket")
+            raise ConfigError(f"{option} {path}: another process serves this socket")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -343,7 +329,7 @@ def _listen(path: str, group: int | None = None) -> socket.socket:
         if group is not None and error.errno == errno.EPERM:
             raise ConfigError(f"--api-sock-group: cannot give {path} to group {group}: "
                               f"{error.strerror} (you must belong to it)") from None
-        raise ConfigError(f"--api-sock {path}: cannot listen: {error.strerror}") from None
+        raise ConfigError(f"{option} {path}: cannot listen: {error.strerror}") from None
     return sock
 
 
@@ -357,6 +343,24 @@ def group_id(group: str) -> int:
         if group.isdigit():
             return int(group)
         raise ConfigError(f"--api-sock-group {group}: no such group") from None
+
+
+def peer_refusal(connection: socket.socket, group: int | None = None) -> str | None:
+    """Why the process at the other end of ``connection`` (accepted on a Unix socket) may
+    not use it, or None: it must run as this process's uid or as root, or belong to
+    ``group``. SO_PEERCRED gives the credentials the peer had when it connected
+    (socket(7)), so the socket file's mode is not the only guard (a socket made
+    accessible by mistake, a path in a directory other users control)."""
+    try:
+        raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, gid = _UCRED.unpack(raw)
+    except OSError as error:
+        return f"cannot read the peer's credentials: {error.strerror}"
+    if uid in (0, os.geteuid()):
+        return None
+    if group is not None and _in_group(uid, gid, group):
+        return None
+    return f"uid {uid} may not use this socket"
 
 
 def _in_group(uid: int, gid: int, group: int) -> bool:

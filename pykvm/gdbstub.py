@@ -1,10 +1,14 @@
-"""`pykvm run --gdb PORT`: a GDB remote-serial-protocol stub for the guest.
+"""`pykvm run --gdb PATH`: a GDB remote-serial-protocol stub for the guest.
 
-    pykvm run --flat guests/tutorial/build/03-long-mode.bin --entry protected --gdb 1234
-    gdb guests/tutorial/build/03-long-mode.elf -ex 'target remote :1234'
+    pykvm run --flat guests/tutorial/build/03-long-mode.bin --entry protected --gdb /tmp/g.sock
+    gdb guests/tutorial/build/03-long-mode.elf -ex 'target remote /tmp/g.sock'
 
 The VM starts paused, before the first guest instruction, and waits for gdb.
-The stub listens on 127.0.0.1 only (anyone who can connect owns the guest).
+Whoever connects owns the guest (and can read and write all its memory), so by
+default the stub serves a Unix socket: mode 0600, and every connection's
+SO_PEERCRED must be this uid or root (:func:`pykvm.control.peer_refusal`). TCP
+has no such check; it is served only when asked for explicitly (``--gdb
+tcp:PORT`` on 127.0.0.1, or ``--gdb HOST:PORT``), and the CLI warns then.
 Each vCPU is a gdb thread (id = vCPU number + 1).
 
 What gdb can do, and how each is done with KVM:
@@ -37,14 +41,18 @@ Ctrl-C.
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import select
 import socket
+import stat
 import sys
 import threading
 from dataclasses import dataclass
 
 from . import ioctl as k
+from . import sandbox
+from .control import listen_unix, peer_refusal
 from .errors import ConfigError, GuestMemoryError, PykvmError
 from .guest.code import linear_to_physical
 from .trace import cpu_bits
@@ -203,20 +211,68 @@ class GdbProtocolError(PykvmError):
     pass
 
 
+@dataclass(frozen=True)
+class GdbAddress:
+    """Where the stub listens: a Unix socket ``path``, or TCP ``host``:``port``."""
+
+    path: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+    @property
+    def tcp(self) -> bool:
+        return self.path is None
+
+    @classmethod
+    def parse(cls, text: str) -> "GdbAddress":
+        """``--gdb`` text: ``tcp:PORT`` (127.0.0.1), ``HOST:PORT``, or a socket path."""
+        text = str(text)
+        if text.startswith("tcp:"):
+            return cls(host="127.0.0.1", port=_port(text, text[4:]))
+        host, colon, port = text.rpartition(":")
+        if colon and port.isdigit() and "/" not in text:
+            return cls(host=host.strip("[]") or "127.0.0.1", port=_port(text, port))
+        if text.isdigit():
+            raise ConfigError(f"--gdb {text}: a bare number is not a socket path; for TCP "
+                              f"(no authentication) say --gdb tcp:{text}")
+        if not text:
+            raise ConfigError("--gdb: give a socket path (or tcp:PORT)")
+        return cls(path=text)
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"{self.host}:{self.port}"
+
+    def gdb_target(self) -> str:
+        """What gdb's ``target remote`` takes to reach it."""
+        if self.path is not None:
+            return self.path
+        return f":{self.port}" if self.host == "127.0.0.1" else f"{self.host}:{self.port}"
+
+
+def _port(text: str, port: str) -> int:
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--gdb {text}: not a TCP port number")
+    return int(port)
+
+
 class GdbStub:
-    """Serve one gdb at a time on 127.0.0.1:``port`` for ``vm``. :meth:`attach`
+    """Serve one gdb at a time for ``vm`` at ``where``: a :class:`GdbAddress`, its text,
+    or a TCP port on 127.0.0.1 (0: any free one; library and tests). :meth:`attach`
     before the VM starts; :meth:`close` when done."""
 
-    def __init__(self, vm, port: int, *, host: str = "127.0.0.1", log=None, verbose=False):
+    def __init__(self, vm, where: "GdbAddress | str | int", *, log=None, verbose=False):
         self.vm = vm
         self.log = log if log is not None else sys.stderr
         self.verbose = verbose
-        try:
-            self.listener = socket.create_server((host, port))
-        except OSError as error:
-            raise ConfigError(f"--gdb {port}: cannot listen on {host}:{port}: "
-                              f"{error.strerror}") from None
-        self.port = self.listener.getsockname()[1]
+        if isinstance(where, int):
+            where = GdbAddress(port=where)
+        elif not isinstance(where, GdbAddress):
+            where = GdbAddress.parse(where)
+        self.listener = _listen(where)
+        if where.tcp:
+            where = GdbAddress(host=where.host, port=self.listener.getsockname()[1])
+        self.address = where
+        self.port = where.port
         self.conn: socket.socket | None = None
         self._buffer = bytearray()
         self.no_ack = False
@@ -245,6 +301,8 @@ class GdbStub:
     def close(self) -> None:
         self._closing = True
         _shut(self.listener)
+        if self.address.path is not None:
+            _unlink_socket(self.address.path)
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=1)   # a waiting gdb gets its "exited" (W) reply first
         _shut(self.conn)
@@ -319,12 +377,20 @@ class GdbStub:
 
     # --- the connection -------------------------------------------------------------------------
     def _serve(self) -> None:
+        sandbox.thread_role("control")   # pykvm/sandbox: seccomp, unless --no-seccomp
         while not self._closing:
             try:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.address.tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                refusal = peer_refusal(conn)
+                if refusal is not None:
+                    self._say(f"connection refused: {refusal}")
+                    _shut(conn)
+                    continue
             self.conn, self._buffer, self.no_ack = conn, bytearray(), False
             self.connected.set()
             self._say("gdb connected")
@@ -764,6 +830,26 @@ class _StepWatch:
     def exit(self, vcpu, *args) -> None:
         if self.inner is not None:
             self.inner.exit(vcpu, *args)
+
+
+def _listen(where: GdbAddress) -> socket.socket:
+    if where.path is not None:
+        return listen_unix(where.path, "--gdb")
+    try:
+        return socket.create_server((where.host, where.port or 0),
+                                    family=socket.AF_INET6 if ":" in where.host
+                                    else socket.AF_INET)
+    except (OSError, OverflowError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(f"--gdb {where.describe()}: cannot listen: {reason}") from None
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _shut(sock) -> None:

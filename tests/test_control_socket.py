@@ -127,9 +127,10 @@ def wait_for_threads(count: int) -> None:
 
 
 # --- item 12: peer credentials ---------------------------------------------------------------------
-def as_user(uid: int, gid: int, path) -> dict:
-    """One status request from a forked child running as ``uid``:``gid`` (only socket
-    calls between fork and _exit); its answer comes back through a pipe."""
+def exchange_as_user(uid: int, gid: int, path, data: bytes) -> bytes:
+    """Connect to the Unix socket ``path`` from a forked child running as ``uid``:``gid``,
+    send ``data`` and return what the server sends until it closes or goes quiet (2 s).
+    Only socket calls run between fork and _exit; the answer comes back through a pipe."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
@@ -141,11 +142,18 @@ def as_user(uid: int, gid: int, path) -> dict:
             os.setuid(uid)
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             client.connect(str(path))
+            client.settimeout(2)
             try:
-                client.sendall(b'{"action": "status"}\n')
+                client.sendall(data)
             except BrokenPipeError:
-                pass             # refused at once: the reason is still there to read
-            os.write(write_end, client.makefile("rb").readline())
+                pass             # refused at once: the reason may still be there to read
+            received = b""
+            try:
+                while chunk := client.recv(65536):
+                    received += chunk
+            except (socket.timeout, ConnectionResetError):
+                pass
+            os.write(write_end, b"+" + received)
             status = 0
         except BaseException as error:
             os.write(write_end, repr(error).encode())
@@ -153,10 +161,16 @@ def as_user(uid: int, gid: int, path) -> dict:
             os._exit(status)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as answer:
-        line = answer.read()
+        reply = answer.read()
     _, status = os.waitpid(child, 0)
-    assert status == 0 and line, f"the client as another user failed: {line!r}"
-    return json.loads(line)
+    assert status == 0, f"the client as another user failed: {reply!r}"
+    return reply[1:]
+
+
+def as_user(uid: int, gid: int, path) -> dict:
+    """A status request as another user, and its one-line answer."""
+    return json.loads(exchange_as_user(uid, gid, path, b'{"action": "status"}\n')
+                      .splitlines()[0])
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs clients as another uid")
@@ -170,7 +184,7 @@ def test_another_user_is_refused_even_when_the_socket_file_lets_it_in(public_dir
         assert os.stat(sock).st_mode & 0o777 == 0o600
         os.chmod(sock, 0o666)                     # a mistake, or a directory that allows it
         response = as_user(NOBODY, NOBODY, sock)
-        assert response == {"ok": False, "error": f"uid {NOBODY} may not use this control socket"}
+        assert response == {"ok": False, "error": f"uid {NOBODY} may not use this socket"}
         assert request(sock, {"action": "status"})["ok"]          # root / the same uid
 
 

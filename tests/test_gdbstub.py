@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -16,7 +17,8 @@ import pytest
 from pykvm import layout
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
-from pykvm.gdbstub import REGISTERS, GdbStub, _escape, _unescape, target_xml
+from pykvm.errors import ConfigError
+from pykvm.gdbstub import REGISTERS, GdbAddress, GdbStub, _escape, _unescape, target_xml
 from pykvm.memory import GuestMemory
 from pykvm.vm import Vm
 
@@ -88,8 +90,13 @@ def register(g_reply: str, name: str) -> int:
 class Rsp:
     """Just enough of gdb's side of the protocol."""
 
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    def __init__(self, address: GdbAddress):
+        if address.tcp:
+            self.sock = socket.create_connection((address.host, address.port), timeout=15)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(15)
+            self.sock.connect(address.path)
         self.buffer = b""
         self.ack = True
 
@@ -137,8 +144,11 @@ class Rsp:
 
 
 @contextlib.contextmanager
-def debugged(kvm, code: bytes, mode: str = "protected", prepare=None):
-    with GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory) as vm:
+def debugged(kvm, code: bytes, mode: str = "protected", prepare=None, where=None):
+    """A VM running ``code`` under the stub, and a connected client. ``where``: the
+    stub's address (default: a Unix socket, as `pykvm run --gdb PATH`)."""
+    with GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory) as vm, \
+            tempfile.TemporaryDirectory() as directory:
         serial = Serial()
         vm.add_pio_device(0x3F8, 8, serial)
         vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
@@ -147,10 +157,10 @@ def debugged(kvm, code: bytes, mode: str = "protected", prepare=None):
         set_mode(vm.vcpus[0], memory, mode, BASE)
         if prepare:
             prepare(memory)
-        stub = GdbStub(vm, 0)
+        stub = GdbStub(vm, os.path.join(directory, "gdb.sock") if where is None else where)
         stub.attach()
         vm.start()
-        client = Rsp(stub.port)
+        client = Rsp(stub.address)
         try:
             yield vm, stub, client, serial
         finally:
@@ -180,7 +190,53 @@ def test_packet_escaping_round_trips():
     assert _unescape(escaped) == data
 
 
+def test_gdb_addresses_are_unix_sockets_unless_tcp_is_asked_for():
+    assert GdbAddress.parse("/run/g.sock") == GdbAddress(path="/run/g.sock")
+    assert GdbAddress.parse("tcp:1234") == GdbAddress(host="127.0.0.1", port=1234)
+    assert GdbAddress.parse("127.0.0.1:1234").gdb_target() == ":1234"
+    assert GdbAddress.parse("[::1]:1234") == GdbAddress(host="::1", port=1234)
+    for bad in ("1234", "tcp:0", "tcp:65536", "tcp:x", ""):
+        with pytest.raises(ConfigError, match="--gdb"):
+            GdbAddress.parse(bad)
+
+
 # --- with KVM, our own client --------------------------------------------------------------------
+def test_the_stub_serves_a_private_unix_socket_by_default(kvm):
+    code = assemble(GUEST, "protected", BASE)
+    with debugged(kvm, code) as (vm, stub, gdb, serial):
+        assert not stub.address.tcp and stub.port is None
+        assert os.stat(stub.address.path).st_mode & 0o777 == 0o600
+        gdb.handshake()
+        assert gdb.ask("?").startswith("T05")
+    assert not os.path.exists(stub.address.path)       # removed at close
+
+
+def test_tcp_is_served_when_asked_for(kvm):
+    code = assemble(GUEST, "protected", BASE)
+    with debugged(kvm, code, where=0) as (vm, stub, gdb, serial):
+        assert stub.address.tcp and stub.address.host == "127.0.0.1" and stub.port > 0
+        gdb.handshake()
+        assert gdb.ask("?").startswith("T05")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as another uid")
+def test_another_user_cannot_take_the_stub_over(kvm):
+    """Even through a socket file that lets it in: SO_PEERCRED is checked; the guest
+    stays paused and the stub still serves its own user."""
+    from .test_control_socket import NOBODY, exchange_as_user
+
+    code = assemble(GUEST, "protected", BASE)
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        sock = os.path.join(directory, "gdb.sock")
+        with debugged(kvm, code, where=sock) as (vm, stub, gdb, serial):
+            os.chmod(sock, 0o666)
+            assert exchange_as_user(NOBODY, NOBODY, sock, b"$c#63") == b""   # hung up on
+            assert serial.data == b""                 # the continue never ran
+            gdb.handshake()
+            assert gdb.ask("?").startswith("T05")
+
+
 def test_starts_paused_and_reads_state(kvm):
     code = assemble(GUEST, "protected", BASE)
     with debugged(kvm, code) as (vm, stub, gdb, serial):
@@ -354,21 +410,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_gdb_over_tcp_is_explicit_and_warned_about(kvm, tmp_path):
+    flat = tmp_path / "hlt.bin"
+    flat.write_bytes(b"\xf4")
+    port = free_port()
+    vm = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--flat", str(flat),
+                           "--gdb", f"tcp:{port}"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        warning, waiting = vm.stderr.readline(), vm.stderr.readline()
+    finally:
+        vm.kill()
+        vm.wait()
+    assert warning.startswith(f"pykvm: warning: the gdb stub on TCP 127.0.0.1:{port} has no "
+                              "authentication"), warning
+    assert f"waits for gdb on 127.0.0.1:{port} (gdb -ex 'target remote :{port}')" in waiting
+
+
 def test_gdb_batch_against_the_real_mode_tutorial(kvm):
     if shutil.which("gdb") is None:
         pytest.skip("gdb is not installed (the Makefile's apt list has it)")
     binary = tutorial("01-real-mode-hello")
     elf = binary.with_suffix(".elf")
-    port = free_port()
+    directory = tempfile.mkdtemp()
+    sock = os.path.join(directory, "gdb.sock")
     vm = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--flat", str(binary),
-                           "--entry", "real", "--gdb", str(port)], cwd=ROOT,
+                           "--entry", "real", "--gdb", sock], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         waiting = vm.stderr.readline()           # the stub listens once this is printed
-        assert f"waits for gdb on 127.0.0.1:{port}" in waiting, waiting + vm.stderr.read()
+        assert f"waits for gdb on {sock} (gdb -ex 'target remote {sock}')" in waiting, \
+            waiting + vm.stderr.read()
         # The message loop's `out %al, %dx` is at _start+0x10 (see build/*.lst).
         result = subprocess.run(
-            ["gdb", "-batch", "-nx", str(elf), "-ex", f"target remote :{port}",
+            ["gdb", "-batch", "-nx", str(elf), "-ex", f"target remote {sock}",
              "-ex", "break *_start+0x10", "-ex", "continue", "-ex", "p/x $rax",
              "-ex", "p/x $rip", "-ex", "stepi", "-ex", "p/x $rip", "-ex", "delete",
              "-ex", "continue"],
@@ -378,6 +453,7 @@ def test_gdb_batch_against_the_real_mode_tutorial(kvm):
         if vm.poll() is None:
             vm.kill()
             vm.wait()
+        shutil.rmtree(directory)
     text = result.stdout + result.stderr
     assert "Breakpoint 1, 0x0000000000000010 in _start ()" in text, text
     assert "$1 = 0x1048" in text, text            # AL = 'H': the first byte it will send
