@@ -67,6 +67,8 @@ def test_flat_result_carries_registers_and_memory(vm):
     assert result.regs.rbx == 0x1122334455667788
     assert result.read_int(0x400, 4) == 5050
     assert result.memory[0x10000:0x10005] == b"\xc7\x04\x25\x00\x04"   # the guest's own code
+    with pytest.raises(ValueError):
+        result.read_int(len(result.memory) - 2, 4)      # past the RAM kept: refused, not short
 
 
 def test_03_mmio_exits_then_an_ioeventfd_without_exits(built):
@@ -80,13 +82,17 @@ def test_03_mmio_exits_then_an_ioeventfd_without_exits(built):
     assert re.search(r"run 1 / run 2 = [\d.]+", out), out    # printed, never compared
 
 
-def test_04_interrupts_arrive_through_the_irqfd(built):
+def test_04_timer_then_irqfd_interrupts_arrive_in_hlt(built):
     out = lesson("04_interrupts.py")
-    assert "guest: waiting in hlt for IRQ 5\n" in out, out
-    for n in (1, 2, 3):
-        assert f"interrupt {n} arrived (vector 0x25)\n" in out, out
+    # In order: three ticks of KVM's in-kernel PIT, then three irqfd interrupts.
+    assert re.findall(r"^(?:guest: waiting|timer tick|interrupt).*$", out, re.M) == [
+        "guest: waiting in hlt for the timer (IRQ 0)",
+        *(f"timer tick {n} (vector 0x20)" for n in (1, 2, 3)),
+        "guest: waiting in hlt for the device (IRQ 5)",
+        *(f"interrupt {n} arrived (vector 0x25)" for n in (1, 2, 3))], out
     assert "stopped: guest exited with status 0" in out, out
-    # The PIC's programming and EOIs never reached pykvm: only COM1 and the exit port did.
+    # The PIT and PIC programming and the EOIs never reached pykvm: only COM1 and the
+    # exit port did.
     ports = re.search(r"by port: (.*)", out).group(1)
     assert set(re.findall(r"(0x[0-9a-f]+):", ports)) == {"0x3f8", "0xf4"}, out
 

@@ -1,17 +1,23 @@
-"""Lesson 4: a device interrupt, from a Python thread to the guest's IDT handler.
+"""Lesson 4: interrupts, from KVM's own timer and from a Python "device", to the
+guest's IDT handlers while it waits in `hlt`.
 
 pykvm's VM has KVM's in-kernel interrupt controllers (KVM_CREATE_IRQCHIP: two
-8259 PICs, an IOAPIC, a local APIC per vCPU). The guest (interrupt.S) programs
-the PIC, points vector 0x25 at its handler, and waits in `hlt`. Here a "device"
-thread writes an eventfd that KVM_IRQFD tied to GSI 5, three times:
+8259 PICs, an IOAPIC, a local APIC per vCPU) and timer (KVM_CREATE_PIT2). The
+guest (interrupt.S) points vectors 0x20 and 0x25 at its handlers, programs the
+PIC, and waits in `hlt`:
 
-- pykvm (user space): the thread's write(2) to the eventfd. That is all.
-- KVM (kernel): the irqfd raises IRQ 5 on the PIC, the PIC passes vector 0x25
-  to the LAPIC, the LAPIC wakes the halted vCPU and delivers the interrupt
-  through the guest's IDT; the guest's PIC programming and EOIs are port I/O
-  KVM handles in the kernel too.
-- guest: the handler counts and prints; `hlt` returns; after three, it exits.
+1. for three ticks of the PIT, which it programs itself. Timer, PIC, LAPIC and
+   delivery are all KVM's, in the kernel: pykvm takes no part at all.
+2. for three interrupts from a "device": a thread here writes an eventfd that
+   KVM_IRQFD tied to GSI 5.
+   - pykvm (user space): the thread's write(2) to the eventfd. That is all.
+   - KVM (kernel): the irqfd raises IRQ 5 on the PIC, the PIC passes vector
+     0x25 to the LAPIC, the LAPIC wakes the halted vCPU and delivers the
+     interrupt through the guest's IDT.
+   - guest: the handler counts and prints; `hlt` returns; after three, it exits.
 
+The guest's PIT and PIC programming and its EOIs are port I/O that KVM handles
+in the kernel too: the port counts printed at the end show none of them.
 Compare lesson 3: an ioeventfd is guest -> host without an exit, an irqfd is
 host -> guest without an ioctl from the vCPU loop.
 
@@ -52,7 +58,8 @@ def interrupts() -> dict[str, int]:
     print(f"stopped: {result.message if result else 'timeout'}")
     print("port-I/O exits that reached pykvm, by port:",
           ", ".join(f"{port:#x}: {count}" for port, count in sorted(ports.items())))
-    print("(no 0x20/0x21: the PIC's programming and EOIs were finished in the kernel)")
+    print("(no 0x20/0x21 or 0x40/0x43: the PIC and PIT programming and the EOIs were "
+          "finished in the kernel)")
     return ports
 
 
