@@ -85,6 +85,9 @@ CONSOLE_KEEP = 1 << 20
 REPORT_TAIL = 16 * 1024           # console bytes a failure report shows
 BOOT_LOG_TAIL = 4 * 1024          # ... and of a restored guest's boot log
 FLAT_MEM = "16M"
+# How much guest RAM (from address 0) a FlatResult keeps a copy of: flat guests live in
+# their first MiBs, and the bound keeps a `mem="4G"` run from copying gigabytes.
+FLAT_RESULT_RAM = 64 << 20
 SNAPSHOTS_KEPT = 6
 
 MARKERS = (
@@ -253,7 +256,7 @@ class FlatResult:
     timed_out: bool = False
     # What the guest left behind, read after it stopped (kvm-hello-world's last step):
     # vCPU 0's registers (KVM_GET_REGS: .rax, .rip, ...) and a copy of the guest RAM from
-    # address 0 (all of it below 3 GiB), indexed by guest-physical address. None after a
+    # address 0 (up to FLAT_RESULT_RAM), indexed by guest-physical address. None after a
     # timeout.
     regs: object = None
     memory: memoryview | None = field(default=None, repr=False)
@@ -264,6 +267,9 @@ class FlatResult:
 
     def read_int(self, address: int, size: int = 8) -> int:
         """The little-endian integer the guest left at ``address`` (``size`` bytes)."""
+        if address < 0 or size <= 0 or address + size > len(self.memory):
+            raise ValueError(f"{address:#x}+{size} is outside the {len(self.memory):#x} bytes "
+                             f"of guest RAM kept")
         return int.from_bytes(self.memory[address:address + size], "little")
 
 
@@ -321,7 +327,8 @@ class FlatVm:
                 return FlatResult(None, console.getvalue(), None, True)
             # The vCPU threads have ended: their registers and the RAM can be read here.
             regs = machine.vm.vcpus[0].get_regs()
-            memory = memoryview(machine.memory.read(0, machine.memory.regions[0].size))
+            memory = memoryview(machine.memory.read(
+                0, min(machine.memory.regions[0].size, FLAT_RESULT_RAM)))
         status = stop.status if stop.kind == "exit" else None
         return FlatResult(status, console.getvalue(), stop, regs=regs, memory=memory)
 
@@ -656,7 +663,8 @@ class _Session:
         from pykvm.snapshot import restore_machine
 
         console = ConsoleLog()
-        machine = restore_machine(snapshot, stdout=console, stderr=console)
+        # trust: the plugin took this snapshot itself (its shares are the spec's own)
+        machine = restore_machine(snapshot, stdout=console, stderr=console, trust=True)
         boot_log = snapshot / "boot-console.log"
         guest = LinuxVm(machine, console, f"restored from {snapshot}",
                         boot_log.read_bytes().decode(errors="replace") if boot_log.exists() else "")
