@@ -139,3 +139,19 @@ def test_07_linux_view_stats_and_plot(tmp_path):
     if detect_host_kind() == "kvm_pvm":
         assert re.search(r"completed by pykvm: syscall\s+\d+", report), report
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lessons_stop_with_one_line_without_kvm(monkeypatch):
+    """A reader without a usable /dev/kvm gets one line, not a traceback."""
+    from pykvm.errors import KvmUnavailable
+
+    monkeypatch.syspath_prepend(str(LESSONS))
+    import lesson as lesson_module
+
+    def unusable(*args):
+        raise KvmUnavailable("/dev/kvm: no such device")
+
+    monkeypatch.setattr(lesson_module, "Kvm", unusable)
+    with pytest.raises(SystemExit) as stopped:
+        lesson_module.host_note()
+    assert str(stopped.value) == "cannot run this lesson: /dev/kvm: no such device"

@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pykvm.bus import Device  # noqa: E402,F401  (needs the path above; lessons subclass it)
-from pykvm.kvm import detect_host_kind  # noqa: E402
+from pykvm.errors import PykvmError  # noqa: E402
+from pykvm.kvm import Kvm, detect_host_kind  # noqa: E402
 
 # What a kvm_pvm host does differently, in one paragraph per lesson topic
 # (docs/hosts.md has the whole story).
@@ -28,7 +29,12 @@ PVM_NOTE = ("host: kvm_pvm (KVM without VT-x/AMD-V). These guests run in ring 0 
 
 
 def host_note() -> None:
-    """Print which kind of KVM runs the lesson, and on kvm_pvm what it emulates."""
+    """Print which kind of KVM runs the lesson, and on kvm_pvm what it emulates; stop
+    with one line when /dev/kvm cannot be used (missing, no permission, another API)."""
+    try:
+        Kvm().close()
+    except PykvmError as error:
+        raise SystemExit(f"cannot run this lesson: {error}") from None
     kind = detect_host_kind()
     if kind == "kvm_pvm":
         print(PVM_NOTE)
