@@ -42,6 +42,7 @@ from ..guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from ..guest.pagewalk import LEVEL4, LEVEL5, paging_mode, read_linear, translate
 from ..ioctl.structs import kvm_sregs
 from ..vcpu import SYNCED_SREGS_OFFSET
+from .decode import decode
 
 VECTOR_PF = 14
 INT3 = 0xCC
@@ -331,31 +332,15 @@ def _nop_or_clac(code: bytes) -> bool:
 
 
 def nop_length(code: bytes) -> int | None:
-    """Length of the NOP at the start of ``code``: 90, 66 90, 0f 1f /0 (with prefixes)."""
-    i = 0
-    while i < len(code) and code[i] in NOP_PREFIXES:
-        i += 1
-    if code[i:i + 1] == b"\x90":
-        return i + 1
-    if code[i:i + 2] != b"\x0f\x1f" or len(code) < i + 3 or (code[i + 2] >> 3) & 7:
+    """Length of the NOP at the start of ``code``: 90, 66 90, 0f 1f /0 (with the prefixes
+    compilers put on multi-byte NOPs); decode.py reads its ModRM, SIB and displacement."""
+    instruction = decode(code)
+    if instruction is None or instruction.rex or set(instruction.prefixes) - set(NOP_PREFIXES):
         return None
-    length = i + 3 + _modrm_tail(code[i + 2], code[i + 3] if len(code) > i + 3 else 0)
-    return length if length <= len(code) else None
-
-
-def _modrm_tail(modrm: int, sib: int) -> int:
-    """Bytes after a ModRM byte (SIB and displacement), 64-bit addressing."""
-    mod, rm = modrm >> 6, modrm & 7
-    if mod == 3:
-        return 0
-    tail = 0
-    if rm == 4:
-        tail += 1
-        if mod == 0 and sib & 7 == 5:
-            tail += 4
-    elif mod == 0 and rm == 5:
-        tail += 4   # RIP-relative
-    return tail + {0: 0, 1: 1, 2: 4}[mod]
+    if instruction.opcode == b"\x90" or (instruction.opcode == b"\x0f\x1f"
+                                          and instruction.reg == 0):
+        return instruction.length
+    return None
 
 
 def _byte_at(memory, physical: int) -> int | None:
