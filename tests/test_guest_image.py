@@ -140,3 +140,29 @@ def test_a_long_step_says_what_it_last_did(tmp_path, monkeypatch, capsys):
         build.run(["sh", "-c", "echo broken; exit 2"], log=log)
     with pytest.raises(build.BuildFailed, match="pykvm-no-such-tool is not installed"):
         build.run(["pykvm-no-such-tool"], log=log)
+
+
+def test_kernel_source_tree_or_tarball_becomes_the_tree_the_build_uses(tmp_path):
+    root = tmp_path / "cache"
+    tree = tmp_path / "linux-6.1.99"
+    tree.mkdir()
+    (tree / "Makefile").write_text("VERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 99\n")
+    version = build.custom_source(root, tree)
+    assert version.startswith(build.CUSTOM_SOURCE_PREFIX)
+    used = root / "src" / f"{build.SOURCE_PACKAGE}_{version}"
+    assert used.is_symlink() and used.resolve() == tree    # only read, built out of tree
+    assert build.source_tree(root, version) == used         # so nothing is extracted
+
+    tarball = tmp_path / "linux-6.1.99.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path), tree.name], check=True)
+    from_tarball = build.custom_source(root, tarball)
+    assert from_tarball != version
+    extracted = root / "src" / f"{build.SOURCE_PACKAGE}_{from_tarball}"
+    assert (extracted / "Makefile").read_text().startswith("VERSION = 6")
+    assert build.custom_source(root, tarball) == from_tarball    # once per tarball
+
+    (tmp_path / "empty").mkdir()
+    for bad, message in ((tmp_path / "empty", "no Makefile"), (tmp_path / "none", "no such"),
+                         (tree / "Makefile", "not a tar archive")):
+        with pytest.raises(GuestBuildError, match=message):
+            build.custom_source(root, bad)
