@@ -122,6 +122,19 @@ def test_linux_vm_fails_naming_the_build_command_when_no_guest_is_built(pytester
     assert "Traceback" not in result.stdout.str()
 
 
+def test_vm_without_an_assembler_fails_naming_the_package(pytester, monkeypatch, tmp_path):
+    from pykvm.pytest_plugin import kvm_unavailable_reason
+
+    reason = kvm_unavailable_reason("/dev/kvm")
+    if reason is not None:
+        pytest.skip(f"needs /dev/kvm: {reason}")
+    monkeypatch.setenv("PATH", str(tmp_path))           # no `as`, no `ld`
+    pytester.makepyfile(test_sample='def test_asm(vm):\n    vm.run("hlt")\n')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*needs GNU binutils (as, ld missing): apt-get install binutils*"])
+
+
 def test_markers_are_registered(pytester):
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["*pykvm_cpus(n)*", "*pykvm_mem(size)*", "*pykvm_disk(*",
