@@ -46,8 +46,10 @@ test: deps guests guest
 test-fast: deps guests
 	$(PY) -m pytest -q -m "not linux"
 
+# Every bench in its short mode, each headline beside its last row in bench/RESULTS.md and
+# the goal (bench/guard.py); BENCH_FLAGS="--linux --snapshot DIR" adds the Linux-guest ones.
 bench: deps guests
-	$(PY) bench/exits.py
+	$(PY) bench/guard.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

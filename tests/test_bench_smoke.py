@@ -1,6 +1,7 @@
 """bench/exits.py works: it builds its guest and C reference, runs both, and ends
 with a `ratio:` line. Speed is the bench's business; nothing here asserts timing."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,3 +30,81 @@ def test_exits_bench_quick_run_prints_a_ratio(ring):
     assert any(line.startswith("host kind: ") for line in lines)
     assert any(line.startswith("C reference") for line in lines)
     assert any(line.startswith("pykvm") for line in lines)
+
+
+# --- bench/startup.py, bench/memory.py, bench/guard.py ----------------------------------------
+sys.path.insert(0, str(ROOT / "bench"))
+import guard  # noqa: E402
+import memory as memory_bench  # noqa: E402
+
+
+@needs_kvm
+@pytest.mark.skipif(not all(shutil.which(tool) for tool in ("as", "ld")),
+                    reason="the bench needs GNU as/ld")
+def test_startup_bench_quick_run_prints_seconds():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"seconds: \d+\.\d+", lines[-1]), done.stdout
+    assert float(lines[-1].split()[1]) > 0
+    assert any(line.startswith("reference") for line in lines)
+    assert any(line.startswith("flat") for line in lines)
+
+
+def test_memory_bench_counts_the_guest_ram_mapping_alone():
+    """guest_ram_rss() finds an anonymous mapping by its exact size and reads its Rss."""
+    import mmap
+    size = 8 << 20
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        for offset in range(0, 1 << 20, 4096):
+            region[offset] = 1
+        resident = memory_bench.measure(os.getpid(), size)
+        assert 1024 <= resident.guest_ram < 2048
+        assert resident.beyond == resident.rss - resident.guest_ram > 0
+    finally:
+        region.close()
+
+
+RESULTS_TEXT = """
+## exits — port-I/O exit round trip
+
+| date | host kind | guest ring | ratio |
+|---|---|---|---|
+| 2026-11-25 | kvm_pvm | 0 | 1.400 |
+| 2026-11-25 | kvm_pvm | 3 | 1.300 |
+| 2026-12-06 | kvm_pvm | 0 | 1.200 |
+<!-- marker -->
+
+| date | other table | ratio |
+|---|---|---|
+| 2026-12-07 | 0 | 9.000 |
+
+## startup — process start
+
+| date | flat → first KVM_RUN (ms) |
+|---|---|
+| 2026-12-06 | 95 |
+"""
+
+
+def test_guard_takes_the_newest_matching_row_of_the_first_matching_table():
+    ring0 = next(h for h in guard.HEADLINES if h.name == "exits-ring0")
+    ring3 = next(h for h in guard.HEADLINES if h.name == "exits-ring3")
+    startup = next(h for h in guard.HEADLINES if h.name == "startup-flat")
+    assert guard.recorded(RESULTS_TEXT, ring0) == 1.2
+    assert guard.recorded(RESULTS_TEXT, ring3) == 1.3
+    assert guard.recorded(RESULTS_TEXT, startup) == 0.095      # recorded in ms, printed in s
+    assert guard.recorded("", ring0) is None
+
+
+def test_guard_marks_more_than_20_percent_worse():
+    ring0 = next(h for h in guard.HEADLINES if h.name == "exits-ring0")     # lower is better
+    net = next(h for h in guard.HEADLINES if h.name == "net-1500-tx")       # higher is better
+    assert guard.verdict(ring0, 1.45, 1.2).startswith("REGRESSED")
+    assert guard.verdict(ring0, 1.43, 1.2).startswith("ok")
+    assert guard.verdict(ring0, 0.9, 1.2).startswith("ok")
+    assert guard.verdict(net, 0.40, 0.5).startswith("REGRESSED")
+    assert guard.verdict(net, 0.42, 0.5).startswith("ok")
+    assert guard.verdict(net, 0.42, None) == "no recorded row"
