@@ -24,6 +24,11 @@ the table gives median, min, max and spread of µs per exit, and the last line i
     python3 bench/exits.py --quick    # a tiny run: checks that everything works
     python3 bench/exits.py --ring 3   # the guest's loop in ring 3 (see exit_loop.S)
     python3 bench/exits.py --record   # also add a row to bench/RESULTS.md
+    python3 bench/exits.py --seccomp  # pykvm with and without its seccomp filter (pykvm/sandbox)
+
+pykvm's side runs as `pykvm run` does: its vCPU thread under the seccomp filter.
+``--seccomp`` interleaves a third side, pykvm with the filter off, and prints the
+filter's cost per exit (``--record`` then adds a row to the seccomp table).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pykvm import layout  # noqa: E402
+from pykvm import layout, sandbox  # noqa: E402
 from pykvm.boot.modes import set_mode  # noqa: E402
 from pykvm.bus import Device  # noqa: E402
 from pykvm.kvm import Kvm  # noqa: E402
@@ -189,8 +194,19 @@ class Setup:
         self.c_binary = build_c(workdir)
 
 
+def run_unfiltered(kvm: Kvm, image: bytes, count: int) -> Run:
+    """One pykvm run with the seccomp filter off (the vCPU thread starts unconfined)."""
+    sandbox.configure(enabled=False)
+    try:
+        return run_pykvm(kvm, image, count)
+    finally:
+        sandbox.configure(enabled=True)
+
+
 def measure(kvm: Kvm, setup: Setup, rounds: int, warmup: bool = True,
-            progress=None) -> tuple[list[Run], list[Run]]:
+            progress=None, unfiltered: list[Run] | None = None) -> tuple[list[Run], list[Run]]:
+    """C and pykvm rounds, interleaved; with ``unfiltered`` (a list), a round of pykvm
+    without its seccomp filter after each pair, appended there."""
     if warmup:  # page in both paths, discard
         run_c(setup.c_binary, setup.image_path, setup.count)
         run_pykvm(kvm, setup.image, setup.count)
@@ -198,6 +214,8 @@ def measure(kvm: Kvm, setup: Setup, rounds: int, warmup: bool = True,
     for i in range(rounds):
         c_runs.append(run_c(setup.c_binary, setup.image_path, setup.count))
         py_runs.append(run_pykvm(kvm, setup.image, setup.count))
+        if unfiltered is not None:
+            unfiltered.append(run_unfiltered(kvm, setup.image, setup.count))
         if progress:
             progress(f"round {i + 1}/{rounds}: C {c_runs[-1].cpu:.2f} µs CPU, "
                      f"{c_runs[-1].wall:.2f} µs wall; pykvm {py_runs[-1].cpu:.2f} µs CPU, "
@@ -221,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="200 exits, 1 round, no warm-up: checks that the bench works")
     parser.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
+    parser.add_argument("--seccomp", action="store_true",
+                        help="also run pykvm without its seccomp filter, interleaved")
     args = parser.parse_args(argv)
     if args.quick:
         args.exits, args.rounds = 200, 1
@@ -232,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             setup = Setup(Path(tmp), args.ring, args.exits)
             progress = None if args.quick else (lambda line: print(line, file=sys.stderr))
             load_before = os.getloadavg()[0]
+            unfiltered = [] if args.seccomp else None
             c_runs, py_runs = measure(kvm, setup, args.rounds, warmup=not args.quick,
-                                      progress=progress)
+                                      progress=progress, unfiltered=unfiltered)
             host_kind = kvm.host_kind
     except BenchError as error:
         print(f"exits: {error}", file=sys.stderr)
@@ -255,8 +276,18 @@ def main(argv: list[str] | None = None) -> int:
               f"        {describe([r.wall for r in runs])}")
     print(f"pykvm overhead per exit: {p_cpu - c_cpu:.2f} µs CPU, {p_wall - c_wall:.2f} µs wall "
           f"(medians); wall-time ratio {p_wall / c_wall:.3f}")
+    if unfiltered:
+        u_cpu = statistics.median(r.cpu for r in unfiltered)
+        u_wall = statistics.median(r.wall for r in unfiltered)
+        print(f"{'no seccomp':<14}         {describe([r.cpu for r in unfiltered])}"
+              f"        {describe([r.wall for r in unfiltered])}")
+        print(f"seccomp filter cost per exit: {p_cpu - u_cpu:+.2f} µs CPU, "
+              f"{p_wall - u_wall:+.2f} µs wall (medians, filter on - off); "
+              f"ratio on/off {p_cpu / u_cpu:.3f}")
     if args.record:
         record(host_kind, args, c_cpu, p_cpu, ratio, c_wall, p_wall, load_before)
+        if unfiltered:
+            record_seccomp(host_kind, args, c_cpu, p_cpu, u_cpu, load_before)
     print(f"ratio: {ratio:.3f}")
     return 0
 
@@ -276,6 +307,21 @@ def record(host_kind: str, args, c_cpu: float, p_cpu: float, ratio: float,
     else:
         text += ("" if not text or text.endswith("\n") else "\n") + row
     RESULTS.write_text(text)
+
+
+SECCOMP_MARKER = "<!-- exits.py --seccomp --record adds rows above this line -->"
+
+
+def record_seccomp(host_kind: str, args, c_cpu: float, p_cpu: float, u_cpu: float,
+                   load: float) -> None:
+    """Add one row to the seccomp table in bench/RESULTS.md (above SECCOMP_MARKER)."""
+    row = (f"| {datetime.date.today().isoformat()} | {host_kind} | {args.ring} | {c_cpu:.2f} | "
+           f"{u_cpu:.2f} | {p_cpu:.2f} | {p_cpu - u_cpu:+.2f} | {p_cpu / u_cpu:.3f} | "
+           f"{load:.1f} | {args.exits} × {args.rounds} |\n")
+    text = RESULTS.read_text()
+    if SECCOMP_MARKER not in text:
+        raise BenchError(f"{RESULTS} has no seccomp table ({SECCOMP_MARKER})")
+    RESULTS.write_text(text.replace(SECCOMP_MARKER, row + SECCOMP_MARKER, 1))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,19 @@ def test_the_vcpu_role_runs_the_guest_and_the_device_role_does_not():
         assert decide("device", call) == ALLOW
 
 
+def test_the_control_role_writes_snapshots_but_starts_nothing():
+    for call in (("openat", 0xFFFFFF9C, 0, os.O_WRONLY | os.O_CREAT | os.O_EXCL), ("mkdirat",),
+                 ("fsync",), ("ioctl", 9, k.KVM_GET_IRQCHIP), ("accept4",), ("socket", 1, 1),
+                 ("clone", 0x3D0F00)):
+        assert decide("control", *call) == ALLOW, call
+    for call in (("execve",), ("execveat",), ("fork",), ("vfork",), ("clone", 0x11),
+                 ("ptrace",), ("process_vm_writev",), ("mount",), ("setuid",),
+                 ("io_uring_setup",), ("bpf",), ("unshare",)):
+        assert decide("control", *call) == TRAP, call
+    assert decide("control", 0x40000000 | syscalls.number("read")) == TRAP
+    assert decide("control", "read", arch=0x40000003) == KILL
+
+
 def test_kvm_run_is_decided_within_the_first_instructions():
     """The per-exit cost: arch, nr == ioctl, cmd == KVM_RUN, allow."""
     executed = []
@@ -129,7 +142,8 @@ CONFINED_THREAD = """
         helper = threading.Thread(target=lambda: None)      # a thread of its own
         helper.start(); helper.join()
         try:
-            open("/etc/hostname")
+            open("/etc/hostname").close()
+            print("read-only open allowed", flush=True)
         except PermissionError:
             print("read-only open refused", flush=True)
         print("confined and working", flush=True)
@@ -141,18 +155,22 @@ CONFINED_THREAD = """
 """
 
 
-@pytest.mark.parametrize("role", ["vcpu", "device"])
-@pytest.mark.parametrize("forbidden, syscall", [
-    ("os.fork()", "clone"),
-    ("os.execv('/bin/true', ['true'])", "execve"),
-    ("open(sys.argv[3], 'w')", "openat"),
-    ("socket.socket()", "socket"),
+@pytest.mark.parametrize("role, forbidden, syscall", [
+    (role, forbidden, syscall) for role in ("vcpu", "device", "control")
+    for forbidden, syscall in (("os.fork()", "clone"),
+                               ("os.execv('/bin/true', ['true'])", "execve"),
+                               ("open(sys.argv[3], 'w')", "openat"),
+                               ("socket.socket()", "socket"),
+                               ("__import__('ctypes').CDLL(None).ptrace(0, 0, 0, 0)",
+                                "ptrace"))
+    if role != "control" or syscall not in ("openat", "socket")
 ])
 def test_a_forbidden_call_kills_the_process_with_one_clear_line(tmp_path, role, forbidden,
                                                                 syscall):
     target = tmp_path / "created"
     result = child(CONFINED_THREAD, role, forbidden, target)
-    assert result.stdout.splitlines() == ["read-only open refused", "confined and working"]
+    opened = "allowed" if role == "control" else "refused"
+    assert result.stdout.splitlines() == [f"read-only open {opened}", "confined and working"]
     assert result.returncode == sandbox.KILL_STATUS == 159
     assert re.fullmatch(
         rf"pykvm: seccomp: thread confined \(role {role}\) made the forbidden system call "
@@ -272,6 +290,27 @@ def test_vcpu_and_device_threads_run_under_a_filter(tmp_path):
         assert sandbox.thread_filters(os.getpid()) == 0
         machine.request_stop("user", 0, "test done")
         assert machine.vm.wait(timeout=10).kind == "user"
+
+
+@needs_kvm
+def test_snapshots_through_the_confined_control_socket(tmp_path):
+    from pykvm.control import ControlServer, request
+    from pykvm.machine import Machine, MachineConfig
+
+    with Machine(MachineConfig(mem_size=2 << 20, flat=probe_guest(tmp_path))) as machine:
+        seen = []
+        machine.vm.add_pio_device(PROBE_PORT, 1, Probe(seen))
+        machine.vm.start()
+        with ControlServer(tmp_path / "api.sock", machine) as server:
+            assert request(tmp_path / "api.sock", {"action": "status"})["ok"]
+            assert sandbox.thread_filters(server._thread.native_id) == 1
+            response = request(tmp_path / "api.sock",
+                               {"action": "snapshot", "path": str(tmp_path / "snap")})
+            assert response["ok"], response
+        machine.request_stop("user", 0, "test done")
+        machine.vm.wait(timeout=10)
+    assert (tmp_path / "snap" / "memory.bin").stat().st_size > 0
+    assert (tmp_path / "snap" / "state.json").exists()
 
 
 class Probe:

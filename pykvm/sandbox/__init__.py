@@ -58,7 +58,8 @@ def _program(role: str) -> bytes:
 
 
 def thread_role(role: str) -> None:
-    """Confine the calling thread to ``role`` ("vcpu" or "device") if the sandbox is
-    on. Call it first thing in the thread's run function, after its set-up."""
+    """Confine the calling thread to ``role`` ("vcpu", "device" or "control", see
+    :mod:`.policy`) if the sandbox is on. Call it first thing in the thread's run
+    function; threads it starts later inherit the filter."""
     if _enabled:
         install_filter(_program(role), role)

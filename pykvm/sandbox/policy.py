@@ -13,8 +13,13 @@ Roles (see the README's "Threat model and sandbox"):
 - ``device``: a virtio device's I/O thread (and the TAP watcher): poll, read and
   write, vectored and positioned I/O on the image or TAP, fsync, and the interrupt
   ioctls a device raises (INTx line, MSI).
+- ``control``: the control socket's and the gdb stub's threads (and the connection
+  threads they start). They create snapshot files, read and write guest memory and
+  talk to clients, so they get a deny-list instead: no new programs or processes, no
+  ptrace or cross-process memory access, no privilege, namespace, mount, module, BPF
+  or io_uring calls (io_uring would run I/O that no filter sees).
 
-Both refuse: opening a file for writing, creating processes (clone without
+``vcpu`` and ``device`` refuse: opening a file for writing, creating processes (clone without
 CLONE_THREAD, fork, vfork, execve), ptrace, sockets, mounts, anything not listed.
 Opening a file read-only fails with EACCES instead of killing: Python's own lazy
 machinery (a traceback's source lines, an import) tries it on error paths, and
@@ -88,12 +93,29 @@ VCPU_IOCTLS = (
 ) + INTERRUPT_IOCTLS
 
 
+# What the control role may never do (it may do anything else).
+DENIED_TO_CONTROL = (
+    "execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "bpf",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree", "move_mount",
+    "fsopen", "fsmount", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+    "setgroups", "setfsuid", "setfsgid", "capset", "personality", "keyctl", "add_key",
+    "request_key", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "open_by_handle_at", "name_to_handle_at", "swapon", "swapoff",
+    "reboot", "syslog", "acct", "iopl", "ioperm", "seccomp",
+)
+
+
 @dataclass(frozen=True)
 class Role:
-    """A thread role: the system calls it may make and, for ``ioctl``, the requests."""
+    """A thread role. An allow-list role (``otherwise`` = trap) names the system calls it
+    may make and, for ``ioctl``, the requests; a deny-list role (``otherwise`` = allow)
+    names what it may not, and leaves ioctl unchecked (``ioctls`` None)."""
     name: str
-    syscalls: tuple[str, ...]
-    ioctls: tuple[int, ...]
+    syscalls: tuple[str, ...] = ()
+    ioctls: tuple[int, ...] | None = None
+    denied: tuple[str, ...] = ()
+    otherwise: int = SECCOMP_RET_TRAP
 
     def program(self) -> bytes:
         return build_filter(self)
@@ -102,36 +124,44 @@ class Role:
 ROLES: dict[str, Role] = {
     "vcpu": Role("vcpu", RUNTIME + DEVICE_IO, VCPU_IOCTLS),
     "device": Role("device", RUNTIME + DEVICE_IO, INTERRUPT_IOCTLS),
+    "control": Role("control", denied=DENIED_TO_CONTROL, otherwise=SECCOMP_RET_ALLOW),
 }
 
 
 def build_filter(role: Role) -> bytes:
     """The seccomp BPF program for ``role`` (see the module docstring for its order)."""
+    allow_list = role.otherwise != SECCOMP_RET_ALLOW
     p = bpf.Program()
     p.load(bpf.DATA_ARCH)
     p.jeq(AUDIT_ARCH_X86_64, false="kill")
     p.load(bpf.DATA_NR)
-    p.jeq(number("ioctl"), true="ioctl")
+    if role.ioctls is not None:
+        p.jeq(number("ioctl"), true="ioctl")
     p.jge(X32_SYSCALL_BIT, true="trap")
-    p.jeq(number("openat"), true="openat")
-    p.jeq(number("open"), true="open")
+    if allow_list:
+        p.jeq(number("openat"), true="openat")
+        p.jeq(number("open"), true="open")
     p.jeq(number("clone"), true="clone")
     p.jeq(number("clone3"), true="enosys")   # its flags are behind a pointer: glibc falls back
+    for name in dict.fromkeys(role.denied):
+        p.jeq(number(name), true="trap")
     for name in dict.fromkeys(role.syscalls):
         p.jeq(number(name), true="allow")
-    p.ret(SECCOMP_RET_TRAP)
+    p.ret(role.otherwise)
 
-    p.label("ioctl")
-    p.load(bpf.data_arg_low(1))   # the kernel reads cmd as an unsigned int: low 32 bits
-    for request in dict.fromkeys(role.ioctls):
-        p.jeq(request, true="allow")
-    p.ret(SECCOMP_RET_TRAP)
+    if role.ioctls is not None:
+        p.label("ioctl")
+        p.load(bpf.data_arg_low(1))   # the kernel reads cmd as an unsigned int: low 32 bits
+        for request in dict.fromkeys(role.ioctls):
+            p.jeq(request, true="allow")
+        p.ret(SECCOMP_RET_TRAP)
 
-    for label, flags_arg in (("openat", 2), ("open", 1)):
-        p.label(label)
-        p.load(bpf.data_arg_low(flags_arg))
-        p.jset(OPEN_WRITE_FLAGS, true="trap")
-        p.ret(SECCOMP_RET_ERRNO | errno.EACCES)
+    if allow_list:
+        for label, flags_arg in (("openat", 2), ("open", 1)):
+            p.label(label)
+            p.load(bpf.data_arg_low(flags_arg))
+            p.jset(OPEN_WRITE_FLAGS, true="trap")
+            p.ret(SECCOMP_RET_ERRNO | errno.EACCES)
 
     p.label("clone")
     p.load(bpf.data_arg_low(0))
