@@ -74,12 +74,13 @@ class Sink:
     size: int = 0
     writes: int = 0
     head: bytearray = field(default_factory=bytearray)
+    limit: int = 4096
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         self.writes += 1
-        if len(self.head) < 4096:
-            self.head += data[:4096 - len(self.head)]
+        if len(self.head) < self.limit:
+            self.head += data[:self.limit - len(self.head)]
 
     __call__ = write
 
@@ -123,13 +124,14 @@ def make_device(kind: str, tmp_path, sink: Sink):
 
 
 def make_rig(kind: str, memory: GuestMemory, tmp_path, *, features: int = 0,
-             indirect: bool = True, event_idx: bool = False) -> Rig:
+             indirect: bool = True, event_idx: bool = False, ring_base: int = RING_BASE,
+             ring_stride: int = RING_STRIDE) -> Rig:
     sink = Sink()
     device, image = make_device(kind, tmp_path, sink)
     device.kick = lambda index: None
     rings, queues = [], []
     for index, size in enumerate(device.queue_sizes):
-        ring = DriverRing(memory, RING_BASE + RING_STRIDE * index, size)
+        ring = DriverRing(memory, ring_base + ring_stride * index, size)
         queue = Virtqueue(memory, size)
         queue.desc_addr, queue.avail_addr, queue.used_addr = \
             ring.desc_addr, ring.avail_addr, ring.used_addr
