@@ -377,7 +377,9 @@ TABLE = 0x700000                       # indirect tables
 QSIZE = 16
 NEEDS_RESET = 0x40
 AS_HEADROOM = 256 << 20                # address space the VMM may grow by while attacked
-ATTACKED_QUEUE = {"blk": 0, "net": 1, "console": 1, "rng": 0, "ports": 1}
+# What the guest attacks: target -> (device kind, queue index).
+TARGETS = {"blk": ("blk", 0), "net": ("net", 1), "net-rx": ("net", 0), "console": ("console", 1),
+           "rng": ("rng", 0), "ports": ("ports", 1), "ports-control": ("ports", 3)}
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC
 
@@ -466,7 +468,7 @@ HOSTILE_CASES = [
     ("in the device's BAR", True, lambda s, r, ram, bar: _chain(s, r, [(bar, 64, 0)])),
     ("above 4 GiB", True, lambda s, r, ram, bar: _chain(s, r, [(1 << 32, 16, 0)])),
     ("length 2^32-1", True, lambda s, r, ram, bar: _chain(s, r, [(0, 0xFFFFFFFF, 0)])),
-    ("zero lengths", {"blk": True}, lambda s, r, ram, bar: _chain(s, r, [(DATA, 0, 0), (DATA, 0, DESC_WRITE)])),
+    ("zero lengths", {"blk": True, "net-rx": True}, lambda s, r, ram, bar: _chain(s, r, [(DATA, 0, 0), (DATA, 0, DESC_WRITE)])),
     ("next loop", True, lambda s, r, ram, bar: (
         s.descriptor(0, DATA, 16, DESC_NEXT, 1), s.descriptor(1, DATA, 16, DESC_NEXT, 0),
         s.offer(r, [0]))),
@@ -491,7 +493,7 @@ HOSTILE_CASES = [
     ("readable after writable", True, lambda s, r, ram, bar: _chain(
         s, r, [(DATA, 16, DESC_WRITE), (DATA + 16, 16, 0)])),
     ("avail index jumps", True, lambda s, r, ram, bar: s.offer(r, [0], avail_idx=QSIZE + 1)),
-    ("all of RAM, 16 times", {"blk": True}, lambda s, r, ram, bar: _indirect(
+    ("all of RAM, 16 times", {"blk": True, "net-rx": True}, lambda s, r, ram, bar: _indirect(
         s, r, [(0, ram, DESC_NEXT, i + 1) for i in range(QSIZE - 1)] + [(0, ram, 0, 0)])),
 ]
 # Cases in the queue registers: (name, init arguments beyond the ring's own).
@@ -537,9 +539,10 @@ class HostileBench:
             fail(error)
         return recorded
 
-    def attack(self, kind: str, build, init: dict | None = None) -> int:
-        """Run one hostile case against ``kind``; the device status read back."""
-        function, bar, queue = self.functions[kind], self.bars[kind], ATTACKED_QUEUE[kind]
+    def attack(self, target: str, build, init: dict | None = None) -> int:
+        """Run one hostile case against ``target``; the device status read back."""
+        kind, queue = TARGETS[target]
+        function, bar = self.functions[kind], self.bars[kind]
         ring = DriverRing(self.memory, RINGS, QSIZE)       # zeroed rings
         arguments = {"desc": ring.desc_addr, "avail": ring.avail_addr, "used": ring.used_addr}
         for key, value in (init or {}).items():
@@ -555,15 +558,22 @@ class HostileBench:
         status = check.load(bar + 0x14, 1)
         return self.guest.run(check)[status]
 
-    def legitimate(self, kind: str, number: int) -> bool:
+    def legitimate(self, target: str, number: int) -> bool:
         """After a reset, one ordinary request works and does what it says."""
-        function, bar, queue = self.functions[kind], self.bars[kind], ATTACKED_QUEUE[kind]
+        kind, queue = TARGETS[target]
+        function, bar = self.functions[kind], self.bars[kind]
         ring = DriverRing(self.memory, RINGS, QSIZE)
         script = DriverScript(bar)
         script.init(queue, desc=ring.desc_addr, avail=ring.avail_addr, used=ring.used_addr)
-        marker = f"legitimate request {number} to {kind}".encode().ljust(64, b".")
+        marker = f"legitimate request {number} to {target}".encode().ljust(64, b".")
         self.memory.write(DATA, bytes(0x3000))
-        if kind == "blk":
+        frame = b"\xff" * 6 + MAC + b"\x88\xb5" + marker
+        if target == "net-rx":
+            _chain(script, ring, [(DATA, 2048, DESC_WRITE)])
+        elif target == "ports-control":
+            self.memory.write(DATA, struct.pack("<IHH", 0, 0, 1))    # DEVICE_READY
+            _chain(script, ring, [(DATA, 8, 0)])
+        elif kind == "blk":
             sector = number % IMAGE_SECTORS
             data = marker * 8
             self.memory.write(DATA, struct.pack("<IIQ", 1, 0, sector))
@@ -572,7 +582,6 @@ class HostileBench:
                                   (DATA + 0x2000, 1, DESC_WRITE)])
             self.expected_image[512 * sector:512 * sector + 512] = data
         elif kind == "net":
-            frame = b"\xff" * 6 + MAC + b"\x88\xb5" + marker
             self.memory.write(DATA, bytes(12) + frame)
             _chain(script, ring, [(DATA, 12 + len(frame), 0)])
         elif kind == "rng":
@@ -582,9 +591,15 @@ class HostileBench:
             _chain(script, ring, [(DATA, len(marker), 0)])
         script.notify(queue)
         self.guest.run(script)
+        if target == "net-rx":                              # a frame from the host side
+            self.tap.wire.send(bytes(12) + frame)
         if not wait_until(lambda: ring.used_idx() == 1, 5.0) or function.broken:
             return False
         head, written = ring.take_used()[0]
+        if target == "net-rx":
+            return written == 12 + len(frame) and self.memory.read(DATA + 12, len(frame)) == frame
+        if target == "ports-control":
+            return written == 0
         if kind == "blk":
             return self.memory.read(DATA + 0x2000, 1) == b"\0" and written == 1
         if kind == "net":
@@ -636,21 +651,21 @@ def run_hostile_suite(workdir: str) -> dict:
             resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
             results["address_space_limit"] = limit
             number = 0
-            for kind in DEVICE_KINDS:
+            for target in TARGETS:
                 cases = [(name, expect, build, None) for name, expect, build in HOSTILE_CASES]
                 cases += [(name, True, None, init) for name, init in REGISTER_CASES]
                 for name, expect, build, init in cases:
                     if init is not None and "features" in init:
                         build = HOSTILE_CASES[12][2]            # an indirect descriptor
                     if isinstance(expect, dict):
-                        expect = expect.get(kind, False)
+                        expect = expect.get(target, False)
                     failed = len(bench.failures)
-                    status = bench.attack(kind, build, init)
+                    status = bench.attack(target, build, init)
                     number += 1
                     results["cases"].append({
-                        "device": kind, "case": name, "expect_reset": expect, "status": status,
+                        "target": target, "case": name, "expect_reset": expect, "status": status,
                         "failures": [message for _, message in bench.failures[failed:]],
-                        "recovered": bench.legitimate(kind, number)})
+                        "recovered": bench.legitimate(target, number)})
             results["alive"] = bench.guest.vm.stop_reason is None and all(
                 function.worker.thread.is_alive() for function in bench.functions.values())
             results["canaries_intact"] = canaries_intact(bench.mapping, GUEST_MEM)
@@ -681,9 +696,9 @@ def hostile_results(tmp_path_factory):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", DEVICE_KINDS)
-def test_hostile_guest_on_the_pci_bus(hostile_results, kind):
-    cases = [case for case in hostile_results["cases"] if case["device"] == kind]
+@pytest.mark.parametrize("target", TARGETS)
+def test_hostile_guest_on_the_pci_bus(hostile_results, target):
+    cases = [case for case in hostile_results["cases"] if case["target"] == target]
     assert len(cases) == len(HOSTILE_CASES) + len(REGISTER_CASES)
     for case in cases:
         assert bool(case["status"] & NEEDS_RESET) == case["expect_reset"], case
