@@ -303,7 +303,7 @@ def smoke_test(kvm) -> str | None:
 # --- pykvm run -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
-    from .stats import format_report
+    from .observe.stats import format_report
     if args.disk:   # virtio and networking are imported only by runs that use them
         from .devices.virtio import DiskSpec
     if args.net:
@@ -431,7 +431,7 @@ def cmd_ctl(args) -> int:
 def cmd_stat(args) -> int:
     """The --stats table of a running VM, through its control socket, once or every N s."""
     from .control import request
-    from .stats import VcpuStats, format_report
+    from .observe.stats import VcpuStats, format_report
 
     while True:
         response = request(args.socket, {"action": "stats"})
@@ -517,7 +517,7 @@ def cmd_cp(args) -> int:
 
 def add_observing_options(group) -> None:
     """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/trace.py and friends)."""
-    from .trace import FILTER_HELP
+    from .observe.trace import FILTER_HELP
 
     group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
                        help="one line per exit to pykvm (time, vCPU, reason, port/address, "
@@ -553,14 +553,14 @@ class Observers:
         if args.stats_interval is not None and args.stats_interval <= 0:
             raise ConfigError("--stats-interval must be a positive number of seconds")
         if args.stats_plot:
-            from .plot import check_path
+            from .observe.plot import check_path
             check_path(args.stats_plot)
         if args.gdb is not None:
             from .gdbstub import GdbAddress
             self.gdb = GdbAddress.parse(args.gdb)
         if args.trace is not None or args.trace_filter:
-            from .symbols import load
-            from .trace import TraceFilter, Tracer
+            from .observe.symbols import load
+            from .observe.trace import TraceFilter, Tracer
             self.tracer = Tracer.to_path(
                 args.trace, filter=TraceFilter.parse(args.trace_filter),
                 symbols=load(args.symbols) if args.symbols else None)
@@ -568,14 +568,14 @@ class Observers:
     def attach(self, machine) -> None:
         args = self.args
         if args.symbols:   # names the RIP of an instruction the host refused (kvm_pvm)
-            from .symbols import load
+            from .observe.symbols import load
             machine.vm.quirks.symbols = self.tracer.symbols if self.tracer else load(args.symbols)
         if args.stats or args.stats_interval or args.stats_plot:
-            from .kvmstats import KvmStats
+            from .observe.kvmstats import KvmStats
             machine.vm.timing = True
             self.kernel = KvmStats(machine.vm)
         if args.stats_interval:
-            from .kvmstats import StatsPrinter
+            from .observe.kvmstats import StatsPrinter
             self.printer = StatsPrinter(machine.vm, args.stats_interval, self.kernel, sys.stderr,
                                         lambda: {"host kind": machine.kvm.host_kind})
             self.printer.start()
@@ -600,7 +600,7 @@ class Observers:
 
     def plot(self, machine, wall_s: float) -> None:
         if self.args.stats_plot:
-            from .plot import plot_stats
+            from .observe.plot import plot_stats
             path = plot_stats(self.args.stats_plot, [v.stats for v in machine.vm.vcpus],
                               kernel=self.kernel_snapshot, host_kind=machine.kvm.host_kind,
                               wall_s=wall_s)

@@ -496,8 +496,8 @@ def default_snapshot_root() -> Path:
 # pykvm modules that never shape a guest's state: a change to them keeps the snapshots
 # (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
 # are in the key themselves)
-_STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py", "plot.py",
-                      "stats.py", "kvmstats.py", "gdbstub.py"}
+_STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py",
+                      "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdbstub.py"}
 
 
 def _pykvm_source_digest() -> str:

@@ -29,7 +29,7 @@ from . import ioctl as k
 from . import sandbox
 from .errors import GuestCrashed, KvmError, PykvmError
 from .ioctl import structs as s
-from .stats import VcpuStats
+from .observe.stats import VcpuStats
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -78,6 +78,11 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._in_run = False
+        # Called (no arguments, on this vCPU's thread) after each port-I/O exit while set:
+        # a host quirk that must look at the guest early, before anything else would
+        # stop it (quirks/syscall.py's EarlyPlant). The run loop picks up a change at its
+        # next slow-path exit or kick.
+        self.pio_observer: Callable[[], None] | None = None
 
     # --- registers and state (call on the vCPU thread, or before it starts) ----------
     def _get(self, request: int, struct_type):
@@ -303,7 +308,7 @@ class Vcpu:
         device_counts = stats.devices
         exit_io = k.KVM_EXIT_IO
         trace = vm.tracer
-        observe = vm.pio_observer
+        observe = self.pio_observer
         guest_ns = handler_ns = 0
         t1 = clock()
         try:
@@ -323,7 +328,7 @@ class Vcpu:
                     buf[_IMMEDIATE_EXIT_OFFSET] = 0
                     self._serve_requests()
                     vm.wait_while_paused(self)
-                    observe = vm.pio_observer
+                    observe = self.pio_observer
                     continue
                 reason, direction, size, port, count, data_offset = unpack_exit(buf, 8)
                 exits[reason] += 1
@@ -343,7 +348,7 @@ class Vcpu:
                         value = self._string_io(direction, size, port, count, data_offset, entry)
                     port_counts[port << 1 | direction] += 1
                     if observe is not None:
-                        observe(self)
+                        observe()
                     if trace is not None:
                         trace.pio(self, t0, t1, clock(), port, size, direction, count, value,
                                   entry[0].name if entry else None)
@@ -352,7 +357,7 @@ class Vcpu:
                     stats.handler_ns += handler_ns
                     guest_ns = handler_ns = 0
                     self._handle_exit(reason, t0, t1)
-                    observe = vm.pio_observer
+                    observe = self.pio_observer
                     if trace is not None and reason != k.KVM_EXIT_MMIO:
                         trace.exit(self, t0, t1, clock(), reason)
         finally:

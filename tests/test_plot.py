@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pykvm.errors import ConfigError
-from pykvm.plot import check_path, plot_stats
-from pykvm.stats import VcpuStats
+from pykvm.observe.plot import check_path, plot_stats
+from pykvm.observe.stats import VcpuStats
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

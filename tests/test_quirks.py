@@ -32,7 +32,7 @@ from pykvm.memory import GuestMemory
 from pykvm.quirks import syscall
 from pykvm.quirks.syscall import (MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
                                   SyscallCompletion, first_instruction)
-from pykvm.stats import VcpuStats
+from pykvm.observe.stats import VcpuStats
 from pykvm.vcpu import Vcpu
 from pykvm.vm import Vm
 

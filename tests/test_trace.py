@@ -14,11 +14,11 @@ from pykvm import layout
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
 from pykvm.errors import ConfigError
-from pykvm.kvmstats import KvmStats, StatsPrinter
+from pykvm.observe.kvmstats import KvmStats, StatsPrinter
 from pykvm.memory import GuestMemory
-from pykvm.stats import format_report
-from pykvm.symbols import Symbol, SymbolTable, load
-from pykvm.trace import TraceFilter, Tracer, decode_io
+from pykvm.observe.stats import format_report
+from pykvm.observe.symbols import Symbol, SymbolTable, load
+from pykvm.observe.trace import TraceFilter, Tracer, decode_io
 from pykvm.vm import Vm
 
 from .asm import assemble

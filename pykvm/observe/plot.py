@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 FORMATS = (".svg", ".png")
 COLORS = {"guest": "#4c72b0", "pykvm handlers": "#dd8452", "other": "#b0b0b0",

@@ -12,7 +12,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from .ioctl.requests import EXIT_NAMES
+from ..ioctl.requests import EXIT_NAMES
 
 
 @dataclass

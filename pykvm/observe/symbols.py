@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 ELF_MAGIC = b"\x7fELF"
 SHT_SYMTAB = 2

@@ -26,8 +26,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from . import ioctl as k
-from .errors import KvmError
+from .. import ioctl as k
+from ..errors import KvmError
 
 _HEADER = struct.Struct("<6I")
 _DESC = struct.Struct("<IhHII")
