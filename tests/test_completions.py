@@ -228,6 +228,19 @@ def _widen(name: str) -> str:
     return name[:-1] if name.startswith("r") and name.endswith("d") else name
 
 
+@pytest.mark.parametrize("code", ["0f ae 15 10 00 00 00", "0f ae 54 24 04", "41", "48",
+                                  "0f ae 14 85 00 10 00 00", "66 b8 34 12", "b8 78 56 34 12"])
+def test_decoder_in_32_bit_code(code):
+    """No REX in 32-bit code (40-4f are inc/dec), and mod 00 r/m 101 is disp32 alone."""
+    capstone = pytest.importorskip("capstone")
+    raw = bytes.fromhex(code) + b"\x90" * 4
+    expected = next(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32).disasm(raw, 0))
+    ours = decode(raw, bits=32)
+    assert ours is not None and ours.length == expected.size and ours.rex == 0
+    if ours.memory is not None:
+        assert not ours.memory.rip_relative and ours.memory.address_bits == 32
+
+
 @pytest.mark.parametrize("code", ["", "0f", "0f ae", "0f ae 54 24", "0f ae 15 10 00",
                                   "cd", "66 66 66 66 66 66 66 66 66 66 66 66 66 66 0f ae 17",
                                   "c5 f8 77"])
