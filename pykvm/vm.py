@@ -81,10 +81,6 @@ class Vm:
         # Per-exit timing (the guest/pykvm time split) costs two clock reads per
         # exit; --stats and tracers want it, a plain run does not.
         self.timing = timing
-        # Called with the vCPU after each port-I/O exit while set (a host quirk that
-        # must look at the guest early, before anything else would stop it); the run
-        # loop picks up changes at its next slow-path exit or kick.
-        self.pio_observer = None
         self.debugger = None
         self.log = log
         self.pio_bus = PioBus()

@@ -237,15 +237,6 @@ class SyscallCompletion:
                 return
 
 
-@dataclass(slots=True)
-class _Seen:
-    """What the early watch last saw on one vCPU."""
-
-    buffer: object                 # the vCPU's kvm_run page
-    key: tuple | None = None       # PLANT_KEY there at the last look
-    window: int = 0                # exits left at which to look again though it is unchanged
-
-
 class EarlyPlant:
     """Until the #PF hook is planted, look for the handler at port-I/O exits too.
 
@@ -259,41 +250,46 @@ class EarlyPlant:
     what the vCPU showed last; the full check (gate, page walk, handler bytes) runs only
     after they change, and for EARLY_WINDOW exits after that. Once the hook is planted
     the watch disarms itself: the hot path is back to what it was without it.
+
+    (A cheaper trigger, the guest's `wrmsr` to LSTAR through a KVM_X86_SET_MSR_FILTER
+    exit, does not work on kvm_pvm: the filtered write raises #GP in the guest instead
+    of exiting to user space, even with KVM_MSR_EXIT_REASON_FILTER enabled.)
     """
 
     def __init__(self, completion: SyscallCompletion):
         self.completion = completion
-        self._seen: dict[int, _Seen] = {}
-        self._vm = None
+        self._vcpus: list = []
 
     def arm(self, vm) -> None:
-        self._vm = vm
-        self._seen = {vcpu.id: _Seen(vcpu.run_buffer) for vcpu in vm.vcpus}
-        for vcpu in vm.vcpus:
+        self._vcpus = list(vm.vcpus)
+        for vcpu in self._vcpus:
             vcpu.sync_sregs(True)
-        vm.pio_observer = self.observe
+            vcpu.pio_observer = self._observer(vcpu)
 
     def disarm(self) -> None:
-        vm = self._vm
-        if vm is None:
-            return
-        vm.pio_observer = None
-        for vcpu in vm.vcpus:
+        for vcpu in self._vcpus:
+            vcpu.pio_observer = None
             vcpu.sync_sregs(False)
 
-    def observe(self, vcpu) -> None:
-        """The Vm.pio_observer: called on ``vcpu``'s thread after each port-I/O exit."""
-        seen = self._seen[vcpu.id]
-        key = PLANT_KEY.unpack_from(seen.buffer, PLANT_KEY_OFFSET)
-        if key == seen.key:
-            if not seen.window:
-                return
-            seen.window -= 1
-        else:
-            seen.key, seen.window = key, EARLY_WINDOW
-        self.completion.check(vcpu, vcpu.synced_sregs())
-        if self.completion.plants:
-            self.disarm()
+    def _observer(self, vcpu):
+        """``vcpu``'s Vcpu.pio_observer: its state in the closure, the common case (nothing
+        changed, outside the window) one unpack and one compare."""
+        buffer, unpack, completion = vcpu.run_buffer, PLANT_KEY.unpack_from, self.completion
+        last, window = None, 0
+
+        def observe() -> None:
+            nonlocal last, window
+            key = unpack(buffer, PLANT_KEY_OFFSET)
+            if key == last:
+                if not window:
+                    return
+                window -= 1
+            else:
+                last, window = key, EARLY_WINDOW
+            completion.check(vcpu, vcpu.synced_sregs())
+            if completion.plants:
+                self.disarm()
+        return observe
 
 
 def enter_syscall(vcpu, regs, sregs, msrs: dict[int, int], rflags: int, rsp: int,
