@@ -292,6 +292,41 @@ def test_vcpu_and_device_threads_run_under_a_filter(tmp_path):
         assert machine.vm.wait(timeout=10).kind == "user"
 
 
+NIC_SCENARIO = """
+    import threading
+    from pykvm import sandbox
+    from pykvm.devices.virtio import net
+    from pykvm.net.tap import Tap
+
+    device = net.NetDevice(Tap("sbx0"), bytes(6))
+    done = []
+
+    def as_the_vcpu_thread():
+        # What a guest's DRIVER_OK and reset make the vCPU thread do: set the TAP's offloads
+        sandbox.thread_role("vcpu")
+        device.activate(net.VIRTIO_NET_F_GUEST_CSUM | net.VIRTIO_NET_F_GUEST_TSO4
+                        | net.VIRTIO_NET_F_MRG_RXBUF)
+        device.reset()
+        done.append(device.stats["offload_errors"])
+
+    thread = threading.Thread(target=as_the_vcpu_thread, name="vcpu0")
+    thread.start(); thread.join()
+    device.close()
+    print("offload errors:", done[0])
+"""
+
+
+def test_a_guest_negotiating_offloads_is_not_killed_on_the_vcpu_thread():
+    """virtio-net's activate and reset set TUNSETOFFLOAD on the vCPU thread (a throwaway
+    network namespace: unshare -n; nothing is sent)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("a TAP needs root and /dev/net/tun")
+    result = subprocess.run(["unshare", "-n", sys.executable, "-c", textwrap.dedent(NIC_SCENARIO)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "offload errors: 0"
+
+
 @needs_kvm
 def test_snapshots_through_the_confined_control_socket(tmp_path):
     from pykvm.control import ControlServer, request
@@ -337,8 +372,9 @@ def test_cli_no_seccomp_turns_the_switch_off(tmp_path):
     """
     if not os.path.exists("/dev/kvm"):
         pytest.skip("no /dev/kvm")
-    assert child(script, "run", "--flat", guest).stdout.split() == ["7", "True"]
-    assert child(script, "run", "--flat", guest, "--no-seccomp").stdout.split() == ["7", "False"]
+    for options, enabled in (((), "True"), (("--no-seccomp",), "False")):
+        result = child(script, "run", "--flat", guest, *options)
+        assert result.stdout.split() == ["7", enabled], result.stderr
 
 
 # --- a Linux guest with a disk workload under the filter --------------------------------------

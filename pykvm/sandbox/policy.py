@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass
 
 from ..ioctl import requests as k
+from ..net.tap import TUNSETOFFLOAD
 from . import bpf
 from .syscalls import AUDIT_ARCH_X86_64, X32_SYSCALL_BIT, number
 
@@ -90,6 +91,8 @@ VCPU_IOCTLS = (
     # for the MSR list); never KVM_CREATE_VM
     k.KVM_CHECK_EXTENSION, k.KVM_GET_MSR_INDEX_LIST, k.KVM_GET_MSR_FEATURE_INDEX_LIST,
     k.KVM_GET_SUPPORTED_CPUID, k.KVM_GET_VCPU_MMAP_SIZE, k.KVM_GET_API_VERSION,
+    # virtio-net sets the TAP's offloads to what the driver negotiated (DRIVER_OK, reset)
+    TUNSETOFFLOAD,
 ) + INTERRUPT_IOCTLS
 
 
