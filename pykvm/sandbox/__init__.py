@@ -24,10 +24,10 @@ _programs: dict[str, bytes] = {}
 _lock = threading.Lock()
 
 # Modules the confined threads import lazily on rare paths (a snapshot's vCPU state,
-# the tracer's guest reads): imported before a thread is confined, since a confined
-# thread cannot open files.
-_PRELOAD = ("pykvm.snapshot.kvmstate", "pykvm.guest.code", "pykvm.guest.pagewalk")
-_OPTIONAL_PRELOAD = ("capstone",)
+# the tracer's guest reads and disassembly): imported before a thread is confined,
+# since a confined thread cannot open files. One that is missing (capstone is
+# optional) is left to fail where it is used, as it would without a sandbox.
+_PRELOAD = ("pykvm.snapshot.kvmstate", "pykvm.guest.code", "pykvm.guest.pagewalk", "capstone")
 
 
 def configure(*, enabled: bool) -> None:
@@ -47,8 +47,6 @@ def _program(role: str) -> bytes:
                 raise ValueError(f"unknown thread role {role!r} (known: {', '.join(ROLES)})")
             if not _programs:
                 for module in _PRELOAD:
-                    importlib.import_module(module)
-                for module in _OPTIONAL_PRELOAD:
                     try:
                         importlib.import_module(module)
                     except ImportError:
