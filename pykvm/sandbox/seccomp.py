@@ -55,7 +55,7 @@ class _Sigaction(ctypes.Structure):
 
 
 _HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-_roles: dict[int, str] = {}         # thread ident -> role, for the report
+_thread_role = threading.local()    # .name: the role this thread took, for the report
 _handler_lock = threading.Lock()
 _handler = None                     # the ctypes callback, kept alive for the process's lifetime
 
@@ -63,7 +63,7 @@ _handler = None                     # the ctypes callback, kept alive for the pr
 def _report(signo: int, info: int, context: int) -> None:
     number = ctypes.c_int.from_address(info + _SI_SYSCALL_OFFSET).value & 0xFFFFFFFF
     thread = threading.current_thread()
-    role = _roles.get(thread.ident, "unknown")
+    role = getattr(_thread_role, "name", "inherited from the thread that started it")
     label = syscall_name(number) if number & X32_SYSCALL_BIT else \
         f"{syscall_name(number)} ({number})"
     args = ", ".join(f"{ctypes.c_uint64.from_address(context + offset).value:#x}"
@@ -100,11 +100,10 @@ def install_filter(program: bytes, role: str) -> None:
                            f"{os.strerror(ctypes.get_errno())}")
     code = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(code))
-    _roles[threading.get_ident()] = role
     if _libc.syscall(_NR_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)) != 0:
-        _roles.pop(threading.get_ident(), None)
         raise SandboxError(f"seccomp(SECCOMP_SET_MODE_FILTER) failed: "
                            f"{os.strerror(ctypes.get_errno())}")
+    _thread_role.name = role
 
 
 def thread_filters(native_id: int) -> int:
