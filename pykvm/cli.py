@@ -303,7 +303,7 @@ def smoke_test(kvm) -> str | None:
 # --- pykvm run -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
-    from .observe.stats import format_report
+    from .observe.report import format_report
     if args.disk:   # virtio and networking are imported only by runs that use them
         from .devices.virtio import DiskSpec
     if args.net:
@@ -431,7 +431,8 @@ def cmd_ctl(args) -> int:
 def cmd_stat(args) -> int:
     """The --stats table of a running VM, through its control socket, once or every N s."""
     from .control import request
-    from .observe.stats import VcpuStats, format_report
+    from .observe.report import format_report
+    from .observe.stats import VcpuStats
 
     while True:
         response = request(args.socket, {"action": "stats"})
@@ -517,7 +518,7 @@ def cmd_cp(args) -> int:
 
 def add_observing_options(group) -> None:
     """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/trace.py and friends)."""
-    from .observe.trace import FILTER_HELP
+    from .observe.trace_filter import FILTER_HELP
 
     group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
                        help="one line per exit to pykvm (time, vCPU, reason, port/address, "
@@ -560,7 +561,8 @@ class Observers:
             self.gdb = GdbAddress.parse(args.gdb)
         if args.trace is not None or args.trace_filter:
             from .observe.symbols import load
-            from .observe.trace import TraceFilter, Tracer
+            from .observe.trace import Tracer
+            from .observe.trace_filter import TraceFilter
             self.tracer = Tracer.to_path(
                 args.trace, filter=TraceFilter.parse(args.trace_filter),
                 symbols=load(args.symbols) if args.symbols else None)
@@ -575,7 +577,7 @@ class Observers:
             machine.vm.timing = True
             self.kernel = KvmStats(machine.vm)
         if args.stats_interval:
-            from .observe.kvmstats import StatsPrinter
+            from .observe.report import StatsPrinter
             self.printer = StatsPrinter(machine.vm, args.stats_interval, self.kernel, sys.stderr,
                                         lambda: {"host kind": machine.kvm.host_kind})
             self.printer.start()

@@ -14,11 +14,13 @@ from pykvm import layout
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
 from pykvm.errors import ConfigError
-from pykvm.observe.kvmstats import KvmStats, StatsPrinter
+from pykvm.observe.kvmstats import KvmStats
+from pykvm.observe.report import StatsPrinter, format_report
 from pykvm.memory import GuestMemory
-from pykvm.observe.stats import format_report
 from pykvm.observe.symbols import Symbol, SymbolTable, load
-from pykvm.observe.trace import TraceFilter, Tracer, decode_io
+from pykvm.observe.disasm import decode_io
+from pykvm.observe.trace import Tracer
+from pykvm.observe.trace_filter import TraceFilter
 from pykvm.vm import Vm
 
 from .asm import assemble

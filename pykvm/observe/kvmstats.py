@@ -169,73 +169,8 @@ def kernel_split(kvm_vcpu: dict, pykvm_exits: int) -> dict:
             "signal_exits": kvm_vcpu.get("signal_exits", 0)}
 
 
-def format_vcpu(kvm_vcpu: dict, pykvm_exits: int, indent: str = "  ") -> list[str]:
-    """Lines for one vCPU's KVM counters, for the --stats table."""
-    split = kernel_split(kvm_vcpu, pykvm_exits)
-    lines = []
-    if split:
-        lines.append(f"{indent}KVM (kernel): {split['kvm_exits']} VM exits counted, "
-                     f"{split['to_pykvm']} reached pykvm, {split['signal_exits']} were returns "
-                     f"for a signal, so ~{split['in_kernel']} were finished inside KVM")
-    shown = []
-    for name in VCPU_COUNTERS:
-        value = kvm_vcpu.get(name)
-        if isinstance(value, int) and value and name != "exits":
-            shown.append(f"{name} {value}")
-    for name, value in sorted(kvm_vcpu.items()):
-        if name not in VCPU_COUNTERS and isinstance(value, int) and value \
-                and not name.endswith("_ns") and name not in ("blocking", "guest_mode"):
-            shown.append(f"{name} {value}")
-    for start in range(0, len(shown), 5):
-        lines.append(f"{indent}  kvm: " + ", ".join(shown[start:start + 5]))
-    halted = kvm_vcpu.get("halt_wait_ns")
-    if isinstance(halted, int) and halted:
-        lines.append(f"{indent}  kvm: halted in the kernel (halt_wait_ns) {halted / 1e9:.3f} s "
-                     f"of the guest time")
-    return lines
-
-
 CANNOT_SEPARATE = (
     "not separable from user space: time inside KVM_RUN is guest code *and* KVM's in-kernel "
     "work (exits it finished, instruction emulation, halted waits); KVM counts exits, not the "
     "time they took; on a host that emulates guest ring 0 (kvm_pvm) that code shows as "
     "insn_emulation, not as exits")
-
-
-
-class StatsPrinter:
-    """`--stats-interval SECONDS`: the --stats table to ``out`` every ``interval``
-    seconds while the VM runs (a thread; :meth:`stop` ends it)."""
-
-    def __init__(self, vm, interval: float, kernel: "KvmStats | None", out, extra=None):
-        import threading
-
-        self.vm, self.interval, self.kernel, self.out = vm, interval, kernel, out
-        self.extra = extra or (lambda: {})
-        self._done = threading.Event()
-        self.printed = 0
-        self.thread = threading.Thread(target=self._run, name="stats-printer", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        import time
-
-        from .stats import format_report
-
-        started = time.monotonic()
-        while not self._done.wait(self.interval):
-            snapshot = self.kernel.snapshot() if self.kernel is not None else None
-            report = format_report([vcpu.stats for vcpu in self.vm.vcpus], self.extra(),
-                                   kernel=snapshot)
-            self.out.write(f"--- pykvm stats at {time.monotonic() - started:.1f} s (live: a "
-                           f"KVM_RUN still in progress counts as 'other' until it returns) ---\n"
-                           f"{report}\n")
-            self.out.flush()
-            self.printed += 1
-
-    def stop(self) -> None:
-        self._done.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout=5)

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import ConfigError
+from .kvmstats import kernel_split
 
 FORMATS = (".svg", ".png")
 COLORS = {"guest": "#4c72b0", "pykvm handlers": "#dd8452", "other": "#b0b0b0",
@@ -98,13 +99,8 @@ def _exit_mix(ax, stats, kernel) -> None:
     values = [n for _, n in reasons.most_common()]
     colors = [COLORS["pykvm handlers"]] * len(values)
     if kernel and kernel.get("available"):
-        in_kernel = 0
-        for index, st in enumerate(stats):
-            if index < len(kernel["vcpus"]):
-                counters = kernel["vcpus"][index]
-                exits = counters.get("exits")
-                if isinstance(exits, int):
-                    in_kernel += max(exits - st.total_exits - counters.get("signal_exits", 0), 0)
+        in_kernel = sum(kernel_split(counters, st.total_exits).get("in_kernel", 0)
+                        for st, counters in zip(stats, kernel["vcpus"]))
         emulated = sum(c.get("insn_emulation", 0) for c in kernel["vcpus"]
                        if isinstance(c.get("insn_emulation", 0), int))
         names.insert(0, "finished in KVM (kernel)")

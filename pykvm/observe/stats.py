@@ -1,6 +1,6 @@
 """Per-vCPU exit statistics: what exited to pykvm, how often, and where time went.
 
-The run loop only increments integers here; formatting is done at the end.
+The run loop only increments integers here; observe/report.py formats them at the end.
 Time inside KVM_RUN is "guest" time, which includes whatever KVM handled in the
 kernel without exiting to pykvm (in-kernel LAPIC/PIT/IOAPIC, ioeventfd, page
 faults): user space cannot separate those two.
@@ -95,53 +95,3 @@ class VcpuStats:
         stats.guest_ns, stats.handler_ns = times.get("guest", 0), times.get("handlers", 0)
         stats.started_ns, stats.stopped_ns = 1, 1 + times.get("wall", 0)
         return stats
-
-
-def format_report(stats: list[VcpuStats], extra: dict | None = None,
-                  kernel: dict | None = None) -> str:
-    """The human-readable --stats table. ``kernel``: a kvmstats.KvmStats snapshot,
-    whose per-vCPU counters are shown next to pykvm's own."""
-    from . import kvmstats
-
-    lines = []
-    for index, st in enumerate(stats):
-        wall = st.wall_ns or 1
-        lines.append(f"vCPU {st.vcpu_id}: {st.total_exits} exits to pykvm in "
-                     f"{st.wall_ns / 1e9:.3f} s wall")
-        if st.guest_ns or st.handler_ns:
-            lines.append(f"  time: guest (inside KVM_RUN, incl. in-kernel exits) "
-                         f"{st.guest_ns / 1e9:.3f} s ({100 * st.guest_ns / wall:.1f}%), "
-                         f"pykvm handlers {st.handler_ns / 1e9:.3f} s "
-                         f"({100 * st.handler_ns / wall:.1f}%), "
-                         f"other {st.other_ns / 1e9:.3f} s ({100 * st.other_ns / wall:.1f}%)")
-        else:
-            lines.append("  time: not measured (per-exit timing is on with --stats, "
-                         "--trace or --api-sock)")
-        for name, n in sorted(st.exits_by_name().items(), key=lambda item: -item[1]):
-            lines.append(f"  exit {name:<16} {n:>10}")
-        for device, n in sorted(st.devices.items(), key=lambda item: -item[1]):
-            lines.append(f"  device {device:<14} {n:>10}")
-        for (port, direction), n in sorted(st.pio.items(), key=lambda item: -item[1])[:16]:
-            lines.append(f"  port {port:#06x} {direction:<4}      {n:>10}")
-        for (addr, kind), n in sorted(st.mmio.items(), key=lambda item: -item[1])[:16]:
-            lines.append(f"  mmio {addr:#014x} {kind:<5} {n:>10}")
-        if st.unhandled_pio or st.unhandled_mmio:
-            lines.append(f"  unhandled: {st.unhandled_pio} port accesses, "
-                         f"{st.unhandled_mmio} MMIO accesses (reads gave all-ones, writes dropped)")
-        for kind, n in sorted(st.quirks.items()):
-            lines.append(f"  completed by pykvm: {kind:<20} {n:>8}")
-        if kernel and kernel.get("available") and index < len(kernel["vcpus"]):
-            lines.extend(kvmstats.format_vcpu(kernel["vcpus"][index], st.total_exits))
-    if kernel is not None:
-        if kernel.get("available"):
-            vm_counters = {name: value for name, value in kernel["vm"].items()
-                           if isinstance(value, int) and value}
-            if vm_counters:
-                lines.append("KVM (kernel), whole VM: " + ", ".join(
-                    f"{name} {value}" for name, value in sorted(vm_counters.items())))
-            lines.append(f"note: {kvmstats.CANNOT_SEPARATE}")
-        else:
-            lines.append(f"KVM (kernel) counters: unavailable ({kernel.get('reason')})")
-    for key, value in (extra or {}).items():
-        lines.append(f"{key}: {value}")
-    return "\n".join(lines)

@@ -28,7 +28,7 @@ from ..guest.access import PageFault, locate
 from ..guest.pagewalk import CR4_LA57, is_canonical
 from .. import ioctl as k
 from ..ioctl import structs as s
-from ..observe.trace import Disassembler   # imported here: a vCPU thread, once confined, cannot import
+from ..observe.disasm import Disassembler   # imported here: a vCPU thread, once confined, cannot import
 from .decode import OPERAND_SIZE, REP, REPNE, Instruction, default_segment, effective_address
 
 # Exception vectors (SDM vol. 3A table 6-1).
