@@ -13,7 +13,17 @@ import pytest
 from .conftest import needs_kvm
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench" / "exits.py"
+
+
+def quick_run(script: str, *args: str, headline: str) -> list[str]:
+    """Run ``bench/script`` with ``args``; its stdout lines, the last ``headline: N`` (N > 0)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(rf"{headline}: \d+\.\d+", lines[-1]), done.stdout
+    assert float(lines[-1].split()[1]) > 0
+    return lines
 
 
 @needs_kvm
@@ -21,12 +31,7 @@ BENCH = ROOT / "bench" / "exits.py"
                     reason="the bench needs GNU as/ld and gcc")
 @pytest.mark.parametrize("ring", [0, 3])
 def test_exits_bench_quick_run_prints_a_ratio(ring):
-    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--ring", str(ring)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert re.fullmatch(r"ratio: \d+\.\d+", lines[-1]), done.stdout
-    assert float(lines[-1].split()[1]) > 0
+    lines = quick_run("exits.py", "--quick", "--ring", str(ring), headline="ratio")
     assert any(line.startswith("host kind: ") for line in lines)
     assert any(line.startswith("C reference") for line in lines)
     assert any(line.startswith("pykvm") for line in lines)
@@ -42,12 +47,7 @@ import memory as memory_bench  # noqa: E402
 @pytest.mark.skipif(not all(shutil.which(tool) for tool in ("as", "ld")),
                     reason="the bench needs GNU as/ld")
 def test_startup_bench_quick_run_prints_seconds():
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert re.fullmatch(r"seconds: \d+\.\d+", lines[-1]), done.stdout
-    assert float(lines[-1].split()[1]) > 0
+    lines = quick_run("startup.py", "--quick", headline="seconds")
     assert any(line.startswith("reference") for line in lines)
     assert any(line.startswith("flat") for line in lines)
 
