@@ -303,7 +303,6 @@ def smoke_test(kvm) -> str | None:
 # --- pykvm run -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
-    from .observe.report import format_report
     if args.disk:   # virtio and networking are imported only by runs that use them
         from .devices.virtio import DiskSpec
     if args.net:
@@ -379,12 +378,11 @@ def cmd_run(args) -> int:
         stop = machine.run()
         observers.finish()
         if config.stats:
-            sys.stderr.write(format_report([v.stats for v in machine.vm.vcpus], {
-                "host kind": machine.kvm.host_kind,
+            sys.stderr.write(observers.watch.report({
                 "boot milestones (s)": milestones(machine.progress),
                 "wall time (s)": f"{time.monotonic() - started:.3f}",
-            }, kernel=observers.kernel_snapshot) + "\n")
-        observers.plot(machine, time.monotonic() - started)
+            }) + "\n")
+        observers.plot(time.monotonic() - started)
     return report_stop(stop, config)
 
 
@@ -517,7 +515,7 @@ def cmd_cp(args) -> int:
 
 
 def add_observing_options(group) -> None:
-    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/trace.py and friends)."""
+    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/observe/, gdbstub.py)."""
     from .observe.trace_filter import FILTER_HELP
 
     group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
@@ -542,46 +540,26 @@ def add_observing_options(group) -> None:
 
 
 class Observers:
-    """What `pykvm run` attaches to a machine to watch it: tracer, KVM's counters,
-    periodic stats, the plot, the gdb stub. Released on every exit path."""
+    """What `pykvm run` attaches to a machine to watch it: pykvm.observe's wiring
+    (tracer, KVM's counters, periodic stats, the plot) and the gdb stub. Released on
+    every exit path."""
 
     def __init__(self, args):
-        from .errors import ConfigError
+        from .observe.wiring import Observation, ObserveOptions
 
         self.args = args
-        self.tracer = self.kernel = self.printer = self.stub = self.gdb = None
-        self.kernel_snapshot = None
-        if args.stats_interval is not None and args.stats_interval <= 0:
-            raise ConfigError("--stats-interval must be a positive number of seconds")
-        if args.stats_plot:
-            from .observe.plot import check_path
-            check_path(args.stats_plot)
+        self.stub = self.gdb = None
         if args.gdb is not None:
             from .gdbstub import GdbAddress
             self.gdb = GdbAddress.parse(args.gdb)
-        if args.trace is not None or args.trace_filter:
-            from .observe.symbols import load
-            from .observe.trace import Tracer
-            from .observe.trace_filter import TraceFilter
-            self.tracer = Tracer.to_path(
-                args.trace, filter=TraceFilter.parse(args.trace_filter),
-                symbols=load(args.symbols) if args.symbols else None)
+        self.watch = Observation(ObserveOptions(
+            trace=args.trace, trace_filter=tuple(args.trace_filter or ()), symbols=args.symbols,
+            stats=args.stats, stats_interval=args.stats_interval, stats_plot=args.stats_plot))
+        self.tracer = self.watch.tracer
 
     def attach(self, machine) -> None:
-        args = self.args
-        if args.symbols:   # names the RIP of an instruction the host refused (kvm_pvm)
-            from .observe.symbols import load
-            machine.vm.quirks.symbols = self.tracer.symbols if self.tracer else load(args.symbols)
-        if args.stats or args.stats_interval or args.stats_plot:
-            from .observe.kvmstats import KvmStats
-            machine.vm.timing = True
-            self.kernel = KvmStats(machine.vm)
-        if args.stats_interval:
-            from .observe.report import StatsPrinter
-            self.printer = StatsPrinter(machine.vm, args.stats_interval, self.kernel, sys.stderr,
-                                        lambda: {"host kind": machine.kvm.host_kind})
-            self.printer.start()
-        if args.gdb is not None:
+        self.watch.attach(machine.vm)
+        if self.args.gdb is not None:
             from .gdbstub import GdbStub
             self.stub = GdbStub(machine.vm, self.gdb)
             self.stub.attach()
@@ -594,30 +572,20 @@ class Observers:
                   f"(gdb -ex 'target remote {where.gdb_target()}')", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
-        """The guest stopped: stop the periodic table, read KVM's counters once more."""
-        if self.printer is not None:
-            self.printer.stop()
-        if self.kernel is not None:
-            self.kernel_snapshot = self.kernel.snapshot()
+        self.watch.finish()
 
-    def plot(self, machine, wall_s: float) -> None:
-        if self.args.stats_plot:
-            from .observe.plot import plot_stats
-            path = plot_stats(self.args.stats_plot, [v.stats for v in machine.vm.vcpus],
-                              kernel=self.kernel_snapshot, host_kind=machine.kvm.host_kind,
-                              wall_s=wall_s)
+    def plot(self, wall_s: float) -> None:
+        path = self.watch.plot(wall_s)
+        if path is not None:
             print(f"pykvm: statistics drawn in {path}", file=sys.stderr)
 
     def __enter__(self) -> "Observers":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.printer is not None:
-            self.printer.stop()
         if self.stub is not None:
             self.stub.close()
-        if self.tracer is not None:
-            self.tracer.close()
+        self.watch.close()
 
 
 def format_mem(size: int) -> str:

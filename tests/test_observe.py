@@ -7,9 +7,23 @@ cycle hidden behind a function-level import is found too.
 from __future__ import annotations
 
 import ast
+import io
+import re
 from pathlib import Path
 
+import pytest
+
 import pykvm
+from pykvm import layout
+from pykvm.boot.modes import set_mode
+from pykvm.errors import ConfigError
+from pykvm.memory import GuestMemory
+from pykvm.observe import output
+from pykvm.observe.wiring import Observation, ObserveOptions
+from pykvm.vm import Vm
+
+from .asm import assemble
+from .test_trace import BASE, SERIAL_GUEST, ExitPort, Serial
 
 ROOT = Path(pykvm.__file__).resolve().parent
 
@@ -112,3 +126,77 @@ def test_data_flows_one_way_between_stats_kvmstats_and_report():
     assert "pykvm.observe.report" not in edges["pykvm.observe.kvmstats"]
     assert "pykvm.observe.stats" not in edges["pykvm.observe.kvmstats"]
     assert {"pykvm.observe.stats", "pykvm.observe.kvmstats"} <= edges["pykvm.observe.report"]
+
+
+# --- the wiring: one library call for the CLI, the plugin, the control socket -----------------------
+def run_observed(kvm, options: ObserveOptions, *, timing: bool = False):
+    """SERIAL_GUEST under an Observation, as `pykvm run` wires it; (observation, vm stats)."""
+    code = assemble(SERIAL_GUEST, "real", 0)
+    with Observation(options, out=io.StringIO()) as observation, \
+            GuestMemory.anonymous(4 << 20) as memory, \
+            Vm(kvm, memory, tracer=observation.tracer, timing=timing) as vm:
+        vm.add_pio_device(0x3F8, 8, Serial())
+        vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
+        memory.write(BASE, code)
+        vm.create_vcpus(1)
+        set_mode(vm.vcpus[0], memory, "real", BASE)
+        observation.attach(vm)
+        wiring = (vm.tracer, vm.timing)
+        stop = vm.run(timeout=20)
+        assert stop is not None and stop.kind == "exit", stop
+        observation.finish()
+        report = observation.report({"wall time (s)": "1.000"}) if options.counting else ""
+        return observation, wiring, report
+
+
+def test_observation_off_wires_nothing_into_the_run_loop(kvm):
+    observation, (tracer, timing), _ = run_observed(kvm, ObserveOptions())
+    assert tracer is None and timing is False      # the loop reads no clock, calls nothing
+    assert observation.kernel is None and observation.printer is None
+    assert observation.plot(1.0) is None
+
+
+def test_observation_traces_counts_and_reports(kvm, tmp_path):
+    trace = tmp_path / "trace.txt"
+    observation, (tracer, timing), report = run_observed(
+        kvm, ObserveOptions(trace=str(trace), trace_filter=("port=0x3f8-0x3ff",), stats=True))
+    assert tracer is observation.tracer and timing is True
+    assert observation.tracer._owned is None        # closed with the observation
+    lines = trace.read_text().splitlines()
+    assert lines[0].startswith("# pykvm trace:")
+    assert len(lines[1:]) == 5 and all(" io " in line and "dev=serial" in line for line in lines[1:])
+    assert report.startswith("vCPU 0: 6 exits to pykvm")
+    assert f"host kind: {kvm.host_kind}" in report and "wall time (s): 1.000" in report
+    assert observation.kernel_snapshot is not None
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (ObserveOptions(trace_filter=("port=x",)), "not a number"),
+    (ObserveOptions(trace_filter=("colour=red",)), "unknown key"),
+    (ObserveOptions(stats_interval=0), "positive"),
+    (ObserveOptions(stats_interval=float("nan")), "positive"),
+    (ObserveOptions(stats_plot="p.jpg"), ".svg or .png"),
+    (ObserveOptions(symbols="/nonexistent/vmlinux"), "cannot read"),
+])
+def test_observation_refuses_bad_options_before_anything_runs(options, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Observation(options)
+
+
+def test_trace_file_is_not_written_through_a_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / "trace.txt").symlink_to(victim)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        Observation(ObserveOptions(trace=str(tmp_path / "trace.txt")))
+    assert victim.read_text() == "keep me\n"
+
+
+def test_trace_file_is_truncated_and_a_device_refused(tmp_path):
+    old = tmp_path / "trace.txt"
+    old.write_text("an older trace\n")
+    with output.create(old, "--trace") as stream:
+        stream.write("new\n")
+    assert old.read_text() == "new\n"
+    with pytest.raises(ConfigError, match="not a regular file"):
+        output.create("/dev/null", "--trace")

@@ -363,9 +363,11 @@ def test_cli_rejects_bad_observing_options(tmp_path):
     for options, fragment in ((["--trace-filter", "port=x"], "not a number"),
                               (["--stats-plot", str(tmp_path / "p.jpg")], ".svg or .png"),
                               (["--stats-interval", "0"], "positive"),
-                              (["--trace", "--symbols", str(tmp_path / "none")], "cannot read")):
+                              (["--trace", "--symbols", str(tmp_path / "none")], "cannot read"),
+                              (["--trace", str(tmp_path / "no" / "t.txt")], "--trace"),
+                              (["--trace-filter", "reason=bogus"], "unknown exit reason")):
         result = subprocess.run([sys.executable, "-m", "pykvm", "run", "--flat", str(binary),
                                  *options], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr
+        assert result.returncode == 2, result.stderr    # the user's mistake: exit status 2
+        assert result.stderr.startswith("pykvm: error: ") and result.stderr.count("\n") == 1
         assert fragment in result.stderr, result.stderr

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import output
 from .kvmstats import kernel_split
 
 FORMATS = (".svg", ".png")
@@ -61,7 +62,8 @@ def plot_stats(path: str | Path, stats, *, kernel: dict | None = None, host_kind
     _devices(device_ax, stats)
     figure.tight_layout()
     try:
-        figure.savefig(path)
+        with output.create(path, "--stats-plot", "wb") as stream:
+            figure.savefig(stream, format=path.suffix.lower()[1:])
     except OSError as error:
         raise ConfigError(f"--stats-plot {path}: cannot write it: {error.strerror}") from None
     finally:

@@ -16,9 +16,10 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, PykvmError
+from ..errors import PykvmError
 from ..ioctl.requests import EXIT_NAMES
 from .disasm import Disassembler
+from . import output
 from .locate import InstructionLocator, Located
 from .trace_filter import TraceFilter
 
@@ -44,13 +45,10 @@ class Tracer:
 
     @classmethod
     def to_path(cls, path: str | None, **options) -> "Tracer":
-        """A tracer writing to ``path`` ('-' or None: stderr)."""
+        """A tracer writing to ``path`` ('-' or None: stderr), created as output.py says."""
         if path in (None, "", "-"):
             return cls(sys.stderr, **options)
-        try:
-            stream = open(path, "w", buffering=1)
-        except OSError as error:
-            raise ConfigError(f"--trace {path}: cannot write it: {error.strerror}") from None
+        stream = output.create(path, "--trace")
         tracer = cls(stream, **options)
         tracer._owned = stream
         return tracer

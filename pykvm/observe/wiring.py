@@ -1,0 +1,129 @@
+"""Attaching observers to a VM: the one place that wires tracer, KVM's counters,
+the periodic table and the plot, for every caller.
+
+`pykvm run` (cli.py) calls it with its options; the pytest plugin, the control
+socket or a script can do the same with an :class:`ObserveOptions` and a
+:class:`~pykvm.vm.Vm`. The life cycle follows the VM's:
+
+1. ``Observation(options)`` before the VM exists: checks every option (a bad
+   --trace-filter, --symbols or --stats-plot is a ConfigError, exit status 2,
+   before anything boots) and opens the trace file; :attr:`Observation.tracer`
+   goes to ``Machine(tracer=...)`` or ``Vm(tracer=...)``;
+2. :meth:`Observation.attach` once the vCPUs exist and *before* they run (the
+   run loop reads ``vm.tracer`` and ``vm.timing`` when it starts): KVM's stats
+   fds, per-exit timing, the periodic printer, the symbols for stop messages;
+3. :meth:`Observation.finish` when the guest stopped: the last KVM counters;
+   then :meth:`Observation.report` and :meth:`Observation.plot`;
+4. :meth:`Observation.close` (or the ``with`` block) on every exit path.
+
+Data flows one way: the run loop writes ``vcpu.stats`` and calls the tracer;
+this module and everything it wires only read.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from . import plot as _plot
+from .kvmstats import KvmStats
+from .report import StatsPrinter, format_report
+from .symbols import SymbolTable, load
+from .trace import Tracer
+from .trace_filter import TraceFilter
+
+
+@dataclass(frozen=True)
+class ObserveOptions:
+    """What to watch; the names are `pykvm run`'s options."""
+
+    trace: str | None = None                 # --trace FILE ('-': stderr)
+    trace_filter: tuple[str, ...] = ()       # --trace-filter TERMS (a filter alone traces)
+    symbols: str | None = None               # --symbols FILE (ELF or System.map)
+    stats: bool = False                      # --stats: the table when the guest stops
+    stats_interval: float | None = None      # --stats-interval SECONDS
+    stats_plot: str | None = None            # --stats-plot FILE.svg|png
+
+    @property
+    def tracing(self) -> bool:
+        return self.trace is not None or bool(self.trace_filter)
+
+    @property
+    def counting(self) -> bool:
+        """Whether anything reads the time split and KVM's counters."""
+        return bool(self.stats or self.stats_interval or self.stats_plot)
+
+
+class Observation:
+    """The observers of one VM, from its options to their release."""
+
+    def __init__(self, options: ObserveOptions, *, out=None):
+        self.options = options
+        self.out = out if out is not None else sys.stderr   # where tables go (user output)
+        self.tracer: Tracer | None = None
+        self.symbols: SymbolTable | None = None
+        self.kernel: KvmStats | None = None
+        self.kernel_snapshot: dict | None = None
+        self.printer: StatsPrinter | None = None
+        self.vm = None
+        if options.stats_interval is not None and not options.stats_interval > 0:
+            raise ConfigError("--stats-interval must be a positive number of seconds")
+        if options.stats_plot:
+            _plot.check_path(options.stats_plot)
+        trace_filter = TraceFilter.parse(list(options.trace_filter))
+        if options.symbols:
+            self.symbols = load(options.symbols)
+        if options.tracing:
+            self.tracer = Tracer.to_path(options.trace, filter=trace_filter, symbols=self.symbols)
+
+    def attach(self, vm) -> None:
+        """Wire into ``vm``, whose vCPUs exist and have not run yet."""
+        self.vm = vm
+        if self.symbols is not None:   # names the RIP of an instruction the host refused
+            vm.quirks.symbols = self.symbols
+        if self.tracer is not None and vm.tracer is None:
+            vm.tracer = self.tracer
+        if self.options.counting or self.tracer is not None:
+            vm.timing = True
+        if self.options.counting:
+            self.kernel = KvmStats(vm)
+        if self.options.stats_interval:
+            host_kind = vm.kvm.host_kind
+            self.printer = StatsPrinter(vm, self.options.stats_interval, self.kernel, self.out,
+                                        lambda: {"host kind": host_kind})
+            self.printer.start()
+
+    def finish(self) -> None:
+        """The guest stopped: stop the periodic table, read KVM's counters once more."""
+        if self.printer is not None:
+            self.printer.stop()
+        if self.kernel is not None:
+            self.kernel_snapshot = self.kernel.snapshot()
+
+    def report(self, extra: dict | None = None) -> str:
+        """The --stats table of the attached VM (after :meth:`finish`)."""
+        return format_report([vcpu.stats for vcpu in self.vm.vcpus],
+                             {"host kind": self.vm.kvm.host_kind, **(extra or {})},
+                             kernel=self.kernel_snapshot)
+
+    def plot(self, wall_s: float) -> Path | None:
+        """Draw --stats-plot, if asked for; its path."""
+        if not self.options.stats_plot:
+            return None
+        return _plot.plot_stats(self.options.stats_plot, [v.stats for v in self.vm.vcpus],
+                                kernel=self.kernel_snapshot, host_kind=self.vm.kvm.host_kind,
+                                wall_s=wall_s)
+
+    def close(self) -> None:
+        if self.printer is not None:
+            self.printer.stop()
+        if self.tracer is not None:
+            self.tracer.close()
+
+    def __enter__(self) -> "Observation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
