@@ -126,29 +126,35 @@ class BlockDevice(VirtioDevice):
 
     # --- requests --------------------------------------------------------------------------
     def process_queue(self, index: int, queue: Virtqueue) -> None:
-        while (chain := queue.pop()) is not None:
-            queue.add_used(chain.head, self.handle(chain))
+        pop, add_used, handle = queue.pop, queue.add_used, self.handle
+        while (chain := pop()) is not None:
+            add_used(chain.head, handle(chain))
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the number of bytes written to the guest."""
-        writable_len = chain.writable_len
+        readable, writable = chain.readable, chain.writable
+        writable_len = sum(map(len, writable))
         if writable_len < 1:
             raise VirtqueueError(f"block request {chain.head} has no status byte")
-        if chain.readable_len < _HEADER.size:
-            raise VirtqueueError(f"block request {chain.head} has a header of "
-                                 f"{chain.readable_len} bytes, not {_HEADER.size}")
-        kind, _, sector = _HEADER.unpack(gather(chain.readable, _HEADER.size))
-        status_byte, data_in = _split_status(chain.writable, writable_len)
+        if readable and len(readable[0]) >= _HEADER.size:      # the usual layout
+            kind, _, sector = _HEADER.unpack_from(readable[0])
+        else:
+            header = gather(readable, _HEADER.size)
+            if len(header) < _HEADER.size:
+                raise VirtqueueError(f"block request {chain.head} has a header of "
+                                     f"{len(header)} bytes, not {_HEADER.size}")
+            kind, _, sector = _HEADER.unpack(header)
+        status_byte, data_in = _split_status(writable, writable_len)
         written = 0
         if kind == VIRTIO_BLK_T_IN:
-            status = self._transfer(os.preadv, data_in, sector, "read")
+            status = self._transfer(os.preadv, data_in, writable_len - 1, sector, "read")
             if status == VIRTIO_BLK_S_OK:
                 written = writable_len - 1
         elif kind == VIRTIO_BLK_T_OUT:
-            data_out = chain.readable[1:] if len(chain.readable[0]) == _HEADER.size else \
-                slice_views(chain.readable, _HEADER.size)   # the usual layout, or any other
+            data_out = readable[1:] if len(readable[0]) == _HEADER.size else \
+                slice_views(readable, _HEADER.size)   # the usual layout, or any other
             status = VIRTIO_BLK_S_IOERR if self.read_only else \
-                self._transfer(os.pwritev, data_out, sector, "write")
+                self._transfer(os.pwritev, data_out, sum(map(len, data_out)), sector, "write")
         elif kind == VIRTIO_BLK_T_FLUSH:
             status = self._flush()
         elif kind == VIRTIO_BLK_T_GET_ID:
@@ -162,13 +168,18 @@ class BlockDevice(VirtioDevice):
         status_byte[0] = status
         return written + 1
 
-    def _transfer(self, call, views: list[memoryview], sector: int, kind: str) -> int:
-        length = sum(len(v) for v in views)
+    def _transfer(self, call, views: list[memoryview], length: int, sector: int,
+                  kind: str) -> int:
+        """``length`` bytes between the image at ``sector`` and ``views``: one system
+        call for a request of at most IOV_MAX buffers that completes at once (the usual
+        case), else in IOV_MAX batches until done."""
         offset = sector * SECTOR_SIZE
         if length % SECTOR_SIZE or offset + length > self.size:
             return VIRTIO_BLK_S_IOERR
         self.requests[kind] += 1
         try:
+            if len(views) <= _IOV_MAX and call(self.fd, views, offset) == length:
+                return VIRTIO_BLK_S_OK
             for start in range(0, len(views), _IOV_MAX):
                 batch = [v for v in views[start:start + _IOV_MAX] if len(v)]
                 while batch:

@@ -91,8 +91,7 @@ TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 RX_BATCH = 128                  # frames per worker turn before the other queue gets one
 TX_BATCH = 128
 RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset: dropped
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-MAX_RX_VIEWS = IOV_MAX - 1      # buffers one readv() fills; the last iovec is the spare byte
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024   # iovecs per readv()
 
 _U16 = struct.Struct("<H")
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
@@ -288,13 +287,22 @@ class NetDevice(VirtioDevice):
                 return True                   # the one chain is what the driver gave us
             if self._held is not None:
                 entry, self._held = self._held, None
+                chain, capacity, count = entry
             else:
                 chain = pop()
                 if chain is None:
                     return False
-                entry = self._check_receive_chain(chain)
-            chain, capacity, count = entry
-            if len(views) - 1 + count > MAX_RX_VIEWS:
+                if chain.readable:
+                    raise VirtqueueError(f"receive chain {chain.head} has device-readable "
+                                         f"buffers")
+                writable = chain.writable
+                count = len(writable)
+                capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
+                if capacity < NET_HDR_SIZE:
+                    raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes "
+                                         f"cannot hold the {NET_HDR_SIZE}-byte header")
+                entry = (chain, capacity, count)
+            if len(views) + count > IOV_MAX:          # views end with the spare byte
                 if pending:
                     self._held = entry        # the next frame's; this one reads what we hold
                     return True
@@ -305,19 +313,6 @@ class NetDevice(VirtioDevice):
             views[-1:-1] = chain.writable
             self._rx_capacity += capacity
         return True
-
-    @staticmethod
-    def _check_receive_chain(chain: DescriptorChain) -> tuple[DescriptorChain, int, int]:
-        """(chain, its capacity, its buffer count); VirtqueueError if it is no receive buffer."""
-        if chain.readable:
-            raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
-        writable = chain.writable
-        count = len(writable)
-        capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
-        if capacity < NET_HDR_SIZE:
-            raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes cannot "
-                                 f"hold the {NET_HDR_SIZE}-byte header")
-        return chain, capacity, count
 
     def _complete(self, queue: Virtqueue, length: int) -> None:
         """``length`` bytes landed at the start of the pending buffers: say how many

@@ -40,7 +40,6 @@ DESCRIPTOR_SIZE = 16
 MAX_QUEUE_SIZE = 32768
 
 _DESCRIPTOR = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 
 
 class VirtqueueError(PykvmError):
@@ -58,7 +57,7 @@ def full_barrier() -> None:
         pass
 
 
-@dataclass
+@dataclass(slots=True)
 class DescriptorChain:
     """One request: its head index and its buffers as views of guest RAM."""
 
@@ -68,11 +67,11 @@ class DescriptorChain:
 
     @property
     def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
+        return sum(map(len, self.readable))
 
     @property
     def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
+        return sum(map(len, self.writable))
 
 
 class Virtqueue:
@@ -97,7 +96,8 @@ class Virtqueue:
         self.last_avail_idx = 0
         self.used_idx = 0
         self._signalled_used = 0
-        self._desc = self._avail = self._used = self._used_ring = None
+        self._desc = self._avail = self._used = self._used_ring = self._avail_ring = None
+        self._ram: tuple[tuple[int, int, memoryview], ...] = ()
 
     # --- snapshots ---------------------------------------------------------------------------
     def save_state(self) -> dict:
@@ -151,6 +151,10 @@ class Virtqueue:
         # The used elements as (id, len) pairs of 32-bit words: one store per field,
         # never the clear-then-bytes of struct.pack_into.
         self._used_ring = self._used[4:4 + 8 * size].cast("I")
+        self._avail_ring = self._avail[4:4 + 2 * size].cast("H")
+        # Guest RAM as (start, end, view) per region, for the chain walk's bounds
+        # check without a call per buffer (GuestMemory.view's check, inlined).
+        self._ram = tuple((r.guest_addr, r.end, r.view) for r in self.memory.regions)
         self.indirect_allowed = indirect
         self.event_idx = event_idx
         self.last_avail_idx = 0
@@ -181,21 +185,27 @@ class Virtqueue:
         """The next available chain, or None when the driver has offered nothing new."""
         if not self.active:
             return None
-        avail_idx = self.avail_idx()
-        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        last = self.last_avail_idx
+        avail_idx = self._avail_idx[0]
+        pending = (avail_idx - last) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise VirtqueueError(f"avail index {avail_idx} is {pending} ahead of the device's "
-                                 f"{self.last_avail_idx} (queue size {self.size})")
-        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+                                 f"{last} (queue size {self.size})")
+        head = self._avail_ring[last & (self.size - 1)]
+        self.last_avail_idx = (last + 1) & 0xFFFF
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
-        chain = DescriptorChain(head)
+        """The chain from ``head``: every rule in the module docstring is checked here,
+        on the one copy of each descriptor it reads (the hot path of every request:
+        locals only, the RAM bounds check inlined)."""
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
         table, table_size = self._desc, self.size
-        index, budget, indirect = head, self.size, False
+        index, budget, indirect = head, table_size, False
+        unpack, ram = _DESCRIPTOR.unpack_from, self._ram
         while True:
             if index >= table_size:
                 raise VirtqueueError(f"descriptor index {index} is out of range "
@@ -204,32 +214,41 @@ class Virtqueue:
                 raise VirtqueueError(f"chain from head {head} is longer than its table "
                                      f"({table_size} descriptors): a loop?")
             budget -= 1
-            addr, length, flags, next_index = _DESCRIPTOR.unpack_from(table, DESCRIPTOR_SIZE * index)
+            addr, length, flags, next_index = unpack(table, DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
-                if indirect:
-                    raise VirtqueueError("an indirect table points to another indirect table")
-                if not self.indirect_allowed:
-                    raise VirtqueueError("indirect descriptor, but INDIRECT_DESC was not negotiated")
-                if flags & DESC_F_NEXT:
-                    raise VirtqueueError("indirect descriptor with NEXT set")
-                if length == 0 or length % DESCRIPTOR_SIZE or length // DESCRIPTOR_SIZE > self.size:
-                    raise VirtqueueError(f"indirect table of {length} bytes is not 1..{self.size} "
-                                         f"descriptors")
-                table = self._buffer(addr, length)
+                table = self._indirect_table(addr, length, flags, indirect)
                 table_size = budget = length // DESCRIPTOR_SIZE
                 index, indirect = 0, True
                 continue
-            view = self._buffer(addr, length)
+            for start, end, region in ram:
+                if start <= addr and addr + length <= end:
+                    view = region[addr - start:addr - start + length]
+                    break
+            else:
+                raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
             if flags & DESC_F_WRITE:
-                chain.writable.append(view)
-            elif chain.writable:
+                writable.append(view)
+            elif writable:
                 raise VirtqueueError(f"chain from head {head} has a readable buffer after a "
                                      f"writable one")
             else:
-                chain.readable.append(view)
+                readable.append(view)
             if not flags & DESC_F_NEXT:
-                return chain
+                return DescriptorChain(head, readable, writable)
             index = next_index
+
+    def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
+        """The view of an indirect table, after its rules (virtio 1.2 section 2.7.5.3)."""
+        if nested:
+            raise VirtqueueError("an indirect table points to another indirect table")
+        if not self.indirect_allowed:
+            raise VirtqueueError("indirect descriptor, but INDIRECT_DESC was not negotiated")
+        if flags & DESC_F_NEXT:
+            raise VirtqueueError("indirect descriptor with NEXT set")
+        if length == 0 or length % DESCRIPTOR_SIZE or length // DESCRIPTOR_SIZE > self.size:
+            raise VirtqueueError(f"indirect table of {length} bytes is not 1..{self.size} "
+                                 f"descriptors")
+        return self._buffer(addr, length)
 
     # --- the used side -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
@@ -241,7 +260,7 @@ class Virtqueue:
         sees the whole element; nothing else writes this ring, and only one thread
         at a time serves a queue (the transport's lock), so the index never goes
         back. tests/test_hostile_guest.py watches it from a guest vCPU."""
-        slot = 2 * (self.used_idx % self.size)
+        slot = 2 * (self.used_idx & (self.size - 1))
         ring = self._used_ring
         ring[slot] = head
         ring[slot + 1] = written if written <= 0xFFFFFFFF else 0xFFFFFFFF   # len is a u32
