@@ -86,11 +86,12 @@ import shlex
 import signal
 import struct
 import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from .errors import PykvmError
 
@@ -118,6 +119,11 @@ _EXEC_HEAD = struct.Struct("<III")
 _FILE_INFO = struct.Struct("<IQ")
 
 KILL_GRACE = 15.0          # seconds to wait for EXIT after the SIGKILL of a timed-out command
+# What a guest may send back, bounded (the guest is hostile): a command's stdout and its
+# stderr, and a file read into memory, each at most MAX_OUTPUT bytes; a file or directory
+# copied out to disk (streamed, never gathered) at most MAX_FILE. AgentClient takes others.
+MAX_OUTPUT = 64 << 20
+MAX_FILE = 4 << 30
 DEFAULT_READY_TIMEOUT = 900.0
 
 
@@ -147,6 +153,10 @@ class GuestFileError(AgentError):
     def __init__(self, message: str, errno: int = 0):
         super().__init__(message)
         self.errno = errno
+
+
+class TooMuchOutput(AgentError):
+    """The guest sent back more than the request's limit; a command was killed for it."""
 
 
 class CommandFailed(AgentError):
@@ -288,6 +298,10 @@ class _Request:
     info: tuple[int, int] | None = None
     data: bytearray = field(default_factory=bytearray)
     on_output: Callable[[int, bytes], object] | None = None
+    limit: int = MAX_OUTPUT        # bytes each of stdout, stderr and data may reach
+    sink: BinaryIO | None = None   # stdout (EXEC) or data (GET_FILE) are written here
+    sunk: int = 0                  # bytes written to sink
+    overflow: str | None = None    # which stream passed the limit
 
 
 class AgentClient:
@@ -296,7 +310,10 @@ class AgentClient:
     waits give up with AgentError as soon as it returns False."""
 
     def __init__(self, send: Callable[[bytes], object], *,
-                 alive: Callable[[], bool] = lambda: True):
+                 alive: Callable[[], bool] = lambda: True, max_output: int = MAX_OUTPUT,
+                 max_file: int = MAX_FILE):
+        self.max_output = max_output         # see MAX_OUTPUT
+        self.max_file = max_file             # see MAX_FILE
         self._send_raw = send
         self._alive = alive
         self._reader = FrameReader()
@@ -330,12 +347,15 @@ class AgentClient:
             self.answered = True
             return
         request = self._requests.get(request_id)
-        if request is None:
+        if request is None or request.done:
             self.discarded += 1
             return
         self.answered = True
         if kind == STDOUT or kind == STDERR:
-            (request.stdout if kind == STDOUT else request.stderr).extend(payload)
+            if kind == STDOUT:
+                self._collect(request, "stdout", request.stdout, payload)
+            else:
+                self._collect(request, "stderr", request.stderr, payload, to_sink=False)
             if request.on_output is not None:
                 try:
                     request.on_output(kind, payload)
@@ -352,11 +372,35 @@ class AgentClient:
             request.info = _FILE_INFO.unpack_from(payload)
         elif kind == DATA:
             if payload:
-                request.data.extend(payload)
+                self._collect(request, "the file", request.data, payload)
             else:
                 request.done = True
         elif kind in (OK, PONG):
             request.data.extend(payload)
+            request.done = True
+
+    @staticmethod
+    def _collect(request: _Request, what: str, buffer: bytearray, payload: bytes,
+                 to_sink: bool = True) -> None:
+        """Keep ``payload`` (in ``buffer``, or written to the request's sink), unless it
+        takes ``what`` past the request's limit: then the request ends with an error."""
+        sink = request.sink if to_sink else None
+        size = (request.sunk if sink is not None else len(buffer)) + len(payload)
+        if size > request.limit:
+            request.overflow = what
+            request.error = (errno_module.EFBIG, f"{what} is larger than {request.limit} "
+                                                 f"bytes, the limit")
+            request.done = True
+            return
+        if sink is None:
+            buffer.extend(payload)
+            return
+        try:
+            sink.write(payload)
+            request.sunk = size
+        except OSError as error:
+            request.error = (error.errno or errno_module.EIO,
+                             f"{what}: writing it on the host: {error.strerror}")
             request.done = True
 
     def _fail_all(self, message: str) -> None:
@@ -436,19 +480,24 @@ class AgentClient:
     def exec(self, command: str | list[str], *, timeout: float | None = None,
              stdin: bytes | None = None, env: dict | None = None, cwd: str | None = None,
              check: bool = False, ready_timeout: float = DEFAULT_READY_TIMEOUT,
-             on_output: Callable[[int, bytes], object] | None = None) -> Result:
+             on_output: Callable[[int, bytes], object] | None = None,
+             limit: int | None = None, stdout_sink: BinaryIO | None = None) -> Result:
         """Run ``command`` in the guest: a string is a shell command line (/bin/sh -c), a
         list is argv (looked up in PATH). Returns its Result. ``timeout``: seconds the
         command may run; past it the command's process group is killed and
         :class:`AgentTimeout` raised. ``on_output(STDOUT|STDERR, bytes)`` sees output as
-        it arrives (on the channel thread)."""
+        it arrives (on the channel thread). Its stdout and its stderr may each reach
+        ``limit`` bytes (default ``max_output``); past it the command is killed and
+        :class:`TooMuchOutput` raised. ``stdout_sink``: a binary file its stdout is
+        written to instead of Result.stdout."""
         shell = isinstance(command, str)
         argv = [command] if shell else [str(word) for word in command]
         if not argv or not argv[0]:
             raise ValueError("no command to run")
         payload = exec_payload(argv, shell=shell, stdin=stdin is not None, env=env, cwd=cwd)
         self.wait_ready(ready_timeout)
-        request_id, request = self._new(EXEC, on_output=on_output)
+        request_id, request = self._new(EXEC, on_output=on_output, sink=stdout_sink,
+                                        limit=self.max_output if limit is None else limit)
         started = time.monotonic()
         try:
             frames = [frame(EXEC, request_id, payload)]
@@ -457,6 +506,10 @@ class AgentClient:
             self._send(*frames)
             deadline = None if timeout is None else started + timeout
             finished = self._wait(request, deadline, f"`{describe(command)}`")
+            if request.overflow is not None:
+                self._send(frame(SIGNAL, request_id, struct.pack("<I", signal.SIGKILL)))
+                raise TooMuchOutput(f"`{describe(command)}`: its {request.overflow} passed "
+                                    f"{request.limit} bytes; it was killed in the guest")
             if not finished:
                 self._send(frame(SIGNAL, request_id, struct.pack("<I", signal.SIGKILL)))
                 self._wait(request, time.monotonic() + KILL_GRACE, f"`{describe(command)}`")
@@ -497,11 +550,26 @@ class AgentClient:
             self._forget(request_id)
 
     def get_file(self, guest_path: str, *, timeout: float | None = 600,
-                 ready_timeout: float = DEFAULT_READY_TIMEOUT) -> tuple[bytes, int]:
-        """(content, mode) of the guest's regular file ``guest_path``."""
+                 ready_timeout: float = DEFAULT_READY_TIMEOUT,
+                 limit: int | None = None) -> tuple[bytes, int]:
+        """(content, mode) of the guest's regular file ``guest_path``: at most ``limit``
+        bytes (default ``max_output``), else GuestFileError (EFBIG). The mode is what the
+        guest says: never apply it to a host file as it is (see :func:`host_mode`)."""
+        content = io.BytesIO()
+        mode = self.get_file_into(guest_path, content, timeout=timeout,
+                                  ready_timeout=ready_timeout,
+                                  limit=self.max_output if limit is None else limit)
+        return content.getvalue(), mode
+
+    def get_file_into(self, guest_path: str, sink: BinaryIO, *, timeout: float | None = 600,
+                      ready_timeout: float = DEFAULT_READY_TIMEOUT,
+                      limit: int | None = None) -> int:
+        """Write the guest's regular file ``guest_path`` to ``sink`` as it arrives (at most
+        ``limit`` bytes, default ``max_file``); returns the mode the guest reports."""
         path = _guest_path(guest_path)
         self.wait_ready(ready_timeout)
-        request_id, request = self._new(GET_FILE)
+        request_id, request = self._new(GET_FILE, sink=sink,
+                                        limit=self.max_file if limit is None else limit)
         try:
             self._send(frame(GET_FILE, request_id, path.encode() + b"\0"))
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -511,7 +579,7 @@ class AgentClient:
                 code, message = request.error
                 raise GuestFileError(f"guest: {path}: {message}", code)
             mode, _ = request.info or (0o644, 0)
-            return bytes(request.data), mode & 0o7777
+            return mode & 0o7777
         finally:
             self._forget(request_id)
 
@@ -537,29 +605,127 @@ class AgentClient:
             raise GuestFileError(f"{source}: {error.strerror}", error.errno) from None
         self.put_file(guest_path, data, mode, timeout=timeout)
 
-    def copy_out(self, guest_path: str, host_path, *, timeout: float | None = 600) -> None:
+    def copy_out(self, guest_path: str, host_path, *, timeout: float | None = 600,
+                 limit: int | None = None) -> None:
         """Copy the guest's file or directory ``guest_path`` to ``host_path``. A directory
         comes as a tar stream from the guest's tar; members that would land outside
-        ``host_path`` (absolute paths, ``..``, links out) are refused."""
+        ``host_path`` (absolute paths, ``..``, links out) are refused.
+
+        The guest is hostile: what it sends is streamed to disk and bounded (``limit``
+        bytes, default ``max_file``: for a directory, of its tar stream); a file is
+        written under a new name in its directory (O_EXCL|O_NOFOLLOW, relative to the
+        directory's fd) and renamed over ``host_path``, so a symlink planted there is
+        replaced, never followed; modes are the host user's (:func:`host_mode`), never
+        the guest's setuid/setgid/sticky bits or owners."""
         path = _guest_path(guest_path)
+        limit = self.max_file if limit is None else limit
         target = Path(host_path)
+        destination = target / posixpath.basename(path.rstrip("/")) if target.is_dir() \
+            else target
         try:
-            data, mode = self.get_file(path, timeout=timeout)
+            with NewHostFile(destination) as new:
+                mode = self.get_file_into(path, new, timeout=timeout, limit=limit)
+                new.commit(mode)
+            return
         except GuestFileError as error:
             if error.errno != errno_module.EISDIR:
                 raise
-            result = self.exec(["tar", "-cf", "-", "-C", path, "."], timeout=timeout, check=True)
-            target.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(fileobj=io.BytesIO(result.stdout), mode="r") as tar:
-                tar.extractall(str(target), filter="data")
-            return
-        if target.is_dir():
-            target = target / posixpath.basename(path.rstrip("/"))
+        with tempfile.TemporaryFile() as archive:
+            self.exec(["tar", "-cf", "-", "-C", path, "."], timeout=timeout, check=True,
+                      stdout_sink=archive, limit=limit)
+            archive.seek(0)
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                with tarfile.open(fileobj=archive, mode="r") as tar:
+                    tar.extractall(str(target), filter=_host_member)
+            except (OSError, tarfile.TarError) as error:
+                raise GuestFileError(f"{target}: {getattr(error, 'strerror', None) or error}",
+                                     getattr(error, "errno", 0) or 0) from None
+
+
+class NewHostFile:
+    """A host file created for what the guest sends: written under a temporary name in
+    the destination's directory (opened as a directory fd; the name created with
+    O_CREAT|O_EXCL|O_NOFOLLOW), then renamed over the destination by :meth:`commit`, or
+    removed. Nothing is created before the first :meth:`write` or the commit (a guest
+    path that turns out to be a directory leaves no trace). Use as a context manager."""
+
+    def __init__(self, destination: Path):
+        self.destination = destination
+        self.dir_fd = -1
+        self.temporary: str | None = None
+        self.file: BinaryIO | None = None
+
+    def _create(self) -> None:
+        self.dir_fd = os.open(self.destination.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.temporary = f".{self.destination.name}.{os.urandom(6).hex()}.pykvm-part"
+        fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+        self.file = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            self._create()
+        self.file.write(data)
+
+    def commit(self, guest_mode: int) -> None:
+        """Give the file the host user's mode (:func:`host_mode`) and its real name."""
         try:
-            target.write_bytes(data)
-            os.chmod(target, mode)
+            if self.file is None:
+                self._create()
+            self.file.flush()
+            os.fchmod(self.file.fileno(), host_mode(guest_mode))
+            self.file.close()
+            os.rename(self.temporary, self.destination.name, src_dir_fd=self.dir_fd,
+                      dst_dir_fd=self.dir_fd)
         except OSError as error:
-            raise GuestFileError(f"{target}: {error.strerror}", error.errno) from None
+            raise GuestFileError(f"{self.destination}: {error.strerror}", error.errno) from None
+        self.temporary = None
+
+    def __enter__(self) -> "NewHostFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.temporary is not None:
+            try:
+                os.unlink(self.temporary, dir_fd=self.dir_fd)
+            except OSError:
+                pass
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask() sets it, and another
+    thread may create a file meanwhile): /proc/self/status has it since Linux 4.7."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def host_mode(guest_mode: int, directory: bool = False) -> int:
+    """The host mode for a file the guest sent with ``guest_mode``: the user's own
+    (0666, or 0777 when the guest marked it executable, or for a directory, less the
+    umask). Setuid, setgid and sticky bits, and the guest's idea of who may read or
+    write it, are not the guest's to decide on the host."""
+    executable = directory or guest_mode & 0o111
+    return (0o777 if executable else 0o666) & ~current_umask()
+
+
+def _host_member(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (no paths or links outside, no devices, no owners), and
+    modes from :func:`host_mode`."""
+    member = tarfile.data_filter(member, destination)
+    if member.mode is None:
+        return member
+    return member.replace(mode=host_mode(member.mode, member.isdir()), deep=False)
 
 
 def _guest_path(path: str) -> str:

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -192,6 +193,107 @@ def test_result_serialises_for_the_control_socket():
     result = Result(3, b"\x00\xffout", b"err", 1.23456)
     assert Result.from_dict(result.as_dict()) == Result(3, b"\x00\xffout", b"err", 1.235)
     assert not result.ok and result.returncode == 3
+
+
+# --- a hostile guest: modes, symlinks, sizes (issue 12, item 10) ---------------------------------------
+def file_agent(content: bytes, mode: int, chunk: int = agent.CHUNK):
+    """A guest that answers every GET_FILE with ``content`` and ``mode``."""
+    def script(kind, request_id, payload):
+        if kind == agent.GET_FILE:
+            return [frame(agent.FILE_INFO, request_id, struct.pack("<IQ", mode, len(content))),
+                    *agent.data_frames(agent.DATA, request_id, content, end=True)]
+        return pong(kind, request_id, payload)
+    return FakeAgent(script)
+
+
+def user_mode(executable: bool) -> int:
+    return (0o777 if executable else 0o666) & ~agent.current_umask()
+
+
+def test_copy_out_never_applies_the_guests_setuid_bits_or_modes(tmp_path):
+    """Before: a guest reporting 0o6777 got a setuid, world-writable file on the host."""
+    file_agent(b"#!/bin/sh\n", 0o7777).client.copy_out("/bin/evil", tmp_path / "evil")
+    evil = (tmp_path / "evil").stat()
+    assert evil.st_mode & 0o7777 == user_mode(True)
+    assert not evil.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX)
+    assert evil.st_uid == os.geteuid()
+    file_agent(b"data", 0o4600).client.copy_out("/etc/x", tmp_path / "x")
+    assert (tmp_path / "x").stat().st_mode & 0o7777 == user_mode(False)
+    assert (tmp_path / "x").read_bytes() == b"data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil", "x"]   # no temporary left
+
+
+def test_copy_out_replaces_a_planted_symlink_and_never_follows_it(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "out").symlink_to(victim)
+    file_agent(b"from the guest", 0o644).client.copy_out("/f", tmp_path / "out")
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "out").is_symlink()
+    assert (tmp_path / "out").read_bytes() == b"from the guest"
+
+
+def test_what_a_guest_sends_back_is_bounded_and_streamed_to_disk(tmp_path):
+    big = random.Random(3).randbytes(5 << 20)
+    fake = file_agent(big, 0o644)
+    fake.client.max_file = 4 << 20
+    with pytest.raises(GuestFileError, match="larger than 4194304 bytes") as caught:
+        fake.client.copy_out("/big", tmp_path / "big")
+    assert caught.value.errno == errno.EFBIG
+    assert list(tmp_path.iterdir()) == []               # nothing half-written stays
+    with pytest.raises(GuestFileError, match="larger than"):
+        fake.client.get_file("/big", limit=1 << 20)
+    # to disk it streams: 5 MiB copies out while only 1 MiB may be held in memory
+    fake = file_agent(big, 0o644)
+    fake.client.max_output = 1 << 20
+    fake.client.copy_out("/big", tmp_path / "big")
+    assert (tmp_path / "big").read_bytes() == big
+    with pytest.raises(GuestFileError, match="larger than"):
+        fake.client.get_file("/big")
+
+
+def test_exec_output_past_the_limit_kills_the_command(tmp_path):
+    def script(kind, request_id, payload):
+        if kind == agent.EXEC:
+            return agent.data_frames(agent.STDOUT, request_id, bytes(3 << 20), end=False)
+        if kind == agent.SIGNAL:
+            return [frame(agent.EXIT, request_id, struct.pack("<i", 137))]
+        return pong(kind, request_id, payload)
+
+    fake = FakeAgent(script)
+    with pytest.raises(agent.TooMuchOutput, match="stdout passed 1048576 bytes; it was killed"):
+        fake.client.exec("yes", timeout=10, limit=1 << 20)
+    assert any(k == agent.SIGNAL and struct.unpack("<I", p)[0] == 9
+               for k, _, p in fake.received)
+
+
+def test_a_directory_copied_out_gets_the_users_modes(tmp_path):
+    import io
+    import tarfile
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, kind, mode in (("sub", tarfile.DIRTYPE, 0o7777), ("sub/suid", tarfile.REGTYPE,
+                                 0o6755), ("plain", tarfile.REGTYPE, 0o4666)):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid = kind, mode, 0, 0
+            info.size = 1 if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(b"x") if kind == tarfile.REGTYPE else None)
+    stream = archive.getvalue()
+
+    def script(kind, request_id, payload):
+        if kind == agent.GET_FILE:
+            return [frame(agent.ERROR, request_id, struct.pack("<I", errno.EISDIR) + b"dir")]
+        if kind == agent.EXEC:
+            return [*agent.data_frames(agent.STDOUT, request_id, stream, end=False),
+                    frame(agent.EXIT, request_id, struct.pack("<i", 0))]
+        return pong(kind, request_id, payload)
+
+    FakeAgent(script).client.copy_out("/d", tmp_path / "d")
+    assert (tmp_path / "d" / "sub").stat().st_mode & 0o7777 == user_mode(True)
+    assert (tmp_path / "d" / "sub" / "suid").stat().st_mode & 0o7777 == user_mode(True)
+    assert (tmp_path / "d" / "plain").stat().st_mode & 0o7777 == user_mode(False)
+    assert (tmp_path / "d" / "plain").read_bytes() == b"x"
 
 
 # --- the C agent, on the host ------------------------------------------------------------------------------
