@@ -63,3 +63,7 @@ class GuestMemoryError(PykvmError):
 
 class GuestCrashed(PykvmError):
     """The guest stopped in a way it cannot continue from (triple fault, entry failure)."""
+
+
+class StatsDecodeError(PykvmError):
+    """Statistics another pykvm sent (`pykvm stat` over a control socket) are malformed."""

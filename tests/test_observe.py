@@ -200,3 +200,48 @@ def test_trace_file_is_truncated_and_a_device_refused(tmp_path):
     assert old.read_text() == "new\n"
     with pytest.raises(ConfigError, match="not a regular file"):
         output.create("/dev/null", "--trace")
+
+
+# --- VcpuStats over the control socket: the answer of another process ------------------------------
+def test_stats_survive_the_round_trip_through_json():
+    import json
+
+    from pykvm.observe.stats import VcpuStats
+
+    stats = VcpuStats(3)
+    stats.exits[2] = 7
+    stats.port_counts[0x3F8 << 1 | 1] = 5
+    stats.mmio[(0xD0000008, "write")] = 2
+    stats.devices["serial"] = 5
+    stats.quirks["syscall"] = 1
+    stats.unhandled_pio, stats.guest_ns, stats.handler_ns = 4, 900, 100
+    stats.started_ns, stats.stopped_ns = 10, 1010
+    sent = stats.as_dict()
+    assert VcpuStats.from_dict(json.loads(json.dumps(sent))).as_dict() == sent
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ([], "want an object"),
+    ({"vcpu": "0"}, "vcpu: want a count"),
+    ({"vcpu": -1}, "vcpu: want a count"),
+    ({"vcpu": 0, "exits": {"io": "many"}}, "exits.io: want a count"),
+    ({"vcpu": 0, "exits": {"io": True}}, "exits.io: want a count"),
+    ({"vcpu": 0, "pio": {"0x10000/out": 1}}, "is not ADDRESS/in|out"),
+    ({"vcpu": 0, "pio": {"0x3f8": 1}}, "is not ADDRESS/in|out"),
+    ({"vcpu": 0, "mmio": {"zz/read": 1}}, "is not ADDRESS/read|write"),
+    ({"vcpu": 0, "devices": [1, 2]}, "devices: want an object"),
+    ({"vcpu": 0, "time_ns": {"wall": 1 << 64}}, "time_ns.wall: want a count"),
+])
+def test_malformed_stats_are_a_typed_error(data, fragment):
+    from pykvm.errors import StatsDecodeError
+    from pykvm.observe.stats import VcpuStats
+
+    with pytest.raises(StatsDecodeError, match=re.escape(fragment)):
+        VcpuStats.from_dict(data)
+
+
+def test_unknown_exit_reasons_from_a_newer_pykvm_are_skipped():
+    from pykvm.observe.stats import VcpuStats
+
+    stats = VcpuStats.from_dict({"vcpu": 1, "exits": {"io": 3, "some_new_exit": 9, "99": 1}})
+    assert stats.exits_by_name() == {"io": 3}

@@ -12,6 +12,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from ..errors import StatsDecodeError
 from ..ioctl.requests import EXIT_NAMES
 
 
@@ -71,27 +72,57 @@ class VcpuStats:
                         "handlers": self.handler_ns, "other": self.other_ns},
         }
 
-
     @classmethod
     def from_dict(cls, data: dict) -> "VcpuStats":
-        """The inverse of :meth:`as_dict` (what the control socket's "stats" sends)."""
+        """The inverse of :meth:`as_dict` (what the control socket's "stats" sends).
+        The answer comes from another process: every table, key and count is checked,
+        and a malformed one is a StatsDecodeError naming it. Exit reasons this pykvm
+        does not know are skipped (a newer pykvm may count more kinds)."""
+        if not isinstance(data, dict):
+            raise StatsDecodeError(f"a vCPU's statistics: want an object, got {type(data).__name__}")
+        stats = cls(_count(data.get("vcpu"), "vcpu"))
         numbers = {name: number for number, name in EXIT_NAMES.items()}
-        stats = cls(int(data["vcpu"]))
-        for name, n in data.get("exits", {}).items():
+        for name, n in _table(data, "exits").items():
             reason = numbers.get(name, int(name) if name.isdigit() else None)
             if reason is not None and reason < len(stats.exits):
                 stats.exits[reason] = n
-        for key, n in data.get("pio", {}).items():
-            port, direction = key.split("/")
-            stats.port_counts[int(port, 16) << 1 | (direction == "out")] = n
-        for key, n in data.get("mmio", {}).items():
-            addr, kind = key.split("/")
-            stats.mmio[(int(addr, 16), kind)] = n
-        stats.devices.update(data.get("devices", {}))
-        stats.quirks.update(data.get("quirks", {}))
-        unhandled = data.get("unhandled", {})
+        for key, n in _table(data, "pio").items():
+            port, direction = _keyed(key, "pio", ("in", "out"), 0xFFFF)
+            stats.port_counts[port << 1 | (direction == "out")] = n
+        for key, n in _table(data, "mmio").items():
+            stats.mmio[_keyed(key, "mmio", ("read", "write"), (1 << 64) - 1)] = n
+        stats.devices.update(_table(data, "devices"))
+        stats.quirks.update(_table(data, "quirks"))
+        unhandled, times = _table(data, "unhandled"), _table(data, "time_ns")
         stats.unhandled_pio, stats.unhandled_mmio = unhandled.get("pio", 0), unhandled.get("mmio", 0)
-        times = data.get("time_ns", {})
         stats.guest_ns, stats.handler_ns = times.get("guest", 0), times.get("handlers", 0)
         stats.started_ns, stats.stopped_ns = 1, 1 + times.get("wall", 0)
         return stats
+
+
+def _count(value, where: str) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise StatsDecodeError(f"{where}: want a count, got {str(value)[:40]!r}")
+    return value
+
+
+def _table(data: dict, name: str) -> dict[str, int]:
+    """``data[name]``: names to counts ({} when absent)."""
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise StatsDecodeError(f"{name}: want an object, got {type(table).__name__}")
+    for key, value in table.items():
+        _count(value, f"{name}.{str(key)[:40]}")
+    return table
+
+
+def _keyed(key: str, table: str, kinds: tuple[str, ...], limit: int) -> tuple[int, str]:
+    """``0x3f8/out`` -> (0x3f8, "out"): a hex address up to ``limit`` and one of ``kinds``."""
+    number, _, kind = key.partition("/")
+    try:
+        value = int(number, 16)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= limit or kind not in kinds:
+        raise StatsDecodeError(f"{table}: {key[:40]!r} is not ADDRESS/{'|'.join(kinds)}")
+    return value, kind
