@@ -55,7 +55,7 @@ from . import sandbox
 from .control import listen_unix, peer_refusal
 from .errors import ConfigError, GuestMemoryError, PykvmError
 from .guest.code import linear_to_physical
-from .trace import cpu_bits
+from .observe.disasm import cpu_bits
 
 SIGINT, SIGTRAP = 2, 5
 INT3 = 0xCC
