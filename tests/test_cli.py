@@ -68,18 +68,6 @@ def test_flat_guest_runs_with_stats(tmp_path):
     assert "exit io" in result.stderr and "port 0x03f8 out" in result.stderr
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--mem", "1M"], ["too small"]),
-    (["--mem", "12345B"], ["multiple of 4 KiB"]),
-    (["--mem", "lots"], ["cannot read the size"]),
-    (["--cpus", "0"], ["--cpus"]),
-])
-def test_bad_sizes_are_one_line_errors(tmp_path, args, fragments):
-    flat = tmp_path / "g.bin"
-    flat.write_bytes(b"\xf4")
-    assert_one_line_error(pykvm("run", "--flat", str(flat), *args), *fragments)
-
-
 @needs_kvm
 def test_flat_image_larger_than_ram(tmp_path):
     flat = tmp_path / "big.bin"
