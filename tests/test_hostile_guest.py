@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import io
 import mmap
-import os
 import queue
 import socket
 import struct

@@ -315,6 +315,18 @@ def _taken_output(rig) -> bytes:
     return data
 
 
+def restart(memory: GuestMemory, queue: Virtqueue, size: int, indirect_ok: bool) -> int:
+    """The queue as a driver sets it up anew (after a reset): zeroed rings of ``size``
+    at RING, activated; returns the avail index to start from."""
+    memory.fill(RING, DATA - RING, 0)
+    queue.reset()
+    queue.size = size
+    queue.desc_addr, queue.avail_addr = RING, RING + 16 * size
+    queue.used_addr = _used_area(size)[0]
+    queue.activate(indirect=indirect_ok, event_idx=False)
+    return 0
+
+
 def fuzz(rig, queue_index: int, size: int, indirect_ok: bool, seed: int) -> int:
     """CHAINS_PER_EXAMPLE chains through ``rig``'s queue; returns how many were served."""
     rng = random.Random(seed)
@@ -323,13 +335,7 @@ def fuzz(rig, queue_index: int, size: int, indirect_ok: bool, seed: int) -> int:
     served = 0
 
     def start():
-        memory.fill(RING, DATA - RING, 0)
-        queue.reset()
-        queue.size = size
-        queue.desc_addr, queue.avail_addr = RING, RING + 16 * size
-        queue.used_addr = _used_area(size)[0]
-        queue.activate(indirect=indirect_ok, event_idx=False)
-        return 0
+        return restart(memory, queue, size, indirect_ok)
 
     avail_idx = start()
     used_lo, used_hi = _used_area(size)
@@ -422,13 +428,7 @@ def pop_one(memory: GuestMemory, queue: Virtqueue, size: int, seed: int, indirec
     avail_idx = 0
 
     def start():
-        memory.fill(RING, DATA - RING, 0)
-        queue.reset()
-        queue.size = size
-        queue.desc_addr, queue.avail_addr = RING, RING + 16 * size
-        queue.used_addr = _used_area(size)[0]
-        queue.activate(indirect=indirect_ok, event_idx=False)
-        return 0
+        return restart(memory, queue, size, indirect_ok)
 
     avail_idx = start()
     for _ in range(CHAINS_PER_EXAMPLE):
