@@ -7,7 +7,9 @@ puts the kernel log and /dev/console there.
 
 The host side is the same as the serial port's: input comes through
 :meth:`receive` (the HostConsole's receive callable, on its own thread), output
-goes to an object with ``write(bytes)`` (the machine's console router).
+goes to an object with ``write(bytes)`` (the machine's console router), streamed
+in pieces of at most 64 KiB and at most 1 MiB of one request (queue.stream_readable:
+a request may name all of guest RAM many times; the host never gathers it).
 Input typed before the driver is ready is kept for it, through device resets
 (Linux resets the device when it probes it): it is the host's type-ahead, not
 device state.

@@ -26,7 +26,9 @@ The host end of every port is always "connected": a guest read then waits for
 data instead of returning end-of-file, and a guest write goes through.
 
 Host side: guest output of port i goes to that port's ``sink(bytes)`` on the
-device's I/O thread (keep it short); :meth:`send` queues host data for the
+device's I/O thread (keep it short), in pieces of at most 64 KiB and at most 1 MiB
+of one request (the rest is counted in ``Port.dropped``: a request may name all of
+guest RAM many times, and the host never gathers it); :meth:`send` queues host data for the
 guest and blocks while more than ``MAX_PENDING`` bytes wait (never call it from
 the sink). Queued data is delivered only while a guest program has the port
 open: Linux throws away what arrives on a closed port, and a frame cut in two
