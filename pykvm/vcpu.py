@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from . import ioctl as k
@@ -62,6 +63,28 @@ SYNCED_SREGS_OFFSET = s.kvm_run.s.offset + s.kvm_sync_regs.sregs.offset
 RFLAGS_IF = 1 << 9
 
 
+@dataclass(frozen=True)
+class ExitWatch:
+    """Fields of kvm_run a host quirk watches after each port-I/O exit (Vcpu.exit_watch).
+
+    The run loop unpacks ``fields`` at ``offset`` and calls ``changed(value)`` only when
+    the value differs from what the last call returned; ``changed`` returns None to be
+    called at the next exit whatever the fields hold. So an exit at which nothing changed
+    costs one unpack and one compare, in the loop itself, with no call (quirks/syscall.py's
+    EarlyPlant: the special registers KVM stores there with KVM_SYNC_X86_SREGS)."""
+
+    fields: struct.Struct
+    offset: int
+    changed: Callable[[tuple], tuple | None]
+
+
+def _watch_parts(watch: ExitWatch | None):
+    """The run loop's locals for ``watch``: (unpack_from, offset, changed), or Nones."""
+    if watch is None:
+        return None, 0, None
+    return watch.fields.unpack_from, watch.offset, watch.changed
+
+
 class Vcpu:
     def __init__(self, vm: "Vm", vcpu_id: int):
         self.vm = vm
@@ -78,11 +101,9 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._in_run = False
-        # Called (no arguments, on this vCPU's thread) after each port-I/O exit while set:
-        # a host quirk that must look at the guest early, before anything else would
-        # stop it (quirks/syscall.py's EarlyPlant). The run loop picks up a change at its
-        # next slow-path exit or kick.
-        self.pio_observer: Callable[[], None] | None = None
+        # What a host quirk watches in kvm_run after each port-I/O exit, while set (see
+        # ExitWatch). The run loop picks up a change at its next slow-path exit or kick.
+        self.exit_watch: ExitWatch | None = None
 
     # --- registers and state (call on the vCPU thread, or before it starts) ----------
     def _get(self, request: int, struct_type):
@@ -308,7 +329,9 @@ class Vcpu:
         device_counts = stats.devices
         exit_io = k.KVM_EXIT_IO
         trace = vm.tracer
-        observe = self.pio_observer
+        watch = self.exit_watch
+        watch_unpack, watch_offset, watch_changed = _watch_parts(watch)
+        watched = None
         guest_ns = handler_ns = 0
         t1 = clock()
         try:
@@ -328,7 +351,9 @@ class Vcpu:
                     buf[_IMMEDIATE_EXIT_OFFSET] = 0
                     self._serve_requests()
                     vm.wait_while_paused(self)
-                    observe = self.pio_observer
+                    if self.exit_watch is not watch:
+                        watch, watched = self.exit_watch, None
+                        watch_unpack, watch_offset, watch_changed = _watch_parts(watch)
                     continue
                 reason, direction, size, port, count, data_offset = unpack_exit(buf, 8)
                 exits[reason] += 1
@@ -347,8 +372,10 @@ class Vcpu:
                     else:
                         value = self._string_io(direction, size, port, count, data_offset, entry)
                     port_counts[port << 1 | direction] += 1
-                    if observe is not None:
-                        observe()
+                    if watch_changed is not None:
+                        now = watch_unpack(buf, watch_offset)
+                        if now != watched:
+                            watched = watch_changed(now)
                     if trace is not None:
                         trace.pio(self, t0, t1, clock(), port, size, direction, count, value,
                                   entry[0].name if entry else None)
@@ -357,7 +384,9 @@ class Vcpu:
                     stats.handler_ns += handler_ns
                     guest_ns = handler_ns = 0
                     self._handle_exit(reason, t0, t1)
-                    observe = self.pio_observer
+                    if self.exit_watch is not watch:
+                        watch, watched = self.exit_watch, None
+                        watch_unpack, watch_offset, watch_changed = _watch_parts(watch)
                     if trace is not None and reason != k.KVM_EXIT_MMIO:
                         trace.exit(self, t0, t1, clock(), reason)
         finally:

@@ -41,7 +41,7 @@ from ..errors import GuestCrashed, GuestMemoryError, PykvmError
 from ..guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from ..guest.pagewalk import LEVEL4, LEVEL5, paging_mode, read_linear, translate
 from ..ioctl.structs import kvm_sregs
-from ..vcpu import SYNCED_SREGS_OFFSET
+from ..vcpu import SYNCED_SREGS_OFFSET, ExitWatch
 from .decode import decode
 
 VECTOR_PF = 14
@@ -247,8 +247,9 @@ class EarlyPlant:
     plants the hook (flat guests, bench/exits.py). Instead KVM stores the special
     registers into kvm_run at each exit (KVM_SYNC_X86_SREGS) while this watch is armed,
     and an exit costs one unpack and a compare of IDTR, CR0, CR3, CR4 and EFER against
-    what the vCPU showed last; the full check (gate, page walk, handler bytes) runs only
-    after they change, and for EARLY_WINDOW exits after that. Once the hook is planted
+    what the vCPU showed last, in the run loop itself (a Vcpu.exit_watch); the full check
+    (gate, page walk, handler bytes) runs only after they change, and for EARLY_WINDOW
+    exits after that. Once the hook is planted
     the watch disarms itself: the hot path is back to what it was without it.
 
     (A cheaper trigger, the guest's `wrmsr` to LSTAR through a KVM_X86_SET_MSR_FILTER
@@ -264,32 +265,30 @@ class EarlyPlant:
         self._vcpus = list(vm.vcpus)
         for vcpu in self._vcpus:
             vcpu.sync_sregs(True)
-            vcpu.pio_observer = self._observer(vcpu)
+            vcpu.exit_watch = ExitWatch(PLANT_KEY, PLANT_KEY_OFFSET, self._observer(vcpu))
 
     def disarm(self) -> None:
         for vcpu in self._vcpus:
-            vcpu.pio_observer = None
+            vcpu.exit_watch = None
             vcpu.sync_sregs(False)
 
     def _observer(self, vcpu):
-        """``vcpu``'s Vcpu.pio_observer: its state in the closure, the common case (nothing
-        changed, outside the window) one unpack and one compare."""
-        buffer, unpack, completion = vcpu.run_buffer, PLANT_KEY.unpack_from, self.completion
+        """``vcpu``'s ExitWatch callback: the run loop calls it when PLANT_KEY changed (or
+        when it returned None: the window after a change)."""
         last, window = None, 0
 
-        def observe() -> None:
+        def changed(key: tuple) -> tuple | None:
             nonlocal last, window
-            key = unpack(buffer, PLANT_KEY_OFFSET)
-            if key == last:
-                if not window:
-                    return
-                window -= 1
-            else:
+            if key != last:
                 last, window = key, EARLY_WINDOW
-            completion.check(vcpu, vcpu.synced_sregs())
-            if completion.plants:
+            else:
+                window -= 1
+            self.completion.check(vcpu, vcpu.synced_sregs())
+            if self.completion.plants:
                 self.disarm()
-        return observe
+                return key
+            return None if window else key
+        return changed
 
 
 def enter_syscall(vcpu, regs, sregs, msrs: dict[int, int], rflags: int, rsp: int,
