@@ -23,8 +23,9 @@ TUNSETVNETHDRSZ 12, see pykvm/net/tap.py), so the header passes through:
   bound waits for the next frame (the frame is read into the buffers already
   held, a longer one is dropped as too long), and a chain that alone has more
   is returned unused (length 0), as a malformed buffer the driver drops
-  (virtio 1.2 section 2.7.4: the device decides how much it writes). A guest's
-  odd buffers cost it frames, never the NIC.
+  (virtio 1.2 section 2.7.4.1: "the device MAY have a reasonable limit of
+  descriptors it will allow in a chain"; 2.7.4 names IOV_MAX as such a limit).
+  A guest's odd buffers cost it frames, never the NIC.
 - errors: a TAP that fails a read stops receive until the driver resets the
   device (reset clears it), never for the VM's lifetime.
 
