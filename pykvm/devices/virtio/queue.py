@@ -312,8 +312,9 @@ def gather(views: list[memoryview], limit: int) -> bytes:
 
 # What a device may copy out of one request at most, and the piece it copies at a time:
 # a chain may name all of guest RAM many times over (64 descriptors of 512 MiB each), so
-# a device streams what it reads, never gathers it (virtio 1.2 section 2.7.4 lets the
-# device decide what it consumes of a buffer).
+# a device streams what it reads, never gathers it. The per-request bound is pykvm's, not
+# the spec's: no driver puts that much in one console request (Linux writes at most
+# 32 KiB per buffer, a pipe's worth per splice); beyond it bytes are dropped and counted.
 STREAM_CHUNK = 64 * 1024
 MAX_STREAM_PER_CHAIN = 1 << 20
 
