@@ -77,7 +77,8 @@ def test_both_roles_refuse_what_a_compromised_thread_wants(role):
                  ("openat", 0xFFFFFF9C, 0, os.O_WRONLY | os.O_CREAT),
                  ("open", 0, os.O_RDWR), ("openat", 0xFFFFFF9C, 0, os.O_RDONLY | os.O_TRUNC),
                  ("ioctl", 3, k.KVM_CREATE_VM), ("ioctl", 3, k.KVM_SET_USER_MEMORY_REGION),
-                 ("ioctl", 3, k.KVM_CREATE_VCPU), ("ioctl", 3, 0x5401)):          # TCGETS
+                 ("ioctl", 3, k.KVM_CREATE_VCPU), ("ioctl", 3, 0x5401),          # TCGETS
+                 ("mmap", 0, 4096, 7, 0x22), ("mprotect", 0, 4096, 5)):          # PROT_EXEC
         assert decide(role, *call) == TRAP, call
     # x32 numbers and any other architecture never reach the list
     assert decide(role, 0x40000000 | syscalls.number("read")) == TRAP
@@ -86,9 +87,11 @@ def test_both_roles_refuse_what_a_compromised_thread_wants(role):
 
 @pytest.mark.parametrize("role", ["vcpu", "device"])
 def test_both_roles_allow_the_runtime_and_threads(role):
-    for call in ("futex", "mmap", "munmap", "madvise", "brk", "rt_sigreturn", "rt_sigprocmask",
+    for call in ("futex", "munmap", "madvise", "brk", "rt_sigreturn", "rt_sigprocmask",
                  "clock_gettime", "write", "read", "poll", "exit", "exit_group", "tgkill"):
         assert decide(role, call) == ALLOW, call
+    assert decide(role, "mmap", 0, 1 << 20, 3, 0x22) == ALLOW          # read-write, anonymous
+    assert decide(role, "mprotect", 0, 4096, 0) == ALLOW                # a thread's guard page
     assert decide(role, "clone", 0x3D0F00) == ALLOW          # glibc's pthread_create flags
     assert decide(role, "clone3") == policy.SECCOMP_RET_ERRNO | 38        # ENOSYS: use clone
     assert decide(role, "openat", 0xFFFFFF9C, 0, os.O_RDONLY | os.O_CLOEXEC) == \
@@ -162,8 +165,9 @@ CONFINED_THREAD = """
                                ("open(sys.argv[3], 'w')", "openat"),
                                ("socket.socket()", "socket"),
                                ("__import__('ctypes').CDLL(None).ptrace(0, 0, 0, 0)",
-                                "ptrace"))
-    if role != "control" or syscall not in ("openat", "socket")
+                                "ptrace"),
+                               ("__import__('mmap').mmap(-1, 4096, prot=7)", "mmap"))
+    if role != "control" or syscall not in ("openat", "socket", "mmap")
 ])
 def test_a_forbidden_call_kills_the_process_with_one_clear_line(tmp_path, role, forbidden,
                                                                 syscall):

@@ -20,7 +20,9 @@ Roles (see the README's "Threat model and sandbox"):
   or io_uring calls (io_uring would run I/O that no filter sees).
 
 ``vcpu`` and ``device`` refuse: opening a file for writing, creating processes (clone without
-CLONE_THREAD, fork, vfork, execve), ptrace, sockets, mounts, anything not listed.
+CLONE_THREAD, fork, vfork, execve), ptrace, sockets, mounts, executable memory (mmap or
+mprotect with PROT_EXEC: code a compromised thread writes cannot be run), anything
+not listed.
 Opening a file read-only fails with EACCES instead of killing: Python's own lazy
 machinery (a traceback's source lines, an import) tries it on error paths, and
 refusing is as safe as killing for a call that never runs.
@@ -34,6 +36,7 @@ bit, then the rest.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -144,6 +147,8 @@ def build_filter(role: Role) -> bytes:
     if allow_list:
         p.jeq(number("openat"), true="openat")
         p.jeq(number("open"), true="open")
+        p.jeq(number("mmap"), true="prot")
+        p.jeq(number("mprotect"), true="prot")
     p.jeq(number("clone"), true="clone")
     p.jeq(number("clone3"), true="enosys")   # its flags are behind a pointer: glibc falls back
     for name in dict.fromkeys(role.denied):
@@ -165,6 +170,9 @@ def build_filter(role: Role) -> bytes:
             p.load(bpf.data_arg_low(flags_arg))
             p.jset(OPEN_WRITE_FLAGS, true="trap")
             p.ret(SECCOMP_RET_ERRNO | errno.EACCES)
+        p.label("prot")
+        p.load(bpf.data_arg_low(2))       # mmap's and mprotect's prot
+        p.jset(mmap.PROT_EXEC, true="trap", false="allow")
 
     p.label("clone")
     p.load(bpf.data_arg_low(0))
