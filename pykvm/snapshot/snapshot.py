@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import importlib
 import json
 import os
 import time
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,17 @@ from .. import __version__
 from ..errors import KvmError, PykvmError
 from ..kvm import detect_host_kind
 from .directory import SnapshotDirectory
+from .document import (FORMAT, MEMORY_FILE, STATE_FILE, VERSION, SnapshotDocument, check_layout,
+                       check_memory_file, checksum, read_document)
 from .memfile import memory_digest, write_memory
+from .resources import HostOverrides, confirm
+from .schema import decode
 from .state import SnapshotError
 
-FORMAT = "pykvm-snapshot"
-VERSION = 1
-STATE_FILE = "state.json"
-MEMORY_FILE = "memory.bin"
-REQUIRED_KEYS = ("format", "version", "pykvm_version", "host_kind", "created", "checksum",
-                 "memory", "config", "machine", "vm", "vcpus", "devices", "pci", "quirks")
+if typing.TYPE_CHECKING:
+    from ..machine import MachineConfig
+
+MAX_CONFIG_ITEMS = 64
 
 
 @dataclass
@@ -153,16 +154,6 @@ def legacy_devices(machine) -> dict:
     return found
 
 
-def canonical(document: dict) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True, allow_nan=False).encode()
-
-
-def checksum(document: dict) -> str:
-    return hashlib.sha256(canonical({k: v for k, v in document.items()
-                                     if k != "checksum"})).hexdigest()
-
-
 def write_state(target: SnapshotDirectory, document: dict) -> int:
     """state.json with its checksum, put in place atomically; returns its size."""
     document = dict(document, checksum="")
@@ -200,12 +191,107 @@ def encode_config(config) -> dict:
     return out
 
 
-def decode_config(data: dict):
+def decode_config(data) -> MachineConfig:
+    """The ``config`` of state.json as a MachineConfig, every field checked against its
+    annotation (pykvm/snapshot/schema.py's rules): records only of the kinds a config
+    holds (CONFIG_RECORDS; no other type named by the file is ever looked up), and
+    :meth:`MachineConfig.validate` as for a command line. SnapshotError if not."""
+    from ..errors import ConfigError
     from ..machine import MachineConfig
 
+    config = _decode_record(MachineConfig, data, "config")
+    try:
+        config.validate()
+    except ConfigError as error:
+        raise SnapshotError(f"state.json: config: {error}") from None
+    return config
+
+
+def config_records() -> dict:
+    """The records a MachineConfig's lists hold, by the ``__type__`` they are saved as."""
+    from ..devices.virtio import DiskSpec
+    from ..net.plumbing import NetSpec
+
+    return {f"{kind.__module__}:{kind.__qualname__}": kind for kind in (DiskSpec, NetSpec)}
+
+
+CONFIG_LISTS = {"disks": "DiskSpec", "nets": "NetSpec", "shares": str}
+
+
+def _decode_record(kind, data, where: str):
     if not isinstance(data, dict):
-        raise SnapshotError("state.json: config is not an object")
-    return _decode_dataclass(MachineConfig, data, "config")
+        raise SnapshotError(f"state.json: {where}: expected an object")
+    known = {field.name for field in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - known - {"__type__"})
+    if unknown:
+        raise SnapshotError(f"state.json: {where}: this pykvm does not know "
+                            f"{', '.join(str(u)[:40] for u in unknown[:3])} (a snapshot of a "
+                            f"newer pykvm?)")
+    hints = typing.get_type_hints(kind)
+    values = {name: _decode_field(kind, name, hints[name], raw, f"{where}.{name}")
+              for name, raw in data.items() if name != "__type__"}
+    try:
+        return kind(**values)
+    except (TypeError, ValueError) as error:
+        raise SnapshotError(f"state.json: {where}: {error}") from None
+
+
+def _decode_field(kind, name: str, hint, raw, where: str):
+    from ..machine import MachineConfig
+
+    if kind is MachineConfig and name in CONFIG_LISTS:
+        if not isinstance(raw, list) or len(raw) > MAX_CONFIG_ITEMS:
+            raise SnapshotError(f"state.json: {where}: expected a list (at most "
+                                f"{MAX_CONFIG_ITEMS} items)")
+        return [_decode_item(CONFIG_LISTS[name], item, f"{where}[{index}]")
+                for index, item in enumerate(raw)]
+    if kind is MachineConfig and name == "extra":
+        return decode(dict, raw, where)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                   types.UnionType) else (hint,)
+    if raw is None and type(None) in options:
+        return None
+    for option in options:
+        if option is Path and isinstance(raw, str):
+            return Path(decode(str, raw, where))
+        if option in (bool, int, str) and type(raw) is option:
+            return decode(option, raw, where)
+    raise SnapshotError(f"state.json: {where}: {str(raw)[:40]!r} is not a "
+                        f"{' or '.join(getattr(o, '__name__', str(o)) for o in options)}")
+
+
+def _decode_item(kind, raw, where: str):
+    if kind is str:
+        return decode(str, raw, where)
+    records = config_records()
+    name = raw.get("__type__") if isinstance(raw, dict) else None
+    record = records.get(name) if isinstance(name, str) else None
+    if record is None or record.__name__ != kind:
+        raise SnapshotError(f"state.json: {where}: expected a {kind} record")
+    return _as_from_command_line(_decode_record(record, raw, where), where)
+
+
+def _as_from_command_line(spec, where: str):
+    """``spec`` if the command line could have given it: written back as its option
+    text (``--disk``, ``--net``) and parsed by the same code, it comes out the same.
+    So a snapshot holds no disk serial, TAP or namespace name the option would refuse."""
+    from ..errors import ConfigError
+
+    if type(spec).__name__ == "DiskSpec":
+        text = ",".join([spec.path] + (["ro"] if spec.read_only else [])
+                        + ([f"serial={spec.serial}"] if spec.serial else []))
+    else:
+        text = ",".join([f"tap={spec.tap}" if spec.tap else "tap"]
+                        + [f"{key}={value}" for key, value in (("bridge", spec.bridge),
+                                                               ("netns", spec.netns)) if value])
+    try:
+        parsed = type(spec).parse(text)
+    except ConfigError as error:
+        raise SnapshotError(f"state.json: {where}: {error}") from None
+    if parsed != spec:
+        raise SnapshotError(f"state.json: {where}: not what the command line could give "
+                            f"({text[:60]!r})")
+    return spec
 
 
 def _encode(value):
@@ -224,123 +310,61 @@ def _encode(value):
     raise SnapshotError(f"configuration value {value!r} cannot be saved in a snapshot")
 
 
-def _decode(value, where: str):
-    if isinstance(value, list):
-        return [_decode(item, where) for item in value]
-    if isinstance(value, dict):
-        if "__type__" in value:
-            module, _, name = str(value["__type__"]).partition(":")
-            if not module.startswith("pykvm."):
-                raise SnapshotError(f"state.json: {where}: type {value['__type__']} is not pykvm's")
-            try:
-                kind = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                raise SnapshotError(f"state.json: {where}: this pykvm has no {value['__type__']} "
-                                    f"(a snapshot of a newer pykvm?)") from None
-            if not dataclasses.is_dataclass(kind):
-                raise SnapshotError(f"state.json: {where}: {value['__type__']} is not a record")
-            return _decode_dataclass(kind, {k: v for k, v in value.items() if k != "__type__"},
-                                     where)
-        return {key: _decode(item, where) for key, item in value.items()}
-    return value
-
-
-def _decode_dataclass(kind, data: dict, where: str):
-    known = {field.name: field for field in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise SnapshotError(f"state.json: {where}: this pykvm does not know "
-                            f"{', '.join(unknown)} (a snapshot of a newer pykvm?)")
-    hints = typing.get_type_hints(kind)
-    values = {}
-    for name, raw in data.items():
-        value = _decode(raw, f"{where}.{name}")
-        if isinstance(value, str) and _is_path(hints.get(name)):
-            value = Path(value)
-        values[name] = value
-    try:
-        return kind(**values)
-    except (TypeError, ValueError) as error:
-        raise SnapshotError(f"state.json: {where}: {error}") from None
-
-
-def _is_path(hint) -> bool:
-    return hint is Path or Path in typing.get_args(hint)
-
-
 # --- restoring ------------------------------------------------------------------------------------
-def load_state(directory) -> dict:
-    """state.json of ``directory``, checked: format, version, host kind, checksum, keys,
-    and the memory file's presence and size. Raises SnapshotError with one line."""
+def load_state(directory) -> SnapshotDocument:
+    """state.json of ``directory``, read and checked field by field (pykvm/snapshot/
+    document.py), the host kind, and the memory file's presence and size. Raises
+    SnapshotError with one line."""
     directory = Path(directory)
-    path = directory / STATE_FILE
-    if not directory.is_dir():
-        raise SnapshotError(f"{directory}: no such snapshot directory")
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SnapshotError(f"{directory}: not a pykvm snapshot (no {STATE_FILE})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise SnapshotError(f"{path}: cannot read: {error}") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SnapshotError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}): "
-                            f"truncated or damaged") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise SnapshotError(f"{path}: not a pykvm snapshot (format is not {FORMAT!r})")
-    if document.get("version") != VERSION:
-        raise SnapshotError(f"{path}: snapshot format version {document.get('version')!r}; "
-                            f"this pykvm ({__version__}) reads version {VERSION} only")
-    missing = [key for key in REQUIRED_KEYS if key not in document]
-    if missing:
-        raise SnapshotError(f"{path}: incomplete snapshot, missing {', '.join(missing)}")
-    if document["checksum"] != checksum(document):
-        raise SnapshotError(f"{path}: checksum mismatch: the file was changed or damaged "
-                            f"after the snapshot was taken")
+    document = read_document(directory)
     host = detect_host_kind()
-    if document["host_kind"] != host:
-        raise SnapshotError(f"{path}: snapshot taken on a {document['host_kind']} host, this is "
-                            f"a {host} host: a snapshot restores only on the same kind of KVM")
-    memory = document["memory"]
-    memory_path = directory / MEMORY_FILE
-    try:
-        size = memory_path.stat().st_size
-    except FileNotFoundError:
-        raise SnapshotError(f"{memory_path}: missing (the snapshot's guest memory)") from None
-    if size != memory["size"]:
-        raise SnapshotError(f"{memory_path}: {size} bytes, the snapshot says {memory['size']}: "
-                            f"truncated or not this snapshot's memory")
+    if document.host_kind != host:
+        raise SnapshotError(f"{directory / STATE_FILE}: snapshot taken on a "
+                            f"{document.host_kind[:40]} host, this is a {host} host: a "
+                            f"snapshot restores only on the same kind of KVM")
+    check_memory_file(directory, document.memory)
     return document
 
 
-def verify_memory(directory, document: dict) -> None:
-    memory = document["memory"]
-    regions = [(region["file_offset"], region["size"]) for region in memory["regions"]]
-    if memory_digest(str(Path(directory) / MEMORY_FILE), regions) != memory["sha256"]:
+def verify_memory(directory, document: SnapshotDocument) -> None:
+    regions = [(region.file_offset, region.size) for region in document.memory.regions]
+    if memory_digest(str(Path(directory) / MEMORY_FILE), regions) != document.memory.sha256:
         raise SnapshotError(f"{Path(directory) / MEMORY_FILE}: checksum mismatch: the guest "
                             f"memory was changed or damaged after the snapshot was taken")
 
 
 def restore_machine(directory, *, stdout=None, stderr=None, stdin=None, tracer=None,
-                    verify: bool = True, paused: bool = False):
+                    verify: bool = True, paused: bool = False, trust: bool = False,
+                    disks=None, nets=None, shares=None, kvm_device: str | None = None):
     """A :class:`~pykvm.machine.Machine` in the state ``directory`` holds, ready to
     :meth:`~pykvm.machine.Machine.run` (which resumes the guest where it was; with
     ``paused`` it starts paused, for a control-socket ``resume``). ``verify`` checks the
-    memory file's digest too (it reads the file's data, not its holes)."""
+    memory file's digest too (it reads the file's data, not its holes).
+
+    Host resources are the caller's (pykvm/snapshot/resources.py): ``disks`` (DiskSpec),
+    ``nets`` (NetSpec) and ``shares`` (directories) replace the snapshot's, one per
+    device in its order; a kind not given is refused if the snapshot has any, unless
+    ``trust`` (a snapshot you took yourself); ``kvm_device`` is /dev/kvm by default,
+    whatever the snapshot says."""
+    from ..kvm import DEFAULT_DEVICE
+    from ..layout import ram_ranges
     from ..machine import Machine
     from ..memory import GuestMemory
 
+    directory = Path(directory)
     document = load_state(directory)
+    config = decode_config(document.config)
+    confirm(config, HostOverrides.of(disks, nets, shares), trust, directory)
+    config.kvm_device = kvm_device or DEFAULT_DEVICE
+    layout = check_layout(document.memory, ram_ranges(config.mem_size))
+    if len(document.vcpus) != config.cpus:
+        raise SnapshotError(f"state.json: {len(document.vcpus)} vCPU states for "
+                            f"{config.cpus} vCPUs")
     if verify:
         verify_memory(directory, document)
-    config = decode_config(document["config"])
     check_disks(config)
-    layout = [(r["guest_addr"], r["size"], r["file_offset"]) for r in document["memory"]["regions"]]
-    if sum(size for _, size, _ in layout) != config.mem_size:
-        raise SnapshotError(f"{directory}: memory layout does not add up to the configured RAM")
     try:
-        memory = GuestMemory.from_file(str(Path(directory) / MEMORY_FILE), layout)
+        memory = GuestMemory.from_file(str(directory / MEMORY_FILE), layout)
     except (OSError, PykvmError) as error:
         raise SnapshotError(f"{directory}: cannot map {MEMORY_FILE}: {error}") from None
     try:
@@ -361,40 +385,35 @@ def restore_machine(directory, *, stdout=None, stderr=None, stdin=None, tracer=N
 
 
 def check_disks(config) -> None:
-    for disk in getattr(config, "disks", []):
-        path = getattr(disk, "path", None)
-        if path is not None and not os.path.exists(path):
-            raise SnapshotError(f"{path}: disk image of the snapshot is missing")
+    for disk in config.disks:
+        if not os.path.exists(disk.path):
+            raise SnapshotError(f"{disk.path}: disk image of the snapshot is missing")
 
 
-def apply_state(machine, document: dict) -> None:
+def apply_state(machine, document: SnapshotDocument) -> None:
     vm = machine.vm
     with _part("the VM's irqchip, PIT and clock"):
-        vm.restore_state(document["vm"])
-    if len(document["vcpus"]) != len(vm.vcpus):
-        raise SnapshotError(f"state.json: {len(document['vcpus'])} vCPU states for "
-                            f"{len(vm.vcpus)} vCPUs")
-    for vcpu, state in zip(vm.vcpus, document["vcpus"]):
+        vm.restore_state(document.vm)
+    for vcpu, state in zip(vm.vcpus, document.vcpus, strict=True):
         with _part(f"vCPU {vcpu.id}"):
             vcpu.restore_state(state)
     present = legacy_devices(machine)
-    saved = document["devices"]
+    saved = document.devices
     if set(present) != set(saved):
-        raise SnapshotError(f"state.json: devices {sorted(saved)} saved, this machine has "
-                            f"{sorted(present)}")
+        raise SnapshotError(f"state.json: devices {sorted(k[:40] for k in saved)[:8]} saved, "
+                            f"this machine has {sorted(present)}")
     for key, device in present.items():
         with _part(key):
             device.restore_state(saved[key])
-    if (document["pci"] is None) != (machine.virtio is None):
+    if (document.pci is None) != (machine.virtio is None):
         raise SnapshotError("state.json: PCI devices saved and present differ")
     if machine.virtio is not None:
         with _part("PCI"):
-            machine.virtio.pci.restore_state(document["pci"])
+            machine.virtio.pci.restore_state(document.pci)
     with _part("quirks"):
-        vm.quirks.restore_state(document["quirks"])
-    with _part("machine"):
-        if document["machine"]["command_started"]:
-            machine.console.start_command()
+        vm.quirks.restore_state(document.quirks)
+    if document.machine.command_started:
+        machine.console.start_command()
 
 
 @contextlib.contextmanager
@@ -416,6 +435,6 @@ def _part(where: str):
         raise SnapshotError(f"{where}: KVM refused the state: {error}") from None
     except PykvmError as error:
         raise SnapshotError(f"{where}: {str(error).strip().splitlines()[0]}") from None
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as error:
         detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
         raise SnapshotError(f"state.json: {where}: bad or missing value ({detail})") from None

@@ -10,8 +10,10 @@ device, the PCI bus, the host's quirks) implements two methods:
 
 A part never writes files or knows where its state goes: the orchestration in
 :mod:`pykvm.snapshot.snapshot` collects the dicts into ``state.json``.
-``restore_state`` may raise KeyError, TypeError or ValueError on a malformed
-dict; the orchestration turns those into one :class:`SnapshotError`.
+``restore_state`` may raise KeyError, TypeError, ValueError or OverflowError on a
+malformed dict; the orchestration turns those into one :class:`SnapshotError`. The
+parts whose state has a typed record (pykvm/snapshot/schema.py; the vCPUs and the
+VM in kvmstate.py, the document's envelope in document.py) check it before use.
 
 ctypes structs from :mod:`pykvm.ioctl.structs` are kept field by field
 (:func:`struct_to_json` / :func:`struct_from_json`), so ``state.json`` can be
@@ -29,7 +31,11 @@ from ..errors import PykvmError
 
 
 class SnapshotError(PykvmError):
-    """A snapshot cannot be taken, or a snapshot directory cannot be restored."""
+    """A snapshot cannot be taken, or a snapshot directory cannot be restored. For the
+    CLI it is bad input like a bad image or option (exit status 2): the snapshot, the
+    directory or the host resources given for it are at fault, not pykvm."""
+
+    exit_code = 2
 
 
 @runtime_checkable
@@ -108,7 +114,7 @@ def _fill(target: ctypes.Structure, data: dict) -> None:
         elif issubclass(field_type, ctypes.Array):
             _fill_array(getattr(target, name), field_type, value, f"{type(target).__name__}.{name}")
         else:
-            setattr(target, name, _integer(value, name))
+            setattr(target, name, _integer(value, f"{type(target).__name__}.{name}", field_type))
 
 
 def _fill_array(array, array_type, value, where: str) -> None:
@@ -125,10 +131,18 @@ def _fill_array(array, array_type, value, where: str) -> None:
         elif issubclass(element, ctypes.Array):
             _fill_array(array[index], element, item, f"{where}[{index}]")
         else:
-            array[index] = _integer(item, where)
+            array[index] = _integer(item, where, element)
 
 
-def _integer(value, where: str) -> int:
+def _integer(value, where: str, c_type) -> int:
+    """``value`` if it is an integer that ``c_type`` holds as is: ctypes would silently
+    cut 2**70 to 64 bits (or -1 to 0xff...), a crafted snapshot must not get that far."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: expected an integer, got {value!r}")
+        raise TypeError(f"{where}: expected an integer, got {str(value)[:40]!r}")
+    bits = 8 * ctypes.sizeof(c_type)
+    signed = c_type(-1).value < 0
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if not low <= value <= high:
+        raise ValueError(f"{where}: {value if abs(value) < 1 << 80 else 'a huge number'} does "
+                         f"not fit in {bits} bits")
     return value
