@@ -27,9 +27,10 @@ from .test_trace import BASE, SERIAL_GUEST, ExitPort, Serial
 
 ROOT = Path(pykvm.__file__).resolve().parent
 
-# What observe/ may build on: the ABI, errors, and reading guest state. Never the VM,
-# the vCPU, the machine, the CLI or the control socket: they call observe/, not back.
-OBSERVE_MAY_IMPORT = {"pykvm.ioctl", "pykvm.errors", "pykvm.guest"}
+# What observe/ may build on: the ABI, errors, reading guest state, and the sandbox
+# (a confined vCPU thread waits for its module preload before capstone is used). Never
+# the VM, the vCPU, the machine, the CLI or the control socket: they call observe/.
+OBSERVE_MAY_IMPORT = {"pykvm.ioctl", "pykvm.errors", "pykvm.guest", "pykvm.sandbox"}
 
 
 def module_name(path: Path) -> str:
