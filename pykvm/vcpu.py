@@ -232,10 +232,12 @@ class Vcpu:
 
     def save_state(self) -> dict:
         """Everything KVM holds for this vCPU, JSON-able (pykvm/snapshot/kvmstate.py)."""
+        sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
         from .snapshot.kvmstate import save_vcpu
         return save_vcpu(self)
 
     def restore_state(self, state: dict) -> None:
+        sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
         from .snapshot.kvmstate import restore_vcpu
         restore_vcpu(self, state, log=self.vm.log)
 

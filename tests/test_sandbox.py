@@ -232,6 +232,48 @@ def test_the_vcpu_thread_is_confined(tmp_path):
     assert not target.exists()
 
 
+RARE_PATHS_SCENARIO = """
+    import sys
+    from pykvm.bus import Device
+    from pykvm.machine import Machine, MachineConfig
+    from pykvm.observe.disasm import Disassembler
+
+    assert "capstone" not in sys.modules and "pykvm.snapshot.kvmstate" not in sys.modules
+
+    class RarePaths(Device):
+        '''At the guest's first exit, on the confined vCPU thread: what a snapshot and a
+        message about an unknown instruction import lazily (preloaded in the background).'''
+        name = "rare"
+        def read(self, offset, size):
+            return 0
+        def write(self, offset, size, value):
+            state = machine.vm.vcpus[0].save_state()
+            text = Disassembler().decode(bytes.fromhex("0f01ca"), 0, 64).text
+            print(f"saved {len(state)} parts; {text}", flush=True)
+            machine.request_stop("exit", 0, "done")
+
+    with Machine(MachineConfig(mem_size=2 << 20, flat=sys.argv[1])) as machine:
+        machine.vm.add_pio_device(int(sys.argv[2]), 1, RarePaths())
+        stop = machine.run(timeout=30)
+        print(stop.kind if stop else "timeout", flush=True)
+"""
+
+
+@needs_kvm
+def test_rare_paths_import_on_a_confined_thread_right_after_start(tmp_path):
+    """kvmstate and capstone are imported off the start-up path by an unconfined thread;
+    a confined vCPU thread needing them at once waits for it (sandbox.wait_for_preload)."""
+    result = child(RARE_PATHS_SCENARIO, probe_guest(tmp_path), PROBE_PORT)
+    assert result.returncode == 0, result.stderr
+    saved, stop = result.stdout.splitlines()[-2:]
+    assert stop == "exit" and saved.startswith("saved ")
+    try:
+        import capstone  # noqa: F401
+    except ImportError:
+        return
+    assert saved.endswith("clac")
+
+
 @needs_kvm
 def test_the_library_switch_turns_it_off(tmp_path):
     target = tmp_path / "escape"

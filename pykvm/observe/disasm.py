@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import sandbox
+
 CR0_PE = 1 << 0
 EFER_LMA = 1 << 10
 
@@ -72,6 +74,7 @@ class Disassembler:
         self.cache: dict[tuple[int, int], Instruction] = {}
         self.available = False
         if use_capstone:
+            sandbox.wait_for_preload()   # a confined thread cannot import capstone itself
             try:
                 import capstone
             except ImportError:

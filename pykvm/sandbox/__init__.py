@@ -23,11 +23,16 @@ _enabled = True
 _programs: dict[str, bytes] = {}
 _lock = threading.Lock()
 
-# Modules the confined threads import lazily on rare paths (a snapshot's vCPU state,
-# the tracer's guest reads and disassembly): imported before a thread is confined,
-# since a confined thread cannot open files. One that is missing (capstone is
-# optional) is left to fail where it is used, as it would without a sandbox.
-_PRELOAD = ("pykvm.snapshot.kvmstate", "pykvm.guest.code", "pykvm.guest.pagewalk", "capstone")
+# Modules the confined threads import lazily (the tracer's guest reads): imported before
+# a thread is confined, since a confined thread cannot open files. One that is missing
+# (capstone is optional) is left to fail where it is used, as it would without a sandbox.
+_PRELOAD = ("pykvm.guest.code", "pykvm.guest.pagewalk")
+# ... and those only rare paths import (a snapshot's vCPU state; disassembly for a message
+# about an instruction nobody completes): imported by an unconfined thread in the
+# background, off the path to the first KVM_RUN (they were ~30 % of a flat guest's
+# start-up, bench/startup.py). A rare path calls wait_for_preload() before its import.
+_BACKGROUND_PRELOAD = ("pykvm.snapshot.kvmstate", "capstone")
+_background: threading.Thread | None = None
 
 
 def configure(*, enabled: bool) -> None:
@@ -40,17 +45,34 @@ def enabled() -> bool:
     return _enabled
 
 
+def _import_all(modules: tuple[str, ...]) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def wait_for_preload(timeout: float = 60.0) -> None:
+    """Return once the background preload is done: call it before a rare path's lazy
+    import on a thread that may be confined (it cannot import on its own)."""
+    thread = _background
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
+
+
 def _program(role: str) -> bytes:
+    global _background
     with _lock:
         if role not in _programs:
             if role not in ROLES:
                 raise ValueError(f"unknown thread role {role!r} (known: {', '.join(ROLES)})")
             if not _programs:
-                for module in _PRELOAD:
-                    try:
-                        importlib.import_module(module)
-                    except ImportError:
-                        pass
+                _import_all(_PRELOAD)
+                # Started before the caller confines itself, so it is not confined.
+                _background = threading.Thread(target=_import_all, args=(_BACKGROUND_PRELOAD,),
+                                               name="sandbox-preload", daemon=True)
+                _background.start()
             _programs[role] = ROLES[role].program()
         return _programs[role]
 
