@@ -25,14 +25,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from . import plot as _plot
-from .kvmstats import KvmStats
-from .report import StatsPrinter, format_report
-from .symbols import SymbolTable, load
-from .trace import Tracer
 from .trace_filter import TraceFilter
+
+if TYPE_CHECKING:   # each observer is imported when a run asks for it (start-up time)
+    from .kvmstats import KernelCounters, KvmStats
+    from .report import StatsPrinter
+    from .symbols import SymbolTable
+    from .trace import Tracer
 
 
 @dataclass(frozen=True)
@@ -65,17 +67,20 @@ class Observation:
         self.tracer: Tracer | None = None
         self.symbols: SymbolTable | None = None
         self.kernel: KvmStats | None = None
-        self.kernel_snapshot: dict | None = None
+        self.kernel_snapshot: KernelCounters | None = None
         self.printer: StatsPrinter | None = None
         self.vm = None
         if options.stats_interval is not None and not options.stats_interval > 0:
             raise ConfigError("--stats-interval must be a positive number of seconds")
         if options.stats_plot:
-            _plot.check_path(options.stats_plot)
+            from .plot import check_path
+            check_path(options.stats_plot)
         trace_filter = TraceFilter.parse(list(options.trace_filter))
         if options.symbols:
+            from .symbols import load
             self.symbols = load(options.symbols)
         if options.tracing:
+            from .trace import Tracer
             self.tracer = Tracer.to_path(options.trace, filter=trace_filter, symbols=self.symbols)
 
     def attach(self, vm) -> None:
@@ -88,8 +93,10 @@ class Observation:
         if self.options.counting or self.tracer is not None:
             vm.timing = True
         if self.options.counting:
+            from .kvmstats import KvmStats
             self.kernel = KvmStats(vm)
         if self.options.stats_interval:
+            from .report import StatsPrinter
             host_kind = vm.kvm.host_kind
             self.printer = StatsPrinter(vm, self.options.stats_interval, self.kernel, self.out,
                                         lambda: {"host kind": host_kind})
@@ -104,6 +111,7 @@ class Observation:
 
     def report(self, extra: dict | None = None) -> str:
         """The --stats table of the attached VM (after :meth:`finish`)."""
+        from .report import format_report
         return format_report([vcpu.stats for vcpu in self.vm.vcpus],
                              {"host kind": self.vm.kvm.host_kind, **(extra or {})},
                              kernel=self.kernel_snapshot)
@@ -112,9 +120,10 @@ class Observation:
         """Draw --stats-plot, if asked for; its path."""
         if not self.options.stats_plot:
             return None
-        return _plot.plot_stats(self.options.stats_plot, [v.stats for v in self.vm.vcpus],
-                                kernel=self.kernel_snapshot, host_kind=self.vm.kvm.host_kind,
-                                wall_s=wall_s)
+        from .plot import plot_stats
+        return plot_stats(self.options.stats_plot, [v.stats for v in self.vm.vcpus],
+                          kernel=self.kernel_snapshot, host_kind=self.vm.kvm.host_kind,
+                          wall_s=wall_s)
 
     def close(self) -> None:
         if self.printer is not None:
