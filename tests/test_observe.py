@@ -168,7 +168,12 @@ def test_observation_traces_counts_and_reports(kvm, tmp_path):
     assert len(lines[1:]) == 5 and all(" io " in line and "dev=serial" in line for line in lines[1:])
     assert report.startswith("vCPU 0: 6 exits to pykvm")
     assert f"host kind: {kvm.host_kind}" in report and "wall time (s): 1.000" in report
-    assert observation.kernel_snapshot is not None
+    snapshot = observation.kernel_snapshot
+    assert snapshot is not None and (snapshot.available or snapshot.reason)
+    if snapshot.available:
+        assert snapshot.vcpu(0)["exits"] >= 6 and snapshot.vcpu(1) is None
+    closed = observation.kernel.snapshot()       # the VM closed its stats fds with it
+    assert not closed.available and closed.reason == "closed with its VM"
 
 
 @pytest.mark.parametrize("options, fragment", [

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.errors import ConfigError
+from pykvm.observe.kvmstats import KernelCounters
 from pykvm.observe.plot import check_path, plot_stats
 from pykvm.observe.stats import VcpuStats
 
@@ -30,9 +31,9 @@ def sample_stats() -> list[VcpuStats]:
     return stats
 
 
-KERNEL = {"available": True, "vm": {"pages_4k": 12},
-          "vcpus": [{"exits": 5000, "signal_exits": 10, "insn_emulation": 777},
-                    {"exits": 4000, "signal_exits": 0}]}
+KERNEL = KernelCounters(True, {"pages_4k": 12},
+                        ({"exits": 5000, "signal_exits": 10, "insn_emulation": 777},
+                         {"exits": 4000, "signal_exits": 0}))
 
 
 def test_png(tmp_path):
@@ -67,7 +68,7 @@ def test_svg_says_what_it_shows(tmp_path):
 
 def test_without_kernel_counters_and_empty(tmp_path):
     pytest.importorskip("matplotlib")
-    path = plot_stats(tmp_path / "empty.svg", [VcpuStats(0)], kernel={"available": False})
+    path = plot_stats(tmp_path / "empty.svg", [VcpuStats(0)], kernel=KernelCounters(False, reason="test"))
     assert ElementTree.parse(path).getroot().tag.endswith("svg")
 
 

@@ -279,10 +279,10 @@ def test_stats_count_the_exits_the_guest_implies(kvm):
     assert dict(stats.devices) == {"serial": 5, "exit": 1}
     report = format_report([stats], kernel=kernel)
     assert "vCPU 0: 6 exits to pykvm" in report
-    if not kernel["available"]:
+    if not kernel.available:
         assert "KVM (kernel) counters: unavailable" in report
         return
-    counters = kernel["vcpus"][0]
+    counters = kernel.vcpus[0]
     # every exit pykvm saw is one KVM counted; KVM may count more (ones it kept)
     assert counters["exits"] >= 6
     assert re.search(rf"KVM \(kernel\): {counters['exits']} VM exits counted, 6 reached pykvm",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import ioctl as k
 from ..errors import KvmError
@@ -122,6 +122,25 @@ class StatsFd:
             self.fd = -1
 
 
+Counters = dict[str, "int | list[int]"]   # a counter's name -> its value (buckets: a list)
+
+
+@dataclass(frozen=True)
+class KernelCounters:
+    """One reading of KVM's counters: the VM's and each vCPU's (in vCPU order), or,
+    when ``available`` is false, the ``reason`` there are none. The names are KVM's
+    own (its descriptors say which exist), so they stay a mapping."""
+
+    available: bool
+    vm: Counters = field(default_factory=dict)
+    vcpus: tuple[Counters, ...] = ()
+    reason: str = ""
+
+    def vcpu(self, index: int) -> Counters | None:
+        """vCPU ``index``'s counters, None when there are none."""
+        return self.vcpus[index] if self.available and 0 <= index < len(self.vcpus) else None
+
+
 class KvmStats:
     """KVM's counters for a VM and each of its vCPUs; ``available`` False (with
     ``reason``) on a kernel without KVM_CAP_BINARY_STATS_FD (before Linux 5.14)."""
@@ -146,11 +165,12 @@ class KvmStats:
     def available(self) -> bool:
         return self.vm_stats is not None
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> KernelCounters:
+        """The counters now (a pread per fd: they are live)."""
         if not self.available:
-            return {"available": False, "reason": self.reason}
-        return {"available": True, "vm": self.vm_stats.read(),
-                "vcpus": [stats.read() for stats in self.vcpu_stats]}
+            return KernelCounters(False, reason=self.reason or "closed with its VM")
+        return KernelCounters(True, self.vm_stats.read(),
+                              tuple(stats.read() for stats in self.vcpu_stats))
 
     def close(self) -> None:
         for stats in [self.vm_stats, *self.vcpu_stats]:
@@ -159,7 +179,7 @@ class KvmStats:
         self.vm_stats, self.vcpu_stats = None, []
 
 
-def kernel_split(kvm_vcpu: dict, pykvm_exits: int) -> dict:
+def kernel_split(kvm_vcpu: Counters, pykvm_exits: int) -> dict[str, int]:
     """The split of one vCPU's exits: counted by KVM, reached pykvm, finished in the kernel."""
     exits = kvm_vcpu.get("exits")
     if not isinstance(exits, int):

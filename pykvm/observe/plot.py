@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import output
-from .kvmstats import kernel_split
+from .kvmstats import KernelCounters, kernel_split
 
 FORMATS = (".svg", ".png")
 COLORS = {"guest": "#4c72b0", "pykvm handlers": "#dd8452", "other": "#b0b0b0",
@@ -44,8 +44,8 @@ def _pyplot():
     return pyplot
 
 
-def plot_stats(path: str | Path, stats, *, kernel: dict | None = None, host_kind: str = "",
-               wall_s: float | None = None, title: str = "pykvm") -> Path:
+def plot_stats(path: str | Path, stats, *, kernel: KernelCounters | None = None,
+               host_kind: str = "", wall_s: float | None = None, title: str = "pykvm") -> Path:
     """Draw ``stats`` (a list of VcpuStats) into ``path`` (.svg or .png)."""
     path = check_path(path)
     plt = _pyplot()
@@ -100,10 +100,10 @@ def _exit_mix(ax, stats, kernel) -> None:
     names = [f"{name} (to pykvm)" for name, _ in reasons.most_common()]
     values = [n for _, n in reasons.most_common()]
     colors = [COLORS["pykvm handlers"]] * len(values)
-    if kernel and kernel.get("available"):
+    if kernel is not None and kernel.available:
         in_kernel = sum(kernel_split(counters, st.total_exits).get("in_kernel", 0)
-                        for st, counters in zip(stats, kernel["vcpus"]))
-        emulated = sum(c.get("insn_emulation", 0) for c in kernel["vcpus"]
+                        for st, counters in zip(stats, kernel.vcpus))
+        emulated = sum(c.get("insn_emulation", 0) for c in kernel.vcpus
                        if isinstance(c.get("insn_emulation", 0), int))
         names.insert(0, "finished in KVM (kernel)")
         values.insert(0, in_kernel)
@@ -113,7 +113,7 @@ def _exit_mix(ax, stats, kernel) -> None:
             values.insert(1, emulated)
             colors.insert(1, COLORS["guest"])
     _bars(ax, names, values, colors, "exits by reason: where they were finished"
-          + ("" if kernel and kernel.get("available") else " (KVM's own counters unavailable)"))
+          + ("" if kernel is not None and kernel.available else " (KVM's own counters unavailable)"))
 
 
 def _devices(ax, stats) -> None:

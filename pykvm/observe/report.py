@@ -13,14 +13,15 @@ from __future__ import annotations
 import threading
 import time
 
-from .kvmstats import CANNOT_SEPARATE, VCPU_COUNTERS, KvmStats, kernel_split
+from .kvmstats import (CANNOT_SEPARATE, VCPU_COUNTERS, Counters, KernelCounters, KvmStats,
+                       kernel_split)
 from .stats import VcpuStats
 
 
 def format_report(stats: list[VcpuStats], extra: dict | None = None,
-                  kernel: dict | None = None) -> str:
-    """The human-readable --stats table. ``kernel``: a kvmstats.KvmStats snapshot,
-    whose per-vCPU counters are shown next to pykvm's own."""
+                  kernel: KernelCounters | None = None) -> str:
+    """The human-readable --stats table. ``kernel``: a KvmStats snapshot, whose
+    per-vCPU counters are shown next to pykvm's own."""
     lines = []
     for index, st in enumerate(stats):
         wall = st.wall_ns or 1
@@ -48,24 +49,25 @@ def format_report(stats: list[VcpuStats], extra: dict | None = None,
                          f"{st.unhandled_mmio} MMIO accesses (reads gave all-ones, writes dropped)")
         for kind, n in sorted(st.quirks.items()):
             lines.append(f"  completed by pykvm: {kind:<20} {n:>8}")
-        if kernel and kernel.get("available") and index < len(kernel["vcpus"]):
-            lines.extend(format_vcpu(kernel["vcpus"][index], st.total_exits))
+        counters = kernel.vcpu(index) if kernel is not None else None
+        if counters is not None:
+            lines.extend(format_vcpu(counters, st.total_exits))
     if kernel is not None:
-        if kernel.get("available"):
-            vm_counters = {name: value for name, value in kernel["vm"].items()
+        if kernel.available:
+            vm_counters = {name: value for name, value in kernel.vm.items()
                            if isinstance(value, int) and value}
             if vm_counters:
                 lines.append("KVM (kernel), whole VM: " + ", ".join(
                     f"{name} {value}" for name, value in sorted(vm_counters.items())))
             lines.append(f"note: {CANNOT_SEPARATE}")
         else:
-            lines.append(f"KVM (kernel) counters: unavailable ({kernel.get('reason')})")
+            lines.append(f"KVM (kernel) counters: unavailable ({kernel.reason})")
     for key, value in (extra or {}).items():
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
 
 
-def format_vcpu(kvm_vcpu: dict, pykvm_exits: int, indent: str = "  ") -> list[str]:
+def format_vcpu(kvm_vcpu: Counters, pykvm_exits: int, indent: str = "  ") -> list[str]:
     """Lines for one vCPU's KVM counters, for the --stats table."""
     split = kernel_split(kvm_vcpu, pykvm_exits)
     lines = []
