@@ -47,7 +47,8 @@ MEM = "256M"
 MEM_BYTES = 256 << 20
 DISK_MIB = 64
 QUICK_SECONDS = 5.0
-GUEST_WORK = "dd if=/dev/vda of=/dev/null bs=64k count=64 2>/dev/null; ip link set eth0 up; echo @$((2+3))@"
+GUEST_WORK = ("dd if=/dev/vda of=/dev/null bs=64k count=64 2>/dev/null; ip link set eth0 up; "
+              "echo @$((2+3))@")
 GUEST_DONE = b"@5@"   # not in the echoed command line
 MARKER = "<!-- memory.py --record adds rows above this line -->"
 
@@ -108,8 +109,8 @@ def measure(pid: int, guest_size: int) -> Resident:
 
 def reference() -> Resident:
     """The interpreter with pykvm's CLI imported, nothing else."""
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import sys, pykvm.cli; print('ready', flush=True); sys.stdin.read()"],
+    code = "import sys, pykvm.cli; print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
     try:
         if child.stdout.readline() != b"ready\n":

@@ -48,7 +48,7 @@ from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell  # noqa: E402
 
 RESULTS = BENCH / "RESULTS.md"
 MARKER = "<!-- snapshot.py --record adds rows above this line -->"
-RESTORE_GOAL = 0.15            # seconds from `pykvm run --restore` to the guest's answer (issue #13)
+RESTORE_GOAL = 0.15            # seconds, `pykvm run --restore` to the guest's answer (issue #13)
 COMMAND = "echo @$((6*7))@\n"
 ANSWER = b"@42@"
 SECTION = f"""
