@@ -198,6 +198,15 @@ def test_trace_file_is_not_written_through_a_symlink(tmp_path):
     assert victim.read_text() == "keep me\n"
 
 
+def test_a_truncated_elf64_header_is_a_config_error(tmp_path):
+    from pykvm.observe.symbols import load
+
+    elf = tmp_path / "short.elf"
+    elf.write_bytes(b"\x7fELF\x02\x01" + bytes(0x38 - 6))   # longer than ELF32's header only
+    with pytest.raises(ConfigError, match="truncated ELF header"):
+        load(elf)
+
+
 def test_trace_file_is_truncated_and_a_device_refused(tmp_path):
     old = tmp_path / "trace.txt"
     old.write_text("an older trace\n")

@@ -130,6 +130,8 @@ def elf_symbols(data: bytes, source: str = "ELF file") -> list[tuple[int, Symbol
     if len(data) < 0x34:
         raise ConfigError(f"{source}: truncated ELF header")
     elf_class, encoding = data[4], data[5]
+    if elf_class == 2 and len(data) < 0x40:     # an ELF64 header is 64 bytes, ELF32's 52
+        raise ConfigError(f"{source}: truncated ELF header")
     if encoding != 1:
         raise ConfigError(f"{source}: big-endian ELF files are not supported")
     if elf_class == 2:      # ELF64
