@@ -430,7 +430,7 @@ def cmd_stat(args) -> int:
     """The --stats table of a running VM, through its control socket, once or every N s."""
     from .control import request
     from .observe.report import format_report
-    from .observe.stats import VcpuStats
+    from .observe.stats import from_answer
 
     while True:
         response = request(args.socket, {"action": "stats"})
@@ -438,7 +438,7 @@ def cmd_stat(args) -> int:
             print(f"pykvm: error: {response.get('error', 'the VM did not answer')}",
                   file=sys.stderr)
             return 1
-        stats = [VcpuStats.from_dict(vcpu) for vcpu in response["vcpus"]]
+        stats = from_answer(response.get("vcpus"))
         print(format_report(stats, {"state": response.get("state", "?")}), flush=True)
         if not args.interval:
             return 0

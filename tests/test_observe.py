@@ -255,6 +255,16 @@ def test_malformed_stats_are_a_typed_error(data, fragment):
         VcpuStats.from_dict(data)
 
 
+@pytest.mark.parametrize("vcpus", [None, {"0": {}}, [{"vcpu": 0}] * 1025])
+def test_a_malformed_vcpu_list_is_a_typed_error(vcpus):
+    from pykvm.errors import StatsDecodeError
+    from pykvm.observe.stats import from_answer
+
+    with pytest.raises(StatsDecodeError, match="want a list"):
+        from_answer(vcpus)
+    assert [s.vcpu_id for s in from_answer([{"vcpu": 0}, {"vcpu": 1}])] == [0, 1]
+
+
 def test_unknown_exit_reasons_from_a_newer_pykvm_are_skipped():
     from pykvm.observe.stats import VcpuStats
 

@@ -100,6 +100,16 @@ class VcpuStats:
         return stats
 
 
+MAX_VCPUS_IN_ANSWER = 1024   # KVM's own KVM_MAX_VCPUS on x86 is 1024 (4096 with MAXSMP)
+
+
+def from_answer(vcpus) -> list[VcpuStats]:
+    """The "vcpus" list of a control socket's "stats" answer, checked like from_dict."""
+    if not isinstance(vcpus, list) or len(vcpus) > MAX_VCPUS_IN_ANSWER:
+        raise StatsDecodeError(f"vcpus: want a list of at most {MAX_VCPUS_IN_ANSWER} vCPUs")
+    return [VcpuStats.from_dict(vcpu) for vcpu in vcpus]
+
+
 def _count(value, where: str) -> int:
     if type(value) is not int or not 0 <= value < 1 << 64:
         raise StatsDecodeError(f"{where}: want a count, got {str(value)[:40]!r}")
