@@ -275,6 +275,20 @@ def test_rare_paths_import_on_a_confined_thread_right_after_start(tmp_path):
 
 
 @needs_kvm
+def test_an_instruction_completion_at_once_in_a_fresh_process(tmp_path):
+    """kvm_pvm: the first instruction the emulator refuses (fwait, at a long-mode guest's
+    first byte) is completed on the confined vCPU thread while the completion table may still
+    be loading in the background (sandbox.wait_for_preload); elsewhere fwait just runs."""
+    guest = tmp_path / "fwait.bin"
+    guest.write_bytes(assemble(f"fwait\n xor %al, %al\n mov ${layout.EXIT_PORT:#x}, %dx\n"
+                               f" out %al, %dx\n 1: jmp 1b\n", "long", layout.FLAT_LOAD_ADDR))
+    result = subprocess.run([sys.executable, "-m", "pykvm", "run", "--flat", str(guest),
+                             "--entry", "long"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_kvm
 def test_the_library_switch_turns_it_off(tmp_path):
     target = tmp_path / "escape"
     result = child(VCPU_SCENARIO, probe_guest(tmp_path), target, "off", PROBE_PORT)

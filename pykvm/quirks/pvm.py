@@ -12,9 +12,8 @@ from __future__ import annotations
 from ..errors import GuestCrashed, PykvmError
 from ..guest.code import code_at_rip, linear_rip
 from ..ioctl import requests as r
+from .. import sandbox
 from . import Quirks
-from .complete import Step, code_bits, complete, describe_unknown, find
-from .decode import decode
 from .syscall import EarlyPlant, SyscallCompletion
 
 CPUID_1_ECX_CX16 = 1 << 13
@@ -91,6 +90,11 @@ class PvmQuirks(Quirks):
     def complete_instruction(self, vcpu, regs, sregs, code: bytes) -> bool:
         """Finish one instruction the host's emulator refused, by complete.py's table;
         one it does not hold stops the VM (GuestCrashed) with a line naming it."""
+        # The decoder and the table load in the background, off the path to the first
+        # KVM_RUN (bench/startup.py); a confined vCPU thread waits for them the first time.
+        sandbox.wait_for_preload()
+        from .complete import Step, code_bits, complete, describe_unknown, find
+        from .decode import decode
         bits = code_bits(sregs)
         instruction = decode(code, bits)
         completion = None if instruction is None else find(instruction)

@@ -27,11 +27,13 @@ _lock = threading.Lock()
 # a thread is confined, since a confined thread cannot open files. One that is missing
 # (capstone is optional) is left to fail where it is used, as it would without a sandbox.
 _PRELOAD = ("pykvm.guest.code", "pykvm.guest.pagewalk")
-# ... and those only rare paths import (a snapshot's vCPU state; disassembly for a message
-# about an instruction nobody completes): imported by an unconfined thread in the
-# background, off the path to the first KVM_RUN (they were ~30 % of a flat guest's
-# start-up, bench/startup.py). A rare path calls wait_for_preload() before its import.
-_BACKGROUND_PRELOAD = ("pykvm.snapshot.kvmstate", "capstone")
+# ... and those only rarer paths import (kvm_pvm's instruction completions; a snapshot's
+# vCPU state; disassembly for a message about an instruction nobody completes): imported
+# by an unconfined thread in the background, off the path to the first KVM_RUN (they were
+# ~30 % of a flat guest's start-up, bench/startup.py). Such a path calls
+# wait_for_preload() before its import.
+_BACKGROUND_PRELOAD = ("pykvm.quirks.complete", "pykvm.quirks.decode", "pykvm.snapshot.kvmstate",
+                       "capstone")
 _background: threading.Thread | None = None
 
 
