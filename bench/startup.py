@@ -12,6 +12,11 @@ nothing (the reference, in the same run):
 - **restore** (with `--restore DIR`, a snapshot taken at the default guest's shell,
   e.g. by `bench/snapshot.py --keep DIR`): `pykvm run --restore DIR`.
 
+Children run with Python's bytecode cache on, as an installed pykvm has it: the cache
+lives in the bench's temporary directory (PYTHONPYCACHEPREFIX), filled by the first,
+discarded round. Where PYTHONDONTWRITEBYTECODE is set (these development machines set
+it) every start compiles pykvm's sources again; `--no-bytecode-cache` measures that.
+
 Each pykvm run goes through `pykvm.cli.main` in a child process whose KVM_RUN ioctl
 (`pykvm.vcpu._kvm_run_ioctl`) is wrapped to write the monotonic clock to a pipe at
 its first call; the parent reads the clock just before it starts the child. Rounds
@@ -21,6 +26,7 @@ interleave the sides (reference, flat, restore, ...) so host noise hits each.
     python3 bench/startup.py --quick            # 3 rounds
     python3 bench/startup.py --restore DIR      # also --restore -> first KVM_RUN
     python3 bench/startup.py --importtime       # the slowest imports of a flat run
+    python3 bench/startup.py --no-bytecode-cache  # as the environment has it
     python3 bench/startup.py --record           # also add a row to bench/RESULTS.md
 
 The last line is ``seconds: X``, the flat run's median seconds to its first
@@ -101,10 +107,22 @@ def build_guest(workdir: Path) -> Path:
     return binary
 
 
-def time_to_report(code: str, args: list[str], *, stdin: bytes = b"", timeout: float = 60) -> float:
+def child_environment(pycache: Path | None) -> dict[str, str]:
+    """The children's environment: with ``pycache``, Python's bytecode cache on (as a user
+    has it) and kept there, out of the source tree, even where PYTHONDONTWRITEBYTECODE is
+    set; without, the caller's as it is."""
+    env = dict(os.environ)
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    return env
+
+
+def time_to_report(code: str, args: list[str], env: dict[str, str], *, stdin: bytes = b"",
+                   timeout: float = 60) -> float:
     """Seconds from starting ``python -c code args`` until it writes the clock to its pipe."""
     read_fd, write_fd = os.pipe()
-    env = {**os.environ, "PYKVM_BENCH_FD": str(write_fd)}
+    env = {**env, "PYKVM_BENCH_FD": str(write_fd)}
     try:
         started = time.monotonic()
         child = subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=ROOT,
@@ -139,11 +157,11 @@ def time_to_report(code: str, args: list[str], *, stdin: bytes = b"", timeout: f
             os.close(write_fd)
 
 
-def importtime(guest: Path, top: int = 15) -> list[tuple[int, str]]:
+def importtime(guest: Path, env: dict[str, str], top: int = 15) -> list[tuple[int, str]]:
     """The slowest top-level and second-level imports of one flat run (-X importtime)."""
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "pykvm", "run", "--flat",
                            str(guest), "--entry", "real"], capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, env=env)
     rows = []
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -161,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time `pykvm run --restore DIR` (a snapshot at the shell)")
     parser.add_argument("--importtime", action="store_true",
                         help="print the slowest imports of one flat run")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="leave the environment's PYTHONDONTWRITEBYTECODE as it is (every "
+                             "start compiles pykvm's sources when it is set)")
     parser.add_argument("--record", action="store_true", help="add a row to bench/RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:
@@ -174,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="pykvm-bench-startup-") as tmp:
             guest = build_guest(Path(tmp))
+            env = child_environment(None if args.no_bytecode_cache else Path(tmp) / "pycache")
             flat = ["run", "--flat", str(guest), "--entry", "real"]
             for index in range(args.rounds + 1):       # the first round warms the page cache
-                runs = {"reference": time_to_report(REFERENCE, []),
-                        "flat": time_to_report(CHILD, flat)}
+                runs = {"reference": time_to_report(REFERENCE, [], env),
+                        "flat": time_to_report(CHILD, flat, env)}
                 if args.restore is not None:
-                    runs["restore"] = time_to_report(CHILD, ["run", "--restore", str(args.restore)])
+                    runs["restore"] = time_to_report(
+                        CHILD, ["run", "--restore", str(args.restore)], env)
                 if index:
                     for side, seconds in runs.items():
                         sides[side].append(seconds)
@@ -187,14 +210,16 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {index}/{args.rounds}: " + ", ".join(
                             f"{side} {seconds * 1000:.1f} ms" for side, seconds in runs.items()),
                             file=sys.stderr)
-            slowest = importtime(guest) if args.importtime else []
+            slowest = importtime(guest, env) if args.importtime else []
     except BenchError as error:
         print(f"startup: {error}", file=sys.stderr)
         return 1
 
     medians = {side: statistics.median(values) for side, values in sides.items()}
     reference = medians["reference"]
-    print(f"process start -> first KVM_RUN (ms), {args.rounds} rounds, load average {load:.2f}")
+    cache = "off (as the environment has it)" if args.no_bytecode_cache else "on"
+    print(f"process start -> first KVM_RUN (ms), {args.rounds} rounds, load average {load:.2f}, "
+          f"bytecode cache {cache}")
     print(f"{'':<12}{'median':>8}{'min':>8}{'max':>8}{'÷ ref':>8}")
     for side, values in sides.items():
         print(f"{side:<12}{medians[side] * 1000:>8.1f}{min(values) * 1000:>8.1f}"
