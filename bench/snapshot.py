@@ -42,6 +42,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.startup import child_environment  # noqa: E402
 from pykvm.kvm import detect_host_kind  # noqa: E402
 from pykvm.machine import default_guest_dir  # noqa: E402
 from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell  # noqa: E402
@@ -112,6 +113,10 @@ def main() -> int:
     host = detect_host_kind()
     with tempfile.TemporaryDirectory(prefix="pykvm-bench-snapshot-") as tmp:
         work = Path(tmp)
+        # pykvm processes with the bytecode cache on, as an installed pykvm has it
+        # (bench/startup.py); the first run fills it.
+        os.environ.clear()
+        os.environ.update(child_environment(work / "pycache"))
         snap = args.snapshot or args.keep or work / "snap"
         if args.snapshot is None:
             started = time.monotonic()
