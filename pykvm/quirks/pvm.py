@@ -24,12 +24,18 @@ CPUID_1_ECX_CX16 = 1 << 13
 # arithmetic, xsave/xsaveopt/ldmxcsr, xgetbv, rdtscp, verw, lsl and clwb; movbe and rdpid
 # raise #UD (not offered); rdrand, rdseed, lzcnt/tzcnt, fxsave/fxrstor, fninit,
 # wrfsbase, swapgs and cmpxchg8b run. pykvm completes ldmxcsr, stmxcsr and xgetbv
-# (complete.py) and keeps Linux off the others: clearcpuid and noxsave below, RDTSCP is not offered to guests,
-# Linux uses verw only on CPUs with MDS (not AMD, what this host reports), and lsl/rdpid
-# only in its FSGSBASE paranoid entry (fsgsbase cleared). A Linux 6.1 boot to a shell
-# command then stops at nothing but int3, fwait and pykvm's own #PF hook.
+# (complete.py) and keeps Linux off the others: clearcpuid and noxsave below, RDTSCP
+# is not offered to guests, Linux uses verw only on CPUs with MDS (not AMD, what this
+# host reports), and lsl/rdpid only in its FSGSBASE paranoid entry (fsgsbase cleared).
+# ssse3: Debian's kernels build the SSSE3 BLAKE2s in (CONFIG_CRYPTO_BLAKE2S_X86=y), which
+# random.c runs on every CPU between kernel_fpu_begin (the ldmxcsr Debian's cloud kernel
+# stopped at) and kernel_fpu_end; its pshufb/paddd stop the emulator, and without SSSE3
+# Linux takes the generic C BLAKE2s (arch/x86/crypto/blake2s-glue.c).
+# A Linux 6.1 boot to a shell command then stops at nothing but int3, fwait and
+# pykvm's own #PF hook.
 LINUX_CMDLINE = ("nopv noxsave "
-                 "clearcpuid=smap,popcnt,movbe,rdrand,avx,avx2,fsgsbase,bmi1,bmi2,adx,rdseed "
+                 "clearcpuid=smap,popcnt,movbe,rdrand,avx,avx2,fsgsbase,bmi1,bmi2,adx,rdseed,"
+                 "ssse3 "
                  "lpj=1000000 tsc=reliable no_timer_check")
 
 
