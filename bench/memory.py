@@ -121,13 +121,13 @@ def reference() -> Resident:
         child.wait(timeout=30)
 
 
-def run_guest(quick: bool, workdir: Path) -> Resident:
+def run_guest(quick: bool, workdir: Path, kernel: list[str]) -> Resident:
     from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell
 
     disk = workdir / "disk.img"
     with open(disk, "wb") as image:
         image.truncate(DISK_MIB << 20)
-    args = ["--mem", MEM, "--disk", str(disk), "--net", "tap"]
+    args = ["--mem", MEM, "--disk", str(disk), "--net", "tap", *kernel]
     with GuestShell(args, api_sock=workdir / "api.sock", log=workdir / "pykvm.log") as shell:
         if quick:
             time.sleep(QUICK_SECONDS)
@@ -149,17 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"measure {QUICK_SECONDS:g} s into the boot instead of at the shell")
     parser.add_argument("--record", action="store_true", help="add a row to bench/RESULTS.md")
+    parser.add_argument("--kernel", type=Path, help="a guest directory's kernel (default: the "
+                                                    "default guest's), with its initramfs.cpio")
     args = parser.parse_args(argv)
     from pykvm.kvm import detect_host_kind
     from pykvm.machine import default_guest_dir
-    if default_guest_dir() is None:
+    kernel = [] if args.kernel is None else \
+        ["--kernel", str(args.kernel), "--initrd", str(args.kernel.parent / "initramfs.cpio")]
+    if default_guest_dir() is None and not kernel:
         print("memory: the default Linux guest is not built (make guest)", file=sys.stderr)
         return 1
     load = os.getloadavg()[0]
     try:
         ref = reference()
         with tempfile.TemporaryDirectory(prefix="pykvm-bench-memory-") as tmp:
-            vmm = run_guest(args.quick, Path(tmp))
+            vmm = run_guest(args.quick, Path(tmp), kernel)
     except BenchError as error:
         print(f"memory: {error}", file=sys.stderr)
         return 1
