@@ -13,7 +13,11 @@ the main thread and would let the offending thread carry on) writes one line to
 stderr naming the call and the thread, then ends the whole process with
 :data:`KILL_STATUS`. It runs Python code in signal context; that is sound here
 because every call the allocator and the GIL make is allowed, so the trap never
-interrupts them.
+interrupts them, and because it never lets go of the GIL: it writes and exits through
+libc called with the GIL held (``ctypes.PyDLL``). ``os.write`` would release the GIL,
+and a trapped ``fork()`` holds glibc's malloc locks: another thread taking the GIL
+then blocks in malloc and the handler never gets the GIL back (seen as a hang after
+the line was written).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _SI_SYSCALL_OFFSET = 24     # siginfo_t: signo, errno, code, pad, then _sigsys {
 _ARG_OFFSETS = tuple(40 + 8 * reg for reg in (8, 9, 12))
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc_holding_gil = ctypes.PyDLL(None)     # for the SIGSYS handler: see the module docstring
+_libc_holding_gil.write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+_libc_holding_gil._exit.argtypes = (ctypes.c_int,)
 
 
 class SandboxError(PykvmError):
@@ -72,9 +79,10 @@ def _report(signo: int, info: int, context: int) -> None:
             f"call {label} with arguments {args}, ...; the VMM exits with status "
             f"{KILL_STATUS}\n")
     try:
-        os.write(2, line.encode())
+        data = line.encode()
+        _libc_holding_gil.write(2, data, len(data))
     finally:
-        os._exit(KILL_STATUS)
+        _libc_holding_gil._exit(KILL_STATUS)
 
 
 def install_reporter() -> None:
