@@ -124,6 +124,7 @@ KILL_GRACE = 15.0          # seconds to wait for EXIT after the SIGKILL of a tim
 # copied out to disk (streamed, never gathered) at most MAX_FILE. AgentClient takes others.
 MAX_OUTPUT = 64 << 20
 MAX_FILE = 4 << 30
+MAX_PENDING = 4 << 20      # bytes on their way to a sink before the channel waits
 DEFAULT_READY_TIMEOUT = 900.0
 
 
@@ -300,7 +301,10 @@ class _Request:
     on_output: Callable[[int, bytes], object] | None = None
     limit: int = MAX_OUTPUT        # bytes each of stdout, stderr and data may reach
     sink: BinaryIO | None = None   # stdout (EXEC) or data (GET_FILE) are written here
-    sunk: int = 0                  # bytes written to sink
+    sunk: int = 0                  # bytes for the sink so far (written or pending)
+    pending: list = field(default_factory=list)   # chunks the waiter still has to write
+    pending_bytes: int = 0
+    waited: bool = True            # someone still waits for it (False once forgotten)
     overflow: str | None = None    # which stream passed the limit
 
 
@@ -379,11 +383,15 @@ class AgentClient:
             request.data.extend(payload)
             request.done = True
 
-    @staticmethod
-    def _collect(request: _Request, what: str, buffer: bytearray, payload: bytes,
+    def _collect(self, request: _Request, what: str, buffer: bytearray, payload: bytes,
                  to_sink: bool = True) -> None:
-        """Keep ``payload`` (in ``buffer``, or written to the request's sink), unless it
-        takes ``what`` past the request's limit: then the request ends with an error."""
+        """Keep ``payload`` (in ``buffer``, or queued for the request's sink), unless it
+        takes ``what`` past the request's limit: then the request ends with an error.
+
+        A sink is written by the thread that waits for the request (:meth:`_drain`), not
+        here: this runs on the channel's thread, a device thread that the sandbox keeps
+        from opening files and that should not wait for a disk. At most MAX_PENDING bytes
+        queue up; past that the channel waits until the waiter has written them."""
         sink = request.sink if to_sink else None
         size = (request.sunk if sink is not None else len(buffer)) + len(payload)
         if size > request.limit:
@@ -395,13 +403,30 @@ class AgentClient:
         if sink is None:
             buffer.extend(payload)
             return
+        request.pending.append(payload)
+        request.pending_bytes += len(payload)
+        request.sunk = size
+        self._cond.notify_all()
+        while request.pending_bytes > MAX_PENDING and request.waited and not request.done:
+            self._cond.wait(0.25)
+
+    def _drain(self, request: _Request) -> None:
+        """Write what :meth:`_collect` queued to the request's sink, without the lock held
+        (called with it; the channel goes on meanwhile). A write error ends the request."""
+        chunks, request.pending, request.pending_bytes = request.pending, [], 0
+        self._cond.notify_all()                 # a channel waiting for room
+        error = None
+        self._cond.release()
         try:
-            sink.write(payload)
-            request.sunk = size
-        except OSError as error:
-            request.error = (error.errno or errno_module.EIO,
-                             f"{what}: writing it on the host: {error.strerror}")
-            request.done = True
+            for chunk in chunks:
+                request.sink.write(chunk)
+        except OSError as failure:
+            error = (failure.errno or errno_module.EIO,
+                     f"writing it on the host: {failure.strerror}")
+        finally:
+            self._cond.acquire()
+        if error is not None and not request.done:
+            request.error, request.done = error, True
 
     def _fail_all(self, message: str) -> None:
         self._broken = message
@@ -433,12 +458,21 @@ class AgentClient:
 
     def _forget(self, request_id: int) -> None:
         with self._cond:
-            self._requests.pop(request_id, None)
+            request = self._requests.pop(request_id, None)
+            if request is not None:
+                request.waited = False
+                self._cond.notify_all()
 
     def _wait(self, request: _Request, deadline: float | None, what: str) -> bool:
-        """Until ``request`` is done (True) or ``deadline`` passes (False)."""
+        """Until ``request`` is done (True) or ``deadline`` passes (False); meanwhile what
+        arrives for its sink is written there, on this thread."""
         with self._cond:
-            while not request.done:
+            while True:
+                if request.pending:
+                    self._drain(request)
+                    continue
+                if request.done:
+                    return True
                 if self._closed:
                     raise AgentUnavailable(f"{what}: {self._closed}")
                 if not self._alive():
@@ -447,7 +481,6 @@ class AgentClient:
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(0.25 if remaining is None else min(remaining, 0.25))
-        return True
 
     # --- readiness ----------------------------------------------------------------------------------
     def ping(self, timeout: float = 5.0) -> bool:

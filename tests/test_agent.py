@@ -252,6 +252,21 @@ def test_what_a_guest_sends_back_is_bounded_and_streamed_to_disk(tmp_path):
         fake.client.get_file("/big")
 
 
+def test_a_sink_is_written_by_the_waiting_thread_not_the_channels():
+    """The channel's thread is a device thread: the sandbox keeps it from opening files
+    (copy_out failed with EACCES in a real guest) and it must not wait for a disk."""
+    content = random.Random(4).randbytes(agent.MAX_PENDING * 2 + 5)   # the channel waits too
+    writers, written = set(), bytearray()
+
+    class Sink:
+        def write(self, data):
+            writers.add(threading.current_thread())
+            written.extend(data)
+
+    assert file_agent(content, 0o644).client.get_file_into("/f", Sink()) == 0o644
+    assert writers == {threading.current_thread()} and written == content
+
+
 def test_exec_output_past_the_limit_kills_the_command(tmp_path):
     def script(kind, request_id, payload):
         if kind == agent.EXEC:
@@ -612,6 +627,10 @@ def test_linux_guest_exec_files_and_share(linux_vm, tmp_path):
     linux_vm.copy_in(source, "/root/dir")
     linux_vm.copy_out("/root/dir", tmp_path / "back")
     assert (tmp_path / "back" / "sub" / "f.txt").read_text() == "in a directory\n"
+    # a setuid file in the guest is the user's own plain file on the host
+    linux_vm.exec("echo '#!/bin/sh' > /tmp/suid && chmod 6777 /tmp/suid", timeout=120, check=True)
+    linux_vm.copy_out("/tmp/suid", tmp_path / "suid")
+    assert (tmp_path / "suid").stat().st_mode & 0o7777 == user_mode(True)
 
     # --share: visible at /mnt/share, read-only
     assert linux_vm.get_file("/mnt/share/hello.txt") == SHARE_FILES["hello.txt"]
