@@ -244,18 +244,18 @@ RARE_PATHS_SCENARIO = """
         '''At the guest's first exit, on the confined vCPU thread: what a snapshot and a
         message about an unknown instruction import lazily (preloaded in the background).'''
         name = "rare"
-        def read(self, offset, size):
-            return 0
         def write(self, offset, size, value):
             state = machine.vm.vcpus[0].save_state()
             text = Disassembler().decode(bytes.fromhex("0f01ca"), 0, 64).text
             print(f"saved {len(state)} parts; {text}", flush=True)
             machine.request_stop("exit", 0, "done")
 
-    with Machine(MachineConfig(mem_size=2 << 20, flat=sys.argv[1])) as machine:
-        machine.vm.add_pio_device(int(sys.argv[2]), 1, RarePaths())
-        stop = machine.run(timeout=30)
-        print(stop.kind if stop else "timeout", flush=True)
+    machine = Machine(MachineConfig(mem_size=2 << 20, flat=sys.argv[1]))
+    machine.vm.add_pio_device(int(sys.argv[2]), 1, RarePaths())
+    try:
+        print(machine.run(timeout=30).kind, flush=True)
+    finally:
+        machine.close()
 """
 
 
