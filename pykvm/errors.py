@@ -57,6 +57,11 @@ class GuestBuildError(PykvmError):
     built yet; the message says what to run."""
 
 
+class BootCacheError(PykvmError):
+    """The boot cache (pykvm/warm/cache.py) cannot be used: its directory is not safely
+    this user's, or an entry cannot be written or read."""
+
+
 class GuestMemoryError(PykvmError):
     """A guest-physical access fell outside guest RAM."""
 
@@ -67,3 +72,8 @@ class GuestCrashed(PykvmError):
 
 class StatsDecodeError(PykvmError):
     """Statistics another pykvm sent (`pykvm stat` over a control socket) are malformed."""
+
+
+class VhostUserError(PykvmError):
+    """A vhost-user back end (pykvm/vhost_user) broke the protocol, refused a request,
+    went away, or could not be started."""

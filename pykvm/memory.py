@@ -1,5 +1,13 @@
-"""Guest RAM: anonymous (or file-backed) mmap regions, reached only through
-bounds-checked guest-physical addresses.
+"""Guest RAM: memfd-backed (or, for a restored snapshot, file-backed) mmap
+regions, reached only through bounds-checked guest-physical addresses.
+
+A fresh VM's RAM is one sealed memfd mapped MAP_SHARED, region by region at
+increasing file offsets: still one mmap per region and zero-copy for pykvm's
+own devices, and shareable, because a vhost-user back end (virtiofsd,
+qemu-storage-daemon: pykvm/vhost_user) maps the same pages from the fd it gets
+with SET_MEM_TABLE. The memfd is sealed against shrinking and growing, so a
+back end cannot truncate it under pykvm (which would turn guest RAM accesses
+into SIGBUS). Like anonymous memory its pages are allocated on first touch.
 
 Like rust-vmm's vm-memory, nothing here hands out raw host pointers to device
 code: devices get memoryviews that cover exactly the range they asked for, and
@@ -10,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -26,6 +35,7 @@ class MemoryRegion:
     guest_addr: int
     size: int
     mapping: mmap.mmap
+    file_offset: int = 0                # where the region starts in GuestMemory.fd
     host_addr: int = field(init=False)
     view: memoryview = field(init=False, repr=False)
 
@@ -86,9 +96,29 @@ def _mmap(what: str, size: int, *args, **kwargs) -> mmap.mmap:
                                 f"memory for it (ENOMEM); ask for less with --mem") from None
 
 
-def _map_anonymous(size: int) -> mmap.mmap:
-    mapping = _mmap("guest RAM", size, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 0x0001, 0x0002
+F_ADD_SEALS = 1033
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW = 0x0001, 0x0002, 0x0004
+
+
+def _shareable_fd(size: int) -> int:
+    """A memfd of ``size`` bytes, sealed: its size can never change again."""
+    fd = os.memfd_create("pykvm-guest-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.ENOMEM, errno.ENOSPC):
+            raise HostResourceError(f"cannot make {_format(size)} of guest RAM: the host is "
+                                    f"out of memory for it; ask for less with --mem") from None
+        raise
+    return fd
+
+
+def _map_shared(fd: int, size: int, offset: int) -> mmap.mmap:
+    mapping = _mmap("guest RAM", size, fd, size, flags=mmap.MAP_SHARED,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
     # Guest RAM is the guest's business: keep it out of core dumps of pykvm.
     if hasattr(mmap, "MADV_DONTDUMP"):
         mapping.madvise(mmap.MADV_DONTDUMP)
@@ -98,18 +128,36 @@ def _map_anonymous(size: int) -> mmap.mmap:
 class GuestMemory:
     """All of a VM's RAM, as a list of non-overlapping regions."""
 
-    def __init__(self, regions: list[MemoryRegion]):
+    def __init__(self, regions: list[MemoryRegion], fd: int = -1):
         self.regions = sorted(regions, key=lambda r: r.guest_addr)
         self._last = self.regions[0]
+        self.fd = fd      # the memfd every region maps (-1: not shareable); owned here
+
+    @property
+    def shareable(self) -> bool:
+        """True when a back end can map this RAM (the regions' ``file_offset`` in ``fd``)."""
+        return self.fd >= 0
 
     @classmethod
     def anonymous(cls, mem_size: int) -> "GuestMemory":
-        """RAM of ``mem_size`` bytes laid out by :func:`layout.ram_ranges`."""
+        """RAM of ``mem_size`` bytes laid out by :func:`layout.ram_ranges`: one sealed
+        memfd, each region mapped MAP_SHARED at its own offset (see the module doc)."""
         if mem_size <= 0 or mem_size % PAGE_SIZE:
             raise GuestMemoryError(f"memory size {mem_size} is not a positive multiple of 4 KiB")
         check_fits_host(mem_size)
-        return cls([MemoryRegion(start, size, _map_anonymous(size))
-                    for start, size in ram_ranges(mem_size)])
+        fd = _shareable_fd(mem_size)
+        regions: list[MemoryRegion] = []
+        try:
+            offset = 0
+            for start, size in ram_ranges(mem_size):
+                regions.append(MemoryRegion(start, size, _map_shared(fd, size, offset), offset))
+                offset += size
+        except BaseException:
+            for region in regions:
+                region.close()
+            os.close(fd)
+            raise
+        return cls(regions, fd)
 
     @classmethod
     def from_file(cls, path: str, layout: list[tuple[int, int, int]]) -> "GuestMemory":
@@ -167,6 +215,12 @@ class GuestMemory:
         offset = gpa - region.guest_addr
         return region.view[offset:offset + length]
 
+    def host_address(self, gpa: int, length: int) -> int:
+        """pykvm's own virtual address of [gpa, gpa+length) (one region): what a
+        vhost-user back end is told ring addresses are (SET_VRING_ADDR)."""
+        region = self.region_of(gpa, length)
+        return region.host_addr + gpa - region.guest_addr
+
     # --- copies -------------------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -217,6 +271,9 @@ class GuestMemory:
     def close(self) -> None:
         for region in self.regions:
             region.close()
+        if self.fd >= 0:
+            os.close(self.fd)   # the pages go with the last mapping (or a back end's)
+            self.fd = -1
 
     def __enter__(self) -> "GuestMemory":
         return self

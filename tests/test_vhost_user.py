@@ -1,0 +1,294 @@
+"""vhost-user (issue #16): shareable guest RAM, the front end's message sequence
+against a recording fake back end, and the real virtiofsd.
+
+The fake back end (:class:`FakeBackend`) is a small daemon on a thread: it answers
+the front end over a real Unix socket, receives the real fds (SCM_RIGHTS), maps the
+memfd it is given and records every message, so the tests check both the order
+and the payloads -- and that what the back end maps is the guest's RAM.
+"""
+
+import array
+import errno
+import fcntl
+import mmap
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from pykvm.memory import GuestMemory
+from pykvm.vhost_user import protocol as p
+from pykvm.vhost_user.frontend import Frontend, Vring
+from pykvm.vhost_user.protocol import Request, VhostUserError
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+# --- item 1: shareable guest RAM ---------------------------------------------------------------
+def test_guest_ram_is_a_sealed_memfd_another_mapping_shares():
+    with GuestMemory.anonymous(8 << 20) as memory:
+        assert memory.shareable and os.readlink(f"/proc/self/fd/{memory.fd}").startswith(
+            "/memfd:pykvm-guest-ram")
+        other = mmap.mmap(memory.fd, 8 << 20, flags=mmap.MAP_SHARED)
+        memory.write(0x12345, b"from the guest")
+        assert other[0x12345:0x12345 + 14] == b"from the guest"   # one set of pages
+        other[0x2000:0x2004] = b"back"
+        assert memory.read(0x2000, 4) == b"back"
+        other.close()
+        # a back end cannot shrink (SIGBUS for pykvm) or grow it
+        for size in (4096, 16 << 20):
+            with pytest.raises(PermissionError):
+                os.ftruncate(memory.fd, size)
+        fd = memory.fd
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+
+
+def test_ram_above_the_pci_hole_is_a_second_region_of_the_same_memfd():
+    with GuestMemory.anonymous(4 << 30) as memory:
+        low, high = memory.regions
+        assert (high.guest_addr, high.file_offset) == (1 << 32, low.size)
+        memory.write(high.guest_addr + 8, b"high")
+        assert os.pread(memory.fd, 4, high.file_offset + 8) == b"high"
+        assert memory.host_address(high.guest_addr + 8, 4) == high.host_addr + 8
+
+
+# --- a recording back end ------------------------------------------------------------------------
+@dataclass
+class Message:
+    request: int
+    flags: int
+    payload: bytes
+    fds: list = field(default_factory=list)
+
+
+class FakeBackend:
+    """A vhost-user back end on a thread: answers GET_*, acks with REPLY_ACK, records
+    everything, maps SET_MEM_TABLE's fds. ``hang_up_after``: close the connection after
+    that many messages (a back end that dies)."""
+
+    def __init__(self, path, *, features=(1 << 32) | p.F_PROTOCOL_FEATURES,
+                 protocol_features=p.PROTOCOL_F_REPLY_ACK | p.PROTOCOL_F_CONFIG | (1 << 15),
+                 config=b"", hang_up_after=None, refuse=None):
+        self.features = features
+        self.protocol_features = protocol_features
+        self.config = config
+        self.hang_up_after = hang_up_after
+        self.refuse = refuse
+        self.messages: list[Message] = []
+        self.mapped: list[mmap.mmap] = []
+        self.acked = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _receive(self, conn):
+        fds = array.array("i")
+        data, ancillary, _, _ = conn.recvmsg(p.HEADER.size, socket.CMSG_SPACE(8 * 4))
+        if not data:
+            return None
+        for level, kind, body in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(body[:len(body) - len(body) % fds.itemsize])
+        request, flags, size = p.HEADER.unpack(data)
+        payload = b""
+        while len(payload) < size:
+            payload += conn.recv(size - len(payload))
+        return Message(request, flags, payload, list(fds))
+
+    def _reply(self, conn, message, payload):
+        conn.sendall(p.encode(message.request, payload, reply=True))
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            while True:
+                message = self._receive(conn)
+                if message is None:
+                    return
+                self.messages.append(message)
+                if self.hang_up_after is not None and len(self.messages) >= self.hang_up_after:
+                    return
+                request = message.request
+                if request == Request.GET_FEATURES:
+                    self._reply(conn, message, p.u64(self.features))
+                elif request == Request.GET_PROTOCOL_FEATURES:
+                    self._reply(conn, message, p.u64(self.protocol_features))
+                elif request == Request.GET_VRING_BASE:
+                    index, _ = p.VRING_STATE.unpack(message.payload)
+                    self._reply(conn, message, p.vring_state(index, 7))
+                elif request == Request.GET_CONFIG:
+                    offset, size, _ = p.CONFIG_HEADER.unpack_from(message.payload)
+                    self._reply(conn, message, p.CONFIG_HEADER.pack(offset, size, 0)
+                                + self.config[offset:offset + size].ljust(size, b"\0"))
+                elif request == Request.SET_MEM_TABLE:
+                    for region, fd in zip(p.decode_memory_table(message.payload), message.fds):
+                        self.mapped.append(mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED,
+                                                     offset=region.mmap_offset))
+                if message.flags & p.FLAG_NEED_REPLY:
+                    self.acked += 1
+                    self._reply(conn, message, p.u64(1 if request == self.refuse else 0))
+                for fd in message.fds:
+                    os.close(fd)
+
+    def names(self):
+        return [Request(m.request).name for m in self.messages]
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(timeout=5)
+        for mapping in self.mapped:
+            mapping.close()
+
+
+@pytest.fixture
+def backend_path(tmp_path):
+    return tmp_path / "backend.sock"
+
+
+def two_vrings(memory):
+    kicks = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    calls = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    vrings = [Vring(i, 128, 0x10000 + i * 0x4000, 0x10800 + i * 0x4000,
+                    0x11000 + i * 0x4000, kicks[i], calls[i]) for i in range(2)]
+    return vrings, kicks + calls
+
+
+def test_frontend_sequence_and_payloads(backend_path):
+    backend = FakeBackend(backend_path, config=b"tag-bytes")
+    try:
+        with GuestMemory.anonymous(4 << 30) as memory:
+            frontend = Frontend.connect(str(backend_path), "test")
+            assert frontend.protocol_features == p.PROTOCOL_F_REPLY_ACK | p.PROTOCOL_F_CONFIG
+            assert frontend.get_config(4, 5) == b"bytes"
+            vrings, fds = two_vrings(memory)
+            frontend.start(1 << 32, memory, vrings)
+            memory.write(0x1000, b"guest data")
+            assert backend.mapped[0][0x1000:0x100A] == b"guest data"   # the same pages
+            memory.write((1 << 32) + 0x40, b"high")
+            assert backend.mapped[1][0x40:0x44] == b"high"
+            assert frontend.stop() == {0: 7, 1: 7}
+            host_addrs = [r.host_addr for r in memory.regions]
+            frontend.close()
+            for fd in fds:
+                os.close(fd)
+        time.sleep(0.1)
+    finally:
+        backend.close()
+    ring = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_KICK",
+            "SET_VRING_CALL"]
+    assert backend.names() == (
+        ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "SET_OWNER",
+         "GET_CONFIG", "SET_FEATURES", "SET_MEM_TABLE"] + ring + ring
+        + ["SET_VRING_ENABLE"] * 2 + ["SET_VRING_ENABLE"] * 2 + ["GET_VRING_BASE"] * 2)
+    by_name = {}
+    for message in backend.messages:
+        by_name.setdefault(Request(message.request).name, []).append(message)
+        assert message.flags & p.FLAG_VERSION_MASK == 1
+    # REPLY_ACK: asked for on every request without a reply of its own, after negotiation
+    assert not by_name["SET_PROTOCOL_FEATURES"][0].flags & p.FLAG_NEED_REPLY
+    assert by_name["SET_OWNER"][0].flags & p.FLAG_NEED_REPLY
+    assert not by_name["GET_VRING_BASE"][0].flags & p.FLAG_NEED_REPLY
+    assert backend.acked == 1 + 1 + 1 + 2 * 5 + 4
+    assert struct.unpack("<Q", by_name["SET_FEATURES"][0].payload)[0] == \
+        (1 << 32) | p.F_PROTOCOL_FEATURES
+    table = by_name["SET_MEM_TABLE"][0]
+    regions = p.decode_memory_table(table.payload)
+    assert [(r.guest_addr, r.size, r.mmap_offset) for r in regions] == \
+        [(0, 3 << 30, 0), (1 << 32, 1 << 30, 3 << 30)]
+    assert [r.user_addr for r in regions] == host_addrs
+    assert len(table.fds) == 2
+    assert p.VRING_ADDR.unpack(by_name["SET_VRING_ADDR"][1].payload)[:2] == (1, 0)
+    assert [struct.unpack("<Q", m.payload)[0] for m in by_name["SET_VRING_KICK"]] == [0, 1]
+    assert all(len(m.fds) == 1 for m in by_name["SET_VRING_KICK"] + by_name["SET_VRING_CALL"])
+    assert [p.VRING_STATE.unpack(m.payload) for m in by_name["SET_VRING_ENABLE"]] == \
+        [(0, 1), (1, 1), (0, 0), (1, 0)]
+
+
+def test_ring_addresses_are_pykvm_virtual_addresses(backend_path):
+    backend = FakeBackend(backend_path)
+    try:
+        with GuestMemory.anonymous(4 << 20) as memory:
+            frontend = Frontend.connect(str(backend_path), "test")
+            vrings, fds = two_vrings(memory)
+            frontend.start(1 << 32, memory, vrings)
+            frontend.close()
+            for fd in fds:
+                os.close(fd)
+            time.sleep(0.1)
+            addr = [m for m in backend.messages if m.request == Request.SET_VRING_ADDR][0]
+            _, _, desc, used, avail, _ = p.VRING_ADDR.unpack(addr.payload)
+            base = memory.regions[0].host_addr
+            assert (desc, used, avail) == (base + 0x10000, base + 0x11000, base + 0x10800)
+    finally:
+        backend.close()
+
+
+def test_without_protocol_features_no_enable_and_no_acks(backend_path):
+    backend = FakeBackend(backend_path, features=1 << 32)
+    try:
+        with GuestMemory.anonymous(4 << 20) as memory:
+            frontend = Frontend.connect(str(backend_path), "test")
+            vrings, fds = two_vrings(memory)
+            frontend.start(1 << 32, memory, vrings)
+            frontend.stop()
+            frontend.close()
+            for fd in fds:
+                os.close(fd)
+        time.sleep(0.1)
+    finally:
+        backend.close()
+    assert "GET_PROTOCOL_FEATURES" not in backend.names()
+    assert "SET_VRING_ENABLE" not in backend.names()
+    assert backend.acked == 0
+
+
+def test_a_refused_request_is_an_error(backend_path):
+    backend = FakeBackend(backend_path, refuse=Request.SET_MEM_TABLE)
+    try:
+        with GuestMemory.anonymous(4 << 20) as memory:
+            frontend = Frontend.connect(str(backend_path), "test")
+            vrings, fds = two_vrings(memory)
+            with pytest.raises(VhostUserError, match="refused SET_MEM_TABLE"):
+                frontend.start(1 << 32, memory, vrings)
+            frontend.close()
+            for fd in fds:
+                os.close(fd)
+    finally:
+        backend.close()
+
+
+def test_a_back_end_that_hangs_up_is_an_error_and_is_seen(backend_path):
+    backend = FakeBackend(backend_path, hang_up_after=6)
+    lost = threading.Event()
+    try:
+        with GuestMemory.anonymous(4 << 20) as memory:
+            frontend = Frontend.connect(str(backend_path), "test")
+            frontend.watch(lambda reason: lost.set())
+            vrings, fds = two_vrings(memory)
+            with pytest.raises(VhostUserError, match="closed the connection"):
+                frontend.start(1 << 32, memory, vrings)
+            assert lost.wait(5)
+            frontend.close()
+            for fd in fds:
+                os.close(fd)
+    finally:
+        backend.close()
+
+
+def test_header_checks():
+    with pytest.raises(VhostUserError, match="version"):
+        p.Header.decode(p.HEADER.pack(1, 2, 0))
+    with pytest.raises(VhostUserError, match="at most"):
+        p.Header.decode(p.HEADER.pack(1, 1 | p.FLAG_REPLY, p.MAX_PAYLOAD + 1))
+    with pytest.raises(VhostUserError, match="queue 3"):
+        p.decode_vring_state(p.vring_state(3, 5), 1)
