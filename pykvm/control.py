@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, sandbox
+from . import sandbox
 from .errors import ConfigError, PykvmError
 
 MAX_REQUEST = 1 << 16       # bytes in one request line, newline excluded
@@ -181,6 +181,7 @@ class ControlServer:
         return "stopping" if vm.stop_requested else vm.state.value
 
     def _do_status(self, request) -> dict:
+        from . import __version__    # importlib.metadata: when asked, not with every run
         machine = self.machine
         return {"state": self._state(), "pykvm_version": __version__,
                 "host_kind": machine.kvm.host_kind, "vcpus": len(machine.vm.vcpus),

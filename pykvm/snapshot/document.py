@@ -20,7 +20,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
 from .kvmstate import VcpuState, VmState
 from .schema import U64, Hex64, decode
 from .state import SnapshotError
@@ -109,6 +108,7 @@ def read_document(directory: Path) -> SnapshotDocument:
         raise SnapshotError(f"{path}: not a pykvm snapshot (format is not {FORMAT!r})")
     version = document.get("version")
     if type(version) is not int or version != VERSION:
+        from .. import __version__   # importlib.metadata: only for this message (start-up)
         raise SnapshotError(f"{path}: snapshot format version {str(version)[:20]}; "
                             f"this pykvm ({__version__}) reads version {VERSION} only")
     if document.get("checksum") != checksum(document):

@@ -26,7 +26,6 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
 from ..errors import KvmError, PykvmError
 from ..kvm import detect_host_kind
 from .directory import SnapshotDirectory
@@ -130,6 +129,7 @@ def collect_state(machine) -> dict:
             devices[key] = device.save_state()
     with _saving("PCI"):
         pci = machine.virtio.pci.save_state() if machine.virtio else None
+    from .. import __version__   # importlib.metadata: when saving, not with every restore
     return {
         "format": FORMAT, "version": VERSION, "pykvm_version": __version__,
         "host_kind": machine.kvm.host_kind,
