@@ -14,6 +14,7 @@ from pathlib import Path
 from . import layout, sandbox
 from .errors import PykvmError
 from .guestimage import cli as guest_cli
+from .warm import cli as cache_cli
 
 EXIT_USAGE = 2
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
 
     guest_cli.add_parser(commands)
+    cache_cli.add_parser(commands)
     check = commands.add_parser("check", help="say whether this host can run pykvm (like kvm-ok)")
     check.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     check.set_defaults(handler=cmd_check)
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--flat", type=Path, help="a flat binary loaded at 0x10000 (tutorial guests)")
     boot.add_argument("--entry", default="real", choices=("real", "protected", "long"),
                       help="CPU mode a --flat guest starts in (default real)")
+    boot.add_argument("--cold", action="store_true",
+                      help="with -- CMD: boot from scratch, neither restoring a cached boot "
+                           "nor caching this one (pykvm cache list)")
     boot.add_argument("--no-extract", action="store_true",
                       help="enter a bzImage through its own decompressor instead of loading the "
                            "extracted vmlinux")
@@ -124,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the guest agent's channel (a virtio-serial port; the default "
                               "guest starts pykvm-agent on it): run commands and copy files "
                               "with `pykvm exec` / `pykvm cp` through --api-sock")
-    devices.add_argument("--share", action="append", default=[], metavar="DIR",
-                         help="show the host directory DIR read-only at /mnt/share (then "
-                              "/mnt/share1, ...): an ext2 image of it made with mke2fs, on a "
-                              "read-only virtio disk mounted by the agent (implies --agent)")
+    devices.add_argument("--share", action="append", default=[], metavar="DIR[,ro][,tag=T]",
+                         help="share the host directory DIR live at /mnt/share (then "
+                              "/mnt/share1, ...) through virtio-fs and a virtiofsd pykvm "
+                              "starts and stops; ro: read-only. DIR,copy: a read-only ext2 "
+                              "copy instead (can be snapshotted; implies --agent)")
+    devices.add_argument("--vhost-user-fs", action="append", default=[],
+                         metavar="SOCKET,tag=T",
+                         help="a virtio-fs device served by a virtiofsd you started on SOCKET")
     devices.add_argument("--net", action="append", default=[],
                          metavar="tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]",
                          help="a virtio-net NIC on a TAP (repeatable): NAME is created, or "
@@ -320,6 +329,13 @@ def cmd_run(args) -> int:
         if args.api_sock is None:
             raise ConfigError("--api-sock-group widens --api-sock: give --api-sock PATH too")
         group_id(args.api_sock_group)       # an unknown group is refused before the boot
+    share_copies, live_shares = [], []
+    if args.share or args.vhost_user_fs:
+        from .devices.virtio.fs import FsSpec
+        from .share import parse_shares
+        share_copies, live_shares = parse_shares(
+            args.share, warn=lambda line: print(line, file=sys.stderr))
+        live_shares += [FsSpec.parse_socket(text) for text in args.vhost_user_fs]
     config = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, flat=args.flat,
                            entry=args.entry, kernel=args.kernel, initrd=args.initrd,
                            append=args.append, kvm_device=args.device, stats=args.stats,
@@ -327,8 +343,8 @@ def cmd_run(args) -> int:
                            disks=[DiskSpec.parse(text) for text in args.disk],
                            console=args.console, rng=args.rng,
                            nets=[NetSpec.parse(text) for text in args.net],
-                           agent=args.agent or bool(args.share),
-                           shares=[str(Path(d).absolute()) for d in args.share])
+                           agent=args.agent or bool(share_copies),
+                           shares=share_copies, live_shares=live_shares)
     if args.command_args is not None:
         if args.flat:
             from .errors import ConfigError
@@ -337,6 +353,11 @@ def cmd_run(args) -> int:
     if config.flat is None and config.kernel is None and args.restore is None:
         config.kernel, default_initrd = default_linux_guest()
         config.initrd = config.initrd or default_initrd
+    if config.command is not None and args.restore is None:
+        from .warm.run import run_command     # the agent and the boot cache (pykvm/warm)
+        status = run_command(args, config)
+        if status is not None:
+            return status
     progress = sys.stderr.isatty()
     started = time.monotonic()
     observers = Observers(args)

@@ -47,6 +47,7 @@ class MachineConfig:
     nets: list = field(default_factory=list)   # NetSpec of each virtio-net NIC (pykvm/net)
     agent: bool = False                 # the guest agent's channel (pykvm/agent.py): exec, files
     shares: list = field(default_factory=list)  # host dirs, read-only at /mnt/share... (pykvm/share.py)
+    live_shares: list = field(default_factory=list)  # FsSpec: virtio-fs over vhost-user (devices/virtio/fs.py)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -64,7 +65,7 @@ class MachineConfig:
             raise ConfigError("give exactly one of --flat FILE or --kernel FILE")
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"--console {self.console}: must be serial or virtio")
-        if (self.agent or self.shares) and self.flat is not None:
+        if (self.agent or self.shares or self.live_shares) and self.flat is not None:
             raise ConfigError("--agent and --share need a Linux guest (the agent runs in it)")
 
 
@@ -186,7 +187,7 @@ class Machine:
     def _add_virtio_devices(self) -> None:
         config = self.config
         if config.disks or config.console == "virtio" or config.rng or config.nets or \
-                config.agent or config.shares:
+                config.agent or config.shares or config.live_shares:
             from .devices.virtio import attach_virtio
             from .net.plumbing import machine_key
             extra = self._agent_devices()
@@ -194,7 +195,8 @@ class Machine:
                                         disks=config.disks + self._share_disks(),
                                         console=config.console == "virtio", rng=config.rng,
                                         console_output=self.console, nets=config.nets,
-                                        net_key=machine_key(config), extra=extra)
+                                        net_key=machine_key(config), extra=extra,
+                                        shares=config.live_shares)
 
     def _agent_devices(self) -> list:
         """The agent's virtio-serial device (``--agent``; ``--share`` implies it)."""
@@ -288,6 +290,9 @@ class Machine:
         if self.config.agent or self.config.shares:
             from .agent import CMDLINE_FLAG
             parts.append(CMDLINE_FLAG)      # the default guest's /init starts pykvm-agent
+        if self.config.live_shares:
+            from .share import virtiofs_cmdline
+            parts.append(virtiofs_cmdline(self.config))   # the default guest's /init mounts them
         # Tell the kernel its TSC frequency instead of letting it calibrate against the
         # PIT: calibration is slow everywhere and fails outright when guest ring 0 is
         # emulated (kvm_pvm), leaving a guest clock that runs at a third of real time.

@@ -1,14 +1,23 @@
-"""``--share DIR``: a host directory shown to the guest, read-only, as a disk.
+"""``--share DIR``: a host directory shown to the guest, in one of two ways.
 
-There is no shared file system device (virtio-fs needs a daemon and DAX, 9p a
-transport pykvm does not have); a share is a snapshot of the directory instead:
-``mke2fs -t ext2 -d DIR`` (e2fsprogs) writes an ext2 image of it into a
-temporary file when the machine is built, and the image is attached as a
-read-only virtio-blk disk whose serial is ``pykvm-share`` (``pykvm-share1``,
-``pykvm-share2``, ... for more). The guest agent (pykvm/guestimage/agent.c) mounts
-each such disk read-only at ``/mnt/share`` (``/mnt/share1``, ...) before it
-answers its first request. Changes on the host after the machine started are
-not seen; copy files in with ``Machine.copy_in`` / ``pykvm cp`` for that.
+**Live (the default): virtio-fs.** ``--share DIR[,ro][,tag=T]`` starts a
+virtiofsd for DIR (pykvm/vhost_user/daemon.py) and attaches a virtio-fs device
+(pykvm/devices/virtio/fs.py); the default guest's /init mounts share ``i`` at
+``/mnt/share`` (``/mnt/share1``, ...) as told by ``pykvm.virtiofs=`` on the kernel
+command line (:func:`virtiofs_cmdline`). What the guest writes is on the host at
+once and the other way round; ``ro`` makes the daemon's view read-only.
+``--vhost-user-fs SOCKET,tag=T`` attaches a virtiofsd the user started.
+
+**A copy: ``--share DIR,copy``** (also what you get, with one line saying so,
+when virtiofsd is not installed). ``mke2fs -t ext2 -d DIR`` (e2fsprogs) writes
+an ext2 image of the directory into a temporary file when the machine is built,
+and the image is attached as a read-only virtio-blk disk whose serial is
+``pykvm-share`` (``pykvm-share1``, ...). The guest agent (pykvm/guestimage/agent.c)
+mounts each such disk read-only at ``/mnt/share`` (``/mnt/share1``, ...). Changes
+on the host after the machine started are not seen. The copy is kept because it
+can be snapshotted: a live share's state lives in virtiofsd, so a VM with one
+refuses ``pykvm snapshot``, while the pytest plugin's snapshotted ``linux_vm``
+(pykvm/pytest_plugin.py) uses copies.
 
 Images are byte-for-byte reproducible for the same directory content (fixed
 UUID, hash seed and file-system times), so a machine restored from a snapshot
@@ -95,3 +104,39 @@ def share_disks(directories, workdir):
         image = build_image(directory, Path(workdir) / f"share{index}.img")
         disks.append(DiskSpec(str(image), read_only=True, serial=serial(index)))
     return disks
+
+
+def parse_shares(texts, *, warn=None) -> tuple[list[str], list]:
+    """``--share`` arguments -> (directories to copy, FsSpec of live shares). Without
+    virtiofsd every share is a copy; ``warn(line)`` is told once."""
+    from .devices.virtio.fs import FsSpec
+    from .vhost_user.daemon import virtiofsd_path
+
+    copies, live = [], []
+    have_daemon = virtiofsd_path() is not None
+    for text in texts:
+        path, *options = text.split(",")
+        if "copy" in options or not have_daemon:
+            if [o for o in options if o not in ("copy", "ro")]:
+                raise ConfigError(f"--share {text!r}: a copy takes no other options "
+                                  f"(use DIR,copy)")
+            if not have_daemon and "copy" not in options and warn is not None:
+                warn("pykvm: virtiofsd is not installed (apt-get install qemu-system-common): "
+                     "--share makes a read-only copy instead of a live share")
+                warn = None
+            copies.append(str(Path(path).absolute()))
+        else:
+            spec = FsSpec.parse_share(text, len(copies) + len(live))
+            live.append(FsSpec(spec.tag, source=str(Path(spec.source).absolute()),
+                               read_only=spec.read_only))
+    return copies, live
+
+
+def virtiofs_cmdline(config) -> str:
+    """``pykvm.virtiofs=NAME:TAG[:ro],...`` for the default guest's /init: live share
+    ``i`` mounts at /mnt/NAME, numbered after the copies (which the agent mounts)."""
+    entries = []
+    for index, spec in enumerate(config.live_shares):
+        name = mount_point(len(config.shares) + index)[len("/mnt/"):]
+        entries.append(f"{name}:{spec.tag}" + (":ro" if spec.read_only else ""))
+    return "pykvm.virtiofs=" + ",".join(entries)

@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pykvm.devices.virtio.device import STATUS_DRIVER_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1
+from pykvm.devices.virtio.driver import DriverRing, PciDriver, RecordingLine, StandInVm
+from pykvm.devices.virtio.fs import FsDevice, FsSpec
+from pykvm.devices.virtio.pci import VirtioPciDevice
+from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
 from pykvm.vhost_user import protocol as p
 from pykvm.vhost_user.frontend import Frontend, Vring
@@ -83,6 +88,7 @@ class FakeBackend:
         self.hang_up_after = hang_up_after
         self.refuse = refuse
         self.messages: list[Message] = []
+        self.calls: dict[int, int] = {}     # queue -> the call eventfd it was given (a dup)
         self.mapped: list[mmap.mmap] = []
         self.acked = 0
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -134,6 +140,8 @@ class FakeBackend:
                     for region, fd in zip(p.decode_memory_table(message.payload), message.fds):
                         self.mapped.append(mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED,
                                                      offset=region.mmap_offset))
+                elif request == Request.SET_VRING_CALL and message.fds:
+                    self.calls[message.payload[0]] = os.dup(message.fds[0])
                 if message.flags & p.FLAG_NEED_REPLY:
                     self.acked += 1
                     self._reply(conn, message, p.u64(1 if request == self.refuse else 0))
@@ -148,6 +156,8 @@ class FakeBackend:
         self.thread.join(timeout=5)
         for mapping in self.mapped:
             mapping.close()
+        for fd in self.calls.values():
+            os.close(fd)
 
 
 @pytest.fixture
@@ -292,3 +302,135 @@ def test_header_checks():
         p.Header.decode(p.HEADER.pack(1, 1 | p.FLAG_REPLY, p.MAX_PAYLOAD + 1))
     with pytest.raises(VhostUserError, match="queue 3"):
         p.decode_vring_state(p.vring_state(3, 5), 1)
+
+
+# --- the transport hands the queues over ----------------------------------------------------------
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def fs_function(backend_path):
+    backend = FakeBackend(backend_path)
+    with GuestMemory.anonymous(16 << 20) as memory:
+        vm = StandInVm(memory)
+        device = FsDevice(Frontend.connect(str(backend_path), "virtio-fs0"), "mytag")
+        function = VirtioPciDevice(vm, memory, device,
+                                   interrupt_lines=[RecordingLine(24 + i) for i in range(3)])
+        yield function, backend, vm
+        function.close()
+        vm.close()
+    backend.close()
+
+
+def test_virtio_fs_identity_config_and_hand_over(fs_function):
+    function, backend, vm = fs_function
+    driver = PciDriver(function)
+    assert function.config.read(0, 4) == (0x1040 + 26) << 16 | 0x1AF4
+    tag = bytes(driver.read(0x2000 + i, 1) for i in range(36))
+    assert tag == b"mytag".ljust(36, b"\0") and driver.read(0x2000 + 36, 4) == 1
+    # the driver sees the back end's features, less vhost-user's own bit 30
+    assert driver.device_features() & p.F_PROTOCOL_FEATURES == 0
+    assert driver.negotiate(VIRTIO_F_VERSION_1) & 8
+    rings = [DriverRing(vm.memory, 0x100000 + i * 0x10000, 128) for i in range(2)]
+    for index, ring in enumerate(rings):
+        driver.setup_queue(index, ring)
+    before = len(backend.messages)
+    driver.driver_ok()
+    assert driver.status() & STATUS_DRIVER_OK and not driver.status() & STATUS_NEEDS_RESET
+    handed = backend.names()[before:]
+    assert handed[:2] == ["SET_FEATURES", "SET_MEM_TABLE"] and handed.count("SET_VRING_KICK") == 2
+    addr = [m for m in backend.messages if m.request == Request.SET_VRING_ADDR][1]
+    assert p.VRING_ADDR.unpack(addr.payload)[2] == \
+        vm.memory.host_address(rings[1].desc_addr, 16)
+    # the back end's call eventfd becomes the driver's interrupt (INTx here: ISR bit 0)
+    os.eventfd_write(backend.calls[1], 1)
+    assert wait_for(lambda: driver.read(0x1000, 1) == 1)
+    # a guest notify reaches the back end's kick fd (the ioeventfd KVM would signal)
+    kick = [m for m in backend.messages if m.request == Request.SET_VRING_KICK][0]
+    assert kick.fds    # received (and closed by the fake after recording)
+    # reset: the back end stops its rings
+    driver.write(0x14, 1, 0)
+    assert backend.names()[-2:] == ["GET_VRING_BASE", "GET_VRING_BASE"]
+    with pytest.raises(p.VhostUserError, match="cannot be snapshotted"):
+        function.save_state()
+
+
+def test_a_back_end_that_dies_leaves_the_device_needing_reset(backend_path):
+    backend = FakeBackend(backend_path, hang_up_after=8)
+    with GuestMemory.anonymous(16 << 20) as memory:
+        vm = StandInVm(memory)
+        device = FsDevice(Frontend.connect(str(backend_path), "virtio-fs0"), "t")
+        function = VirtioPciDevice(vm, memory, device,
+                                   interrupt_lines=[RecordingLine(24 + i) for i in range(3)])
+        try:
+            driver = PciDriver(function)
+            driver.negotiate(VIRTIO_F_VERSION_1)
+            for index in range(2):
+                driver.setup_queue(index, DriverRing(memory, 0x100000 + index * 0x10000, 128))
+            driver.driver_ok()      # the back end hangs up in the middle: no exception here
+            assert wait_for(lambda: driver.status() & STATUS_NEEDS_RESET)
+            assert not function.running
+            lines = vm.log.getvalue().splitlines()
+            assert len(lines) == 1 and "virtio-fs" in lines[0] and "needs reset" in lines[0]
+            # the driver resets and tries again: refused again, still one line
+            driver.write(0x14, 1, 0)
+            driver.negotiate(VIRTIO_F_VERSION_1)
+            driver.driver_ok()
+            assert driver.status() & STATUS_NEEDS_RESET
+            assert len(vm.log.getvalue().splitlines()) == 1
+        finally:
+            function.close()
+            vm.close()
+    backend.close()
+
+
+def test_share_options():
+    assert FsSpec.parse_share("/d,ro,tag=src", 0) == FsSpec("src", source="/d", read_only=True)
+    assert FsSpec.parse_share("/d", 1).tag == "pykvm-share1"
+    assert FsSpec.parse_socket("/s.sock,tag=x") == FsSpec("x", socket="/s.sock")
+    for bad in ("/d,tag=", "/d,tag=a b", "/d,tag=" + "x" * 37, "/d,rw,what"):
+        with pytest.raises(ConfigError):
+            FsSpec.parse_share(bad, 0)
+    with pytest.raises(ConfigError):
+        FsSpec.parse_socket("/s.sock")
+
+
+# --- the real virtiofsd ------------------------------------------------------------------------------
+needs_virtiofsd = pytest.mark.skipif(not os.access(VIRTIOFSD, os.X_OK),
+                                     reason="virtiofsd missing (apt-get install qemu-system-common)")
+
+
+@needs_virtiofsd
+def test_virtiofsd_takes_the_queues_and_is_stopped(tmp_path):
+    from pykvm.vhost_user.daemon import start_virtiofsd
+    daemon = start_virtiofsd(str(tmp_path), name="virtio-fs0")
+    directory, pid = daemon.directory, daemon.process.pid
+    assert directory.stat().st_mode & 0o777 == 0o700
+    try:
+        frontend = Frontend.connect(daemon.socket_path, "virtio-fs0")
+        assert frontend.features & (1 << 32) and frontend.reply_ack
+        with GuestMemory.anonymous(16 << 20) as memory:
+            vrings, fds = two_vrings(memory)
+            frontend.start(1 << 32, memory, vrings)      # every request acknowledged
+            assert set(frontend.stop()) == {0, 1}
+            frontend.close()
+            for fd in fds:
+                os.close(fd)
+    finally:
+        daemon.stop()
+    assert not directory.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@needs_virtiofsd
+def test_a_daemon_that_cannot_start_says_why(tmp_path):
+    from pykvm.vhost_user.daemon import start_virtiofsd
+    with pytest.raises(VhostUserError, match="not a directory"):
+        start_virtiofsd(str(tmp_path / "missing"))

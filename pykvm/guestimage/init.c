@@ -15,6 +15,8 @@
  * busybox poweroff / reboot / halt signal PID 1: report 0.
  * With pykvm.agent=1 on the kernel command line, /sbin/pykvm-agent (agent.c)
  *   is started too, before the command or shell; init only reaps it.
+ * With pykvm.virtiofs=NAME:TAG[:ro],... (pykvm run --share DIR: live shares,
+ *   pykvm/share.py), each virtio-fs TAG is mounted at /mnt/NAME first.
  * Init's own failures are printed and reported as 125 (or 126/127 when the
  * shell cannot be executed), never as a kernel panic.
  */
@@ -53,6 +55,7 @@ enum { STATUS_INIT_FAILED = 125, STATUS_CANNOT_EXEC = 126, STATUS_NOT_FOUND = 12
 #define AGENT "/sbin/pykvm-agent"
 #define AGENT_FLAG "pykvm.agent=1"
 #define KERNEL_CMDLINE "/proc/cmdline"
+#define VIRTIOFS_KEY "pykvm.virtiofs="
 #define CONSOLE_NAMES_MAX 128
 #define CONSOLE_PATH_MAX (CONSOLE_NAMES_MAX + sizeof "/dev/")
 #define SYSLOG_ACTION_CONSOLE_LEVEL 8
@@ -262,27 +265,77 @@ static void attach_console(int command_mode)
 		close(fd);
 }
 
-/* pykvm-agent (agent.c), when pykvm asked for it on the kernel command line. */
-static void start_agent(const sigset_t *child_mask)
+/* The kernel command line, read once (syscalls are dear); "" if unreadable. */
+static char kernel_cmdline[4096];
+
+static void read_kernel_cmdline(void)
 {
-	char cmdline[4096];
 	int fd = open(KERNEL_CMDLINE, O_RDONLY | O_CLOEXEC);
-	ssize_t got = fd < 0 ? -1 : read(fd, cmdline, sizeof cmdline - 1);
+	ssize_t got = fd < 0 ? -1 : read(fd, kernel_cmdline, sizeof kernel_cmdline - 1);
 
 	if (fd >= 0)
 		close(fd);
-	if (got <= 0)
-		return;
-	cmdline[got] = '\0';
-	const char *at = cmdline;
-	size_t length = strlen(AGENT_FLAG);
-	while ((at = strstr(at, AGENT_FLAG)) != NULL) {
-		if ((at == cmdline || at[-1] == ' ') && strchr(" \n", at[length]))
-			break;    /* a whole word */
-		at += length;
+	kernel_cmdline[got > 0 ? got : 0] = '\0';
+}
+
+/* The word of the command line that starts with prefix, or NULL. */
+static const char *cmdline_word(const char *prefix)
+{
+	const char *at = kernel_cmdline;
+
+	while ((at = strstr(at, prefix)) != NULL) {
+		if (at == kernel_cmdline || at[-1] == ' ')
+			return at;
+		at += strlen(prefix);
 	}
+	return NULL;
+}
+
+/* Live shares: pykvm.virtiofs=NAME:TAG[:ro],... -> mount virtio-fs TAG at /mnt/NAME. */
+static void mount_virtiofs(void)
+{
+	const char *at = cmdline_word(VIRTIOFS_KEY);
+	char list[1024];
+
 	if (!at)
 		return;
+	at += strlen(VIRTIOFS_KEY);
+	size_t length = strcspn(at, " \n");
+	if (length >= sizeof list) {
+		say("%s: too long", VIRTIOFS_KEY);
+		return;
+	}
+	memcpy(list, at, length);
+	list[length] = '\0';
+	mkdir("/mnt", 0755);
+	char *save = NULL;
+	for (char *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
+		char *tag = strchr(name, ':');
+		if (!tag)
+			continue;
+		*tag++ = '\0';
+		unsigned long flags = MS_NOSUID | MS_NODEV;
+		char *mode = strchr(tag, ':');
+		if (mode) {
+			*mode++ = '\0';
+			if (strcmp(mode, "ro") == 0)
+				flags |= MS_RDONLY;
+		}
+		char target[160];
+		snprintf(target, sizeof target, "/mnt/%s", name);
+		mkdir(target, 0755);
+		if (mount(tag, target, "virtiofs", flags, NULL) < 0)
+			say("cannot mount virtio-fs %s on %s: %s", tag, target, strerror(errno));
+	}
+}
+
+/* pykvm-agent (agent.c), when pykvm asked for it on the kernel command line. */
+static void start_agent(const sigset_t *child_mask)
+{
+	const char *at = cmdline_word(AGENT_FLAG);
+
+	if (!at || !strchr(" \n", at[strlen(AGENT_FLAG)]))
+		return;    /* not there as a whole word */
 	pid_t pid = fork();
 	if (pid < 0) {
 		say("cannot fork %s: %s", AGENT, strerror(errno));
@@ -353,6 +406,8 @@ int main(void)
 	sigprocmask(SIG_BLOCK, &handled, &original);
 
 	mount_file_systems();
+	read_kernel_cmdline();
+	mount_virtiofs();
 	setenv("PATH", "/bin:/sbin:/usr/bin:/usr/sbin", 1);
 	setenv("HOME", "/root", 1);
 

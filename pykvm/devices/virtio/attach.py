@@ -56,17 +56,20 @@ class VirtioDevices:
     console: ConsoleDevice | None = None
     rng: RngDevice | None = None
     nets: list[NetDevice] = field(default_factory=list)
+    shares: list = field(default_factory=list)    # FsDevice per live share (virtio-fs)
     functions: list[VirtioPciDevice] = field(default_factory=list)
     extra: list = field(default_factory=list)     # attach_virtio(extra=...), in order
 
 
 def attach_virtio(vm, memory, *, disks: list[DiskSpec] = (), console: bool = False,
                   rng: bool = False, console_output=None, nets=(),
-                  net_key: str = "", extra=()) -> VirtioDevices:
+                  net_key: str = "", extra=(), shares=()) -> VirtioDevices:
     """Create PCI bus 0 on ``vm`` with the asked-for devices. Images are opened
     (and locked) here, so a bad --disk fails before the guest starts. Every
     thread and fd is released when the VM closes. ``extra``: more VirtioDevice
-    instances (the guest agent's virtio-serial), put on the bus after the others."""
+    instances (the guest agent's virtio-serial), put on the bus after the others.
+    ``shares``: FsSpec of each live share (virtio-fs over vhost-user; back ends started
+    or connected here, so a bad one fails before the guest starts)."""
     if console and console_output is None:
         raise ConfigError("a virtio console needs somewhere to write its output")
     devices: list = []
@@ -77,11 +80,17 @@ def attach_virtio(vm, memory, *, disks: list[DiskSpec] = (), console: bool = Fal
         # NICs: TAPs opened and plumbed now, so a bad --net fails before the guest starts.
         nics = open_net_devices(nets, net_key, vm=vm)
         devices += nics
+        fs_devices = []
+        if shares:
+            from .fs import open_fs_devices
+            fs_devices = open_fs_devices(shares)
+            devices += fs_devices
     except BaseException:
         for device in devices:
             device.close()
         raise
-    result = VirtioDevices(PciBus(vm), disks=list(devices[:len(disks)]), nets=list(nics))
+    result = VirtioDevices(PciBus(vm), disks=list(devices[:len(disks)]), nets=list(nics),
+                           shares=list(fs_devices))
     if console:
         result.console = ConsoleDevice(console_output)
         devices.append(result.console)

@@ -17,6 +17,14 @@ Feature negotiation: VIRTIO_F_VERSION_1 is required (a legacy driver's
 FEATURES_OK is refused), and any bit the device did not offer is refused too.
 Status 0 resets the device synchronously: the queue worker is between requests
 when the write returns, because both hold the transport lock.
+
+Who serves the queues: a Python device's ``process_queue`` on the transport's
+worker thread (woken by the doorbell eventfds), or -- for a device with
+``external_queues`` (pykvm/vhost_user/device.py) -- another process, handed the
+queues at DRIVER_OK (``start_queues``) and stopped at reset. Such a back end
+signals a used buffer on a per-queue call eventfd; the worker then polls those and
+raises the queue's interrupt (MSI-X or INTx, masking honoured), so the transport
+stays the one place that knows how this device interrupts.
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ class VirtioPciDevice(PciDevice):
         super().__init__(config)
         self.name = device.name
         self.vm = vm
+        self.memory = memory
         self.device = device
         self.log = log or getattr(vm, "log", sys.stderr)
         self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
@@ -125,8 +134,15 @@ class VirtioPciDevice(PciDevice):
         bar.add(MSIX_PBA_OFFSET, self.msix.pba_size, self.msix.pba_device())
         self.bar_devices[BAR_INDEX] = bar
 
-        self.worker = QueueWorker(f"{device.name}-io", self.queue_fds, self._process,
-                                  self._worker_error)
+        self.external = bool(getattr(device, "external_queues", False))
+        if self.external:
+            device.fail = self.fail
+            self.call_fds = [vm.new_eventfd() for _ in range(num_queues)]
+            self.worker = QueueWorker(f"{device.name}-irq", self.call_fds, self._backend_used,
+                                      self._worker_error)
+        else:
+            self.worker = QueueWorker(f"{device.name}-io", self.queue_fds, self._process,
+                                      self._worker_error)
         self.worker.start()
 
     def _reset_state(self) -> None:
@@ -151,6 +167,11 @@ class VirtioPciDevice(PciDevice):
     def save_state(self) -> dict:
         """Status, features, the queues' registers and indices, MSI-X, ISR, the device
         configuration (blk capacity, ...) and what the device itself keeps."""
+        if self.external:
+            from ...errors import VhostUserError
+            raise VhostUserError(f"{self.name}: a VM with a vhost-user device (a live --share) "
+                                 f"cannot be snapshotted yet: its queues and the back end's "
+                                 f"state live in another process (use --share DIR,copy)")
         with self._lock:
             with self._isr_lock:
                 isr = self._isr
@@ -338,10 +359,32 @@ class VirtioPciDevice(PciDevice):
             self.fail(error)
             return
         self.device.activate(features)
+        if self.external and not self._hand_over(features):
+            return
         self.running = True
         for index, queue in enumerate(self.queues):
             if queue.active:
                 self.kick(index)   # buffers offered before DRIVER_OK
+
+    def _hand_over(self, features: int) -> bool:
+        """DRIVER_OK of an external device: give the back end its queues."""
+        from ...errors import VhostUserError
+        from ...vhost_user.device import QueueHandoff
+        from ...vhost_user.frontend import Vring
+        vrings = [Vring(index, queue.size, queue.desc_addr, queue.avail_addr, queue.used_addr,
+                        self.queue_fds[index], self.call_fds[index])
+                  for index, queue in enumerate(self.queues) if queue.active]
+        try:
+            self.device.start_queues(QueueHandoff(features, self.memory, vrings))
+        except VhostUserError as error:
+            self.fail(error)
+            return False
+        return True
+
+    def _backend_used(self, index: int) -> None:
+        """A back end's call eventfd fired: interrupt the driver for queue ``index``."""
+        if self.running and not self.broken:
+            self._interrupt(self.queues[index].msix_vector, ISR_QUEUE)
 
     def reset(self) -> None:
         """Status 0: back to the state after power-on; returns when no request is in flight."""

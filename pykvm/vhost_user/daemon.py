@@ -1,0 +1,139 @@
+"""Back-end daemons pykvm runs itself: start, supervise, stop.
+
+Today that is virtiofsd (Debian 12: /usr/lib/qemu/virtiofsd, package
+qemu-system-common) for ``--share DIR``. Each daemon gets a private directory
+made with mkdtemp (mode 0700, a fresh name: nobody else can put a socket or a
+symlink where pykvm connects) holding its socket and its log. pykvm waits for
+the socket to appear, then connects; virtiofsd serves that one connection and
+exits when it ends.
+
+Every exit path stops it: :meth:`Daemon.stop` (called by the VM's close, which
+normal exit, SIGTERM, a guest crash and a VMM error all reach) sends SIGTERM,
+then SIGKILL after a grace period, reaps it and removes the directory. If pykvm
+itself is killed, the daemon sees its socket hang up and exits on its own.
+
+Sandboxing: virtiofsd's own default (``-o sandbox=namespace``: new mount, PID
+and network namespaces, pivot_root into the shared directory, seccomp). A
+read-only share (``ro``) is enforced outside the guest's reach: the daemon runs
+in a mount namespace of its own (``unshare --mount``) where the directory is
+bind-mounted read-only, since this virtiofsd has no read-only option.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .protocol import VhostUserError
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+START_TIMEOUT = 10.0
+STOP_GRACE = 3.0
+LOG_TAIL = 4096
+
+_READ_ONLY_WRAPPER = ('mount --make-rprivate / && mount --bind -- "$1" "$1" && '
+                      'mount -o remount,bind,ro -- "$1" "$1" && shift && exec "$@"')
+
+
+def virtiofsd_path() -> str | None:
+    """The virtiofsd binary, or None when it is not installed."""
+    return VIRTIOFSD if os.access(VIRTIOFSD, os.X_OK) else None
+
+
+class Daemon:
+    """One back-end process and its private directory; :meth:`stop` is idempotent."""
+
+    def __init__(self, name: str, argv_for_socket, *, wrapper: list[str] | None = None):
+        self.name = name
+        self.directory = Path(tempfile.mkdtemp(prefix="pykvm-vhost-"))
+        self.socket_path = str(self.directory / "backend.sock")
+        self.log_path = self.directory / "daemon.log"
+        self.process: subprocess.Popen | None = None
+        try:
+            log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+            try:
+                self.process = subprocess.Popen(
+                    (wrapper or []) + argv_for_socket(self.socket_path),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                    start_new_session=True)   # a terminal's Ctrl-C goes to pykvm, which stops it
+            finally:
+                os.close(log)
+            self._wait_for_socket()
+        except OSError as error:
+            self.stop()
+            raise VhostUserError(f"{name}: cannot start {argv_for_socket('S')[0]}: "
+                                 f"{error.strerror or error}") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_socket(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self.socket_path):
+            if self.process.poll() is not None:
+                raise VhostUserError(f"{self.name}: {self.describe_exit()}")
+            if time.monotonic() > deadline:
+                raise VhostUserError(f"{self.name}: no socket after {START_TIMEOUT:.0f} s")
+            time.sleep(0.01)
+
+    def log_tail(self) -> str:
+        """The last line the daemon wrote (its own words for why it stopped)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, os.fstat(log.fileno()).st_size - LOG_TAIL))
+                lines = log.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def describe_exit(self) -> str:
+        status = self.process.poll() if self.process else None
+        if status is None:
+            return "still running"
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        tail = self.log_tail()
+        return f"the back end {how}" + (f" ({tail})" if tail else "")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            self.exit_status = process.returncode
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_virtiofsd(source: str, *, read_only: bool = False, name: str = "virtiofsd") -> Daemon:
+    """virtiofsd serving ``source`` on a socket in a private directory."""
+    binary = virtiofsd_path()
+    if binary is None:
+        raise VhostUserError(f"{name}: {VIRTIOFSD} is not installed "
+                             f"(apt-get install qemu-system-common)")
+    source = str(Path(source).resolve())
+    if not os.path.isdir(source):
+        raise VhostUserError(f"{name}: {source} is not a directory")
+    wrapper = None
+    if read_only:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise VhostUserError(f"{name}: a read-only share needs unshare (util-linux)")
+        wrapper = [unshare, "--mount", "--", "/bin/sh", "-c", _READ_ONLY_WRAPPER, "sh", source]
+
+    def argv(socket_path: str) -> list[str]:
+        return [binary, f"--socket-path={socket_path}", "-o", f"source={source}",
+                "-o", "cache=auto", "-o", "log_level=warn", "--rlimit-nofile=0"]
+    return Daemon(name, argv, wrapper=wrapper)
