@@ -11,6 +11,7 @@
   line (or the library caller) confirms them; read-only never becomes read-write.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm.devices.virtio import DiskSpec
-from pykvm.machine import Machine
+from pykvm.machine import Machine, MachineConfig
 from pykvm.snapshot import SnapshotError, restore_machine, save_snapshot
 
 from .conftest import needs_kvm
@@ -175,7 +176,7 @@ CRAFTED = [
     (("config", "console"), "nope"), (("config", "kvm_device"), 3), (("config", "extra"), 3),
     (("config", "shares"), [1]), (("config", "nets"), [{"__type__": "pykvm.net.plumbing:NetSpec",
                                                        "mac": "zz"}]),
-    (("config", "surprise"), 1), (("vcpus",), []), (("vcpus",), {}), (("vcpus",), [1]),
+    (("config", "surprise"), 1), (("config", "extra"), {"x": []}), (("vcpus",), []), (("vcpus",), {}), (("vcpus",), [1]),
     (("vcpus", 0, "regs", "rip"), 1 << 64), (("vcpus", 0, "regs", "rip"), -1),
     (("vcpus", 0, "regs", "rip"), "0"), (("vcpus", 0, "regs", "rip"), 1.5),
     (("vcpus", 0, "regs", "rip"), None), (("vcpus", 0, "regs", "rip"), DELETE),
@@ -397,6 +398,27 @@ def test_read_only_is_never_widened(counting_guest, tmp_path):  # noqa: F811
     with restore_machine(tmp_path / "rw", stdout=io.BytesIO(),
                          disks=[DiskSpec(str(image), read_only=True)]) as machine:
         assert machine.virtio.disks[0].read_only        # an override may narrow
+
+
+@dataclasses.dataclass
+class GadgetConfig(MachineConfig):
+    gadgets: list = dataclasses.field(default_factory=list)
+
+
+@needs_kvm
+def test_a_config_list_the_snapshot_code_does_not_know_is_refused_unless_empty(snapshot_copy,
+                                                                              monkeypatch):
+    """A device kind added to MachineConfig that the snapshot code does not check (nor
+    confirm as a host resource) is restored only when the snapshot has none."""
+    from pykvm import machine as machine_module
+    directory, image = snapshot_copy
+    monkeypatch.setattr(machine_module, "MachineConfig", GadgetConfig)
+    write_crafted(directory, lambda d: d["config"].update(gadgets=[]))
+    with restore_machine(directory, stdout=io.BytesIO(), trust=True) as machine:
+        assert machine.config.gadgets == []
+    write_crafted(directory, lambda d: d["config"].update(gadgets=["/dev/sda"]))
+    refused_restore(directory, "config.gadgets: a snapshot with gadgets is not restored",
+                    trust=True)
 
 
 @needs_kvm

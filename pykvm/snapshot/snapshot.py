@@ -245,8 +245,13 @@ def _decode_field(kind, name: str, hint, raw, where: str):
                                 f"{MAX_CONFIG_ITEMS} items)")
         return [_decode_item(CONFIG_LISTS[name], item, f"{where}[{index}]")
                 for index, item in enumerate(raw)]
-    if kind is MachineConfig and name == "extra":
-        return decode(dict, raw, where)
+    if hint in (list, dict):
+        # A kind of device this module does not know how to check (nor confirm as a
+        # host resource, resources.py): restored only if the snapshot has none of them.
+        if raw != hint():
+            raise SnapshotError(f"state.json: {where}: a snapshot with {name} is not "
+                                f"restored by this pykvm")
+        return hint()
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
                                                                    types.UnionType) else (hint,)
     if raw is None and type(None) in options:
