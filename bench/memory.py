@@ -63,19 +63,21 @@ class Resident:
 
     rss: int
     anonymous: int
-    guest_ram: int      # the guest RAM mapping's Rss
+    guest_ram: int              # the guest RAM mappings' Rss
+    guest_ram_anonymous: int    # ... of it anonymous (a MAP_PRIVATE mapping), else shmem
 
     @property
     def beyond(self) -> int:
         return self.rss - self.guest_ram
 
     @property
-    def file_backed(self) -> int:
-        return self.rss - self.anonymous
+    def anonymous_beyond(self) -> int:
+        return self.anonymous - self.guest_ram_anonymous
 
     @property
-    def anonymous_beyond(self) -> int:
-        return self.anonymous - self.guest_ram
+    def file_backed(self) -> int:
+        """Beyond guest RAM and not anonymous: the interpreter's and libraries' pages."""
+        return self.beyond - self.anonymous_beyond
 
 
 def rollup(pid: int) -> dict[str, int]:
@@ -88,23 +90,30 @@ def rollup(pid: int) -> dict[str, int]:
     return fields
 
 
-def guest_ram_rss(pid: int, size: int) -> int:
-    """Rss (KiB) of the anonymous mappings exactly ``size`` bytes long (pykvm's guest RAM)."""
-    total, current = 0, None
+GUEST_RAM_NAME = "/memfd:pykvm-guest-ram"   # pykvm/memory.py's memfd
+
+
+def guest_ram_rss(pid: int, size: int) -> tuple[int, int]:
+    """(Rss, Anonymous) in KiB of pykvm's guest RAM mappings: its memfd's, or an
+    anonymous mapping exactly ``size`` bytes long (how RAM was mapped before the memfd)."""
+    rss = anonymous = 0
+    current = False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         head = line.split()
-        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+        if "-" in head[0] and ":" not in head[0] and len(head) >= 5:
             start, end = (int(x, 16) for x in head[0].split("-"))
-            anonymous = len(head) < 6
-            current = end - start == size and anonymous
+            name = head[5] if len(head) >= 6 else ""
+            current = name.startswith(GUEST_RAM_NAME) or (not name and end - start == size)
         elif current and head[0] == "Rss:":
-            total += int(head[1])
-    return total
+            rss += int(head[1])
+        elif current and head[0] == "Anonymous:":
+            anonymous += int(head[1])
+    return rss, anonymous
 
 
 def measure(pid: int, guest_size: int) -> Resident:
     fields = rollup(pid)
-    return Resident(fields["Rss"], fields.get("Anonymous", 0), guest_ram_rss(pid, guest_size))
+    return Resident(fields["Rss"], fields.get("Anonymous", 0), *guest_ram_rss(pid, guest_size))
 
 
 def reference() -> Resident:
@@ -170,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     when = f"{QUICK_SECONDS:g} s into the boot" if args.quick else "at the shell, after dd + ip"
     print(f"VMM resident memory, Linux guest ({MEM} RAM, virtio disk + NIC), {when}; "
           f"load average {load:.2f}")
-    print(f"{'MiB':<32}{'Rss':>8}{'anon':>8}{'file':>8}{'guest RAM':>11}{'beyond':>8}")
+    print(f"{'MiB (anon, file: beyond RAM)':<32}{'Rss':>8}{'anon':>8}{'file':>8}{'guest RAM':>11}"
+          f"{'beyond':>8}")
     for name, r in (("python + import pykvm.cli", ref), ("pykvm run", vmm)):
-        print(f"{name:<32}{mib(r.rss):>8.1f}{mib(r.anonymous):>8.1f}{mib(r.file_backed):>8.1f}"
+        print(f"{name:<32}{mib(r.rss):>8.1f}{mib(r.anonymous_beyond):>8.1f}"
+              f"{mib(r.file_backed):>8.1f}"
               f"{mib(r.guest_ram):>11.1f}{mib(r.beyond):>8.1f}")
     print(f"beyond guest RAM: {mib(vmm.beyond):.1f} MiB ({mib(vmm.anonymous_beyond):.1f} "
           f"anonymous, {mib(vmm.file_backed):.1f} file-backed); the building VM adds "

@@ -53,17 +53,27 @@ def test_startup_bench_quick_run_prints_seconds():
     assert any(line.startswith("flat") for line in lines)
 
 
-def test_memory_bench_counts_the_guest_ram_mapping_alone():
-    """guest_ram_rss() finds an anonymous mapping by its exact size and reads its Rss."""
+@pytest.mark.parametrize("backing", ["memfd", "anonymous"])
+def test_memory_bench_counts_the_guest_ram_mapping_alone(backing):
+    """guest_ram_rss() finds pykvm's guest RAM (its memfd, or an anonymous mapping of the
+    RAM's exact size) and reads its Rss; everything else is "beyond"."""
     import mmap
     size = 8 << 20
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if backing == "memfd":
+        fd = os.memfd_create("pykvm-guest-ram")
+        os.ftruncate(fd, size)
+        region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        os.close(fd)
+    else:
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         for offset in range(0, 1 << 20, 4096):
             region[offset] = 1
-        resident = memory_bench.measure(os.getpid(), size)
+        resident = memory_bench.measure(os.getpid(), size + (4096 if backing == "memfd" else 0))
         assert 1024 <= resident.guest_ram < 2048
+        assert resident.guest_ram_anonymous == (0 if backing == "memfd" else resident.guest_ram)
         assert resident.beyond == resident.rss - resident.guest_ram > 0
+        assert resident.anonymous_beyond + resident.file_backed == resident.beyond
     finally:
         region.close()
 
