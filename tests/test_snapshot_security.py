@@ -76,6 +76,20 @@ def test_a_symlink_planted_in_the_directory_is_never_followed(machine, victim, t
 
 
 @needs_kvm
+def test_ctl_snapshot_into_a_planted_symlink_is_one_error_line(machine, victim, tmp_path):
+    """The control socket's `snapshot` (what `pykvm ctl SOCK snapshot DIR` sends)."""
+    from pykvm.control import ControlServer, request
+    directory = tmp_path / "snap"
+    directory.mkdir(mode=0o700)
+    (directory / "memory.bin").symlink_to(victim)
+    with ControlServer(tmp_path / "sock", machine):
+        response = request(tmp_path / "sock", {"action": "snapshot", "path": str(directory)})
+    assert response["ok"] is False and "not a regular file" in response["error"]
+    assert "\n" not in response["error"]
+    assert victim.read_bytes() == VICTIM_TEXT
+
+
+@needs_kvm
 def test_the_directory_itself_a_symlink_is_refused(machine, victim, tmp_path):
     directory = tmp_path / "snap"
     directory.symlink_to(victim.parent)
