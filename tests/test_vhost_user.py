@@ -434,3 +434,28 @@ def test_a_daemon_that_cannot_start_says_why(tmp_path):
     from pykvm.vhost_user.daemon import start_virtiofsd
     with pytest.raises(VhostUserError, match="not a directory"):
         start_virtiofsd(str(tmp_path / "missing"))
+
+
+# --- the transport's common configuration, field by field (issue #14 item 6) ---------------------
+def test_common_config_partial_and_straddling_accesses():
+    from pykvm.devices.virtio.rng import RngDevice
+    with GuestMemory.anonymous(16 << 20) as memory:
+        vm = StandInVm(memory)
+        function = VirtioPciDevice(vm, memory, RngDevice(),
+                                   interrupt_lines=[RecordingLine(24 + i) for i in range(2)])
+        try:
+            driver = PciDriver(function)
+            driver.write(0x20, 4, 0x89ABC000)            # queue_desc, as two 32-bit halves
+            driver.write(0x24, 4, 0x1)
+            assert function.queues[0].desc_addr == 0x1_89ABC000
+            assert driver.read(0x20, 8) == 0x1_89ABC000 and driver.read(0x21, 1) == 0xC0
+            driver.write(0x18, 2, 64)
+            # one 4-byte read across queue_select (0) and queue_size (64)
+            assert driver.read(0x16, 4) == 64 << 16
+            assert driver.read(0x12, 2) == 1 and driver.read(0x38, 4) == 0   # num_queues; reserved
+            driver.write(0x38, 4, 0xFFFFFFFF)                             # ignored
+            driver.write(0x16, 2, 5)                                      # no such queue
+            assert driver.read(0x18, 2) == 0 and driver.read(0x1A, 2) == 0xFFFF
+        finally:
+            function.close()
+            vm.close()

@@ -35,6 +35,8 @@ import os
 import struct
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 from ...bus import Device
 from ...memory import GuestMemory
@@ -70,18 +72,8 @@ MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET = 0x4000, 0x5000
 ISR_QUEUE = 1
 ISR_CONFIG = 2
 
-# Common configuration: (field, offset, size, writable by the driver).
-_COMMON = struct.Struct("<IIIIHHBBHHHHHQQQHH")
-_COMMON_FIELDS = (
-    ("device_feature_select", 0x00, 4, True), ("device_feature", 0x04, 4, False),
-    ("driver_feature_select", 0x08, 4, True), ("driver_feature", 0x0C, 4, True),
-    ("config_msix_vector", 0x10, 2, True), ("num_queues", 0x12, 2, False),
-    ("device_status", 0x14, 1, True), ("config_generation", 0x15, 1, False),
-    ("queue_select", 0x16, 2, True), ("queue_size", 0x18, 2, True),
-    ("queue_msix_vector", 0x1A, 2, True), ("queue_enable", 0x1C, 2, True),
-    ("queue_notify_off", 0x1E, 2, False), ("queue_desc", 0x20, 8, True),
-    ("queue_driver", 0x28, 8, True), ("queue_device", 0x30, 8, True),
-)
+# Common configuration (4.1.4.3): what is not a field below (queue_notify_data,
+# queue_reset at 0x38..0x3B) reads 0 and ignores writes.
 
 
 class VirtioPciDevice(PciDevice):
@@ -250,37 +242,43 @@ class VirtioPciDevice(PciDevice):
     def _selected(self) -> Virtqueue | None:
         return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
 
-    def _common_image(self) -> bytes:
-        queue = self._selected()
-        offered = self.device.offered_features
-        select = self.device_feature_select
-        driver_select = self.driver_feature_select
-        return _COMMON.pack(
-            select, (offered >> 32 * select) & 0xFFFFFFFF if select < 2 else 0,
-            driver_select,
-            (self.driver_features >> 32 * driver_select) & 0xFFFFFFFF if driver_select < 2 else 0,
-            self.config_msix_vector, len(self.queues), self.status, self.config_generation,
-            self.queue_select,
-            queue.size if queue else 0, queue.msix_vector if queue else NO_VECTOR,
-            int(queue.enabled) if queue else 0, self.queue_select if queue else 0,
-            queue.desc_addr if queue else 0, queue.avail_addr if queue else 0,
-            queue.used_addr if queue else 0, 0, 0).ljust(COMMON_SIZE, b"\0")
-
     def _common_read(self, offset: int, size: int) -> int:
+        """One access, field by field: an aligned whole-field read (what drivers do) is
+        one getter call; a partial or straddling one is assembled from the fields'
+        bytes."""
         with self._lock:
-            return int.from_bytes(self._common_image()[offset:offset + size], "little")
+            field = _FIELD_AT.get(offset)
+            if field is not None and field.size == size:
+                return field.get(self)
+            value = 0
+            for field in _COMMON_FIELDS:
+                for byte in range(max(offset, field.offset),
+                                  min(offset + size, field.offset + field.size)):
+                    shift = 8 * (byte - field.offset)
+                    value |= (field.get(self) >> shift & 0xFF) << 8 * (byte - offset)
+            return value
 
     def _common_write(self, offset: int, size: int, value: int) -> None:
+        """Each writable field the access covers gets its new bytes merged into its
+        current value (Linux writes the 64-bit queue addresses as two 32-bit halves)."""
         with self._lock:
-            image = bytearray(self._common_image())
-            if offset + size > len(image):
+            field = _FIELD_AT.get(offset)
+            if field is not None and field.size == size:
+                if field.set is not None:
+                    field.set(self, value)
                 return
-            image[offset:offset + size] = value.to_bytes(size, "little")
-            for name, field_offset, field_size, writable in _COMMON_FIELDS:
-                if writable and offset < field_offset + field_size and field_offset < offset + size:
-                    field_value = int.from_bytes(image[field_offset:field_offset + field_size],
-                                                 "little")
-                    getattr(self, f"_set_{name}")(field_value)
+            for field in _COMMON_FIELDS:
+                low, high = max(offset, field.offset), min(offset + size, field.offset + field.size)
+                if field.set is None or low >= high:
+                    continue
+                merged = field.get(self)
+                for byte in range(low, high):
+                    shift = 8 * (byte - field.offset)
+                    merged = merged & ~(0xFF << shift) | (value >> 8 * (byte - offset) & 0xFF) << shift
+                field.set(self, merged)
+
+    def _feature_word(self, features: int, select: int) -> int:
+        return (features >> 32 * select) & 0xFFFFFFFF if select < 2 else 0
 
     def _set_device_feature_select(self, value: int) -> None:
         self.device_feature_select = value
@@ -477,6 +475,48 @@ class VirtioPciDevice(PciDevice):
         with self._lock:
             self.device.close()
         self.msix.close()
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One common-configuration register: where, how wide, how to read and write it
+    (``set`` None: read-only)."""
+    offset: int
+    size: int
+    get: Callable[[VirtioPciDevice], int]
+    set: Callable[[VirtioPciDevice, int], None] | None = None
+
+
+def _queue_value(attribute: str, default: int = 0) -> Callable[[VirtioPciDevice], int]:
+    def get(transport: VirtioPciDevice) -> int:
+        queue = transport._selected()
+        return int(getattr(queue, attribute)) if queue is not None else default
+    return get
+
+
+T = VirtioPciDevice
+_COMMON_FIELDS = (
+    _Field(0x00, 4, lambda t: t.device_feature_select, T._set_device_feature_select),
+    _Field(0x04, 4, lambda t: t._feature_word(t.device.offered_features,
+                                              t.device_feature_select)),
+    _Field(0x08, 4, lambda t: t.driver_feature_select, T._set_driver_feature_select),
+    _Field(0x0C, 4, lambda t: t._feature_word(t.driver_features, t.driver_feature_select),
+           T._set_driver_feature),
+    _Field(0x10, 2, lambda t: t.config_msix_vector, T._set_config_msix_vector),
+    _Field(0x12, 2, lambda t: len(t.queues)),
+    _Field(0x14, 1, lambda t: t.status, T._set_device_status),
+    _Field(0x15, 1, lambda t: t.config_generation),
+    _Field(0x16, 2, lambda t: t.queue_select, T._set_queue_select),
+    _Field(0x18, 2, _queue_value("size"), T._set_queue_size),
+    _Field(0x1A, 2, _queue_value("msix_vector", NO_VECTOR), T._set_queue_msix_vector),
+    _Field(0x1C, 2, _queue_value("enabled"), T._set_queue_enable),
+    _Field(0x1E, 2, lambda t: t.queue_select if t._selected() is not None else 0),
+    _Field(0x20, 8, _queue_value("desc_addr"), T._set_queue_desc),
+    _Field(0x28, 8, _queue_value("avail_addr"), T._set_queue_driver),
+    _Field(0x30, 8, _queue_value("used_addr"), T._set_queue_device),
+)
+_FIELD_AT = {field.offset: field for field in _COMMON_FIELDS}
+del T
 
 
 class _Region(Device):
