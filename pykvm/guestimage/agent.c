@@ -20,6 +20,14 @@
  *   --device PATH   use this file instead of looking for the port
  *   --fd N          use the already open descriptor N (a socket in the tests)
  *   --no-mount      do not mount share disks
+ *
+ * pykvm-agent --refresh SECONDS NANOSECONDS (run by the host through EXEC, with up
+ * to 512 bytes of the host's randomness on stdin) makes a guest restored from a
+ * cached boot (pykvm/bootcache.py) as fresh as a booted one: it mixes the bytes
+ * into the kernel's input pool and credits them (RNDADDENTROPY), forces the CRNG
+ * to reseed from it (RNDRESEEDCRNG: crediting alone does not reseed a CRNG that is
+ * already initialised, so two guests restored from one snapshot would read the
+ * same /dev/urandom bytes), and sets the wall clock (CLOCK_REALTIME) to the host's.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -32,6 +40,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -799,11 +809,67 @@ static void mount_shares(void)
 	closedir(dir);
 }
 
+/* --refresh: see the comment at the top. Exits 0, or 1 with what failed on stderr. */
+#define REFRESH_BYTES 512
+static int refresh(const char *seconds, const char *nanoseconds)
+{
+	struct {
+		struct rand_pool_info info;
+		unsigned char bytes[REFRESH_BYTES];
+	} seed;
+	size_t have = 0;
+	ssize_t got;
+	while (have < REFRESH_BYTES &&
+	       (got = read(STDIN_FILENO, seed.bytes + have, REFRESH_BYTES - have)) != 0) {
+		if (got < 0) {
+			if (errno == EINTR)
+				continue;
+			say("refresh: reading the seed: %s", strerror(errno));
+			return 1;
+		}
+		have += (size_t)got;
+	}
+	char *end_s, *end_ns;
+	errno = 0;
+	long long when = strtoll(seconds, &end_s, 10);
+	long nano = strtol(nanoseconds, &end_ns, 10);
+	if (errno || *end_s || *end_ns || when < 0 || nano < 0 || nano > 999999999) {
+		say("refresh: bad time %s.%s", seconds, nanoseconds);
+		return 1;
+	}
+	int status = 0;
+	int random_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (random_fd < 0) {
+		say("refresh: /dev/urandom: %s", strerror(errno));
+		status = 1;
+	} else {
+		seed.info.entropy_count = (int)(have * 8);
+		seed.info.buf_size = (int)have;
+		if (have && ioctl(random_fd, RNDADDENTROPY, &seed.info) < 0) {
+			say("refresh: RNDADDENTROPY: %s", strerror(errno));
+			status = 1;
+		}
+		if (ioctl(random_fd, RNDRESEEDCRNG) < 0) {
+			say("refresh: RNDRESEEDCRNG: %s", strerror(errno));
+			status = 1;
+		}
+		close(random_fd);
+	}
+	struct timespec now = { (time_t)when, nano };
+	if (clock_settime(CLOCK_REALTIME, &now) < 0) {
+		say("refresh: clock_settime: %s", strerror(errno));
+		status = 1;
+	}
+	return status;
+}
+
 int main(int argc, char **argv)
 {
 	const char *device_path = NULL;
 	int mount_wanted = 1;
 
+	if (argc == 4 && strcmp(argv[1], "--refresh") == 0)
+		return refresh(argv[2], argv[3]);
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
 			device_path = argv[++i];
@@ -812,7 +878,8 @@ int main(int argc, char **argv)
 		} else if (strcmp(argv[i], "--no-mount") == 0) {
 			mount_wanted = 0;
 		} else {
-			fprintf(stderr, "usage: pykvm-agent [--device PATH | --fd N] [--no-mount]\n");
+			fprintf(stderr, "usage: pykvm-agent [--device PATH | --fd N] [--no-mount]\n"
+				"       pykvm-agent --refresh SECONDS NANOSECONDS < seed\n");
 			return 2;
 		}
 	}

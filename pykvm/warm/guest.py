@@ -1,0 +1,255 @@
+"""A Linux guest at its *ready* point, booted or restored, and what identifies it.
+
+The ready point is the moment the guest agent (pykvm/agent.py, pykvm/guestimage/
+agent.c) first answers a PING: the kernel is up, /init has mounted its own file
+systems and started the agent, and no user command has run yet. The agent mounts
+``--share`` disks before it answers, which is why a guest with shares is keyed over
+the shared trees' content; a guest with ``--disk`` or ``--net`` is never kept, since a
+restore would meet a changed disk or a TAP that no longer exists.
+
+A snapshot taken there (pykvm/snapshot) can be restored any number of times, each
+copy continuing from the same kernel state. What would make the copies tell apart
+from a fresh boot is fixed by :func:`refresh` on every restore:
+
+* entropy: ``pykvm-agent --refresh`` feeds 512 bytes of the host's ``os.urandom``
+  into the guest's input pool, credits them (RNDADDENTROPY) and forces the CRNG to
+  reseed (RNDRESEEDCRNG, random(4)); without the reseed two copies would read the
+  same ``/dev/urandom`` bytes (Linux >= 5.18 reseeds an initialised CRNG only on a
+  timer);
+* the wall clock: the same call sets CLOCK_REALTIME to the host's time.
+
+What stays shared by every copy of one snapshot (docs in README's "Boot cache"): the
+kernel's address-space layout (KASLR) and anything else the kernel chose at boot
+(stack canaries, hash seeds), the PIDs and the boot's uptime. The default guest has
+no hostname or boot id of its own (no /proc/sys), so there is none to renew. Whoever
+needs a guest that shares nothing with another boots it cold.
+
+Both ``pykvm run -- CMD`` (pykvm/warm/run.py) and the pytest plugin's ``linux_vm``
+use this module: one key, one boot, one readiness, one restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CONSOLE_KEEP = 1 << 20
+RESTORE_READY_TIMEOUT = 60.0        # a restored agent answers at once; this is a bound
+REFRESH_SEED_BYTES = 512            # agent.c's REFRESH_BYTES
+REFRESH_TIMEOUT = 120.0
+AGENT_BINARY = "/sbin/pykvm-agent"
+
+# pykvm modules that never shape a guest's state: a change to them keeps the snapshots
+# (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
+# are in the key themselves)
+STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py",
+                     "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdbstub.py",
+                     "warm/cli.py", "warm/cache.py", "warm/run.py", "warm/__init__.py"}
+
+
+class ConsoleLog:
+    """A file-like sink for a machine's console output that keeps the last MiB, and
+    passes it on to ``echo`` too when one is given (``pykvm run -v``)."""
+
+    def __init__(self, echo=None):
+        self._data = bytearray()
+        self._lock = threading.Lock()
+        self._echo = echo
+
+    def write(self, data) -> int:
+        with self._lock:
+            self._data += data
+            del self._data[:-CONSOLE_KEEP]
+        if self._echo is not None:
+            self._echo.write(data)
+            self._echo.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+    def text(self, tail: int = 16 * 1024) -> str:
+        return self.getvalue()[-tail:].decode(errors="replace")
+
+
+# --- the configuration and its key -------------------------------------------------------------
+@dataclass(frozen=True)
+class GuestSpec:
+    """What a Linux guest is booted from: everything that decides the state it reaches
+    at its ready point (the key hashes all of it, file contents included)."""
+
+    kernel: str
+    initrd: str | None
+    append: str
+    mem: int
+    cpus: int
+    console: str = "serial"
+    rng: bool = False
+    disks: tuple = ()               # DiskSpec
+    nets: tuple = ()                # NetSpec
+    shares: tuple = ()              # host directories, read-only in the guest
+
+    @property
+    def restorable(self) -> bool:
+        """Whether a snapshot at the ready point can stand in for a boot (shares are
+        keyed over their content; disks and NICs are the host's live resources)."""
+        return not self.disks and not self.nets
+
+    def cache_refusal(self) -> str | None:
+        """Why ``pykvm run`` does not keep this boot (None: it does)."""
+        if self.disks:
+            return "a --disk is attached (the cached boot must not have seen a disk that may change)"
+        if self.nets:
+            return "a --net NIC is attached (its TAP belongs to one run)"
+        if self.shares:
+            return "a --share is attached (its image is made anew by every run)"
+        return None
+
+    def machine_config(self, device: str):
+        from ..machine import MachineConfig
+
+        return MachineConfig(mem_size=self.mem, cpus=self.cpus, kernel=Path(self.kernel),
+                             initrd=Path(self.initrd) if self.initrd else None,
+                             append=self.append, kvm_device=device, disks=list(self.disks),
+                             console=self.console, rng=self.rng, nets=list(self.nets),
+                             agent=True, shares=list(self.shares))
+
+    def key(self, device: str) -> str:
+        """The cache key: the kernel's and initramfs' bytes, the machine, the device,
+        the host's kind of KVM, the snapshot format, pykvm's version and the source of
+        the pykvm modules that shape a guest's state, and the shared trees."""
+        from .. import __version__
+        from ..kvm import detect_host_kind
+        from ..snapshot import VERSION
+
+        digest = hashlib.sha256()
+        digest_file(self.kernel, digest)
+        digest_file(self.initrd, digest)
+        digest.update(repr((self.append, self.mem, self.cpus, self.console, self.rng, device,
+                            detect_host_kind(), VERSION, __version__, source_digest(),
+                            self.shares)).encode())
+        for share in self.shares:
+            tree_digest(share, digest)
+        return digest.hexdigest()[:24]
+
+    def describe(self) -> dict:
+        """The configuration as `pykvm cache list` shows it."""
+        return {"kernel": self.kernel, "initrd": self.initrd, "append": self.append,
+                "mem": self.mem, "cpus": self.cpus, "console": self.console, "rng": self.rng}
+
+
+def digest_file(path: str | None, digest) -> None:
+    if path is None:
+        digest.update(b"-\0")
+        return
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    digest.update(b"\0")
+
+
+_SOURCE_DIGEST: str | None = None
+
+
+def source_digest() -> str:
+    """pykvm's own code, as far as it decides what a snapshot holds (once a process)."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        import pykvm
+
+        digest = hashlib.sha256()
+        root = Path(pykvm.__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            relative = path.relative_to(root)
+            if relative.as_posix() in STATELESS_SOURCES or relative.parts[0] == "guestimage":
+                continue
+            digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes())
+        _SOURCE_DIGEST = digest.hexdigest()
+    return _SOURCE_DIGEST
+
+
+def tree_digest(directory: str, digest) -> None:
+    """A share's content as the image will hold it: names, modes, sizes, times."""
+    for root, dirs, files in sorted(os.walk(directory)):
+        dirs.sort()
+        for name in sorted(files + dirs):
+            st = os.lstat(os.path.join(root, name))
+            digest.update(f"{os.path.relpath(os.path.join(root, name), directory)}:{st.st_mode}:"
+                          f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+
+
+# --- a running guest -------------------------------------------------------------------------------
+class RunningGuest:
+    """A machine running on a thread of its own, its agent answering."""
+
+    def __init__(self, machine, console: ConsoleLog):
+        self.machine = machine
+        self.console = console
+        self.stop = None
+        self._thread = threading.Thread(target=self._run, name="linux-vm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.stop = self.machine.run()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.machine.request_stop("user", 0, "done with the guest")
+            self._thread.join(timeout=60)
+        self.machine.close()
+
+
+def boot_guest(spec: GuestSpec, device: str, console: ConsoleLog, timeout: float,
+               factory=RunningGuest) -> RunningGuest:
+    """Boot ``spec`` and wait (up to ``timeout`` s) for its ready point. The guest is
+    closed again if it does not get there; the error is the agent's (AgentError)."""
+    from ..machine import Machine
+
+    machine = Machine(spec.machine_config(device), stdout=console, stderr=console)
+    guest = factory(machine, console)
+    try:
+        machine.wait_for_agent(timeout)
+    except BaseException:
+        guest.close()
+        raise
+    return guest
+
+
+def restore_guest(directory: Path, device: str, console: ConsoleLog,
+                  factory=RunningGuest) -> RunningGuest:
+    """The guest saved in ``directory`` (a snapshot at a ready point that this pykvm
+    took itself: its shares are trusted), running, its agent answering. SnapshotError,
+    AgentError or KvmError when it cannot be."""
+    from ..snapshot import restore_machine
+
+    machine = restore_machine(directory, stdout=console, stderr=console, trust=True,
+                              kvm_device=device)
+    guest = factory(machine, console)
+    try:
+        machine.wait_for_agent(RESTORE_READY_TIMEOUT)
+    except BaseException:
+        guest.close()
+        raise
+    return guest
+
+
+def refresh(guest: RunningGuest) -> None:
+    """Make a restored guest fresh (the module docstring says what that covers):
+    ``pykvm-agent --refresh`` with the host's randomness and time. AgentError, or
+    CommandFailed naming what the guest refused."""
+    now = time.time_ns()
+    guest.machine.exec([AGENT_BINARY, "--refresh", str(now // 10**9), str(now % 10**9)],
+                       stdin=os.urandom(REFRESH_SEED_BYTES), timeout=REFRESH_TIMEOUT,
+                       check=True)
