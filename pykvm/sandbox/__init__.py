@@ -72,9 +72,12 @@ def _program(role: str) -> bytes:
             if not _programs:
                 _import_all(_PRELOAD)
                 # Started before the caller confines itself, so it is not confined.
-                _background = threading.Thread(target=_import_all, args=(_BACKGROUND_PRELOAD,),
-                                               name="sandbox-preload", daemon=True)
-                _background.start()
+                # Published only once started: wait_for_preload() reads it without the
+                # lock, and joining a thread that is not started yet raises RuntimeError.
+                preload = threading.Thread(target=_import_all, args=(_BACKGROUND_PRELOAD,),
+                                           name="sandbox-preload", daemon=True)
+                preload.start()
+                _background = preload
             _programs[role] = ROLES[role].program()
         return _programs[role]
 
