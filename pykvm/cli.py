@@ -330,7 +330,10 @@ def cmd_run(args) -> int:
             raise ConfigError("--api-sock-group widens --api-sock: give --api-sock PATH too")
         group_id(args.api_sock_group)       # an unknown group is refused before the boot
     share_copies, live_shares = [], []
-    if args.share or args.vhost_user_fs:
+    if args.restore is not None:
+        # a snapshot's shares are copies (a VM with a live one cannot be saved)
+        share_copies = [str(Path(text.split(",")[0]).absolute()) for text in args.share]
+    elif args.share or args.vhost_user_fs:
         from .devices.virtio.fs import FsSpec
         from .share import parse_shares
         share_copies, live_shares = parse_shares(
@@ -409,7 +412,8 @@ def cmd_run(args) -> int:
 
 RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
-                     ("console", "serial"), ("rng", False), ("agent", False))
+                     ("console", "serial"), ("rng", False), ("agent", False),
+                     ("vhost_user_fs", []))
 
 
 def check_restore_options(args) -> None:
