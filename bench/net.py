@@ -275,7 +275,7 @@ def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: floa
     nic = GuestNic(kvm, image, mode, size, spin)
     try:
         nic.start()
-        threads = (nic.function.worker.thread.native_id, nic.device._watcher.thread.native_id)
+        threads = (nic.function.worker.thread.native_id, nic.device.wire._watcher.thread.native_id)
         device_cpu = lambda: sum(cpu_seconds(os.getpid(), tid) for tid in threads)  # noqa: E731
         if mode == "tx":
             rate, cpu = sample(lambda: rx_packets("pbtap0"), device_cpu, warmup, seconds)

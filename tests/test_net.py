@@ -70,7 +70,7 @@ def test_net_spec_parse(text, expected):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("user", "unknown backend"),
+    ("slirp", "unknown backend"),
     ("tap=", "empty TAP name"),
     ("tap=much-too-long-name0", "not a valid interface name"),
     ("tap=a/b", "not a valid interface name"),

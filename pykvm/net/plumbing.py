@@ -1,6 +1,11 @@
 """The host side of a virtual NIC, plumbed with pyroute2: what `--net` asks for.
 
     --net tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]
+    --net user[,mac=MAC][,fwd=tcp:HOSTPORT:GUESTPORT]...[,fwd=udp:...][,map-gw=off]
+    --net passt=SOCKET[,mac=MAC]
+
+(``user`` and ``passt=`` need no privileges: their host end is passt, started
+and stopped by pykvm/net/passt.py; the rest of this module is the TAP's.)
 
 For each NIC, :func:`open_nic` opens the TAP (creating it, or attaching to an
 existing one of that name), then, with pyroute2's IPRoute, enslaves it to the
@@ -83,12 +88,16 @@ def machine_key(config) -> str:
     parts = [str(getattr(config, "kernel", None) or getattr(config, "flat", None) or "")]
     parts += [str(getattr(disk, "path", disk)) for disk in getattr(config, "disks", [])]
     parts += [f"{n.tap or ''}/{n.bridge or ''}/{n.netns or ''}"
+              + ("" if getattr(n, "mode", "tap") == "tap" else f"/{n.mode}")
               for n in getattr(config, "nets", [])]
     return "\n".join(parts)
 
 
 # --- the --net option ------------------------------------------------------------------------
-NET_USAGE = "tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]"
+NET_USAGE = ("tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS], "
+             "user[,mac=MAC][,fwd=tcp|udp:HOSTPORT:GUESTPORT]...[,map-gw=off] "
+             "or passt=SOCKET[,mac=MAC]")
+USER_OPTIONS = {"user": ("mac", "fwd", "map-gw"), "passt": ("mac",)}
 
 
 @dataclass(frozen=True)
@@ -100,11 +109,17 @@ class NetSpec:
     bridge: str | None = None
     host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
     netns: str | None = None
+    mode: str = "tap"                      # "tap", "user" (pykvm starts passt), "passt"
+    forwards: tuple = ()                   # passt.Forward of each fwd= (user)
+    passt_socket: str | None = None        # passt=SOCKET
+    map_gw: bool = True                    # user: the gateway address reaches the host
 
     @classmethod
     def parse(cls, text: str) -> "NetSpec":
         kind, *options = text.split(",")
         backend, _, tap = kind.partition("=")
+        if backend in USER_OPTIONS:
+            return cls._parse_user(text, backend, _, tap, options)
         if backend != "tap":
             raise ConfigError(f"--net {text!r}: unknown backend {backend!r} (use {NET_USAGE})")
         if _ and not tap:
@@ -136,6 +151,44 @@ class NetSpec:
             else:
                 raise ConfigError(f"--net {text!r}: unknown option {key!r} (use {NET_USAGE})")
         return cls(**values)
+
+    @classmethod
+    def _parse_user(cls, text: str, mode: str, equals: str, value: str,
+                    options: list[str]) -> "NetSpec":
+        """``user[,...]`` and ``passt=SOCKET[,...]``."""
+        from .passt import Forward
+
+        if mode == "user" and equals:
+            raise ConfigError(f"--net {text!r}: user takes no value (use {NET_USAGE})")
+        if mode == "passt" and not value:
+            raise ConfigError(f"--net {text!r}: give passt's socket: passt=SOCKET")
+        values: dict = {"mode": mode, "passt_socket": value or None}
+        forwards: list = []
+        for option in options:
+            key, sep, argument = option.partition("=")
+            if not sep or not argument:
+                raise ConfigError(f"--net {text!r}: option {option!r} needs a value "
+                                  f"(use {NET_USAGE})")
+            if key not in USER_OPTIONS[mode]:
+                raise ConfigError(f"--net {text!r}: {mode} has no option {key!r} "
+                                  f"(use {NET_USAGE})")
+            if key == "fwd":
+                forward = Forward.parse(argument)
+                if any((f.protocol, f.host_port) == (forward.protocol, forward.host_port)
+                       for f in forwards):
+                    raise ConfigError(f"--net {text!r}: host port {forward.protocol} "
+                                      f"{forward.host_port} is forwarded twice")
+                forwards.append(forward)
+                continue
+            if key.replace("-", "_") in values:
+                raise ConfigError(f"--net {text!r}: {key} given twice")
+            if key == "mac":
+                values["mac"] = parse_mac(argument)
+            elif argument not in ("on", "off"):
+                raise ConfigError(f"--net {text!r}: map-gw is on or off")
+            else:
+                values["map_gw"] = argument == "on"
+        return cls(forwards=tuple(forwards), **values)
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -427,8 +480,12 @@ class NicBackend:
         self.close()
 
 
-def open_nic(spec: NetSpec, mac: bytes) -> NicBackend:
-    """Open and plumb one NIC's TAP; ConfigError (one line) on bad input."""
+def open_nic(spec: NetSpec, mac: bytes):
+    """Open and plumb one NIC's TAP (a NicBackend), or for ``user``/``passt=`` connect
+    its passt (a passt.UserNic); ConfigError (one line) on bad input."""
+    if spec.mode != "tap":
+        from .passt import open_user_nic
+        return open_user_nic(spec, mac)
     backend = NicBackend(spec, mac)
     backend.setup()
     return backend

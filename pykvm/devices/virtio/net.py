@@ -1,4 +1,13 @@
-"""virtio-net (virtio 1.x, section 5.1) over a TAP device.
+"""virtio-net (virtio 1.x, section 5.1) over a host back end: a TAP or a stream.
+
+The device is written against a *wire* (:class:`Wire`): an fd to watch, ``send``
+and ``recv_into`` for one frame each, and what it can carry. Two plug in:
+:class:`TapWire` (below: a TAP, root's way) and pykvm/net/stream.py's
+StreamWire (a Unix stream socket to passt, the unprivileged way; pykvm/net/passt.py
+starts passt). What follows is the TAP's case; the stream's differences are in
+stream.py: it carries no virtio header (so no offloads are offered), and its
+``send`` may take a frame yet be unable to take another until the socket drains
+(:class:`WireBusy`; a second watcher thread kicks transmit when it is writable).
 
 Queue 0 is receiveq (frames for the guest), queue 1 transmitq (frames from
 it); there is no control queue. Every frame in either direction starts with
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import select
 import struct
@@ -103,6 +113,71 @@ def _set_num_buffers(views: list[memoryview], count: int) -> None:
     scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
 
 
+class WireBusy(Exception):
+    """Raised by a wire's ``send`` that took the frame but cannot take the next one
+    until its fd is writable again (it has then armed its write watcher)."""
+
+
+class Wire:
+    """What NetDevice needs of a back end. ``send(views)`` puts one frame --
+    virtio_net_hdr_v1 then the Ethernet frame, as views of guest RAM -- on the
+    wire (OSError if it refused it; WireBusy as above); ``recv_into(views)``
+    fills the views (the last one a spare byte) with the next header and frame
+    and returns its length (more than the views but the spare byte hold: too
+    long, dropped), BlockingIOError when there is none. Both are the plain
+    syscalls for a TAP, so its hot loop pays no Python call per frame."""
+
+    fd: int = -1
+    mtu: int = 1500
+    offloads: bool = False          # can it carry partial checksums and TSO frames?
+    send = recv_into = None
+
+    def set_offload(self, features: int) -> None:
+        """Tell the host what the driver accepted (``features``) on receive."""
+
+    def flush(self) -> bool:
+        """Push out what a WireBusy send left; True once the wire takes frames again."""
+        return True
+
+    def start(self, kick_receive, kick_transmit, name: str) -> None:
+        """Begin watching: ``kick_receive`` when frames may be readable."""
+        self._watcher = FdWatcher(self.fd, kick_receive, f"{name}-rx")
+        self._watcher.start()
+
+    def arm(self) -> None:
+        """``recv_into`` raised BlockingIOError: wake the receive side when readable."""
+        self._watcher.arm()
+
+    def stop(self) -> None:
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.stop()
+
+    def close(self) -> None:
+        self.stop()
+
+
+class TapWire(Wire):
+    """A TAP (pykvm/net/tap.py) with IFF_VNET_HDR: header and frame pass through
+    untouched, one writev()/readv() per frame."""
+
+    offloads = True
+
+    def __init__(self, tap, mtu: int = 1500):
+        self.tap = tap
+        self.fd = tap.fd
+        self.mtu = mtu
+        self.send = functools.partial(os.writev, tap.fd)
+        self.recv_into = functools.partial(os.readv, tap.fd)
+
+    def set_offload(self, features: int) -> None:
+        self.tap.set_offload(tun_offload(features))
+
+    def close(self) -> None:
+        self.stop()
+        self.tap.close()
+
+
 def tun_offload(features: int) -> int:
     """TUNSETOFFLOAD flags for what the driver accepted on receive."""
     if not features & VIRTIO_NET_F_GUEST_CSUM:
@@ -118,26 +193,31 @@ def tun_offload(features: int) -> int:
 
 
 class NetDevice(VirtioDevice):
-    """A NIC whose wire is ``tap`` (an open TAP with ``fd`` and ``set_offload``).
-    ``owner``, if given, is closed with the device instead of the TAP alone (the
-    NicBackend, which also undoes the host-side plumbing)."""
+    """A NIC whose wire is ``wire`` (a :class:`Wire`; an open TAP, with ``fd`` and
+    ``set_offload``, is wrapped in a TapWire). ``owner``, if given, is closed with
+    the device instead of the wire alone (the NicBackend, which also undoes the
+    host-side plumbing, or the passt process)."""
 
     device_id = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    dhcp = False      # the default guest's /init asks DHCP for this NIC (user networking)
 
-    def __init__(self, tap, mac: bytes, *, mtu: int = 1500, offloads: bool = True,
+    def __init__(self, wire, mac: bytes, *, mtu: int = 1500, offloads: bool = True,
                  name: str = "virtio-net", owner=None, log=None):
         super().__init__()
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
+        if not isinstance(wire, Wire):
+            wire = TapWire(wire, mtu)
         self.name = name
-        self.tap = tap
-        self.fd = tap.fd
+        self.wire = wire
+        self.tap = getattr(wire, "tap", None)
+        self.fd = wire.fd
         self.mac = bytes(mac)
         self.mtu = mtu
         self.owner = owner
         self.log = log
-        self.features = BASIC_FEATURES | (OFFLOAD_FEATURES if offloads else 0)
+        self.features = BASIC_FEATURES | (OFFLOAD_FEATURES if offloads and wire.offloads else 0)
         self.stats = collections.Counter()
         self._mergeable = False
         self._rx_target = NET_HDR_SIZE + ETH_HEADER + mtu
@@ -152,15 +232,15 @@ class NetDevice(VirtioDevice):
         self._rx_capacity = 0
         self._rx_wants_more = False
         self._tx_wants_more = True
+        self._tx_blocked = False        # the wire said WireBusy: flush it before the next frame
         self._broken_backend = False
-        self._watcher = TapWatcher(self.fd, self._tap_readable, f"{name}-tap")
-        self._watcher.start()
+        wire.start(self._tap_readable, self._wire_writable, name)
 
     def describe(self) -> str:
         """One line for the user: the host end (the NicBackend's words) and the MAC."""
         if self.owner is not None and hasattr(self.owner, "describe"):
             return self.owner.describe()
-        return f"TAP fd {self.fd}, MAC " + ":".join(f"{b:02x}" for b in self.mac)
+        return f"{type(self.wire).__name__} fd {self.fd}, MAC " + ":".join(f"{b:02x}" for b in self.mac)
 
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, min(self.mtu, 0xFFFF))
@@ -174,7 +254,7 @@ class NetDevice(VirtioDevice):
             else NET_HDR_SIZE + ETH_HEADER + self.mtu
         self._drop_pending()
         try:
-            self.tap.set_offload(tun_offload(features))
+            self.wire.set_offload(features)
         except Exception as error:   # noqa: BLE001 - the guest still works without offloads
             self._note(f"cannot enable offloads on the TAP: {error}")
             self.stats["offload_errors"] += 1
@@ -184,14 +264,15 @@ class NetDevice(VirtioDevice):
         self._drop_pending()
         self._broken_backend = False   # a new driver gets a new chance at the TAP
         try:
-            self.tap.set_offload(0)
+            self.wire.set_offload(0)
         except Exception:   # noqa: BLE001
             pass
         # Frames queued for the old driver (perhaps as TSO frames it accepted) are not
         # for the next one.
+        scratch = [memoryview(bytearray(MAX_GSO_FRAME)), self._spill]
         for _ in range(RESET_DRAIN_LIMIT):
             try:
-                os.read(self.fd, MAX_GSO_FRAME)
+                self.wire.recv_into(scratch)
             except OSError:
                 break
             self.stats["rx_dropped_reset"] += 1
@@ -214,9 +295,14 @@ class NetDevice(VirtioDevice):
 
     def _transmit(self, queue: Virtqueue) -> None:
         # The hot loop of the transmit path: locals only, counters folded in at the end.
-        fd, writev, pop, add_used = self.fd, os.writev, queue.pop, queue.add_used
+        send, pop, add_used = self.wire.send, queue.pop, queue.add_used
         frames = octets = malformed = errors = 0
         self._tx_wants_more = True
+        if self._tx_blocked:
+            if not self.wire.flush():
+                self._tx_wants_more = False    # the wire's write watcher kicks us
+                return
+            self._tx_blocked = False
         try:
             for _ in range(TX_BATCH):
                 chain = pop()
@@ -228,11 +314,18 @@ class NetDevice(VirtioDevice):
                     malformed += 1          # no frame is that short or that long
                 else:
                     try:
-                        writev(fd, views)
+                        send(views)
                         frames += 1
                         octets += length
                     except OSError:
-                        errors += 1   # the kernel refused the header or the frame
+                        errors += 1   # the kernel (or the stream's checks) refused it
+                    except WireBusy:  # taken, but the socket is full: wait until writable
+                        frames += 1
+                        octets += length
+                        add_used(chain.head, 0)
+                        self._tx_blocked = True
+                        self._tx_wants_more = False
+                        return
                 add_used(chain.head, 0)
             self._tx_wants_more = False       # the worker comes back after the other queue
             self.kick(TRANSMIT_QUEUE)
@@ -248,7 +341,7 @@ class NetDevice(VirtioDevice):
         self._rx_wants_more = False
         if self._broken_backend:
             return
-        fd, readv, complete = self.fd, os.readv, self._complete
+        recv_into, complete = self.wire.recv_into, self._complete
         frames = octets = 0
         try:
             for _ in range(RX_BATCH):
@@ -257,15 +350,16 @@ class NetDevice(VirtioDevice):
                     self.stats["rx_waits_for_buffers"] += 1
                     return
                 try:
-                    length = readv(fd, self._rx_views)
+                    length = recv_into(self._rx_views)
                 except BlockingIOError:
-                    self._watcher.arm()          # drained: wake us when the TAP has more
+                    self.wire.arm()              # drained: wake us when the wire has more
                     return
                 except OSError as error:
                     if error.errno == errno.EINTR:
                         continue
                     self._broken_backend = True
-                    self._note(f"reading the TAP failed: {error.strerror}; receive stopped")
+                    self._note(f"reading the {'TAP' if self.tap else 'wire'} failed: "
+                               f"{error.strerror}; receive stopped")
                     return
                 if length > self._rx_capacity:
                     self.stats["rx_dropped_too_long"] += 1   # reached the spare byte: reused
@@ -355,25 +449,30 @@ class NetDevice(VirtioDevice):
     def _tap_readable(self) -> None:
         self.kick(RECEIVE_QUEUE)
 
+    def _wire_writable(self) -> None:
+        self.kick(TRANSMIT_QUEUE)
+
     def _note(self, message: str) -> None:
         import sys
         print(f"pykvm: {self.name}: {message}", file=self.log or sys.stderr)
 
     def close(self) -> None:
-        self._watcher.stop()
+        self.wire.stop()
         self._drop_pending()
         if self.owner is not None:
             self.owner.close()
         else:
-            self.tap.close()
+            self.wire.close()
 
 
-class TapWatcher:
+class FdWatcher:
     """A thread that calls ``on_readable`` once when ``fd`` becomes readable after
-    each :meth:`arm` (the consumer arms it when it has drained the fd)."""
+    each :meth:`arm` (the consumer arms it when it has drained the fd). With
+    ``events=select.POLLOUT`` it watches for writability instead."""
 
-    def __init__(self, fd: int, on_readable, name: str):
+    def __init__(self, fd: int, on_readable, name: str, events: int = select.POLLIN):
         self._fd = fd
+        self._events = events
         self._on_readable = on_readable
         self._arm_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -403,7 +502,7 @@ class TapWatcher:
                     pass
                 if not armed:
                     armed = True
-                    poller.register(self._fd, select.POLLIN)
+                    poller.register(self._fd, self._events)
             elif armed and self._fd in ready:
                 armed = False
                 poller.unregister(self._fd)
@@ -425,7 +524,8 @@ class TapWatcher:
 
 
 def open_net_devices(specs, machine_key: str = "", *, vm=None) -> list[NetDevice]:
-    """A NetDevice for each --net NetSpec, its TAP opened and plumbed (pykvm/net/);
+    """A NetDevice for each --net NetSpec, its TAP opened and plumbed or its passt
+    started (pykvm/net/);
     on any failure the ones already opened are closed again. With ``vm``, each
     NIC's host-side clean-up is also registered with ``vm.on_close`` (it runs once,
     whichever comes first: the device's close or the VM's)."""
@@ -437,8 +537,9 @@ def open_net_devices(specs, machine_key: str = "", *, vm=None) -> list[NetDevice
         for index, spec in enumerate(specs):
             backend = open_nic(spec, spec.mac or default_mac(machine_key, index))
             try:
-                device = NetDevice(backend.tap, backend.mac, mtu=backend.mtu,
-                                   name=f"virtio-net{index}", owner=backend)
+                device = NetDevice(getattr(backend, "wire", None) or backend.tap, backend.mac,
+                                   mtu=backend.mtu, name=f"virtio-net{index}", owner=backend)
+                device.dhcp = getattr(backend, "dhcp", False)
             except BaseException:
                 backend.close()
                 raise
