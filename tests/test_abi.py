@@ -120,3 +120,29 @@ def test_the_check_covers_what_a_vmm_needs():
               "kvm_guest_debug", "kvm_dirty_log"}
     assert needed <= declared
     assert len(list(constants())) > 100
+
+
+def test_the_kvm_run_decode_reads_the_fields_the_checked_structs_name():
+    """pykvm/ioctl/run.py's struct formats are built from the offsets checked above; a
+    page filled through the ctypes struct must unpack to the same values."""
+    from pykvm.ioctl import run, structs as s
+
+    page = bytearray(ctypes.sizeof(s.kvm_run))
+    kvm_run = s.kvm_run.from_buffer(page)
+    kvm_run.exit_reason = 2
+    kvm_run.io.direction, kvm_run.io.size, kvm_run.io.port = 1, 4, 0x3F8
+    kvm_run.io.count, kvm_run.io.data_offset = 3, 4096
+    assert run.EXIT_AND_IO.unpack_from(page, run.EXIT_REASON_OFFSET) == (2, 1, 4, 0x3F8, 3, 4096)
+    kvm_run.mmio.phys_addr, kvm_run.mmio.len, kvm_run.mmio.is_write = 0xFEE00000, 200, 1
+    kvm_run.mmio.data[:] = list(range(1, 9))
+    mmio = run.mmio_exit(page)
+    assert (mmio.addr, mmio.length, mmio.is_write, mmio.value) == \
+        (0xFEE00000, 8, True, 0x0807060504030201)    # len clamped to the data's 8 bytes
+    run.complete_mmio_read(page, mmio, 0x1122334455667788)
+    assert bytes(kvm_run.mmio.data) == (0x1122334455667788).to_bytes(8, "little")
+    kvm_run.internal.suberror = 1
+    assert run.internal_error(kvm_run).suberror == 1
+    kvm_run.immediate_exit = 0
+    page[run.IMMEDIATE_EXIT_OFFSET] = 1
+    assert kvm_run.immediate_exit == 1
+    del kvm_run
