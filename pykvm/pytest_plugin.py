@@ -45,7 +45,8 @@ Fixtures
     ``${PYKVM_CACHE:-~/.cache/pykvm}/snapshots``; ``none``: only for this session),
     under a key over the kernel, the initramfs, the machine's configuration, the
     host's kind of KVM and pykvm's own source, so a change to any of them boots
-    again. Where a snapshot cannot be taken, the booted guest is shared by the
+    again (pykvm/warm: the code ``pykvm run -- CMD``'s boot cache uses too).
+    Where a snapshot cannot be taken, the booted guest is shared by the
     session's tests instead. A machine with a ``pykvm_disk`` or ``pykvm_net`` is
     booted afresh for each test (a restore would meet a changed disk or a TAP
     that no longer exists).
@@ -67,21 +68,20 @@ the failure), with the tail of the boot log for a restored Linux guest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from pykvm.warm.guest import ConsoleLog, GuestSpec, RunningGuest
+
 DEFAULT_LINUX_MEM = "256M"
 DEFAULT_BOOT_TIMEOUT = 900.0
-CONSOLE_KEEP = 1 << 20
 REPORT_TAIL = 16 * 1024           # console bytes a failure report shows
 BOOT_LOG_TAIL = 4 * 1024          # ... and of a restored guest's boot log
 FLAT_MEM = "16M"
@@ -178,30 +178,6 @@ def pytest_runtest_makereport(item, call):
 def _attach_console(request, name: str, source) -> None:
     consoles = request.node.stash.setdefault(_CONSOLES, [])
     consoles.append((name, source))
-
-
-class ConsoleLog:
-    """A file-like sink for a machine's console output that keeps the last MiB."""
-
-    def __init__(self):
-        self._data = bytearray()
-        self._lock = threading.Lock()
-
-    def write(self, data) -> int:
-        with self._lock:
-            self._data += data
-            del self._data[:-CONSOLE_KEEP]
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def getvalue(self) -> bytes:
-        with self._lock:
-            return bytes(self._data)
-
-    def text(self, tail: int = REPORT_TAIL) -> str:
-        return self.getvalue()[-tail:].decode(errors="replace")
 
 
 # --- kvm -----------------------------------------------------------------------------------------------------
@@ -345,20 +321,15 @@ def vm(request, pykvm_device, tmp_path) -> FlatVm:
 
 
 # --- linux_vm --------------------------------------------------------------------------------------------------
-class LinuxVm:
-    """A running Linux guest with its agent (the ``linux_vm`` fixture)."""
+class LinuxVm(RunningGuest):
+    """A running Linux guest with its agent (the ``linux_vm`` fixture; pykvm/warm/guest.py
+    boots and restores it)."""
 
-    def __init__(self, machine, console: ConsoleLog, origin: str, boot_log: str = ""):
-        self.machine = machine
-        self.console = console
+    def __init__(self, machine, console: ConsoleLog, origin: str = "booted for this test",
+                 boot_log: str = ""):
         self.origin = origin            # "booted", "restored from DIR" or "shared ..."
         self.boot_log = boot_log
-        self._thread = threading.Thread(target=self._run, name="linux-vm", daemon=True)
-        self.stop = None
-        self._thread.start()
-
-    def _run(self) -> None:
-        self.stop = self.machine.run()
+        super().__init__(machine, console)
 
     # the agent
     def exec(self, command, timeout: float | None = 600.0, **options):
@@ -377,49 +348,15 @@ class LinuxVm:
     def copy_out(self, guest_path: str, host_path) -> None:
         self.machine.copy_out(guest_path, host_path)
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def console_text(self) -> str:
         parts = [f"(guest {self.origin})"]
         if self.boot_log:
             parts.append(f"--- boot log (tail) ---\n{self.boot_log[-BOOT_LOG_TAIL:]}")
-        parts.append(f"--- console during the test ---\n{self.console.text()}")
+        parts.append(f"--- console during the test ---\n{self.console.text(REPORT_TAIL)}")
         return "\n".join(parts)
 
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self.machine.request_stop("user", 0, "the test is over")
-            self._thread.join(timeout=60)
-        self.machine.close()
 
-
-@dataclass(frozen=True)
-class _LinuxSpec:
-    kernel: str
-    initrd: str | None
-    append: str
-    mem: int
-    cpus: int
-    disks: tuple = ()
-    nets: tuple = ()
-    shares: tuple = ()
-
-    @property
-    def restorable(self) -> bool:
-        return not self.disks and not self.nets
-
-    def machine_config(self, device: str):
-        from pykvm.machine import MachineConfig
-
-        return MachineConfig(mem_size=self.mem, cpus=self.cpus, kernel=Path(self.kernel),
-                             initrd=Path(self.initrd) if self.initrd else None,
-                             append=self.append, kvm_device=device, disks=list(self.disks),
-                             nets=list(self.nets), agent=True, shares=list(self.shares))
-
-
-def _linux_spec(request) -> _LinuxSpec:
+def _linux_spec(request) -> GuestSpec:
     from pykvm.devices.virtio import DiskSpec
     from pykvm.machine import default_guest_dir, parse_size
 
@@ -455,7 +392,7 @@ def _linux_spec(request) -> _LinuxSpec:
         from pykvm.net.plumbing import NetSpec
         nets.append(NetSpec.parse(str(marker.args[0])))
     shares = [str(Path(marker.args[0]).absolute()) for marker in node.iter_markers("pykvm_share")]
-    return _LinuxSpec(kernel=str(Path(kernel).absolute()),
+    return GuestSpec(kernel=str(Path(kernel).absolute()),
                       initrd=str(Path(initrd).absolute()) if initrd else None,
                       append=_option(config, "pykvm_append", "PYKVM_APPEND") or "",
                       mem=parse_size(str(last("pykvm_mem", DEFAULT_LINUX_MEM))),
@@ -477,51 +414,10 @@ def linux_vm(request, pykvm_device):
 
 
 # --- the session: booted guests and their snapshots -------------------------------------------------------------
-def _digest_file(path: str | None, digest) -> None:
-    if path is None:
-        digest.update(b"-\0")
-        return
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    digest.update(b"\0")
-
-
 def default_snapshot_root() -> Path:
     """Where snapshots of booted guests are kept between sessions by default."""
     cache = os.environ.get("PYKVM_CACHE") or Path.home() / ".cache" / "pykvm"
     return Path(cache) / "snapshots"
-
-
-# pykvm modules that never shape a guest's state: a change to them keeps the snapshots
-# (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
-# are in the key themselves)
-_STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py",
-                      "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdbstub.py"}
-
-
-def _pykvm_source_digest() -> str:
-    """pykvm's own code, as far as it decides what a snapshot holds."""
-    import pykvm
-
-    digest = hashlib.sha256()
-    root = Path(pykvm.__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if str(relative) in _STATELESS_SOURCES or relative.parts[0] == "guestimage":
-            continue
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _tree_digest(directory: str, digest) -> None:
-    """A share's content as the image will hold it: names, modes, sizes, times."""
-    for root, dirs, files in sorted(os.walk(directory)):
-        dirs.sort()
-        for name in sorted(files + dirs):
-            st = os.lstat(os.path.join(root, name))
-            digest.update(f"{os.path.relpath(os.path.join(root, name), directory)}:{st.st_mode}:"
-                          f"{st.st_size}:{st.st_mtime_ns}\0".encode())
 
 
 class _Session:
@@ -533,7 +429,6 @@ class _Session:
         self._snapshots: dict[str, Path] = {}
         self._shared: dict[str, LinuxVm] = {}
         self._tmp: Path | None = None
-        self._source_digest: str | None = None
 
     def unavailable(self, device: str) -> str | None:
         if device not in self._reasons:
@@ -556,36 +451,28 @@ class _Session:
             return self.tmp() / "snapshots"
         return Path(chosen) if chosen else default_snapshot_root()
 
-    def key(self, spec: _LinuxSpec, device: str) -> str:
-        from pykvm.kvm import detect_host_kind
-        from pykvm.snapshot import VERSION
+    def cache(self):
+        """The snapshots, kept like `pykvm run`'s boot cache (pykvm/warm/cache.py): the
+        SNAPSHOTS_KEPT most recently used."""
+        from pykvm.warm.cache import BootCache
 
-        if self._source_digest is None:
-            self._source_digest = _pykvm_source_digest()
-        digest = hashlib.sha256()
-        _digest_file(spec.kernel, digest)
-        _digest_file(spec.initrd, digest)
-        digest.update(repr((spec.append, spec.mem, spec.cpus, device, detect_host_kind(),
-                            VERSION, self._source_digest, spec.shares)).encode())
-        for share in spec.shares:
-            _tree_digest(share, digest)
-        return digest.hexdigest()[:24]
+        return BootCache(self.snapshot_root(), cap=None, max_entries=SNAPSHOTS_KEPT)
 
     # --- giving a test its guest ---------------------------------------------------------------------
-    def linux_vm(self, spec: _LinuxSpec, device: str) -> LinuxVm:
+    def linux_vm(self, spec: GuestSpec, device: str) -> LinuxVm:
         if not spec.restorable:
             return self._boot(spec, device)
-        key = self.key(spec, device)
+        key = spec.key(device)
         if key in self._shared:
             return self._shared[key]
-        snapshot = self._snapshots.get(key) or self._find_snapshot(key)
+        snapshot = self._snapshots.get(key) or self.cache().lookup(key)
         if snapshot is not None:
-            guest = self._try_restore(key, snapshot)
+            guest = self._try_restore(key, snapshot, device)
             if guest is not None:
                 return guest
         booted = self._boot(spec, device)
-        snapshot = self._take_snapshot(booted, key)
-        guest = self._try_restore(key, snapshot) if snapshot is not None else None
+        snapshot = self._take_snapshot(booted, spec, key)
+        guest = self._try_restore(key, snapshot, device) if snapshot is not None else None
         if guest is None:               # no snapshots here: the booted guest serves the session
             booted.origin = "booted once for the session (no snapshot could be used)"
             self._shared[key] = booted
@@ -593,16 +480,16 @@ class _Session:
         booted.close()
         return guest
 
-    def _try_restore(self, key: str, snapshot: Path) -> LinuxVm | None:
+    def _try_restore(self, key: str, snapshot: Path, device: str) -> LinuxVm | None:
         from pykvm.errors import PykvmError
 
         try:
-            guest = self._restore(snapshot)
+            guest = self._restore(snapshot, device)
         except PykvmError as error:
             warnings.warn(pytest.PytestWarning(f"pykvm: cannot restore {snapshot}: {error}; "
                                                f"booting instead"))
             self._snapshots.pop(key, None)
-            shutil.rmtree(snapshot, ignore_errors=True)
+            self.cache().drop(snapshot)
             return None
         self._snapshots[key] = snapshot
         return guest
@@ -611,69 +498,39 @@ class _Session:
         if guest not in self._shared.values():
             guest.close()
 
-    def _boot(self, spec: _LinuxSpec, device: str) -> LinuxVm:
-        from pykvm.machine import Machine
+    def _boot(self, spec: GuestSpec, device: str) -> LinuxVm:
+        from pykvm.warm.guest import boot_guest
 
         console = ConsoleLog()
-        machine = Machine(spec.machine_config(device), stdout=console, stderr=console)
-        guest = LinuxVm(machine, console, "booted for this test")
         try:
-            machine.wait_for_agent(self.boot_timeout)
+            return boot_guest(spec, device, console, self.boot_timeout, factory=LinuxVm)
         except BaseException as error:
-            guest.close()
             tail = console.text(4096)
             raise RuntimeError(f"the Linux guest's agent did not answer: {error}\n"
                                f"--- console (tail) ---\n{tail}") from None
-        return guest
 
-    def _find_snapshot(self, key: str) -> Path | None:
-        directory = self.snapshot_root() / key
-        return directory if (directory / "state.json").exists() else None
-
-    def _take_snapshot(self, guest: LinuxVm, key: str) -> Path | None:
+    def _take_snapshot(self, guest: LinuxVm, spec: GuestSpec, key: str) -> Path | None:
         from pykvm.errors import PykvmError
-        from pykvm.snapshot import save_snapshot
 
-        root = self.snapshot_root()
-        final = root / key
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-            save_snapshot(guest.machine, scratch)
-            (scratch / "boot-console.log").write_bytes(guest.console.getvalue())
-            try:
-                scratch.rename(final)
-            except OSError:             # another session made it meanwhile: use theirs
-                shutil.rmtree(scratch, ignore_errors=True)
+            return self.cache().store(guest.machine, key, spec.describe(),
+                                      guest.console.getvalue())
         except (PykvmError, OSError) as error:
             warnings.warn(pytest.PytestWarning(f"pykvm: no snapshot of the booted guest "
                                                f"({error}); its tests share one guest"))
             return None
-        self._prune(root, keep=final)
-        return final
 
-    def _prune(self, root: Path, keep: Path) -> None:
-        entries = sorted((p for p in root.iterdir() if (p / "state.json").exists()),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[SNAPSHOTS_KEPT:]:
-            if old != keep and old not in self._snapshots.values():
-                shutil.rmtree(old, ignore_errors=True)
+    def _restore(self, snapshot: Path, device: str) -> LinuxVm:
+        from pykvm.warm.cache import BOOT_LOG
+        from pykvm.warm.guest import restore_guest
 
-    def _restore(self, snapshot: Path) -> LinuxVm:
-        from pykvm.snapshot import restore_machine
-
-        console = ConsoleLog()
-        # trust: the plugin took this snapshot itself (its shares are the spec's own)
-        machine = restore_machine(snapshot, stdout=console, stderr=console, trust=True)
-        boot_log = snapshot / "boot-console.log"
-        guest = LinuxVm(machine, console, f"restored from {snapshot}",
-                        boot_log.read_bytes().decode(errors="replace") if boot_log.exists() else "")
-        try:
-            machine.wait_for_agent(60)
-        except BaseException:
-            guest.close()
-            raise
-        os.utime(snapshot)              # recently used: kept by _prune
+        # the plugin took this snapshot itself (its shares are the spec's own): trusted
+        guest = restore_guest(snapshot, device, ConsoleLog(), factory=LinuxVm)
+        guest.origin = f"restored from {snapshot}"
+        boot_log = snapshot / BOOT_LOG
+        if boot_log.exists():
+            guest.boot_log = boot_log.read_bytes().decode(errors="replace")
+        self.cache().touch(snapshot)    # recently used: kept by the eviction
         return guest
 
     def close(self) -> None:

@@ -233,7 +233,9 @@ class BootCache:
     def _evict(self, keep: Path | None) -> list[Path]:
         """Least recently used entries past the caps (``keep`` stays); the lock is held."""
         removed, total = [], 0
-        for index, entry in enumerate(self.entries()):
+        # ``keep`` counts first: the others fit in what it leaves, most recent first
+        ordered = sorted(self.entries(), key=lambda entry: entry.path != keep)
+        for index, entry in enumerate(ordered):
             total += entry.size
             over = (self.cap is not None and total > self.cap) or \
                 (self.max_entries is not None and index >= self.max_entries)
