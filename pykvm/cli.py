@@ -14,6 +14,7 @@ from pathlib import Path
 from . import layout, sandbox
 from .errors import PykvmError
 from .guestimage import cli as guest_cli
+from .api.firecracker import cli as firecracker_cli
 from .warm import cli as cache_cli
 
 EXIT_USAGE = 2
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     guest_cli.add_parser(commands)
     cache_cli.add_parser(commands)
+    firecracker_cli.add_parser(commands)
     check = commands.add_parser("check", help="say whether this host can run pykvm (like kvm-ok)")
     check.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     check.set_defaults(handler=cmd_check)
@@ -134,12 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "/mnt/share1, ...) through virtio-fs and a virtiofsd pykvm "
                               "starts and stops; ro: read-only. DIR,copy: a read-only ext2 "
                               "copy instead (can be snapshotted; implies --agent)")
+    devices.add_argument("--rootfs", metavar="DIR",
+                         help="boot with the host directory DIR (e.g. /) as the guest's root "
+                              "over virtio-fs, read-only under a tmpfs overlay; the current "
+                              "directory is shared read-write at its own path and -- CMD runs "
+                              "there")
     devices.add_argument("--vhost-user-fs", action="append", default=[],
                          metavar="SOCKET,tag=T",
                          help="a virtio-fs device served by a virtiofsd you started on SOCKET")
     devices.add_argument("--net", action="append", default=[],
-                         metavar="tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS]",
-                         help="a virtio-net NIC on a TAP (repeatable): NAME is created, or "
+                         metavar="user[,OPTS]|passt=SOCKET|tap[=NAME][,OPTS]",
+                         help="a virtio-net NIC (repeatable). user[,mac=MAC][,fwd=tcp:H:G]..."
+                              "[,map-gw=off]: no root needed, through a passt pykvm starts "
+                              "(DHCP for the default guest; the gateway address reaches the "
+                              "host's loopback; fwd: host port H to guest port G, tcp or udp); "
+                              "passt=SOCKET: a passt you started. tap: on a TAP: NAME is created, or "
                               "attached if it exists (default: a new pykvmN); bridge: enslave "
                               "it to BR, created if missing; host-ip: the host's address on "
                               "BR (or on the TAP); netns: all of it inside namespace NS; mac: "
@@ -265,6 +276,10 @@ def cmd_check(args) -> int:
             print("quirks: none (hardware virtualization, everything native)")
         smoke = smoke_test(kvm)
         print(f"VM smoke test: {smoke or 'created a VM with 1 vCPU and ran it to its first exit'}")
+    from .net.passt import user_networking_status
+    why_not = user_networking_status()
+    print("user networking (--net user, no root): "
+          + ("available" if why_not is None else f"NOT available: {why_not}"))
     if missing or smoke:
         if missing:
             print(f"missing capabilities pykvm needs: {', '.join(missing)}")
@@ -277,7 +292,7 @@ def cmd_check(args) -> int:
 def smoke_test(kvm) -> str | None:
     """Create a VM, run one `out` instruction, and destroy it; None when all went well."""
     from .memory import GuestMemory
-    from .vm import Vm
+    from .vstate.vm import Vm
     from .boot.modes import set_mode
 
     class Probe:
@@ -347,7 +362,9 @@ def cmd_run(args) -> int:
                            console=args.console, rng=args.rng,
                            nets=[NetSpec.parse(text) for text in args.net],
                            agent=args.agent or bool(share_copies),
-                           shares=share_copies, live_shares=live_shares)
+                           shares=share_copies, live_shares=live_shares,
+                           rootfs=str(Path(args.rootfs).resolve()) if args.rootfs else "",
+                           workdir=os.getcwd() if args.rootfs else "")
     if args.command_args is not None:
         if args.flat:
             from .errors import ConfigError
@@ -413,7 +430,7 @@ def cmd_run(args) -> int:
 RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
                      ("console", "serial"), ("rng", False), ("agent", False),
-                     ("vhost_user_fs", []))
+                     ("vhost_user_fs", []), ("rootfs", None))
 
 
 def check_restore_options(args) -> None:

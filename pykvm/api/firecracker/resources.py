@@ -1,0 +1,350 @@
+"""Firecracker's request bodies as typed, frozen records, parsed strictly.
+
+The field names, types, required fields and defaults are those of Firecracker's
+swagger (``src/api_server/swagger/firecracker.yaml``, definitions MachineConfiguration,
+BootSource, Drive, PartialDrive, NetworkInterface, InstanceActionInfo, Vm,
+SnapshotCreateParams, SnapshotLoadParams, Logger, Metrics). A body is refused whole,
+with one :class:`ApiFault` line, when it has a field the definition does not name, a
+value of the wrong JSON type, or misses a required field: Firecracker's serde
+parser refuses the same bodies (``deny_unknown_fields``), and a field pykvm silently
+ignored would be a setting the client believes it made. Fields pykvm does not
+implement yet (rate limiters, vhost-user drives, huge pages...) are accepted only at
+their "off" value and refused otherwise, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from ...errors import PykvmError
+
+REQUIRED = object()
+DESERIALIZE = "An error occurred when deserializing the json body of a request"
+MAX_VCPUS = 32               # Firecracker's MAX_SUPPORTED_VCPUS
+MAX_ID_LENGTH = 64           # Firecracker's MAX_ID_LENGTH for drive and interface ids
+MAX_PATH_LENGTH = 4096       # PATH_MAX
+MAX_ARGS_LENGTH = 4096       # a kernel command line (COMMAND_LINE_SIZE on x86 is 2048)
+MAX_LIST = 64                # items of a list field (network_overrides)
+_ID = re.compile(r"^[A-Za-z0-9_]+$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+class ApiFault(PykvmError):
+    """A request Firecracker's API answers with 400 and ``{"fault_message": str(self)}``."""
+
+    exit_code = 2
+
+
+# --- a strict, typed reader of JSON objects ---------------------------------------------------------
+def spec(kind, default=REQUIRED, choices: tuple = ()):
+    """A record field: its JSON ``kind`` (a type, a record class, ``("list", Record)``,
+    or ``"null"`` for a feature not implemented: only null/absent is accepted), its
+    default (``REQUIRED``: the body must give it) and, for strings, the allowed values."""
+    return field(default=None if default is REQUIRED else default,
+                 metadata={"kind": kind, "required": default is REQUIRED, "choices": choices})
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an unsigned integer", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean `{str(value).lower()}`"
+    if isinstance(value, (int, float)):
+        return f"number {value}" if len(str(value)) < 24 else "a number"
+    if isinstance(value, str):
+        return f"string {value[:40]!r}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+class Record:
+    """A request body: the dataclass fields made with :func:`spec`."""
+
+    @classmethod
+    def from_json(cls, body, where: str = "", *, partial: bool = False):
+        """The record of ``body`` (a parsed JSON value); with ``partial`` the required
+        fields other than ids may be absent, and only the given ones are returned, as
+        a dict (PATCH bodies)."""
+        values = cls._read(body, where or cls.__name__, partial)
+        if partial:
+            return values
+        record = cls(**values)
+        record.check()
+        return record
+
+    @classmethod
+    def _read(cls, body, where: str, partial: bool) -> dict:
+        if not isinstance(body, dict):
+            raise ApiFault(f"{DESERIALIZE}: invalid type: {_json_type(body)}, expected "
+                           f"struct {where}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in body:
+            if name not in fields:
+                expected = ", ".join(f"`{n}`" for n in fields)
+                raise ApiFault(f"{DESERIALIZE}: unknown field `{str(name)[:64]}`, expected one "
+                               f"of {expected}")
+        values = {}
+        for name, info in fields.items():
+            if name not in body:
+                if info.metadata["required"] and not (partial and not name.endswith("_id")):
+                    raise ApiFault(f"{DESERIALIZE}: missing field `{name}`")
+                continue
+            values[name] = _value(info.metadata, body[name], f"{where}.{name}", name)
+        return values
+
+    def check(self) -> None:
+        """Checks across fields, and of values beyond their JSON type."""
+
+    def to_json(self) -> dict:
+        """The body as Firecracker's GET /vm/config shows it (unset optionals left out)."""
+        result = {}
+        for info in dataclasses.fields(self):
+            value = getattr(self, info.name)
+            if isinstance(value, Record):
+                value = value.to_json()
+            elif isinstance(value, tuple):
+                value = [item.to_json() if isinstance(item, Record) else item for item in value]
+            if value is not None:
+                result[info.name] = value
+        return result
+
+
+def _value(metadata, raw, where: str, name: str):
+    kind, choices = metadata["kind"], metadata["choices"]
+    if raw is None and not metadata["required"]:
+        return None
+    if kind == "null":
+        raise ApiFault(f"{name}: not supported by pykvm yet (give null or leave it out)")
+    if isinstance(kind, tuple):           # ("list", Record)
+        if not isinstance(raw, list):
+            raise ApiFault(f"{DESERIALIZE}: invalid type: {_json_type(raw)}, expected a "
+                           f"sequence for `{name}`")
+        if len(raw) > MAX_LIST:
+            raise ApiFault(f"{name}: at most {MAX_LIST} items")
+        return tuple(kind[1].from_json(item, f"{where}[{i}]") for i, item in enumerate(raw))
+    if isinstance(kind, type) and issubclass(kind, Record):
+        return kind.from_json(raw, where)
+    wrong = not isinstance(raw, kind) or (kind is int and isinstance(raw, bool))
+    if kind is int and not wrong and raw < 0:
+        wrong = True
+    if wrong:
+        raise ApiFault(f"{DESERIALIZE}: invalid type: {_json_type(raw)}, expected "
+                       f"{_TYPE_NAMES[kind]} for `{name}`")
+    if kind is str:
+        if choices and raw not in choices:
+            raise ApiFault(f"{DESERIALIZE}: unknown variant `{raw[:40]}`, expected one of "
+                           f"{', '.join(f'`{c}`' for c in choices)}")
+        if len(raw) > MAX_PATH_LENGTH or "\0" in raw:
+            raise ApiFault(f"`{name}`: longer than {MAX_PATH_LENGTH} bytes or holds NUL")
+    return raw
+
+
+def check_id(value: str, what: str) -> None:
+    if not value or len(value) > MAX_ID_LENGTH or not _ID.match(value):
+        raise ApiFault(f"Invalid {what} ID: it must be 1 to {MAX_ID_LENGTH} characters "
+                       f"of [A-Za-z0-9_]")
+
+
+def path_id_matches(path_id: str, body_id: str) -> None:
+    """The id in the URL and the body's must agree (Firecracker checks it too)."""
+    if path_id != body_id:
+        raise ApiFault(f"The id from the path [{path_id[:64]}] does not match the id from "
+                       f"the body [{body_id[:64]}]!")
+
+
+# --- the resources -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MachineConfiguration(Record):
+    """PUT/PATCH/GET /machine-config. pykvm has no SMT topology, CPU templates or huge
+    pages: those are accepted at their defaults only."""
+
+    vcpu_count: int = spec(int)
+    mem_size_mib: int = spec(int)
+    smt: bool = spec(bool, False)
+    track_dirty_pages: bool = spec(bool, False)
+    cpu_template: str | None = spec(str, None, ("None", "C3", "T2", "T2S", "T2CL", "T2A", "V1N1"))
+    huge_pages: str = spec(str, "None", ("None", "2M"))
+
+    def check(self) -> None:
+        if not 1 <= self.vcpu_count <= MAX_VCPUS:
+            raise ApiFault(f"The vCPU number is invalid! The vCPU number can only be 1 or an "
+                           f"even number when SMT is enabled, and at most {MAX_VCPUS}.")
+        if self.mem_size_mib == 0:
+            raise ApiFault("The memory size (MiB) is invalid.")
+        if self.smt:
+            raise ApiFault("smt: pykvm does not model SMT siblings (give false)")
+        if self.cpu_template not in (None, "None"):
+            raise ApiFault(f"cpu_template {self.cpu_template}: CPU templates are not "
+                           f"supported by pykvm")
+        if self.huge_pages != "None":
+            raise ApiFault("huge_pages: pykvm backs guest RAM with 4 KiB pages only (give None)")
+
+
+DEFAULT_MACHINE = MachineConfiguration(vcpu_count=1, mem_size_mib=128)
+
+
+@dataclass(frozen=True)
+class BootSource(Record):
+    kernel_image_path: str = spec(str)
+    boot_args: str | None = spec(str, None)
+    initrd_path: str | None = spec(str, None)
+
+    def check(self) -> None:
+        if self.boot_args is not None and len(self.boot_args) > MAX_ARGS_LENGTH:
+            raise ApiFault(f"boot_args: longer than {MAX_ARGS_LENGTH} bytes")
+
+
+@dataclass(frozen=True)
+class Drive(Record):
+    drive_id: str = spec(str)
+    path_on_host: str | None = spec(str, None)
+    is_root_device: bool = spec(bool)
+    partuuid: str | None = spec(str, None)
+    is_read_only: bool | None = spec(bool, None)
+    cache_type: str = spec(str, "Unsafe", ("Unsafe", "Writeback"))
+    io_engine: str = spec(str, "Sync", ("Sync", "Async"))
+    rate_limiter: None = spec("null", None)
+    socket: None = spec("null", None)
+
+    def check(self) -> None:
+        check_id(self.drive_id, "drive")
+        if self.path_on_host is None:
+            raise ApiFault("path_on_host: required (vhost-user drives are not supported by "
+                           "pykvm yet)")
+        if self.partuuid is not None and not re.match(r"^[0-9A-Fa-f-]{1,64}$", self.partuuid):
+            raise ApiFault("partuuid: not a partition UUID")
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.is_read_only)
+
+
+@dataclass(frozen=True)
+class PartialDrive(Record):
+    drive_id: str = spec(str)
+    path_on_host: str | None = spec(str, None)
+    rate_limiter: None = spec("null", None)
+
+
+@dataclass(frozen=True)
+class NetworkInterface(Record):
+    iface_id: str = spec(str)
+    host_dev_name: str = spec(str)
+    guest_mac: str | None = spec(str, None)
+    rx_rate_limiter: None = spec("null", None)
+    tx_rate_limiter: None = spec("null", None)
+
+    def check(self) -> None:
+        check_id(self.iface_id, "network interface")
+        if self.guest_mac is not None and not _MAC.match(self.guest_mac):
+            raise ApiFault(f"{DESERIALIZE}: invalid MAC address {self.guest_mac[:40]!r}")
+        if self.guest_mac is not None and int(self.guest_mac[:2], 16) & 1:
+            raise ApiFault(f"guest_mac {self.guest_mac}: a multicast address cannot be a NIC's")
+
+    @property
+    def mac_bytes(self) -> bytes | None:
+        return None if self.guest_mac is None else bytes.fromhex(self.guest_mac.replace(":", ""))
+
+
+@dataclass(frozen=True)
+class PartialNetworkInterface(Record):
+    iface_id: str = spec(str)
+    rx_rate_limiter: None = spec("null", None)
+    tx_rate_limiter: None = spec("null", None)
+
+
+ACTIONS = ("FlushMetrics", "InstanceStart", "SendCtrlAltDel")
+
+
+@dataclass(frozen=True)
+class InstanceActionInfo(Record):
+    action_type: str = spec(str, REQUIRED, ACTIONS)
+
+
+@dataclass(frozen=True)
+class VmState(Record):
+    state: str = spec(str, REQUIRED, ("Paused", "Resumed"))
+
+
+@dataclass(frozen=True)
+class SnapshotCreateParams(Record):
+    snapshot_path: str = spec(str)
+    mem_file_path: str = spec(str)
+    snapshot_type: str = spec(str, "Full", ("Full", "Diff"))
+    version: str | None = spec(str, None)
+
+    def check(self) -> None:
+        if self.snapshot_type != "Full":
+            raise ApiFault("snapshot_type Diff: pykvm takes full snapshots only")
+
+
+@dataclass(frozen=True)
+class MemBackend(Record):
+    backend_type: str = spec(str, REQUIRED, ("File", "Uffd"))
+    backend_path: str = spec(str)
+
+    def check(self) -> None:
+        if self.backend_type != "File":
+            raise ApiFault("mem_backend Uffd: pykvm loads guest memory from a File only")
+
+
+@dataclass(frozen=True)
+class NetworkOverride(Record):
+    iface_id: str = spec(str)
+    host_dev_name: str = spec(str)
+
+
+@dataclass(frozen=True)
+class SnapshotLoadParams(Record):
+    snapshot_path: str = spec(str)
+    mem_file_path: str | None = spec(str, None)
+    mem_backend: MemBackend | None = spec(MemBackend, None)
+    enable_diff_snapshots: bool = spec(bool, False)
+    track_dirty_pages: bool = spec(bool, False)
+    resume_vm: bool = spec(bool, False)
+    network_overrides: tuple = spec(("list", NetworkOverride), ())
+
+    def check(self) -> None:
+        if (self.mem_file_path is None) == (self.mem_backend is None):
+            raise ApiFault("Invalid snapshot load request: give exactly one of mem_file_path "
+                           "and mem_backend")
+
+    @property
+    def memory_path(self) -> str:
+        return self.mem_file_path if self.mem_file_path is not None else \
+            self.mem_backend.backend_path
+
+
+LEVELS = ("Off", "Error", "Warning", "Info", "Debug", "Trace")
+
+
+@dataclass(frozen=True)
+class Logger(Record):
+    log_path: str | None = spec(str, None)
+    level: str = spec(str, "Info")
+    show_level: bool = spec(bool, False)
+    show_log_origin: bool = spec(bool, False)
+    module: str | None = spec(str, None)
+
+    def check(self) -> None:
+        if self.level.title() not in LEVELS and self.level.upper() != "WARN":
+            raise ApiFault(f"{DESERIALIZE}: unknown variant `{self.level[:20]}`, expected one "
+                           f"of {', '.join(f'`{v}`' for v in LEVELS)}")
+
+
+@dataclass(frozen=True)
+class Metrics(Record):
+    metrics_path: str = spec(str)
+
+
+def patched(record: Record, body, where: str) -> Record:
+    """``record`` with the fields a PATCH ``body`` gives (strictly read), checked again."""
+    changes = type(record).from_json(body, where, partial=True)
+    updated = dataclasses.replace(record, **changes)
+    updated.check()
+    return updated

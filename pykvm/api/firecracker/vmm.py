@@ -1,0 +1,481 @@
+"""The microVM behind Firecracker's API: resources accumulated before the start, a
+pykvm Machine after it, and Firecracker's states "Not started" -> "Running" <-> "Paused".
+
+As in Firecracker (``rpc_interface.rs``: ``PrebootApiController`` then
+``RuntimeApiController``), a request is valid in one phase only: configuring the
+machine, its boot source, drives, NICs, logger and metrics, InstanceStart and
+snapshot load before the start; PATCH /vm, snapshot create, PATCH of a drive or NIC
+and SendCtrlAltDel after it. A request in the wrong phase is refused with
+Firecracker's own fault message.
+
+The machine is built (InstanceStart, snapshot load) and run on the process's main
+thread (:meth:`Vmm.serve_main`): the API server's threads run under the sandbox's
+``control`` role, and a vCPU thread inherits its creator's filter. Requests are
+served one at a time (``_lock``), as Firecracker's single API thread serves them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from ... import layout
+from ...errors import PykvmError
+from . import APP_NAME, FIRECRACKER_API_VERSION
+from .logs import Log, MetricsSink
+from .resources import (DEFAULT_MACHINE, ApiFault, BootSource, Drive, InstanceActionInfo,
+                        Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive,
+                        PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams,
+                        VmState, patched, path_id_matches)
+
+NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
+AFTER_START = "The requested operation is not supported after starting the microVM."
+BEFORE_START = "The requested operation is not supported before starting the microVM."
+MAX_DRIVES = 16
+MAX_NICS = 8
+MAX_CONFIG_FILE = 1 << 20
+MAX_STATE_FILE = 64 << 20     # a pykvm state.json (pykvm/snapshot/document.py bounds it too)
+# pykvm's virtio devices sit on PCI until virtio-mmio lands (issue #17, item 4): a
+# Firecracker command line's pci=off would hide them, so it is dropped when there are any.
+PCI_OFF = "pci=off"
+
+
+class Vmm:
+    """One microVM. ``log`` is the VMM's :class:`~.logs.Log`; ``stdin``/``stdout`` the
+    serial console's host side (Firecracker's own stdin and stdout)."""
+
+    def __init__(self, instance_id: str, log: Log, *, kvm_device: str = "/dev/kvm",
+                 stdin=None, stdout=None):
+        self.instance_id = instance_id
+        self.log = log
+        self.kvm_device = kvm_device
+        self.stdin, self.stdout = stdin, stdout
+        self.machine_config = DEFAULT_MACHINE
+        self.boot_source: BootSource | None = None
+        self.drives: dict[str, Drive] = {}
+        self.nets: dict[str, NetworkInterface] = {}
+        self.logger: Logger | None = None
+        self.metrics_config: Metrics | None = None
+        self.metrics: MetricsSink | None = None
+        self.machine = None
+        self._lock = threading.RLock()
+        self._tasks: queue.Queue = queue.Queue()
+        self._ended = threading.Event()
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.machine is None:
+            return NOT_STARTED
+        return PAUSED if self.machine.vm.state.value == "paused" else RUNNING
+
+    def _before_start(self) -> None:
+        if self.machine is not None:
+            raise ApiFault(AFTER_START)
+
+    def _after_start(self):
+        if self.machine is None:
+            raise ApiFault(BEFORE_START)
+        if self.machine.vm.stop_requested:
+            raise ApiFault("The microVM is stopping.")
+        return self.machine
+
+    # --- GET -------------------------------------------------------------------------------------
+    def instance_info(self) -> dict:
+        return {"app_name": APP_NAME, "id": self.instance_id, "state": self.state,
+                "vmm_version": FIRECRACKER_API_VERSION}
+
+    def vm_config(self) -> dict:
+        """GET /vm/config: everything configured, Firecracker's FullVmConfiguration."""
+        with self._lock:
+            return {"balloon": None,
+                    "drives": [drive.to_json() for drive in self._ordered_drives()],
+                    "boot-source": self.boot_source.to_json() if self.boot_source else None,
+                    "cpu-config": None,
+                    "logger": self.logger.to_json() if self.logger else None,
+                    "machine-config": self.machine_config.to_json(),
+                    "metrics": self.metrics_config.to_json() if self.metrics_config else None,
+                    "mmds-config": None,
+                    "network-interfaces": [nic.to_json() for nic in self.nets.values()],
+                    "vsock": None, "entropy": None}
+
+    # --- pre-boot resources -----------------------------------------------------------------------
+    def put_machine_config(self, body) -> None:
+        record = MachineConfiguration.from_json(body)
+        with self._lock:
+            self._before_start()
+            self.machine_config = record
+
+    def patch_machine_config(self, body) -> None:
+        with self._lock:
+            self._before_start()
+            self.machine_config = patched(self.machine_config, body, "MachineConfiguration")
+
+    def put_boot_source(self, body) -> None:
+        record = BootSource.from_json(body)
+        _readable(record.kernel_image_path, "The kernel file cannot be opened")
+        if record.initrd_path is not None:
+            _readable(record.initrd_path, "The initrd file cannot be opened")
+        with self._lock:
+            self._before_start()
+            self.boot_source = record
+
+    def put_drive(self, drive_id: str, body) -> None:
+        record = Drive.from_json(body)
+        path_id_matches(drive_id, record.drive_id)
+        _readable(record.path_on_host, "Unable to open the block device backing file")
+        with self._lock:
+            self._before_start()
+            if record.is_root_device and any(d.is_root_device and d.drive_id != drive_id
+                                             for d in self.drives.values()):
+                raise ApiFault("A root block device already exists!")
+            if drive_id not in self.drives and len(self.drives) >= MAX_DRIVES:
+                raise ApiFault(f"at most {MAX_DRIVES} drives")
+            self.drives[drive_id] = record
+
+    def patch_drive(self, drive_id: str, body) -> None:
+        changes = PartialDrive.from_json(body, partial=True)
+        path_id_matches(drive_id, changes["drive_id"])
+        with self._lock:
+            self._after_start()
+            if drive_id not in self.drives:
+                raise ApiFault(f"Invalid block device ID: {drive_id}")
+            if changes.get("path_on_host") is not None:
+                raise ApiFault("PATCH /drives path_on_host: swapping a running VM's disk "
+                               "image is not supported by pykvm yet")
+
+    def put_network_interface(self, iface_id: str, body) -> None:
+        from ...net.tap import valid_ifname
+        record = NetworkInterface.from_json(body)
+        path_id_matches(iface_id, record.iface_id)
+        name = record.host_dev_name
+        if not valid_ifname(name) or not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
+            raise ApiFault(f"Could not create the network device: {name[:16]!r} is not an "
+                           f"existing TAP device")
+        with self._lock:
+            self._before_start()
+            for other in self.nets.values():
+                if other.iface_id == iface_id:
+                    continue
+                if other.host_dev_name == name:
+                    raise ApiFault(f"The host device name {name} is already in use.")
+                if record.guest_mac is not None and other.guest_mac == record.guest_mac:
+                    raise ApiFault(f"The MAC address is already in use: {record.guest_mac}")
+            if iface_id not in self.nets and len(self.nets) >= MAX_NICS:
+                raise ApiFault(f"at most {MAX_NICS} network interfaces")
+            self.nets[iface_id] = record
+
+    def patch_network_interface(self, iface_id: str, body) -> None:
+        changes = PartialNetworkInterface.from_json(body, partial=True)
+        path_id_matches(iface_id, changes["iface_id"])
+        with self._lock:
+            self._after_start()
+            if iface_id not in self.nets:
+                raise ApiFault(f"Invalid network interface ID: {iface_id}")
+            # Only rate limiters can be patched, and only null ones are accepted: a no-op.
+
+    def put_logger(self, body) -> None:
+        record = Logger.from_json(body)
+        with self._lock:
+            self._before_start()
+            self.log.configure(record.log_path, record.level, record.show_level,
+                               record.show_log_origin)
+            self.logger = record
+
+    def put_metrics(self, body) -> None:
+        record = Metrics.from_json(body)
+        with self._lock:
+            self._before_start()
+            if self.metrics is not None:
+                raise ApiFault("Reinitialization of metrics not allowed.")
+            self.metrics = MetricsSink(record.metrics_path)
+            self.metrics_config = record
+
+    # --- actions --------------------------------------------------------------------------------
+    def action(self, body) -> None:
+        kind = InstanceActionInfo.from_json(body).action_type
+        with self._lock:
+            if kind == "InstanceStart":
+                self._before_start()
+                self._on_main(self._start)
+                self.log.info("InstanceStart: the microVM runs")
+            elif kind == "FlushMetrics":
+                self.flush_metrics()
+            else:       # SendCtrlAltDel
+                machine = self._after_start()
+                machine.request_stop("user", 0, "SendCtrlAltDel")
+
+    def flush_metrics(self) -> None:
+        if self.metrics is None:
+            raise ApiFault("Failed to write metrics: the metrics system is not initialized "
+                           "(PUT /metrics first)")
+        extra = {"vmm": {"state": self.state}}
+        if self.machine is not None:
+            extra["vcpu"] = {f"vcpu{v.id}": sum(v.stats.as_dict()["exits"].values())
+                             for v in self.machine.vm.vcpus}
+        self.metrics.flush(extra)
+
+    def patch_vm(self, body) -> None:
+        wanted = VmState.from_json(body).state
+        with self._lock:
+            vm = self._after_start().vm
+            if wanted == "Paused":
+                vm.pause()
+                self.log.info("The microVM is paused")
+            else:
+                vm.resume()
+                self.log.info("The microVM is resumed")
+
+    # --- snapshots: Firecracker's two files over pykvm's directory ----------------------------------
+    def snapshot_create(self, body) -> None:
+        """state.json and memory.bin are written into a private directory beside
+        ``mem_file_path`` (pykvm/snapshot: O_EXCL, O_NOFOLLOW), then renamed onto the two
+        paths the caller named; the caller is the host user, whose files they are."""
+        from ...snapshot import MEMORY_FILE, STATE_FILE, save_snapshot
+        params = SnapshotCreateParams.from_json(body)
+        with self._lock:
+            machine = self._after_start()
+            if self.state != PAUSED:
+                raise ApiFault("Create snapshot error: the microVM must be paused first "
+                               "(PATCH /vm {\"state\": \"Paused\"})")
+            workdir = _workdir(params.mem_file_path, "Create snapshot error")
+            try:
+                save_snapshot(machine, workdir)
+                os.replace(workdir / MEMORY_FILE, params.mem_file_path)
+                _move(workdir / STATE_FILE, params.snapshot_path)
+            except (OSError, PykvmError) as error:
+                raise ApiFault(f"Create snapshot error: {_text(error)}") from None
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self.log.info(f"Snapshot of the microVM written to {params.snapshot_path} and "
+                          f"{params.mem_file_path}")
+
+    def snapshot_load(self, body) -> None:
+        params = SnapshotLoadParams.from_json(body)
+        if params.network_overrides:
+            raise ApiFault("network_overrides: not supported by pykvm yet")
+        with self._lock:
+            self._before_start()
+            if self.boot_source or self.drives or self.nets or \
+                    self.machine_config != DEFAULT_MACHINE:
+                raise ApiFault("Loading a microVM snapshot not allowed after configuring "
+                               "boot-specific resources.")
+            self._on_main(lambda: self._load(params))
+
+    def _load(self, params: SnapshotLoadParams) -> None:
+        """On the main thread: the two files linked into a private directory as pykvm's
+        snapshot layout, restored (host resources the snapshot's: the caller trusts
+        the files it names, as Firecracker does), the directory removed."""
+        from ...snapshot import MEMORY_FILE, STATE_FILE, restore_machine
+        memory = os.path.realpath(params.memory_path)
+        workdir = _workdir(memory, "Load snapshot error")
+        try:
+            try:
+                os.link(memory, workdir / MEMORY_FILE)
+            except OSError:
+                shutil.copyfile(memory, workdir / MEMORY_FILE)
+            _copy_bounded(params.snapshot_path, workdir / STATE_FILE)
+            machine = restore_machine(workdir, stdin=self.stdin, stdout=self.stdout,
+                                      paused=not params.resume_vm, trust=True,
+                                      kvm_device=self.kvm_device)
+        except (OSError, PykvmError) as error:
+            raise ApiFault(f"Load snapshot error: {_text(error)}") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        config = machine.config
+        self.machine_config = MachineConfiguration(vcpu_count=config.cpus,
+                                                   mem_size_mib=config.mem_size // layout.MiB)
+        self.machine = machine
+        self.log.info(f"Loaded the microVM snapshot {params.snapshot_path}")
+
+    # --- the start --------------------------------------------------------------------------------
+    def machine_config_for_start(self):
+        """The pykvm MachineConfig of what was configured (called at InstanceStart)."""
+        from ...devices.virtio import DiskSpec
+        from ...machine import MachineConfig
+        from ...net.plumbing import NetSpec
+        if self.boot_source is None:
+            raise ApiFault("Cannot start microvm without kernel configuration.")
+        drives = self._ordered_drives()
+        disks = [DiskSpec(path=d.path_on_host, read_only=d.read_only, serial=d.drive_id[:20])
+                 for d in drives]
+        nets = [NetSpec(tap=n.host_dev_name, mac=n.mac_bytes) for n in self.nets.values()]
+        words = (self.boot_source.boot_args or "").split()
+        if disks or nets:
+            words = [w for w in words if w != PCI_OFF]
+        root = next((d for d in drives if d.is_root_device), None)
+        if root is not None:
+            words += [f"root=PARTUUID={root.partuuid}" if root.partuuid else "root=/dev/vda",
+                      "ro" if root.read_only else "rw"]
+        source = self.boot_source
+        return MachineConfig(mem_size=self.machine_config.mem_size_mib * layout.MiB,
+                             cpus=self.machine_config.vcpu_count,
+                             kernel=Path(source.kernel_image_path),
+                             initrd=Path(source.initrd_path) if source.initrd_path else None,
+                             append=" ".join(words), kvm_device=self.kvm_device,
+                             disks=disks, nets=nets)
+
+    def _ordered_drives(self) -> list[Drive]:
+        """The root device first (it is /dev/vda), the others in the order they came."""
+        drives = list(self.drives.values())
+        return sorted(drives, key=lambda d: not d.is_root_device)
+
+    def _start(self) -> None:
+        from ...machine import Machine
+        config = self.machine_config_for_start()
+        try:
+            self.machine = Machine(config, stdin=self.stdin, stdout=self.stdout)
+        except PykvmError as error:
+            raise ApiFault(f"Start microvm error: {_text(error)}") from None
+
+    # --- the main thread ----------------------------------------------------------------------------
+    def _on_main(self, work) -> None:
+        """Run ``work`` on the main thread (:meth:`serve_main`); its ApiFault is raised here."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._tasks.put((work, future))
+        future.result()
+
+    def serve_main(self):
+        """On the main thread: build what InstanceStart or a snapshot load asks for, then
+        run the machine until it stops; returns its Stop (None when :meth:`end` came
+        first). Firecracker's process ends with its VM: so does the caller."""
+        while not self._ended.is_set():
+            try:
+                work, future = self._tasks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                work()
+            except BaseException as error:    # handed to the request that asked for it
+                future.set_exception(error if isinstance(error, PykvmError) else
+                                     ApiFault(f"internal error: {type(error).__name__}: "
+                                              f"{error}"))
+                continue
+            future.set_result(None)
+            if self.machine is not None:
+                return self._run()
+        return None
+
+    def start_here(self):
+        """On the main thread: InstanceStart now (--config-file), then run until the stop."""
+        with self._lock:
+            self._before_start()
+            self._start()
+        return self._run()
+
+    def _run(self):
+        self.log.info("Running the microVM")
+        try:
+            stop = self.machine.run()
+        finally:
+            if self.metrics is not None:
+                self.flush_metrics()
+        self.log.info(f"The microVM stopped: {stop.message if stop else 'no reason'}")
+        return stop
+
+    def end(self) -> None:
+        """Stop the VM if it runs and let :meth:`serve_main` return."""
+        self._ended.set()
+        if self.machine is not None:
+            self.machine.request_stop("signal", 0, "the VMM was asked to end")
+
+    def close(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.log.close()
+
+    # --- --config-file ---------------------------------------------------------------------------
+    def apply_config_file(self, path: str) -> None:
+        """The resources of a Firecracker --config-file (the same JSON the API takes, one
+        key per resource), then InstanceStart."""
+        from ...control import ControlError, parse_request
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read(MAX_CONFIG_FILE + 1)
+        except OSError as error:
+            raise ApiFault(f"--config-file {path}: cannot read: {error.strerror}") from None
+        if len(data) > MAX_CONFIG_FILE:
+            raise ApiFault(f"--config-file {path}: larger than {MAX_CONFIG_FILE >> 20} MiB")
+        try:
+            config = parse_request(data)
+        except ControlError as error:
+            raise ApiFault(f"--config-file {path}: {error}") from None
+        if not isinstance(config, dict):
+            raise ApiFault(f"--config-file {path}: not a JSON object")
+        for key in config:
+            if key not in CONFIG_KEYS:
+                raise ApiFault(f"--config-file {path}: unknown field `{str(key)[:40]}`, "
+                               f"expected one of {', '.join(CONFIG_KEYS)}")
+        for key in NOT_YET_KEYS:
+            if config.get(key) is not None:
+                raise ApiFault(f"--config-file {path}: {key} is not supported by pykvm yet")
+        for key, method in (("logger", self.put_logger), ("metrics", self.put_metrics),
+                            ("machine-config", self.put_machine_config),
+                            ("boot-source", self.put_boot_source)):
+            if config.get(key) is not None:
+                method(config[key])
+        for key, method, name in (("drives", self.put_drive, "drive_id"),
+                                  ("network-interfaces", self.put_network_interface,
+                                   "iface_id")):
+            items = config.get(key) or []
+            if not isinstance(items, list):
+                raise ApiFault(f"--config-file {path}: {key} must be a list")
+            for item in items:
+                method(item.get(name, "") if isinstance(item, dict) else "", item)
+
+
+CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", "logger",
+               "metrics", "balloon", "vsock", "mmds-config", "entropy", "cpu-config")
+NOT_YET_KEYS = ("balloon", "vsock", "mmds-config", "entropy", "cpu-config")
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise ApiFault(f"{what}: {error.strerror} (os error {error.errno})") from None
+
+
+def _workdir(beside: str, what: str) -> Path:
+    """A private (0700, new) directory in ``beside``'s directory."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=".pykvm-snapshot-",
+                                     dir=os.path.dirname(os.path.abspath(beside))))
+    except OSError as error:
+        raise ApiFault(f"{what}: {beside}: {error.strerror}") from None
+
+
+def _move(source: Path, target: str) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as error:
+        if error.errno != 18:       # EXDEV: another file system
+            raise
+        shutil.copyfile(source, target)
+
+
+def _copy_bounded(source: str, target: Path) -> None:
+    with open(source, "rb") as stream:
+        data = stream.read(MAX_STATE_FILE + 1)
+    if len(data) > MAX_STATE_FILE:
+        raise ApiFault(f"Load snapshot error: {source}: larger than a pykvm snapshot's state")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(data)
+
+
+def _text(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+__all__ = ["Vmm", "NOT_STARTED", "RUNNING", "PAUSED", "AFTER_START", "BEFORE_START"]
