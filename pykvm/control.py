@@ -19,14 +19,10 @@ One request per line, one response per line, any number per connection:
 A request may carry an ``"id"``, echoed in its response. A snapshot of a running VM
 pauses it for the snapshot and resumes it after; a paused VM stays paused.
 
-The requests are shaped after Firecracker's API so that its REST layer can be put in
-front of this one without new semantics: :func:`from_firecracker` maps a method, path
-and JSON body of Firecracker's API to a request here (``PATCH /vm {"state": "Paused"}``
-is ``pause``, ``PUT /snapshot/create {"snapshot_path": ...}`` is ``snapshot``, ...). An
-HTTP front end parses the request line and body, calls it, and sends the response
-back with 204 when ``ok`` (200 with a body for GET), 400 with
-``{"fault_message": error}`` otherwise. Loading a snapshot is not a request: as with
-Firecracker, a snapshot is loaded into a fresh process (``pykvm run --restore DIR``).
+Firecracker's REST API itself (HTTP on a Unix socket, its resources and states) is
+``pykvm firecracker`` / ``pykvm-firecracker``: pykvm/api/firecracker, docs/firecracker.md.
+Loading a snapshot is not a request here: a snapshot is loaded into a fresh process
+(``pykvm run --restore DIR``).
 """
 
 from __future__ import annotations
@@ -529,36 +525,3 @@ def parse_command(words: list[str]) -> dict:
     if args:
         raise ConfigError(f"pykvm ctl: {action} takes no arguments")
     return {"action": action}
-
-
-# --- Firecracker's API, mapped ----------------------------------------------------------------------
-def from_firecracker(method: str, path: str, body: dict | None = None) -> dict:
-    """The request here for a Firecracker API call (the part of it pykvm has)."""
-    body = body or {}
-    method, path = method.upper(), "/" + path.strip("/")
-    if (method, path) == ("PATCH", "/vm"):
-        state = body.get("state")
-        if state in ("Paused", "Resumed"):
-            return {"action": "pause" if state == "Paused" else "resume"}
-        raise ControlError(f"PATCH /vm: state {state!r} is not Paused or Resumed")
-    if (method, path) == ("PUT", "/snapshot/create"):
-        if body.get("snapshot_type", "Full") != "Full":
-            raise ControlError("only full snapshots are supported")
-        snapshot = body.get("snapshot_path")
-        if not snapshot:
-            raise ControlError("PUT /snapshot/create: snapshot_path is required")
-        # Firecracker writes two files; pykvm writes one directory holding both.
-        return {"action": "snapshot", "path": str(Path(snapshot).parent
-                                                   if body.get("mem_file_path") else snapshot)}
-    if (method, path) == ("PUT", "/actions"):
-        kind = body.get("action_type")
-        if kind == "SendCtrlAltDel":
-            return {"action": "stop"}
-        raise ControlError(f"PUT /actions: {kind!r} is not supported")
-    if (method, path) == ("GET", "/"):
-        return {"action": "status"}
-    if (method, path) == ("GET", "/vm"):
-        return {"action": "status"}
-    if (method, path) == ("GET", "/metrics"):
-        return {"action": "stats"}
-    raise ControlError(f"{method} {path}: not part of pykvm's API")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pykvm import layout
-from pykvm.control import ControlServer, from_firecracker, parse_command, request
+from pykvm.control import ControlServer, parse_command, request
 from pykvm.devices.acpi_pm import AcpiPm
 from pykvm.devices.i8042 import I8042
 from pykvm.devices.pci.config import ConfigSpace
@@ -352,20 +352,6 @@ def test_control_socket_replaces_a_stale_socket_and_refuses_other_files(tmp_path
     plain.write_text("x")
     with pytest.raises(ConfigError, match="not a socket"):
         ControlServer(plain, _StandInMachine())
-
-
-def test_firecracker_requests_map_onto_the_control_protocol():
-    assert from_firecracker("PATCH", "/vm", {"state": "Paused"}) == {"action": "pause"}
-    assert from_firecracker("patch", "vm", {"state": "Resumed"}) == {"action": "resume"}
-    assert from_firecracker("PUT", "/snapshot/create", {
-        "snapshot_type": "Full", "snapshot_path": "/s/vm.state", "mem_file_path": "/s/vm.mem"}) \
-        == {"action": "snapshot", "path": "/s"}
-    assert from_firecracker("PUT", "/actions", {"action_type": "SendCtrlAltDel"}) == \
-        {"action": "stop"}
-    assert from_firecracker("GET", "/") == {"action": "status"}
-    with pytest.raises(Exception):
-        from_firecracker("PUT", "/snapshot/create", {"snapshot_type": "Diff",
-                                                     "snapshot_path": "/s"})
 
 
 # --- refusals -------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""firectl's sequence against ``pykvm firecracker``: the default guest booted purely
+through Firecracker's API to a shell on the serial console, paused and resumed,
+snapshotted through the API and loaded into a fresh process, where it answers.
+One Linux boot (minutes on kvm_pvm hosts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from .linux_snapshot import REPO, GuestShell
+from .test_firecracker_api import call
+
+pytestmark = pytest.mark.linux
+
+
+class FirecrackerShell(GuestShell):
+    """GuestShell's console protocol over ``pykvm firecracker`` (stdin/stdout are the
+    serial console, as with Firecracker); the API is HTTP, not pykvm's control socket."""
+
+    def __init__(self, api_sock, log):
+        self.api_sock = api_sock
+        self.args = []
+        self.started = time.monotonic()
+        self._output = bytearray()
+        self._cond = threading.Condition()
+        self._count = 0
+        self.log_path = log
+        self._stderr_log = open(log, "wb")
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pykvm", "firecracker", "--api-sock", str(api_sock)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr_log, env=env,
+            cwd=str(REPO))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def api(self, method, url, body=None):
+        return call(str(self.api_sock), method, url, body)
+
+    def ok(self, method, url, body=None):
+        status, answer = self.api(method, url, body)
+        assert status in (200, 204), (method, url, status, answer)
+        return answer
+
+    def post_mortem(self) -> str:
+        return ""
+
+    def ctl(self, action, timeout=600, **fields):     # stop(): SIGTERM is the way
+        raise OSError("pykvm-firecracker has no pykvm control socket")
+
+
+def test_firectl_sequence_boot_pause_snapshot_load(tmp_path):
+    from pykvm.machine import default_guest_dir, default_linux_guest
+    if default_guest_dir() is None:
+        pytest.skip("the default Linux guest is not built (pykvm guest build)")
+    kernel, initrd = default_linux_guest()
+    rootfs = tmp_path / "rootfs.ext4"
+    with open(rootfs, "wb") as image:
+        image.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs)], check=True)
+
+    with FirecrackerShell(tmp_path / "fc.sock", tmp_path / "fc.log") as shell:
+        shell.wait_for_socket()
+        assert shell.ok("GET", "/machine-config")["vcpu_count"] == 1
+        shell.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 256, "smt": False})
+        boot = {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0 reboot=k pci=off"}
+        if initrd:
+            boot["initrd_path"] = str(initrd)
+        shell.ok("PUT", "/boot-source", boot)
+        shell.ok("PUT", "/drives/rootfs", {"drive_id": "rootfs", "path_on_host": str(rootfs),
+                                           "is_root_device": True, "is_read_only": False})
+        shell.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert shell.ok("GET", "/")["state"] == "Running"
+        shell.wait_for_shell()
+        assert shell.check("cat /sys/block/vda/serial").strip() == "rootfs"
+        shell.ok("PATCH", "/vm", {"state": "Paused"})
+        assert shell.ok("GET", "/")["state"] == "Paused"
+        shell.ok("PATCH", "/vm", {"state": "Resumed"})
+        shell.check("echo from-before-the-snapshot > /tmp/marker")
+        shell.ok("PATCH", "/vm", {"state": "Paused"})
+        paths = {"snapshot_path": str(tmp_path / "vm.snap"),
+                 "mem_file_path": str(tmp_path / "vm.mem")}
+        shell.ok("PUT", "/snapshot/create", paths)
+
+    with FirecrackerShell(tmp_path / "fc2.sock", tmp_path / "fc2.log") as fresh:
+        fresh.wait_for_socket()
+        fresh.ok("PUT", "/snapshot/load", {**paths, "resume_vm": True})
+        assert fresh.ok("GET", "/")["state"] == "Running"
+        assert fresh.check("cat /tmp/marker").strip() == "from-before-the-snapshot"
+        fresh.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert fresh.process.wait(timeout=60) == 0
