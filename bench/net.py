@@ -37,6 +37,14 @@ that says what the path costs.
     python3 bench/net.py --quick        # 0.5 s per case: does it work?
     python3 bench/net.py --record       # also append the table to bench/RESULTS.md
 
+The passt back end (--net user, pykvm/net/stream.py) has a transmit case beside
+the TAP's when passt is installed: the same guest and frames, the NIC's wire a
+passt pykvm starts in the bench's namespace (its uplink: the veth pair, given an
+address and a default route). passt reads each length-prefixed frame and drops
+it (no protocol takes the ethertype); frames/s are the device's written frames,
+which the socket's buffer holds to what passt takes; CPU is the device threads
+plus passt's. ``--no-passt`` skips it.
+
 Needs root (TAPs, namespaces), /dev/kvm, GNU as/ld, pyroute2. Last line:
 ``ratio: X`` = pykvm transmit frames/s / veth frames/s for 1500-byte frames.
 """
@@ -179,7 +187,8 @@ class GuestNic:
     """A VM with one virtio-net function on TAP ``pbtap0``, its queues set up as a
     driver would, and the ring-3 guest told which queue to drive."""
 
-    def __init__(self, kvm, image: bytes, mode: str, size: int, spin: bool = False):
+    def __init__(self, kvm, image: bytes, mode: str, size: int, spin: bool = False,
+                 backend: str = "tap"):
         from pykvm.boot.modes import set_mode
         from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
         from pykvm.devices.virtio.driver import DriverRing, PciDriver
@@ -189,14 +198,15 @@ class GuestNic:
         from pykvm.devices.virtio.queue import DESC_F_WRITE
         from pykvm.memory import GuestMemory
         from pykvm.net.plumbing import NetSpec, open_nic
-        from pykvm.vm import Vm
+        from pykvm.vstate.vm import Vm
 
         self.mode, self.size = mode, size
         self.memory = GuestMemory.anonymous(MEM_SIZE)
         self.vm = Vm(kvm, self.memory, log=sys.stderr)
-        self.backend = open_nic(NetSpec(tap="pbtap0"), GUEST_MAC)
-        self.device = NetDevice(self.backend.tap, GUEST_MAC, offloads=False, name="bench-net",
-                                owner=self.backend)
+        spec = NetSpec(tap="pbtap0") if backend == "tap" else NetSpec(mode="user")
+        self.backend = open_nic(spec, GUEST_MAC)
+        self.device = NetDevice(getattr(self.backend, "wire", None) or self.backend.tap,
+                                GUEST_MAC, offloads=False, name="bench-net", owner=self.backend)
         self.function = VirtioPciDevice(self.vm, self.memory, self.device)
         self.vm.on_close(self.function.close)
         self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
@@ -271,13 +281,28 @@ class GuestNic:
 
 
 def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: float,
-               seconds: float, spin: bool = False) -> Result:
-    nic = GuestNic(kvm, image, mode, size, spin)
+               seconds: float, spin: bool = False, backend: str = "tap") -> Result:
+    nic = GuestNic(kvm, image, mode, size, spin, backend)
     try:
         nic.start()
-        threads = (nic.function.worker.thread.native_id, nic.device.wire._watcher.thread.native_id)
+        wire = nic.device.wire
+        threads = [nic.function.worker.thread.native_id, wire._watcher.thread.native_id]
+        if getattr(wire, "_writer", None) is not None:
+            threads.append(wire._writer.thread.native_id)
         device_cpu = lambda: sum(cpu_seconds(os.getpid(), tid) for tid in threads)  # noqa: E731
-        if mode == "tx":
+        if backend == "passt":
+            passt = nic.backend.passt
+            rate, cpu = sample(lambda: nic.device.stats["tx_frames"],
+                               lambda: device_cpu() + cpu_seconds(passt.pid), warmup, seconds)
+            stats = nic.device.stats
+            if stats["tx_errors"] or not passt.alive():
+                raise BenchError(f"passt: {stats['tx_errors']} frames refused, passt "
+                                 f"{'running' if passt.alive() else 'exited'}: "
+                                 f"{passt.last_message()}")
+            note = (f"device wrote {stats['tx_frames']}, short writes "
+                    f"{wire.stats['tx_short_writes']}; doorbells {nic.guest_counter(7)}, "
+                    f"waits {nic.guest_counter(10)}")
+        elif mode == "tx":
             rate, cpu = sample(lambda: rx_packets("pbtap0"), device_cpu, warmup, seconds)
             nic.check_sent()
             stats = nic.device.stats
@@ -322,6 +347,10 @@ def bench_namespace():
                 ipr.link("add", ifname="pbveth0", kind="veth", peer="pbveth1")
                 for ifname in ("pbveth0", "pbveth1"):
                     ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+                # passt's template: an address and a default route (to no one)
+                index = ipr.link_lookup(ifname="pbveth0")[0]
+                ipr.addr("add", index=index, address="10.78.0.2", prefixlen=24)
+                ipr.route("add", dst="0.0.0.0/0", gateway="10.78.0.1")
             yield name
     finally:
         os.close(fd)
@@ -339,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin", action="store_true",
                         help="an idle guest spins instead of waiting for the device's interrupt")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--no-passt", action="store_true", help="skip the passt back end")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("net: needs root (TAP devices and a network namespace)", file=sys.stderr)
@@ -349,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("frame sizes must be between 60 and 1514 bytes")
 
     from pykvm.kvm import Kvm
+    from pykvm.net.passt import passt_binary
 
-    rows = []
+    with_passt = not args.no_passt and passt_binary() is not None
+    rows, passt_rows = [], []
     load = os.getloadavg()[0]
     try:
         with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp, \
@@ -362,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                 tx = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin)
                 rx = pykvm_rate(kvm, image, netns, "rx", size, warmup, seconds, args.spin)
                 rows.append((size, reference, tx, rx))
+                if with_passt:
+                    passt = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin,
+                                       backend="passt")
+                    passt_rows.append((size, reference, passt, tx))
+                    if not args.quick:
+                        print(f"{size} B: passt tx {passt.frames_per_s:,.0f}/s ({passt.note})",
+                              file=sys.stderr)
                 if not args.quick:
                     print(f"{size} B: veth {reference.frames_per_s:,.0f}/s; pykvm tx "
                           f"{tx.frames_per_s:,.0f}/s ({tx.note}); rx {rx.frames_per_s:,.0f}/s "
@@ -386,8 +425,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{tx.frames_per_s / base:>7.3f} | "
               f"{rx.frames_per_s:>8,.0f} {rx.gbit:>6.3f} {rx.per_cpu_second / 1000:>7.1f} "
               f"{rx.frames_per_s / base:>7.3f}")
+    if passt_rows:
+        print("virtio-net through passt (--net user), guest to host, vs the same veth reference")
+        print(f"{'frame':>6} {'veth /s':>9} | {'passt /s':>8} {'Gbit/s':>6} {'k/CPU-s':>7} "
+              f"{'p/veth':>7} {'p/tap':>7}")
+        for size, reference, passt, tx in passt_rows:
+            print(f"{size:>5}B {reference.frames_per_s:>9,.0f} | {passt.frames_per_s:>8,.0f} "
+                  f"{passt.gbit:>6.3f} {passt.per_cpu_second / 1000:>7.1f} "
+                  f"{passt.frames_per_s / (reference.frames_per_s or 1):>7.3f} "
+                  f"{passt.frames_per_s / (tx.frames_per_s or 1):>7.3f}")
     if args.record:
         record(host_kind, rows, seconds, load)
+        if passt_rows:
+            record_passt(host_kind, passt_rows, seconds, load)
     big = [row for row in rows if row[0] == max(sizes)][0]
     print(f"ratio: {big[2].frames_per_s / (big[1].frames_per_s or 1):.3f}")
     return 0
@@ -408,6 +458,22 @@ def record(host_kind: str, rows, seconds: float, load: float) -> None:
                   f"{rx.frames_per_s:,.0f} ({rx.gbit:.2f}; {rx.per_cpu_second / 1000:.0f}k) | "
                   f"{rx.frames_per_s / base:.3f} | {load:.1f} | {seconds:g} s |\n")
     add_rows(ROWS_MARKER, lines, RESULTS)
+
+
+PASST_MARKER = "<!-- net.py --record adds passt rows above this line -->"
+
+
+def record_passt(host_kind: str, rows, seconds: float, load: float) -> None:
+    lines = ""
+    for size, reference, passt, tx in rows:
+        lines += (f"| {datetime.date.today().isoformat()} | {host_kind} | {size} | "
+                  f"{reference.frames_per_s:,.0f} | "
+                  f"{passt.frames_per_s:,.0f} ({passt.gbit:.2f}; "
+                  f"{passt.per_cpu_second / 1000:.0f}k) | "
+                  f"{passt.frames_per_s / (reference.frames_per_s or 1):.3f} | "
+                  f"{passt.frames_per_s / (tx.frames_per_s or 1):.3f} | {load:.1f} | "
+                  f"{seconds:g} s |\n")
+    add_rows(PASST_MARKER, lines, RESULTS)
 
 
 if __name__ == "__main__":

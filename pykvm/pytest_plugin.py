@@ -56,7 +56,8 @@ Markers that configure ``linux_vm``
 ``@pytest.mark.pykvm_cpus(2)``, ``@pytest.mark.pykvm_mem("512M")`` (default 256M),
 ``@pytest.mark.pykvm_disk(path, read_only=False, serial="")`` (repeatable),
 ``@pytest.mark.pykvm_net("tap=NAME,...")`` (repeatable; ``pykvm run --net``'s
-syntax), ``@pytest.mark.pykvm_share(directory)`` (repeatable; read-only at
+syntax: ``pykvm_net("user")`` or ``pykvm_net("user,fwd=tcp:8080:80")`` gives the
+guest a network with no root, through passt, configured by DHCP at boot), ``@pytest.mark.pykvm_share(directory)`` (repeatable; read-only at
 /mnt/share, /mnt/share1, ...).
 
 Failing tests
@@ -228,7 +229,7 @@ _PRELUDE = ".set COM1, 0x3f8\n.set EXIT_PORT, 0xf4\n"
 class FlatResult:
     status: int | None          # the byte written to EXIT_PORT; None if the guest did not stop so
     output: bytes               # what the guest sent to the serial port
-    stop: object = None         # pykvm.vm.Stop (kind, status, message), None after a timeout
+    stop: object = None         # pykvm.vstate.control.Stop (kind, status, message), None after a timeout
     timed_out: bool = False
     # What the guest left behind, read after it stopped (kvm-hello-world's last step):
     # vCPU 0's registers (KVM_GET_REGS: .rax, .rip, ...) and a copy of the guest RAM from

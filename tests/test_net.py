@@ -87,6 +87,17 @@ def test_net_spec_parse(text, expected):
     ("tap,speed=10", "unknown option"),
     ("tap,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57", "given twice"),
     ("tap,netns=../x", "not a namespace name"),
+    ("user=x", "takes no value"),
+    ("passt=", "passt=SOCKET"),
+    ("user,bridge=br0", "no option 'bridge'"),
+    ("passt=/s,fwd=tcp:1:2", "no option 'fwd'"),
+    ("user,fwd=tcp:80", "fwd=tcp:HOSTPORT:GUESTPORT"),
+    ("user,fwd=sctp:1:2", "fwd=tcp:HOSTPORT:GUESTPORT"),
+    ("user,fwd=tcp:0:80", "not a port"),
+    ("user,fwd=tcp:70000:80", "not a port"),
+    ("user,fwd=tcp:8080:80,fwd=tcp:8080:81", "forwarded twice"),
+    ("user,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02", "given twice"),
+    ("user,map-gw=maybe", "on or off"),
 ])
 def test_net_spec_errors_are_one_line_config_errors(text, message):
     with pytest.raises(ConfigError, match=message) as raised:

@@ -65,25 +65,6 @@ def test_user_spec_parses_mac_forwards_and_gateway_mapping():
     assert Forward("tcp", 8080, 80).option() == ["--tcp-ports", "8080:80"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("user=x", "takes no value"),
-    ("passt=", "passt=SOCKET"),
-    ("user,bridge=br0", "no option 'bridge'"),
-    ("passt=/s,fwd=tcp:1:2", "no option 'fwd'"),
-    ("user,fwd=tcp:80", "fwd=tcp:HOSTPORT:GUESTPORT"),
-    ("user,fwd=sctp:1:2", "fwd=tcp:HOSTPORT:GUESTPORT"),
-    ("user,fwd=tcp:0:80", "not a port"),
-    ("user,fwd=tcp:70000:80", "not a port"),
-    ("user,fwd=tcp:8080:80,fwd=tcp:8080:81", "forwarded twice"),
-    ("user,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02", "given twice"),
-    ("user,map-gw=maybe", "on or off"),
-])
-def test_bad_user_specs_are_one_line_config_errors(text, message):
-    with pytest.raises(ConfigError, match=message) as error:
-        NetSpec.parse(text)
-    assert "\n" not in str(error.value)
-
-
 # --- the device on a stream wire (a socketpair stands in for passt) -------------------------------
 @pytest.fixture
 def memory():
@@ -434,3 +415,10 @@ def test_cli_stops_passt_and_removes_its_directory(tmp_path, user_netns, how):
     assert len(seen) == 2 and len(directories) == 2, "pykvm did not start two passts"
     assert not passt_in(inode)
     assert not directories & passt_directories()
+
+
+def test_check_says_whether_user_networking_is_available(monkeypatch):
+    import pykvm.net.passt as module
+    assert (module.user_networking_status() is None) == (passt_binary() is not None)
+    monkeypatch.setattr(module, "passt_binary", lambda: None)
+    assert "apt-get install passt" in module.user_networking_status()
