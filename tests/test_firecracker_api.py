@@ -432,3 +432,30 @@ def test_config_file_errors_are_one_line(tmp_path):
     done = firecracker("--no-api", "--config-file", str(config))
     assert done.returncode == 2 and "The kernel file cannot be opened" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_config_file_no_api_starts_the_vm(tmp_path):
+    kernel, initrd = guest_kernel()
+    image = tmp_path / "data.img"
+    image.write_bytes(b"\0" * 65536)
+    config = tmp_path / "vm.json"
+    boot = {"kernel_image_path": str(kernel), "boot_args": "quiet"}
+    if initrd:
+        boot["initrd_path"] = str(initrd)
+    config.write_text(json.dumps({
+        "boot-source": boot, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [{"drive_id": "data", "path_on_host": str(image), "is_root_device": False}],
+        "network-interfaces": [], "balloon": None}))
+    process = subprocess.Popen([sys.executable, "-m", "pykvm", "firecracker", "--no-api",
+                                "--config-file", str(config), "--id", "cfg"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert "[cfg:MainThread] Running the microVM" in line, line
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+        assert "The microVM stopped" in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
