@@ -221,7 +221,7 @@ class GuestDisk:
         from pykvm.devices.virtio.driver import DriverRing, PciDriver
         from pykvm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
         from pykvm.memory import GuestMemory
-        from pykvm.vm import Vm
+        from pykvm.vstate.vm import Vm
 
         self.memory = GuestMemory.anonymous(MEM_SIZE)
         self.vm = Vm(kvm, self.memory, log=sys.stderr)

@@ -38,7 +38,7 @@ from pykvm.boot.modes import set_mode  # noqa: E402
 from pykvm.bus import Device  # noqa: E402
 from pykvm.kvm import Kvm  # noqa: E402
 from pykvm.memory import GuestMemory  # noqa: E402
-from pykvm.vm import Vm  # noqa: E402
+from pykvm.vstate.vm import Vm  # noqa: E402
 
 from flatguest import BenchError, assemble  # noqa: E402
 from results import add_rows  # noqa: E402

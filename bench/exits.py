@@ -55,7 +55,7 @@ from pykvm.boot.modes import set_mode  # noqa: E402
 from pykvm.bus import Device  # noqa: E402
 from pykvm.kvm import Kvm  # noqa: E402
 from pykvm.memory import GuestMemory  # noqa: E402
-from pykvm.vm import Vm  # noqa: E402
+from pykvm.vstate.vm import Vm  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "exit_loop.S"
 C_SOURCE = BENCH / "c" / "exit_loop.c"

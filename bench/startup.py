@@ -18,7 +18,7 @@ discarded round. Where PYTHONDONTWRITEBYTECODE is set (these development machine
 it) every start compiles pykvm's sources again; `--no-bytecode-cache` measures that.
 
 Each pykvm run goes through `pykvm.cli.main` in a child process whose KVM_RUN ioctl
-(`pykvm.vcpu._kvm_run_ioctl`) is wrapped to write the monotonic clock to a pipe at
+(`pykvm.vstate.vcpu._kvm_run_ioctl`) is wrapped to write the monotonic clock to a pipe at
 its first call; the parent reads the clock just before it starts the child. Rounds
 interleave the sides (reference, flat, restore, ...) so host noise hits each.
 
@@ -76,7 +76,7 @@ _start:
 # The child: pykvm's own CLI, with the first KVM_RUN reported on fd FD.
 CHILD = """
 import os, sys, time
-import pykvm.vcpu as vcpu
+import pykvm.vstate.vcpu as vcpu
 fd, real = [int(os.environ["PYKVM_BENCH_FD"])], vcpu._kvm_run_ioctl
 def first_run(*args):
     if fd[0] >= 0:

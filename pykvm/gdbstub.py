@@ -289,12 +289,16 @@ class GdbStub:
         self._spoken = False
         self.connected = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
+        self._hooks = (_Breakpoints(self), _StepWatch(self))
 
     # --- life cycle ------------------------------------------------------------------------
     def attach(self) -> None:
-        """Install as the VM's debugger, and make the VM start paused."""
-        self.vm.debugger = self
-        self.vm.tracer = _StepWatch(self, self.vm.tracer)
+        """Install as the VM's debugger, and make the VM start paused. Its breakpoints are
+        asked before the host's quirks (an int3 of gdb's is not the guest's); the step
+        watch sees port-I/O and MMIO exits after any tracer (pykvm/vstate/hooks.py)."""
+        breakpoints, steps = self._hooks
+        self.vm.hooks.add(breakpoints, first=True)
+        self.vm.hooks.add(steps)
         self.vm.pause()
         self.thread.start()
 
@@ -308,10 +312,8 @@ class GdbStub:
         _shut(self.conn)
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=5)
-        if self.vm.debugger is self:
-            self.vm.debugger = None
-        if isinstance(self.vm.tracer, _StepWatch):
-            self.vm.tracer = self.vm.tracer.inner
+        for hook in self._hooks:
+            self.vm.hooks.remove(hook)
 
     def _say(self, text: str) -> None:
         if self.verbose:
@@ -808,28 +810,34 @@ class GdbStub:
         self.vm.resume()
 
 
-class _StepWatch:
-    """Sits in front of the VM's tracer (the run loop's per-exit hook) to end
-    single steps at port-I/O and MMIO exits; passes everything on."""
+class _Breakpoints:
+    """The stub's exit handlers (the VM's hook list, first): its own int3 (kvm_pvm reports
+    it as an emulation failure) and debug exits (single steps, hardware breakpoints)."""
 
-    def __init__(self, stub: GdbStub, inner):
-        self.stub, self.inner = stub, inner
+    def __init__(self, stub: GdbStub):
+        self.stub = stub
+
+    def internal_error(self, vcpu, suberror: int) -> bool:
+        return self.stub.on_internal_error(vcpu)
+
+    def debug_exit(self, vcpu) -> bool:
+        return self.stub.on_debug_exit(vcpu)
+
+
+class _StepWatch:
+    """An exit hook that ends single steps at port-I/O and MMIO exits (KVM reports no
+    debug exit for an instruction it left to user space)."""
+
+    def __init__(self, stub: GdbStub):
+        self.stub = stub
 
     def pio(self, vcpu, *args) -> None:
-        if self.inner is not None:
-            self.inner.pio(vcpu, *args)
         if self.stub.stepping:
             self.stub.step_exit(vcpu)
 
     def mmio(self, vcpu, *args) -> None:
-        if self.inner is not None:
-            self.inner.mmio(vcpu, *args)
         if self.stub.stepping:
             self.stub.step_exit(vcpu)
-
-    def exit(self, vcpu, *args) -> None:
-        if self.inner is not None:
-            self.inner.exit(vcpu, *args)
 
 
 def _listen(where: GdbAddress) -> socket.socket:

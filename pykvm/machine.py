@@ -21,7 +21,8 @@ from .errors import ConfigError, ImageError, PykvmError
 from .images import read_image_file
 from .kvm import DEFAULT_DEVICE, Kvm
 from .memory import GuestMemory
-from .vm import Stop, Vm
+from .vstate.control import Stop
+from .vstate.vm import Vm
 
 DEFAULT_MEM = 512 * layout.MiB
 LINUX_CONSOLE_CMDLINE = "console=ttyS0 reboot=k panic=-1"

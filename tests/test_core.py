@@ -12,7 +12,7 @@ from pykvm.boot.modes import set_mode
 from pykvm.errors import ConfigError, GuestMemoryError, KvmUnavailable
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
-from pykvm.vm import State, Vm
+from pykvm.vstate.vm import State, Vm
 
 from .asm import assemble
 

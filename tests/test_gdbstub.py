@@ -20,7 +20,7 @@ from pykvm.bus import Device
 from pykvm.errors import ConfigError
 from pykvm.gdbstub import REGISTERS, GdbAddress, GdbStub, _escape, _unescape, target_xml
 from pykvm.memory import GuestMemory
-from pykvm.vm import Vm
+from pykvm.vstate.vm import Vm
 
 from .asm import assemble
 from .conftest import on_pvm

@@ -260,7 +260,7 @@ class FlatGuest:
 
     def __init__(self, kvm, memory: GuestMemory, log=None):
         from pykvm.boot.modes import set_mode
-        from pykvm.vm import Vm
+        from pykvm.vstate.vm import Vm
 
         self.memory = memory
         self.log = log if log is not None else io.StringIO()

@@ -20,7 +20,7 @@ from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
 from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import GuestMemory
-from pykvm.vm import State, Vm
+from pykvm.vstate.vm import State, Vm
 
 from .asm import assemble
 

@@ -20,7 +20,7 @@ from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
 from pykvm.observe import output
 from pykvm.observe.wiring import Observation, ObserveOptions
-from pykvm.vm import Vm
+from pykvm.vstate.vm import Vm
 
 from .asm import assemble
 from .test_trace import BASE, SERIAL_GUEST, ExitPort, Serial
@@ -142,7 +142,8 @@ def run_observed(kvm, options: ObserveOptions, *, timing: bool = False):
         vm.create_vcpus(1)
         set_mode(vm.vcpus[0], memory, "real", BASE)
         observation.attach(vm)
-        wiring = (vm.tracer, vm.timing)
+        hooks = vm.hooks
+        wiring = ((hooks.pio, hooks.mmio, hooks.exit), hooks.wants_clock)
         stop = vm.run(timeout=20)
         assert stop is not None and stop.kind == "exit", stop
         observation.finish()
@@ -151,17 +152,18 @@ def run_observed(kvm, options: ObserveOptions, *, timing: bool = False):
 
 
 def test_observation_off_wires_nothing_into_the_run_loop(kvm):
-    observation, (tracer, timing), _ = run_observed(kvm, ObserveOptions())
-    assert tracer is None and timing is False      # the loop reads no clock, calls nothing
+    observation, (observers, clock), _ = run_observed(kvm, ObserveOptions())
+    assert observers == ((), (), ()) and clock is False   # the loop reads no clock, calls nothing
     assert observation.kernel is None and observation.printer is None
     assert observation.plot(1.0) is None
 
 
 def test_observation_traces_counts_and_reports(kvm, tmp_path):
     trace = tmp_path / "trace.txt"
-    observation, (tracer, timing), report = run_observed(
+    observation, (observers, clock), report = run_observed(
         kvm, ObserveOptions(trace=str(trace), trace_filter=("port=0x3f8-0x3ff",), stats=True))
-    assert tracer is observation.tracer and timing is True
+    tracer = observation.tracer
+    assert observers == ((tracer.pio,), (tracer.mmio,), (tracer.exit,)) and clock is True
     assert observation.tracer._owned is None        # closed with the observation
     lines = trace.read_text().splitlines()
     assert lines[0].startswith("# pykvm trace:")

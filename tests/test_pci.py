@@ -294,7 +294,7 @@ def test_queue_registers_and_vectors(rng_function):
 
 # --- real KVM: conf1 through the guest's own port I/O, and GSI routing --------------------------
 def test_conf1_from_a_guest(kvm):
-    from pykvm.vm import Vm
+    from pykvm.vstate.vm import Vm
     from pykvm.boot.modes import set_mode
 
     class Sink:
@@ -349,7 +349,7 @@ def test_conf1_from_a_guest(kvm):
 
 def test_msix_vectors_program_kvm_gsi_routes(kvm):
     from pykvm.interrupts import gsi_routing
-    from pykvm.vm import Vm
+    from pykvm.vstate.vm import Vm
 
     with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
         function = VirtioPciDevice(vm, memory, RngDevice())
@@ -428,7 +428,7 @@ def test_console_transmits_and_receives(stand_in):
 def test_a_route_kvm_refuses_is_counted_not_raised(kvm, monkeypatch):
     from pykvm.errors import KvmError
     from pykvm.interrupts import GsiRouting, gsi_routing
-    from pykvm.vm import Vm
+    from pykvm.vstate.vm import Vm
 
     with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
         function = VirtioPciDevice(vm, memory, RngDevice())

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -33,8 +32,8 @@ from pykvm.quirks import syscall
 from pykvm.quirks.syscall import (MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
                                   SyscallCompletion, first_instruction)
 from pykvm.observe.stats import VcpuStats
-from pykvm.vcpu import Vcpu
-from pykvm.vm import Vm
+from pykvm.vstate.vcpu import Vcpu
+from pykvm.vstate.vm import Vm
 
 from .asm import assemble as assemble_snippet
 
@@ -364,7 +363,7 @@ class FakeVcpu:
 
     def __init__(self, memory):
         self.id = 0
-        self.vm = SimpleNamespace(memory=memory)
+        self.memory = memory
         self.stats = VcpuStats(0)
         self.msrs = {MSR_STAR: STAR, MSR_LSTAR: LSTAR, MSR_CSTAR: CSTAR, MSR_SFMASK: SFMASK}
         self.regs = self.sregs = None

@@ -21,7 +21,7 @@ from pykvm.observe.symbols import Symbol, SymbolTable, load
 from pykvm.observe.disasm import decode_io
 from pykvm.observe.trace import Tracer
 from pykvm.observe.trace_filter import TraceFilter
-from pykvm.vm import Vm
+from pykvm.vstate.vm import Vm
 
 from .asm import assemble
 

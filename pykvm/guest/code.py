@@ -21,7 +21,7 @@ def linear_to_physical(vcpu, sregs, linear: int) -> int:
         return linear
     from .pagewalk import translate  # the guest's own page tables, walked by pykvm
 
-    physical = translate(vcpu.vm.memory, sregs, linear)
+    physical = translate(vcpu.memory, sregs, linear)
     if physical is None:
         raise PykvmError(f"guest address {linear:#x} is not mapped")
     return physical
@@ -35,7 +35,7 @@ def read_linear(vcpu, sregs, linear: int, length: int) -> bytes:
         chunk = min(length - len(out), 0x1000 - (address & 0xFFF))
         try:
             physical = linear_to_physical(vcpu, sregs, address)
-            out += vcpu.vm.memory.read(physical, chunk)
+            out += vcpu.memory.read(physical, chunk)
         except (PykvmError, GuestMemoryError):
             if not out:
                 raise

@@ -90,7 +90,7 @@ class InstructionLocator:
             regs, sregs = run.s.regs.regs, run.s.regs.sregs
         else:
             regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-            if self.sync_regs and vcpu.vm.kvm.check_extension(k.KVM_CAP_SYNC_REGS) & _SYNC == _SYNC:
+            if self.sync_regs and vcpu.kvm.check_extension(k.KVM_CAP_SYNC_REGS) & _SYNC == _SYNC:
                 run.kvm_valid_regs |= _SYNC   # from the next exit on
                 self._synced.add(vcpu.id)
         return _Site(vcpu, regs, sregs, cpu_bits(sregs), sregs.cs.base)
@@ -111,7 +111,7 @@ class InstructionLocator:
             return None
         located, physical, code = hit
         try:
-            if vcpu.vm.memory.read(physical, len(code)) == code:
+            if vcpu.memory.read(physical, len(code)) == code:
                 return located
         except GuestMemoryError:
             pass

@@ -3,20 +3,21 @@ the periodic table and the plot, for every caller.
 
 `pykvm run` (cli.py) calls it with its options; the pytest plugin, the control
 socket or a script can do the same with an :class:`ObserveOptions` and a
-:class:`~pykvm.vm.Vm`. The life cycle follows the VM's:
+:class:`~pykvm.vstate.vm.Vm`. The life cycle follows the VM's:
 
 1. ``Observation(options)`` before the VM exists: checks every option (a bad
    --trace-filter, --symbols or --stats-plot is a ConfigError, exit status 2,
    before anything boots) and opens the trace file; :attr:`Observation.tracer`
    goes to ``Machine(tracer=...)`` or ``Vm(tracer=...)``;
 2. :meth:`Observation.attach` once the vCPUs exist and *before* they run (the
-   run loop reads ``vm.tracer`` and ``vm.timing`` when it starts): KVM's stats
+   run loop reads ``vm.hooks`` and ``vm.timing`` when it starts): KVM's stats
    fds, per-exit timing, the periodic printer, the symbols for stop messages;
 3. :meth:`Observation.finish` when the guest stopped: the last KVM counters;
    then :meth:`Observation.report` and :meth:`Observation.plot`;
 4. :meth:`Observation.close` (or the ``with`` block) on every exit path.
 
-Data flows one way: the run loop writes ``vcpu.stats`` and calls the tracer;
+Data flows one way: the run loop writes ``vcpu.stats`` and calls the tracer (an exit
+hook, pykvm/vstate/hooks.py);
 this module and everything it wires only read.
 """
 
@@ -88,8 +89,8 @@ class Observation:
         self.vm = vm
         if self.symbols is not None:   # names the RIP of an instruction the host refused
             vm.quirks.symbols = self.symbols
-        if self.tracer is not None and vm.tracer is None:
-            vm.tracer = self.tracer
+        if self.tracer is not None:
+            vm.hooks.add(self.tracer)    # once, if Vm(tracer=...) had it already
         if self.options.counting or self.tracer is not None:
             vm.timing = True
         if self.options.counting:

@@ -31,6 +31,10 @@ class Quirks:
         """Try to finish what KVM could not; True when the guest may go on."""
         return False
 
+    def internal_error(self, vcpu, suberror: int) -> bool:
+        """The exit hook (pykvm/vstate/hooks.py) the VM registers this object as."""
+        return self.complete_internal_error(vcpu, suberror)
+
     def instruction_at_rip(self, vcpu) -> tuple[int, bytes]:
         return code_at_rip(vcpu)
 

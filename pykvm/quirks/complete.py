@@ -90,7 +90,7 @@ class Step:
 
     def _locate(self, length: int, write: bool):
         linear = self.operand_linear()
-        where = locate(self.vcpu.vm.memory, self.sregs, linear, length, write=write,
+        where = locate(self.vcpu.memory, self.sregs, linear, length, write=write,
                        cpl=self.cpl, rflags=self.regs.rflags)
         if isinstance(where, PageFault):
             raise GuestFault(VECTOR_PF, where.error_code, where.address)
@@ -99,14 +99,14 @@ class Step:
     def read(self, length: int) -> bytes:
         linear, where = self._locate(length, write=False)
         try:
-            return where.read(self.vcpu.vm.memory)
+            return where.read(self.vcpu.memory)
         except GuestMemoryError:
             raise self._not_ram("reads", linear) from None
 
     def write(self, data: bytes) -> None:
         linear, where = self._locate(len(data), write=True)
         try:
-            where.write(self.vcpu.vm.memory, data)
+            where.write(self.vcpu.memory, data)
         except GuestMemoryError:
             raise self._not_ram("writes", linear) from None
 

@@ -41,7 +41,8 @@ from ..errors import GuestCrashed, GuestMemoryError, PykvmError
 from ..guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from ..guest.pagewalk import LEVEL4, LEVEL5, paging_mode, read_linear, translate
 from ..ioctl.structs import kvm_sregs
-from ..vcpu import SYNCED_SREGS_OFFSET, ExitWatch
+from ..ioctl.run import SYNCED_SREGS_OFFSET
+from ..vstate.hooks import ExitWatch
 from .decode import decode
 
 VECTOR_PF = 14
@@ -110,7 +111,7 @@ class SyscallCompletion:
         """Make sure the #PF handler of the vCPU's current IDT starts with our int3."""
         if paging_mode(sregs) not in (LEVEL4, LEVEL5):
             return  # SYSCALL from 64-bit user mode needs long mode
-        memory = vcpu.vm.memory
+        memory = vcpu.memory
         gate = read_gate(memory, sregs, VECTOR_PF)
         if gate is None or not gate.present or gate.type not in (INTERRUPT_GATE, TRAP_GATE):
             return
@@ -186,7 +187,7 @@ class SyscallCompletion:
         plant = self._plants.get(regs.rip)
         if plant is None or paging_mode(sregs) not in (LEVEL4, LEVEL5):
             return False
-        memory = vcpu.vm.memory
+        memory = vcpu.memory
         frame = read_linear(memory, sregs, regs.rsp, EXCEPTION_FRAME.size)
         if frame is None:
             raise GuestCrashed(
@@ -224,7 +225,7 @@ class SyscallCompletion:
         self._watch.start()
 
     def _watch_loop(self, vm) -> None:
-        while not vm._stopped.wait(CHECK_INTERVAL):
+        while not vm.wait_stopped(CHECK_INTERVAL):
             vcpu = vm.vcpus[0] if vm.vcpus else None
             if vcpu is None or vcpu.thread is None or not vcpu.thread.is_alive():
                 continue

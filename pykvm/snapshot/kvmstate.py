@@ -1,7 +1,7 @@
 """What KVM itself holds for a VM: each vCPU's registers and in-kernel LAPIC, and
 the VM's in-kernel PIC, IOAPIC, PIT and clock.
 
-:meth:`pykvm.vcpu.Vcpu.save_state` and :meth:`pykvm.vm.Vm.save_state` call these.
+:meth:`pykvm.vstate.vcpu.Vcpu.save_state` and :meth:`pykvm.vstate.vm.Vm.save_state` call these.
 A vCPU's ioctls must run on its own thread once it runs (``vcpu.call``); the VM's
 may run on any thread.
 
@@ -87,7 +87,7 @@ class VmState(Record):
 
 # --- one vCPU -------------------------------------------------------------------------------
 def save_vcpu(vcpu) -> dict:
-    kvm = vcpu.vm.kvm
+    kvm = vcpu.kvm
     state = {
         "id": vcpu.id,
         "cpuid": [struct_to_json(entry) for entry in vcpu.get_cpuid()],

@@ -66,7 +66,7 @@ def save_snapshot(machine, directory) -> SnapshotInfo:
     :mod:`pykvm.snapshot.directory` for what is refused, and why). A running VM is
     paused for the snapshot and resumed after it; a paused one stays paused. Disk
     images are fsync'ed; they are the user's, and must not change before a restore."""
-    from ..vm import State
+    from ..vstate.vm import State
 
     started = time.monotonic()
     vm = machine.vm

@@ -78,7 +78,7 @@ def with_pykvm() -> None:
     """The same guest through pykvm's classes, and where each ioctl above went."""
     from pykvm.kvm import Kvm
     from pykvm.memory import GuestMemory
-    from pykvm.vm import Vm
+    from pykvm.vstate.vm import Vm
 
     print("\nthe same guest through pykvm's Kvm, GuestMemory, Vm and Vcpu:")
     with Kvm() as kvm, GuestMemory.anonymous(1 << 20) as memory, Vm(kvm, memory) as vm:
@@ -95,9 +95,9 @@ def with_pykvm() -> None:
           "  so `hlt` waits inside KVM for an interrupt; pykvm noticed the vCPU halted with\n"
           "  interrupts off and ended the VM)")
     print("  KVM_GET_API_VERSION           -> Kvm() (pykvm/kvm.py)\n"
-          "  KVM_CREATE_VM, _USER_MEMORY_REGION -> Vm() (pykvm/vm.py: _create_platform)\n"
+          "  KVM_CREATE_VM, _USER_MEMORY_REGION -> Vm() (pykvm/vstate/vm.py: _create_platform)\n"
           "  mmap of the RAM               -> GuestMemory.anonymous (pykvm/memory.py)\n"
-          "  KVM_CREATE_VCPU, kvm_run mmap -> Vm.create_vcpus -> Vcpu() (pykvm/vcpu.py)\n"
+          "  KVM_CREATE_VCPU, kvm_run mmap -> Vm.create_vcpus -> Vcpu() (pykvm/vstate/vcpu.py)\n"
           "  KVM_SET_SREGS/REGS            -> Vcpu.set_sregs/set_regs\n"
           "  the KVM_RUN loop              -> Vcpu.run_loop, on a thread per vCPU;\n"
           "                                   KVM_EXIT_IO goes to the device on vm.pio_bus")

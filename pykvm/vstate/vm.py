@@ -1,6 +1,11 @@
 """One VM: memory slots, the in-kernel irqchip and PIT, eventfds, the PIO and
 MMIO buses, its vCPUs, and its life cycle (created -> running <-> paused ->
-stopped)."""
+stopped).
+
+The VM owns its vCPUs and talks to them through what it gave them: the stop/pause
+channel (control.py), the hook list features register in (hooks.py) and Vcpu.call;
+it never calls a vCPU's privates. Features attach through ``vm.hooks``, not by
+setting attributes on the VM."""
 
 from __future__ import annotations
 
@@ -12,15 +17,17 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 
-from . import ioctl as k
-from . import layout
-from .bus import IrqLine, MmioBus, PioBus
-from .errors import KvmError, PykvmError
-from .ioctl import structs as s
-from .kvm import Kvm
-from .memory import GuestMemory
+from .. import ioctl as k
+from .. import layout
+from ..bus import IrqLine, MmioBus, PioBus
+from ..errors import KvmError, PykvmError
+from ..ioctl import structs as s
+from ..kvm import Kvm
+from ..memory import GuestMemory
+from .control import RunControl, Stop
+from .cpuid import vcpu_cpuid
+from .hooks import ExitHooks
 from .vcpu import KICK_SIGNAL, RFLAGS_IF, Vcpu
 
 IDLE_CHECK_INTERVAL = 1.0  # seconds without an exit before pykvm looks whether a vCPU is dead-halted
@@ -31,16 +38,6 @@ class State(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
-
-
-@dataclass
-class Stop:
-    """Why a VM stopped, and the exit status pykvm's CLI reports for it."""
-
-    kind: str          # "exit", "poweroff", "reset", "halt", "crash", "error", "signal", "user"
-    status: int
-    message: str
-    error: PykvmError | None = None
 
 
 class KvmIrqLine(IrqLine):
@@ -72,26 +69,24 @@ def install_kick_handler() -> None:
 class Vm:
     def __init__(self, kvm: Kvm, memory: GuestMemory, *, quirks=None, tracer=None,
                  timing: bool = True, log=sys.stderr):
-        from .quirks import for_host
+        from ..quirks import for_host
 
         self.kvm = kvm
         self.memory = memory
         self.quirks = quirks if quirks is not None else for_host(kvm.host_kind)
-        self.tracer = tracer
-        # Per-exit timing (the guest/pykvm time split) costs two clock reads per
-        # exit; --stats and tracers want it, a plain run does not.
-        self.timing = timing
-        self.debugger = None
+        # What the vCPUs call besides devices (hooks.py): the host's quirks complete
+        # internal errors; a tracer, gdb and others register here too.
+        self.hooks = ExitHooks()
+        self.hooks.add(self.quirks)
+        if tracer is not None:
+            self.hooks.add(tracer)
+        self.hooks.timing = timing
+        self.control = RunControl()
         self.log = log
         self.pio_bus = PioBus()
         self.mmio_bus = MmioBus()
         self.vcpus: list[Vcpu] = []
         self.state = State.CREATED
-        self.stop_requested = False
-        self.stop_reason: Stop | None = None
-        self._stopped = threading.Event()
-        self._pause_lock = threading.Condition()
-        self._paused = False
         self._eventfds: list[int] = []
         self._closers: list = []
         self.fd = kvm.create_vm_fd()
@@ -101,6 +96,24 @@ class Vm:
             os.close(self.fd)
             raise
         install_kick_handler()
+
+    @property
+    def timing(self) -> bool:
+        """Per-exit timing (the guest/pykvm time split): two clock reads per exit;
+        --stats wants it, a plain run does not. Read by the vCPUs when they start."""
+        return self.hooks.timing
+
+    @timing.setter
+    def timing(self, on: bool) -> None:
+        self.hooks.timing = on
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.control.stop_requested
+
+    @property
+    def stop_reason(self) -> Stop | None:
+        return self.control.stop_reason
 
     # --- platform ---------------------------------------------------------------------
     def _create_platform(self) -> None:
@@ -125,11 +138,11 @@ class Vm:
 
     def save_state(self) -> dict:
         """The in-kernel PIC, IOAPIC, PIT and clock, JSON-able (pykvm/snapshot/kvmstate.py)."""
-        from .snapshot.kvmstate import save_vm
+        from ..snapshot.kvmstate import save_vm
         return save_vm(self)
 
     def restore_state(self, state: dict) -> None:
-        from .snapshot.kvmstate import restore_vm
+        from ..snapshot.kvmstate import restore_vm
         restore_vm(self, state)
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
@@ -166,8 +179,11 @@ class Vm:
         supported = self.kvm.supported_cpuid()
         total = len(self.vcpus) + count
         for vcpu_id in range(len(self.vcpus), total):
-            vcpu = Vcpu(self, vcpu_id)
+            vcpu = Vcpu(self.fd, vcpu_id, kvm=self.kvm, memory=self.memory,
+                        pio_bus=self.pio_bus, mmio_bus=self.mmio_bus, hooks=self.hooks,
+                        control=self.control, log=self.log)
             self.vcpus.append(vcpu)
+            self.control.join(vcpu)
             vcpu.set_cpuid(self.quirks.adjust_cpuid(vcpu_cpuid(supported, vcpu_id, total)))
         return self.vcpus
 
@@ -175,7 +191,7 @@ class Vm:
     def start(self) -> None:
         if not self.vcpus:
             raise PykvmError("the VM has no vCPUs")
-        self.state = State.PAUSED if self._paused else State.RUNNING  # paused before start
+        self.state = State.PAUSED if self.control.paused else State.RUNNING  # paused before start
         self.quirks.on_start(self)
         for vcpu in self.vcpus:
             vcpu.start()
@@ -186,11 +202,11 @@ class Vm:
     def wait(self, timeout: float | None = None) -> Stop | None:
         """Block until the VM stops (or ``timeout``); the main thread stays free for signals."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._stopped.is_set():
+        while not self.control.stopped.is_set():
             remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
             if remaining <= 0:
                 return None
-            self._stopped.wait(remaining)
+            self.control.stopped.wait(remaining)
         for vcpu in self.vcpus:
             if vcpu.thread is not None:
                 vcpu.thread.join(timeout=5)
@@ -204,66 +220,45 @@ class Vm:
     def request_stop(self, kind: str, status: int, message: str,
                      error: PykvmError | None = None) -> None:
         """Stop every vCPU. The first reason given wins; safe from any thread."""
-        with self._pause_lock:
-            if self.stop_reason is None:
-                self.stop_reason = Stop(kind, status, message, error)
-            self.stop_requested = True
-            self._paused = False
-            self._pause_lock.notify_all()
-        for vcpu in self.vcpus:
-            if vcpu.thread is not threading.current_thread():
-                vcpu.kick()
-        self._stopped.set()
+        self.control.request_stop(Stop(kind, status, message, error))
 
     def request_stop_error(self, error: PykvmError) -> None:
-        kind = "crash" if type(error).__name__ == "GuestCrashed" else "error"
-        self.request_stop(kind, error.exit_code if kind == "error" else 3, str(error), error)
+        self.control.request_stop_error(error)
+
+    def wait_stopped(self, timeout: float | None) -> bool:
+        """Block until a stop is requested (True) or ``timeout`` passes (False)."""
+        return self.control.stopped.wait(timeout)
 
     def pause(self) -> None:
         """Stop running guest code on every vCPU; returns once all of them are out of KVM_RUN."""
-        with self._pause_lock:
+        control = self.control
+        with control.lock:
             if self.state is State.CREATED:
                 # Before start: each vCPU's first KVM_RUN returns at once (immediate_exit),
                 # before any guest instruction, and waits (a debugger attaches so).
-                self._paused = True
-                for vcpu in self.vcpus:
-                    vcpu.kick()
+                control.paused = True
+                control.kick_all()
                 return
             if self.state is not State.RUNNING:
                 return
-            self._paused = True
+            control.paused = True
             self.state = State.PAUSED
         for vcpu in self.vcpus:
             vcpu.call(lambda v: None)
 
     def resume(self) -> None:
-        with self._pause_lock:
+        with self.control.lock:
             if self.state is not State.PAUSED:
                 return
-            self._paused = False
             self.state = State.RUNNING
-            self._pause_lock.notify_all()
-
-    def wake_paused(self) -> None:
-        """Let paused vCPU threads serve a queued request (Vcpu.call) at once."""
-        if self._paused:
-            with self._pause_lock:
-                self._pause_lock.notify_all()
-
-    def wait_while_paused(self, vcpu: Vcpu) -> None:
-        if not self._paused:
-            return
-        with self._pause_lock:
-            while self._paused and not self.stop_requested:
-                self._pause_lock.wait(0.5)
-                vcpu._serve_requests()
+        self.control.set_paused(False)
 
     def _watch_idle(self) -> None:
         """Notice a guest that halted with interrupts off: with the in-kernel irqchip
         that HLT never exits to user space (Linux's power-off without ACPI ends so)."""
         last = [-1] * len(self.vcpus)
-        while not self._stopped.wait(IDLE_CHECK_INTERVAL):
-            if self._paused:
+        while not self.control.stopped.wait(IDLE_CHECK_INTERVAL):
+            if self.control.paused:
                 continue
             dead = set()
             for i, vcpu in enumerate(self.vcpus):
@@ -349,57 +344,3 @@ def dead_halted(vcpu: Vcpu) -> bool:
     KVM's start state for non-BSP vCPUs with the in-kernel LAPIC) is not HALTED."""
     return vcpu.get_mp_state() == k.KVM_MP_STATE_HALTED \
         and not vcpu.get_regs().rflags & RFLAGS_IF
-
-
-def vcpu_cpuid(supported: list[s.kvm_cpuid_entry2], vcpu_id: int, count: int):
-    """The supported CPUID, made this vCPU's: its APIC ID, and a topology of one package
-    with ``count`` cores of one thread each, told the same way by every leaf a guest may
-    read (Intel: 1, 4, 0xB, 0x1F; AMD: 0x80000001, 0x80000008, 0x8000001D, 0x8000001E)."""
-    count = max(count, 1)
-    core_bits = (count - 1).bit_length()   # APIC ID bits that number the cores
-    entries = []
-    for entry in supported:
-        entry = s.kvm_cpuid_entry2.from_buffer_copy(entry)
-        function = entry.function
-        if function == 1:
-            # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-            entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu_id << 24) | (count << 16)
-            entry.edx |= 1 << 28  # HTT: the count in EBX[23:16] is valid
-        elif function == 4:
-            if entry.eax & 0x1F:   # a cache: cores per package - 1, and who shares it
-                shared = count - 1 if (entry.eax >> 5) & 7 == 3 else 0   # L3: all; L1/L2: one
-                entry.eax = (entry.eax & 0x3FFF) | (shared << 14) | ((count - 1) << 26)
-        elif function in (0xB, 0x1F):
-            if entry.index != 0:
-                continue          # the levels are rebuilt below from sub-leaf 0
-            entries.extend(_extended_topology(function, vcpu_id, count, core_bits))
-            continue
-        elif function == 0x80000001:
-            # ECX bit 1 CmpLegacy: the HTT count is cores, not threads (AMD)
-            entry.ecx = entry.ecx | 2 if count > 1 else entry.ecx & ~2
-        elif function == 0x80000008:
-            # ECX[15:12] APIC ID bits for the core, ECX[7:0] cores - 1 (AMD)
-            entry.ecx = (entry.ecx & ~0xF0FF) | (core_bits << 12) | (count - 1)
-        elif function == 0x8000001D:
-            if entry.eax & 0x1F:   # AMD cache topology: EAX[25:14] sharing logical CPUs - 1
-                shared = count - 1 if (entry.eax >> 5) & 7 == 3 else 0
-                entry.eax = (entry.eax & ~(0xFFF << 14)) | (shared << 14)
-        elif function == 0x8000001E:
-            # EAX extended APIC ID; EBX[15:8] threads per core - 1, EBX[7:0] core ID;
-            # ECX[10:8] nodes per package - 1, ECX[7:0] node ID
-            entry.eax, entry.ebx, entry.ecx, entry.edx = vcpu_id, vcpu_id & 0xFF, 0, 0
-        entries.append(entry)
-    return entries
-
-
-def _extended_topology(function: int, vcpu_id: int, count: int, core_bits: int):
-    """Leaf 0xB (or 0x1F) sub-leaves: SMT level (1 thread), core level (``count`` cores),
-    then the invalid level that ends the list. EDX is the x2APIC ID in each."""
-    levels = [(0, 1, 1), (core_bits, count, 2), (0, 0, 0)]   # (shift, CPUs, level type)
-    out = []
-    for index, (shift, cpus, level_type) in enumerate(levels):
-        entry = s.kvm_cpuid_entry2(function=function, index=index,
-                                   flags=k.KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
-        entry.eax, entry.ebx, entry.ecx, entry.edx = shift, cpus, (level_type << 8) | index, vcpu_id
-        out.append(entry)
-    return out

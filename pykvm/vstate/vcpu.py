@@ -2,9 +2,12 @@
 
 The loop is the boundary the project exists to show: KVM_RUN returns only for
 exits KVM could not finish in the kernel, and each of those is dispatched here,
-in Python, to a device on the PIO or MMIO bus (or to the host's quirks), before
-the guest is entered again.
+in Python, to a device on the PIO or MMIO bus (exits.py for all but port I/O),
+or to a hook (hooks.py: the tracer, gdb, the host's quirks), before the guest is
+entered again.
 
+The vCPU is given what it runs with (its buses, guest memory, the VM's hook list
+and the stop/pause channel, control.py) and never imports or calls the VM.
 Other threads never touch a running vCPU's fd: they ask, with :meth:`Vcpu.call`
 (the request is queued and the vCPU is kicked out of KVM_RUN with a signal), and
 the vCPU thread answers between two runs.
@@ -19,31 +22,27 @@ import mmap
 import os
 import queue
 import signal
-import struct
+import sys
 import threading
 import time
+import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from . import ioctl as k
-from . import sandbox
-from .errors import GuestCrashed, KvmError, PykvmError
-from .ioctl import structs as s
-from .observe.stats import VcpuStats
-
-if TYPE_CHECKING:
-    from .vm import Vm
+from .. import ioctl as k
+from .. import sandbox
+from ..errors import KvmError, PykvmError
+from ..ioctl import run
+from ..ioctl import structs as s
+from ..observe.stats import VcpuStats
+from . import exits
+from .control import RunControl
+from .hooks import NO_WATCH, ExitHooks, ExitWatch
 
 # The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it
 # cannot collide with what an embedding application uses SIGUSR1/2 for.
 KICK_SIGNAL = signal.SIGRTMIN + 4
 
-_EXIT_AND_IO = struct.Struct("<I20xBBHIQ")   # kvm_run.exit_reason at 8, kvm_run.io at 32
-_DATA_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
-_DATA_UNPACK = {size: struct.Struct(f).unpack_from for size, f in _DATA_FORMATS.items()}
-_DATA_PACK = {size: struct.Struct(f).pack_into for size, f in _DATA_FORMATS.items()}
-_MASKS = {size: (1 << (8 * size)) - 1 for size in _DATA_FORMATS}
 _NO_CLOCK = itertools.repeat(0).__next__     # stands in for the clock when nobody reads times
 
 # KVM_RUN through its own ctypes function object without argtypes: ctypes then
@@ -51,47 +50,39 @@ _NO_CLOCK = itertools.repeat(0).__next__     # stands in for the clock when nobo
 # (measured ~0.6 µs per exit by bench/profile_exits.py). The third argument must be 0.
 _kvm_run_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
 _kvm_run_ioctl.restype = ctypes.c_int
-_MMIO = struct.Struct("<Q8sIB")              # kvm_run.mmio at offset 32
-_EXIT_OFFSET = s.kvm_run.io.offset
-_IMMEDIATE_EXIT_OFFSET = s.kvm_run.immediate_exit.offset
-# Where KVM stores the special registers at each exit once asked to (KVM_CAP_SYNC_REGS,
-# kvm_run.kvm_valid_regs |= KVM_SYNC_X86_SREGS; api.rst "kvm_valid_regs"): a copy made in
-# the kernel while the vCPU is loaded costs ~0.15 µs per exit on kvm_pvm, a KVM_GET_SREGS
-# ioctl ~4.8 µs (C, measured side by side in bench/exits.py's loop).
-SYNCED_SREGS_OFFSET = s.kvm_run.s.offset + s.kvm_sync_regs.sregs.offset
+_IMMEDIATE_EXIT_OFFSET = run.IMMEDIATE_EXIT_OFFSET
+# KVM stores the special registers into kvm_run at each exit once asked to
+# (sync_sregs): a copy made in the kernel while the vCPU is loaded costs ~0.15 µs per
+# exit on kvm_pvm, a KVM_GET_SREGS ioctl ~4.8 µs (C, measured side by side in
+# bench/exits.py's loop).
+_SYNCED_SREGS_OFFSET = run.SYNCED_SREGS_OFFSET
 
 RFLAGS_IF = 1 << 9
 
 
-@dataclass(frozen=True)
-class ExitWatch:
-    """Fields of kvm_run a host quirk watches after each port-I/O exit (Vcpu.exit_watch).
-
-    The run loop unpacks ``fields`` at ``offset`` and calls ``changed(value)`` only when
-    the value differs from what the last call returned; ``changed`` returns None to be
-    called at the next exit whatever the fields hold. So an exit at which nothing changed
-    costs one unpack and one compare, in the loop itself, with no call (quirks/syscall.py's
-    EarlyPlant: the special registers KVM stores there with KVM_SYNC_X86_SREGS)."""
-
-    fields: struct.Struct
-    offset: int
-    changed: Callable[[tuple], tuple | None]
-
-
 def _watch_parts(watch: ExitWatch | None):
     """The run loop's locals for ``watch``: (unpack_from, offset, changed), or Nones."""
-    if watch is None:
-        return None, 0, None
-    return watch.fields.unpack_from, watch.offset, watch.changed
+    return NO_WATCH if watch is None else watch.parts()
 
 
 class Vcpu:
-    def __init__(self, vm: "Vm", vcpu_id: int):
-        self.vm = vm
+    """One KVM vCPU of the VM whose fd is ``vm_fd``: ``kvm`` is the /dev/kvm handle (its
+    mmap size and capabilities), ``memory`` the guest RAM, ``pio_bus``/``mmio_bus`` the
+    devices, ``hooks`` and ``control`` shared with the VM's other vCPUs."""
+
+    def __init__(self, vm_fd: int, vcpu_id: int, *, kvm, memory, pio_bus, mmio_bus,
+                 hooks: ExitHooks, control: RunControl, log=sys.stderr):
         self.id = vcpu_id
-        self.fd = k.ioctl(vm.fd, k.KVM_CREATE_VCPU, vcpu_id)
+        self.kvm = kvm
+        self.memory = memory
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.hooks = hooks
+        self.control = control
+        self.log = log
+        self.fd = k.ioctl(vm_fd, k.KVM_CREATE_VCPU, vcpu_id)
         try:
-            self._run_map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+            self._run_map = mmap.mmap(self.fd, kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
             os.close(self.fd)
@@ -133,7 +124,7 @@ class Vcpu:
     def synced_sregs(self) -> s.kvm_sregs:
         """The special registers as of the last exit, from kvm_run (after sync_sregs(True);
         on the vCPU thread, between two runs)."""
-        return s.kvm_sregs.from_buffer_copy(self._run_map, SYNCED_SREGS_OFFSET)
+        return s.kvm_sregs.from_buffer_copy(self._run_map, _SYNCED_SREGS_OFFSET)
 
     @property
     def run_buffer(self) -> mmap.mmap:
@@ -233,13 +224,13 @@ class Vcpu:
     def save_state(self) -> dict:
         """Everything KVM holds for this vCPU, JSON-able (pykvm/snapshot/kvmstate.py)."""
         sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
-        from .snapshot.kvmstate import save_vcpu
+        from ..snapshot.kvmstate import save_vcpu
         return save_vcpu(self)
 
     def restore_state(self, state: dict) -> None:
         sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
-        from .snapshot.kvmstate import restore_vcpu
-        restore_vcpu(self, state, log=self.vm.log)
+        from ..snapshot.kvmstate import restore_vcpu
+        restore_vcpu(self, state, log=self.log)
 
     def describe_registers(self) -> str:
         """A register dump for crash messages."""
@@ -262,7 +253,7 @@ class Vcpu:
         future: Future = Future()
         self._requests.put((function, future))
         self.kick()
-        self.vm.wake_paused()
+        self.control.wake_paused()
         return future.result(timeout)
 
     def kick(self) -> None:
@@ -298,10 +289,11 @@ class Vcpu:
             sandbox.thread_role("vcpu")   # pykvm/sandbox: seccomp, unless --no-seccomp
             self.run_loop()
         except PykvmError as error:
-            self.vm.request_stop_error(error)
+            self.control.request_stop_error(error)
         except BaseException as error:  # never let a vCPU thread die silently
-            self.vm.request_stop_error(PykvmError(f"vCPU {self.id}: internal error: {error!r}"))
-            self.vm.log_exception(error)
+            self.control.request_stop_error(
+                PykvmError(f"vCPU {self.id}: internal error: {error!r}"))
+            traceback.print_exception(error, file=self.log)
         finally:
             self.stats.stopped_ns = time.perf_counter_ns()
             self._serve_requests()
@@ -311,33 +303,38 @@ class Vcpu:
 
         The port-I/O path is the hot one (every legacy device lives there) and is
         written for speed, measured by bench/exits.py: locals only, one struct
-        unpack for the exit reason and kvm_run.io together, one dict lookup for
-        the port, two clock reads per exit (the read before KVM_RUN also ends the
-        previous exit's handler time), and none at all unless someone reads the
-        time split (``vm.timing``: --stats, a tracer)."""
-        vm = self.vm
+        unpack for the exit reason and kvm_run.io together (ioctl/run.py), one dict
+        lookup for the port, two clock reads per exit (the read before KVM_RUN also
+        ends the previous exit's handler time), and none at all unless someone reads
+        the time split (``hooks.timing``: --stats, or any pio/mmio/exit hook). Every
+        other exit goes to exits.handle."""
+        control = self.control
+        hooks = self.hooks
         fd = self.fd
         run_ioctl = _kvm_run_ioctl
         request_run = k.KVM_RUN
         buf = self._run_map
-        unpack_exit = _EXIT_AND_IO.unpack_from
-        unpack_data = _DATA_UNPACK
-        pack_data = _DATA_PACK
-        pio = vm.pio_bus
-        clock = time.perf_counter_ns if vm.timing or vm.tracer is not None else _NO_CLOCK
+        unpack_exit = run.EXIT_AND_IO.unpack_from
+        reason_at = run.EXIT_REASON_OFFSET
+        unpack_data = run.DATA_UNPACK
+        pack_data = run.DATA_PACK
+        masks = run.DATA_MASKS
+        ports = self.pio_bus.ports
+        handle = exits.handle
+        clock = time.perf_counter_ns if hooks.wants_clock else _NO_CLOCK
         stats = self.stats
-        exits = stats.exits
+        exits_by_reason = stats.exits
         port_counts = stats.port_counts
         device_counts = stats.devices
         exit_io = k.KVM_EXIT_IO
-        trace = vm.tracer
+        pio_hooks = hooks.pio
         watch = self.exit_watch
         watch_unpack, watch_offset, watch_changed = _watch_parts(watch)
         watched = None
         guest_ns = handler_ns = 0
         t1 = clock()
         try:
-            while not vm.stop_requested:
+            while not control.stop_requested:
                 t0 = clock()
                 handler_ns += t0 - t1
                 rc = run_ioctl(fd, request_run, 0)
@@ -352,15 +349,16 @@ class Vcpu:
                         raise KvmError("KVM_RUN", err)
                     buf[_IMMEDIATE_EXIT_OFFSET] = 0
                     self._serve_requests()
-                    vm.wait_while_paused(self)
+                    control.wait_while_paused(self._serve_requests)
+                    pio_hooks = hooks.pio
                     if self.exit_watch is not watch:
                         watch, watched = self.exit_watch, None
                         watch_unpack, watch_offset, watch_changed = _watch_parts(watch)
                     continue
-                reason, direction, size, port, count, data_offset = unpack_exit(buf, 8)
-                exits[reason] += 1
+                reason, direction, size, port, count, data_offset = unpack_exit(buf, reason_at)
+                exits_by_reason[reason] += 1
                 if reason == exit_io:
-                    entry = pio.ports.get(port)
+                    entry = ports.get(port)
                     if entry is not None and count == 1:
                         device, offset = entry
                         if direction:  # out
@@ -368,7 +366,7 @@ class Vcpu:
                                 else unpack_data[size](buf, data_offset)[0]
                             device.write(offset, size, value)
                         else:
-                            value = device.read(offset, size) & _MASKS[size]
+                            value = device.read(offset, size) & masks[size]
                             pack_data[size](buf, data_offset, value)
                         device_counts[device.name] += 1
                     else:
@@ -378,19 +376,20 @@ class Vcpu:
                         now = watch_unpack(buf, watch_offset)
                         if now != watched:
                             watched = watch_changed(now)
-                    if trace is not None:
-                        trace.pio(self, t0, t1, clock(), port, size, direction, count, value,
-                                  entry[0].name if entry else None)
+                    if pio_hooks:
+                        name = entry[0].name if entry else None
+                        for hook in pio_hooks:
+                            hook(self, t0, t1, clock(), port, size, direction, count, value, name)
                 else:
                     stats.guest_ns += guest_ns
                     stats.handler_ns += handler_ns
                     guest_ns = handler_ns = 0
-                    self._handle_exit(reason, t0, t1)
+                    stop = handle(self, reason, t0, t1)
+                    if stop is not None:
+                        control.request_stop(stop)
                     if self.exit_watch is not watch:
                         watch, watched = self.exit_watch, None
                         watch_unpack, watch_offset, watch_changed = _watch_parts(watch)
-                    if trace is not None and reason != k.KVM_EXIT_MMIO:
-                        trace.exit(self, t0, t1, clock(), reason)
         finally:
             stats.guest_ns += guest_ns
             stats.handler_ns += handler_ns + (clock() - t1)
@@ -421,89 +420,6 @@ class Vcpu:
         else:
             self.stats.devices[entry[0].name] += count
         return value
-
-    def _handle_exit(self, reason: int, t0: int, t1: int) -> None:
-        vm = self.vm
-        run = self.run_struct
-        if reason == k.KVM_EXIT_MMIO:
-            self._mmio(t0, t1)
-        elif reason == k.KVM_EXIT_INTERNAL_ERROR:
-            if vm.debugger is not None and vm.debugger.on_internal_error(self):
-                pass  # the debugger's own int3 (kvm_pvm reports it so)
-            elif not vm.quirks.complete_internal_error(self, run.internal.suberror):
-                raise GuestCrashed(self._internal_error_message())
-        elif reason == k.KVM_EXIT_HLT:
-            # Only without an in-kernel irqchip: the guest has nothing left to do.
-            vm.request_stop("halt", 0, f"vCPU {self.id} halted")
-        elif reason == k.KVM_EXIT_SHUTDOWN:
-            vm.request_stop_error(GuestCrashed(
-                f"guest triple fault on vCPU {self.id} (it reset itself after an unhandled "
-                f"exception):\n{self.describe_registers()}"))
-        elif reason == k.KVM_EXIT_FAIL_ENTRY:
-            fail = run.fail_entry
-            raise GuestCrashed(
-                f"KVM could not enter the guest on vCPU {self.id} (hardware entry failure "
-                f"reason {fail.hardware_entry_failure_reason:#x}): the vCPU state is invalid\n"
-                f"{self.describe_registers()}")
-        elif reason == k.KVM_EXIT_SYSTEM_EVENT:
-            kind = run.system_event.type
-            if kind == k.KVM_SYSTEM_EVENT_RESET:
-                vm.request_stop("reset", 0, "guest requested a reset")
-            elif kind == k.KVM_SYSTEM_EVENT_CRASH:
-                vm.request_stop_error(GuestCrashed(f"guest reported a crash on vCPU {self.id}"))
-            else:
-                vm.request_stop("poweroff", 0, "guest powered off")
-        elif reason == k.KVM_EXIT_DEBUG:
-            if vm.debugger is None or not vm.debugger.on_debug_exit(self):
-                arch = run.debug.arch
-                raise GuestCrashed(f"unexpected debug exit on vCPU {self.id}: exception "
-                                   f"{arch.exception} at {arch.pc:#x}")
-        elif reason == k.KVM_EXIT_IRQ_WINDOW_OPEN or reason == k.KVM_EXIT_INTR:
-            pass
-        else:
-            raise GuestCrashed(f"unhandled KVM exit {k.EXIT_NAMES.get(reason, reason)} on vCPU "
-                               f"{self.id}\n{self.describe_registers()}")
-
-    def _mmio(self, t0: int, t1: int) -> None:
-        buf = self._run_map
-        addr, data, length, is_write = _MMIO.unpack_from(buf, _EXIT_OFFSET)
-        length = min(length, 8)
-        mapping = self.vm.mmio_bus.find(addr)
-        stats = self.stats
-        stats.mmio[(addr, "write" if is_write else "read")] += 1
-        if mapping is None:
-            stats.unhandled_mmio += 1
-            value = int.from_bytes(data[:length], "little") if is_write else (1 << 8 * length) - 1
-            if not is_write:
-                buf[_EXIT_OFFSET + 8:_EXIT_OFFSET + 8 + length] = value.to_bytes(length, "little")
-        else:
-            device = mapping.device
-            offset = addr - mapping.base
-            if is_write:
-                value = int.from_bytes(data[:length], "little")
-                device.write(offset, length, value)
-            else:
-                value = device.read(offset, length) & ((1 << 8 * length) - 1)
-                buf[_EXIT_OFFSET + 8:_EXIT_OFFSET + 8 + length] = value.to_bytes(length, "little")
-            stats.devices[device.name] += 1
-        trace = self.vm.tracer
-        if trace is not None:
-            trace.mmio(self, t0, t1, time.perf_counter_ns(), addr, length, is_write, value,
-                       mapping.device.name if mapping else None)
-
-    def _internal_error_message(self) -> str:
-        internal = self.run_struct.internal
-        suberror = {k.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
-                    k.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
-                    k.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed"}.get(
-            internal.suberror, f"suberror {internal.suberror}")
-        detail = ""
-        try:
-            rip, code = self.vm.quirks.instruction_at_rip(self)
-            detail = f" at rip {rip:#x}, instruction bytes {code.hex(' ')}"
-        except PykvmError as error:
-            detail = f" ({error})"
-        return f"KVM internal error on vCPU {self.id}: {suberror}{detail}\n{self.describe_registers()}"
 
     def close(self) -> None:
         if self.fd < 0:

@@ -1,0 +1,106 @@
+"""What an exit other than port I/O leads to: a plain function of the vCPU and the exit.
+
+:func:`handle` is called by the run loop (vcpu.py) for every exit but the hot
+port-I/O one; it returns None (enter the guest again) or the :class:`Stop` the VM is to
+make, and raises GuestCrashed for a state the guest cannot go on from (the loop turns
+that into a crash stop). It reaches the devices through the vCPU's MMIO bus and the
+features through the VM's hook list (hooks.py), never the VM itself; the decode is
+pykvm/ioctl/run.py's. The exit reasons and what KVM expects back: api.rst "struct kvm_run".
+"""
+
+from __future__ import annotations
+
+import time
+
+from .. import ioctl as k
+from ..errors import GuestCrashed, PykvmError
+from ..guest.code import code_at_rip
+from ..ioctl import run
+from .control import Stop
+
+# ``vcpu`` below is a vcpu.Vcpu, not imported: vcpu.py imports this module (one way).
+
+_SUBERRORS = {k.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+              k.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+              k.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed"}
+
+
+def handle(vcpu, reason: int, t0: int, t1: int) -> Stop | None:
+    hooks = vcpu.hooks
+    outcome = None
+    if reason == k.KVM_EXIT_MMIO:
+        mmio(vcpu, t0, t1)
+    elif reason == k.KVM_EXIT_INTERNAL_ERROR:
+        error = run.internal_error(vcpu.run_struct)
+        if not any(hook(vcpu, error.suberror) for hook in hooks.internal_error):
+            raise GuestCrashed(internal_error_message(vcpu, error))
+    elif reason == k.KVM_EXIT_HLT:
+        # Only without an in-kernel irqchip: the guest has nothing left to do.
+        outcome = Stop("halt", 0, f"vCPU {vcpu.id} halted")
+    elif reason == k.KVM_EXIT_SHUTDOWN:
+        outcome = Stop.for_error(GuestCrashed(
+            f"guest triple fault on vCPU {vcpu.id} (it reset itself after an unhandled "
+            f"exception):\n{vcpu.describe_registers()}"))
+    elif reason == k.KVM_EXIT_FAIL_ENTRY:
+        fail = run.fail_entry(vcpu.run_struct)
+        raise GuestCrashed(
+            f"KVM could not enter the guest on vCPU {vcpu.id} (hardware entry failure "
+            f"reason {fail.reason:#x}): the vCPU state is invalid\n{vcpu.describe_registers()}")
+    elif reason == k.KVM_EXIT_SYSTEM_EVENT:
+        kind = run.system_event(vcpu.run_struct).kind
+        if kind == k.KVM_SYSTEM_EVENT_RESET:
+            outcome = Stop("reset", 0, "guest requested a reset")
+        elif kind == k.KVM_SYSTEM_EVENT_CRASH:
+            outcome = Stop.for_error(GuestCrashed(f"guest reported a crash on vCPU {vcpu.id}"))
+        else:
+            outcome = Stop("poweroff", 0, "guest powered off")
+    elif reason == k.KVM_EXIT_DEBUG:
+        if not any(hook(vcpu) for hook in hooks.debug_exit):
+            debug = run.debug_exit(vcpu.run_struct)
+            raise GuestCrashed(f"unexpected debug exit on vCPU {vcpu.id}: exception "
+                               f"{debug.exception} at {debug.pc:#x}")
+    elif reason == k.KVM_EXIT_IRQ_WINDOW_OPEN or reason == k.KVM_EXIT_INTR:
+        pass
+    else:
+        raise GuestCrashed(f"unhandled KVM exit {k.EXIT_NAMES.get(reason, reason)} on vCPU "
+                           f"{vcpu.id}\n{vcpu.describe_registers()}")
+    if reason != k.KVM_EXIT_MMIO:
+        for hook in hooks.exit:
+            hook(vcpu, t0, t1, time.perf_counter_ns(), reason)
+    return outcome
+
+
+def mmio(vcpu, t0: int, t1: int) -> None:
+    """An access no memory slot backs: to the device mapped there, or reads as all ones."""
+    buf = vcpu.run_buffer
+    access = run.mmio_exit(buf)
+    mapping = vcpu.mmio_bus.find(access.addr)
+    stats = vcpu.stats
+    stats.mmio[(access.addr, "write" if access.is_write else "read")] += 1
+    mask = (1 << 8 * access.length) - 1
+    if mapping is None:
+        stats.unhandled_mmio += 1
+        value = access.value if access.is_write else mask
+    else:
+        device = mapping.device
+        if access.is_write:
+            value = access.value
+            device.write(access.addr - mapping.base, access.length, value)
+        else:
+            value = device.read(access.addr - mapping.base, access.length) & mask
+        stats.devices[device.name] += 1
+    if not access.is_write:
+        run.complete_mmio_read(buf, access, value)
+    for hook in vcpu.hooks.mmio:
+        hook(vcpu, t0, t1, time.perf_counter_ns(), access.addr, access.length,
+             access.is_write, value, mapping.device.name if mapping else None)
+
+
+def internal_error_message(vcpu, error: run.InternalError) -> str:
+    suberror = _SUBERRORS.get(error.suberror, f"suberror {error.suberror}")
+    try:
+        rip, code = code_at_rip(vcpu)
+        detail = f" at rip {rip:#x}, instruction bytes {code.hex(' ')}"
+    except PykvmError as failure:
+        detail = f" ({failure})"
+    return f"KVM internal error on vCPU {vcpu.id}: {suberror}{detail}\n{vcpu.describe_registers()}"
