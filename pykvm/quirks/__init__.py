@@ -8,8 +8,6 @@ to complete exits KVM could not, and on a normal VT-x/AMD-V host every answer is
 
 from __future__ import annotations
 
-from ..guest.code import code_at_rip
-
 
 class Quirks:
     """A host with nothing to work around (kvm_intel, kvm_amd)."""
@@ -34,9 +32,6 @@ class Quirks:
     def internal_error(self, vcpu, suberror: int) -> bool:
         """The exit hook (pykvm/vstate/hooks.py) the VM registers this object as."""
         return self.complete_internal_error(vcpu, suberror)
-
-    def instruction_at_rip(self, vcpu) -> tuple[int, bytes]:
-        return code_at_rip(vcpu)
 
     def save_state(self) -> dict:
         """What pykvm keeps for the guest on this host (a snapshot carries it)."""
