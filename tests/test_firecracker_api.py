@@ -258,6 +258,20 @@ def test_metrics_and_logger(api, tmp_path):
     assert api("GET", "/vm/config")[1]["metrics"] == {"metrics_path": str(metrics)}
 
 
+def test_metrics_are_written_unasked(api, tmp_path, monkeypatch):
+    from pykvm.api.firecracker import vmm as vmm_module
+    monkeypatch.setattr(vmm_module, "METRICS_INTERVAL", 0.2)
+    metrics = tmp_path / "metrics"
+    metrics.touch()
+    assert api("PUT", "/metrics", {"metrics_path": str(metrics)}) == (204, None)
+    deadline = time.monotonic() + 30
+    while len(metrics.read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline, "no periodic metrics line"
+        time.sleep(0.1)
+    assert all(json.loads(line)["vmm"]["state"] == "Not started"
+               for line in metrics.read_text().splitlines())
+
+
 def test_bad_requests(api):
     assert "Invalid request method and/or path: GET /nope" in api.fault("GET", "/nope")
     assert "Invalid request method and/or path: DELETE /" in api.fault("DELETE", "/")
@@ -347,8 +361,16 @@ def test_running_paused_snapshot_and_load(api, tmp_path):
         boot["initrd_path"] = str(initrd)
     assert api("PUT", "/boot-source", boot) == (204, None)
     assert api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}) == (204, None)
+    image = tmp_path / "data.img"
+    image.write_bytes(b"\0" * 65536)
+    assert api("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(image),
+                                       "is_root_device": False}) == (204, None)
     assert api("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
     assert api("GET", "/")[1]["state"] == "Running"
+    assert api("PATCH", "/drives/data", {"drive_id": "data"}) == (204, None)
+    assert "not supported by pykvm yet" in api.fault(
+        "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(image)})
+    assert "Invalid block device ID" in api.fault("PATCH", "/drives/nope", {"drive_id": "nope"})
     for method, url, body in [("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}),
                               ("PUT", "/boot-source", boot),
                               ("PUT", "/actions", {"action_type": "InstanceStart"}),
@@ -370,6 +392,7 @@ def test_running_paused_snapshot_and_load(api, tmp_path):
     assert api("PUT", "/actions", {"action_type": "SendCtrlAltDel"}) == (204, None)
     api.main.join(timeout=30)
     assert api.stop is not None and "SendCtrlAltDel" in api.stop.message
+    api.vmm.machine.close()         # its process would have ended: the disk's lock goes
 
     fresh = Api(tmp_path, "fresh.sock")
     try:
@@ -384,6 +407,11 @@ def test_running_paused_snapshot_and_load(api, tmp_path):
             "mem_backend": {"backend_type": "File", "backend_path": str(memory)}}) == (204, None)
         assert fresh("GET", "/")[1]["state"] == "Paused"
         assert fresh("GET", "/machine-config")[1]["mem_size_mib"] == 128
+        loaded = fresh("GET", "/vm/config")[1]
+        assert loaded["boot-source"]["kernel_image_path"] == str(kernel)
+        assert loaded["drives"] == [{"drive_id": "data", "path_on_host": str(image),
+                                     "is_root_device": False, "is_read_only": False,
+                                     "cache_type": "Unsafe", "io_engine": "Sync"}]
         assert fresh("PATCH", "/vm", {"state": "Resumed"}) == (204, None)
         assert fresh("GET", "/")[1]["state"] == "Running"
     finally:

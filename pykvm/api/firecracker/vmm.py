@@ -39,6 +39,7 @@ BEFORE_START = "The requested operation is not supported before starting the mic
 MAX_DRIVES = 16
 MAX_NICS = 8
 MAX_CONFIG_FILE = 1 << 20
+METRICS_INTERVAL = 60.0       # seconds between unasked metrics lines (Firecracker's too)
 MAX_STATE_FILE = 64 << 20     # a pykvm state.json (pykvm/snapshot/document.py bounds it too)
 # pykvm's virtio devices sit on PCI until virtio-mmio lands (issue #17, item 4): a
 # Firecracker command line's pci=off would hide them, so it is dropped when there are any.
@@ -195,6 +196,15 @@ class Vmm:
                 raise ApiFault("Reinitialization of metrics not allowed.")
             self.metrics = MetricsSink(record.metrics_path)
             self.metrics_config = record
+            threading.Thread(target=self._flush_periodically, name="fc_metrics",
+                             daemon=True).start()
+
+    def _flush_periodically(self) -> None:
+        """Firecracker writes a metrics line every METRICS_INTERVAL seconds, unasked."""
+        while not self._ended.wait(METRICS_INTERVAL):
+            with self._lock:
+                if self.metrics is not None:
+                    self.flush_metrics()
 
     # --- actions --------------------------------------------------------------------------------
     def action(self, body) -> None:
@@ -287,11 +297,26 @@ class Vmm:
             raise ApiFault(f"Load snapshot error: {_text(error)}") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        config = machine.config
-        self.machine_config = MachineConfiguration(vcpu_count=config.cpus,
-                                                   mem_size_mib=config.mem_size // layout.MiB)
+        self._describe_loaded(machine.config)
         self.machine = machine
         self.log.info(f"Loaded the microVM snapshot {params.snapshot_path}")
+
+    def _describe_loaded(self, config) -> None:
+        """What GET /vm/config shows of a loaded snapshot: its machine, kernel and disks
+        (a disk's id is its virtio serial, as InstanceStart made it)."""
+        self.machine_config = MachineConfiguration(vcpu_count=config.cpus,
+                                                   mem_size_mib=config.mem_size // layout.MiB)
+        if config.kernel is not None:
+            self.boot_source = BootSource(
+                kernel_image_path=str(config.kernel), boot_args=config.append or None,
+                initrd_path=str(config.initrd) if config.initrd else None)
+        rooted = any(word == "root=/dev/vda" or word.startswith("root=PARTUUID=")
+                     for word in config.append.split())
+        for index, disk in enumerate(config.disks):
+            drive_id = disk.serial or f"drive{index}"
+            self.drives[drive_id] = Drive(drive_id=drive_id, path_on_host=disk.path,
+                                          is_root_device=rooted and index == 0,
+                                          is_read_only=disk.read_only)
 
     # --- the start --------------------------------------------------------------------------------
     def machine_config_for_start(self):
@@ -381,14 +406,17 @@ class Vmm:
     def end(self) -> None:
         """Stop the VM if it runs and let :meth:`serve_main` return."""
         self._ended.set()
-        if self.machine is not None:
+        if self.machine is not None and not self.machine.vm.stop_requested:
             self.machine.request_stop("signal", 0, "the VMM was asked to end")
 
     def close(self) -> None:
+        self._ended.set()
         if self.machine is not None:
             self.machine.close()
-        if self.metrics is not None:
-            self.metrics.close()
+        with self._lock:        # the metrics thread flushes under it: never to a closed fd
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
         self.log.close()
 
     # --- --config-file ---------------------------------------------------------------------------
