@@ -24,6 +24,8 @@ from pykvm.api.firecracker.resources import ApiFault, Drive, MachineConfiguratio
 from pykvm.api.firecracker.vmm import AFTER_START, BEFORE_START, Vmm
 from pykvm.vstate.vm import install_kick_handler
 
+from .test_net import netns  # noqa: F401 - the fixture: a throwaway network namespace
+
 
 class UnixHTTPConnection(http.client.HTTPConnection):
     """http.client over a Unix socket: what Firecracker's Python clients do."""
@@ -219,6 +221,35 @@ def test_network_interface_needs_an_existing_tap(api):
         "PUT", "/network-interfaces/eth0", {"iface_id": "eth0"})
     assert "not supported before starting" in api.fault(
         "PATCH", "/network-interfaces/eth0", {"iface_id": "eth0"})
+
+
+def test_network_interface_on_an_existing_tap(netns, tmp_path):
+    """Called on the Vmm directly: the check runs in the calling thread's namespace."""
+    from .test_net import ip
+    ip("tuntap", "add", "dev", "fctap0", "mode", "tap")
+    ip("tuntap", "add", "dev", "fctap1", "mode", "tap")
+    ip("tuntap", "add", "dev", "fctun0", "mode", "tun")
+    vmm = Vmm("x", Log("x", stream=io.StringIO()))
+    body = {"iface_id": "eth0", "host_dev_name": "fctap0", "guest_mac": "06:00:ac:10:00:02"}
+    vmm.put_network_interface("eth0", body)
+    with pytest.raises(ApiFault, match="not an existing TAP device"):
+        vmm.put_network_interface("eth1", {**body, "iface_id": "eth1", "host_dev_name": "fctun0"})
+    with pytest.raises(ApiFault, match="host device name fctap0 is already in use"):
+        vmm.put_network_interface("eth1", {**body, "iface_id": "eth1"})
+    with pytest.raises(ApiFault, match="MAC address is already in use"):
+        vmm.put_network_interface("eth1", {**body, "iface_id": "eth1", "host_dev_name": "fctap1"})
+    with pytest.raises(ApiFault, match="multicast"):
+        vmm.put_network_interface("eth1", {"iface_id": "eth1", "host_dev_name": "fctap1",
+                                           "guest_mac": "01:00:5e:00:00:01"})
+    vmm.put_network_interface("eth1", {"iface_id": "eth1", "host_dev_name": "fctap1"})
+    assert [n["host_dev_name"] for n in vmm.vm_config()["network-interfaces"]] == ["fctap0",
+                                                                                  "fctap1"]
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    vmm.put_boot_source({"kernel_image_path": str(kernel)})
+    nets = vmm.machine_config_for_start().nets
+    assert [(n.tap, n.mac) for n in nets] == [("fctap0", bytes.fromhex("0600ac100002")),
+                                              ("fctap1", None)]
 
 
 def test_actions_and_post_boot_only_requests_before_the_start(api):

@@ -155,7 +155,7 @@ class Vmm:
         record = NetworkInterface.from_json(body)
         path_id_matches(iface_id, record.iface_id)
         name = record.host_dev_name
-        if not valid_ifname(name) or not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
+        if not valid_ifname(name) or existing_link_kind(name) != "tap":
             raise ApiFault(f"Could not create the network device: {name[:16]!r} is not an "
                            f"existing TAP device")
         with self._lock:
@@ -462,6 +462,17 @@ class Vmm:
 CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", "logger",
                "metrics", "balloon", "vsock", "mmds-config", "entropy", "cpu-config")
 NOT_YET_KEYS = ("balloon", "vsock", "mmds-config", "entropy", "cpu-config")
+
+
+def existing_link_kind(name: str) -> str | None:
+    """What kind of link ``name`` is in the calling thread's network namespace (netlink,
+    pykvm/net/plumbing.py's reading of it: "tap", "tun", "bridge"...), None if none."""
+    from pyroute2 import IPRoute
+
+    from ...net.plumbing import _link, link_kind
+    with IPRoute() as ipr:
+        link = _link(ipr, name)
+    return None if link is None else link_kind(link)
 
 
 def _readable(path: str, what: str) -> None:
