@@ -276,11 +276,7 @@ class ControlServer:
         except OSError:
             pass
         self._sock.close()
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_socket_file(self.path)
         self._thread.join(timeout=5)
 
     def __enter__(self) -> "ControlServer":
@@ -328,6 +324,15 @@ def listen_unix(path: str, option: str, group: int | None = None) -> socket.sock
                               f"{error.strerror} (you must belong to it)") from None
         raise ConfigError(f"{option} {path}: cannot listen: {error.strerror}") from None
     return sock
+
+
+def remove_socket_file(path: str) -> None:
+    """Remove the socket file a server listened on, if it is still a socket there."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def group_id(group: str) -> int:

@@ -159,6 +159,10 @@ def test_boot_source(api, tmp_path):
                                        "boot_args": "console=ttyS0"}) == (204, None)
     assert api("GET", "/vm/config")[1]["boot-source"] == {
         "kernel_image_path": str(kernel), "boot_args": "console=ttyS0"}
+    # Not a kernel: InstanceStart fails with one line, and the VM can still be configured.
+    assert "Start microvm error" in api.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+    assert api("GET", "/")[1]["state"] == "Not started"
+    assert api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}) == (204, None)
 
 
 def test_drives(api, tmp_path):

@@ -18,17 +18,16 @@ closed after IDLE_TIMEOUT seconds.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import socketserver
-import stat
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 
 from ... import sandbox
-from ...control import ControlError, listen_unix, parse_request, peer_refusal
+from ...control import (ControlError, listen_unix, parse_request, peer_refusal,
+                        remove_socket_file)
 from ...errors import PykvmError
 from .resources import ApiFault
 from .vmm import Vmm
@@ -250,11 +249,7 @@ class ApiServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_socket_file(self.path)
         self._thread.join(timeout=5)
 
     def __enter__(self) -> "ApiServer":
