@@ -14,6 +14,7 @@ from pathlib import Path
 from . import layout, sandbox
 from .errors import PykvmError
 from .guestimage import cli as guest_cli
+from .distro import cli as image_cli
 from .api.firecracker import cli as firecracker_cli
 from .warm import cli as cache_cli
 
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest_cli.add_parser(commands)
     cache_cli.add_parser(commands)
     firecracker_cli.add_parser(commands)
+    image_cli.add_parser(commands)
     check = commands.add_parser("check", help="say whether this host can run pykvm (like kvm-ok)")
     check.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     check.set_defaults(handler=cmd_check)
@@ -141,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "over virtio-fs, read-only under a tmpfs overlay; the current "
                               "directory is shared read-write at its own path and -- CMD runs "
                               "there")
+    devices.add_argument("--image", metavar="FILE[,ro]",
+                         help="boot the root filesystem image FILE (pykvm image debian) as "
+                              "/dev/vda: the default guest's /init mounts it and runs the "
+                              "command, shell or agent in it (ro: read-only, writes go to "
+                              "nowhere but /tmp and /run)")
+    devices.add_argument("--image-kernel", action="store_true",
+                         help="with --image FILE: boot the image's own kernel and initramfs "
+                              "(FILE.vmlinuz, FILE.initrd.img: pykvm image --kernel) instead "
+                              "of pykvm's; minutes where guest ring 0 is emulated; no -- CMD")
     devices.add_argument("--vhost-user-fs", action="append", default=[],
                          metavar="SOCKET,tag=T",
                          help="a virtio-fs device served by a virtiofsd you started on SOCKET")
@@ -327,8 +338,11 @@ def smoke_test(kvm) -> str | None:
 # --- pykvm run -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig, default_linux_guest, parse_size
-    if args.disk:   # virtio and networking are imported only by runs that use them
+    if args.disk or args.image:   # virtio and networking: only for runs that use them
         from .devices.virtio import DiskSpec
+    if args.image or args.image_kernel:
+        from .distro.boot import apply_image
+        apply_image(args)             # the image is /dev/vda, root= on the command line
     if args.net:
         from .net.plumbing import NetSpec
 

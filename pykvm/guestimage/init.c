@@ -17,6 +17,21 @@
  *   is started too, before the command or shell; init only reaps it.
  * With pykvm.virtiofs=NAME:TAG[:ro],... (pykvm run --share DIR: live shares,
  *   pykvm/share.py), each virtio-fs TAG is mounted at /mnt/NAME first.
+ * With pykvm.rootfs=TAG pykvm.cwd=TAG2:PATH (pykvm run --rootfs DIR), virtio-fs
+ *   TAG is the root, read-only, under a tmpfs overlay that takes the writes;
+ *   TAG2 is mounted read-write at PATH, and the command or shell runs there
+ *   in that root (chroot), without the agent (the tree has none).
+ * With pykvm.dhcp=MAC[,MAC]... (pykvm run --net user: NICs whose host end is
+ *   passt), each NIC with one of those MACs is brought up and configured by
+ *   busybox udhcpc (address, default route, /etc/resolv.conf: the initramfs's
+ *   /usr/share/udhcpc/default.script), before the command or shell starts.
+ *   Other NICs (TAPs) are left down for the command's static configuration.
+ * With root=/dev/DEVICE (pykvm run --image FILE: pykvm/distro/boot.py), that
+ *   block device (ext4, or rootfstype=) is mounted read-write (read-only with
+ *   the word ro), the same /proc, /sys, /dev, /tmp, /run are mounted in it,
+ *   and the command, shell and agent run chrooted there. The agent is this
+ *   initramfs's, bound in at /run/pykvm-agent: the image needs nothing of
+ *   pykvm's. /pykvm/cmd is read before the switch, from the initramfs.
  * Init's own failures are printed and reported as 125 (or 126/127 when the
  * shell cannot be executed), never as a kernel panic.
  */
@@ -31,7 +46,10 @@
 #include <sys/io.h>
 #include <sys/ioctl.h>
 #include <sys/klog.h>
+#include <dirent.h>
+#include <net/if.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -55,7 +73,19 @@ enum { STATUS_INIT_FAILED = 125, STATUS_CANNOT_EXEC = 126, STATUS_NOT_FOUND = 12
 #define AGENT "/sbin/pykvm-agent"
 #define AGENT_FLAG "pykvm.agent=1"
 #define KERNEL_CMDLINE "/proc/cmdline"
+#define DHCP_KEY "pykvm.dhcp="
+#define UDHCPC "/sbin/udhcpc"
+#define SYS_NET "/sys/class/net"
 #define VIRTIOFS_KEY "pykvm.virtiofs="
+#define ROOTFS_KEY "pykvm.rootfs="
+#define CWD_KEY "pykvm.cwd="
+#define ROOT_LOWER "/pykvm/lower"
+#define ROOT_RW "/pykvm/rw"
+#define ROOT_MERGED "/pykvm/root"
+#define BLOCK_ROOT_KEY "root="
+#define BLOCK_ROOT_TYPE_KEY "rootfstype="
+#define IMAGE_AGENT "/run/pykvm-agent"
+#define ROOT_DEVICE_TRIES 50 /* x 100 ms: a disk may still be probing */
 #define CONSOLE_NAMES_MAX 128
 #define CONSOLE_PATH_MAX (CONSOLE_NAMES_MAX + sizeof "/dev/")
 #define SYSLOG_ACTION_CONSOLE_LEVEL 8
@@ -329,22 +359,240 @@ static void mount_virtiofs(void)
 	}
 }
 
-/* pykvm-agent (agent.c), when pykvm asked for it on the kernel command line. */
-static void start_agent(const sigset_t *child_mask)
+/* The value of word KEY=VALUE on the command line copied into out, or 0. */
+static int cmdline_value(const char *key, char *out, size_t size)
 {
-	const char *at = cmdline_word(AGENT_FLAG);
+	const char *at = cmdline_word(key);
 
-	if (!at || !strchr(" \n", at[strlen(AGENT_FLAG)]))
-		return;    /* not there as a whole word */
+	if (!at)
+		return 0;
+	at += strlen(key);
+	size_t length = strcspn(at, " \n");
+	if (length == 0 || length >= size) {
+		say("%s: empty or too long", key);
+		return 0;
+	}
+	memcpy(out, at, length);
+	out[length] = '\0';
+	return 1;
+}
+
+static int mount_or_say(const char *source, const char *target, const char *type,
+			unsigned long flags, const char *options)
+{
+	mkdir(target, 0755);
+	if (mount(source, target, type, flags, options) == 0)
+		return 1;
+	say("cannot mount %s (%s) on %s: %s", source, type, target, strerror(errno));
+	return 0;
+}
+
+/* mkdir -p for a path inside the (writable) overlay root. */
+static void make_path(char *path)
+{
+	for (char *slash = strchr(path + 1, '/'); slash; slash = strchr(slash + 1, '/')) {
+		*slash = '\0';
+		mkdir(path, 0755);
+		*slash = '/';
+	}
+	mkdir(path, 0755);
+}
+
+/* /proc, /sys, /dev, /dev/pts, /tmp and /run in the root being entered. */
+static void mount_new_root_file_systems(void)
+{
+	mount_or_say("proc", ROOT_MERGED "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_or_say("sysfs", ROOT_MERGED "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_or_say("devtmpfs", ROOT_MERGED "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	mount_or_say("devpts", ROOT_MERGED "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		     "mode=0620,ptmxmode=0666");
+	mount_or_say("tmpfs", ROOT_MERGED "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	mount_or_say("tmpfs", ROOT_MERGED "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+}
+
+/* True if word is on the command line as a whole word ("ro" is not "root=..."). */
+static int cmdline_flag(const char *word)
+{
+	size_t length = strlen(word);
+
+	for (const char *at = kernel_cmdline; (at = strstr(at, word)) != NULL; at += length)
+		if ((at == kernel_cmdline || at[-1] == ' ') && strchr(" \n", at[length]))
+			return 1;
+	return 0;
+}
+
+/* The agent's path: the initramfs's, or its bind mount inside a block root. */
+static const char *agent_path = AGENT;
+
+/* root=/dev/DEVICE: see the comment at the top. Returns 1 when the root was switched. */
+static int enter_block_root(void)
+{
+	char device[64], type[32] = "ext4";
+
+	if (!cmdline_value(BLOCK_ROOT_KEY, device, sizeof device))
+		return 0;
+	if (strncmp(device, "/dev/", 5) != 0 || strstr(device, "..")) {
+		say("root=%s: give a /dev/ name", device);
+		finish(STATUS_INIT_FAILED);
+	}
+	cmdline_value(BLOCK_ROOT_TYPE_KEY, type, sizeof type);
+	unsigned long flags = cmdline_flag("ro") ? MS_RDONLY : 0;
+	mkdir("/pykvm", 0755);
+	mkdir(ROOT_MERGED, 0755);
+	int tries = 0;
+	while (mount(device, ROOT_MERGED, type, flags, NULL) < 0) {
+		if ((errno != ENOENT && errno != ENXIO) || ++tries >= ROOT_DEVICE_TRIES) {
+			say("cannot mount %s (%s) as the root: %s", device, type, strerror(errno));
+			finish(STATUS_INIT_FAILED);
+		}
+		usleep(100 * 1000);
+	}
+	mount_new_root_file_systems();
+	if (cmdline_flag(AGENT_FLAG)) {
+		int fd = open(ROOT_MERGED IMAGE_AGENT, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+			      O_CLOEXEC, 0755);
+		if (fd >= 0)
+			close(fd);
+		if (mount(AGENT, ROOT_MERGED IMAGE_AGENT, NULL, MS_BIND, NULL) == 0)
+			agent_path = IMAGE_AGENT;
+		else
+			say("cannot bind %s into the root: %s", AGENT, strerror(errno));
+	}
+	if (chroot(ROOT_MERGED) < 0 || chdir("/") < 0) {
+		say("cannot enter the root %s: %s", device, strerror(errno));
+		finish(STATUS_INIT_FAILED);
+	}
+	return 1;
+}
+
+/* --rootfs: see the comment at the top. Returns 1 when the root was switched. */
+static int enter_rootfs(void)
+{
+	char tag[64], cwd[1024], path[1200];
+
+	if (!cmdline_value(ROOTFS_KEY, tag, sizeof tag))
+		return 0;
+	mkdir("/pykvm", 0755);
+	if (!mount_or_say(tag, ROOT_LOWER, "virtiofs", MS_RDONLY, NULL) ||
+	    !mount_or_say("tmpfs", ROOT_RW, "tmpfs", 0, "mode=0755"))
+		finish(STATUS_INIT_FAILED);
+	mkdir(ROOT_RW "/upper", 0755);
+	mkdir(ROOT_RW "/work", 0755);
+	if (!mount_or_say("overlay", ROOT_MERGED, "overlay", 0,
+			  "lowerdir=" ROOT_LOWER ",upperdir=" ROOT_RW "/upper,workdir=" ROOT_RW "/work"))
+		finish(STATUS_INIT_FAILED);
+	mount_new_root_file_systems();
+	const char *directory = "/";
+	char *colon;
+	if (cmdline_value(CWD_KEY, cwd, sizeof cwd) && (colon = strchr(cwd, ':')) && colon[1] == '/') {
+		*colon = '\0';
+		snprintf(path, sizeof path, "%s%s", ROOT_MERGED, colon + 1);
+		make_path(path);
+		if (mount_or_say(cwd, path, "virtiofs", MS_NOSUID | MS_NODEV, NULL))
+			directory = colon + 1;
+	}
+	if (chroot(ROOT_MERGED) < 0 || chdir("/") < 0) {
+		say("cannot enter the shared root: %s", strerror(errno));
+		finish(STATUS_INIT_FAILED);
+	}
+	if (chdir(directory) < 0)
+		say("cannot enter %s: %s", directory, strerror(errno));
+	return 1;
+}
+
+/* Bring NIC name up with one ioctl (no fork+exec of `ip link`). */
+static void link_up(const char *name)
+{
+	struct ifreq request;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+	memset(&request, 0, sizeof request);
+	memcpy(request.ifr_name, name, strnlen(name, IFNAMSIZ - 1)); /* checked < IFNAMSIZ */
+	if (fd < 0 || ioctl(fd, SIOCGIFFLAGS, &request) < 0 ||
+	    (request.ifr_flags |= IFF_UP, ioctl(fd, SIOCSIFFLAGS, &request) < 0))
+		say("cannot bring %s up: %s", name, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+}
+
+/* Run udhcpc on NIC name and wait for it: it quits once configured (-q) or
+ * after its tries (-n), so a NIC without a DHCP server costs seconds, not the boot. */
+static void run_udhcpc(const char *name, const sigset_t *child_mask)
+{
 	pid_t pid = fork();
+
 	if (pid < 0) {
-		say("cannot fork %s: %s", AGENT, strerror(errno));
+		say("cannot fork %s: %s", UDHCPC, strerror(errno));
 		return;
 	}
 	if (pid == 0) {
 		sigprocmask(SIG_SETMASK, child_mask, NULL);
-		execl(AGENT, "pykvm-agent", (char *)NULL);
-		say("cannot run %s: %s", AGENT, strerror(errno));
+		execl(UDHCPC, "udhcpc", "-f", "-q", "-n", "-t", "10", "-T", "3", "-i", name,
+		      (char *)NULL);
+		say("cannot run %s: %s", UDHCPC, strerror(errno));
+		_exit(STATUS_NOT_FOUND);
+	}
+	int status;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		say("udhcpc got no lease on %s", name);
+}
+
+/* pykvm.dhcp=MAC,...: see the comment at the top. */
+static void configure_dhcp(const sigset_t *child_mask)
+{
+	const char *at = cmdline_word(DHCP_KEY);
+	char macs[512], path[300], address[32];
+
+	if (!at)
+		return;
+	at += strlen(DHCP_KEY);
+	size_t length = strcspn(at, " \n");
+	if (length >= sizeof macs)
+		length = 0;
+	memcpy(macs, at, length);
+	macs[length] = '\0';
+	DIR *directory = opendir(SYS_NET);
+	if (!directory)
+		return;
+	struct dirent *entry;
+	while ((entry = readdir(directory)) != NULL) {
+		if (entry->d_name[0] == '.' || strlen(entry->d_name) >= IFNAMSIZ)
+			continue;
+		snprintf(path, sizeof path, SYS_NET "/%s/address", entry->d_name);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		ssize_t got = fd < 0 ? -1 : read(fd, address, sizeof address - 1);
+		if (fd >= 0)
+			close(fd);
+		if (got < 17)
+			continue;
+		address[17] = '\0';   /* xx:xx:xx:xx:xx:xx */
+		for (char *mac = macs; *mac; mac += strcspn(mac, ",") + (mac[strcspn(mac, ",")] != 0)) {
+			if (strcspn(mac, ",") == 17 && strncasecmp(mac, address, 17) == 0) {
+				link_up(entry->d_name);
+				run_udhcpc(entry->d_name, child_mask);
+				break;
+			}
+		}
+	}
+	closedir(directory);
+}
+
+/* pykvm-agent (agent.c), when pykvm asked for it on the kernel command line. */
+static void start_agent(const sigset_t *child_mask)
+{
+	if (!cmdline_flag(AGENT_FLAG))
+		return;
+	pid_t pid = fork();
+	if (pid < 0) {
+		say("cannot fork %s: %s", agent_path, strerror(errno));
+		return;
+	}
+	if (pid == 0) {
+		sigprocmask(SIG_SETMASK, child_mask, NULL);
+		execl(agent_path, "pykvm-agent", (char *)NULL);
+		say("cannot run %s: %s", agent_path, strerror(errno));
 		_exit(STATUS_NOT_FOUND);
 	}
 }
@@ -410,9 +658,13 @@ int main(void)
 	mount_virtiofs();
 	setenv("PATH", "/bin:/sbin:/usr/bin:/usr/sbin", 1);
 	setenv("HOME", "/root", 1);
+	configure_dhcp(&original);
 
 	char *command = read_command();
-	start_agent(&original);
+	if (!enter_rootfs()) {
+		enter_block_root();
+		start_agent(&original);
+	}
 	pid_t main_child;
 	if (command) {
 		/* Kernel messages would interleave with the command's output. */

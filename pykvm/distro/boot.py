@@ -1,0 +1,52 @@
+"""``pykvm run --image FILE[,ro]``: what booting a root filesystem image adds to a run.
+
+The image becomes the first virtio-blk disk, so the guest sees it as /dev/vda, and the
+kernel command line gets ``root=/dev/vda`` (and ``ro`` for a read-only image). By
+default the kernel and initramfs are pykvm's own guest's: its /init (init.c) reads the
+command (``-- CMD``) from its initramfs, mounts /dev/vda as ext4, mounts /proc, /sys,
+/dev, /tmp and /run in it, binds its agent in at /run/pykvm-agent when asked for one
+(``--agent``), and chroots into the image to run the command, the agent or a shell. So a
+Debian image needs nothing from pykvm inside it, and the exit status still reaches pykvm
+through port 0xF4. With ``--image-kernel`` the image's own kernel and initramfs (copied
+beside it by ``pykvm image debian --kernel``) boot instead: Debian's initramfs-tools
+mounts root= and starts the image's own init; pykvm's protocol is not in that boot, so
+``-- CMD`` and ``--agent`` are refused.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .debian import beside
+
+ROOT_DEVICE = "/dev/vda"        # the first virtio-blk disk (the image goes first)
+
+
+def apply_image(args) -> None:
+    """Turn --image / --image-kernel into the disk, command line and boot files they
+    stand for (in place on the parsed ``pykvm run`` arguments)."""
+    from ..devices.virtio import DiskSpec
+
+    if not args.image:
+        raise ConfigError("--image-kernel goes with --image FILE")
+    if args.restore is not None:
+        raise ConfigError("--image boots an image; a restored snapshot brings its own disks "
+                          "(give the image again with --disk)")
+    if args.rootfs:
+        raise ConfigError("give one root: --image or --rootfs")
+    spec = DiskSpec.parse(args.image)
+    args.disk.insert(0, args.image)
+    words = [f"root={ROOT_DEVICE}", "ro" if spec.read_only else "rw"]
+    if args.image_kernel:
+        if args.kernel or args.initrd:
+            raise ConfigError("--image-kernel boots the image's kernel: drop --kernel/--initrd")
+        if args.command_args is not None or args.agent:
+            raise ConfigError("-- CMD and --agent need pykvm's /init: drop --image-kernel")
+        from pathlib import Path
+
+        kernel, initrd = beside(Path(spec.path))
+        for path in (kernel, initrd):
+            if not path.is_file():
+                raise ConfigError(f"--image-kernel: no {path} (build the image with "
+                                  f"`pykvm image debian --kernel`)")
+        args.kernel, args.initrd = kernel, initrd
+    args.append = " ".join(words + ([args.append] if args.append else []))
