@@ -1,8 +1,9 @@
-"""What an exit other than port I/O leads to: a plain function of the vCPU and the exit.
+"""What an exit leads to, off the run loop's fast path: plain functions of the vCPU.
 
-:func:`handle` is called by the run loop (vcpu.py) for every exit but the hot
-port-I/O one; it returns None (enter the guest again) or the :class:`Stop` the VM is to
-make, and raises GuestCrashed for a state the guest cannot go on from (the loop turns
+:func:`string_io` takes the port-I/O exits the loop does not finish itself (`rep
+ins/outs`, ports no device owns). :func:`handle` is called for every exit but port
+I/O; it returns None (enter the guest again) or the :class:`Stop` the VM is to make,
+and raises GuestCrashed for a state the guest cannot go on from (the loop turns
 that into a crash stop). It reaches the devices through the vCPU's MMIO bus and the
 features through the VM's hook list (hooks.py), never the VM itself; the decode is
 pykvm/ioctl/run.py's. The exit reasons and what KVM expects back: api.rst "struct kvm_run".
@@ -13,9 +14,10 @@ from __future__ import annotations
 import time
 
 from .. import ioctl as k
-from ..errors import GuestCrashed, PykvmError
+from ..errors import GuestCrashed, KvmError, PykvmError
 from ..guest.code import code_at_rip
 from ..ioctl import run
+from ..ioctl import structs as s
 from .control import Stop
 
 # ``vcpu`` below is a vcpu.Vcpu, not imported: vcpu.py imports this module (one way).
@@ -40,12 +42,12 @@ def handle(vcpu, reason: int, t0: int, t1: int) -> Stop | None:
     elif reason == k.KVM_EXIT_SHUTDOWN:
         outcome = Stop.for_error(GuestCrashed(
             f"guest triple fault on vCPU {vcpu.id} (it reset itself after an unhandled "
-            f"exception):\n{vcpu.describe_registers()}"))
+            f"exception):\n{describe_registers(vcpu)}"))
     elif reason == k.KVM_EXIT_FAIL_ENTRY:
         fail = run.fail_entry(vcpu.run_struct)
         raise GuestCrashed(
             f"KVM could not enter the guest on vCPU {vcpu.id} (hardware entry failure "
-            f"reason {fail.reason:#x}): the vCPU state is invalid\n{vcpu.describe_registers()}")
+            f"reason {fail.reason:#x}): the vCPU state is invalid\n{describe_registers(vcpu)}")
     elif reason == k.KVM_EXIT_SYSTEM_EVENT:
         kind = run.system_event(vcpu.run_struct).kind
         if kind == k.KVM_SYSTEM_EVENT_RESET:
@@ -63,7 +65,7 @@ def handle(vcpu, reason: int, t0: int, t1: int) -> Stop | None:
         pass
     else:
         raise GuestCrashed(f"unhandled KVM exit {k.EXIT_NAMES.get(reason, reason)} on vCPU "
-                           f"{vcpu.id}\n{vcpu.describe_registers()}")
+                           f"{vcpu.id}\n{describe_registers(vcpu)}")
     if reason != k.KVM_EXIT_MMIO:
         for hook in hooks.exit:
             hook(vcpu, t0, t1, time.perf_counter_ns(), reason)
@@ -103,4 +105,47 @@ def internal_error_message(vcpu, error: run.InternalError) -> str:
         detail = f" at rip {rip:#x}, instruction bytes {code.hex(' ')}"
     except PykvmError as failure:
         detail = f" ({failure})"
-    return f"KVM internal error on vCPU {vcpu.id}: {suberror}{detail}\n{vcpu.describe_registers()}"
+    return f"KVM internal error on vCPU {vcpu.id}: {suberror}{detail}\n{describe_registers(vcpu)}"
+
+
+def string_io(vcpu, direction: int, size: int, port: int, count: int, data_offset: int,
+              entry) -> int:
+    """The port-I/O exits off the loop's fast path: `rep ins/outs` (count > 1) and
+    accesses to ports no device owns (reads see all ones). ``entry`` is the PIO bus's
+    (device, offset) or None; returns the last value moved, for the hooks."""
+    buf = vcpu.run_buffer
+    mask = (1 << (8 * size)) - 1
+    value = mask
+    for i in range(count):
+        at = data_offset + i * size
+        if entry is None:
+            if direction:
+                value = int.from_bytes(buf[at:at + size], "little")
+            else:
+                buf[at:at + size] = mask.to_bytes(size, "little")
+            continue
+        device, offset = entry
+        if direction:
+            value = int.from_bytes(buf[at:at + size], "little")
+            device.write(offset, size, value)
+        else:
+            value = device.read(offset, size) & mask
+            buf[at:at + size] = value.to_bytes(size, "little")
+    if entry is None:
+        vcpu.stats.unhandled_pio += count
+    else:
+        vcpu.stats.devices[entry[0].name] += count
+    return value
+
+
+def describe_registers(vcpu) -> str:
+    """A register dump for crash messages."""
+    try:
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    except KvmError as error:
+        return f"(registers unavailable: {error})"
+    gprs = " ".join(f"{name}={getattr(regs, name):#x}" for name, _ in s.kvm_regs._fields_)
+    return (f"{gprs}\ncs={sregs.cs.selector:#x} ss={sregs.ss.selector:#x} "
+            f"cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
+            f"efer={sregs.efer:#x} idt={sregs.idt.base:#x}/{sregs.idt.limit:#x} "
+            f"gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x}")

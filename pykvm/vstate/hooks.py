@@ -44,7 +44,10 @@ class ExitHooks:
         """Register ``hook`` (``first``: ask it before the others, as gdb's breakpoints)."""
         if hook in self._hooks:
             return
-        self._hooks.insert(0, hook) if first else self._hooks.append(hook)
+        if first:
+            self._hooks.insert(0, hook)
+        else:
+            self._hooks.append(hook)
         self._index()
 
     def remove(self, hook: object) -> None:

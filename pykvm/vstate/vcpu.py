@@ -2,7 +2,7 @@
 
 The loop is the boundary the project exists to show: KVM_RUN returns only for
 exits KVM could not finish in the kernel, and each of those is dispatched here,
-in Python, to a device on the PIO or MMIO bus (exits.py for all but port I/O),
+in Python, to a device on the PIO or MMIO bus (exits.py for all but plain port I/O),
 or to a hook (hooks.py: the tracer, gdb, the host's quirks), before the guest is
 entered again.
 
@@ -91,7 +91,6 @@ class Vcpu:
         self.stats = VcpuStats(vcpu_id)
         self.thread: threading.Thread | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._in_run = False
         # What a host quirk watches in kvm_run after each port-I/O exit, while set (see
         # ExitWatch). The run loop picks up a change at its next slow-path exit or kick.
         self.exit_watch: ExitWatch | None = None
@@ -232,18 +231,6 @@ class Vcpu:
         from ..snapshot.kvmstate import restore_vcpu
         restore_vcpu(self, state, log=self.log)
 
-    def describe_registers(self) -> str:
-        """A register dump for crash messages."""
-        try:
-            regs, sregs = self.get_regs(), self.get_sregs()
-        except KvmError as error:
-            return f"(registers unavailable: {error})"
-        gprs = " ".join(f"{name}={getattr(regs, name):#x}" for name, _ in s.kvm_regs._fields_)
-        return (f"{gprs}\ncs={sregs.cs.selector:#x} ss={sregs.ss.selector:#x} "
-                f"cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
-                f"efer={sregs.efer:#x} idt={sregs.idt.base:#x}/{sregs.idt.limit:#x} "
-                f"gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x}")
-
     # --- cross-thread requests ----------------------------------------------------------
     def call(self, function: Callable[["Vcpu"], object], timeout: float | None = 10.0):
         """Run ``function(self)`` on the vCPU thread between two KVM_RUNs; return its result."""
@@ -321,6 +308,7 @@ class Vcpu:
         masks = run.DATA_MASKS
         ports = self.pio_bus.ports
         handle = exits.handle
+        string_io = exits.string_io
         clock = time.perf_counter_ns if hooks.wants_clock else _NO_CLOCK
         stats = self.stats
         exits_by_reason = stats.exits
@@ -370,7 +358,7 @@ class Vcpu:
                             pack_data[size](buf, data_offset, value)
                         device_counts[device.name] += 1
                     else:
-                        value = self._string_io(direction, size, port, count, data_offset, entry)
+                        value = string_io(self, direction, size, port, count, data_offset, entry)
                     port_counts[port << 1 | direction] += 1
                     if watch_changed is not None:
                         now = watch_unpack(buf, watch_offset)
@@ -393,33 +381,6 @@ class Vcpu:
         finally:
             stats.guest_ns += guest_ns
             stats.handler_ns += handler_ns + (clock() - t1)
-
-    def _string_io(self, direction: int, size: int, port: int, count: int, data_offset: int,
-                   entry) -> int:
-        """`rep ins/outs` (count > 1) and accesses to ports no device owns."""
-        buf = self._run_map
-        mask = (1 << (8 * size)) - 1
-        value = mask
-        for i in range(count):
-            at = data_offset + i * size
-            if entry is None:
-                if direction:
-                    value = int.from_bytes(buf[at:at + size], "little")
-                else:
-                    buf[at:at + size] = mask.to_bytes(size, "little")
-                continue
-            device, offset = entry
-            if direction:
-                value = int.from_bytes(buf[at:at + size], "little")
-                device.write(offset, size, value)
-            else:
-                value = device.read(offset, size) & mask
-                buf[at:at + size] = value.to_bytes(size, "little")
-        if entry is None:
-            self.stats.unhandled_pio += count
-        else:
-            self.stats.devices[entry[0].name] += count
-        return value
 
     def close(self) -> None:
         if self.fd < 0:
