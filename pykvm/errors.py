@@ -62,6 +62,11 @@ class BootCacheError(PykvmError):
     this user's, or an entry cannot be written or read."""
 
 
+class RefreshFailed(PykvmError):
+    """A guest restored from the boot cache could not be made fresh (reseeded, its clock
+    set): it is not used, and the run boots cold."""
+
+
 class GuestMemoryError(PykvmError):
     """A guest-physical access fell outside guest RAM."""
 

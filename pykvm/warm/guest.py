@@ -9,9 +9,10 @@ restore would meet a changed disk or a TAP that no longer exists.
 
 A snapshot taken there (pykvm/snapshot) can be restored any number of times, each
 copy continuing from the same kernel state. What would make the copies tell apart
-from a fresh boot is fixed by :func:`refresh` on every restore:
+from a fresh boot is fixed by :func:`fresh_exec` on every restore:
 
-* entropy: ``pykvm-agent --refresh`` feeds 512 bytes of the host's ``os.urandom``
+* entropy: ``pykvm-agent --refresh`` (:func:`fresh_exec`; the same process then
+  becomes the user's command) feeds 512 bytes of the host's ``os.urandom``
   into the guest's input pool, credits them (RNDADDENTROPY) and forces the CRNG to
   reseed (RNDRESEEDCRNG, random(4)); without the reseed two copies would read the
   same ``/dev/urandom`` bytes (Linux >= 5.18 reseeds an initialised CRNG only on a
@@ -40,7 +41,8 @@ from pathlib import Path
 CONSOLE_KEEP = 1 << 20
 RESTORE_READY_TIMEOUT = 60.0        # a restored agent answers at once; this is a bound
 REFRESH_SEED_BYTES = 512            # agent.c's REFRESH_BYTES
-REFRESH_TIMEOUT = 120.0
+REFRESH_FAILED = 125                # agent.c's: the refresh failed, the command did not run
+REFRESH_ERROR = b"pykvm-agent: refresh:"
 AGENT_BINARY = "/sbin/pykvm-agent"
 
 # pykvm modules that never shape a guest's state: a change to them keeps the snapshots
@@ -245,11 +247,20 @@ def restore_guest(directory: Path, device: str, console: ConsoleLog,
     return guest
 
 
-def refresh(guest: RunningGuest) -> None:
-    """Make a restored guest fresh (the module docstring says what that covers):
-    ``pykvm-agent --refresh`` with the host's randomness and time. AgentError, or
-    CommandFailed naming what the guest refused."""
+def fresh_exec(guest: RunningGuest, command: str, **options):
+    """Run the shell command line ``command`` in a restored guest made fresh first (the
+    module docstring says what that covers): ``pykvm-agent --refresh SECONDS NANOSECONDS
+    COMMAND`` with the host's randomness on its stdin reseeds, sets the clock, then
+    becomes ``sh -c COMMAND`` with stdin on /dev/null, exactly as an EXEC'd shell
+    command runs (one process in the guest, not two). Returns the command's Result
+    (pykvm.agent.AgentClient.exec; ``options`` go there); RefreshFailed when the
+    guest could not be refreshed (the command did not run)."""
+    from ..errors import RefreshFailed
+
     now = time.time_ns()
-    guest.machine.exec([AGENT_BINARY, "--refresh", str(now // 10**9), str(now % 10**9)],
-                       stdin=os.urandom(REFRESH_SEED_BYTES), timeout=REFRESH_TIMEOUT,
-                       check=True)
+    result = guest.machine.exec(
+        [AGENT_BINARY, "--refresh", str(now // 10**9), str(now % 10**9), command],
+        stdin=os.urandom(REFRESH_SEED_BYTES), **options)
+    if result.status == REFRESH_FAILED and result.stderr.startswith(REFRESH_ERROR):
+        raise RefreshFailed(result.stderr.decode(errors="replace").strip().splitlines()[0])
+    return result

@@ -26,8 +26,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ..errors import BootCacheError, PykvmError
-from .guest import ConsoleLog, GuestSpec, boot_guest, refresh, restore_guest
+from ..errors import BootCacheError, PykvmError, RefreshFailed
+from .guest import ConsoleLog, GuestSpec, boot_guest, fresh_exec, restore_guest
 
 BOOT_TIMEOUT = 3600.0           # a distribution kernel on an emulated ring 0 takes minutes
 BOOT_LOG_TAIL = 8192            # what a boot that never got ready shows of its console
@@ -97,18 +97,21 @@ class WarmRun:
         if self.cache is not None:
             # once, before the boot: the key of the code and files this process runs
             self.key = self.spec.key(self.device)
-        guest = self.restored() or self.booted()
-        try:
-            result = guest.machine.exec(command, stdout_sink=self.stdout)
-        finally:
-            guest.close()
-            self.stdout.flush()
+        result = self.warm(command)
+        if result is None:
+            guest = self.booted()
+            try:
+                result = guest.machine.exec(command, stdout_sink=self.stdout)
+            finally:
+                guest.close()
+        self.stdout.flush()
         self.stderr.write(result.stderr)
         self.stderr.flush()
         return result.status if isinstance(result.status, int) else 1
 
-    def restored(self):
-        """The cached boot, restored and refreshed; None when there is none to use."""
+    def warm(self, command: str):
+        """The command's Result in the cached boot, restored and refreshed; None when
+        there is none to use (an entry that failed is dropped, with one line)."""
         if self.cache is None:
             return None
         try:
@@ -116,29 +119,28 @@ class WarmRun:
                 entry = self.cache.lookup(self.key)
                 if entry is None:
                     return None
-                try:
-                    guest = restore_guest(entry, self.device, self.console)
-                except PykvmError as error:
-                    guest, failure = None, error
-        except (BootCacheError, OSError) as error:
-            say(self.stderr, f"not using the boot cache: {error}")
+                guest = restore_guest(entry, self.device, self.console)
+        except (BootCacheError, OSError) as error:   # the cache itself: left alone
+            say(self.stderr, f"not using the boot cache: {first_line(error)}")
             self.cache = None
             return None
-        if guest is not None:
-            try:
-                refresh(guest)
-            except PykvmError as error:
-                guest.close()
-                guest, failure = None, error
-        if guest is None:
-            say(self.stderr, f"the cached boot {entry} cannot be used "
-                             f"({first_line(failure)}): removed it, booting cold")
-            self.cache.drop(entry)
-            return None
+        except PykvmError as error:                   # the entry: dropped
+            return self.drop(entry, error)
         self.cache.touch(entry)
         if self.progress:
             say(self.stderr, f"restored the boot cached in {entry}")
-        return guest
+        try:
+            return fresh_exec(guest, command, stdout_sink=self.stdout)
+        except RefreshFailed as error:
+            return self.drop(entry, error)
+        finally:
+            guest.close()
+
+    def drop(self, entry: Path, error: PykvmError) -> None:
+        say(self.stderr, f"the cached boot {entry} cannot be used ({first_line(error)}): "
+                         f"removed it, booting cold")
+        self.cache.drop(entry)
+        return None
 
     def booted(self):
         """A cold boot to the ready point, snapshotted into the cache (if any)."""
