@@ -35,7 +35,11 @@ BOOT_LOG_TAIL = 8192            # what a boot that never got ready shows of its 
 # options that watch or steer the boot itself: a restored guest has no boot to show
 WATCHING = (("stats", "--stats"), ("trace", "--trace"), ("trace_filter", "--trace-filter"),
             ("stats_interval", "--stats-interval"), ("stats_plot", "--stats-plot"),
-            ("gdb", "--gdb"), ("api_sock", "--api-sock"), ("no_extract", "--no-extract"))
+            ("gdb", "--gdb"), ("api_sock", "--api-sock"))
+# MachineConfig fields a GuestSpec does not carry because the run decides them itself
+# (the kernel and initrd are in the spec, made absolute); any other field that differs
+# from the spec's machine is a device or a setting the cache does not know
+RUN_FIELDS = {"command", "stats", "verbose", "agent", "kvm_device", "kernel", "initrd"}
 
 
 def refusal(args, config) -> str | None:
@@ -51,7 +55,22 @@ def refusal(args, config) -> str | None:
     if config.initrd is None or default_initrd is None or \
             Path(config.initrd).resolve() != default_initrd.resolve():
         return "only the default guest's initramfs is known to start pykvm-agent"
-    return spec_of(config).cache_refusal()
+    spec = spec_of(config)
+    return spec.cache_refusal() or unknown_settings(config, spec)
+
+
+def unknown_settings(config, spec: GuestSpec) -> str | None:
+    """The settings of ``config`` that ``spec`` would not boot the same (a device or
+    option newer than the cache's key): such a run is not cached rather than run in
+    a guest without them."""
+    import dataclasses
+
+    rebuilt = spec.machine_config(config.kvm_device)
+    differ = [f.name for f in dataclasses.fields(config) if f.name not in RUN_FIELDS
+              and getattr(config, f.name) != getattr(rebuilt, f.name)]
+    if differ:
+        return f"the boot cache does not key over {', '.join(differ)}"
+    return None
 
 
 def spec_of(config) -> GuestSpec:
