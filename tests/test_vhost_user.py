@@ -459,3 +459,27 @@ def test_common_config_partial_and_straddling_accesses():
         finally:
             function.close()
             vm.close()
+
+
+@needs_virtiofsd
+def test_a_killed_virtiofsd_is_one_line_with_its_end(tmp_path):
+    """The hang-up watcher runs confined (seccomp) and still learns how the daemon ended
+    (it once ran in the device role, where wait4 kills pykvm with SIGSYS)."""
+    from pykvm import sandbox
+    from pykvm.vhost_user.daemon import start_virtiofsd
+    assert sandbox.enabled()
+    daemon = start_virtiofsd(str(tmp_path), name="virtio-fs0")
+    with GuestMemory.anonymous(16 << 20) as memory:
+        vm = StandInVm(memory)
+        device = FsDevice(Frontend.connect(daemon.socket_path, "virtio-fs0"), "t", daemon=daemon)
+        function = VirtioPciDevice(vm, memory, device,
+                                   interrupt_lines=[RecordingLine(24 + i) for i in range(3)])
+        try:
+            os.kill(daemon.process.pid, 9)
+            assert wait_for(lambda: function.status & STATUS_NEEDS_RESET)
+            lines = vm.log.getvalue().splitlines()
+            assert len(lines) == 1 and "killed by signal 9" in lines[0], lines
+        finally:
+            function.close()
+            vm.close()
+    assert not daemon.directory.exists()

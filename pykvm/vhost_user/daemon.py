@@ -15,8 +15,9 @@ itself is killed, the daemon sees its socket hang up and exits on its own.
 Sandboxing: virtiofsd's own default (``-o sandbox=namespace``: new mount, PID
 and network namespaces, pivot_root into the shared directory, seccomp). A
 read-only share (``ro``) is enforced outside the guest's reach: the daemon runs
-in a mount namespace of its own (``unshare --mount``) where the directory is
-bind-mounted read-only, since this virtiofsd has no read-only option.
+in a mount namespace of its own (``unshare --mount``) and serves a read-only bind
+mount of the directory (made in its private directory, so that even ``/`` can be
+served read-only), since this virtiofsd has no read-only option.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ START_TIMEOUT = 10.0
 STOP_GRACE = 3.0
 LOG_TAIL = 4096
 
-_READ_ONLY_WRAPPER = ('mount --make-rprivate / && mount --bind -- "$1" "$1" && '
-                      'mount -o remount,bind,ro -- "$1" "$1" && shift && exec "$@"')
+_READ_ONLY_WRAPPER = ('mkdir -- "$2" && mount --bind -- "$1" "$2" && '
+                      'mount -o remount,bind,ro -- "$2" && shift 2 && exec "$@"')
 
 
 def virtiofsd_path() -> str | None:
@@ -47,7 +48,9 @@ def virtiofsd_path() -> str | None:
 class Daemon:
     """One back-end process and its private directory; :meth:`stop` is idempotent."""
 
-    def __init__(self, name: str, argv_for_socket, *, wrapper: list[str] | None = None):
+    def __init__(self, name: str, argv_for):
+        """``argv_for(directory, socket_path)``: the command line, given the private
+        directory and the socket path in it."""
         self.name = name
         self.directory = Path(tempfile.mkdtemp(prefix="pykvm-vhost-"))
         self.socket_path = str(self.directory / "backend.sock")
@@ -57,8 +60,9 @@ class Daemon:
             log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600)
             try:
+                argv = argv_for(self.directory, self.socket_path)
                 self.process = subprocess.Popen(
-                    (wrapper or []) + argv_for_socket(self.socket_path),
+                    argv,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                     start_new_session=True)   # a terminal's Ctrl-C goes to pykvm, which stops it
             finally:
@@ -66,7 +70,7 @@ class Daemon:
             self._wait_for_socket()
         except OSError as error:
             self.stop()
-            raise VhostUserError(f"{name}: cannot start {argv_for_socket('S')[0]}: "
+            raise VhostUserError(f"{name}: cannot start its back end: "
                                  f"{error.strerror or error}") from None
         except BaseException:
             self.stop()
@@ -103,6 +107,18 @@ class Daemon:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def ended(self, timeout: float) -> bool:
+        """Whether the daemon exits within ``timeout`` s (its socket closes a moment
+        before the kernel makes it a zombie we can reap)."""
+        process = self.process
+        if process is None:
+            return True
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
@@ -126,14 +142,16 @@ def start_virtiofsd(source: str, *, read_only: bool = False, name: str = "virtio
     source = str(Path(source).resolve())
     if not os.path.isdir(source):
         raise VhostUserError(f"{name}: {source} is not a directory")
-    wrapper = None
-    if read_only:
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            raise VhostUserError(f"{name}: a read-only share needs unshare (util-linux)")
-        wrapper = [unshare, "--mount", "--", "/bin/sh", "-c", _READ_ONLY_WRAPPER, "sh", source]
+    unshare = shutil.which("unshare") if read_only else None
+    if read_only and unshare is None:
+        raise VhostUserError(f"{name}: a read-only share needs unshare (util-linux)")
 
-    def argv(socket_path: str) -> list[str]:
-        return [binary, f"--socket-path={socket_path}", "-o", f"source={source}",
-                "-o", "cache=auto", "-o", "log_level=warn", "--rlimit-nofile=0"]
-    return Daemon(name, argv, wrapper=wrapper)
+    def argv(directory: Path, socket_path: str) -> list[str]:
+        served = str(directory / "ro") if read_only else source
+        command = [binary, f"--socket-path={socket_path}", "-o", f"source={served}",
+                   "-o", "cache=auto", "-o", "log_level=warn", "--rlimit-nofile=0"]
+        if read_only:
+            return [unshare, "--mount", "--", "/bin/sh", "-c", _READ_ONLY_WRAPPER, "sh",
+                    source, served] + command
+        return command
+    return Daemon(name, argv)

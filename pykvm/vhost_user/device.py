@@ -51,7 +51,7 @@ class VhostUserDevice(VirtioDevice):
         return self.frontend.features & (TRANSPORT_FEATURES | self.device_features)
 
     def _lost(self, reason: str) -> None:
-        if self.daemon is not None and not self.daemon.alive:
+        if self.daemon is not None and self.daemon.ended(1.0):
             reason = self.daemon.describe_exit()
         self.fail(VhostUserError(reason))
 

@@ -27,10 +27,12 @@ socket itself is connected at build time, before any thread is confined.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,11 +77,19 @@ class Frontend:
     def connect(cls, path: str, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> "Frontend":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as error:
-            sock.close()
-            raise VhostUserError(f"{name}: cannot connect to {path}: {error.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except OSError as error:
+                # a daemon just started binds its socket a moment before it listens
+                if error.errno == errno.ECONNREFUSED and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                sock.close()
+                raise VhostUserError(f"{name}: cannot connect to {path}: "
+                                     f"{error.strerror}") from None
         frontend = cls(sock, name, timeout=timeout)
         try:
             frontend.handshake()
@@ -216,7 +226,9 @@ class Frontend:
         self._watcher.start()
 
     def _watch(self, on_lost: Callable[[str], None]) -> None:
-        sandbox.thread_role("device")
+        # "control", not "device": on a hang-up the device asks the daemon's process how
+        # it ended (wait4) and reads its log, which the device role refuses.
+        sandbox.thread_role("control")
         poller = select.poll()
         poller.register(self.sock.fileno(), 0)      # POLLHUP and POLLERR only
         poller.register(self._stop_fd, select.POLLIN)
