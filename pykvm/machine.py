@@ -49,6 +49,8 @@ class MachineConfig:
     agent: bool = False                 # the guest agent's channel (pykvm/agent.py): exec, files
     shares: list = field(default_factory=list)  # host dirs, read-only at /mnt/share... (pykvm/share.py)
     live_shares: list = field(default_factory=list)  # FsSpec: virtio-fs over vhost-user (devices/virtio/fs.py)
+    rootfs: str = ""                    # --rootfs DIR: the guest's root over virtio-fs (pykvm/share.py)
+    workdir: str = ""                   # with rootfs: shared read-write, the command runs there
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -66,7 +68,8 @@ class MachineConfig:
             raise ConfigError("give exactly one of --flat FILE or --kernel FILE")
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"--console {self.console}: must be serial or virtio")
-        if (self.agent or self.shares or self.live_shares) and self.flat is not None:
+        if (self.agent or self.shares or self.live_shares or self.rootfs) and \
+                self.flat is not None:
             raise ConfigError("--agent and --share need a Linux guest (the agent runs in it)")
 
 
@@ -188,7 +191,7 @@ class Machine:
     def _add_virtio_devices(self) -> None:
         config = self.config
         if config.disks or config.console == "virtio" or config.rng or config.nets or \
-                config.agent or config.shares or config.live_shares:
+                config.agent or config.shares or config.live_shares or config.rootfs:
             from .devices.virtio import attach_virtio
             from .net.plumbing import machine_key
             extra = self._agent_devices()
@@ -197,7 +200,11 @@ class Machine:
                                         console=config.console == "virtio", rng=config.rng,
                                         console_output=self.console, nets=config.nets,
                                         net_key=machine_key(config), extra=extra,
-                                        shares=config.live_shares)
+                                        shares=config.live_shares + self._rootfs_shares())
+
+    def _rootfs_shares(self) -> list:
+        from .share import rootfs_shares
+        return rootfs_shares(self.config)
 
     def _agent_devices(self) -> list:
         """The agent's virtio-serial device (``--agent``; ``--share`` implies it)."""
@@ -294,6 +301,12 @@ class Machine:
         if self.config.live_shares:
             from .share import virtiofs_cmdline
             parts.append(virtiofs_cmdline(self.config))   # the default guest's /init mounts them
+        dhcp = [nic.mac.hex(":") for nic in (self.virtio.nets if self.virtio else []) if nic.dhcp]
+        if dhcp:
+            parts.append("pykvm.dhcp=" + ",".join(dhcp))  # /init runs udhcpc on these NICs
+        if self.config.rootfs:
+            from .share import rootfs_cmdline
+            parts.append(rootfs_cmdline(self.config))     # /init switches to that root
         # Tell the kernel its TSC frequency instead of letting it calibrate against the
         # PIT: calibration is slow everywhere and fails outright when guest ring 0 is
         # emulated (kvm_pvm), leaving a guest clock that runs at a third of real time.

@@ -140,3 +140,33 @@ def virtiofs_cmdline(config) -> str:
         name = mount_point(len(config.shares) + index)[len("/mnt/"):]
         entries.append(f"{name}:{spec.tag}" + (":ro" if spec.read_only else ""))
     return "pykvm.virtiofs=" + ",".join(entries)
+
+
+ROOT_TAG = "pykvm-root"
+CWD_TAG = "pykvm-cwd"
+
+
+def rootfs_shares(config) -> list:
+    """``--rootfs DIR``: DIR read-only as the guest's root and the working directory
+    read-write at its own path (virtme-ng's model); the default guest's /init puts a
+    tmpfs overlay over the root and runs the command there (pykvm/guestimage/init.c)."""
+    from .devices.virtio.fs import FsSpec
+
+    if not config.rootfs:
+        return []
+    shares = [FsSpec(ROOT_TAG, source=config.rootfs, read_only=True)]
+    if config.workdir:
+        shares.append(FsSpec(CWD_TAG, source=config.workdir))
+    return shares
+
+
+def rootfs_cmdline(config) -> str:
+    if not config.rootfs:
+        return ""
+    words = [f"pykvm.rootfs={ROOT_TAG}"]
+    if config.workdir:
+        if any(c.isspace() for c in config.workdir) or len(config.workdir) > 1000:
+            raise ConfigError(f"--rootfs: the working directory {config.workdir!r} cannot be "
+                              f"shared (white space, or longer than 1000 characters)")
+        words.append(f"pykvm.cwd={CWD_TAG}:{config.workdir}")
+    return " ".join(words)
