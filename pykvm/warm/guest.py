@@ -220,13 +220,7 @@ def boot_guest(spec: GuestSpec, device: str, console: ConsoleLog, timeout: float
     from ..machine import Machine
 
     machine = Machine(spec.machine_config(device), stdout=console, stderr=console)
-    guest = factory(machine, console)
-    try:
-        machine.wait_for_agent(timeout)
-    except BaseException:
-        guest.close()
-        raise
-    return guest
+    return running(factory(machine, console), timeout)
 
 
 def restore_guest(directory: Path, device: str, console: ConsoleLog,
@@ -238,9 +232,14 @@ def restore_guest(directory: Path, device: str, console: ConsoleLog,
 
     machine = restore_machine(directory, stdout=console, stderr=console, trust=True,
                               kvm_device=device)
-    guest = factory(machine, console)
+    return running(factory(machine, console), RESTORE_READY_TIMEOUT)
+
+
+def running(guest: RunningGuest, timeout: float) -> RunningGuest:
+    """``guest`` once its agent answers (its ready point); closed if it does not
+    within ``timeout`` seconds."""
     try:
-        machine.wait_for_agent(RESTORE_READY_TIMEOUT)
+        guest.machine.wait_for_agent(timeout)
     except BaseException:
         guest.close()
         raise
