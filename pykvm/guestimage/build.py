@@ -77,11 +77,30 @@ KERNEL_MAKE_ENV = {
 
 # Mount points and the usual top-level directories of the initramfs.
 INITRAMFS_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run",
-                  "mnt", "root", "etc", "var")
+                  "mnt", "root", "etc", "var", "etc/udhcpc")
 ETC_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
     "etc/group": "root:x:0:\n",
 }
+# busybox udhcpc's hook (its default path in Debian's busybox), for the NICs init.c runs it on
+# (pykvm.dhcp=): address with prefix, default route, resolv.conf. Each `ip` is a
+# fork+exec (slow on kvm_pvm), so only bound/renew do anything: init.c has
+# already brought the link up, and a fresh guest has nothing to deconfigure.
+UDHCPC_SCRIPT = ("etc/udhcpc/default.script", """#!/bin/sh
+case "$1" in
+bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for gateway in $router; do
+        ip route replace default via "$gateway" dev "$interface" && break
+    done
+    : > /etc/resolv.conf
+    [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+    for server in $dns; do echo "nameserver $server" >> /etc/resolv.conf; done
+    ;;
+esac
+exit 0
+""")
 # What a bootable initramfs cannot do without.
 INITRAMFS_MUST_HAVE = ("init", "bin/sh", "bin/busybox", "dev/console", AGENT_PATH)
 
@@ -343,6 +362,7 @@ def build_initramfs(init_binary: Path, agent_binary: Path) -> bytes:
                 for path in busybox_applets()]
     entries += [cpio.Entry(path, stat.S_IFREG | 0o644, text.encode())
                 for path, text in ETC_FILES.items()]
+    entries.append(cpio.Entry(UDHCPC_SCRIPT[0], stat.S_IFREG | 0o755, UDHCPC_SCRIPT[1].encode()))
     archive = cpio.build_archive(entries)
     names = {e.name for e in cpio.read_archive(archive)}
     lacking = [n for n in INITRAMFS_MUST_HAVE if n not in names]

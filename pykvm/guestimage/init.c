@@ -24,7 +24,7 @@
  * With pykvm.dhcp=MAC[,MAC]... (pykvm run --net user: NICs whose host end is
  *   passt), each NIC with one of those MACs is brought up and configured by
  *   busybox udhcpc (address, default route, /etc/resolv.conf: the initramfs's
- *   /usr/share/udhcpc/default.script), before the command or shell starts.
+ *   /etc/udhcpc/default.script), before the command or shell starts.
  *   Other NICs (TAPs) are left down for the command's static configuration.
  * With root=/dev/DEVICE (pykvm run --image FILE: pykvm/distro/boot.py), that
  *   block device (ext4, or rootfstype=) is mounted read-write (read-only with
