@@ -571,7 +571,7 @@ def cmd_cp(args) -> int:
 
 
 def add_observing_options(group) -> None:
-    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/observe/, gdbstub.py)."""
+    """--trace, --symbols, --stats-interval, --stats-plot, --gdb (pykvm/observe/, pykvm/gdb/)."""
     from .observe.trace_filter import FILTER_HELP
 
     group.add_argument("--trace", nargs="?", const="-", metavar="FILE",
@@ -606,7 +606,7 @@ class Observers:
         self.args = args
         self.stub = self.gdb = None
         if args.gdb is not None:
-            from .gdbstub import GdbAddress
+            from .gdb.listen import GdbAddress
             self.gdb = GdbAddress.parse(args.gdb)
         self.watch = Observation(ObserveOptions(
             trace=args.trace, trace_filter=tuple(args.trace_filter or ()), symbols=args.symbols,
@@ -616,7 +616,7 @@ class Observers:
     def attach(self, machine) -> None:
         self.watch.attach(machine.vm)
         if self.args.gdb is not None:
-            from .gdbstub import GdbStub
+            from .gdb.stub import GdbStub
             self.stub = GdbStub(machine.vm, self.gdb)
             self.stub.attach()
             where = self.stub.address

@@ -82,3 +82,9 @@ class StatsDecodeError(PykvmError):
 class VhostUserError(PykvmError):
     """A vhost-user back end (pykvm/vhost_user) broke the protocol, refused a request,
     went away, or could not be started."""
+
+
+class GdbProtocolError(PykvmError):
+    """A gdb client broke the Remote Serial Protocol (a packet over the size the stub
+    announced, acknowledgements refused without end): the stub drops that connection
+    (pykvm/gdb/protocol.py)."""

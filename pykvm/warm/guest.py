@@ -49,7 +49,9 @@ AGENT_BINARY = "/sbin/pykvm-agent"
 # (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
 # are in the key themselves)
 STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py",
-                     "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdbstub.py",
+                     "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdb/__init__.py",
+                     "gdb/protocol.py", "gdb/registers.py", "gdb/listen.py", "gdb/breakpoints.py",
+                     "gdb/traps.py", "gdb/stub.py",
                      "warm/cli.py", "warm/cache.py", "warm/run.py", "warm/__init__.py"}
 
 

@@ -18,7 +18,10 @@ from pykvm import layout
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
 from pykvm.errors import ConfigError
-from pykvm.gdbstub import REGISTERS, GdbAddress, GdbStub, _escape, _unescape, target_xml
+from pykvm.gdb.listen import GdbAddress
+from pykvm.gdb.protocol import PACKET_SIZE, escape, unescape
+from pykvm.gdb.registers import REGISTERS, target_xml
+from pykvm.gdb.stub import GdbStub
 from pykvm.memory import GuestMemory
 from pykvm.vstate.vm import Vm
 
@@ -124,7 +127,7 @@ class Rsp:
         assert int(checksum, 16) == sum(data) & 0xFF
         if self.ack:
             self.sock.sendall(b"+")
-        return _unescape(data).decode("latin-1")
+        return unescape(data).decode("latin-1")
 
     def ask(self, payload: str) -> str:
         self.send(payload)
@@ -185,9 +188,9 @@ def test_target_description_is_gdbs_amd64_layout():
 
 def test_packet_escaping_round_trips():
     data = bytes(range(256))
-    escaped = _escape(data)
+    escaped = escape(data)
     assert b"#" not in escaped and b"$" not in escaped
-    assert _unescape(escaped) == data
+    assert unescape(escaped) == data
 
 
 def test_gdb_addresses_are_unix_sockets_unless_tcp_is_asked_for():
@@ -306,7 +309,7 @@ def test_int3_breakpoint_without_a_debug_register(kvm):
             assert gdb.ask(f"Z1,{0x30000 + 16 * i:x},1") == "OK"
         assert gdb.ask(f"Z1,{0x30100:x},1") == "E1c"   # no fifth one
         assert gdb.ask(f"Z0,{INC3:x},1") == "OK"
-        assert all(bp.slot is None for bp in stub.breakpoints.values())
+        assert all(bp.slot is None for bp in stub.breakpoints.soft.values())
         reply = gdb.ask("c")
         assert reply.startswith("T05") and "swbreak" in reply
         assert register(gdb.regs(), "rip") == INC3
