@@ -6,6 +6,7 @@ One Linux boot (minutes on kvm_pvm hosts)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -55,15 +56,30 @@ class FirecrackerShell(GuestShell):
         raise OSError("pykvm-firecracker has no pykvm control socket")
 
 
+def ext4_root_image(tmp_path):
+    """A 16 MiB ext4 root file system holding a static busybox as /bin/sh (mke2fs -d):
+    the default guest's /init mounts root=/dev/vda and runs its shell chrooted there."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("needs busybox (busybox-static) for the root image")
+    tree = tmp_path / "rootfs"
+    (tree / "bin").mkdir(parents=True)
+    shutil.copy(busybox, tree / "bin" / "busybox")
+    for applet in ("sh", "cat", "ls"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    image = tmp_path / "rootfs.ext4"
+    with open(image, "wb") as stream:
+        stream.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+    return image
+
+
 def test_firectl_sequence_boot_pause_snapshot_load(tmp_path):
     from pykvm.machine import default_guest_dir, default_linux_guest
     if default_guest_dir() is None:
         pytest.skip("the default Linux guest is not built (pykvm guest build)")
     kernel, initrd = default_linux_guest()
-    rootfs = tmp_path / "rootfs.ext4"
-    with open(rootfs, "wb") as image:
-        image.truncate(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs)], check=True)
+    rootfs = ext4_root_image(tmp_path)
 
     with FirecrackerShell(tmp_path / "fc.sock", tmp_path / "fc.log") as shell:
         shell.wait_for_socket()
@@ -79,6 +95,7 @@ def test_firectl_sequence_boot_pause_snapshot_load(tmp_path):
         assert shell.ok("GET", "/")["state"] == "Running"
         shell.wait_for_shell()
         assert shell.check("cat /sys/block/vda/serial").strip() == "rootfs"
+        assert shell.check("ls /bin").split() == ["busybox", "cat", "ls", "sh"]  # the ext4 root
         shell.ok("PATCH", "/vm", {"state": "Paused"})
         assert shell.ok("GET", "/")["state"] == "Paused"
         shell.ok("PATCH", "/vm", {"state": "Resumed"})
