@@ -17,9 +17,9 @@ import pytest
 from pykvm import layout
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
-from pykvm.errors import ConfigError
+from pykvm.errors import ConfigError, GdbProtocolError
 from pykvm.gdb.listen import GdbAddress
-from pykvm.gdb.protocol import PACKET_SIZE, escape, unescape
+from pykvm.gdb.protocol import MAX_RETRIES, PACKET_SIZE, Connection, escape, frame, unescape
 from pykvm.gdb.registers import REGISTERS, target_xml
 from pykvm.gdb.stub import GdbStub
 from pykvm.memory import GuestMemory
@@ -193,6 +193,50 @@ def test_packet_escaping_round_trips():
     assert unescape(escaped) == data
 
 
+def test_an_oversized_packet_ends_the_connection_without_growing_a_buffer():
+    """The peer is untrusted: a packet longer than the PacketSize announced is refused."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        conn = Connection(ours)
+        theirs.sendall(frame("g"))
+        assert conn.read_packet() == "g" and theirs.recv(1) == b"+"
+        theirs.sendall(b"$" + b"0" * (PACKET_SIZE + 1) + b"#30")
+        with pytest.raises(GdbProtocolError, match="over"):
+            conn.read_packet()
+        assert len(conn._buffer) < PACKET_SIZE       # what was read stays unread, not kept
+
+
+def test_bad_checksums_are_refused_then_the_connection_dropped():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        conn = Connection(ours)
+        theirs.sendall(b"$g#zz" + frame("?"))        # not hex: a bad checksum, not a crash
+        assert conn.read_packet() == "?" and theirs.recv(2) == b"-+"
+        theirs.sendall(b"$g#00" * MAX_RETRIES)
+        with pytest.raises(GdbProtocolError, match="checksum"):
+            conn.read_packet()
+        conn.no_ack = True
+        conn.send("OK")
+        assert theirs.recv(64) == b"-" * MAX_RETRIES + frame("OK")
+
+
+def test_the_gdb_package_imports_one_way():
+    """No cycle inside pykvm/gdb; the package itself loads nothing (--gdb parses without
+    the stub); nothing the VM is built from imports gdb (no cost without a debugger)."""
+    from .test_observe import ROOT, find_cycle, graph, reachable
+
+    edges = graph((ROOT / "gdb").glob("*.py"))
+    assert {"pykvm.gdb.stub", "pykvm.gdb.protocol", "pykvm.gdb.traps"} <= set(edges)
+    assert find_cycle(edges) is None
+    assert edges["pykvm.gdb"] == set()
+    assert "pykvm.gdb.stub" not in reachable(edges, "pykvm.gdb.traps")
+    everything = graph(ROOT.rglob("*.py"))
+    assert [m for m in everything if m.startswith("pykvm.gdb") and m in reachable(everything, m)] == []
+    assert not any(m.startswith("pykvm.gdb") for m in reachable(everything, "pykvm.vstate.vm"))
+    for path in (ROOT / "gdb").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path
+
+
 def test_gdb_addresses_are_unix_sockets_unless_tcp_is_asked_for():
     assert GdbAddress.parse("/run/g.sock") == GdbAddress(path="/run/g.sock")
     assert GdbAddress.parse("tcp:1234") == GdbAddress(host="127.0.0.1", port=1234)
@@ -238,6 +282,21 @@ def test_another_user_cannot_take_the_stub_over(kvm):
             assert serial.data == b""                 # the continue never ran
             gdb.handshake()
             assert gdb.ask("?").startswith("T05")
+
+
+def test_malformed_packets_get_errors_and_the_session_goes_on(kvm):
+    code = assemble(GUEST, "protected", BASE)
+    with debugged(kvm, code) as (vm, stub, gdb, serial):
+        gdb.handshake()
+        for packet in ("Hgzz", "Hg7", "mzz,1", "m0", "Mzz", "Z0,", "pzz", "P0=zz", "czz",
+                       "qThreadExtraInfo,x", "qXfer:features:read:target.xml:zz"):
+            assert gdb.ask(packet) == "E01", packet
+        assert gdb.ask("p99999") == "E01" and gdb.ask("Z2,0,1") == ""
+        window = gdb.ask("qXfer:features:read:target.xml:0,ffffffff")
+        document = target_xml()
+        assert window == ("m" if len(document) > PACKET_SIZE // 2 else "l") + \
+            document[:PACKET_SIZE // 2]
+        assert serial.data == b"" and gdb.ask("?").startswith("T05")   # nothing ran
 
 
 def test_starts_paused_and_reads_state(kvm):
