@@ -255,7 +255,8 @@ class GdbStub:
         return "OK"
 
     def _write_register(self, number: int, value: bytes) -> str:
-        if not 0 <= number < len(registers.REGISTERS) or registers.REGISTERS[number].set is None:
+        if not 0 <= number < len(registers.REGISTERS) or \
+                registers.REGISTERS[number].set is None:
             return "E01"
         regs, sregs, fpu = self._vcpu_state(self.current)
         registers.store(registers.REGISTERS[number], value, regs, fpu)
