@@ -373,6 +373,18 @@ def memory():
         yield ram
 
 
+def driven_queues(memory, size: int):
+    """A receive and a transmit ring the test drives as the driver, each with the
+    device's Virtqueue on it: (rx ring, rx queue, tx ring, tx queue)."""
+    rings = DriverRing(memory, RX_RING, size), DriverRing(memory, TX_RING, size)
+    queues = Virtqueue(memory, size), Virtqueue(memory, size)
+    for ring, queue in zip(rings, queues):
+        queue.desc_addr, queue.avail_addr, queue.used_addr = \
+            ring.desc_addr, ring.avail_addr, ring.used_addr
+        queue.activate(indirect=True, event_idx=False)
+    return rings[0], queues[0], rings[1], queues[1]
+
+
 class Nic:
     """A NetDevice on a real TAP with one receive and one transmit ring."""
 
@@ -381,12 +393,7 @@ class Nic:
         self.backend = open_nic(NetSpec(tap=name), GUEST_MAC)
         self.device = NetDevice(self.backend.tap, GUEST_MAC, owner=self.backend)
         self.device.kick = lambda index: None
-        self.rx, self.tx = DriverRing(memory, RX_RING, size), DriverRing(memory, TX_RING, size)
-        self.rxq, self.txq = Virtqueue(memory, size), Virtqueue(memory, size)
-        for ring, queue in ((self.rx, self.rxq), (self.tx, self.txq)):
-            queue.desc_addr, queue.avail_addr, queue.used_addr = \
-                ring.desc_addr, ring.avail_addr, ring.used_addr
-            queue.activate(indirect=True, event_idx=False)
+        self.rx, self.rxq, self.tx, self.txq = driven_queues(memory, size)
         self.device.activate(features | VIRTIO_F_VERSION_1)
         self.sock = packet_socket(name)
 

@@ -11,7 +11,6 @@ no frame leaves the machine.
 
 import itertools
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -26,7 +25,6 @@ from pykvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pykvm.devices.virtio.driver import DriverRing
 from pykvm.devices.virtio.net import (NET_HDR_SIZE, RECEIVE_QUEUE, TRANSMIT_QUEUE,
                                       VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF, NetDevice)
-from pykvm.devices.virtio.queue import Virtqueue
 from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
 from pykvm.net.passt import Forward, Passt, passt_binary
@@ -35,6 +33,7 @@ from pykvm.net.stream import MAX_FRAME, StreamWire
 
 from .conftest import needs_kvm
 from .fakes import wait_for
+from .test_net import driven_queues
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_MAC = bytes.fromhex("525400000001")
@@ -76,19 +75,17 @@ class StreamNic:
     """A NetDevice on a StreamWire, one receive and one transmit ring, driven
     synchronously; ``peer`` is the socket's other end (passt's side)."""
 
-    def __init__(self, memory, features=VIRTIO_NET_F_MRG_RXBUF, size=64):
-        ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.wire = StreamWire(ours.detach())
-        self.device = NetDevice(self.wire, GUEST_MAC)
+    def __init__(self, memory, features=VIRTIO_NET_F_MRG_RXBUF, size=64, *, fd=None, owner=None):
+        self.peer = None
+        if fd is None:
+            ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fd = ours.detach()
+        self.wire = StreamWire(fd)
+        self.device = NetDevice(self.wire, GUEST_MAC, owner=owner)
         self.kicks = []
         self.device.kick = self.kicks.append
         self.memory = memory
-        self.rx, self.tx = DriverRing(memory, RX_RING, size), DriverRing(memory, TX_RING, size)
-        self.rxq, self.txq = Virtqueue(memory, size), Virtqueue(memory, size)
-        for ring, queue in ((self.rx, self.rxq), (self.tx, self.txq)):
-            queue.desc_addr, queue.avail_addr, queue.used_addr = \
-                ring.desc_addr, ring.avail_addr, ring.used_addr
-            queue.activate(indirect=True, event_idx=False)
+        self.rx, self.rxq, self.tx, self.txq = driven_queues(memory, size)
         self.device.activate(features | VIRTIO_F_VERSION_1)
 
     def offer(self, count, size=2048, base=RX_BUFFERS):
@@ -110,8 +107,10 @@ class StreamNic:
         self.tx.add_chain([(address, NET_HDR_SIZE + len(data), False)])
 
     def close(self):
-        self.peer.close()
+        if self.peer is not None:
+            self.peer.close()
         self.device.close()
+        self.wire.close()
 
 
 def read_frames(sock: socket.socket, count: int, timeout=3.0) -> list[bytes]:
@@ -301,29 +300,17 @@ def test_passt_answers_through_the_device_and_is_gone_after_close(memory, user_n
     passt = Passt()
     directory, pid = passt.directory, passt.pid
     assert Path(f"/proc/{pid}").exists() and Path(directory, "passt.pid").exists()
-    wire = StreamWire(passt.take_fd())
-    device = NetDevice(wire, GUEST_MAC, owner=passt)
-    device.kick = lambda index: None
-    nic = StreamNic.__new__(StreamNic)
-    nic.device, nic.wire, nic.memory = device, wire, memory
-    nic.rx, nic.tx = DriverRing(memory, RX_RING, 16), DriverRing(memory, TX_RING, 16)
-    nic.rxq, nic.txq = Virtqueue(memory, 16), Virtqueue(memory, 16)
-    for ring, queue in ((nic.rx, nic.rxq), (nic.tx, nic.txq)):
-        queue.desc_addr, queue.avail_addr, queue.used_addr = \
-            ring.desc_addr, ring.avail_addr, ring.used_addr
-        queue.activate(indirect=True, event_idx=False)
-    device.activate(VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_VERSION_1)
+    nic = StreamNic(memory, size=16, fd=passt.take_fd(), owner=passt)
     nic.offer(8)
     nic.transmit(arp_request(NS_GATEWAY, NS_ADDRESS))
-    device.process_queue(TRANSMIT_QUEUE, nic.txq)
+    nic.device.process_queue(TRANSMIT_QUEUE, nic.txq)
     used = nic.receive(1, timeout=10)
     assert used, f"passt did not answer: {passt.last_message()}"
     reply = memory.read(RX_BUFFERS + NET_HDR_SIZE, used[0][1] - NET_HDR_SIZE)
     assert reply[:6] == GUEST_MAC and reply[12:14] == b"\x08\x06"
     assert struct.unpack_from("!H", reply, 20)[0] == 2                  # an ARP reply
     assert socket.inet_ntoa(reply[28:32]) == NS_GATEWAY
-    device.close()
-    wire.close()
+    nic.close()
     assert not Path(f"/proc/{pid}").exists() and not Path(directory).exists()
 
 
