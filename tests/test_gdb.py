@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm import layout
+from pykvm import layout, sandbox
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
 from pykvm.errors import ConfigError, GdbProtocolError
@@ -256,6 +256,8 @@ def test_the_stub_serves_a_private_unix_socket_by_default(kvm):
         assert os.stat(stub.address.path).st_mode & 0o777 == 0o600
         gdb.handshake()
         assert gdb.ask("?").startswith("T05")
+        # the stub's thread took the sandbox's "control" role (pykvm/sandbox)
+        assert sandbox.thread_filters(stub.thread.native_id) == (1 if sandbox.enabled() else 0)
     assert not os.path.exists(stub.address.path)       # removed at close
 
 
