@@ -57,7 +57,8 @@ Markers that configure ``linux_vm``
 ``@pytest.mark.pykvm_disk(path, read_only=False, serial="")`` (repeatable),
 ``@pytest.mark.pykvm_net("tap=NAME,...")`` (repeatable; ``pykvm run --net``'s
 syntax: ``pykvm_net("user")`` or ``pykvm_net("user,fwd=tcp:8080:80")`` gives the
-guest a network with no root, through passt, configured by DHCP at boot), ``@pytest.mark.pykvm_share(directory)`` (repeatable; read-only at
+guest a network with no root, through passt, configured by DHCP at boot;
+``--pykvm-net user`` or ``PYKVM_NET=user`` gives one to every machine without the marker), ``@pytest.mark.pykvm_share(directory)`` (repeatable; read-only at
 /mnt/share, /mnt/share1, ...).
 
 Failing tests
@@ -120,6 +121,9 @@ def pytest_addoption(parser) -> None:
                          "agent, also with --pykvm-kernel; $PYKVM_INITRD)")
     group.addoption("--pykvm-append", metavar="WORDS", default=None,
                     help="extra kernel command line for linux_vm ($PYKVM_APPEND)")
+    group.addoption("--pykvm-net", metavar="SPEC", default=None,
+                    help="a NIC for every linux_vm without a pykvm_net marker, as pykvm run "
+                         "--net SPEC: 'user' gives it a network with no root ($PYKVM_NET)")
     group.addoption("--pykvm-snapshots", metavar="DIR", default=None,
                     help="where booted linux_vm guests are kept as snapshots between sessions "
                          "(default $PYKVM_SNAPSHOTS or ~/.cache/pykvm/snapshots; 'none': "
@@ -392,6 +396,9 @@ def _linux_spec(request) -> GuestSpec:
     for marker in node.iter_markers("pykvm_net"):
         from pykvm.net.plumbing import NetSpec
         nets.append(NetSpec.parse(str(marker.args[0])))
+    if not nets and _option(config, "pykvm_net", "PYKVM_NET"):
+        from pykvm.net.plumbing import NetSpec
+        nets.append(NetSpec.parse(_option(config, "pykvm_net", "PYKVM_NET")))
     shares = [str(Path(marker.args[0]).absolute()) for marker in node.iter_markers("pykvm_share")]
     return GuestSpec(kernel=str(Path(kernel).absolute()),
                       initrd=str(Path(initrd).absolute()) if initrd else None,

@@ -462,3 +462,19 @@ def test_the_worker_thread_keeps_serving_both_queues_through_hostile_traffic(mem
         peer.close()
         function.close()
         vm.close()
+
+
+pytest_plugins = ["pytester"]
+GUEST = __import__("pykvm.machine").machine.default_guest_dir()   # before pytester moves HOME
+
+
+@needs_kvm
+@pytest.mark.skipif(GUEST is None, reason="the default Linux guest is not built")
+def test_the_pytest_plugins_net_option_reaches_the_machine(pytester):
+    """--pykvm-net gives linux_vm its NIC: a bad spec fails the test before any boot."""
+    pytester.makepyfile(test_sample="def test_boot(linux_vm):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--pykvm-net", "user=oops", "-rA",
+                                "--pykvm-kernel", str(GUEST / "vmlinux"),
+                                "--pykvm-initrd", str(GUEST / "initramfs.cpio"))
+    result.stdout.fnmatch_lines(["*user takes no value*"])
+    assert result.ret != 0
