@@ -295,23 +295,71 @@ def arp_request(target_ip: str, sender_ip: str) -> bytes:
     return b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + arp
 
 
+def exchange_arp(memory, fd: int, owner=None) -> bytes:
+    """The guest asks for the gateway's MAC through a StreamNic on ``fd``; passt's answer."""
+    nic = StreamNic(memory, size=16, fd=fd, owner=owner)
+    try:
+        nic.offer(8)
+        nic.transmit(arp_request(NS_GATEWAY, NS_ADDRESS))
+        nic.device.process_queue(TRANSMIT_QUEUE, nic.txq)
+        used = nic.receive(1, timeout=10)
+        assert used, "passt did not answer"
+        return memory.read(RX_BUFFERS + NET_HDR_SIZE, used[0][1] - NET_HDR_SIZE)
+    finally:
+        nic.close()
+
+
 @needs_passt
 def test_passt_answers_through_the_device_and_is_gone_after_close(memory, user_netns):
     passt = Passt()
     directory, pid = passt.directory, passt.pid
     assert Path(f"/proc/{pid}").exists() and Path(directory, "passt.pid").exists()
-    nic = StreamNic(memory, size=16, fd=passt.take_fd(), owner=passt)
-    nic.offer(8)
-    nic.transmit(arp_request(NS_GATEWAY, NS_ADDRESS))
-    nic.device.process_queue(TRANSMIT_QUEUE, nic.txq)
-    used = nic.receive(1, timeout=10)
-    assert used, f"passt did not answer: {passt.last_message()}"
-    reply = memory.read(RX_BUFFERS + NET_HDR_SIZE, used[0][1] - NET_HDR_SIZE)
+    reply = exchange_arp(memory, passt.take_fd(), owner=passt)      # closes the NIC and passt
     assert reply[:6] == GUEST_MAC and reply[12:14] == b"\x08\x06"
     assert struct.unpack_from("!H", reply, 20)[0] == 2                  # an ARP reply
     assert socket.inet_ntoa(reply[28:32]) == NS_GATEWAY
-    nic.close()
     assert not Path(f"/proc/{pid}").exists() and not Path(directory).exists()
+
+
+@needs_passt
+def test_passt_socket_attaches_a_passt_the_user_started(memory, user_netns):
+    import shutil
+    import tempfile
+
+    from pykvm.net.passt import connect_socket, unprivileged_ids
+
+    directory = Path(tempfile.mkdtemp(prefix="pykvm-test-passt-"))   # tmp_path's parents: 0700
+    os.chown(directory, *unprivileged_ids())     # started as root, passt runs as nobody
+    path = directory / "passt.socket"
+    passt = subprocess.Popen(["passt", "--foreground", "--quiet", "--one-off", "--socket",
+                              str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(path.exists, timeout=10)
+        spec = NetSpec.parse(f"passt={path}")
+        reply = exchange_arp(memory, connect_socket(spec.passt_socket))
+        assert reply[:6] == GUEST_MAC and struct.unpack_from("!H", reply, 20)[0] == 2
+        assert passt.wait(timeout=10) == 0         # --one-off: our close ended it
+        with pytest.raises(ConfigError, match="cannot connect"):
+            connect_socket(str(path))
+    finally:
+        if passt.poll() is None:
+            passt.kill()
+            passt.wait()
+        shutil.rmtree(directory)
+
+
+@needs_passt
+def test_passt_gets_the_forwards_and_the_gateway_mapping_asked_for(user_netns):
+    passt = Passt((Forward("tcp", 18081, 81), Forward("udp", 18082, 82)), map_gw=False)
+    try:
+        argv = Path(f"/proc/{passt.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--no-map-gw" in argv and b"--one-off" in argv
+        assert argv[argv.index(b"--tcp-ports") + 1] == b"18081:81"
+        assert argv[argv.index(b"--udp-ports") + 1] == b"18082:82"
+        with socket.socket() as probe:             # bound before passt said it was ready
+            assert probe.connect_ex(("127.0.0.1", 18081)) == 0
+    finally:
+        passt.close()
 
 
 @needs_passt
