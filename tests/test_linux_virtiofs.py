@@ -29,7 +29,7 @@ BOOT_TIMEOUT = 900
 TIMEOUT = 300
 
 
-def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path, capfd):
+def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path):
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     rw.mkdir()
     ro.mkdir()
@@ -70,6 +70,7 @@ def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path, cap
         # the second back end dies: its device needs a reset, nothing else notices
         transport = machine.virtio.functions[
             [f.device for f in machine.virtio.functions].index(machine.virtio.shares[1])]
+        transport.log = log = io.StringIO()
         os.kill(pids[1], 9)
         deadline = time.monotonic() + 30
         while not transport.status & STATUS_NEEDS_RESET and time.monotonic() < deadline:
@@ -78,8 +79,9 @@ def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path, cap
         assert runner.is_alive()
         again = machine.exec("cat /mnt/share/from-guest", timeout=TIMEOUT, check=True)
         assert again.stdout == b"written in the guest\n"
-        lines = [line for line in capfd.readouterr().err.splitlines() if "virtio-fs1" in line]
-        assert len(lines) == 1 and "needs reset" in lines[0] and "signal 9" in lines[0], lines
+        lines = log.getvalue().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pykvm: virtio-fs1: ") and \
+            "killed by signal 9" in lines[0] and "needs reset" in lines[0], lines
     finally:
         machine.request_stop("user", 0, "test done")
         runner.join(60)
@@ -90,3 +92,20 @@ def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path, cap
             os.kill(pid, 0)
     assert not any(directory.exists() for directory in directories)
     assert not os.path.exists(memfd) or "pykvm-guest-ram" not in os.readlink(memfd)
+
+
+def test_rootfs_runs_the_hosts_own_python_in_the_working_directory(tmp_path):
+    """``pykvm run --rootfs / -- CMD`` (issue #16 item 4): the host's root, read-only under
+    a tmpfs overlay, the working directory shared read-write at its own path."""
+    import subprocess
+    import sys
+
+    marker = f"/etc/pykvm-overlay-{os.getpid()}"
+    command = (f"python3 -c 'print(6*7)'; pwd; echo made > made-in-guest; "
+               f"touch {marker} && echo overlay-ok")
+    done = subprocess.run([sys.executable, "-m", "pykvm", "run", "--rootfs", "/", "--", command],
+                          cwd=tmp_path, capture_output=True, timeout=BOOT_TIMEOUT)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert done.stdout.decode().split() == ["42", str(tmp_path), "overlay-ok"]
+    assert (tmp_path / "made-in-guest").read_bytes() == b"made\n"
+    assert not os.path.exists(marker)       # the guest's writes outside the share stay in it

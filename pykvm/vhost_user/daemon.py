@@ -99,7 +99,7 @@ class Daemon:
         status = self.process.poll() if self.process else None
         if status is None:
             return "still running"
-        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         tail = self.log_tail()
         return f"the back end {how}" + (f" ({tail})" if tail else "")
 
