@@ -334,9 +334,18 @@ def test_passt_socket_attaches_a_passt_the_user_started(memory, user_netns):
     passt = subprocess.Popen(["passt", "--foreground", "--quiet", "--one-off", "--socket",
                               str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(path.exists, timeout=10)
         spec = NetSpec.parse(f"passt={path}")
-        reply = exchange_arp(memory, connect_socket(spec.passt_socket))
+        fds = []
+
+        def connected():     # passt binds the path a moment before it listens
+            try:
+                fds.append(connect_socket(spec.passt_socket))
+            except ConfigError:
+                return False
+            return True
+
+        assert wait_for(connected, timeout=10)
+        reply = exchange_arp(memory, fds[0])
         assert reply[:6] == GUEST_MAC and struct.unpack_from("!H", reply, 20)[0] == 2
         assert passt.wait(timeout=10) == 0         # --one-off: our close ended it
         with pytest.raises(ConfigError, match="cannot connect"):
