@@ -32,6 +32,7 @@
  *   and the command, shell and agent run chrooted there. The agent is this
  *   initramfs's, bound in at /run/pykvm-agent: the image needs nothing of
  *   pykvm's. /pykvm/cmd is read before the switch, from the initramfs.
+ *   The root is remounted read-only before the status is reported.
  * Init's own failures are printed and reported as 125 (or 126/127 when the
  * shell cannot be executed), never as a kernel panic.
  */
@@ -115,6 +116,7 @@ static void host_test_outb(unsigned char value, unsigned short port)
 #endif
 
 static int have_ports; /* ioperm succeeded, so outb will not fault */
+static int block_root; /* root=/dev/DEVICE is mounted and "/" (enter_block_root) */
 
 /* One line on the console, in a single write(). */
 static void say(const char *format, ...)
@@ -147,6 +149,10 @@ static void port_write(unsigned short port, unsigned char value)
 static void __attribute__((noreturn)) finish(int status)
 {
 	sync();
+	/* A block root is left clean (its journal empty), so the next run can
+	 * mount it read-only; busy (a process still writes): synced only. */
+	if (block_root)
+		mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);
 	port_write(EXIT_PORT, (unsigned char)status);
 	/* Still running: not under pykvm. Stop the ordinary way. */
 	reboot(RB_POWER_OFF);
@@ -440,13 +446,21 @@ static int enter_block_root(void)
 	mkdir("/pykvm", 0755);
 	mkdir(ROOT_MERGED, 0755);
 	int tries = 0;
-	while (mount(device, ROOT_MERGED, type, flags, NULL) < 0) {
+	const char *options = NULL;
+	while (mount(device, ROOT_MERGED, type, flags, options) < 0) {
+		if (errno == EROFS && (flags & MS_RDONLY) && !options) {
+			/* read-only, with a journal a killed run left: use it unreplayed */
+			say("%s needs journal recovery: mounted without it, read-only", device);
+			options = "noload";
+			continue;
+		}
 		if ((errno != ENOENT && errno != ENXIO) || ++tries >= ROOT_DEVICE_TRIES) {
 			say("cannot mount %s (%s) as the root: %s", device, type, strerror(errno));
 			finish(STATUS_INIT_FAILED);
 		}
 		usleep(100 * 1000);
 	}
+	block_root = 1;
 	mount_new_root_file_systems();
 	if (cmdline_flag(AGENT_FLAG)) {
 		int fd = open(ROOT_MERGED IMAGE_AGENT, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
