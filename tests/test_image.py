@@ -188,6 +188,17 @@ def test_a_second_request_is_served_from_the_cache(tmp_path, fixed_tool, monkeyp
     assert leftovers == []
 
 
+def test_building_needs_root_but_a_cached_image_does_not(tmp_path, fixed_tool, monkeypatch):
+    monkeypatch.setattr(debian, "_build_into", lambda *a: pytest.fail("built without root"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(debian.GuestBuildError, match="needs root"):
+        debian.build(debian.DebianImage(), root=tmp_path)
+    cached = tmp_path / debian.DebianImage().name()
+    cached.mkdir()
+    (cached / debian.MANIFEST).write_text("{}")
+    assert debian.build(debian.DebianImage(), root=tmp_path).directory == cached
+
+
 def test_a_failed_build_leaves_nothing_in_the_cache(tmp_path, fixed_tool, monkeypatch):
     def failing(image, scratch, say):
         (scratch / "half").write_bytes(b"x")

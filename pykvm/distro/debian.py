@@ -203,6 +203,13 @@ def build(image: DebianImage, *, root: Path | None = None, rebuild: bool = False
     """The image for ``image``, from the cache or built now (one builder per key at a
     time: a second one waits on the lock, then finds the first one's result)."""
     root = root or cache_root()
+    found = find(image, root)
+    if found is not None and not rebuild:
+        say(f"cached: {found.root}")
+        return found
+    if os.geteuid() != 0:
+        raise GuestBuildError("building an image needs root (mmdebstrap --mode=root makes "
+                              "the tree's owners and device nodes as they must be)")
     root.mkdir(parents=True, exist_ok=True)
     lock_fd = os.open(root / f".{image.name()}.lock",
                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
