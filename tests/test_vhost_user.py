@@ -483,3 +483,33 @@ def test_a_killed_virtiofsd_is_one_line_with_its_end(tmp_path):
             function.close()
             vm.close()
     assert not daemon.directory.exists()
+
+
+def test_share_is_live_unless_copy_or_virtiofsd_is_missing(tmp_path, monkeypatch):
+    from pykvm import share
+    from pykvm.vhost_user import daemon
+    copies, live = share.parse_shares([f"{tmp_path},copy", f"{tmp_path},ro,tag=src"])
+    assert copies == [str(tmp_path)]
+    assert live == [FsSpec("src", source=str(tmp_path), read_only=True)]
+    said = []
+    monkeypatch.setattr(daemon, "virtiofsd_path", lambda: None)
+    copies, live = share.parse_shares([str(tmp_path), str(tmp_path)], warn=said.append)
+    assert copies == [str(tmp_path)] * 2 and live == []
+    assert len(said) == 1 and "read-only copy" in said[0]
+    with pytest.raises(ConfigError):
+        share.parse_shares([f"{tmp_path},tag=x"])     # a copy has no tag
+
+
+def test_guest_is_told_where_to_mount_live_shares():
+    from pykvm import share
+    from pykvm.machine import MachineConfig
+    config = MachineConfig(kernel="k", shares=["/copy"],
+                           live_shares=[FsSpec("a", source="/x"), FsSpec("b", source="/y",
+                                                                          read_only=True)])
+    # the copy is /mnt/share (the agent mounts it); live ones come after it
+    assert share.virtiofs_cmdline(config) == "pykvm.virtiofs=share1:a,share2:b:ro"
+    rooted = MachineConfig(kernel="k", rootfs="/", workdir="/home/me/src")
+    assert share.rootfs_cmdline(rooted) == "pykvm.rootfs=pykvm-root pykvm.cwd=pykvm-cwd:/home/me/src"
+    assert [s.read_only for s in share.rootfs_shares(rooted)] == [True, False]
+    with pytest.raises(ConfigError):
+        share.rootfs_cmdline(MachineConfig(kernel="k", rootfs="/", workdir="/a b"))
