@@ -414,6 +414,8 @@ def test_virtiofsd_takes_the_queues_and_is_stopped(tmp_path):
     assert directory.stat().st_mode & 0o777 == 0o700
     try:
         frontend = Frontend.connect(daemon.socket_path, "virtio-fs0")
+        daemon.connected()       # the directory goes; the connection and the daemon stay
+        assert not directory.exists() and daemon.alive
         assert frontend.features & (1 << 32) and frontend.reply_ack
         with GuestMemory.anonymous(16 << 20) as memory:
             vrings, fds = two_vrings(memory)
@@ -472,6 +474,8 @@ def test_a_killed_virtiofsd_is_one_line_with_its_end(tmp_path):
     with GuestMemory.anonymous(16 << 20) as memory:
         vm = StandInVm(memory)
         device = FsDevice(Frontend.connect(daemon.socket_path, "virtio-fs0"), "t", daemon=daemon)
+        daemon.connected()              # as open_fs_devices does: nothing left on disk now
+        assert not daemon.directory.exists()
         function = VirtioPciDevice(vm, memory, device,
                                    interrupt_lines=[RecordingLine(24 + i) for i in range(3)])
         try:

@@ -5,7 +5,8 @@ qemu-system-common) for ``--share DIR``. Each daemon gets a private directory
 made with mkdtemp (mode 0700, a fresh name: nobody else can put a socket or a
 symlink where pykvm connects) holding its socket and its log. pykvm waits for
 the socket to appear, then connects; virtiofsd serves that one connection and
-exits when it ends.
+exits when it ends. Once connected (:meth:`Daemon.connected`) the directory is
+removed, its log kept open: nothing of it is left on disk even if pykvm is killed.
 
 Every exit path stops it: :meth:`Daemon.stop` (called by the VM's close, which
 normal exit, SIGTERM, a guest crash and a VMM error all reach) sends SIGTERM,
@@ -56,6 +57,7 @@ class Daemon:
         self.socket_path = str(self.directory / "backend.sock")
         self.log_path = self.directory / "daemon.log"
         self.process: subprocess.Popen | None = None
+        self._log_fd = -1
         try:
             log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600)
@@ -67,6 +69,7 @@ class Daemon:
                     start_new_session=True)   # a terminal's Ctrl-C goes to pykvm, which stops it
             finally:
                 os.close(log)
+            self._log_fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             self._wait_for_socket()
         except OSError as error:
             self.stop()
@@ -85,14 +88,22 @@ class Daemon:
                 raise VhostUserError(f"{self.name}: no socket after {START_TIMEOUT:.0f} s")
             time.sleep(0.01)
 
+    def connected(self) -> None:
+        """The front end is connected: the socket, the log's name and the directory
+        are no longer needed (the log is read through the fd kept open)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def log_tail(self) -> str:
         """The last line the daemon wrote (its own words for why it stopped)."""
+        if self._log_fd < 0:
+            return ""
         try:
-            with open(self.log_path, "rb") as log:
-                log.seek(max(0, os.fstat(log.fileno()).st_size - LOG_TAIL))
-                lines = log.read().decode(errors="replace").strip().splitlines()
+            size = os.fstat(self._log_fd).st_size
+            start = max(0, size - LOG_TAIL)
+            text = os.pread(self._log_fd, size - start, start)
         except OSError:
             return ""
+        lines = text.decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else ""
 
     def describe_exit(self) -> str:
@@ -130,6 +141,9 @@ class Daemon:
                     process.kill()
                     process.wait()
             self.exit_status = process.returncode
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

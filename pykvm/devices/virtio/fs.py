@@ -114,6 +114,8 @@ def open_fs_devices(specs) -> list[FsDevice]:
                 if daemon is not None:
                     daemon.stop()
                 raise
+            if daemon is not None:
+                daemon.connected()
             devices.append(FsDevice(frontend, spec.tag, daemon=daemon, name=name))
     except BaseException:
         for device in devices:
