@@ -16,6 +16,11 @@ a deadline; what happens when it cannot boot is recorded instead of a number.
 
     python3 bench/boot.py             # one pykvm boot, one QEMU attempt
     python3 bench/boot.py --record    # also add a row to bench/RESULTS.md
+
+``--warm`` measures the boot cache instead (pykvm/warm): ``pykvm run -- CMD`` from
+process start to the command's output, in a fresh, empty cache: the first run
+boots cold (and caches the boot), the second restores it; same configuration, one
+run each. The goal is the restored run within 1 s wall.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from pykvm.machine import default_guest_dir  # noqa: E402
 
 RESULTS = BENCH / "RESULTS.md"
 MARKER = "<!-- boot.py --record adds rows above this line -->"
+WARM_MARKER = "<!-- boot.py --warm --record adds rows above this line -->"
+WARM_COMMAND = "echo warm-start-answer"
 
 # Runs inside a fresh interpreter so "process start" means what it says.
 PYKVM_PROBE = r"""
@@ -129,18 +136,84 @@ def qemu_boot(guest: Path, deadline: float) -> str:
     return f"no init within {deadline:.0f} s (last console line: {where!r})"
 
 
+def timed_run(env: dict) -> tuple[float, float]:
+    """One `pykvm run -- CMD`: seconds from spawning it to the command's output on its
+    stdout, and to its exit."""
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--", WARM_COMMAND],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    line = process.stdout.readline()
+    answered = time.monotonic() - started
+    _, errors = process.communicate(timeout=2400)
+    if process.returncode != 0 or line.strip() != WARM_COMMAND.split(" ", 1)[1].encode():
+        raise SystemExit(f"pykvm run failed ({process.returncode}): {line!r} "
+                         f"{errors.decode(errors='replace')[-2000:]}")
+    return answered, time.monotonic() - started
+
+
+def warm_start(guest: Path) -> dict:
+    """Cold then cached `pykvm run -- CMD` in a fresh cache (the guest named by path)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pykvm-bench-warm-") as cache:
+        env = dict(os.environ, PYKVM_CACHE=cache, PYKVM_GUEST_DIR=str(guest))
+        cold_answer, cold_exit = timed_run(env)
+        warm_answer, warm_exit = timed_run(env)
+    return {"cold_answer": cold_answer, "cold_exit": cold_exit, "warm_answer": warm_answer,
+            "warm_exit": warm_exit, "host_kind": detect_host_kind()}
+
+
+def add_row(marker: str, section: str, row: str) -> None:
+    """``row`` above ``marker`` in RESULTS.md; ``section`` (the heading, text and table
+    head, ending with the marker) is appended first when the marker is not there yet."""
+    text = RESULTS.read_text()
+    if marker not in text:
+        text += section
+    RESULTS.write_text(text.replace(marker, row + "\n" + marker))
+
+
+def record_warm(figures: dict, load: float) -> None:
+    add_row(WARM_MARKER,
+            "\n## warm start — `pykvm run -- CMD`, cold vs from the boot cache\n\n"
+            "`python3 bench/boot.py --warm --record` adds a row. Seconds of wall time from "
+            f"spawning `pykvm run -- {WARM_COMMAND}` to its output, in an empty cache: the "
+            "first run boots (and caches), the second restores; same configuration (the "
+            "default guest, 512 MiB, 1 vCPU), one run each.\n\n"
+            "| date | host kind | cold → output | cached → output | cached → exit "
+            "| cold ÷ cached | load |\n|---|---|---|---|---|---|---|\n"
+            f"{WARM_MARKER}\n",
+            f"| {datetime.date.today()} | {figures['host_kind']} | "
+            f"{figures['cold_answer']:.1f} | {figures['warm_answer']:.2f} | "
+            f"{figures['warm_exit']:.2f} | "
+            f"{figures['cold_answer'] / figures['warm_answer']:.0f}x | {load:.1f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true", help="add a row to bench/RESULTS.md")
     parser.add_argument("--qemu-deadline", type=float, default=300.0,
                         help="seconds QEMU gets to reach init (default 300)")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU comparison")
+    parser.add_argument("--warm", action="store_true",
+                        help="time `pykvm run -- CMD` cold and from the boot cache instead")
     args = parser.parse_args()
     guest = default_guest_dir()
     if guest is None:
         print("the default guest is not built: run `make guest`", file=sys.stderr)
         return 1
     load = os.getloadavg()[0]
+    if args.warm:
+        figures = warm_start(guest)
+        print(f"host kind: {figures['host_kind']}   load: {load:.1f}")
+        print(f"{'pykvm run -- CMD':<28} {'to output':>10} {'to exit':>10}")
+        for name in ("cold", "warm"):
+            label = "cold (boots, caches)" if name == "cold" else "cached (restores)"
+            print(f"{label:<28} {figures[name + '_answer']:>10.3f} "
+                  f"{figures[name + '_exit']:>10.3f}")
+        if args.record:
+            record_warm(figures, load)
+        return 0
     figures = pykvm_boot(guest)
     qemu = "skipped" if args.no_qemu else qemu_boot(guest, args.qemu_deadline)
     print(f"host kind: {figures['host_kind']}   load: {load:.1f}")
@@ -152,18 +225,16 @@ def main() -> int:
     print(f"{'pykvm process start to exit':<32} {figures['total']:>9.3f}")
     print(f"{'QEMU start to /init':<32} {qemu:>9}")
     if args.record:
-        row = (f"| {datetime.date.today()} | {figures['host_kind']} | {figures['setup']:.2f} | "
-               f"{figures['kernel']:.1f} | {figures['init']:.1f} | {figures['to_init']:.1f} | "
-               f"{qemu} | {load:.1f} |")
-        text = RESULTS.read_text()
-        if MARKER not in text:
-            text += ("\n## boot — default Linux guest, process start to /init\n\n"
-                     "`python3 bench/boot.py --record` adds a row. Seconds; QEMU boots the same "
-                     "bzImage and initramfs with `-accel kvm -M pc`.\n\n"
-                     "| date | host kind | VMM set-up | kernel | init + command | start to init "
-                     "| QEMU start to init | load |\n|---|---|---|---|---|---|---|---|\n"
-                     f"{MARKER}\n")
-        RESULTS.write_text(text.replace(MARKER, row + "\n" + MARKER))
+        add_row(MARKER,
+                "\n## boot — default Linux guest, process start to /init\n\n"
+                "`python3 bench/boot.py --record` adds a row. Seconds; QEMU boots the same "
+                "bzImage and initramfs with `-accel kvm -M pc`.\n\n"
+                "| date | host kind | VMM set-up | kernel | init + command | start to init "
+                "| QEMU start to init | load |\n|---|---|---|---|---|---|---|---|\n"
+                f"{MARKER}\n",
+                f"| {datetime.date.today()} | {figures['host_kind']} | {figures['setup']:.2f} | "
+                f"{figures['kernel']:.1f} | {figures['init']:.1f} | {figures['to_init']:.1f} | "
+                f"{qemu} | {load:.1f} |")
     return 0
 
 
