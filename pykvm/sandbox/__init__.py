@@ -49,10 +49,17 @@ def enabled() -> bool:
 
 def _import_all(modules: tuple[str, ...]) -> None:
     for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
+        for _attempt in range(3):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                break
+            except SystemError:
+                # CPython 3.11's AST recursion counter is not thread-safe: compiling a module
+                # here while another thread compiles one can fail with "AST constructor
+                # recursion depth mismatch" (seen in pytest). The module is unharmed: retry.
+                continue
+            break
 
 
 def wait_for_preload(timeout: float = 60.0) -> None:
