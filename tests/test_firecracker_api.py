@@ -25,6 +25,7 @@ from pykvm.api.firecracker.vmm import AFTER_START, BEFORE_START, Vmm
 from pykvm.vstate.vm import install_kick_handler
 
 from .test_net import netns  # noqa: F401 - the fixture: a throwaway network namespace
+from .test_passt import needs_passt, user_netns  # noqa: F401 - user_netns: one with an uplink
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -522,3 +523,108 @@ def test_config_file_no_api_starts_the_vm(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+# --- pykvm's extension: user networking through passt ------------------------------------------------
+def user_nic(iface_id, host_dev_name, **more):
+    return {"iface_id": iface_id, "host_dev_name": host_dev_name, **more}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("pykvm:passt=/tmp/x", "pykvm's only back end here is pykvm:user"),
+    ("pykvm:tap=fctap0", "pykvm's only back end here is pykvm:user"),
+    ("pykvm:", "unknown backend ''"),
+    ("pykvm:user=x", "user takes no value"),
+    ("pykvm:user,mac=06:00:ac:10:00:09", "give the MAC in guest_mac"),
+    ("pykvm:user,fwd=tcp:0:80", "'0' is not a port"),
+    ("pykvm:user,fwd=sctp:1:2", "use fwd=tcp:HOSTPORT:GUESTPORT"),
+    ("pykvm:user,fwd=tcp:18090:80,fwd=tcp:18090:81", "forwarded twice"),
+    ("pykvm:user,netns=x", "user has no option 'netns'"),
+    ("pykvm:user,map-gw=maybe", "map-gw is on or off"),
+    ("pykvm:user" + "".join(f",fwd=tcp:{20000 + i}:80" for i in range(65)), "at most 64 fwd="),
+    ("user", "not an existing TAP device"),       # Firecracker's meaning: a TAP named user
+])
+def test_user_network_interface_refuses_bad_values(api, name, message):
+    assert message in api.fault("PUT", "/network-interfaces/eth0", user_nic("eth0", name))
+    assert api("GET", "/vm/config")[1]["network-interfaces"] == []
+
+
+def test_user_network_interface_becomes_a_user_netspec(api, tmp_path):
+    body = user_nic("eth0", "pykvm:user,fwd=tcp:18093:80,fwd=udp:18094:53,map-gw=off",
+                    guest_mac="06:00:ac:10:00:02")
+    assert api("PUT", "/network-interfaces/eth0", body) == (204, None)
+    # A second user NIC gets a passt of its own; a host port cannot go to both.
+    assert "host port tcp 18093 is already forwarded to eth0" in api.fault(
+        "PUT", "/network-interfaces/eth1", user_nic("eth1", "pykvm:user,fwd=tcp:18093:22"))
+    assert "MAC address is already in use" in api.fault(
+        "PUT", "/network-interfaces/eth1", user_nic("eth1", "pykvm:user",
+                                                    guest_mac="06:00:ac:10:00:02"))
+    assert api("PUT", "/network-interfaces/eth1", user_nic("eth1", "pykvm:user")) == (204, None)
+    # PUT again on the same id replaces it (its own forwards do not clash with themselves).
+    assert api("PUT", "/network-interfaces/eth0", body) == (204, None)
+    assert [n["host_dev_name"] for n in api("GET", "/vm/config")[1]["network-interfaces"]] == [
+        body["host_dev_name"], "pykvm:user"]
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    assert api("PUT", "/boot-source", {"kernel_image_path": str(kernel)}) == (204, None)
+    first, second = api.vmm.machine_config_for_start().nets
+    assert (first.mode, first.tap, first.mac, first.map_gw) == (
+        "user", None, bytes.fromhex("0600ac100002"), False)
+    assert [str(f) for f in first.forwards] == ["tcp:18093:80", "udp:18094:53"]
+    assert (second.mode, second.mac, second.forwards, second.map_gw) == ("user", None, (), True)
+
+
+def test_user_network_interface_from_a_config_file(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    config = tmp_path / "vm.json"
+    nic = user_nic("eth0", "pykvm:user,fwd=tcp:18095:80", guest_mac="06:00:ac:10:00:03")
+    config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(kernel)},
+                                  "network-interfaces": [nic]}))
+    vmm = Vmm("x", Log("x", stream=io.StringIO()))
+    vmm.apply_config_file(str(config))
+    (net,) = vmm.machine_config_for_start().nets
+    assert (net.mode, net.mac, [str(f) for f in net.forwards]) == (
+        "user", bytes.fromhex("0600ac100003"), ["tcp:18095:80"])
+    config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(kernel)},
+                                  "network-interfaces": [{**nic, "host_dev_name": "pykvm:usr"}]}))
+    done = firecracker("--no-api", "--config-file", str(config))
+    assert done.returncode == 2 and "host_dev_name 'pykvm:usr'" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def _passt_children() -> list[int]:
+    """The passt processes this test process started (children named passt or passt.avx2)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stream:
+                stat = stream.read()
+        except (OSError, ValueError):
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if name.split(".")[0] == "passt" and int(rest.split()[1]) == os.getpid():
+            found.append(int(entry))
+    return found
+
+
+@needs_passt
+def test_instance_start_with_a_user_nic_starts_passt(user_netns):
+    """The machine is built (as InstanceStart does on the main thread) but never run:
+    no guest boots. passt runs in the throwaway namespace, and is gone after close."""
+    kernel, initrd = guest_kernel()
+    vmm = Vmm("x", Log("x", stream=io.StringIO()), stdout=io.BytesIO())
+    try:
+        boot = {"kernel_image_path": str(kernel)}
+        if initrd:
+            boot["initrd_path"] = str(initrd)
+        vmm.put_boot_source(boot)
+        vmm.put_network_interface("eth0", user_nic("eth0", "pykvm:user,fwd=tcp:18096:80"))
+        assert _passt_children() == []
+        vmm._start()
+        (pid,) = _passt_children()
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        assert argv[argv.index(b"--tcp-ports") + 1] == b"18096:80"
+    finally:
+        vmm.close()
+    assert _passt_children() == []

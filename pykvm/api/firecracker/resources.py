@@ -26,9 +26,10 @@ MAX_VCPUS = 32               # Firecracker's MAX_SUPPORTED_VCPUS
 MAX_ID_LENGTH = 64           # Firecracker's MAX_ID_LENGTH for drive and interface ids
 MAX_PATH_LENGTH = 4096       # PATH_MAX
 MAX_ARGS_LENGTH = 4096       # a kernel command line (COMMAND_LINE_SIZE on x86 is 2048)
-MAX_LIST = 64                # items of a list field (network_overrides)
+MAX_LIST = 64                # items of a list field (network_overrides), fwd= options
 _ID = re.compile(r"^[A-Za-z0-9_]+$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+USER_NET = "pykvm:"          # host_dev_name prefix of a pykvm back end (see NetworkInterface)
 
 
 class ApiFault(PykvmError):
@@ -233,6 +234,16 @@ class PartialDrive(Record):
 
 @dataclass(frozen=True)
 class NetworkInterface(Record):
+    """PUT /network-interfaces/{id}. ``host_dev_name`` names an existing TAP, as in
+    Firecracker, or is pykvm's extension ``pykvm:user[,fwd=tcp|udp:H:G]...[,map-gw=off]``:
+    user networking through a passt process pykvm starts (the options of ``--net user``,
+    pykvm/net/plumbing.py; the MAC stays in ``guest_mac``). The extension lives in this
+    string, not in a field of its own, because Firecracker SDKs build bodies from typed
+    structs that pass host_dev_name through but cannot add a field; and it cannot name
+    a real TAP: the kernel refuses ':' in interface names (dev_valid_name), so a host
+    with a TAP of any name keeps Firecracker's meaning, and real Firecracker refuses the
+    body instead of doing something else with it."""
+
     iface_id: str = spec(str)
     host_dev_name: str = spec(str)
     guest_mac: str | None = spec(str, None)
@@ -245,10 +256,32 @@ class NetworkInterface(Record):
             raise ApiFault(f"{DESERIALIZE}: invalid MAC address {self.guest_mac[:40]!r}")
         if self.guest_mac is not None and int(self.guest_mac[:2], 16) & 1:
             raise ApiFault(f"guest_mac {self.guest_mac}: a multicast address cannot be a NIC's")
+        self.net_spec()
 
     @property
     def mac_bytes(self) -> bytes | None:
         return None if self.guest_mac is None else bytes.fromhex(self.guest_mac.replace(":", ""))
+
+    def net_spec(self):
+        """pykvm's NetSpec of this NIC: the TAP ``host_dev_name``, or user networking
+        for ``pykvm:user[,...]``."""
+        from ...errors import ConfigError
+        from ...net.plumbing import NetSpec
+        name = self.host_dev_name
+        if not name.startswith(USER_NET):
+            return NetSpec(tap=name, mac=self.mac_bytes)
+        try:
+            net = NetSpec.parse(name[len(USER_NET):])
+        except ConfigError as error:
+            raise ApiFault(f"host_dev_name {name[:80]!r}: {str(error)[:200]}") from None
+        if net.mode != "user":
+            raise ApiFault(f"host_dev_name {name[:80]!r}: pykvm's only back end here is "
+                           f"{USER_NET}user[,fwd=tcp|udp:HOSTPORT:GUESTPORT]...[,map-gw=off]")
+        if net.mac is not None:
+            raise ApiFault(f"host_dev_name {name[:80]!r}: give the MAC in guest_mac")
+        if len(net.forwards) > MAX_LIST:
+            raise ApiFault(f"host_dev_name: at most {MAX_LIST} fwd= options")
+        return dataclasses.replace(net, mac=self.mac_bytes)
 
 
 @dataclass(frozen=True)

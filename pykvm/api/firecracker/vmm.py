@@ -154,8 +154,8 @@ class Vmm:
         from ...net.tap import valid_ifname
         record = NetworkInterface.from_json(body)
         path_id_matches(iface_id, record.iface_id)
-        name = record.host_dev_name
-        if not valid_ifname(name) or existing_link_kind(name) != "tap":
+        name, net = record.host_dev_name, record.net_spec()
+        if net.mode == "tap" and (not valid_ifname(name) or existing_link_kind(name) != "tap"):
             raise ApiFault(f"Could not create the network device: {name[:16]!r} is not an "
                            f"existing TAP device")
         with self._lock:
@@ -163,8 +163,13 @@ class Vmm:
             for other in self.nets.values():
                 if other.iface_id == iface_id:
                     continue
-                if other.host_dev_name == name:
+                if net.mode == "tap" and other.host_dev_name == name:
                     raise ApiFault(f"The host device name {name} is already in use.")
+                taken = {(f.protocol, f.host_port) for f in other.net_spec().forwards}
+                for forward in net.forwards:
+                    if (forward.protocol, forward.host_port) in taken:
+                        raise ApiFault(f"host port {forward.protocol} {forward.host_port} is "
+                                       f"already forwarded to {other.iface_id}")
                 if record.guest_mac is not None and other.guest_mac == record.guest_mac:
                     raise ApiFault(f"The MAC address is already in use: {record.guest_mac}")
             if iface_id not in self.nets and len(self.nets) >= MAX_NICS:
@@ -323,13 +328,12 @@ class Vmm:
         """The pykvm MachineConfig of what was configured (called at InstanceStart)."""
         from ...devices.virtio import DiskSpec
         from ...machine import MachineConfig
-        from ...net.plumbing import NetSpec
         if self.boot_source is None:
             raise ApiFault("Cannot start microvm without kernel configuration.")
         drives = self._ordered_drives()
         disks = [DiskSpec(path=d.path_on_host, read_only=d.read_only, serial=d.drive_id[:20])
                  for d in drives]
-        nets = [NetSpec(tap=n.host_dev_name, mac=n.mac_bytes) for n in self.nets.values()]
+        nets = [n.net_spec() for n in self.nets.values()]
         words = (self.boot_source.boot_args or "").split()
         if disks or nets:
             words = [w for w in words if w != PCI_OFF]
