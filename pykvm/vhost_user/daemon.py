@@ -8,9 +8,10 @@ the socket to appear, then connects; virtiofsd serves that one connection and
 exits when it ends. Once connected (:meth:`Daemon.connected`) the directory is
 removed, its log kept open: nothing of it is left on disk even if pykvm is killed.
 
-Every exit path stops it: :meth:`Daemon.stop` (called by the VM's close, which
-normal exit, SIGTERM, a guest crash and a VMM error all reach) sends SIGTERM,
-then SIGKILL after a grace period, reaps it and removes the directory. If pykvm
+Every exit path stops it: the VM's close (which normal exit, SIGTERM, a guest
+crash and a VMM error all reach) hangs up, gives the daemon a moment to exit by
+itself (pykvm/vhost_user/device.py), then :meth:`Daemon.stop` sends SIGTERM, then
+SIGKILL after a grace period, reaps it and removes the directory. If pykvm
 itself is killed, the daemon sees its socket hang up and exits on its own.
 
 Sandboxing: virtiofsd's own default (``-o sandbox=namespace``: new mount, PID

@@ -21,6 +21,8 @@ from ..devices.virtio.device import TRANSPORT_FEATURES, VirtioDevice
 from .frontend import Frontend, Vring
 from .protocol import VhostUserError
 
+HANGUP_GRACE = 1.0       # s a back end pykvm started gets to exit by itself once hung up
+
 
 @dataclass(frozen=True)
 class QueueHandoff:
@@ -72,6 +74,12 @@ class VhostUserDevice(VirtioDevice):
             self.stop_queues()
 
     def close(self) -> None:
+        """Hang up, then let the daemon exit on its own before :meth:`Daemon.stop`
+        signals it: virtiofsd's sandboxed child serves the connection and exits on the
+        hang-up, and its parent reaps it. A SIGTERM first kills only the parent, leaving
+        the child to be reparented and reaped by init (a zombie until then, forever under
+        an init that does not reap)."""
         self.frontend.close()
         if self.daemon is not None:
+            self.daemon.ended(HANGUP_GRACE)
             self.daemon.stop()
