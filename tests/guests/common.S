@@ -1,11 +1,19 @@
 /* Helpers shared by the quirk test guests: 64-bit, ring 0, loaded at LOAD.
  * Output goes to the serial port one byte per `out`; the exit port stops the VM
- * with the status written (pykvm's layout.EXIT_PORT). `.include` this after a
- * `jmp` at _start so that the entry stays at the load address. */
+ * with the status written (pykvm's layout.EXIT_PORT). `.include` this first: it
+ * starts with the entry point, _start at the load address, which jumps to the
+ * guest's own `main`. */
+
+.code64
+.text
+.globl _start
+_start:
+    jmp main
 
 .set LOAD, 0x10000
 .set SERIAL, 0x3f8
 .set EXIT_PORT, 0xf4
+.set CODE64, 0x10                 /* 64-bit code in the boot GDT set_mode() sets up */
 
 /* PRINT "text": print a literal; preserves every register and the flags. */
 .macro PRINT text
@@ -164,3 +172,31 @@ install_fault_stubs:
     pop %rsi
     pop %rdi
     ret
+
+/* IDT_BEGIN: start an IDT at `idt` (from IDT_TABLE) in the boot GDT's CODE64, every
+ * exception at the fault stubs; leaves %rbx and %cx as GATE needs them. */
+.macro IDT_BEGIN
+    lea idt(%rip), %rbx
+    mov $CODE64, %cx
+    call install_fault_stubs
+.endm
+
+/* GATE vector, handler, attr: point one vector at handler (after IDT_BEGIN). The
+ * default attributes are a present DPL 0 64-bit interrupt gate. */
+.macro GATE vector, handler, attr=0x8e
+    mov $\vector, %edi
+    lea \handler(%rip), %rsi
+    mov $\attr, %dl
+    call set_gate
+.endm
+
+/* IDT_TABLE: the 256-entry table IDT_BEGIN fills and its descriptor `idtr` for lidt. */
+.macro IDT_TABLE
+.balign 8
+idtr:
+    .word 256 * 16 - 1
+    .quad idt
+.balign 16
+idt:
+    .skip 256 * 16
+.endm

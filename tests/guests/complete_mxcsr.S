@@ -11,15 +11,8 @@
  * code, RIP (the test compares it with the faulting label) and for #PF CR2, then
  * resumes at %r15. */
 
-.code64
-.text
-.globl _start
-_start:
-    jmp main
-
 .include "common.S"
 
-.set CODE64, 0x10
 .set PD1, 0xb008                  /* the PDE mapping 0x200000..0x3fffff (set_mode's tables) */
 .set RO_PAGE, 0x200000
 .set UNMAPPED, 0x8000000000       /* PML4 entry 1: not present */
@@ -44,25 +37,12 @@ _start:
 .endm
 
 main:
-    lea idt(%rip), %rbx
-    mov $CODE64, %cx
-    call install_fault_stubs
-    mov $6, %edi
-    lea ud_handler(%rip), %rsi
-    mov $0x8e, %dl
-    call set_gate
-    mov $7, %edi
-    lea nm_handler(%rip), %rsi
-    call set_gate
-    mov $12, %edi
-    lea ss_handler(%rip), %rsi
-    call set_gate
-    mov $13, %edi
-    lea gp_handler(%rip), %rsi
-    call set_gate
-    mov $14, %edi
-    lea pf_handler(%rip), %rsi
-    call set_gate
+    IDT_BEGIN
+    GATE 6, ud_handler
+    GATE 7, nm_handler
+    GATE 12, ss_handler
+    GATE 13, gp_handler
+    GATE 14, pf_handler
     lidt idtr(%rip)
 
     mov %cr0, %rax                /* x87/SSE on: MP, no EM, no TS; OSFXSR */
@@ -377,13 +357,7 @@ expected:
 rip_value: .long 0x5f80
 .balign 8
 st_slot: .quad 0
-.balign 8
-idtr:
-    .word 256 * 16 - 1
-    .quad idt
-.balign 16
-idt:
-    .skip 256 * 16
+IDT_TABLE
 .balign 16
 fxarea:
     .skip 512

@@ -4,12 +4,6 @@
  * With --defsym NOT_RAM=1 the instruction is instead an ldmxcsr whose operand is mapped
  * but is no guest RAM (16 MiB, above a 4 MiB guest): nothing pykvm can complete either. */
 
-.code64
-.text
-.globl _start
-_start:
-    jmp main
-
 .include "common.S"
 
 main:

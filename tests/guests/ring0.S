@@ -3,28 +3,12 @@
  * (boot GDT: 64-bit code at 0x10), with an IDT of its own. The test compares
  * the return addresses the handlers print with this file's symbols. */
 
-.code64
-.text
-.globl _start
-_start:
-    jmp main
-
 .include "common.S"
 
-.set CODE64, 0x10
-
 main:
-    lea idt(%rip), %rbx
-    mov $CODE64, %cx
-    call install_fault_stubs
-    mov $3, %edi
-    lea bp_handler(%rip), %rsi
-    mov $0x8e, %dl
-    call set_gate
-    mov $0x80, %edi
-    lea int80_handler(%rip), %rsi
-    mov $0xee, %dl                 /* DPL 3, as an OS gives its int $0x80 gate */
-    call set_gate
+    IDT_BEGIN
+    GATE 3, bp_handler
+    GATE 0x80, int80_handler, 0xee /* DPL 3, as an OS gives its int $0x80 gate */
     lidt idtr(%rip)
 
     mov $0xb0b, %rax
@@ -81,10 +65,4 @@ int80_handler:
     PRINT "\n"
     iretq
 
-.balign 8
-idtr:
-    .word 256 * 16 - 1
-    .quad idt
-.balign 16
-idt:
-    .skip 256 * 16
+IDT_TABLE

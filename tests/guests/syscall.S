@@ -57,12 +57,6 @@
 .set PC_KSTACK, 8
 .set PC_CPU, 16
 
-.code64
-.text
-.globl _start
-_start:
-    jmp kernel_main
-
 .include "common.S"
 
 /* Serial output lock: lines from two CPUs must not interleave. */
@@ -78,7 +72,7 @@ _start:
     movl $0, print_lock(%rip)
 .endm
 
-kernel_main:
+main:
     mov %rsi, %r15                      /* CPU index for the whole kernel path */
     mov %r15, %rax
     shl $12, %rax
