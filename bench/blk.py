@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import queue
 import struct
 import subprocess
 import sys
@@ -69,6 +68,8 @@ for _path in (ROOT, BENCH):
 from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
 from results import add_rows  # noqa: E402
 
+from tests.command_register import CommandRegister  # noqa: E402
+
 GUEST_SOURCE = BENCH / "guests" / "blk_loop.S"
 RESULTS = BENCH / "RESULTS.md"
 
@@ -82,7 +83,7 @@ DATA = 0x200000                         # slot i's data buffer at DATA + i * siz
 MAX_DEPTH = 32
 BAR_ADDR = 0xC0000000                   # where the bench "maps" the device's BAR
 WAIT_ADDR = 0xD0000000                  # the wait register (flatguest.Waiter)
-CMD_ADDR = 0xD0001000                   # the command register (Commands below)
+CMD_ADDR = 0xD0001000                   # the command register (tests/command_register.py)
 SEED = 0x9E3779B97F4A7C15
 
 # The parameter block of blk_loop.S, u64 each, by name -> index.
@@ -191,25 +192,6 @@ def host_rate(memory, path: Path, case: Case, depth: int, image_size: int, warmu
 
 
 # --- the pykvm side -------------------------------------------------------------------------
-class Commands:
-    """The command register: the guest's read blocks until the bench posts a case
-    (returns 1), or returns 0 after a while so that the vCPU can be stopped."""
-
-    name = "bench-cmd"
-
-    def __init__(self):
-        self.pending: queue.Queue[int] = queue.Queue()
-
-    def read(self, offset: int, size: int) -> int:
-        try:
-            return self.pending.get(timeout=0.05)
-        except queue.Empty:
-            return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
-
-
 class GuestDisk:
     """A VM with one virtio-blk function over ``image``, its queue set up as a
     driver would, and the ring-3 guest waiting for cases."""
@@ -232,7 +214,7 @@ class GuestDisk:
         self.waiter = Waiter(self.function)
         self.function.intx = self.waiter
         self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
-        self.commands = Commands()
+        self.commands = CommandRegister("bench-cmd")  # posted 1: run the case
         self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
         driver = PciDriver(self.function)
         if not driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & 8:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import io
 import mmap
-import queue
 import socket
 import struct
 import threading
@@ -38,6 +37,7 @@ from pykvm.devices.virtio.rng import RngDevice
 from pykvm.memory import GuestMemory, MemoryRegion
 
 from .asm import assemble
+from .command_register import CommandRegister
 from .conftest import needs_kvm
 
 RING_BASE = 0x100000          # queue i's rings at RING_BASE + RING_STRIDE * i
@@ -208,25 +208,6 @@ OP_END, OP_STORE, OP_LOAD, OP_WATCH = 0, 1, 2, 3
 _ENTRY = struct.Struct("<QQQQQ")
 
 
-class CommandRegister:
-    """The guest's read blocks until the test posts a script (1), or returns 0 after a
-    while so that the vCPU can be stopped between scripts."""
-
-    name = "hostile-cmd"
-
-    def __init__(self):
-        self.pending: queue.Queue[int] = queue.Queue()
-
-    def read(self, offset: int, size: int) -> int:
-        try:
-            return self.pending.get(timeout=0.05)
-        except queue.Empty:
-            return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        pass
-
-
 @dataclass
 class Script:
     """What the guest will do, entry by entry (hostile.S's ops)."""
@@ -265,7 +246,7 @@ class FlatGuest:
         self.memory = memory
         self.log = log if log is not None else io.StringIO()
         self.vm = Vm(kvm, memory, log=self.log)
-        self.commands = CommandRegister()
+        self.commands = CommandRegister("hostile-cmd")  # posted 1: run the script
         self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
         memory.write(LOAD_ADDR, guest_image())
         memory.write_u64(PARAMS, SCRIPT_ADDR)
