@@ -15,6 +15,7 @@ from pykvm.memory import GuestMemory
 from pykvm.vstate.vm import State, Vm
 
 from .asm import assemble
+from .ports import ExitPort
 
 EXIT = f"mov ${layout.EXIT_PORT:#x}, %dx\n out %al, %dx\n"
 
@@ -35,22 +36,12 @@ class Recorder(Device):
         return self.read_value + offset
 
 
-class ExitDevice(Device):
-    name = "exit"
-
-    def __init__(self, vm):
-        self.vm = vm
-
-    def write(self, offset, size, value):
-        self.vm.request_stop("exit", value, f"guest exit {value}")
-
-
 @contextmanager
 def flat_vm(kvm, code: bytes, mode="long", devices=(), mmio=(), mem=2 << 20):
     """A VM with ``code`` loaded at FLAT_LOAD_ADDR, one vCPU set up in ``mode``, and
     pykvm's exit port wired; not started."""
     with GuestMemory.anonymous(mem) as memory, Vm(kvm, memory) as vm:
-        vm.add_pio_device(layout.EXIT_PORT, 1, ExitDevice(vm))
+        vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
         for base, length, device in devices:
             vm.add_pio_device(base, length, device)
         for base, length, device in mmio:

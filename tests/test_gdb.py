@@ -16,7 +16,6 @@ import pytest
 
 from pykvm import layout, sandbox
 from pykvm.boot.modes import set_mode
-from pykvm.bus import Device
 from pykvm.errors import ConfigError, GdbProtocolError
 from pykvm.gdb.listen import GdbAddress
 from pykvm.gdb.protocol import MAX_RETRIES, PACKET_SIZE, Connection, escape, frame, unescape
@@ -27,6 +26,7 @@ from pykvm.vstate.vm import Vm
 
 from .asm import assemble
 from .conftest import on_pvm
+from .ports import ExitPort, SerialOut
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "guests" / "tutorial"
@@ -52,30 +52,6 @@ OUT_A, INC1, INC3 = BASE + 0x10, BASE + 0x11, BASE + 0x20
 SPIN = "spin: jmp spin\n"
 PVM_RING3 = ("kvm_pvm does not report single-step or hardware-breakpoint traps for guest "
              "ring 3, and int3 there goes straight to the guest's IDT (measured; docs/hosts.md)")
-
-
-class Serial(Device):
-    name = "serial"
-
-    def __init__(self):
-        self.data = bytearray()
-
-    def write(self, offset, size, value):
-        if offset == 0:
-            self.data.append(value & 0xFF)
-
-    def read(self, offset, size):
-        return 0x60 if offset == 5 else 0
-
-
-class ExitPort(Device):
-    name = "exit"
-
-    def __init__(self, vm):
-        self.vm = vm
-
-    def write(self, offset, size, value):
-        self.vm.request_stop("exit", value, f"guest exit {value}")
 
 
 OFFSETS = {}
@@ -152,7 +128,7 @@ def debugged(kvm, code: bytes, mode: str = "protected", prepare=None, where=None
     stub's address (default: a Unix socket, as `pykvm run --gdb PATH`)."""
     with GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory) as vm, \
             tempfile.TemporaryDirectory() as directory:
-        serial = Serial()
+        serial = SerialOut()
         vm.add_pio_device(0x3F8, 8, serial)
         vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
         memory.write(BASE, code)

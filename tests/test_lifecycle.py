@@ -26,6 +26,7 @@ from pykvm.memory import GuestMemory
 from pykvm.vstate.vm import State, Vm
 
 from .asm import assemble
+from .ports import ExitPort
 
 CYCLES = 100
 
@@ -473,16 +474,6 @@ def run_smp(kvm, bsp_end: str, open_after: float, cpus: int = 2, inspect=None):
         if inspect is not None:
             inspect(vm)
         return stop, vm
-
-
-class ExitPort(Device):
-    name = "exit"
-
-    def __init__(self, vm):
-        self.vm = vm
-
-    def write(self, offset, size, value):
-        self.vm.request_stop("exit", value, f"guest exit {value}")
 
 
 def test_ap_starts_by_init_sipi_and_a_halted_ap_does_not_end_the_vm(kvm):

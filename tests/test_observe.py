@@ -23,7 +23,8 @@ from pykvm.observe.wiring import Observation, ObserveOptions
 from pykvm.vstate.vm import Vm
 
 from .asm import assemble
-from .test_trace import BASE, SERIAL_GUEST, ExitPort, Serial
+from .ports import ExitPort, SerialOut
+from .test_trace import BASE, SERIAL_GUEST
 
 ROOT = Path(pykvm.__file__).resolve().parent
 
@@ -136,7 +137,7 @@ def run_observed(kvm, options: ObserveOptions, *, timing: bool = False):
     with Observation(options, out=io.StringIO()) as observation, \
             GuestMemory.anonymous(4 << 20) as memory, \
             Vm(kvm, memory, tracer=observation.tracer, timing=timing) as vm:
-        vm.add_pio_device(0x3F8, 8, Serial())
+        vm.add_pio_device(0x3F8, 8, SerialOut())
         vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
         memory.write(BASE, code)
         vm.create_vcpus(1)

@@ -24,6 +24,7 @@ from pykvm.observe.trace_filter import TraceFilter
 from pykvm.vstate.vm import Vm
 
 from .asm import assemble
+from .ports import ExitPort, SerialOut
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = layout.FLAT_LOAD_ADDR
@@ -74,20 +75,6 @@ MMIO_GUEST = f"""
 LINE = re.compile(r"^\s*(?P<time>\d+\.\d+) cpu(?P<cpu>\d+) (?P<reason>\S+)\s+(?P<rest>.*)$")
 
 
-class Serial(Device):
-    name = "serial"
-
-    def __init__(self):
-        self.data = bytearray()
-
-    def write(self, offset, size, value):
-        if offset == 0:
-            self.data.append(value)
-
-    def read(self, offset, size):
-        return 0x60 if offset == 5 else 0
-
-
 class Window(Device):
     name = "window"
 
@@ -101,19 +88,9 @@ class Window(Device):
         return 0x5A5A5A5A
 
 
-class ExitPort(Device):
-    name = "exit"
-
-    def __init__(self, vm):
-        self.vm = vm
-
-    def write(self, offset, size, value):
-        self.vm.request_stop("exit", value, f"guest exit {value}")
-
-
 def run(kvm, code, mode, tracer=None, kernel_stats=False):
     with GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory, tracer=tracer) as vm:
-        serial, window = Serial(), Window()
+        serial, window = SerialOut(), Window()
         vm.add_pio_device(0x3F8, 8, serial)
         vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
         vm.add_mmio_device(MMIO, 0x1000, window)

@@ -21,8 +21,9 @@ from pykvm.vstate.hooks import ExitHooks
 from pykvm.vstate.vm import Vm
 
 from .asm import assemble
+from .ports import ExitPort, SerialOut
 from .test_observe import ROOT, find_cycle, graph, reachable
-from .test_trace import BASE, SERIAL_GUEST, ExitPort, Serial
+from .test_trace import BASE, SERIAL_GUEST
 
 
 def test_the_core_is_in_no_import_cycle():
@@ -90,7 +91,7 @@ def test_the_first_stop_reason_wins_and_kicks_every_other_member():
 def run_serial_guest(kvm, *hooks):
     code = assemble(SERIAL_GUEST, "real", 0)
     with GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory, timing=False) as vm:
-        vm.add_pio_device(0x3F8, 8, Serial())
+        vm.add_pio_device(0x3F8, 8, SerialOut())
         vm.add_pio_device(layout.EXIT_PORT, 1, ExitPort(vm))
         memory.write(BASE, code)
         vm.create_vcpus(1)
