@@ -8,6 +8,7 @@ and the payloads -- and that what the back end maps is the guest's RAM.
 """
 
 import array
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -31,6 +32,8 @@ from pykvm.memory import GuestMemory
 from pykvm.vhost_user import protocol as p
 from pykvm.vhost_user.frontend import Frontend, Vring
 from pykvm.vhost_user.protocol import Request, VhostUserError
+
+from .fakes import wait_for
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -165,12 +168,20 @@ def backend_path(tmp_path):
     return tmp_path / "backend.sock"
 
 
-def two_vrings(memory):
+@contextlib.contextmanager
+def two_vrings(frontend: Frontend):
+    """Two 128-entry vrings in guest RAM at 0x10000 on (queue i 0x4000 further), each
+    with its kick and call eventfds; on leaving, ``frontend`` is closed, then the fds."""
     kicks = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
     calls = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
     vrings = [Vring(i, 128, 0x10000 + i * 0x4000, 0x10800 + i * 0x4000,
                     0x11000 + i * 0x4000, kicks[i], calls[i]) for i in range(2)]
-    return vrings, kicks + calls
+    try:
+        yield vrings
+    finally:
+        frontend.close()
+        for fd in kicks + calls:
+            os.close(fd)
 
 
 def test_frontend_sequence_and_payloads(backend_path):
@@ -180,17 +191,14 @@ def test_frontend_sequence_and_payloads(backend_path):
             frontend = Frontend.connect(str(backend_path), "test")
             assert frontend.protocol_features == p.PROTOCOL_F_REPLY_ACK | p.PROTOCOL_F_CONFIG
             assert frontend.get_config(4, 5) == b"bytes"
-            vrings, fds = two_vrings(memory)
-            frontend.start(1 << 32, memory, vrings)
-            memory.write(0x1000, b"guest data")
-            assert backend.mapped[0][0x1000:0x100A] == b"guest data"   # the same pages
-            memory.write((1 << 32) + 0x40, b"high")
-            assert backend.mapped[1][0x40:0x44] == b"high"
-            assert frontend.stop() == {0: 7, 1: 7}
-            host_addrs = [r.host_addr for r in memory.regions]
-            frontend.close()
-            for fd in fds:
-                os.close(fd)
+            with two_vrings(frontend) as vrings:
+                frontend.start(1 << 32, memory, vrings)
+                memory.write(0x1000, b"guest data")
+                assert backend.mapped[0][0x1000:0x100A] == b"guest data"   # the same pages
+                memory.write((1 << 32) + 0x40, b"high")
+                assert backend.mapped[1][0x40:0x44] == b"high"
+                assert frontend.stop() == {0: 7, 1: 7}
+                host_addrs = [r.host_addr for r in memory.regions]
         time.sleep(0.1)
     finally:
         backend.close()
@@ -229,11 +237,8 @@ def test_ring_addresses_are_pykvm_virtual_addresses(backend_path):
     try:
         with GuestMemory.anonymous(4 << 20) as memory:
             frontend = Frontend.connect(str(backend_path), "test")
-            vrings, fds = two_vrings(memory)
-            frontend.start(1 << 32, memory, vrings)
-            frontend.close()
-            for fd in fds:
-                os.close(fd)
+            with two_vrings(frontend) as vrings:
+                frontend.start(1 << 32, memory, vrings)
             time.sleep(0.1)
             addr = [m for m in backend.messages if m.request == Request.SET_VRING_ADDR][0]
             _, _, desc, used, avail, _ = p.VRING_ADDR.unpack(addr.payload)
@@ -248,12 +253,9 @@ def test_without_protocol_features_no_enable_and_no_acks(backend_path):
     try:
         with GuestMemory.anonymous(4 << 20) as memory:
             frontend = Frontend.connect(str(backend_path), "test")
-            vrings, fds = two_vrings(memory)
-            frontend.start(1 << 32, memory, vrings)
-            frontend.stop()
-            frontend.close()
-            for fd in fds:
-                os.close(fd)
+            with two_vrings(frontend) as vrings:
+                frontend.start(1 << 32, memory, vrings)
+                frontend.stop()
         time.sleep(0.1)
     finally:
         backend.close()
@@ -267,12 +269,9 @@ def test_a_refused_request_is_an_error(backend_path):
     try:
         with GuestMemory.anonymous(4 << 20) as memory:
             frontend = Frontend.connect(str(backend_path), "test")
-            vrings, fds = two_vrings(memory)
-            with pytest.raises(VhostUserError, match="refused SET_MEM_TABLE"):
-                frontend.start(1 << 32, memory, vrings)
-            frontend.close()
-            for fd in fds:
-                os.close(fd)
+            with two_vrings(frontend) as vrings:
+                with pytest.raises(VhostUserError, match="refused SET_MEM_TABLE"):
+                    frontend.start(1 << 32, memory, vrings)
     finally:
         backend.close()
 
@@ -284,13 +283,10 @@ def test_a_back_end_that_hangs_up_is_an_error_and_is_seen(backend_path):
         with GuestMemory.anonymous(4 << 20) as memory:
             frontend = Frontend.connect(str(backend_path), "test")
             frontend.watch(lambda reason: lost.set())
-            vrings, fds = two_vrings(memory)
-            with pytest.raises(VhostUserError, match="closed the connection"):
-                frontend.start(1 << 32, memory, vrings)
-            assert lost.wait(5)
-            frontend.close()
-            for fd in fds:
-                os.close(fd)
+            with two_vrings(frontend) as vrings:
+                with pytest.raises(VhostUserError, match="closed the connection"):
+                    frontend.start(1 << 32, memory, vrings)
+                assert lost.wait(5)
     finally:
         backend.close()
 
@@ -305,15 +301,6 @@ def test_header_checks():
 
 
 # --- the transport hands the queues over ----------------------------------------------------------
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @pytest.fixture
 def fs_function(backend_path):
     backend = FakeBackend(backend_path)
@@ -418,12 +405,9 @@ def test_virtiofsd_takes_the_queues_and_is_stopped(tmp_path):
         assert not directory.exists() and daemon.alive
         assert frontend.features & (1 << 32) and frontend.reply_ack
         with GuestMemory.anonymous(16 << 20) as memory:
-            vrings, fds = two_vrings(memory)
-            frontend.start(1 << 32, memory, vrings)      # every request acknowledged
-            assert set(frontend.stop()) == {0, 1}
-            frontend.close()
-            for fd in fds:
-                os.close(fd)
+            with two_vrings(frontend) as vrings:
+                frontend.start(1 << 32, memory, vrings)      # every request acknowledged
+                assert set(frontend.stop()) == {0, 1}
     finally:
         daemon.stop()
     assert not directory.exists()
