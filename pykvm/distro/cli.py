@@ -7,17 +7,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..command_group import add_group
 from . import debian
 
 
 def add_parser(commands) -> None:
     """Add ``image`` and its distributions to pykvm's subcommands."""
-    image = commands.add_parser(
-        "image", help="build a distribution root filesystem image (pykvm run --image)",
+    kinds = add_group(
+        commands, "image", "DISTRIBUTION",
+        help="build a distribution root filesystem image (pykvm run --image)",
         description="Build a raw ext4 root filesystem image of a distribution with its own "
                     "tools, cached in ${PYKVM_CACHE:-~/.cache/pykvm}/images.")
-    image.set_defaults(handler=lambda args: _usage(image))
-    kinds = image.add_subparsers(metavar="DISTRIBUTION")
     deb = kinds.add_parser(
         "debian", help="a minimal Debian (mmdebstrap --variant=minbase, mke2fs -d)",
         description="A minimal Debian made by mmdebstrap from the mirror in this machine's "
@@ -41,11 +41,6 @@ def add_parser(commands) -> None:
     deb.add_argument("--rebuild", action="store_true",
                      help="build anew even when cached (e.g. to pick up the mirror's updates)")
     deb.set_defaults(handler=cmd_debian)
-
-
-def _usage(parser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def request_of(args) -> debian.DebianImage:

@@ -8,9 +8,9 @@ are GuestBuildError, which pykvm/cli.py prints as one line.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from ..command_group import add_group
 from ..errors import GuestBuildError
 
 NOT_BUILT = "the default guest is not built: run `pykvm guest build`"
@@ -18,13 +18,11 @@ NOT_BUILT = "the default guest is not built: run `pykvm guest build`"
 
 def add_parser(commands) -> None:
     """Add ``guest`` and its actions to pykvm's subcommands."""
-    guest = commands.add_parser(
-        "guest", help="build, locate or remove the default Linux guest",
+    actions = add_group(
+        commands, "guest", "ACTION", help="build, locate or remove the default Linux guest",
         description="The default Linux guest: a small Linux 6.1 and an initramfs with "
                     "busybox, pykvm's /init and its agent, built from sources that ship "
                     "with pykvm and cached in ${PYKVM_CACHE:-~/.cache/pykvm}.")
-    guest.set_defaults(handler=lambda args: _usage(guest))
-    actions = guest.add_subparsers(metavar="ACTION")
 
     make = actions.add_parser(
         "build", help="build it (a no-op when cached); prints its kernel and initramfs",
@@ -55,13 +53,6 @@ def add_parser(commands) -> None:
     clean.add_argument("--all", action="store_true", dest="everything",
                        help="remove the current guest as well")
     clean.set_defaults(handler=cmd_clean)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    import sys
-
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _print_paths(which: str | None) -> None:

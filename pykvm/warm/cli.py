@@ -8,28 +8,22 @@ build (``pykvm guest``) and the pytest plugin's snapshots are not touched.
 
 from __future__ import annotations
 
+from ..command_group import add_group
+
 
 def add_parser(commands) -> None:
     """Add ``cache`` and its actions to pykvm's subcommands."""
-    cache = commands.add_parser(
-        "cache", help="list or clear the booted guests `pykvm run -- CMD` restores",
+    actions = add_group(
+        commands, "cache", "ACTION",
+        help="list or clear the booted guests `pykvm run -- CMD` restores",
         description="The boot cache: the first `pykvm run -- CMD` of a configuration boots "
                     "and keeps the booted guest in ${PYKVM_CACHE:-~/.cache/pykvm}/boots; "
                     "later runs restore it. At most $PYKVM_BOOT_CACHE_MAX bytes (default "
                     "2G), least recently used removed first.")
-    cache.set_defaults(handler=lambda args: _usage(cache))
-    actions = cache.add_subparsers(metavar="ACTION")
     listing = actions.add_parser("list", help="the cached boots: size, age, configuration")
     listing.set_defaults(handler=cmd_list)
     clear = actions.add_parser("clear", help="remove every cached boot")
     clear.set_defaults(handler=cmd_clear)
-
-
-def _usage(parser) -> int:
-    import sys
-
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def age(seconds: float) -> str:
