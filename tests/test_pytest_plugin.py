@@ -21,9 +21,13 @@ import pytest
 pytest_plugins = ["pytester"]
 
 # Read before pytester gives each test another HOME: the snapshots of this user's sessions.
+from pykvm.machine import default_guest_dir  # noqa: E402
 from pykvm.pytest_plugin import default_snapshot_root  # noqa: E402
 
 SNAPSHOTS = default_snapshot_root()
+# Looked up now, with this session's HOME: the pytester fixture gives each test another
+# HOME, where ~/.cache/pykvm holds no guest (the test below then skipped every time).
+GUEST_DIR = default_guest_dir()
 
 FLAT_TESTS = textwrap.dedent('''
     def say(text):
@@ -143,15 +147,18 @@ def test_markers_are_registered(pytester):
 
 @pytest.mark.linux
 def test_linux_vm_runs_commands(pytester, monkeypatch):
-    from pykvm.machine import default_guest_dir
     from pykvm.pytest_plugin import kvm_unavailable_reason
 
     from .test_agent import make_share
 
-    if kvm_unavailable_reason("/dev/kvm") is not None or default_guest_dir() is None:
-        pytest.skip("needs /dev/kvm and the default guest (pykvm guest build)")
+    reason = kvm_unavailable_reason("/dev/kvm")
+    if reason is not None:
+        pytest.skip(f"needs /dev/kvm: {reason}")
+    if GUEST_DIR is None:
+        pytest.fail("KVM works but the default guest is not built: run pykvm guest build")
     share = make_share()
-    # pytester gives the inner session another HOME: point it at this one's snapshots
+    # pytester gives the inner session another HOME: point it at this one's guest and snapshots
+    monkeypatch.setenv("PYKVM_GUEST_DIR", str(GUEST_DIR))
     monkeypatch.setenv("PYKVM_SNAPSHOTS", str(SNAPSHOTS))
     pytester.makepyfile(test_linux=textwrap.dedent(f'''
         import pytest
