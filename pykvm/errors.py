@@ -88,3 +88,10 @@ class GdbProtocolError(PykvmError):
     """A gdb client broke the Remote Serial Protocol (a packet over the size the stub
     announced, acknowledgements refused without end): the stub drops that connection
     (pykvm/gdb/protocol.py)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The one line a front end (`pykvm`, `pykvm-firecracker`, a boot-cache warning)
+    prints for ``error``: its message's first line, or its class name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,6 +1,6 @@
 """``pykvm image debian``: build (or find cached) a Debian root filesystem image and
 write it to ``-o``. The recipe and the caching are debian.py's; failures are typed
-errors that pykvm/cli.py prints as one line."""
+errors that pykvm/cli/ prints as one line."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``build`` makes it (or finds it cached) and prints its kernel and initramfs paths,
 ``path`` prints them without building (what ``pykvm run`` boots without --kernel), and
 ``clean`` removes the build trees and older builds (``--all``: the guest too). Failures
-are GuestBuildError, which pykvm/cli.py prints as one line.
+are GuestBuildError, which pykvm/cli/ prints as one line.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..errors import BootCacheError, PykvmError, RefreshFailed
+from ..errors import BootCacheError, PykvmError, RefreshFailed, first_line
 from .guest import ConsoleLog, GuestSpec, boot_guest, fresh_exec, restore_guest
 
 BOOT_TIMEOUT = 3600.0           # a distribution kernel on an emulated ring 0 takes minutes
@@ -187,11 +187,6 @@ class WarmRun:
 def say(stream, line: str) -> None:
     stream.write(f"pykvm: {line}\n".encode())
     stream.flush()
-
-
-def first_line(error: BaseException) -> str:
-    from ..cli import first_line as line
-    return line(error)
 
 
 def _terminate(signum, frame):

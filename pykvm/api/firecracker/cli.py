@@ -118,8 +118,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pykvm-firecracker`` console script."""
-    from ...cli import first_line
-    from ...errors import PykvmError
+    from ...errors import PykvmError, first_line
 
     parser = argparse.ArgumentParser(prog="pykvm-firecracker",
                                      description="pykvm behind Firecracker's API and flags")

@@ -1,0 +1,105 @@
+"""The `pykvm` command. Thin: it parses options into a MachineConfig, hands it
+to the library, and turns typed errors into one-line messages and exit codes.
+
+One module per subcommand, as kvmtool has one ``builtin-*.c`` per command:
+``run.py`` (boot a guest), ``check.py`` (can this host run pykvm), ``ctl.py``
+and ``stat.py`` (talk to a running pykvm's --api-sock), ``exec.py`` (``exec``
+and ``cp`` through the guest agent); ``observers.py`` and ``stop.py`` are the
+parts of ``run`` that watch a guest and end a run. ``guest``, ``cache``,
+``image`` and ``firecracker`` add their parsers from their own packages
+(pykvm/guestimage/cli.py, pykvm/warm/cli.py, pykvm/distro/cli.py,
+pykvm/api/firecracker/cli.py). This module only assembles the parser and owns
+the one place where an error becomes one line and an exit status.
+
+Every subcommand module imports what its command needs inside its handler, so
+``pykvm --help`` and a run's start-up pay only for the parsers
+(bench/startup.py, bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import PykvmError, first_line
+from ..guestimage import cli as guest_cli
+from ..distro import cli as image_cli
+from ..api.firecracker import cli as firecracker_cli
+from ..warm import cli as cache_cli
+from . import check, ctl, exec as exec_, run, stat
+
+EXIT_USAGE = 2
+
+__all__ = ["main", "build_parser", "exit_status", "first_line", "EXIT_USAGE"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_args = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command_args = argv[:split], argv[split + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args.command_args = command_args
+    try:
+        return args.handler(args)
+    except PykvmError as error:
+        print(f"pykvm: error: {first_line(error)}", file=sys.stderr)
+        return exit_status(error)
+    except KeyboardInterrupt:
+        print("pykvm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except Exception as error:  # a bug in pykvm: still one line, the traceback on request
+        if os.environ.get("PYKVM_DEBUG"):
+            raise
+        print(f"pykvm: internal error: {type(error).__name__}: {first_line(error)} "
+              "(set PYKVM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def exit_status(error: PykvmError) -> int:
+    """One convention (README, "exit statuses"): 2 when what the user handed pykvm is
+    wrong (an option, the configuration, an image, a snapshot to restore, a --device
+    that is not KVM), else the error's own status (1: pykvm or KVM failed)."""
+    from ..snapshot.state import SnapshotError
+
+    if isinstance(error, SnapshotError):
+        return EXIT_USAGE
+    return error.exit_code
+
+
+class VersionAction(argparse.Action):
+    """--version, with pykvm.__version__ read only when asked (it costs start-up time)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show pykvm's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .. import __version__
+        print(f"pykvm {__version__}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pykvm", description="A userspace virtual machine monitor in Python on top of KVM.")
+    parser.add_argument("--version", action=VersionAction)
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    guest_cli.add_parser(commands)
+    cache_cli.add_parser(commands)
+    firecracker_cli.add_parser(commands)
+    image_cli.add_parser(commands)
+    check.add_parser(commands)
+    run.add_parser(commands)
+    ctl.add_parser(commands)
+    stat.add_parser(commands)
+    exec_.add_parsers(commands)
+    return parser
