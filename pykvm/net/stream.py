@@ -36,8 +36,9 @@ import os
 import select
 import struct
 
-from ..devices.virtio.net import NET_HDR_SIZE, FdWatcher, Wire, WireBusy
 from ..devices.virtio.queue import slice_views
+from .tap import VNET_HDR_SIZE as NET_HDR_SIZE
+from .wire import FdWatcher, Wire, WireBusy
 
 LENGTH = struct.Struct(">I")
 ETH_HLEN = 14
