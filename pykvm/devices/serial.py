@@ -24,201 +24,22 @@ character times: the guest sees typed input without delay.
 
 Host input that does not fit the FIFO waits in a host-side queue and is fed in
 as the guest drains the FIFO, so pasted text is not lost. Guest output is
-batched by :class:`BufferedOutput` so that a byte-at-a-time guest does not cost
-one host system call per byte.
+batched by :class:`BufferedOutput` (serial_output.py) so that a byte-at-a-time
+guest does not cost one host system call per byte. The register map is
+serial_registers.py's, re-exported here.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import threading
 from collections import deque
-from typing import BinaryIO, Callable
 
 from ..bus import Device, IrqLine
+from .serial_output import BufferedOutput, Output
+from .serial_registers import *  # noqa: F403 - the register map, re-exported: the device's vocabulary
 
-# --- register offsets (from the device's base port) --------------------------
-RBR = THR = DLL = 0   # receive buffer / transmit holding / divisor low (DLAB=1)
-IER = DLM = 1         # interrupt enable / divisor high (DLAB=1)
-IIR = FCR = 2         # interrupt identification (read) / FIFO control (write)
-LCR = 3               # line control
-MCR = 4               # modem control
-LSR = 5               # line status
-MSR = 6               # modem status
-SCR = 7               # scratch
-REGISTER_COUNT = 8
-
-# --- IER ---------------------------------------------------------------------
-IER_RDI = 0x01        # received data available (and character timeout)
-IER_THRI = 0x02       # transmitter holding register empty
-IER_RLSI = 0x04       # receiver line status
-IER_MSI = 0x08        # modem status
-IER_DEFINED = 0x0F    # a 16550A's upper IER bits read as 0 (Linux's scratch test relies on it)
-
-# --- IIR ---------------------------------------------------------------------
-IIR_NO_INT = 0x01
-IIR_MSI = 0x00
-IIR_THRI = 0x02
-IIR_RDI = 0x04
-IIR_RLSI = 0x06
-IIR_RX_TIMEOUT = 0x0C
-IIR_FIFO_ENABLED = 0xC0
-
-# --- FCR ---------------------------------------------------------------------
-FCR_ENABLE_FIFO = 0x01
-FCR_CLEAR_RCVR = 0x02
-FCR_CLEAR_XMIT = 0x04
-RX_TRIGGER_LEVELS = (1, 4, 8, 14)   # indexed by FCR bits 6-7
-
-# --- LCR ---------------------------------------------------------------------
-LCR_DLAB = 0x80
-
-# --- MCR ---------------------------------------------------------------------
-MCR_DTR = 0x01
-MCR_RTS = 0x02
-MCR_OUT1 = 0x04
-MCR_OUT2 = 0x08
-MCR_LOOP = 0x10
-MCR_DEFINED = 0x1F
-
-# --- LSR ---------------------------------------------------------------------
-LSR_DR = 0x01
-LSR_OE = 0x02
-LSR_THRE = 0x20
-LSR_TEMT = 0x40
-
-# --- MSR ---------------------------------------------------------------------
-MSR_DCTS = 0x01
-MSR_DDSR = 0x02
-MSR_TERI = 0x04
-MSR_DDCD = 0x08
-MSR_CTS = 0x10
-MSR_DSR = 0x20
-MSR_RI = 0x40
-MSR_DCD = 0x80
-# With nothing but pykvm on the other end, the "cable" is always connected and
-# ready: clear to send, data set ready, carrier detect; no ring.
-MSR_HOST_LINES = MSR_CTS | MSR_DSR | MSR_DCD
-
-FIFO_SIZE = 16
-DEFAULT_DIVISOR = 12              # 9600 baud, what a PC BIOS leaves behind
-BASE_BAUD = 115200                # 1.8432 MHz clock / 16
 HOST_QUEUE_LIMIT = 1 << 20        # host input waiting for the guest; beyond it bytes are dropped
-
-
-Output = BinaryIO | Callable[[bytes], object]
-
-
-class BufferedOutput:
-    """Guest bytes on their way to a host stream or callable, in batches.
-
-    A Linux guest writes its console one byte per port exit. Writing each byte
-    through to the host would add a system call per byte, so bytes are kept
-    until a newline, until ``max_buffer`` bytes have gathered, or until
-    ``flush_delay`` seconds after the first unflushed byte (a prompt without a
-    newline must still appear): a small daemon thread, started on first use,
-    does the last. ``flush_delay=None`` disables it (flush() then does).
-
-    Host-side write errors (a closed pipe, a full disk) are counted in
-    :attr:`errors` and the bytes dropped: the guest must not crash the VMM by
-    printing.
-    """
-
-    def __init__(self, output: Output, *, max_buffer: int = 4096,
-                 flush_delay: float | None = 0.02):
-        self._emit = _writer_for(output)
-        self._max_buffer = max_buffer
-        self._flush_delay = flush_delay
-        self._buffer = bytearray()
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        # Held while bytes go out, so two flushers cannot reorder output.
-        self._emit_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
-        self._closed = False
-        self.errors = 0
-
-    def write_byte(self, value: int) -> None:
-        with self._lock:
-            was_empty = not self._buffer
-            self._buffer.append(value)
-            must_flush = value == 0x0A or len(self._buffer) >= self._max_buffer
-            if was_empty and not must_flush and self._flush_delay is not None:
-                self._arm_flusher()
-        if must_flush:
-            self.flush()
-
-    def flush(self) -> None:
-        with self._emit_lock:
-            with self._lock:
-                data = bytes(self._buffer)
-                self._buffer.clear()
-            if data:
-                try:
-                    self._emit(data)
-                except (OSError, ValueError):   # ValueError: the stream was closed
-                    self.errors += 1
-
-    def close(self) -> None:
-        """Flush and stop the flusher thread. Later bytes are still accepted."""
-        with self._lock:
-            self._closed = True
-            self._flush_delay = None
-            self._wakeup.notify()
-            flusher = self._flusher
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join()
-        self.flush()
-
-    def _arm_flusher(self) -> None:
-        # Called with self._lock held, when the buffer has just become non-empty.
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_when_idle,
-                                             name="serial-output", daemon=True)
-            self._flusher.start()
-        else:
-            self._wakeup.notify()
-
-    def _flush_when_idle(self) -> None:
-        while True:
-            with self._lock:
-                while not self._buffer and not self._closed:
-                    self._wakeup.wait()
-                if self._closed:
-                    return
-                # Give the guest flush_delay to add more before the syscall.
-                self._wakeup.wait(self._flush_delay)
-                if self._closed:
-                    return
-            self.flush()
-
-
-def _writer_for(output: Output) -> Callable[[bytes], object]:
-    if isinstance(output, io.RawIOBase):
-        raw = output
-
-        def write_raw(data: bytes) -> None:
-            # An unbuffered stream may take part of the data per call.
-            view = memoryview(data)
-            while view:
-                written = raw.write(view)
-                if written is None:     # non-blocking and full
-                    raise BlockingIOError("output stream would block")
-                view = view[written:]
-        return write_raw
-    if hasattr(output, "write"):
-        stream = output
-        flush = getattr(stream, "flush", None)
-
-        def write(data: bytes) -> None:
-            stream.write(data)      # buffered streams and file-likes take it all
-            if flush is not None:
-                flush()
-        return write
-    if callable(output):
-        return output
-    raise TypeError(f"serial output must be a binary stream or a callable, not {output!r}")
 
 
 class Serial(Device):
