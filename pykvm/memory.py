@@ -232,6 +232,25 @@ class GuestMemory:
         view = self.view(gpa, length)
         view[:] = bytes([byte]) * length
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host back the page-aligned [gpa, gpa+length) (a virtio-balloon
+        inflate, pykvm/devices/virtio/balloon.py); the guest's next touch maps a page
+        again. The shared memfd's pages are punched out (MADV_REMOVE: freed for every
+        process that maps the file, zero when touched again); a snapshot-restored
+        region's private copies are dropped (MADV_DONTNEED: the page reads as the
+        file's again). The range may span regions; GuestMemoryError if any of it is
+        not RAM or not page-aligned."""
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not page-aligned")
+        end = gpa + length
+        while gpa < end:
+            region = self.region_of(gpa, PAGE_SIZE)
+            count = min(end, region.end) - gpa
+            self.region_of(gpa, count)
+            advice = mmap.MADV_REMOVE if self.shareable else mmap.MADV_DONTNEED
+            region.mapping.madvise(advice, gpa - region.guest_addr, count)
+            gpa += count
+
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.view(gpa, size), "little")
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm.devices import guest_control, i8042, rtc
+from pykvm.devices import guest_control, i8042, ps2_keyboard, rtc
 from pykvm.devices.guest_control import GuestControl
 from pykvm.devices.i8042 import I8042
 from pykvm.devices.rtc import Rtc
@@ -123,13 +123,102 @@ def test_disable_and_enable_ports_change_the_command_byte(kbc):
     assert not ctr & (i8042.CTR_KBDDIS | i8042.CTR_AUXDIS)
 
 
-def test_no_keyboard_answers_with_a_timeout(kbc):
+def read_all(kbc):
+    """What the guest reads from 0x60 while the status says a byte waits."""
+    data = []
+    while kbc.status() & i8042.STR_OBF:
+        assert not kbc.status() & i8042.STR_TIMEOUT
+        data.append(kbc.device.read(DATA, 1))
+    return data
+
+
+def test_keyboard_reset_answers_ack_and_self_test_passed(kbc):
     kbc.device.write(DATA, 1, 0xFF)         # "keyboard, reset"
-    status = kbc.status()
-    assert status & i8042.STR_OBF and status & i8042.STR_TIMEOUT
-    assert not status & i8042.STR_AUXDATA
-    assert kbc.device.read(DATA, 1) == 0xFE
-    assert not kbc.status() & (i8042.STR_OBF | i8042.STR_TIMEOUT)
+    assert not kbc.status() & i8042.STR_AUXDATA
+    assert read_all(kbc) == [0xFA, 0xAA]
+
+
+def test_atkbd_probe_sees_a_translated_mf2_keyboard(kbc):
+    """atkbd_probe: GETID answers 0xAB then 0x83, which the 8042 translates to 0x41
+    (atkbd then names it "AT Translated Set 2 keyboard"); the rest of atkbd_connect's
+    commands (reset-disable, LEDs, typematic, enable) are acknowledged."""
+    kbc.device.write(DATA, 1, 0xF2)
+    assert read_all(kbc) == [0xFA, 0xAB, 0x41]
+    for byte in (0xF5, 0xED, 0x00, 0xF3, 0x2B, 0xF4):
+        kbc.device.write(DATA, 1, byte)
+        assert read_all(kbc) == [0xFA]
+    kbc.device.write(DATA, 1, 0x12)         # not a keyboard command
+    assert read_all(kbc) == [0xFE]
+    kbc.command(0x60, i8042.DEFAULT_CTR & ~i8042.CTR_XLATE)
+    kbc.device.write(DATA, 1, 0xF2)
+    assert read_all(kbc) == [0xFA, 0xAB, 0x83]
+
+
+def test_ctrl_alt_del_in_translated_set_2_one_interrupt_per_byte():
+    kbd = FakeIrqLine()
+    kbc = Controller(kbd_irq=kbd)
+    assert kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
+    data = read_all(kbc)
+    # Set 1 make codes, then the breaks (bit 7) in reverse order.
+    assert data == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+    assert kbd.levels == [True, False] * len(data)
+
+
+def test_ctrl_alt_del_in_set_2_and_set_1():
+    kbc = Controller()
+    kbc.command(0x60, i8042.DEFAULT_CTR & ~i8042.CTR_XLATE)
+    assert kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
+    assert read_all(kbc) == [0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14]
+    for byte in (0xF0, 0x01, 0xF4):         # scancode set 1 (untranslated), enable
+        kbc.device.write(DATA, 1, byte)
+        assert read_all(kbc) == [0xFA]      # a driver waits for each ACK (ps2_command)
+    assert kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
+    assert read_all(kbc) == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+    kbc.device.write(DATA, 1, 0xF0)
+    assert read_all(kbc) == [0xFA]
+    kbc.device.write(DATA, 1, 0x00)         # which set?
+    assert read_all(kbc) == [0xFA, 0x01]
+
+
+def test_keys_wait_for_an_enabled_interface_and_scanning(kbc):
+    kbc.command(0xAD)                       # keyboard interface disabled
+    assert kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
+    assert not kbc.status() & i8042.STR_OBF
+    kbc.command(0xAE)
+    assert read_all(kbc)[:2] == [0x1D, 0x38]
+    kbc.device.write(DATA, 1, 0xF5)         # the driver turns scanning off
+    assert read_all(kbc) == [0xFA]
+    assert not kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
+    assert read_all(kbc) == []
+
+
+def test_keyboard_queue_is_bounded(kbc):
+    """A client pressing keys at a guest that never reads costs at most 16 bytes."""
+    kbc.command(0xAD)
+    typed = [kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL) for _ in range(100)]
+    assert typed[0] and not any(typed[1:])  # 11 set 2 bytes: a second chord does not fit
+    kbc.command(0xAE)
+    assert len(read_all(kbc)) == 8          # translated: the F0 prefixes fold away
+    assert kbc.device.keyboard.dropped > 0
+
+
+def test_keyboard_state_round_trip_and_hostile_states():
+    kbc = Controller()
+    kbc.command(0xAD)
+    kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
+    state = kbc.device.save_state()
+    other = Controller()
+    other.device.restore_state(state)
+    other.command(0xAE)
+    assert read_all(other) == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+    for bad in ({"queue": [0x100]}, {"queue": [0] * 17}, {"scancode_set": 7},
+                {"pending_command": 0xF4}):
+        with pytest.raises((ValueError, TypeError)):
+            Controller().device.restore_state(state | {"keyboard": state["keyboard"] | bad})
+    with pytest.raises(TypeError):
+        Controller().device.restore_state(state | {"keyboard": {"queue": []}})
+    old = {k: v for k, v in state.items() if k != "keyboard"}    # before the keyboard
+    Controller().device.restore_state(old)
 
 
 def test_no_mouse_answers_with_a_timeout(kbc):

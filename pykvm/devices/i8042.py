@@ -1,21 +1,29 @@
-"""The PS/2 controller (i8042): the PC's reset line, with no keyboard or mouse behind it.
+"""The PS/2 controller (i8042): the PC's reset line, and an AT keyboard (no mouse).
 
-A VM needs it for two reasons. Guests reboot through it (command 0xFE pulses
-the CPU reset line: Linux's ``reboot=k``, Firecracker's way out), and a
-guest's i8042 driver probes it, polling the status port until the answer it
-waits for arrives: a status that never settles costs tens of thousands of
-port exits (measured on kvm_pvm). So every command completes at once, the input buffer is
-always empty, and the output buffer holds at most the one byte just answered.
+A VM needs it for three reasons. Guests reboot through it (command 0xFE pulses
+the CPU reset line: Linux's ``reboot=k``, Firecracker's way out); the host
+presses keys through it (Firecracker's SendCtrlAltDel: :meth:`I8042.press_keys`,
+the keyboard in pykvm/devices/ps2_keyboard.py); and a guest's i8042 driver
+probes it, polling the status port until the answer it waits for arrives: a
+status that never settles costs tens of thousands of port exits (measured on
+kvm_pvm). So every command completes at once, the input buffer is always empty,
+and the output buffer holds one byte: a controller answer, or the keyboard's
+next byte, moved in as soon as the guest read the previous one (each with its
+own rising edge on IRQ 1, as Linux's handler reads one byte per interrupt).
 
 Registered at port 0x60 for 5 ports: offset 0 is the data port (0x60), offset
 4 the status/command port (0x64). Offsets 1-3 (0x61-0x63) are not the
 controller's: 0x61 is the PC's system control port, which KVM's in-kernel PIT
 answers itself; should an access reach this device it reads as a floating bus.
 
-Nothing is attached to either port, and the controller says so as PS/2
-controllers do: a byte sent to the keyboard or the mouse comes back as 0xFE
-with the status register's time-out bit set (and the mouse bit, for the aux
-port). Controller-internal features work: self-test (0xAA -> 0x55), interface
+A byte written to 0x60 without a pending controller command goes to the
+keyboard, whose answers (ACK, identity, BAT) come back through the output buffer,
+translated to scancode set 1 while the command byte's XLATE bit is set (the BIOS
+default, which Linux keeps: atkbd then reads "AT Translated Set 2"), and held
+back while the keyboard interface is disabled (CTR_KBDDIS). Nothing is attached
+to the aux port, and the controller says so as PS/2 controllers do: a byte sent
+to the mouse comes back as 0xFE with the status register's time-out and mouse
+bits set. Controller-internal features work: self-test (0xAA -> 0x55), interface
 tests (0xAB, 0xA9 -> 0x00: the lines are fine, just unconnected), the
 controller command byte (0x20/0x60), port enable/disable, the output port
 (0xD0/0xD1, whose bit 0 is the reset line too) and the loop-back commands
@@ -31,6 +39,7 @@ import threading
 from typing import Callable
 
 from ..bus import Device, IrqLine
+from .ps2_keyboard import BREAK_PREFIX, Ps2Keyboard, translate_set2
 
 PORT_BASE = 0x60
 PORT_COUNT = 5
@@ -86,7 +95,8 @@ PARAMETER_COMMANDS = frozenset({CMD_WRITE_CTR, CMD_WRITE_OUTPUT_PORT,
 
 
 class I8042(Device):
-    """A PS/2 controller with empty ports. ``on_reset`` is called for each reset request."""
+    """A PS/2 controller with a keyboard on its first port and nothing on the second.
+    ``on_reset`` is called for each reset request."""
 
     name = "i8042"
 
@@ -107,6 +117,8 @@ class I8042(Device):
         self._data_timed_out = False
         self._kbd_level = False
         self._aux_level = False
+        self._xlate_break = False     # translating: a set 2 release prefix was swallowed
+        self.keyboard = Ps2Keyboard()
         self.reset_requests = 0
         self.unknown_commands = 0
 
@@ -116,7 +128,8 @@ class I8042(Device):
     def save_state(self) -> dict:
         with self._lock:
             state = {name: getattr(self, f"_{name}") for name in self._STATE}
-            state.update(kbd_level=self._kbd_level, aux_level=self._aux_level)
+            state.update(kbd_level=self._kbd_level, aux_level=self._aux_level,
+                         xlate_break=self._xlate_break, keyboard=self.keyboard.save_state())
             return state
 
     def restore_state(self, state: dict) -> None:
@@ -124,9 +137,14 @@ class I8042(Device):
         pending = values["pending_command"]
         if pending is not None and pending not in PARAMETER_COMMANDS:
             raise ValueError(f"i8042: {pending!r} is not a command that takes a parameter")
+        keyboard = Ps2Keyboard()
+        if state.get("keyboard") is not None:       # snapshots from before the keyboard
+            keyboard.restore_state(state["keyboard"])
         with self._lock:
             for name, value in values.items():
                 setattr(self, f"_{name}", value)
+            self.keyboard = keyboard
+            self._xlate_break = bool(state.get("xlate_break", False))
             self._ctr &= 0xFF
             self._output_port &= 0xFF
             self._data &= 0xFF
@@ -140,6 +158,8 @@ class I8042(Device):
                 value = self._data
                 self._data_full = False
                 self._data_timed_out = False
+                self._update_irqs()     # the line drops: the next byte is a new edge
+                self._pull_keyboard()
                 self._update_irqs()
             elif offset == STATUS:
                 value = self._status()
@@ -156,12 +176,39 @@ class I8042(Device):
                 reset = self._data_byte(value)
             else:
                 return
+            self._pull_keyboard()
             self._update_irqs()
         if reset:
             self.reset_requests += 1
             self._on_reset()    # may raise to unwind the vCPU loop: not under the lock
 
+    def press_keys(self, keys: tuple[tuple[int, ...], ...]) -> bool:
+        """The host presses the chord ``keys`` (set 2 make codes, e.g.
+        ps2_keyboard.CTRL_ALT_DEL) and lets go; False when the guest's driver has the
+        keyboard's scanning off or the keyboard's queue is full (nothing was typed)."""
+        with self._lock:
+            typed = self.keyboard.press_and_release(keys)
+            self._pull_keyboard()
+            self._update_irqs()
+        return typed
+
     # --- the controller ------------------------------------------------------------
+    def _pull_keyboard(self) -> None:
+        """Move the keyboard's next byte into an empty output buffer, unless the
+        keyboard interface is disabled; set 1 through the 8042 translation if XLATE."""
+        while not self._data_full and not self._ctr & CTR_KBDDIS:
+            value = self.keyboard.next_byte()
+            if value is None:
+                return
+            if self._ctr & CTR_XLATE:
+                if value == BREAK_PREFIX:
+                    self._xlate_break = True    # folded into the next code's bit 7
+                    continue
+                value = translate_set2(value)
+                if self._xlate_break:
+                    value |= 0x80
+                    self._xlate_break = False
+            self._answer(value)
 
     def _status(self) -> int:
         status = STR_KEYLOCK
@@ -227,7 +274,7 @@ class I8042(Device):
         elif command == CMD_AUX_SEND:
             self._answer(NO_DEVICE, aux=True, timed_out=True)   # no mouse answers
         else:
-            self._answer(NO_DEVICE, timed_out=True)              # nor any keyboard
+            self.keyboard.receive(value)        # its answer comes in _pull_keyboard
         return False
 
     def _update_irqs(self) -> None:
