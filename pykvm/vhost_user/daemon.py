@@ -1,12 +1,19 @@
 """Back-end daemons pykvm runs itself: start, supervise, stop.
 
-Today that is virtiofsd (Debian 12: /usr/lib/qemu/virtiofsd, package
-qemu-system-common) for ``--share DIR``. Each daemon gets a private directory
+Two of them, both from Debian 12's qemu-system-common: virtiofsd
+(/usr/lib/qemu/virtiofsd) for ``--share DIR``, and qemu-storage-daemon
+(/usr/bin/qemu-storage-daemon) exporting a disk image as vhost-user-blk for
+``--disk IMG.qcow2`` and ``--disk IMG,backend=vhost-user``
+(:func:`start_storage_daemon`). Each daemon gets a private directory
 made with mkdtemp (mode 0700, a fresh name: nobody else can put a socket or a
 symlink where pykvm connects) holding its socket and its log. pykvm waits for
 the socket to appear, then connects; virtiofsd serves that one connection and
 exits when it ends. Once connected (:meth:`Daemon.connected`) the directory is
 removed, its log kept open: nothing of it is left on disk even if pykvm is killed.
+qemu-storage-daemon does not exit when its client hangs up (it listens again):
+``exits_on_hangup`` is False for it, so closing does not wait for that, and it is
+started with ``setpriv --pdeathsig KILL`` (from the main thread, which lives as long
+as pykvm) so that a pykvm killed with SIGKILL does not leave it behind.
 
 Every exit path stops it: the VM's close (which normal exit, SIGTERM, a guest
 crash and a VMM error all reach) hangs up, gives the daemon a moment to exit by
@@ -28,12 +35,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from .protocol import VhostUserError
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+STORAGE_DAEMON = "/usr/bin/qemu-storage-daemon"
 START_TIMEOUT = 10.0
 STOP_GRACE = 3.0
 LOG_TAIL = 4096
@@ -47,13 +56,20 @@ def virtiofsd_path() -> str | None:
     return VIRTIOFSD if os.access(VIRTIOFSD, os.X_OK) else None
 
 
+def storage_daemon_path() -> str | None:
+    """qemu-storage-daemon, or None when it is not installed."""
+    return STORAGE_DAEMON if os.access(STORAGE_DAEMON, os.X_OK) else None
+
+
 class Daemon:
     """One back-end process and its private directory; :meth:`stop` is idempotent."""
 
-    def __init__(self, name: str, argv_for):
+    def __init__(self, name: str, argv_for, *, pass_fds=(), exits_on_hangup: bool = True):
         """``argv_for(directory, socket_path)``: the command line, given the private
-        directory and the socket path in it."""
+        directory and the socket path in it. ``pass_fds``: fds the daemon inherits
+        (under the same numbers)."""
         self.name = name
+        self.exits_on_hangup = exits_on_hangup
         self.directory = Path(tempfile.mkdtemp(prefix="pykvm-vhost-"))
         self.socket_path = str(self.directory / "backend.sock")
         self.log_path = self.directory / "daemon.log"
@@ -67,6 +83,7 @@ class Daemon:
                 self.process = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                    pass_fds=tuple(pass_fds),
                     start_new_session=True)   # a terminal's Ctrl-C goes to pykvm, which stops it
             finally:
                 os.close(log)
@@ -170,3 +187,47 @@ def start_virtiofsd(source: str, *, read_only: bool = False, name: str = "virtio
                     source, served] + command
         return command
     return Daemon(name, argv)
+
+
+def _dies_with_pykvm(argv: list[str]) -> list[str]:
+    """``argv`` under ``setpriv --pdeathsig KILL`` when that is sound: the signal comes
+    when the *thread* that started the daemon ends, so only from the main thread."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return argv
+    return [setpriv, "--pdeathsig", "KILL", "--"] + argv
+
+
+def start_storage_daemon(image_fd: int, driver: str, *, read_only: bool = False,
+                         name: str = "vhost-user-blk") -> Daemon:
+    """qemu-storage-daemon exporting the image open at ``image_fd`` (``driver``: "raw" or
+    "qcow2") as a vhost-user-blk device on a socket in a private directory.
+
+    The daemon is handed pykvm's own fd (it opens ``/proc/self/fd/N``, the same file):
+    the image it serves is the one pykvm opened, probed and locked, whatever happens to
+    the path meanwhile. Read-only is enforced by the daemon, not only advertised: the
+    block nodes are opened ``read-only=on`` and the export is ``writable=off``, so a
+    write request fails in the daemon (VIRTIO_BLK_S_IOERR). Cache: the page cache, and a
+    guest flush is an fsync -- as for pykvm's own virtio-blk."""
+    binary = storage_daemon_path()
+    if binary is None:
+        raise VhostUserError(f"{name}: {STORAGE_DAEMON} is not installed "
+                             f"(apt-get install qemu-system-common)")
+    if driver not in ("raw", "qcow2"):
+        raise VhostUserError(f"{name}: no image format {driver!r} (raw or qcow2)")
+    ro = "on" if read_only else "off"
+    # backing=null: never open a file the image names (pykvm refuses such images when it
+    # probes them, pykvm/devices/virtio/vhost_blk.py; this holds even if it changed since)
+    extra = ",backing=null" if driver == "qcow2" else ""
+
+    def argv(directory: Path, socket_path: str) -> list[str]:
+        socket_path = socket_path.replace(",", ",,")      # QEMU's option syntax
+        return _dies_with_pykvm([
+            binary,
+            "--blockdev", f"driver=file,node-name=file,filename=/proc/self/fd/{image_fd},"
+                          f"read-only={ro},cache.direct=off,cache.no-flush=off",
+            "--blockdev", f"driver={driver},node-name=disk,file=file,read-only={ro}{extra}",
+            "--export", f"type=vhost-user-blk,id=disk0,node-name=disk,addr.type=unix,"
+                        f"addr.path={socket_path},writable={'off' if read_only else 'on'},"
+                        f"num-queues=1"])
+    return Daemon(name, argv, pass_fds=(image_fd,), exits_on_hangup=False)

@@ -33,7 +33,7 @@ class QueueHandoff:
 
 
 class VhostUserDevice(VirtioDevice):
-    """Base of vhost-user devices (virtio-fs). ``frontend`` is connected; ``daemon``
+    """Base of vhost-user devices (virtio-fs, virtio-blk). ``frontend`` is connected; ``daemon``
     (pykvm/vhost_user/daemon.py) is the back end pykvm started, or None for one the
     user runs. Both are closed with the device."""
 
@@ -78,8 +78,10 @@ class VhostUserDevice(VirtioDevice):
         signals it: virtiofsd's sandboxed child serves the connection and exits on the
         hang-up, and its parent reaps it. A SIGTERM first kills only the parent, leaving
         the child to be reparented and reaped by init (a zombie until then, forever under
-        an init that does not reap)."""
+        an init that does not reap). qemu-storage-daemon listens again instead of
+        exiting (``exits_on_hangup`` False): it is signalled at once."""
         self.frontend.close()
         if self.daemon is not None:
-            self.daemon.ended(HANGUP_GRACE)
+            if self.daemon.exits_on_hangup:
+                self.daemon.ended(HANGUP_GRACE)
             self.daemon.stop()

@@ -70,8 +70,10 @@ def lock_image(fd: int, path: str, read_only: bool) -> None:
     raise ImageError(f"{path}: cannot lock the disk image: {os.strerror(err)}")
 
 
-def open_image(path: str, read_only: bool) -> tuple[int, int]:
-    """(fd, size in bytes) of a raw image, opened, checked and locked."""
+def open_image(path: str, read_only: bool, *, sized: bool = True) -> tuple[int, int]:
+    """(fd, size in bytes) of a raw image, opened, checked and locked. ``sized=False``:
+    the size is not a disk's (a qcow2 image, which pykvm/devices/virtio/vhost_blk.py
+    hands to qemu-storage-daemon)."""
     try:
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -88,9 +90,9 @@ def open_image(path: str, read_only: bool) -> tuple[int, int]:
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise ImageError(f"{path}: not a regular file or block device")
         size = os.lseek(fd, 0, os.SEEK_END)
-        if size == 0:
+        if sized and size == 0:
             raise ImageError(f"{path}: the disk image is empty")
-        if size % SECTOR_SIZE:
+        if sized and size % SECTOR_SIZE:
             raise ImageError(f"{path}: disk image size {size} is not a multiple of {SECTOR_SIZE}")
         lock_image(fd, path, read_only)
     except BaseException:
