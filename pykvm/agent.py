@@ -44,6 +44,10 @@ Host -> guest:
     GET_FILE  0x05  path NUL: answered by FILE_INFO, DATA frames, an empty DATA; or ERROR
     DATA      0x06  file content (both directions)
     PING      0x07  answered by PONG with the same payload
+    REFRESH   0x08  u64 seconds, u32 nanoseconds, then at most 512 bytes of the host's
+                    randomness: the agent mixes them into the kernel's input pool,
+                    credits them, reseeds the CRNG and sets the wall clock (a guest
+                    restored from a cached boot, pykvm/warm/guest.py); OK or ERROR
 
 Guest -> host:
 
@@ -106,10 +110,12 @@ CHUNK = 64 * 1024
 
 # frame types
 EXEC, STDIN, SIGNAL, PUT_FILE, GET_FILE, DATA, PING = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+REFRESH = 0x08
 READY, STDOUT, STDERR, EXIT, OK, ERROR, FILE_INFO, PONG = (0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
                                                            0x87, 0x88)
 TYPE_NAMES = {EXEC: "EXEC", STDIN: "STDIN", SIGNAL: "SIGNAL", PUT_FILE: "PUT_FILE",
-              GET_FILE: "GET_FILE", DATA: "DATA", PING: "PING", READY: "READY",
+              GET_FILE: "GET_FILE", DATA: "DATA", PING: "PING", REFRESH: "REFRESH",
+              READY: "READY",
               STDOUT: "STDOUT", STDERR: "STDERR", EXIT: "EXIT", OK: "OK", ERROR: "ERROR",
               FILE_INFO: "FILE_INFO", PONG: "PONG"}
 EXEC_SHELL = 1
@@ -148,12 +154,16 @@ class AgentTimeout(AgentError, TimeoutError):
         self.result = result
 
 
-class GuestFileError(AgentError):
-    """The guest could not read or write a file (``errno`` is the guest's)."""
+class RequestRefused(AgentError):
+    """The agent answered a request with ERROR (``errno`` is the guest's)."""
 
     def __init__(self, message: str, errno: int = 0):
         super().__init__(message)
         self.errno = errno
+
+
+class GuestFileError(RequestRefused):
+    """The guest could not read or write a file (``errno`` is the guest's)."""
 
 
 class TooMuchOutput(AgentError):
@@ -508,6 +518,24 @@ class AgentClient:
                                        f"starts it with {CMDLINE_FLAG} on its command line)")
             if self.ping(min(remaining, 2.0)):
                 return
+
+    def refresh(self, seed: bytes, now_ns: int, *, timeout: float = 60.0) -> None:
+        """Make a guest restored from a snapshot fresh (REFRESH): ``seed`` into its
+        entropy pool, credited, the CRNG reseeded, its clock set to ``now_ns`` (ns since
+        the epoch). RequestRefused with the guest's errno when it could not (ENOSYS from
+        an agent older than REFRESH), AgentTimeout past ``timeout`` seconds."""
+        request_id, request = self._new(REFRESH)
+        try:
+            seconds, nanoseconds = divmod(now_ns, 10**9)
+            self._send(frame(REFRESH, request_id, struct.pack("<QI", seconds, nanoseconds)
+                             + seed))
+            if not self._wait(request, time.monotonic() + timeout, "refresh"):
+                raise AgentTimeout(f"the guest agent did not refresh within {timeout:g} s")
+            if request.error is not None:
+                code, message = request.error
+                raise RequestRefused(f"guest: {message}", code)
+        finally:
+            self._forget(request_id)
 
     # --- commands -------------------------------------------------------------------------------------
     def exec(self, command: str | list[str], *, timeout: float | None = None,

@@ -132,6 +132,49 @@ def test_client_keeps_stdout_stderr_and_status_apart():
     assert flags == agent.EXEC_SHELL and argv == ["whatever"]
 
 
+@pytest.mark.parametrize("refresh_answer", [None, errno.ENOSYS, errno.EPERM])
+def test_a_restored_guest_is_refreshed_before_its_command(refresh_answer):
+    """pykvm/warm/guest.fresh_exec: REFRESH (seed, time), then the command line; an
+    agent without REFRESH (ENOSYS) gets the old ``pykvm-agent --refresh`` EXEC; any
+    other refusal means the guest is not fresh: RefreshFailed, the command not run."""
+    from types import SimpleNamespace
+
+    from pykvm.errors import RefreshFailed
+    from pykvm.warm.guest import AGENT_BINARY, REFRESH_SEED_BYTES, fresh_exec
+
+    def script(kind, request_id, payload):
+        if kind == agent.REFRESH:
+            if refresh_answer is None:
+                return [frame(agent.OK, request_id)]
+            return [frame(agent.ERROR, request_id, struct.pack("<I", refresh_answer) + b"no")]
+        if kind == agent.EXEC:
+            return [frame(agent.STDOUT, request_id, b"ran"),
+                    frame(agent.EXIT, request_id, struct.pack("<i", 4))]
+        return pong(kind, request_id, payload)
+
+    fake = FakeAgent(script)
+    guest = SimpleNamespace(machine=SimpleNamespace(agent=fake.client, exec=fake.client.exec))
+    before = time.time_ns()
+    if refresh_answer == errno.EPERM:
+        with pytest.raises(RefreshFailed):
+            fresh_exec(guest, "date", timeout=5)
+        assert [k for k, _, _ in fake.received] == [agent.REFRESH]
+        return
+    assert fresh_exec(guest, "date", timeout=5).status == 4
+    kinds = [k for k, _, _ in fake.received if k != agent.PING]
+    refresh = next(p for k, _, p in fake.received if k == agent.REFRESH)
+    seconds, nanoseconds = struct.unpack_from("<QI", refresh)
+    assert before <= seconds * 10**9 + nanoseconds <= time.time_ns()
+    assert len(refresh) == 12 + REFRESH_SEED_BYTES
+    flags, argv, _, _ = agent.parse_exec_payload(
+        next(p for k, _, p in fake.received if k == agent.EXEC))
+    if refresh_answer is None:
+        assert kinds == [agent.REFRESH, agent.EXEC] and argv == ["date"]
+    else:
+        assert kinds == [agent.REFRESH, agent.EXEC, agent.STDIN, agent.STDIN]
+        assert argv[:2] == [AGENT_BINARY, "--refresh"] and argv[-1] == "date"
+
+
 def test_client_sends_stdin_and_a_kill_after_the_timeout():
     def script(kind, request_id, payload):
         if kind == agent.SIGNAL:
@@ -468,6 +511,59 @@ def test_agent_skips_garbage_and_answers_the_next_frame(agent_binary):
         assert running.client.exec("echo ok", timeout=30).stdout == b"ok\n"
     finally:
         running.close()
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_agent_runs_the_first_command_line_in_the_shell_it_started_before_ready(agent_binary):
+    running = HostAgent(agent_binary)
+    try:
+        zygote, = children(running.process.pid)         # there at READY, before any EXEC
+        # an EXEC the zygote cannot run as sh -c would (environment) forks and leaves it
+        other = running.client.exec("echo $$ $GREETING", env={"GREETING": "hi"}, timeout=30)
+        assert other.stdout.split()[1] == b"hi" and int(other.stdout.split()[0]) != zygote
+        first = running.client.exec(
+            'echo $$; cat; for fd in 3 4; do [ -e /proc/$$/fd/$fd ] && echo "fd $fd open"; done;'
+            ' echo err >&2; exit 5', timeout=30)
+        # stdin is /dev/null (cat returns at once) and neither pipe of its start-up is open
+        assert (first.status, first.stdout, first.stderr) == (5, f"{zygote}\n".encode(), b"err\n")
+        second = running.client.exec("echo $$", timeout=30)
+        assert second.status == 0 and int(second.stdout) not in (zygote, int(other.stdout.split()[0]))
+    finally:
+        running.close()
+
+
+def test_agent_forks_when_its_zygote_died(agent_binary):
+    running = HostAgent(agent_binary)
+    try:
+        zygote, = children(running.process.pid)
+        os.kill(zygote, 9)
+        assert wait_for(lambda: zygote not in children(running.process.pid), 10)
+        result = running.client.exec("echo ok; exit 3", timeout=30)
+        assert (result.status, result.stdout) == (3, b"ok\n")
+    finally:
+        running.close()
+
+
+def test_agent_refuses_a_refresh_it_cannot_do_without_touching_the_clock(host_agent):
+    # (a valid REFRESH here would set this host's clock: only refusals are tested on the
+    # host; tests/test_warm_start.py checks the real thing in guests)
+    with pytest.raises(agent.RequestRefused) as caught:
+        host_agent.refresh(bytes(513), time.time_ns(), timeout=30)
+    assert caught.value.errno == errno.EINVAL and "513 bytes of seed" in str(caught.value)
+    assert host_agent.exec("echo still fine", timeout=30).stdout == b"still fine\n"
 
 
 # --- the virtio-serial device, as Linux's virtio_console drives it --------------------------------------------

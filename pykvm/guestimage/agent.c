@@ -21,6 +21,25 @@
  *   --fd N          use the already open descriptor N (a socket in the tests)
  *   --no-mount      do not mount share disks
  *
+ * The zygote. Starting a process costs seconds where guest ring 0 is emulated
+ * (kvm_pvm): the fork, the exec and every page fault and system call of the new
+ * program go through the emulated kernel. So before READY the agent starts the
+ * shell for the first command: a child already in `sh -c '. /proc/self/fd/3'`,
+ * on stdin /dev/null, stdout and stderr on pipes, blocked reading its script
+ * from a pipe on fd 3 (the agent waits until it closed fd 4: its exec and start-
+ * up are done). A boot cached at READY (pykvm/warm) holds that shell, so a
+ * restored run hands its command to a running process. The first EXEC that such
+ * a shell runs as `sh -c` would (SHELL, no stdin, no environment, in /, at most
+ * ZYGOTE_MAX bytes) is written to the pipe after `exec 3<&-` (the command does
+ * not inherit it) and the pipe closed; the shell runs it and exits with its
+ * status. What differs from `sh -c`: a syntax error's message names the script
+ * /proc/self/fd/3, and an external last command is forked, not exec'd in place.
+ * Every other EXEC, and every one after it, forks as before.
+ *
+ * REFRESH (a frame: u64 seconds, u32 nanoseconds, up to 512 bytes of the host's
+ * randomness) does what --refresh below does, in the agent, and answers OK or
+ * ERROR: the refresh of a restored boot then costs no process at all.
+ *
  * pykvm-agent --refresh SECONDS NANOSECONDS [COMMAND_LINE] (run by the host through
  * EXEC, with up to 512 bytes of the host's randomness on stdin) makes a guest
  * restored from a cached boot (pykvm/warm/guest.py) as fresh as a booted one: it
@@ -75,7 +94,7 @@ enum {
 
 enum {
 	T_EXEC = 0x01, T_STDIN = 0x02, T_SIGNAL = 0x03, T_PUT_FILE = 0x04, T_GET_FILE = 0x05,
-	T_DATA = 0x06, T_PING = 0x07,
+	T_DATA = 0x06, T_PING = 0x07, T_REFRESH = 0x08,
 	T_READY = 0x81, T_STDOUT = 0x82, T_STDERR = 0x83, T_EXIT = 0x84, T_OK = 0x85,
 	T_ERROR = 0x86, T_FILE_INFO = 0x87, T_PONG = 0x88,
 };
@@ -266,6 +285,114 @@ run_child(int flags, char **argv, char **env, int envc, const char *cwd, int in,
 	_exit(error == ENOENT ? 127 : 126);
 }
 
+/* --- the zygote (see the comment at the top) ----------------------------------------- */
+
+#define ZYGOTE_SCRIPT "exec 4>&-; . /proc/self/fd/3"
+#define ZYGOTE_PRELUDE "exec 3<&-\n"
+#define ZYGOTE_MAX 4000                 /* prelude + command in one atomic pipe write */
+#define ZYGOTE_START_MS (300 * 1000)    /* minutes under load where ring 0 is emulated */
+
+static struct { pid_t pid; int script, out, err; } zygote = { 0, -1, -1, -1 };
+
+static void drop_zygote(int kill_it)
+{
+	if (zygote.pid > 0 && kill_it)
+		kill(zygote.pid, SIGKILL);     /* reap() collects it */
+	zygote.pid = 0;
+	close_fd(&zygote.script);
+	close_fd(&zygote.out);
+	close_fd(&zygote.err);
+}
+
+/* Start the zygote and wait until its shell runs; without /proc (the script is read
+ * through /proc/self/fd/3) or when anything fails there is none, and EXECs fork. */
+static void start_zygote(void)
+{
+	int script[2], started[2], out[2], err[2];
+
+	if (access("/proc/self/fd/0", F_OK) < 0 || access("/bin/sh", X_OK) < 0)
+		return;
+	if (pipe2(script, O_CLOEXEC) < 0)
+		return;
+	if (pipe2(started, O_CLOEXEC) < 0) {
+		close(script[0]);
+		close(script[1]);
+		return;
+	}
+	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
+		say("zygote: pipe: %s", strerror(errno));
+		return;   /* (leaks: only when out of descriptors) */
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		/* above 9 first, so that placing fds 3 and 4 clobbers none of them */
+		int from[4] = { script[0], started[1], out[1], err[1] };
+		for (int i = 0; i < 4; i++)
+			from[i] = fcntl(from[i], F_DUPFD_CLOEXEC, 10);
+		if (dup2(from[0], 3) < 0 || dup2(from[1], 4) < 0)
+			_exit(126);
+		close(from[0]);
+		close(from[1]);
+		char *argv[] = { ZYGOTE_SCRIPT, NULL };
+		run_child(EXEC_SHELL, argv, NULL, 0, "", -1, from[2], from[3]);
+	}
+	close(script[0]);
+	close(started[1]);
+	close(out[1]);
+	close(err[1]);
+	if (pid < 0) {
+		say("zygote: fork: %s", strerror(errno));
+		close(script[1]);
+		close(started[0]);
+		close(out[0]);
+		close(err[0]);
+		return;
+	}
+	zygote.pid = pid;
+	zygote.script = script[1];
+	zygote.out = out[0];
+	zygote.err = err[0];
+	/* its shell closes fd 4 once it runs (an exec that failed closes it too) */
+	struct pollfd wait_started = { .fd = started[0], .events = POLLIN };
+	int ready;
+	while ((ready = poll(&wait_started, 1, ZYGOTE_START_MS)) < 0 && errno == EINTR) {
+	}
+	close(started[0]);
+	int status;
+	if (ready <= 0 || waitpid(pid, &status, WNOHANG) != 0) {
+		say("zygote: its shell did not start");
+		drop_zygote(1);
+	}
+}
+
+/* Hand the command line to the zygote as session s; 0 when there is none to use. */
+static int exec_in_zygote(struct session *s, uint32_t id, const char *command)
+{
+	char script[ZYGOTE_MAX];
+	size_t length = strlen(command) + sizeof ZYGOTE_PRELUDE - 1;
+
+	if (zygote.pid <= 0 || length > sizeof script)
+		return 0;
+	memcpy(script, ZYGOTE_PRELUDE, sizeof ZYGOTE_PRELUDE - 1);
+	memcpy(script + sizeof ZYGOTE_PRELUDE - 1, command, strlen(command));
+	if (write(zygote.script, script, length) != (ssize_t)length) {   /* EPIPE: it died */
+		drop_zygote(1);
+		return 0;
+	}
+	memset(s, 0, sizeof *s);
+	s->used = 1;
+	s->id = id;
+	s->pid = zygote.pid;
+	s->out = zygote.out;
+	s->err = zygote.err;
+	s->in = -1;
+	set_nonblocking(s->out);
+	set_nonblocking(s->err);
+	zygote.out = zygote.err = -1;
+	drop_zygote(0);                 /* closes the script: the shell reads its end */
+	return 1;
+}
+
 static void start_command(uint32_t id, unsigned char *payload, uint32_t length)
 {
 	if (find_session(id)) {
@@ -316,6 +443,12 @@ static void start_command(uint32_t id, unsigned char *payload, uint32_t length)
 	memcpy(argv, strings, argc * sizeof *argv);
 	char **env = strings + argc;
 	const char *cwd = strings[argc + envc];
+	if (flags == EXEC_SHELL && envc == 0 && (!*cwd || strcmp(cwd, "/") == 0) &&
+	    exec_in_zygote(s, id, argv[0])) {
+		free(argv);
+		free(strings);
+		return;
+	}
 
 	int out[2], err[2], in[2] = { -1, -1 };
 	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
@@ -451,6 +584,8 @@ static void reap(int signal_fd)
 	int status;
 	pid_t pid;
 	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		if (pid == zygote.pid)
+			drop_zygote(0);
 		for (int i = 0; i < MAX_SESSIONS; i++) {
 			if (sessions[i].used && sessions[i].pid == pid) {
 				sessions[i].exited = 1;
@@ -588,6 +723,8 @@ static void get_file(uint32_t id, const unsigned char *payload, uint32_t length)
 	close(fd);
 }
 
+static void refresh_request(uint32_t id, const unsigned char *payload, uint32_t length);
+
 /* --- the request loop --------------------------------------------------------------------------- */
 
 static void handle(int type, uint32_t id, unsigned char *payload, uint32_t length)
@@ -613,6 +750,9 @@ static void handle(int type, uint32_t id, unsigned char *payload, uint32_t lengt
 		break;
 	case T_PING:
 		send_frame(T_PONG, id, payload, length);
+		break;
+	case T_REFRESH:
+		refresh_request(id, payload, length);
 		break;
 	default:
 		send_error(id, ENOSYS, "unknown request type %#x", type);
@@ -689,6 +829,7 @@ static void serve(void)
 	for (int i = 0; i < MAX_SESSIONS; i++)
 		sessions[i].out = sessions[i].err = sessions[i].in = -1;
 
+	start_zygote();
 	unsigned char ready[4 + sizeof AGENT_TEXT - 1];
 	put_le32(ready, PROTOCOL_VERSION);
 	memcpy(ready + 4, AGENT_TEXT, sizeof AGENT_TEXT - 1);
@@ -814,20 +955,80 @@ static void mount_shares(void)
 	closedir(dir);
 }
 
-/* --refresh: see the comment at the top. Exits 0, or REFRESH_FAILED with what failed
- * on stderr; with a command line, becomes the command. */
 #define REFRESH_BYTES 512
 #define REFRESH_FAILED 125
-static int refresh(const char *seconds, const char *nanoseconds, const char *command)
+
+/* Mix `have` bytes of `bytes` into the kernel's input pool and credit them, force the
+ * CRNG to reseed, set CLOCK_REALTIME to `now`: all of it is tried. 0, or the errno of
+ * the first step that failed with what it was in `why`. */
+static int freshen(const unsigned char *bytes, size_t have, struct timespec now,
+		   char *why, size_t size)
 {
 	struct {
 		struct rand_pool_info info;
 		unsigned char bytes[REFRESH_BYTES];
 	} seed;
+	int error = 0;
+
+	if (have > REFRESH_BYTES || now.tv_sec < 0 || now.tv_nsec < 0 || now.tv_nsec > 999999999) {
+		snprintf(why, size, "%zu bytes of seed (at most %d), time %lld.%ld", have,
+			 REFRESH_BYTES, (long long)now.tv_sec, (long)now.tv_nsec);
+		return EINVAL;
+	}
+	memcpy(seed.bytes, bytes, have);
+	int random_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (random_fd < 0) {
+		error = errno;
+		snprintf(why, size, "/dev/urandom: %s", strerror(error));
+	} else {
+		seed.info.entropy_count = (int)(have * 8);
+		seed.info.buf_size = (int)have;
+		if (have && ioctl(random_fd, RNDADDENTROPY, &seed.info) < 0) {
+			error = errno;
+			snprintf(why, size, "RNDADDENTROPY: %s", strerror(error));
+		}
+		if (ioctl(random_fd, RNDRESEEDCRNG) < 0 && !error) {
+			error = errno;
+			snprintf(why, size, "RNDRESEEDCRNG: %s", strerror(error));
+		}
+		close(random_fd);
+	}
+	if (clock_settime(CLOCK_REALTIME, &now) < 0 && !error) {
+		error = errno;
+		snprintf(why, size, "clock_settime: %s", strerror(error));
+	}
+	return error;
+}
+
+/* A REFRESH frame: u64 seconds, u32 nanoseconds, then the seed. */
+static void refresh_request(uint32_t id, const unsigned char *payload, uint32_t length)
+{
+	char why[300];
+
+	if (length < 12) {
+		send_error(id, EINVAL, "malformed REFRESH");
+		return;
+	}
+	uint64_t seconds = get_le32(payload) | (uint64_t)get_le32(payload + 4) << 32;
+	struct timespec now = { (time_t)(seconds > INT64_MAX ? -1 : (int64_t)seconds),
+				(long)get_le32(payload + 8) };
+	int error = freshen(payload + 12, length - 12, now, why, sizeof why);
+	if (error)
+		send_error(id, error, "refresh: %s", why);
+	else
+		send_frame(T_OK, id, NULL, 0);
+}
+
+/* --refresh: see the comment at the top. Exits 0, or REFRESH_FAILED with what failed
+ * on stderr; with a command line, becomes the command. */
+static int refresh(const char *seconds, const char *nanoseconds, const char *command)
+{
+	unsigned char seed[REFRESH_BYTES];
+	char why[300];
 	size_t have = 0;
 	ssize_t got;
 	while (have < REFRESH_BYTES &&
-	       (got = read(STDIN_FILENO, seed.bytes + have, REFRESH_BYTES - have)) != 0) {
+	       (got = read(STDIN_FILENO, seed + have, REFRESH_BYTES - have)) != 0) {
 		if (got < 0) {
 			if (errno == EINTR)
 				continue;
@@ -844,31 +1045,13 @@ static int refresh(const char *seconds, const char *nanoseconds, const char *com
 		say("refresh: bad time %s.%s", seconds, nanoseconds);
 		return REFRESH_FAILED;
 	}
-	int status = 0;
-	int random_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-	if (random_fd < 0) {
-		say("refresh: /dev/urandom: %s", strerror(errno));
-		status = REFRESH_FAILED;
-	} else {
-		seed.info.entropy_count = (int)(have * 8);
-		seed.info.buf_size = (int)have;
-		if (have && ioctl(random_fd, RNDADDENTROPY, &seed.info) < 0) {
-			say("refresh: RNDADDENTROPY: %s", strerror(errno));
-			status = REFRESH_FAILED;
-		}
-		if (ioctl(random_fd, RNDRESEEDCRNG) < 0) {
-			say("refresh: RNDRESEEDCRNG: %s", strerror(errno));
-			status = REFRESH_FAILED;
-		}
-		close(random_fd);
-	}
 	struct timespec now = { (time_t)when, nano };
-	if (clock_settime(CLOCK_REALTIME, &now) < 0) {
-		say("refresh: clock_settime: %s", strerror(errno));
-		status = REFRESH_FAILED;
+	if (freshen(seed, have, now, why, sizeof why) != 0) {
+		say("refresh: %s", why);
+		return REFRESH_FAILED;
 	}
-	if (status != 0 || command == NULL)
-		return status;
+	if (command == NULL)
+		return 0;
 	int null = open("/dev/null", O_RDONLY);
 	if (null < 0 || dup2(null, STDIN_FILENO) < 0) {
 		say("refresh: /dev/null: %s", strerror(errno));

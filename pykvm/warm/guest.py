@@ -11,8 +11,8 @@ A snapshot taken there (pykvm/snapshot) can be restored any number of times, eac
 copy continuing from the same kernel state. What would make the copies tell apart
 from a fresh boot is fixed by :func:`fresh_exec` on every restore:
 
-* entropy: ``pykvm-agent --refresh`` (:func:`fresh_exec`; the same process then
-  becomes the user's command) feeds 512 bytes of the host's ``os.urandom``
+* entropy: the agent's REFRESH request (:func:`fresh_exec`, done inside pykvm-agent:
+  no process is started for it) feeds 512 bytes of the host's ``os.urandom``
   into the guest's input pool, credits them (RNDADDENTROPY) and forces the CRNG to
   reseed (RNDRESEEDCRNG, random(4)); without the reseed two copies would read the
   same ``/dev/urandom`` bytes (Linux >= 5.18 reseeds an initialised CRNG only on a
@@ -31,6 +31,7 @@ use this module: one key, one boot, one readiness, one restore.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -219,9 +220,9 @@ def boot_guest(spec: GuestSpec, device: str, console: ConsoleLog, timeout: float
                factory=RunningGuest) -> RunningGuest:
     """Boot ``spec`` and wait (up to ``timeout`` s) for its ready point. The guest is
     closed again if it does not get there; the error is the agent's (AgentError)."""
-    from ..machine import Machine
+    from ..machine import build_for_boot
 
-    machine = Machine(spec.machine_config(device), stdout=console, stderr=console)
+    machine = build_for_boot(spec.machine_config(device), stdout=console, stderr=console)
     return running(factory(machine, console), timeout)
 
 
@@ -250,18 +251,38 @@ def running(guest: RunningGuest, timeout: float) -> RunningGuest:
 
 def fresh_exec(guest: RunningGuest, command: str, **options):
     """Run the shell command line ``command`` in a restored guest made fresh first (the
-    module docstring says what that covers): ``pykvm-agent --refresh SECONDS NANOSECONDS
-    COMMAND`` with the host's randomness on its stdin reseeds, sets the clock, then
-    becomes ``sh -c COMMAND`` with stdin on /dev/null, exactly as an EXEC'd shell
-    command runs (one process in the guest, not two). Returns the command's Result
+    module docstring says what that covers): a REFRESH request with the host's
+    randomness and time, done by the agent itself, then the command as any EXEC'd
+    shell command line, which the agent hands to the shell it started before the ready
+    point (agent.c's zygote: the cached boot holds it, so no process is created in
+    the guest for a builtin, one fork for a program). An agent older than REFRESH
+    gets ``pykvm-agent --refresh SECONDS NANOSECONDS COMMAND`` instead, which
+    refreshes and then becomes ``sh -c COMMAND``. Returns the command's Result
     (pykvm.agent.AgentClient.exec; ``options`` go there); RefreshFailed when the
     guest could not be refreshed (the command did not run)."""
+    from ..agent import AgentTimeout, RequestRefused
+    from ..errors import RefreshFailed
+
+    seed = os.urandom(REFRESH_SEED_BYTES)
+    try:
+        guest.machine.agent.refresh(seed, time.time_ns(), timeout=RESTORE_READY_TIMEOUT)
+    except RequestRefused as error:
+        if error.errno != errno.ENOSYS:
+            raise RefreshFailed(f"pykvm-agent: {error}") from None
+        return legacy_fresh_exec(guest, command, seed, **options)
+    except AgentTimeout as error:
+        raise RefreshFailed(str(error)) from None
+    return guest.machine.exec(command, **options)
+
+
+def legacy_fresh_exec(guest: RunningGuest, command: str, seed: bytes, **options):
+    """:func:`fresh_exec` with an agent that has no REFRESH request (built before it)."""
     from ..errors import RefreshFailed
 
     now = time.time_ns()
     result = guest.machine.exec(
         [AGENT_BINARY, "--refresh", str(now // 10**9), str(now % 10**9), command],
-        stdin=os.urandom(REFRESH_SEED_BYTES), **options)
+        stdin=seed, **options)
     if result.status == REFRESH_FAILED and result.stderr.startswith(REFRESH_ERROR):
         raise RefreshFailed(result.stderr.decode(errors="replace").strip().splitlines()[0])
     return result
