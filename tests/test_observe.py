@@ -273,3 +273,59 @@ def test_unknown_exit_reasons_from_a_newer_pykvm_are_skipped():
 
     stats = VcpuStats.from_dict({"vcpu": 1, "exits": {"io": 3, "some_new_exit": 9, "99": 1}})
     assert stats.exits_by_name() == {"io": 3}
+
+
+# --- --profile: the guest's RIP sampled from a host thread ------------------------------------------
+HOT_LOOP = "hot: jmp hot\n"
+
+
+def profile_spinning_guest(kvm, options: ObserveOptions, seconds: float = 0.6):
+    """A real-mode guest spinning at offset 0 (symbol ``hot``) under --profile."""
+    code = assemble(HOT_LOOP, "real", 0)
+    with Observation(options, out=io.StringIO()) as observation, \
+            GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory) as vm:
+        memory.write(BASE, code)
+        vm.create_vcpus(1)
+        set_mode(vm.vcpus[0], memory, "real", BASE)
+        observation.attach(vm)
+        vm.start()
+        assert not vm.wait_stopped(seconds)      # still spinning: the sampler ran meanwhile
+        vm.request_stop("exit", 0, "test over")
+        vm.wait(5)
+        observation.finish()
+        return observation
+
+
+def test_profile_names_the_function_the_guest_spins_in(kvm, tmp_path):
+    symbols = tmp_path / "System.map"
+    symbols.write_text("0000000000000000 T hot\n0000000000000100 T cold\n")
+    out = tmp_path / "profile.txt"
+    observation = profile_spinning_guest(
+        kvm, ObserveOptions(symbols=str(symbols), profile=str(out), profile_hz=200))
+    rows = observation.sampler.rows()
+    assert rows[0].name == "hot" and rows[0].samples >= 20, rows
+    assert "cold" not in [row.name for row in rows]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# pykvm RIP profile: ") and "1 vCPU(s) at 200 Hz" in lines[0]
+    assert lines[2].split()[2] == "hot"
+
+
+def test_profile_without_symbols_groups_by_page_and_replaces_a_symlink(kvm, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    out = tmp_path / "profile.txt"
+    out.symlink_to(victim)
+    observation = profile_spinning_guest(kvm, ObserveOptions(profile=str(out), profile_hz=200))
+    assert observation.sampler.rows()[0].name == "[page 0x0]"
+    assert victim.read_text() == "keep me\n" and not out.is_symlink()
+    assert "[page 0x0]" in out.read_text()
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (ObserveOptions(profile="/nonexistent/dir/p.txt"), "no directory"),
+    (ObserveOptions(profile="p.txt", profile_hz=0), "--profile-hz"),
+    (ObserveOptions(profile="p.txt", profile_hz=1e6), "--profile-hz"),
+])
+def test_profile_options_are_checked_before_anything_runs(options, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Observation(options)

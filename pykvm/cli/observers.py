@@ -1,5 +1,5 @@
 """The observing options of `pykvm run` (--trace, --symbols, --stats-interval,
---stats-plot, --gdb) and what the command prints around them.
+--stats-plot, --profile, --gdb) and what the command prints around them.
 
 The wiring itself is library code that the pytest plugin and scripts share:
 pykvm/observe/wiring.py (:class:`~pykvm.observe.wiring.Observation`: tracer, KVM's
@@ -31,6 +31,12 @@ def add_observing_options(group) -> None:
     group.add_argument("--stats-plot", metavar="FILE",
                        help="draw the statistics into FILE.svg or FILE.png at exit "
                             "(needs matplotlib: pip install 'pykvm[plot]')")
+    group.add_argument("--profile", metavar="FILE",
+                       help="sample every vCPU's instruction pointer (--profile-hz times a "
+                            "second) and keep FILE updated with the samples by symbol "
+                            "(--symbols), guest user mode as [user]: where a boot's time goes")
+    group.add_argument("--profile-hz", type=float, default=50.0, metavar="HZ",
+                       help="samples per second and vCPU for --profile (default 50)")
     group.add_argument("--gdb", metavar="PATH|tcp:PORT",
                        help="serve gdb on the Unix socket PATH (yours only); the VM starts "
                             "paused until gdb connects (gdb FILE.elf -ex 'target remote PATH')."
@@ -53,7 +59,8 @@ class Observers:
             self.gdb = GdbAddress.parse(args.gdb)
         self.watch = Observation(ObserveOptions(
             trace=args.trace, trace_filter=tuple(args.trace_filter or ()), symbols=args.symbols,
-            stats=args.stats, stats_interval=args.stats_interval, stats_plot=args.stats_plot))
+            stats=args.stats, stats_interval=args.stats_interval, stats_plot=args.stats_plot,
+            profile=args.profile, profile_hz=args.profile_hz))
         self.tracer = self.watch.tracer
 
     def attach(self, machine) -> None:

@@ -33,6 +33,7 @@ from .trace_filter import TraceFilter
 
 if TYPE_CHECKING:   # each observer is imported when a run asks for it (start-up time)
     from .kvmstats import KernelCounters, KvmStats
+    from .profile import RipSampler
     from .report import StatsPrinter
     from .symbols import SymbolTable
     from .trace import Tracer
@@ -48,6 +49,8 @@ class ObserveOptions:
     stats: bool = False                      # --stats: the table when the guest stops
     stats_interval: float | None = None      # --stats-interval SECONDS
     stats_plot: str | None = None            # --stats-plot FILE.svg|png
+    profile: str | None = None               # --profile FILE: sampled RIPs by symbol
+    profile_hz: float = 50.0                 # --profile-hz: samples per second per vCPU
 
     @property
     def tracing(self) -> bool:
@@ -70,12 +73,16 @@ class Observation:
         self.kernel: KvmStats | None = None
         self.kernel_snapshot: KernelCounters | None = None
         self.printer: StatsPrinter | None = None
+        self.sampler: RipSampler | None = None
         self.vm = None
         if options.stats_interval is not None and not options.stats_interval > 0:
             raise ConfigError("--stats-interval must be a positive number of seconds")
         if options.stats_plot:
             from .plot import check_path
             check_path(options.stats_plot)
+        if options.profile:
+            from .profile import check_options
+            check_options(options.profile, options.profile_hz)
         trace_filter = TraceFilter.parse(list(options.trace_filter))
         if options.symbols:
             from .symbols import load
@@ -102,11 +109,18 @@ class Observation:
             self.printer = StatsPrinter(vm, self.options.stats_interval, self.kernel, self.out,
                                         lambda: {"host kind": host_kind})
             self.printer.start()
+        if self.options.profile:
+            from .profile import RipSampler
+            self.sampler = RipSampler(vm, self.options.profile, self.options.profile_hz,
+                                      self.symbols)
+            self.sampler.start()
 
     def finish(self) -> None:
         """The guest stopped: stop the periodic table, read KVM's counters once more."""
         if self.printer is not None:
             self.printer.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
         if self.kernel is not None:
             self.kernel_snapshot = self.kernel.snapshot()
 
@@ -129,6 +143,8 @@ class Observation:
     def close(self) -> None:
         if self.printer is not None:
             self.printer.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
         if self.tracer is not None:
             self.tracer.close()
 
