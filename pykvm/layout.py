@@ -55,6 +55,25 @@ PCI_CONFIG_DATA_PORT = 0xCFC     # ... and data (0xCFC-0xCFF, any width)
 PCI_INTX_GSIS = (5, 10, 11)      # ISA-free IRQs for PCI INTx, by slot (9 is the ACPI SCI)
 MSI_GSI_BASE = 24                # GSIs from here on carry MSI routes (0-23 are the IOAPIC's)
 
+# --- virtio-mmio (pykvm/devices/virtio/mmio.py; Firecracker's MMIO_MEM_START too) --------
+VIRTIO_MMIO_START = 0xD0000000   # in the 32-bit hole, above the PCI BAR window
+VIRTIO_MMIO_SLOT = 0x1000        # one page of registers per device (virtio 1.2, 4.2.2)
+VIRTIO_MMIO_SLOTS = 64
+# ISA IRQs nothing else uses and that stay edge-triggered in the MADT and MP table (the
+# irqfd pulses them); devices beyond six share them (Linux's virtio_mmio: IRQF_SHARED).
+VIRTIO_MMIO_IRQS = (3, 6, 7, 13, 14, 15)
+
+# --- the legacy PC devices every machine has (pykvm/machine/machine.py wires them) ----
+COM1_BASE = 0x3F8           # 8250/16550 UART registers 0x3F8..0x3FF
+COM1_LEN = 8
+COM1_IRQ = 4                # ISA IRQ 4, as on every PC (Linux's ttyS0)
+I8042_BASE = 0x60           # keyboard controller: data 0x60, status/command 0x64
+I8042_LEN = 5
+I8042_KBD_IRQ = 1
+I8042_AUX_IRQ = 12
+RTC_BASE = 0x70             # CMOS index 0x70, data 0x71
+RTC_LEN = 2
+
 # --- ACPI fixed hardware (the FADT points here; pykvm/devices/acpi_pm.py) ---------
 ACPI_PM_BASE = 0x600        # PM1a event block (status, enable: 2+2 ports), then PM1a control
 ACPI_PM1A_EVT_BLK = 0x600

@@ -126,16 +126,24 @@ class Virtqueue:
             self._signalled_used = state["signalled_used"] & 0xFFFF
 
     # --- activation ------------------------------------------------------------------------
-    def activate(self, *, indirect: bool, event_idx: bool) -> None:
-        """Check the driver's registers and take views of the three ring areas."""
+    def check_registers(self) -> None:
+        """VirtqueueError unless the driver's size and ring addresses make a queue
+        (2.7: a power-of-two size, aligned areas, each wholly in guest RAM)."""
         size = self.size
         if not 1 <= size <= self.max_size or size & (size - 1):
             raise VirtqueueError(f"queue size {size} is not a power of two up to {self.max_size}")
-        for name, addr, align in (("descriptor table", self.desc_addr, 16),
-                                  ("avail ring", self.avail_addr, 2),
-                                  ("used ring", self.used_addr, 4)):
+        for name, addr, align, length in (
+                ("descriptor table", self.desc_addr, 16, DESCRIPTOR_SIZE * size),
+                ("avail ring", self.avail_addr, 2, 6 + 2 * size),
+                ("used ring", self.used_addr, 4, 6 + 8 * size)):
             if addr % align:
                 raise VirtqueueError(f"{name} address {addr:#x} is not {align}-byte aligned")
+            self._area(addr, length, name)
+
+    def activate(self, *, indirect: bool, event_idx: bool) -> None:
+        """Check the driver's registers and take views of the three ring areas."""
+        self.check_registers()
+        size = self.size
         self._desc = self._area(self.desc_addr, DESCRIPTOR_SIZE * size, "descriptor table")
         self._avail = self._area(self.avail_addr, 6 + 2 * size, "avail ring")
         self._used = self._area(self.used_addr, 6 + 8 * size, "used ring")
