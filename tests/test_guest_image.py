@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.errors import GuestBuildError
-from pykvm.guestimage import build, cache
+from pykvm.guestimage import build, cache, host
 
 CUSTOM = {build.SOURCE_PACKAGE: "custom-0123456789abcdef", build.BUSYBOX_PACKAGE: "1:1.35.0-4+b3"}
 
@@ -132,7 +132,7 @@ def test_missing_packages_for_a_user_are_one_line_naming_them(monkeypatch):
 
 
 def test_a_long_step_says_what_it_last_did(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(build, "PROGRESS_EVERY", 0.2)
+    monkeypatch.setattr(host, "PROGRESS_EVERY", 0.2)      # build.run is host.run
     log = tmp_path / "build.log"
     build.run(["sh", "-c", "echo '  CC      kernel/fork.o'; sleep 1"], log=log)
     assert "... CC      kernel/fork.o" in capsys.readouterr().err

@@ -44,7 +44,8 @@ from .conftest import _REASON
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-GUEST_SOURCES = ("kernel.fragment", "init.c", "agent.c", "build.py", "cache.py", "cli.py")
+GUEST_SOURCES = ("kernel.fragment", "init.c", "agent.c", "build.py", "host.py", "kernel.py",
+                 "initramfs.py", "cache.py", "cli.py")
 BOOT_TIMEOUT = 1500          # seconds for a command that boots Linux (minutes on kvm_pvm)
 
 pytestmark = [
