@@ -68,6 +68,8 @@ for _path in (ROOT, BENCH):
 from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
 from results import add_rows  # noqa: E402
 
+from pykvm.devices.virtio.blk import BlockDevice  # noqa: E402
+
 from tests.command_register import CommandRegister  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "blk_loop.S"
@@ -193,12 +195,12 @@ def host_rate(memory, path: Path, case: Case, depth: int, image_size: int, warmu
 
 # --- the pykvm side -------------------------------------------------------------------------
 class GuestDisk:
-    """A VM with one virtio-blk function over ``image``, its queue set up as a
-    driver would, and the ring-3 guest waiting for cases."""
+    """A VM with one virtio-blk function over ``device`` (pykvm's own BlockDevice, or a
+    VhostBlkDevice whose queue qemu-storage-daemon serves), its queue set up as a
+    driver would, and the ring-3 guest waiting for cases. The VM owns ``device``."""
 
-    def __init__(self, kvm, guest: bytes, image: Path, wait: bool):
+    def __init__(self, kvm, guest: bytes, device, wait: bool):
         from pykvm.boot.modes import set_mode
-        from pykvm.devices.virtio.blk import BlockDevice
         from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
         from pykvm.devices.virtio.driver import DriverRing, PciDriver
         from pykvm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
@@ -207,7 +209,7 @@ class GuestDisk:
 
         self.memory = GuestMemory.anonymous(MEM_SIZE)
         self.vm = Vm(kvm, self.memory, log=sys.stderr)
-        self.device = BlockDevice(str(image), name="bench-blk")
+        self.device = device
         self.function = VirtioPciDevice(self.vm, self.memory, self.device)
         self.vm.on_close(self.function.close)
         self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
@@ -270,22 +272,23 @@ class GuestDisk:
         self.set("stop", 0)
 
     def run(self, case: Case, depth: int, image: Path, image_size: int, warmup: float,
-            seconds: float) -> Rate:
+            seconds: float, check: bool = True) -> Rate:
+        """Run ``case``; ``check``: compare each slot's last request with the (raw) image."""
         self.prepare(case, depth, image_size)
         warm_cache(image)
         cases = self.get("cases")
-        worker = self.function.worker.thread.native_id
         vcpu = self.vm.vcpus[0].thread.native_id
         kind = "write" if case.write else "read"
-        device0, errors0, completed0 = self.device.requests[kind], self.get("errors"), \
+        requests = getattr(self.device, "requests", None)   # pykvm's own device counts
+        device0, errors0, completed0 = requests[kind] if requests else 0, self.get("errors"), \
             self.get("completed")
         guest0 = {name: self.get(name) for name in ("notifies", "waits", "glitches")}
         self.commands.pending.put(1)
         time.sleep(warmup)
-        first, cpu0, vcpu0, started = self.get("completed"), cpu_seconds(os.getpid(), worker), \
+        first, cpu0, vcpu0, started = self.get("completed"), self.server_cpu(), \
             cpu_seconds(os.getpid(), vcpu), time.perf_counter()
         time.sleep(seconds)
-        last, cpu1, vcpu1, ended = self.get("completed"), cpu_seconds(os.getpid(), worker), \
+        last, cpu1, vcpu1, ended = self.get("completed"), self.server_cpu(), \
             cpu_seconds(os.getpid(), vcpu), time.perf_counter()
         self.set("stop", 1)
         deadline = time.monotonic() + 30
@@ -300,23 +303,36 @@ class GuestDisk:
         errors = self.get("errors") - errors0
         if errors:
             raise BenchError(f"{case.label}: {errors} requests completed with an error status")
-        served = self.device.requests[kind] - device0
+        served = requests[kind] - device0 if requests else self.get("completed") - completed0
         if served != self.get("completed") - completed0:
             raise BenchError(f"{case.label}: the device served {served} requests, the guest "
                              f"counted {self.get('completed') - completed0}")
-        self.check_data(case, depth, image)
+        if check:
+            self.check_data(case, depth, image)
         span = ended - started
         return Rate((last - first) / span, case.size, (cpu1 - cpu0) / span, (vcpu1 - vcpu0) / span,
-                    f"device served {served} requests; guest: " + ", ".join(
+                    f"{self.device.name} served {served} requests; guest: " + ", ".join(
                         f"{name} {self.get(name) - value}" for name, value in guest0.items()))
+
+    def server_cpu(self) -> float:
+        """CPU seconds so far of what serves the queue: pykvm's device thread, or the
+        vhost-user daemon (all its threads) plus pykvm's thread that turns its used-buffer
+        signals into interrupts."""
+        own = cpu_seconds(os.getpid(), self.function.worker.thread.native_id)
+        daemon = getattr(self.device, "daemon", None)
+        return own + (cpu_seconds(daemon.process.pid) if daemon is not None else 0.0)
+
+    def last_requests(self, case: Case, depth: int) -> list[tuple[int, bytes]]:
+        """(sector, data) of each slot's last request."""
+        return [(struct.unpack("<Q", self.memory.read(HEADERS + 16 * i + 8, 8))[0],
+                 self.memory.read(DATA + i * case.size, case.size)) for i in range(depth)]
 
     def check_data(self, case: Case, depth: int, image: Path) -> None:
         """Each slot's last request: its buffer and the file agree at its sector."""
         with open(image, "rb", buffering=0) as f:
-            for i in range(depth):
-                sector = struct.unpack("<Q", self.memory.read(HEADERS + 16 * i + 8, 8))[0]
+            for i, (sector, data) in enumerate(self.last_requests(case, depth)):
                 f.seek(sector * 512)
-                if f.read(case.size) != self.memory.read(DATA + i * case.size, case.size):
+                if f.read(case.size) != data:
                     raise BenchError(f"{case.label}: slot {i}'s buffer is not the file's data "
                                      f"at sector {sector}")
 
@@ -340,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin", action="store_true",
                         help="the guest spins on the used index instead of waiting for the "
                         "device's interrupt (it then takes a host CPU for itself)")
+    parser.add_argument("--backend", choices=("both", "pykvm", "vhost-user"), default="both",
+                        help="who serves the queue: pykvm's own virtio-blk, qemu-storage-daemon "
+                        "over vhost-user, or both in turn against the same reference (both)")
     parser.add_argument("--quick", action="store_true", help="0.2 s per case: does it work?")
     parser.add_argument("--record", action="store_true", help="add rows to bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -363,18 +382,33 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(chunk)
             fs = filesystem_of(image)
             host_kind = kvm.host_kind
-            disk = GuestDisk(kvm, guest, image, not args.spin)
+            backends = [name for name in ("pykvm", "vhost-user")
+                        if args.backend in (name, "both")]
+            if "vhost-user" in backends and not storage_daemon_available():
+                print("blk: qemu-storage-daemon is not installed (apt-get install "
+                      "qemu-system-common): no vhost-user-blk figures", file=sys.stderr)
+                backends.remove("vhost-user")
+            disks = {}
             try:
+                for name in backends:
+                    device = BlockDevice(str(image), name="bench-blk") if name == "pykvm" \
+                        else vhost_device(image)
+                    disks[name] = GuestDisk(kvm, guest, device, not args.spin)
                 for case in CASES:
                     for depth in DEPTHS:
-                        reference = host_rate(disk.memory, image, case, depth, image_size,
-                                              warmup, seconds)
-                        rate = disk.run(case, depth, image, image_size, warmup, seconds)
-                        rows.append((case, depth, reference, rate))
-                        if not args.quick:
-                            print(f"{case.label} QD{depth}: {rate.note}", file=sys.stderr)
+                        reference = host_rate(next(iter(disks.values())).memory, image, case,
+                                              depth, image_size, warmup, seconds)
+                        rates = {}
+                        for name, disk in disks.items():
+                            rates[name] = disk.run(case, depth, image, image_size, warmup,
+                                                   seconds)
+                            if not args.quick:
+                                print(f"{case.label} QD{depth}: {rates[name].note}",
+                                      file=sys.stderr)
+                        rows.append((case, depth, reference, rates))
             finally:
-                disk.close()
+                for disk in disks.values():
+                    disk.close()
     except BenchError as error:
         print(f"blk: {error}", file=sys.stderr)
         return 1
@@ -385,35 +419,79 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image: {args.image_mib} MiB on {fs}, read whole before each case (all in the page "
           f"cache; writes dirty cached pages, no O_DIRECT, no fsync)")
     print("host: one thread, synchronous calls, as many buffers as the queue depth; "
-          "dev/vCPU: CPU share of pykvm's device I/O thread / of its vCPU thread")
-    print(f"{'case':<16} {'QD':>3} | {'host MB/s':>9} {'IOPS':>7} | {'pykvm MB/s':>10} {'IOPS':>7} "
-          f"{'dev/vCPU':>9} | {'pykvm/host':>10}")
-    for case, depth, reference, rate in rows:
+          "pykvm: its own virtio-blk; vhost-user: qemu-storage-daemon serving the queue; "
+          "srv/vCPU: CPU share of what serves the queue (pykvm's device thread; the daemon "
+          "plus pykvm's interrupt thread) / of the vCPU thread")
+    print(f"{'case':<16} {'QD':>3} | {'host MB/s':>9} {'IOPS':>7} | " + " | ".join(
+        f"{name:>10} MB/s {'IOPS':>7} {'srv/vCPU':>9} {'/host':>6}" for name in backends))
+    for case, depth, reference, rates in rows:
         print(f"{case.label:<16} {depth:>3} | {reference.mb_per_s:>9.1f} "
-              f"{reference.ops_per_s:>7.0f} | {rate.mb_per_s:>10.1f} {rate.ops_per_s:>7.0f} "
-              f"{f'{rate.cpu:.0%}/{rate.vcpu:.0%}':>9} | "
-              f"{rate.mb_per_s / (reference.mb_per_s or 1):>10.3f}")
+              f"{reference.ops_per_s:>7.0f} | " + " | ".join(
+                  f"{rate.mb_per_s:>15.1f} {rate.ops_per_s:>7.0f} "
+                  f"{f'{rate.cpu:.0%}/{rate.vcpu:.0%}':>9} "
+                  f"{rate.mb_per_s / (reference.mb_per_s or 1):>6.3f}"
+                  for rate in rates.values()))
     if args.record:
         record(host_kind, rows, seconds, load, not args.spin)
-    reference, rate = [(r, p) for c, d, r, p in rows if c is CASES[0] and d == max(DEPTHS)][0]
+    reference, rates = [(r, p) for c, d, r, p in rows if c is CASES[0] and d == max(DEPTHS)][0]
+    rate = next(iter(rates.values()))
     print(f"ratio: {rate.mb_per_s / (reference.mb_per_s or 1):.3f}")
     return 0
 
 
+def storage_daemon_available() -> bool:
+    from pykvm.vhost_user.daemon import storage_daemon_path
+    return storage_daemon_path() is not None
+
+
+def vhost_device(image: Path):
+    """A vhost-user-blk device over ``image``: qemu-storage-daemon serving it raw, as
+    ``pykvm run --disk IMG,backend=vhost-user`` does, but without pykvm's flock (pykvm's
+    own device of the same run holds it; the two never have requests in flight at once)."""
+    from pykvm.devices.virtio.vhost_blk import VhostBlkDevice
+    from pykvm.vhost_user.daemon import start_storage_daemon
+    from pykvm.vhost_user.frontend import Frontend
+
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    daemon = start_storage_daemon(fd, "raw", name="bench-vhost-blk")
+    try:
+        frontend = Frontend.connect(daemon.socket_path, "bench-vhost-blk")
+        daemon.connected()
+        return VhostBlkDevice(frontend, daemon=daemon, name="bench-vhost-blk", image_fd=fd)
+    except BaseException:
+        daemon.stop()
+        os.close(fd)
+        raise
+
+
 ROWS_MARKER = "<!-- blk.py --record adds rows above this line -->"
+VHOST_ROWS_MARKER = "<!-- blk.py --record adds vhost-user-blk rows above this line -->"
 
 
 def record(host_kind: str, rows, seconds: float, load: float, wait: bool) -> None:
-    lines = ""
-    for case, depth, reference, rate in rows:
-        lines += (f"| {datetime.date.today().isoformat()} | {host_kind} | {case.label} | {depth} | "
-                  f"{reference.mb_per_s:.0f} ({reference.ops_per_s:,.0f}) | "
-                  f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | "
-                  f"{rate.mb_per_s / (reference.mb_per_s or 1):.3f} | "
-                  f"{rate.cpu:.0%} / {rate.vcpu:.0%} | {'wait' if wait else 'spin'} | "
-                  f"{load:.1f} | {seconds:g} s |\n")
-    add_rows(ROWS_MARKER, lines, RESULTS)
-
+    """pykvm's own device: a row per case in the first table, as always; with the
+    vhost-user back end measured too, a row per case in the second, both back ends side
+    by side against the same host reference."""
+    today, guest = datetime.date.today().isoformat(), "wait" if wait else "spin"
+    own, vhost = "", ""
+    for case, depth, reference, rates in rows:
+        ratio = {name: rate.mb_per_s / (reference.mb_per_s or 1) for name, rate in rates.items()}
+        head = (f"| {today} | {host_kind} | {case.label} | {depth} | "
+                f"{reference.mb_per_s:.0f} ({reference.ops_per_s:,.0f}) | ")
+        tail = f"{guest} | {load:.1f} | {seconds:g} s |\n"
+        rate = rates.get("pykvm")
+        if rate is not None:
+            own += (head + f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | {ratio['pykvm']:.3f} | "
+                    f"{rate.cpu:.0%} / {rate.vcpu:.0%} | " + tail)
+        vrate = rates.get("vhost-user")
+        if vrate is not None:
+            vhost += (head + (f"{ratio['pykvm']:.3f} | " if rate is not None else "- | ")
+                      + f"{vrate.mb_per_s:.0f} ({vrate.ops_per_s:,.0f}) | "
+                      f"{ratio['vhost-user']:.3f} | {vrate.cpu:.0%} / {vrate.vcpu:.0%} | " + tail)
+    if own:
+        add_rows(ROWS_MARKER, own, RESULTS)
+    if vhost:
+        add_rows(VHOST_ROWS_MARKER, vhost, RESULTS)
 
 if __name__ == "__main__":
     sys.exit(main())

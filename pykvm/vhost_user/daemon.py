@@ -31,6 +31,7 @@ served read-only), since this virtiofsd has no read-only option.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -215,19 +216,20 @@ def start_storage_daemon(image_fd: int, driver: str, *, read_only: bool = False,
                              f"(apt-get install qemu-system-common)")
     if driver not in ("raw", "qcow2"):
         raise VhostUserError(f"{name}: no image format {driver!r} (raw or qcow2)")
-    ro = "on" if read_only else "off"
-    # backing=null: never open a file the image names (pykvm refuses such images when it
-    # probes them, pykvm/devices/virtio/vhost_blk.py; this holds even if it changed since)
-    extra = ",backing=null" if driver == "qcow2" else ""
+    # JSON, not QEMU's key=value syntax: no comma escaping, and "backing": null -- never
+    # open a file the image names (pykvm refuses such images when it probes them,
+    # pykvm/devices/virtio/vhost_blk.py; this holds even if the image changed since)
+    file_node = {"driver": "file", "node-name": "file", "filename": f"/proc/self/fd/{image_fd}",
+                 "read-only": read_only, "cache": {"direct": False, "no-flush": False}}
+    disk_node = {"driver": driver, "node-name": "disk", "file": "file", "read-only": read_only}
+    if driver == "qcow2":
+        disk_node["backing"] = None
 
     def argv(directory: Path, socket_path: str) -> list[str]:
-        socket_path = socket_path.replace(",", ",,")      # QEMU's option syntax
-        return _dies_with_pykvm([
-            binary,
-            "--blockdev", f"driver=file,node-name=file,filename=/proc/self/fd/{image_fd},"
-                          f"read-only={ro},cache.direct=off,cache.no-flush=off",
-            "--blockdev", f"driver={driver},node-name=disk,file=file,read-only={ro}{extra}",
-            "--export", f"type=vhost-user-blk,id=disk0,node-name=disk,addr.type=unix,"
-                        f"addr.path={socket_path},writable={'off' if read_only else 'on'},"
-                        f"num-queues=1"])
+        export = {"type": "vhost-user-blk", "id": "disk0", "node-name": "disk",
+                  "addr": {"type": "unix", "path": socket_path},
+                  "writable": not read_only, "num-queues": 1}
+        return _dies_with_pykvm([binary, "--blockdev", json.dumps(file_node),
+                                 "--blockdev", json.dumps(disk_node),
+                                 "--export", json.dumps(export)])
     return Daemon(name, argv, pass_fds=(image_fd,), exits_on_hangup=False)

@@ -102,6 +102,17 @@ def probe_format(path: str) -> str:
         os.close(fd)
 
 
+def served_by_vhost_user(spec) -> bool:
+    """Whether a vhost-user back end serves the disk of ``spec`` (a DiskSpec): asked for
+    (``backend=vhost-user``), a running one (``vhost-user=SOCKET``), or a qcow2 image --
+    found by content unless ``format=`` says."""
+    if spec.socket or spec.backend:
+        return bool(spec.socket) or spec.backend == "vhost-user"
+    if spec.format:
+        return spec.format == "qcow2"
+    return probe_format(spec.path) == "qcow2"
+
+
 class VhostBlkDevice(VhostUserDevice):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
