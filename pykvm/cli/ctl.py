@@ -1,7 +1,7 @@
 """`pykvm ctl SOCKET ACTION [ARGS]`: one request to a running pykvm's --api-sock
 (status, pause, resume, snapshot DIR, stats, stop), its JSON answer on stdout.
 
-The request format and the client are pykvm/control.py's; exit status 0 when the
+The request format and the client are pykvm/control/'s; exit status 0 when the
 VM answered ok, 1 otherwise.
 """
 

@@ -1,7 +1,7 @@
 """`pykvm exec` and `pykvm cp`: run a command in, or copy files into and out of, the
 guest of a running `pykvm run --agent --api-sock SOCKET`.
 
-Both send one request to the control socket (pykvm/control.py), which hands it to
+Both send one request to the control socket (pykvm/control/), which hands it to
 the guest agent (pykvm/agent.py). ``exec`` exits with the command's status (128+N
 for signal N, 127 not found, 124 on --timeout); ``cp`` names guest paths
 ``guest:PATH`` and moves directories as tar streams.

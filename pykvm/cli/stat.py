@@ -1,5 +1,5 @@
 """`pykvm stat SOCKET [-i SECONDS]`: the --stats table of a running pykvm, live,
-through its --api-sock (the ``stats`` request of pykvm/control.py), once or every
+through its --api-sock (the ``stats`` request of pykvm/control/), once or every
 SECONDS until interrupted.
 """
 

@@ -48,8 +48,9 @@ AGENT_BINARY = "/sbin/pykvm-agent"
 
 # pykvm modules that never shape a guest's state: a change to them keeps the snapshots
 # (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
-# are in the key themselves)
-STATELESS_SOURCES = {"pytest_plugin.py", "cli.py", "__main__.py", "control.py",
+# are in the key themselves; nor do the front ends, cli/ and the control socket, control/)
+STATELESS_PACKAGES = {"guestimage", "cli", "control"}
+STATELESS_SOURCES = {"pytest_plugin.py", "__main__.py",
                      "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdb/__init__.py",
                      "gdb/protocol.py", "gdb/registers.py", "gdb/listen.py", "gdb/breakpoints.py",
                      "gdb/traps.py", "gdb/stub.py",
@@ -174,7 +175,7 @@ def source_digest() -> str:
         root = Path(pykvm.__file__).resolve().parent
         for path in sorted(root.rglob("*.py")):
             relative = path.relative_to(root)
-            if relative.as_posix() in STATELESS_SOURCES or relative.parts[0] == "guestimage":
+            if relative.as_posix() in STATELESS_SOURCES or relative.parts[0] in STATELESS_PACKAGES:
                 continue
             digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes())
         _SOURCE_DIGEST = digest.hexdigest()
