@@ -54,13 +54,13 @@ WARM_COMMAND = "echo warm-start-answer"
 PYKVM_PROBE = r"""
 import io, json, sys, time
 started = time.monotonic()
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 from pathlib import Path
 guest = Path(sys.argv[1])
 config = MachineConfig(mem_size=256 << 20, kernel=guest / "vmlinux",
                        initrd=guest / "initramfs.cpio", command="true")
 sink = io.BytesIO()
-with Machine(config, stdout=sink, stderr=sink) as machine:
+with build_for_boot(config, stdout=sink, stderr=sink) as machine:
     setup_done = time.monotonic()
     stop = machine.run(timeout=1800)
     ended = time.monotonic()

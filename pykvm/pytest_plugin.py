@@ -291,7 +291,7 @@ class FlatVm:
         EXIT_PORT, halts for good, or ``timeout`` seconds pass."""
         import io
 
-        from pykvm.machine import Machine, MachineConfig, parse_size
+        from pykvm.machine import MachineConfig, build_for_boot, parse_size
 
         image = self.assemble(program, mode) if isinstance(program, str) else bytes(program)
         path = self.workdir / f"flat{len(self.runs)}.bin"
@@ -301,8 +301,8 @@ class FlatVm:
                                kvm_device=self.device)
         label = f"run {len(self.runs) + 1} ({mode} mode, {len(image)} bytes)"
         self.runs.append((label, console))
-        with Machine(config, stdout=console, stderr=console,
-                     stdin=io.BytesIO(input) if input else None) as machine:
+        with build_for_boot(config, stdout=console, stderr=console,
+                            stdin=io.BytesIO(input) if input else None) as machine:
             stop = machine.run(timeout)
             if stop is None:
                 return FlatResult(None, console.getvalue(), None, True)

@@ -287,14 +287,14 @@ def test_a_command_runs_in_a_built_debian_image(tmp_path):
 @pytest.mark.linux
 def test_the_agent_runs_in_a_built_debian_image(tmp_path):
     from pykvm.devices.virtio import DiskSpec
-    from pykvm.machine import Machine, MachineConfig, default_linux_guest
+    from pykvm.machine import MachineConfig, build_for_boot, default_linux_guest
 
     root = _debian_root(tmp_path)
     kernel, initrd = default_linux_guest()
     config = MachineConfig(kernel=kernel, initrd=initrd, mem_size=256 << 20, agent=True,
                            disks=[DiskSpec(str(root))], append="root=/dev/vda rw")
     console = io.BytesIO()
-    machine = Machine(config, stdout=console, stderr=console)
+    machine = build_for_boot(config, stdout=console, stderr=console)
     stops = []
     runner = threading.Thread(target=lambda: stops.append(machine.run()), daemon=True)
     runner.start()

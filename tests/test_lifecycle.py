@@ -6,6 +6,7 @@ import gc
 import io
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from pykvm import layout
 from pykvm.boot.modes import set_mode
 from pykvm.bus import Device
 from pykvm.devices.virtio.fs import FsSpec
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
+from pykvm.machine.config import DiskSpec
 from pykvm.memory import GuestMemory
 from pykvm.vstate.vm import State, Vm
 
@@ -82,7 +84,7 @@ def hello_guest(tmp_path_factory):
 def one_cycle(path, cpus: int) -> None:
     out, err = io.BytesIO(), io.BytesIO()
     config = MachineConfig(flat=path, mem_size=layout.MIN_MEM_SIZE + 0x10000, cpus=cpus)
-    with Machine(config, stdout=out, stderr=err) as machine:
+    with build_for_boot(config, stdout=out, stderr=err) as machine:
         stop = machine.run(timeout=30)
         assert (stop.kind, stop.status) == ("exit", 0), stop
         assert machine.vm.state is State.STOPPED
@@ -140,9 +142,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def processes_serving(directory) -> set[int]:
-    """Live (not zombie) processes whose command line names ``directory``: virtiofsd
-    serving it (and its sandboxed child), wherever they were reparented."""
+def processes_serving(directory, program: bytes = b"virtiofsd") -> set[int]:
+    """Live (not zombie) processes whose command line names ``directory`` and
+    ``program``: virtiofsd serving it (and its sandboxed child), wherever they were
+    reparented; qemu-storage-daemon with its socket there."""
     needle = str(directory).encode()
     found = set()
     for entry in os.listdir("/proc"):
@@ -155,7 +158,7 @@ def processes_serving(directory) -> set[int]:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue        # gone meanwhile
-        if needle in cmdline and b"virtiofsd" in cmdline and state != b"Z":
+        if needle in cmdline and program in cmdline and state != b"Z":
             found.add(int(entry))
     return found
 
@@ -195,7 +198,7 @@ def one_share_cycle(path, share, read_only: bool) -> set[int]:
                                                    read_only=read_only)])
     out, err = io.BytesIO(), io.BytesIO()
     before = children()
-    with Machine(config, stdout=out, stderr=err) as machine:
+    with build_for_boot(config, stdout=out, stderr=err) as machine:
         assert machine.memory.shareable and len(memfds()) >= 1      # RAM is a memfd
         daemons = children() - before
         assert len(daemons) == 1, "no virtiofsd child while the VM lives"
@@ -240,14 +243,14 @@ class ShareWatcher:
     """Collects, on a thread, the pids of every virtiofsd serving ``share`` while the
     block runs (a flat guest ends within a second: it looks while it runs)."""
 
-    def __init__(self, share):
-        self.share, self.seen = share, set()
+    def __init__(self, share, program: bytes = b"virtiofsd"):
+        self.share, self.program, self.seen = share, program, set()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch)
 
     def _watch(self) -> None:
         while not self._done.is_set():
-            self.seen.update(processes_serving(self.share))
+            self.seen.update(processes_serving(self.share, self.program))
             time.sleep(0.002)
 
     def __enter__(self) -> "ShareWatcher":
@@ -306,6 +309,101 @@ def test_cli_stops_the_share_daemon_on_every_exit_path(kvm, hello_guest, tmp_pat
         assert b"triple fault" in err, err
     assert seen, "pykvm started no virtiofsd"
     assert not alive(seen), "a virtiofsd outlived pykvm (or is left for init to reap)"
+    assert not list(private_tmp.iterdir()), list(private_tmp.iterdir())
+
+
+# --- a vhost-user-blk disk: qemu-storage-daemon (issue #16 items 5 and 6) --------------------
+QSD = "/usr/bin/qemu-storage-daemon"
+DISK_CYCLES = 10        # each starts and stops a real qemu-storage-daemon
+needs_qsd = pytest.mark.skipif(not os.access(QSD, os.X_OK) or not shutil.which("qemu-img"),
+                               reason="qemu-storage-daemon or qemu-img missing (apt-get install "
+                                      "qemu-system-common qemu-utils)")
+
+
+@pytest.fixture
+def qcow2_image(tmp_path):
+    image = tmp_path / "disk.img"           # a qcow2 image by content, not by name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    return image
+
+
+def one_disk_cycle(path, image, read_only: bool) -> set[int]:
+    """A flat guest with ``image`` as a vhost-user-blk disk: the pid of its daemon."""
+    config = MachineConfig(flat=path, mem_size=layout.MIN_MEM_SIZE + 0x10000,
+                           disks=[DiskSpec.parse(f"{image}{',ro' if read_only else ''}")])
+    out, err = io.BytesIO(), io.BytesIO()
+    before = children()
+    with build_for_boot(config, stdout=out, stderr=err) as machine:
+        daemons = children() - before
+        assert len(daemons) == 1, "no qemu-storage-daemon child while the VM lives"
+        stop = machine.run(timeout=30)
+        assert (stop.kind, stop.status) == ("exit", 0), (stop, err.getvalue())
+    assert out.getvalue() == b"ok", (out.getvalue(), err.getvalue())
+    return daemons
+
+
+@needs_qsd
+def test_cycles_with_a_vhost_user_disk_leak_no_daemon_socket_lock_or_memfd(kvm, hello_guest,
+                                                                           qcow2_image):
+    """DISK_CYCLES create/run/destroy cycles of a machine with a qcow2 disk (read-write and
+    read-only in turn): after each close its qemu-storage-daemon is gone and reaped, no
+    private directory is left, no memfd is open, the image is unlocked; at the end fds,
+    threads and mappings are back and the image is consistent."""
+    from pykvm.devices.virtio.blk import open_image
+    one_disk_cycle(hello_guest, qcow2_image, False)          # warm-up: imports, caches
+    gc.collect()
+    fds, maps, threads = fd_targets(), mappings(), settled_thread_count(1)
+    kids, directories = children(), vhost_directories()
+    for i in range(DISK_CYCLES):
+        daemons = one_disk_cycle(hello_guest, qcow2_image, read_only=bool(i % 2))
+        assert not alive(daemons), "a qemu-storage-daemon outlived its VM (or is left unreaped)"
+        assert children() <= kids
+        assert vhost_directories() <= directories, vhost_directories() - directories
+        assert not memfds(), memfds()
+    fd, _ = open_image(str(qcow2_image), False, sized=False)    # no lock left behind
+    os.close(fd)
+    assert open_fds() <= len(fds), (fds, fd_targets())
+    assert settled_thread_count(threads) <= threads, threading.enumerate()
+    assert mappings() <= maps + 2, (maps, mappings())
+    subprocess.run(["qemu-img", "check", "-q", str(qcow2_image)], check=True)
+
+
+@needs_qsd
+@pytest.mark.parametrize("how", ["exit", "sigterm", "crash", "vmm-error"])
+def test_cli_stops_the_disk_daemon_on_every_exit_path(kvm, hello_guest, qcow2_image, tmp_path,
+                                                      how):
+    """`pykvm run --flat ... --disk IMG` (a qcow2 image) ends normally, by SIGTERM, by a
+    guest triple fault, or by a VMM error after its daemon started (the same image again as
+    a second --disk: locked by the first): afterwards no qemu-storage-daemon of it lives (it was seen while pykvm
+    ran) and pykvm's private temp directory (TMPDIR) is empty."""
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    guest = tmp_path / "guest.bin"
+    guest.write_bytes({"exit": hello_guest.read_bytes(), "sigterm": SPIN_GUEST,
+                       "crash": CRASH_GUEST, "vmm-error": hello_guest.read_bytes()}[how])
+    extra = ["--entry", "long"] if how == "crash" else []
+    if how == "vmm-error":
+        extra += ["--disk", str(qcow2_image)]
+    with ShareWatcher(private_tmp, b"qemu-storage-daemon") as watcher:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pykvm", "run", "--flat", str(guest), "--disk",
+             str(qcow2_image), *extra],
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "TMPDIR": str(private_tmp)},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = finish(process, terminate_when=(lambda: watcher.seen) if how == "sigterm" else None)
+    seen = watcher.seen
+    expected = {"exit": 0, "sigterm": 128 + signal.SIGTERM, "crash": 3, "vmm-error": 2}[how]
+    assert process.returncode == expected, err
+    assert b"Traceback" not in err, err
+    if how == "crash":
+        assert b"triple fault" in err, err
+    if how == "vmm-error":
+        assert b"locked" in err and len(err.strip().splitlines()) == 1, err
+    else:
+        assert seen, "pykvm started no qemu-storage-daemon"
+    assert not alive(seen), "a qemu-storage-daemon outlived pykvm"
+    assert not processes_serving(private_tmp, b"qemu-storage-daemon")     # even one unseen
     assert not list(private_tmp.iterdir()), list(private_tmp.iterdir())
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from pykvm.devices.virtio.device import STATUS_NEEDS_RESET
 from pykvm.devices.virtio.fs import FsSpec
-from pykvm.machine import Machine, MachineConfig, default_linux_guest
+from pykvm.machine import MachineConfig, build_for_boot, default_linux_guest
 from pykvm.vhost_user.daemon import virtiofsd_path
 
 pytestmark = [pytest.mark.linux,
@@ -39,7 +39,7 @@ def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path):
                            live_shares=[FsSpec("pykvm-share", source=str(rw)),
                                         FsSpec("other", source=str(ro), read_only=True)])
     console = io.BytesIO()
-    machine = Machine(config, stdout=console, stderr=console)
+    machine = build_for_boot(config, stdout=console, stderr=console)
     daemons = [device.daemon for device in machine.virtio.shares]
     directories = [daemon.directory for daemon in daemons]
     pids = [daemon.process.pid for daemon in daemons]

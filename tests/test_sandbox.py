@@ -200,7 +200,7 @@ VCPU_SCENARIO = """
     import os, sys, threading
     from pykvm import sandbox
     from pykvm.bus import Device
-    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine import MachineConfig, build_for_boot
 
     if sys.argv[3] == "off":
         sandbox.configure(enabled=False)
@@ -215,7 +215,7 @@ VCPU_SCENARIO = """
             os.close(fd)
             machine.request_stop("exit", 0, "the device wrote its file")
 
-    with Machine(MachineConfig(mem_size=2 << 20, flat=sys.argv[1])) as machine:
+    with build_for_boot(MachineConfig(mem_size=2 << 20, flat=sys.argv[1])) as machine:
         machine.vm.add_pio_device(int(sys.argv[4]), 1, Creator())
         stop = machine.run(timeout=30)
         print(stop.kind if stop else "timeout", flush=True)
@@ -235,7 +235,7 @@ def test_the_vcpu_thread_is_confined(tmp_path):
 RARE_PATHS_SCENARIO = """
     import sys
     from pykvm.bus import Device
-    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine import MachineConfig, build_for_boot
     from pykvm.observe.disasm import Disassembler
 
     assert "capstone" not in sys.modules and "pykvm.snapshot.kvmstate" not in sys.modules
@@ -250,7 +250,7 @@ RARE_PATHS_SCENARIO = """
             print(f"saved {len(state)} parts; {text}", flush=True)
             machine.request_stop("exit", 0, "done")
 
-    machine = Machine(MachineConfig(mem_size=2 << 20, flat=sys.argv[1]))
+    machine = build_for_boot(MachineConfig(mem_size=2 << 20, flat=sys.argv[1]))
     machine.vm.add_pio_device(int(sys.argv[2]), 1, RarePaths())
     try:
         print(machine.run(timeout=30).kind, flush=True)
@@ -299,10 +299,10 @@ def test_the_library_switch_turns_it_off(tmp_path):
 DEVICE_SCENARIO = """
     import os, socket, sys
     from pykvm.devices.virtio import DiskSpec
-    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine import MachineConfig, build_for_boot
 
     config = MachineConfig(mem_size=2 << 20, flat=sys.argv[1], disks=[DiskSpec(sys.argv[2])])
-    with Machine(config) as machine:
+    with build_for_boot(config) as machine:
         function = machine.virtio.functions[0]
         # the test-only hook: the blk worker's next wake-up runs this instead of the queue
         function.worker._handle = lambda index: socket.socket()
@@ -329,13 +329,13 @@ def test_vcpu_and_device_threads_run_under_a_filter(tmp_path):
     """In this process (the default: on): the flat guest runs, and /proc shows the
     vCPU and the disk's I/O thread each under a filter, the main thread under none."""
     from pykvm.devices.virtio import DiskSpec
-    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine import MachineConfig, build_for_boot
 
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     config = MachineConfig(mem_size=2 << 20, flat=probe_guest(tmp_path),
                            disks=[DiskSpec(str(disk))])
-    with Machine(config) as machine:
+    with build_for_boot(config) as machine:
         seen = []
         machine.vm.add_pio_device(PROBE_PORT, 1, Probe(seen))
         machine.vm.start()
@@ -390,9 +390,9 @@ def test_a_guest_negotiating_offloads_is_not_killed_on_the_vcpu_thread():
 @needs_kvm
 def test_snapshots_through_the_confined_control_socket(tmp_path):
     from pykvm.control import ControlServer, request
-    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine import MachineConfig, build_for_boot
 
-    with Machine(MachineConfig(mem_size=2 << 20, flat=probe_guest(tmp_path))) as machine:
+    with build_for_boot(MachineConfig(mem_size=2 << 20, flat=probe_guest(tmp_path))) as machine:
         seen = []
         machine.vm.add_pio_device(PROBE_PORT, 1, Probe(seen))
         machine.vm.start()

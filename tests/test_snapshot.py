@@ -34,7 +34,7 @@ from pykvm.devices.virtio.pci import VirtioPciDevice
 from pykvm.devices.virtio.queue import Virtqueue
 from pykvm.devices.virtio.rng import RngDevice
 from pykvm.errors import ConfigError
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 from pykvm.memory import GuestMemory
 from pykvm.snapshot import SnapshotError, load_state, restore_machine, save_snapshot
 from pykvm.snapshot.memfile import PAGE, memory_digest, nonzero_runs
@@ -103,7 +103,7 @@ def ebx(machine) -> int:
 @needs_kvm
 def test_counting_guest_continues_from_the_snapshot(counting_guest, tmp_path):
     out = io.BytesIO()
-    with Machine(flat_config(counting_guest), stdout=out) as machine:
+    with build_for_boot(flat_config(counting_guest), stdout=out) as machine:
         machine.vm.start()
         wait_for_output(out, 20)
         info = save_snapshot(machine, tmp_path / "snap")     # pauses, snapshots, resumes
@@ -137,7 +137,7 @@ def test_counting_guest_continues_from_the_snapshot(counting_guest, tmp_path):
 def test_snapshot_of_a_restored_vm_into_its_own_directory(counting_guest, tmp_path):
     """The restored VM's RAM is mapped from memory.bin: a new snapshot replaces the file
     (a new inode), never writes into the mapped one."""
-    with Machine(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
+    with build_for_boot(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
         machine.vm.start()
         time.sleep(0.3)
         save_snapshot(machine, tmp_path / "snap")
@@ -161,7 +161,7 @@ def test_snapshot_of_a_restored_vm_into_its_own_directory(counting_guest, tmp_pa
 @needs_kvm
 def test_a_stopped_vm_is_not_snapshotted_and_a_restore_may_start_paused(counting_guest,
                                                                           tmp_path):
-    with Machine(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
+    with build_for_boot(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
         machine.vm.start()
         time.sleep(0.1)
         save_snapshot(machine, tmp_path / "snap")
@@ -186,7 +186,7 @@ def test_a_tsc_deadline_timer_survives_the_restore(counting_guest, tmp_path):
     before the LAPIC is in that mode, so a restore that lost it left the guest without
     a timer (it stalled the first time only the timer could wake it)."""
     from pykvm.ioctl import structs as s
-    with Machine(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
+    with build_for_boot(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
         vcpu = machine.vm.vcpus[0]
         raw = bytearray(bytes(vcpu.get_lapic()))
         raw[0x320:0x324] = (0x400EC).to_bytes(4, "little")       # LVTT: TSC deadline, 0xEC
@@ -201,7 +201,7 @@ def test_a_tsc_deadline_timer_survives_the_restore(counting_guest, tmp_path):
 
 @needs_kvm
 def test_vcpu_and_vm_state_round_trip(counting_guest, tmp_path):
-    with Machine(flat_config(counting_guest, cpus=2), stdout=io.BytesIO()) as machine:
+    with build_for_boot(flat_config(counting_guest, cpus=2), stdout=io.BytesIO()) as machine:
         machine.vm.start()
         time.sleep(0.2)
         save_snapshot(machine, tmp_path / "snap")
@@ -365,7 +365,7 @@ def good_snapshot(tmp_path_factory, counting_guest):
     config = flat_config(counting_guest, rng=True)
     from pykvm.devices.virtio import DiskSpec
     config.disks = [DiskSpec(str(image))]
-    with Machine(config, stdout=io.BytesIO()) as machine:
+    with build_for_boot(config, stdout=io.BytesIO()) as machine:
         machine.vm.start()
         time.sleep(0.2)
         save_snapshot(machine, where / "snap")

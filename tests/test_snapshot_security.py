@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm.devices.virtio import DiskSpec
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 from pykvm.snapshot import SnapshotError, restore_machine, save_snapshot
 
 from .conftest import needs_kvm
@@ -39,7 +39,7 @@ VICTIM_TEXT = b"the victim's own content\n"
 
 @pytest.fixture
 def machine(counting_guest):  # noqa: F811
-    with Machine(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
+    with build_for_boot(flat_config(counting_guest), stdout=io.BytesIO()) as machine:
         machine.vm.start()
         time.sleep(0.1)
         yield machine
@@ -401,13 +401,13 @@ def test_read_only_is_never_widened(counting_guest, tmp_path):  # noqa: F811
     image.write_bytes(bytes(1 << 20))
     config = flat_config(counting_guest)
     config.disks = [DiskSpec(str(image), read_only=True)]
-    with Machine(config, stdout=io.BytesIO()) as machine:
+    with build_for_boot(config, stdout=io.BytesIO()) as machine:
         save_snapshot(machine, tmp_path / "snap")
     for kwargs in ({"disks": [DiskSpec(str(image))]}, {"trust": True}):
         with restore_machine(tmp_path / "snap", stdout=io.BytesIO(), **kwargs) as machine:
             assert machine.virtio.disks[0].read_only and machine.config.disks[0].read_only
-    with Machine(flat_config(counting_guest, disks=[DiskSpec(str(image))]),
-                 stdout=io.BytesIO()) as machine:
+    with build_for_boot(flat_config(counting_guest, disks=[DiskSpec(str(image))]),
+                        stdout=io.BytesIO()) as machine:
         save_snapshot(machine, tmp_path / "rw")
     with restore_machine(tmp_path / "rw", stdout=io.BytesIO(),
                          disks=[DiskSpec(str(image), read_only=True)]) as machine:

@@ -280,7 +280,7 @@ def test_runs_that_cannot_use_the_cache_say_why(options, reason, monkeypatch):
 
 
 def test_a_setting_the_cache_does_not_key_over_is_not_cached(monkeypatch):
-    """A MachineConfig field the GuestSpec does not carry (here one made up) makes the
+    """A MachineConfig field the GuestSpec does not carry (here --rootfs) makes the
     run boot the old way instead of running in a guest without it."""
     from pykvm.cli import build_parser
     from pykvm.machine import MachineConfig
@@ -290,6 +290,6 @@ def test_a_setting_the_cache_does_not_key_over_is_not_cached(monkeypatch):
         pytest.skip("the default Linux guest is not built (pykvm guest build)")
     monkeypatch.setenv("PYKVM_GUEST_DIR", str(GUEST))
     config = MachineConfig(kernel=GUEST / "vmlinux", initrd=GUEST / "initramfs.cpio",
-                           extra={"future_device": 1})
+                           rootfs="/srv")
     assert refusal(build_parser().parse_args(["run"]), config) == \
-        "the boot cache does not key over extra"
+        "the boot cache does not key over rootfs"

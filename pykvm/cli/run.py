@@ -51,7 +51,11 @@ def add_parser(commands) -> None:
                          help="do not confine vCPU and device threads with seccomp filters "
                               "(pykvm/sandbox; a forbidden call otherwise ends pykvm with "
                               "status 159)")
-    devices = run.add_argument_group("devices (virtio over PCI)")
+    devices = run.add_argument_group("devices (virtio over PCI, or MMIO with --transport mmio)")
+    devices.add_argument("--transport", choices=("pci", "mmio"), default="pci",
+                         help="how the guest reaches its virtio devices: pci (default) or mmio "
+                              "(virtio-mmio, announced on the kernel command line; the guest "
+                              "gets pci=off, as under Firecracker)")
     devices.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                          help="a virtio-blk disk backed by a raw image (repeatable; ro: read-only; "
                               "serial: the ID the guest reads)")
@@ -125,7 +129,7 @@ def add_parser(commands) -> None:
 
 
 def cmd_run(args) -> int:
-    from ..machine import Machine, MachineConfig, default_linux_guest, parse_size
+    from ..machine import MachineConfig, build_for_boot, default_linux_guest, parse_size
     if args.disk or args.image:   # virtio and networking: only for runs that use them
         from ..devices.virtio import DiskSpec
     if args.image or args.image_kernel:
@@ -166,7 +170,8 @@ def cmd_run(args) -> int:
                            agent=args.agent or bool(share_copies),
                            shares=share_copies, live_shares=live_shares,
                            rootfs=str(Path(args.rootfs).resolve()) if args.rootfs else "",
-                           workdir=os.getcwd() if args.rootfs else "")
+                           workdir=os.getcwd() if args.rootfs else "",
+                           transport=args.transport)
     if args.command_args is not None:
         if args.flat:
             from ..errors import ConfigError
@@ -198,8 +203,8 @@ def cmd_run(args) -> int:
             config = machine.config
             config.stats, config.verbose = args.stats, args.verbose
         else:
-            machine = Machine(config, stdin=None if config.command is not None
-                              else sys.stdin.buffer, tracer=observers.tracer)
+            machine = build_for_boot(config, stdin=None if config.command is not None
+                                     else sys.stdin.buffer, tracer=observers.tracer)
     except BaseException:
         observers.__exit__(None, None, None)
         raise

@@ -34,18 +34,18 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import ipaddress
 import os
-import re
 import threading
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+# The --net record and its parsers live with the machine's config; re-exported here.
+from ..machine.config import (NET_USAGE, NETNS_DIR, USER_OPTIONS, NetSpec,  # noqa: F401
+                              format_mac, parse_cidr, parse_mac)
 from ..ioctl.call import libc
-from .tap import Tap, TapError, valid_ifname
+from .tap import Tap, TapError
 
 CLONE_NEWNET = 0x40000000
-NETNS_DIR = "/run/netns"
 IFF_UP = 0x1
 
 _setns = libc.setns
@@ -54,27 +54,6 @@ _setns.restype = ctypes.c_int
 
 
 # --- MAC addresses ------------------------------------------------------------------------
-_MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
-
-
-def parse_mac(text: str) -> bytes:
-    """'52:54:00:12:34:56' (or with '-') -> 6 bytes; a unicast, non-zero address."""
-    if not _MAC.match(text):
-        raise ConfigError(f"MAC address {text!r} is malformed (use six hex bytes, "
-                          f"e.g. 52:54:00:12:34:56)")
-    mac = bytes(int(part, 16) for part in re.split("[:-]", text))
-    if mac[0] & 1:
-        raise ConfigError(f"MAC address {text} is a multicast address (the first byte must "
-                          f"be even)")
-    if mac == bytes(6):
-        raise ConfigError("MAC address 00:00:00:00:00:00 is not a valid station address")
-    return mac
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
 def default_mac(machine_key: str, index: int) -> bytes:
     """A locally administered unicast MAC derived from the machine and the NIC index:
     the same for the same configuration on every run, different per NIC."""
@@ -91,119 +70,6 @@ def machine_key(config) -> str:
               + ("" if getattr(n, "mode", "tap") == "tap" else f"/{n.mode}")
               for n in getattr(config, "nets", [])]
     return "\n".join(parts)
-
-
-# --- the --net option ------------------------------------------------------------------------
-NET_USAGE = ("tap[=NAME][,mac=MAC][,bridge=BR][,host-ip=CIDR][,netns=NS], "
-             "user[,mac=MAC][,fwd=tcp|udp:HOSTPORT:GUESTPORT]...[,map-gw=off] "
-             "or passt=SOCKET[,mac=MAC]")
-USER_OPTIONS = {"user": ("mac", "fwd", "map-gw"), "passt": ("mac",)}
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    """One --net argument."""
-
-    tap: str | None = None                 # None: a new TAP named pykvmN by the kernel
-    mac: bytes | None = None               # None: default_mac(machine, index)
-    bridge: str | None = None
-    host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
-    netns: str | None = None
-    mode: str = "tap"                      # "tap", "user" (pykvm starts passt), "passt"
-    forwards: tuple = ()                   # passt.Forward of each fwd= (user)
-    passt_socket: str | None = None        # passt=SOCKET
-    map_gw: bool = True                    # user: the gateway address reaches the host
-
-    @classmethod
-    def parse(cls, text: str) -> "NetSpec":
-        kind, *options = text.split(",")
-        backend, _, tap = kind.partition("=")
-        if backend in USER_OPTIONS:
-            return cls._parse_user(text, backend, _, tap, options)
-        if backend != "tap":
-            raise ConfigError(f"--net {text!r}: unknown backend {backend!r} (use {NET_USAGE})")
-        if _ and not tap:
-            raise ConfigError(f"--net {text!r}: empty TAP name after tap=")
-        values: dict = {"tap": tap or None}
-        if tap and not valid_ifname(tap):
-            raise ConfigError(f"--net {text!r}: {tap!r} is not a valid interface name "
-                              f"(1 to 15 characters, no '/', ':' or spaces)")
-        for option in options:
-            key, sep, value = option.partition("=")
-            if not sep or not value:
-                raise ConfigError(f"--net {text!r}: option {option!r} needs a value "
-                                  f"(use {NET_USAGE})")
-            if key in ("mac", "bridge", "host-ip", "netns") and key.replace("-", "_") in values:
-                raise ConfigError(f"--net {text!r}: {key} given twice")
-            if key == "mac":
-                values["mac"] = parse_mac(value)
-            elif key == "bridge":
-                if not valid_ifname(value) or "%" in value:
-                    raise ConfigError(f"--net {text!r}: {value!r} is not a valid bridge name")
-                values["bridge"] = value
-            elif key == "host-ip":
-                values["host_ip"] = parse_cidr(value)
-            elif key == "netns":
-                if "/" in value or value in (".", ".."):
-                    raise ConfigError(f"--net {text!r}: {value!r} is not a namespace name "
-                                      f"(a name under {NETNS_DIR}, as `ip netns add` makes)")
-                values["netns"] = value
-            else:
-                raise ConfigError(f"--net {text!r}: unknown option {key!r} (use {NET_USAGE})")
-        return cls(**values)
-
-    @classmethod
-    def _parse_user(cls, text: str, mode: str, equals: str, value: str,
-                    options: list[str]) -> "NetSpec":
-        """``user[,...]`` and ``passt=SOCKET[,...]``."""
-        from .passt import Forward
-
-        if mode == "user" and equals:
-            raise ConfigError(f"--net {text!r}: user takes no value (use {NET_USAGE})")
-        if mode == "passt" and not value:
-            raise ConfigError(f"--net {text!r}: give passt's socket: passt=SOCKET")
-        values: dict = {"mode": mode, "passt_socket": value or None}
-        forwards: list = []
-        for option in options:
-            key, sep, argument = option.partition("=")
-            if not sep or not argument:
-                raise ConfigError(f"--net {text!r}: option {option!r} needs a value "
-                                  f"(use {NET_USAGE})")
-            if key not in USER_OPTIONS[mode]:
-                raise ConfigError(f"--net {text!r}: {mode} has no option {key!r} "
-                                  f"(use {NET_USAGE})")
-            if key == "fwd":
-                forward = Forward.parse(argument)
-                if any((f.protocol, f.host_port) == (forward.protocol, forward.host_port)
-                       for f in forwards):
-                    raise ConfigError(f"--net {text!r}: host port {forward.protocol} "
-                                      f"{forward.host_port} is forwarded twice")
-                forwards.append(forward)
-                continue
-            if key.replace("-", "_") in values:
-                raise ConfigError(f"--net {text!r}: {key} given twice")
-            if key == "mac":
-                values["mac"] = parse_mac(argument)
-            elif argument not in ("on", "off"):
-                raise ConfigError(f"--net {text!r}: map-gw is on or off")
-            else:
-                values["map_gw"] = argument == "on"
-        return cls(forwards=tuple(forwards), **values)
-
-
-def parse_cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-    """'10.0.2.2/24' -> an address with its prefix; the prefix is required."""
-    if "/" not in text:
-        raise ConfigError(f"host-ip {text!r}: give an address with its prefix length, "
-                          f"e.g. 10.0.2.2/24")
-    try:
-        interface = ipaddress.ip_interface(text)
-    except ValueError:
-        raise ConfigError(f"host-ip {text!r} is not an address/prefix (e.g. 10.0.2.2/24 "
-                          f"or fd00::2/64)") from None
-    if interface.ip.is_multicast or interface.ip.is_unspecified:
-        raise ConfigError(f"host-ip {text}: not a host address")
-    return interface
 
 
 def check_specs(specs: list[NetSpec]) -> None:

@@ -208,11 +208,12 @@ def decode_config(data) -> MachineConfig:
 
 
 def config_records() -> dict:
-    """The records a MachineConfig's lists hold, by the ``__type__`` they are saved as."""
-    from ..devices.virtio import DiskSpec
-    from ..net.plumbing import NetSpec
+    """The records a MachineConfig's lists hold, by the ``__type__`` version 1 saved them
+    as (their module paths then: a fixed table, never imported by name)."""
+    from ..machine.config import DiskSpec, NetSpec
 
-    return {f"{kind.__module__}:{kind.__qualname__}": kind for kind in (DiskSpec, NetSpec)}
+    return {"pykvm.devices.virtio.attach:DiskSpec": DiskSpec,
+            "pykvm.net.plumbing:NetSpec": NetSpec}
 
 
 CONFIG_LISTS = {"disks": "DiskSpec", "nets": "NetSpec", "shares": str}
@@ -227,7 +228,8 @@ def _decode_record(kind, data, where: str):
         raise SnapshotError(f"state.json: {where}: this pykvm does not know "
                             f"{', '.join(str(u)[:40] for u in unknown[:3])} (a snapshot of a "
                             f"newer pykvm?)")
-    hints = typing.get_type_hints(kind)
+    from ..devices.virtio.fs import FsSpec
+    hints = typing.get_type_hints(kind, localns={"FsSpec": FsSpec})
     values = {name: _decode_field(kind, name, hints[name], raw, f"{where}.{name}")
               for name, raw in data.items() if name != "__type__"}
     try:
@@ -245,13 +247,14 @@ def _decode_field(kind, name: str, hint, raw, where: str):
                                 f"{MAX_CONFIG_ITEMS} items)")
         return [_decode_item(CONFIG_LISTS[name], item, f"{where}[{index}]")
                 for index, item in enumerate(raw)]
-    if hint in (list, dict):
+    if hint in (list, dict) or typing.get_origin(hint) is list:
         # A kind of device this module does not know how to check (nor confirm as a
         # host resource, resources.py): restored only if the snapshot has none of them.
-        if raw != hint():
+        empty = [] if typing.get_origin(hint) is list else hint()
+        if raw != empty:
             raise SnapshotError(f"state.json: {where}: a snapshot with {name} is not "
                                 f"restored by this pykvm")
-        return hint()
+        return empty
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
                                                                    types.UnionType) else (hint,)
     if raw is None and type(None) in options:
@@ -304,7 +307,8 @@ def _encode(value):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         kind = type(value)
-        return {"__type__": f"{kind.__module__}:{kind.__qualname__}",
+        names = {record: name for name, record in config_records().items()}
+        return {"__type__": names[kind],
                 **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, (list, tuple)):
         return [_encode(item) for item in value]
@@ -338,22 +342,23 @@ def verify_memory(directory, document: SnapshotDocument) -> None:
                             f"memory was changed or damaged after the snapshot was taken")
 
 
-def restore_machine(directory, *, stdout=None, stderr=None, stdin=None, tracer=None,
-                    verify: bool = True, paused: bool = False, trust: bool = False,
-                    disks=None, nets=None, shares=None, kvm_device: str | None = None):
-    """A :class:`~pykvm.machine.Machine` in the state ``directory`` holds, ready to
-    :meth:`~pykvm.machine.Machine.run` (which resumes the guest where it was; with
-    ``paused`` it starts paused, for a control-socket ``resume``). ``verify`` checks the
-    memory file's digest too (it reads the file's data, not its holes).
+@dataclass
+class OpenedSnapshot:
+    """A snapshot read, checked and confirmed, its RAM mapped: what the builder
+    (pykvm/machine/builder.py) assembles a machine around and applies ``document`` to.
+    The caller owns ``memory`` (the machine does, once built on it)."""
 
-    Host resources are the caller's (pykvm/snapshot/resources.py): ``disks`` (DiskSpec),
-    ``nets`` (NetSpec) and ``shares`` (directories) replace the snapshot's, one per
-    device in its order; a kind not given is refused if the snapshot has any, unless
-    ``trust`` (a snapshot you took yourself); ``kvm_device`` is /dev/kvm by default,
-    whatever the snapshot says."""
+    document: SnapshotDocument
+    config: MachineConfig
+    memory: object          # GuestMemory
+
+
+def open_snapshot(directory, *, verify: bool = True, trust: bool = False, disks=None,
+                  nets=None, shares=None, kvm_device: str | None = None) -> OpenedSnapshot:
+    """Everything a restore checks before it builds anything (README.md next to this
+    file: "What a restore refuses"), then guest RAM mapped from memory.bin."""
     from ..kvm import DEFAULT_DEVICE
     from ..layout import ram_ranges
-    from ..machine import Machine
     from ..memory import GuestMemory
 
     directory = Path(directory)
@@ -372,21 +377,13 @@ def restore_machine(directory, *, stdout=None, stderr=None, stdin=None, tracer=N
         memory = GuestMemory.from_file(str(directory / MEMORY_FILE), layout)
     except (OSError, PykvmError) as error:
         raise SnapshotError(f"{directory}: cannot map {MEMORY_FILE}: {error}") from None
-    try:
-        machine = Machine(config, stdout=stdout, stderr=stderr,
-                          stdin=None if config.command is not None else stdin,
-                          tracer=tracer, memory=memory)
-    except BaseException:
-        memory.close()
-        raise
-    try:
-        apply_state(machine, document)
-        if paused:
-            machine.vm.pause()
-    except BaseException:
-        machine.close()
-        raise
-    return machine
+    return OpenedSnapshot(document, config, memory)
+
+
+def restore_machine(directory, **options):
+    """:func:`pykvm.machine.builder.build_from_snapshot` (this module's name for it)."""
+    from ..machine.builder import build_from_snapshot
+    return build_from_snapshot(directory, **options)
 
 
 def check_disks(config) -> None:

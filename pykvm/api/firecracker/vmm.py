@@ -27,6 +27,8 @@ from pathlib import Path
 from ... import layout
 from ...errors import PykvmError
 from . import APP_NAME, FIRECRACKER_API_VERSION
+from .balloon import BalloonApi
+from .entropy import EntropyApi
 from .logs import Log, MetricsSink
 from .resources import (DEFAULT_MACHINE, ApiFault, BootSource, Drive, InstanceActionInfo,
                         Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive,
@@ -41,9 +43,9 @@ MAX_NICS = 8
 MAX_CONFIG_FILE = 1 << 20
 METRICS_INTERVAL = 60.0       # seconds between unasked metrics lines (Firecracker's too)
 MAX_STATE_FILE = 64 << 20     # a pykvm state.json (pykvm/snapshot/document.py bounds it too)
-# pykvm's virtio devices sit on PCI until virtio-mmio lands (issue #17, item 4): a
-# Firecracker command line's pci=off would hide them, so it is dropped when there are any.
-PCI_OFF = "pci=off"
+# Firecracker's devices are virtio-mmio, announced on the kernel command line, so its
+# users' command lines say pci=off (firectl, Kata): pykvm's are too here, by default.
+TRANSPORT = "mmio"
 
 
 class Vmm:
@@ -64,6 +66,8 @@ class Vmm:
         self.metrics_config: Metrics | None = None
         self.metrics: MetricsSink | None = None
         self.machine = None
+        self.balloon = BalloonApi(self)       # /balloon, /balloon/statistics (balloon.py)
+        self.entropy = EntropyApi(self)       # /entropy (entropy.py)
         self._lock = threading.RLock()
         self._tasks: queue.Queue = queue.Queue()
         self._ended = threading.Event()
@@ -94,7 +98,7 @@ class Vmm:
     def vm_config(self) -> dict:
         """GET /vm/config: everything configured, Firecracker's FullVmConfiguration."""
         with self._lock:
-            return {"balloon": None,
+            return {"balloon": self.balloon.to_json(),
                     "drives": [drive.to_json() for drive in self._ordered_drives()],
                     "boot-source": self.boot_source.to_json() if self.boot_source else None,
                     "cpu-config": None,
@@ -103,7 +107,7 @@ class Vmm:
                     "metrics": self.metrics_config.to_json() if self.metrics_config else None,
                     "mmds-config": None,
                     "network-interfaces": [nic.to_json() for nic in self.nets.values()],
-                    "vsock": None, "entropy": None}
+                    "vsock": None, "entropy": self.entropy.to_json()}
 
     # --- pre-boot resources -----------------------------------------------------------------------
     def put_machine_config(self, body) -> None:
@@ -221,9 +225,13 @@ class Vmm:
                 self.log.info("InstanceStart: the microVM runs")
             elif kind == "FlushMetrics":
                 self.flush_metrics()
-            else:       # SendCtrlAltDel
-                machine = self._after_start()
-                machine.request_stop("user", 0, "SendCtrlAltDel")
+            else:       # SendCtrlAltDel: the keys, through the i8042 (devices/ps2_keyboard.py)
+                from ...devices.ps2_keyboard import CTRL_ALT_DEL
+                if not self._after_start().i8042.press_keys(CTRL_ALT_DEL):
+                    raise ApiFault("Failed to send CTRL+ALT+DEL: the guest's keyboard is not "
+                                   "taking keys (its driver disabled scanning, or the "
+                                   "previous keys are still unread)")
+                self.log.info("SendCtrlAltDel: the keys were pressed")
 
     def flush_metrics(self) -> None:
         if self.metrics is None:
@@ -335,8 +343,6 @@ class Vmm:
                  for d in drives]
         nets = [n.net_spec() for n in self.nets.values()]
         words = (self.boot_source.boot_args or "").split()
-        if disks or nets:
-            words = [w for w in words if w != PCI_OFF]
         root = next((d for d in drives if d.is_root_device), None)
         if root is not None:
             words += [f"root=PARTUUID={root.partuuid}" if root.partuuid else "root=/dev/vda",
@@ -347,7 +353,7 @@ class Vmm:
                              kernel=Path(source.kernel_image_path),
                              initrd=Path(source.initrd_path) if source.initrd_path else None,
                              append=" ".join(words), kvm_device=self.kvm_device,
-                             disks=disks, nets=nets)
+                             disks=disks, nets=nets, transport=TRANSPORT)
 
     def _ordered_drives(self) -> list[Drive]:
         """The root device first (it is /dev/vda), the others in the order they came."""
@@ -355,10 +361,10 @@ class Vmm:
         return sorted(drives, key=lambda d: not d.is_root_device)
 
     def _start(self) -> None:
-        from ...machine import Machine
+        from ...machine import build_for_boot
         config = self.machine_config_for_start()
         try:
-            self.machine = Machine(config, stdin=self.stdin, stdout=self.stdout)
+            self.machine = build_for_boot(config, stdin=self.stdin, stdout=self.stdout)
         except PykvmError as error:
             raise ApiFault(f"Start microvm error: {_text(error)}") from None
 
@@ -450,7 +456,8 @@ class Vmm:
                 raise ApiFault(f"--config-file {path}: {key} is not supported by pykvm yet")
         for key, method in (("logger", self.put_logger), ("metrics", self.put_metrics),
                             ("machine-config", self.put_machine_config),
-                            ("boot-source", self.put_boot_source)):
+                            ("boot-source", self.put_boot_source),
+                            ("balloon", self.balloon.put), ("entropy", self.entropy.put)):
             if config.get(key) is not None:
                 method(config[key])
         for key, method, name in (("drives", self.put_drive, "drive_id"),
@@ -465,7 +472,7 @@ class Vmm:
 
 CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", "logger",
                "metrics", "balloon", "vsock", "mmds-config", "entropy", "cpu-config")
-NOT_YET_KEYS = ("balloon", "vsock", "mmds-config", "entropy", "cpu-config")
+NOT_YET_KEYS = ("vsock", "mmds-config", "cpu-config")
 
 
 def existing_link_kind(name: str) -> str | None:

@@ -1,0 +1,137 @@
+"""Putting a guest into an assembled machine's RAM and its first vCPU: a flat binary
+at FLAT_LOAD_ADDR in the CPU mode it asks for, or a Linux kernel through the 64-bit
+boot protocol (pykvm/boot/linux.py) with its command line and firmware tables.
+Only :func:`pykvm.machine.builder.build_for_boot` calls :func:`load_guest`; a machine
+built from a snapshot gets its RAM and registers from the snapshot instead."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import layout
+from ..errors import ConfigError, ImageError
+from ..images import read_image_file
+from .config import format_size
+
+LINUX_CONSOLE_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+
+
+def load_guest(machine):
+    """Load ``machine.config``'s guest; the Linux boot record, or None for a flat binary."""
+    from ..boot.modes import set_mode
+
+    config, memory = machine.config, machine.memory
+    vcpu = machine.vm.vcpus[0]
+    if config.flat is not None:
+        image = read_image_file(config.flat, "flat binary")
+        load = layout.FLAT_LOAD_ADDR
+        room = memory.size - load if memory.size <= layout.PCI_HOLE_START \
+            else layout.PCI_HOLE_START - load
+        if len(image) > room:
+            raise ImageError(f"{config.flat}: flat binary of {len(image)} bytes does not fit "
+                             f"in guest RAM above {load:#x} ({format_size(config.mem_size)})")
+        memory.write(load, image)
+        set_mode(vcpu, memory, config.entry, load)
+        return None
+    from ..boot.linux import load_linux
+
+    initrd = read_image_file(config.initrd, "initrd") if config.initrd else b""
+    if config.command is not None:
+        from ..boot.cpio import command_archive
+        initrd = pad4(initrd) + command_archive(config.command)
+    boot = load_linux(memory, str(config.kernel), initrd or None, linux_cmdline(machine),
+                      extract=config.extract_kernel)
+    del initrd
+    release_freed_heap()
+    write_firmware_tables(machine, boot)
+    set_mode(vcpu, memory, "long", boot.entry, rsi=boot.boot_params_addr)
+    return boot
+
+
+def write_firmware_tables(machine, boot) -> None:
+    """How Linux finds its CPUs, IOAPIC and power-off: the ACPI tables (RSDP in the
+    zero page and at 0xE0000), and the MP table for a kernel booted with acpi=off."""
+    from ..boot.acpi import write_acpi_tables
+    from ..boot.mptable import write_mptable
+    from ..boot.zeropage import set_acpi_rsdp
+
+    write_mptable(machine.memory, machine.config.cpus)
+    machine.acpi_tables = write_acpi_tables(machine.memory, machine.config.cpus)
+    set_acpi_rsdp(machine.memory, boot.boot_params_addr, machine.acpi_tables.rsdp)
+
+
+def linux_cmdline(machine) -> str:
+    """The kernel command line for ``machine``: its consoles, devices and options."""
+    config, virtio = machine.config, machine.virtio
+    parts = [LINUX_CONSOLE_CMDLINE]
+    if config.console == "virtio":
+        parts = [LINUX_CONSOLE_CMDLINE.replace("console=ttyS0", "console=hvc0")]
+    if virtio is None or virtio.pci is None:
+        parts.append("pci=off")   # no PCI devices: spare the guest the bus scan
+        if virtio is not None:
+            parts.append(virtio.cmdline())   # virtio-mmio: announced, not discovered
+    else:
+        # The DSDT declares no PCI root bridge (it is kept minimal), and with ACPI
+        # Linux scans only the roots ACPI declares: have it probe bus 0 through conf1.
+        parts.append("pci=noacpi")
+    if config.command is not None and not config.verbose:
+        parts.append("quiet")
+    if config.agent or config.shares:
+        from ..agent import CMDLINE_FLAG
+        parts.append(CMDLINE_FLAG)      # the default guest's /init starts pykvm-agent
+    if config.live_shares:
+        from ..share import virtiofs_cmdline
+        parts.append(virtiofs_cmdline(config))   # the default guest's /init mounts them
+    dhcp = [nic.mac.hex(":") for nic in (virtio.nets if virtio else []) if nic.dhcp]
+    if dhcp:
+        parts.append("pykvm.dhcp=" + ",".join(dhcp))  # /init runs udhcpc on these NICs
+    if config.rootfs:
+        from ..share import rootfs_cmdline
+        parts.append(rootfs_cmdline(config))     # /init switches to that root
+    # Tell the kernel its TSC frequency instead of letting it calibrate against the
+    # PIT: calibration is slow everywhere and fails outright when guest ring 0 is
+    # emulated (kvm_pvm), leaving a guest clock that runs at a third of real time.
+    parts.append(f"tsc_early_khz={machine.vm.vcpus[0].tsc_khz()}")
+    parts.append(config.append)
+    from ..boot.bzimage import version_of_file
+    return machine.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p),
+                                            version_of_file(config.kernel))
+
+
+def pad4(data: bytes) -> bytes:
+    """Concatenated initramfs archives must start 4-byte aligned."""
+    return data + b"\0" * (-len(data) % 4)
+
+
+def release_freed_heap() -> None:
+    """Give the host back what loading the kernel freed. The kernel image, its extracted
+    vmlinux and the initrd pass through Python bytes (tens of MiB at the peak); glibc keeps
+    freed memory in its heap, which left ~8 MiB resident for the VM's whole life
+    (bench/memory.py). malloc_trim(0) is glibc's; elsewhere there is nothing to call."""
+    import ctypes
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def default_guest_dir() -> Path | None:
+    """Where the default Linux guest is: $PYKVM_GUEST_DIR, else the cache's build of this
+    pykvm's guest sources (`pykvm guest build`; pykvm/guestimage/cache.py); None if neither."""
+    from ..guestimage.cache import find_guest
+
+    if os.environ.get("PYKVM_GUEST_DIR"):
+        directory = Path(os.environ["PYKVM_GUEST_DIR"])
+        if (directory / "vmlinux").exists() or (directory / "bzImage").exists():
+            return directory
+    return find_guest()
+
+
+def default_linux_guest() -> tuple[Path, Path | None]:
+    directory = default_guest_dir()
+    if directory is None:
+        raise ConfigError("no --kernel given and the default guest is not built: run `pykvm guest build` "
+                          "(or pass --kernel PATH)")
+    kernel = directory / "vmlinux" if (directory / "vmlinux").exists() else directory / "bzImage"
+    initrd = directory / "initramfs.cpio"
+    return kernel, initrd if initrd.exists() else None
