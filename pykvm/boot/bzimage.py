@@ -123,16 +123,7 @@ class BzImage:
     @property
     def version_string(self) -> str | None:
         """The version string in the setup code: "6.1.0-18-amd64 (debian-kernel@...) #1 SMP ..."."""
-        offset = self.header.kernel_version_offset
-        if not offset:
-            return None
-        start = offset + 0x200  # the field holds the string's file offset less 0x200
-        if start >= self.header.setup_size:
-            return None  # boot.rst: a valid pointer lies inside the setup code
-        end = self.data.find(b"\0", start, self.header.setup_size)
-        if end < 0:
-            return None
-        return self.data[start:end].decode("ascii", errors="replace") or None
+        return _version_at(self.data, self.header.kernel_version_offset, self.header.setup_size)
 
     @property
     def release(self) -> str | None:
@@ -195,3 +186,32 @@ def _check_extent(header: SetupHeader, file_size: int, name: str) -> None:
                          f" its setup header says at least {needed})")
     if file_size == header.setup_size:
         raise ImageError(f"{name}: truncated bzImage (no protected-mode code after the setup sectors)")
+
+
+def version_of_file(path: str | os.PathLike) -> str | None:
+    """The version string of the bzImage at ``path`` (boot.rst, kernel_version), read from
+    its setup code alone; None for anything else (an ELF vmlinux, a flat binary) or a
+    header that does not hold one. What pykvm's quirks tell kernels apart by."""
+    try:
+        with open(path, "rb") as image:
+            head = image.read(HEADER + 4)
+            if len(head) < HEADER + 4 or head[HEADER:HEADER + 4] != HDRS_MAGIC:
+                return None
+            setup_sects = head[SETUP_SECTS] or DEFAULT_SETUP_SECTS
+            head += image.read((setup_sects + 1) * SECTOR_SIZE - len(head))
+    except OSError:
+        return None
+    return _version_at(head, struct.unpack_from("<H", head, KERNEL_VERSION)[0], len(head))
+
+
+def _version_at(data: bytes, offset: int, setup_size: int) -> str | None:
+    """The NUL-terminated version string the kernel_version field points at."""
+    if not offset:
+        return None
+    start = offset + 0x200  # the field holds the string's file offset less 0x200
+    if start >= setup_size:
+        return None  # boot.rst: a valid pointer lies inside the setup code
+    end = data.find(b"\0", start, setup_size)
+    if end < 0:
+        return None
+    return data[start:end].decode("ascii", errors="replace") or None

@@ -19,7 +19,9 @@ class Quirks:
     def adjust_cpuid(self, entries):
         return entries
 
-    def adjust_cmdline(self, cmdline: str) -> str:
+    def adjust_cmdline(self, cmdline: str, kernel_version: str | None = None) -> str:
+        """The command line Linux gets; ``kernel_version``: the bzImage's version string
+        (pykvm/boot/bzimage.py), to tell a distribution's kernel from pykvm's own."""
         return cmdline
 
     def on_start(self, vm) -> None:

@@ -14,6 +14,7 @@ from ..guest.code import code_at_rip, linear_rip
 from ..ioctl import requests as r
 from .. import sandbox
 from . import Quirks
+from .cmdline import DEBIAN_WORDS, is_debian, merge
 from .syscall import EarlyPlant, SyscallCompletion
 
 CPUID_1_ECX_CX16 = 1 << 13
@@ -49,6 +50,8 @@ class PvmQuirks(Quirks):
         "page-fault entry (an int3 planted there; every guest page fault exits once)",
         "CPUID.1:ECX.CX16 is cleared (the emulator cannot run lock cmpxchg16b)",
         f"Linux gets: {LINUX_CMDLINE}",
+        "Debian's kernels also get (a word of --append with the same key replaces "
+        f"pykvm's): {' '.join(DEBIAN_WORDS)}",
     ]
 
     def __init__(self):
@@ -76,8 +79,11 @@ class PvmQuirks(Quirks):
                 entry.ecx &= ~CPUID_1_ECX_CX16
         return entries
 
-    def adjust_cmdline(self, cmdline: str) -> str:
-        return f"{cmdline} {LINUX_CMDLINE}".strip()
+    def adjust_cmdline(self, cmdline: str, kernel_version: str | None = None) -> str:
+        cmdline = f"{cmdline} {LINUX_CMDLINE}".strip()
+        if is_debian(kernel_version):
+            cmdline = merge(cmdline, DEBIAN_WORDS)   # a word of the user's wins (cmdline.py)
+        return cmdline
 
     def complete_internal_error(self, vcpu, suberror: int) -> bool:
         if suberror != r.KVM_INTERNAL_ERROR_EMULATION:

@@ -1,0 +1,71 @@
+"""The command line kvm_pvm hosts give Debian's kernels (pykvm/quirks/cmdline.py): which
+kernels get it, that a user's word with the same key replaces pykvm's, and that the
+kernel is recognised from its bzImage header alone (pykvm/boot/bzimage.py)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pykvm.boot import bzimage
+from pykvm.boot.bzimage import version_of_file
+from pykvm.quirks import Quirks
+from pykvm.quirks.cmdline import DEBIAN_WORDS, is_debian, key, merge
+from pykvm.quirks.pvm import LINUX_CMDLINE, PvmQuirks
+
+DEBIAN = ("6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC "
+          "Debian 6.1.192-3 (2026-11-26)")
+PYKVM = "6.1.192 (pykvm@pykvm) #1 SMP 2024-01-01 00:00:00 UTC"
+
+
+def fake_bzimage(path, version: str | None, setup_sects: int = 2):
+    """The setup code of a bzImage: HdrS and a kernel_version pointer to ``version``."""
+    data = bytearray((setup_sects + 1) * bzimage.SECTOR_SIZE)
+    data[bzimage.SETUP_SECTS] = setup_sects
+    data[bzimage.HEADER:bzimage.HEADER + 4] = bzimage.HDRS_MAGIC
+    if version is not None:
+        at = 0x400
+        data[at:at + len(version) + 1] = version.encode() + b"\0"
+        struct.pack_into("<H", data, bzimage.KERNEL_VERSION, at - 0x200)
+    path.write_bytes(bytes(data) + b"\x90" * 4096)   # the protected-mode code, never read
+    return path
+
+
+def test_the_version_is_read_from_the_setup_code(tmp_path):
+    assert version_of_file(fake_bzimage(tmp_path / "deb", DEBIAN)) == DEBIAN
+    assert version_of_file(fake_bzimage(tmp_path / "none", None)) is None
+    (tmp_path / "elf").write_bytes(b"\x7fELF" + bytes(2000))
+    assert version_of_file(tmp_path / "elf") is None
+    assert version_of_file(tmp_path / "missing") is None
+
+
+def test_a_version_pointer_outside_the_setup_code_is_ignored(tmp_path):
+    path = fake_bzimage(tmp_path / "k", DEBIAN, setup_sects=1)   # 1024 bytes of setup
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, bzimage.KERNEL_VERSION, 0x1000)  # -> 0x1200, past it
+    path.write_bytes(bytes(data))
+    assert version_of_file(path) is None
+
+
+def test_only_debian_kernels_get_the_debian_words():
+    assert is_debian(DEBIAN) and not is_debian(PYKVM) and not is_debian(None)
+    quirks = PvmQuirks()
+    ours = quirks.adjust_cmdline("console=ttyS0", PYKVM)
+    assert ours == f"console=ttyS0 {LINUX_CMDLINE}"
+    theirs = quirks.adjust_cmdline("console=ttyS0", DEBIAN)
+    assert theirs == " ".join(["console=ttyS0", LINUX_CMDLINE, *DEBIAN_WORDS])
+    assert "initcall_blacklist=ftrace_check_for_weak_functions," in theirs
+    assert Quirks().adjust_cmdline("console=ttyS0", DEBIAN) == "console=ttyS0"   # VT-x/AMD-V
+
+
+@pytest.mark.parametrize("user", ["mitigations=auto", "initcall_blacklist=", "audit=1"])
+def test_a_users_word_replaces_pykvms_word_with_the_same_key(user):
+    line = PvmQuirks().adjust_cmdline(f"console=ttyS0 {user}", DEBIAN)
+    assert [word for word in line.split() if key(word) == key(user)] == [user]
+    assert all(word in line.split() for word in DEBIAN_WORDS if key(word) != key(user))
+
+
+def test_merge_adds_only_missing_keys():
+    assert merge("  a=1 b ", ["a=2", "b", "c=3"]) == "a=1 b c=3"
+    assert merge("", ["x"]) == "x"
