@@ -2,7 +2,7 @@
 guest of a running `pykvm run --agent --api-sock SOCKET`.
 
 Both send one request to the control socket (pykvm/control/), which hands it to
-the guest agent (pykvm/agent.py). ``exec`` exits with the command's status (128+N
+the guest agent (pykvm/agent/). ``exec`` exits with the command's status (128+N
 for signal N, 127 not found, 124 on --timeout); ``cp`` names guest paths
 ``guest:PATH`` and moves directories as tar streams.
 """

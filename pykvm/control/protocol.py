@@ -22,7 +22,7 @@ MAX_INT_DIGITS = 32         # digits of a JSON integer (CPython's int() is quadr
 MAX_RESPONSE = 1 << 30      # what a client reads of one response (exec output included)
 ACTIONS = ("status", "pause", "resume", "snapshot", "stats", "stop", "exec", "copy_in",
            "copy_out")
-# Guest-agent requests (pykvm/agent.py) take as long as the guest needs: they do not hold
+# Guest-agent requests (pykvm/agent/) take as long as the guest needs: they do not hold
 # the lock that orders state changes, so pause, snapshot and stop are served meanwhile.
 UNLOCKED_ACTIONS = ("exec", "copy_in", "copy_out")
 

@@ -13,7 +13,7 @@ from .host import BuildFailed, run
 
 HERE = Path(__file__).resolve().parent
 INIT_C = HERE / "init.c"
-AGENT_C = HERE / "agent.c"         # pykvm-agent, the guest side of pykvm/agent.py
+AGENT_C = HERE / "agent.c"         # pykvm-agent, the guest side of pykvm/agent/
 AGENT_PATH = "sbin/pykvm-agent"    # where the initramfs has it (init.c starts it)
 BUSYBOX = Path("/bin/busybox")
 
