@@ -23,6 +23,8 @@ from .. import layout
 from ..boot.modes import MODES
 from ..errors import ConfigError
 from ..kvm import DEFAULT_DEVICE
+from ..net.mac import format_mac, parse_mac  # noqa: F401 - re-exported with NetSpec
+from ..net.netns import NETNS_DIR
 from ..net.tap import valid_ifname
 
 if TYPE_CHECKING:
@@ -92,27 +94,6 @@ class DiskSpec:
 
 
 # --- NICs ------------------------------------------------------------------------------------
-NETNS_DIR = "/run/netns"
-_MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
-
-
-def parse_mac(text: str) -> bytes:
-    """'52:54:00:12:34:56' (or with '-') -> 6 bytes; a unicast, non-zero address."""
-    if not _MAC.match(text):
-        raise ConfigError(f"MAC address {text!r} is malformed (use six hex bytes, "
-                          f"e.g. 52:54:00:12:34:56)")
-    mac = bytes(int(part, 16) for part in re.split("[:-]", text))
-    if mac[0] & 1:
-        raise ConfigError(f"MAC address {text} is a multicast address (the first byte must "
-                          f"be even)")
-    if mac == bytes(6):
-        raise ConfigError("MAC address 00:00:00:00:00:00 is not a valid station address")
-    return mac
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
 
 def parse_cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     """'10.0.2.2/24' -> an address with its prefix; the prefix is required."""
@@ -254,6 +235,12 @@ class MachineConfig:
     rootfs: str = ""                    # --rootfs DIR: the guest's root over virtio-fs (pykvm/share.py)
     workdir: str = ""                   # with rootfs: shared read-write, the command runs there
     transport: str = "pci"              # virtio over "pci" or "mmio" (devices/virtio/mmio.py)
+    vsock_cid: int = 0                  # --vsock: the guest's CID (0: no virtio-vsock device)
+    vsock_uds: str = ""                 # its host Unix socket ("": a private one; pykvm/vsock)
+    balloon: bool = False               # a virtio-balloon device (devices/virtio/balloon.py)
+    balloon_mib: int = 0                # its first target, MiB
+    balloon_deflate_on_oom: bool = False
+    balloon_stats_s: int = 0            # its statistics interval, s (0: no statistics queue)
 
     def validate(self) -> None:
         """ConfigError (one line) for a config no machine can be built from."""
@@ -279,6 +266,24 @@ class MachineConfig:
                 self.flat is not None:
             raise ConfigError("--agent and --share need a Linux guest (the agent runs in it)")
         self._check_records()
+        if self.balloon:
+            self.balloon_spec()
+        if self.vsock_cid or self.vsock_uds:
+            from ..vsock import VsockSpec
+            VsockSpec(self.vsock_cid, self.vsock_uds)     # ConfigError if it is not one
+
+    def balloon_spec(self):
+        """The virtio-balloon's BalloonSpec (ConfigError for a target beyond RAM)."""
+        from ..devices.virtio.balloon import MAX_STATS_INTERVAL_S, BalloonSpec, mib_to_pages
+        if not 0 <= self.balloon_mib <= self.mem_size // layout.MiB:
+            raise ConfigError(f"balloon target {self.balloon_mib} MiB: more than the guest's "
+                              f"{format_size(self.mem_size)}")
+        if not 0 <= self.balloon_stats_s <= MAX_STATS_INTERVAL_S:
+            raise ConfigError(f"balloon statistics interval {self.balloon_stats_s} s: at most "
+                              f"{MAX_STATS_INTERVAL_S}")
+        return BalloonSpec(target_pages=mib_to_pages(self.balloon_mib),
+                           deflate_on_oom=self.balloon_deflate_on_oom,
+                           stats_interval_s=self.balloon_stats_s)
 
     def _check_records(self) -> None:
         """Each list holds its own kind of record (a stray dict or string from a caller

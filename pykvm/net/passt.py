@@ -233,7 +233,7 @@ class UserNic:
         self.wire = StreamWire(fd, self.mtu)
 
     def describe(self) -> str:
-        from .plumbing import format_mac
+        from .mac import format_mac
         if self.passt is None:
             where = f"passt at {self.spec.passt_socket}"
         else:

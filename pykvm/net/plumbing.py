@@ -30,46 +30,19 @@ the same configuration gets the same MAC on every run.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
-import hashlib
 import os
 import threading
-from dataclasses import dataclass
 
 from ..errors import ConfigError
-# The --net record and its parsers live with the machine's config; re-exported here.
-from ..machine.config import (NET_USAGE, NETNS_DIR, USER_OPTIONS, NetSpec,  # noqa: F401
-                              format_mac, parse_cidr, parse_mac)
-from ..ioctl.call import libc
+# The --net record and its parsers live with the machine's config; re-exported here, as
+# are the MAC helpers (mac.py) and the namespace helpers (netns.py) this module used to hold.
+from ..machine.config import NET_USAGE, USER_OPTIONS, NetSpec, parse_cidr  # noqa: F401
+from .mac import default_mac, format_mac, machine_key, parse_mac  # noqa: F401
+from .netns import NETNS_DIR, entered_netns, open_netns  # noqa: F401
 from .tap import Tap, TapError
 
-CLONE_NEWNET = 0x40000000
 IFF_UP = 0x1
-
-_setns = libc.setns
-_setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_setns.restype = ctypes.c_int
-
-
-# --- MAC addresses ------------------------------------------------------------------------
-def default_mac(machine_key: str, index: int) -> bytes:
-    """A locally administered unicast MAC derived from the machine and the NIC index:
-    the same for the same configuration on every run, different per NIC."""
-    digest = hashlib.sha256(f"pykvm-net\0{machine_key}\0{index}".encode()).digest()
-    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
-
-
-def machine_key(config) -> str:
-    """What identifies a machine for its default MACs: the guest it boots, its disks
-    and its NICs' host ends (not memory or vCPUs, which may change freely)."""
-    parts = [str(getattr(config, "kernel", None) or getattr(config, "flat", None) or "")]
-    parts += [str(getattr(disk, "path", disk)) for disk in getattr(config, "disks", [])]
-    parts += [f"{n.tap or ''}/{n.bridge or ''}/{n.netns or ''}"
-              + ("" if getattr(n, "mode", "tap") == "tap" else f"/{n.mode}")
-              for n in getattr(config, "nets", [])]
-    return "\n".join(parts)
 
 
 def check_specs(specs: list[NetSpec]) -> None:
@@ -85,40 +58,6 @@ def check_specs(specs: list[NetSpec]) -> None:
             if spec.mac in seen_macs:
                 raise ConfigError(f"--net: MAC {format_mac(spec.mac)} is given twice")
             seen_macs.add(spec.mac)
-
-
-# --- network namespaces ------------------------------------------------------------------------
-def open_netns(name: str | None) -> int:
-    """An fd of the named namespace, or of this thread's own when ``name`` is None."""
-    path = "/proc/thread-self/ns/net" if name is None else os.path.join(NETNS_DIR, name)
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"network namespace {name!r} does not exist (create it with "
-                          f"`ip netns add {name}`)") from None
-    except OSError as error:
-        raise ConfigError(f"cannot open network namespace {name!r}: {error.strerror}") from None
-
-
-@contextlib.contextmanager
-def entered_netns(fd: int):
-    """Run the body with this thread in the network namespace ``fd``; back after it.
-    (setns acts on the calling thread only: pykvm's other threads are not moved.)"""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if os.fstat(own).st_ino == os.fstat(fd).st_ino:
-            yield
-            return
-        if _setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise ConfigError(f"cannot enter the network namespace: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if _setns(own, CLONE_NEWNET) != 0:   # pragma: no cover - cannot fail for our own ns
-                raise OSError(ctypes.get_errno(), "setns back to pykvm's namespace failed")
-    finally:
-        os.close(own)
 
 
 # --- one NIC's host side ------------------------------------------------------------------------
