@@ -207,7 +207,8 @@ def test_root_device_goes_on_the_command_line(tmp_path):
     vmm.put_drive("rootfs", {"drive_id": "rootfs", "path_on_host": str(image),
                              "is_root_device": True, "is_read_only": True})
     config = vmm.machine_config_for_start()
-    assert config.append == "quiet root=/dev/vda ro"
+    # pci=off stays: the disks are virtio-mmio devices, announced on the command line
+    assert config.append == "pci=off quiet root=/dev/vda ro" and config.transport == "mmio"
     assert [(d.path, d.read_only, d.serial) for d in config.disks] == [(str(image), True,
                                                                        "rootfs")]
     vmm.put_drive("rootfs", {"drive_id": "rootfs", "path_on_host": str(image),

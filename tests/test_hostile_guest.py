@@ -203,7 +203,7 @@ GUEST_MEM = 64 << 20
 LOAD_ADDR = 0x10000
 PARAMS = LOAD_ADDR + 8                 # hostile.S's parameter block
 SCRIPT_ADDR = 0x80000                  # scripts are written here (up to 0x80000 bytes)
-CMD_ADDR = 0xD0001000                  # the command register, outside the BAR window's use
+CMD_ADDR = 0xDF000000                  # the command register: no BAR nor virtio-mmio page there
 OP_END, OP_STORE, OP_LOAD, OP_WATCH = 0, 1, 2, 3
 _ENTRY = struct.Struct("<QQQQQ")
 

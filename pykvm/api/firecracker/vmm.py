@@ -319,6 +319,7 @@ class Vmm:
         (a disk's id is its virtio serial, as InstanceStart made it)."""
         self.machine_config = MachineConfiguration(vcpu_count=config.cpus,
                                                    mem_size_mib=config.mem_size // layout.MiB)
+        self.balloon.describe_loaded(config)
         if config.kernel is not None:
             self.boot_source = BootSource(
                 kernel_image_path=str(config.kernel), boot_args=config.append or None,
@@ -339,7 +340,12 @@ class Vmm:
         if self.boot_source is None:
             raise ApiFault("Cannot start microvm without kernel configuration.")
         drives = self._ordered_drives()
-        disks = [DiskSpec(path=d.path_on_host, read_only=d.read_only, serial=d.drive_id[:20])
+        from ...devices.virtio.vhost_blk import probe_format
+        # a qcow2 image is served by qemu-storage-daemon over vhost-user, as for --disk;
+        # that daemon answers GET_ID itself, so such a drive has no drive_id serial
+        disks = [DiskSpec(path=d.path_on_host, read_only=d.read_only,
+                          serial="" if probe_format(d.path_on_host) == "qcow2"
+                          else d.drive_id[:20])
                  for d in drives]
         nets = [n.net_spec() for n in self.nets.values()]
         words = (self.boot_source.boot_args or "").split()
@@ -353,7 +359,8 @@ class Vmm:
                              kernel=Path(source.kernel_image_path),
                              initrd=Path(source.initrd_path) if source.initrd_path else None,
                              append=" ".join(words), kvm_device=self.kvm_device,
-                             disks=disks, nets=nets, transport=TRANSPORT)
+                             disks=disks, nets=nets, transport=TRANSPORT,
+                             rng=self.entropy.configured, **self.balloon.machine_fields())
 
     def _ordered_drives(self) -> list[Drive]:
         """The root device first (it is /dev/vda), the others in the order they came."""

@@ -1,0 +1,232 @@
+"""virtio-mmio (virtio 1.2, section 4.2) under real KVM: a flat guest
+(tests/guests/hostile.S, ring 3) reads and writes the register pages as Linux's
+virtio_mmio driver does -- 32-bit loads and stores, QueueNotify matched by an
+ioeventfd -- against devices that attach_virtio(transport="mmio") put where
+pykvm/layout.py says; and as a hostile driver does, which must end in NEEDS_RESET
+with the VM alive and the device usable again after a reset.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pytest
+
+from pykvm import layout
+from pykvm.devices.virtio.device import VIRTIO_F_VERSION_1
+from pykvm.devices.virtio.driver import DriverRing
+from pykvm.memory import GuestMemory
+
+from .test_hostile_guest import FlatGuest, Script, wait_until
+
+GUEST_MEM = 64 << 20
+BASE = layout.VIRTIO_MMIO_START
+BLK, RNG = BASE, BASE + layout.VIRTIO_MMIO_SLOT        # the order attach_virtio puts them in
+RINGS = 0x400000
+DATA = 0x600000
+QSIZE = 16
+NEEDS_RESET = 0x40
+SECTORS = 64
+# Registers (4.2.2)
+MAGIC, VERSION, DEVICE_ID, VENDOR_ID = 0x000, 0x004, 0x008, 0x00C
+DEVICE_FEATURES, DEVICE_FEATURES_SEL = 0x010, 0x014
+DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
+QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY, QUEUE_NOTIFY = 0x030, 0x034, 0x038, 0x044, 0x050
+INTERRUPT_STATUS, INTERRUPT_ACK, STATUS = 0x060, 0x064, 0x070
+QUEUE_DESC, QUEUE_DRIVER, QUEUE_DEVICE = 0x080, 0x090, 0x0A0
+SHM_LEN_LOW, CONFIG_GENERATION, CONFIG = 0x0B0, 0x0FC, 0x100
+
+
+class MmioScript(Script):
+    """A Script that speaks virtio-mmio to the register page at ``base``, in the
+    order Linux's virtio_mmio does (vm_setup_vq, vm_finalize_features, ...)."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.base = base
+
+    def reg(self, offset: int, value: int) -> None:
+        self.store(self.base + offset, value, 4)
+
+    def get(self, offset: int, width: int = 4) -> int:
+        return self.load(self.base + offset, width)
+
+    def negotiate(self, features: int = VIRTIO_F_VERSION_1) -> None:
+        for status in (0, 1, 3):                          # reset, ACKNOWLEDGE, DRIVER
+            self.reg(STATUS, status)
+        for select in (0, 1):
+            self.reg(DRIVER_FEATURES_SEL, select)
+            self.reg(DRIVER_FEATURES, features >> 32 * select)
+        self.reg(STATUS, 0xB)                             # FEATURES_OK
+
+    def queue(self, index: int, ring: DriverRing, *, size: int | None = None) -> None:
+        self.reg(QUEUE_SEL, index)
+        self.reg(QUEUE_NUM, ring.size if size is None else size)
+        for offset, addr in ((QUEUE_DESC, ring.desc_addr), (QUEUE_DRIVER, ring.avail_addr),
+                             (QUEUE_DEVICE, ring.used_addr)):
+            self.reg(offset, addr & 0xFFFFFFFF)
+            self.reg(offset + 4, addr >> 32)
+        self.reg(QUEUE_READY, 1)
+
+    def notify(self, index: int) -> None:
+        self.reg(QUEUE_NOTIFY, index)
+
+
+@pytest.fixture
+def rig(kvm, tmp_path):
+    """A flat guest with a virtio-blk disk and a virtio-rng on virtio-mmio."""
+    from pykvm.devices.virtio.attach import DiskSpec, attach_virtio
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SECTORS * 512))
+    memory = GuestMemory.anonymous(GUEST_MEM)
+    guest = FlatGuest(kvm, memory, log=io.StringIO())
+    virtio = attach_virtio(guest.vm, memory, disks=[DiskSpec(str(image))], rng=True,
+                           transport="mmio")
+    guest.start()
+    try:
+        yield guest, virtio, image
+    finally:
+        guest.close()
+        memory.close()
+
+
+def test_devices_sit_where_the_layout_says_and_the_command_line_announces_them(rig):
+    guest, virtio, _ = rig
+    assert virtio.pci is None and [t.base for t in virtio.transports()] == [BLK, RNG]
+    first, second = layout.VIRTIO_MMIO_IRQS[:2]
+    assert virtio.cmdline() == (f"virtio_mmio.device=4K@0xd0000000:{first} "
+                                f"virtio_mmio.device=4K@0xd0001000:{second}")
+
+
+def test_register_file_reads_as_a_version_2_device(rig):
+    guest, virtio, _ = rig
+    script = MmioScript(BLK)
+    reads = {name: script.get(offset) for name, offset in (
+        ("magic", MAGIC), ("version", VERSION), ("device", DEVICE_ID), ("vendor", VENDOR_ID),
+        ("shm_len", SHM_LEN_LOW), ("generation", CONFIG_GENERATION))}
+    script.reg(DEVICE_FEATURES_SEL, 1)
+    reads["features_high"] = script.get(DEVICE_FEATURES)
+    script.reg(QUEUE_SEL, 0)
+    reads["num_max"] = script.get(QUEUE_NUM_MAX)
+    reads["ready"] = script.get(QUEUE_READY)
+    script.reg(QUEUE_SEL, 7)                              # blk has one queue
+    reads["num_max_absent"] = script.get(QUEUE_NUM_MAX)
+    reads["capacity"] = script.get(CONFIG)                # virtio_blk_config.capacity, low half
+    reads["magic_16bit"] = script.get(MAGIC, 2)           # not 32 bits wide: reads 0 (4.2.2.2)
+    reads["rng_device"] = script.load(RNG + DEVICE_ID)
+    values = guest.run(script)
+    got = dict(zip(reads, (values[index] for index in reads.values())))
+    assert got == {"magic": 0x74726976, "version": 2, "device": 2, "vendor": 0x554D4551,
+                   "shm_len": 0xFFFFFFFF, "generation": 0, "features_high": 1,
+                   "num_max": virtio.disks[0].queue_sizes[0], "ready": 0, "num_max_absent": 0,
+                   "capacity": SECTORS, "magic_16bit": 0, "rng_device": 4}
+
+
+def _blk_request(memory, ring: DriverRing, kind: int, sector: int, data_addr: int) -> None:
+    memory.write(DATA, struct.pack("<IIQ", kind, 0, sector))
+    memory.write(DATA + 0x2000, b"\xff")
+    ring.add_chain([(DATA, 16, False), (data_addr, 512, kind == 0), (DATA + 0x2000, 1, True)])
+
+
+def test_a_request_round_trip_over_the_ioeventfd_and_the_interrupt_status(rig):
+    guest, virtio, image = rig
+    memory = guest.memory
+    transport = virtio.transports()[0]
+    ring = DriverRing(memory, RINGS, QSIZE)
+    setup = MmioScript(BLK)
+    setup.negotiate()
+    setup.queue(0, ring)
+    setup.reg(STATUS, 0xF)                                # DRIVER_OK
+    status = setup.get(STATUS)
+    assert guest.run(setup)[status] == 0xF
+
+    payload = b"over virtio-mmio".ljust(512, b".")
+    memory.write(DATA + 0x1000, payload)
+    _blk_request(memory, ring, 1, 5, DATA + 0x1000)       # write sector 5
+    kick = MmioScript(BLK)
+    kick.notify(0)                                        # one 32-bit store: the ioeventfd
+    guest.run(kick)
+    assert wait_until(lambda: ring.used_idx() == 1, 5.0)
+    assert image.read_bytes()[5 * 512:6 * 512] == payload
+    assert memory.read(DATA + 0x2000, 1) == b"\0"         # VIRTIO_BLK_S_OK
+
+    memory.write(DATA + 0x3000, bytes(512))
+    _blk_request(memory, ring, 0, 5, DATA + 0x3000)       # and read it back
+    guest.run(kick)
+    assert wait_until(lambda: ring.used_idx() == 2, 5.0)
+    assert memory.read(DATA + 0x3000, 512) == payload
+    assert transport.interrupts >= 1 and not transport.broken
+
+    ack = MmioScript(BLK)
+    before = ack.get(INTERRUPT_STATUS)
+    ack.reg(INTERRUPT_ACK, 1)
+    after = ack.get(INTERRUPT_STATUS)
+    values = guest.run(ack)
+    assert (values[before], values[after]) == (1, 0)
+    assert guest.vm.stop_reason is None
+
+
+class _Outside:
+    """Ring registers pointing past the end of guest RAM."""
+    size = QSIZE
+    desc_addr = GUEST_MEM - 16
+    avail_addr = RINGS + 0x1000
+    used_addr = RINGS + 0x2000
+
+
+# (name, what the hostile driver does after FEATURES_OK, on rng's queue 0)
+HOSTILE = [
+    ("queue size not a power of two", lambda s, r: s.queue(0, r, size=3)),
+    ("queue size above QueueNumMax", lambda s, r: s.queue(0, r, size=1 << 16)),
+    ("rings outside RAM", lambda s, r: s.queue(0, _Outside())),
+    ("QueueNum after QueueReady", lambda s, r: (s.queue(0, r), s.reg(QUEUE_NUM, 8))),
+    ("QueueDesc after QueueReady", lambda s, r: (s.queue(0, r), s.reg(QUEUE_DESC, DATA))),
+    ("features after FEATURES_OK", lambda s, r: s.reg(DRIVER_FEATURES, 0)),
+    ("status bits cleared", lambda s, r: s.reg(STATUS, 1)),
+    ("DRIVER_OK without FEATURES_OK", lambda s, r: (s.reg(STATUS, 0), s.reg(STATUS, 1),
+                                                    s.reg(STATUS, 7))),
+    ("a buffer outside RAM", lambda s, r: (s.queue(0, r), s.reg(STATUS, 0xF),
+                                           _publish(r, GUEST_MEM - 8, 64), s.notify(0))),
+]
+
+
+def _publish(ring: DriverRing, addr: int, length: int) -> None:
+    ring.add_chain([(addr, length, True)])
+
+
+@pytest.mark.parametrize("name,attack", HOSTILE, ids=[name for name, _ in HOSTILE])
+def test_a_hostile_driver_gets_needs_reset_and_the_device_recovers(rig, name, attack):
+    guest, virtio, _ = rig
+    memory = guest.memory
+    transport = virtio.transports()[1]
+    ring = DriverRing(memory, RINGS, QSIZE)
+    script = MmioScript(RNG)
+    script.negotiate()
+    attack(script, ring)
+    guest.run(script)
+    assert wait_until(lambda: transport.broken, 5.0), name
+    check = MmioScript(RNG)
+    status = check.get(STATUS)
+    pending = check.get(INTERRUPT_STATUS)
+    values = guest.run(check)
+    assert values[status] & NEEDS_RESET, name
+    assert values[pending] & 2, name                      # a configuration change: look
+    assert "device needs reset" in transport.log.getvalue()
+    assert "internal error" not in transport.log.getvalue()
+
+    # The driver resets the device and it serves an ordinary request again.
+    ring = DriverRing(memory, RINGS, QSIZE)
+    again = MmioScript(RNG)
+    again.negotiate()
+    again.queue(0, ring)
+    again.reg(STATUS, 0xF)
+    status = again.get(STATUS)
+    memory.write(DATA, bytes(64))
+    _publish(ring, DATA, 64)
+    again.notify(0)
+    assert guest.run(again)[status] == 0xF
+    assert wait_until(lambda: ring.used_idx() == 1, 5.0)
+    assert memory.read(DATA, 64) != bytes(64)
+    assert guest.vm.stop_reason is None
