@@ -246,8 +246,10 @@ RARE_PATHS_SCENARIO = """
         name = "rare"
         def write(self, offset, size, value):
             state = machine.vm.vcpus[0].save_state()
+            loaded = "capstone" in sys.modules
             text = Disassembler().decode(bytes.fromhex("0f01ca"), 0, 64).text
-            print(f"saved {len(state)} parts; {text}", flush=True)
+            print(f"saved {len(state)} parts; capstone loaded before: {loaded}; {text}",
+                  flush=True)
             machine.request_stop("exit", 0, "done")
 
     machine = build_for_boot(MachineConfig(mem_size=2 << 20, flat=sys.argv[1]))
@@ -261,12 +263,15 @@ RARE_PATHS_SCENARIO = """
 
 @needs_kvm
 def test_rare_paths_import_on_a_confined_thread_right_after_start(tmp_path):
-    """kvmstate and capstone are imported off the start-up path by an unconfined thread;
-    a confined vCPU thread needing them at once waits for it (sandbox.wait_for_preload)."""
+    """kvmstate is imported off the start-up path by an unconfined thread; a confined
+    vCPU thread needing it at once waits for it (sandbox.wait_for_preload). capstone is
+    not loaded until a confined thread needs it: the same thread imports it then
+    (sandbox.import_unconfined)."""
     result = child(RARE_PATHS_SCENARIO, probe_guest(tmp_path), PROBE_PORT)
     assert result.returncode == 0, result.stderr
     saved, stop = result.stdout.splitlines()[-2:]
     assert stop == "exit" and saved.startswith("saved ")
+    assert "capstone loaded before: False" in saved
     try:
         import capstone  # noqa: F401
     except ImportError:

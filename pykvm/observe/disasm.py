@@ -74,9 +74,8 @@ class Disassembler:
         self.cache: dict[tuple[int, int], Instruction] = {}
         self.available = False
         if use_capstone:
-            sandbox.wait_for_preload()   # a confined thread cannot import capstone itself
-            try:
-                import capstone
+            try:    # a confined thread cannot import capstone itself
+                capstone = sandbox.import_unconfined("capstone")
             except ImportError:
                 return
             for bits, mode in ((16, capstone.CS_MODE_16), (32, capstone.CS_MODE_32),

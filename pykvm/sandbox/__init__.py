@@ -11,13 +11,15 @@ afterwards.
 from __future__ import annotations
 
 import importlib
+import queue
+import sys
 import threading
 
 from .policy import ROLES
 from .seccomp import KILL_STATUS, SandboxError, install_filter, thread_filters
 
-__all__ = ["configure", "enabled", "thread_role", "KILL_STATUS", "SandboxError", "ROLES",
-           "thread_filters"]
+__all__ = ["configure", "enabled", "thread_role", "import_unconfined", "wait_for_preload",
+           "KILL_STATUS", "SandboxError", "ROLES", "thread_filters"]
 
 _enabled = True
 _programs: dict[str, bytes] = {}
@@ -28,13 +30,16 @@ _lock = threading.Lock()
 # (capstone is optional) is left to fail where it is used, as it would without a sandbox.
 _PRELOAD = ("pykvm.guest.code", "pykvm.guest.pagewalk")
 # ... and those only rarer paths import (kvm_pvm's instruction completions; a snapshot's
-# vCPU state; disassembly for a message about an instruction nobody completes): imported
-# by an unconfined thread in the background, off the path to the first KVM_RUN (they were
-# ~30 % of a flat guest's start-up, bench/startup.py). Such a path calls
-# wait_for_preload() before its import.
-_BACKGROUND_PRELOAD = ("pykvm.quirks.complete", "pykvm.quirks.decode", "pykvm.snapshot.kvmstate",
-                       "capstone")
+# vCPU state): imported by an unconfined thread in the background, off the path to the
+# first KVM_RUN (they were ~30 % of a flat guest's start-up, bench/startup.py). Such a
+# path calls wait_for_preload() before its import. That thread then stays, waiting to
+# import what a confined thread asks for by import_unconfined(): capstone, for the
+# message about an instruction nobody completes, is loaded only by a run that needs it
+# (its library and engines were ~7.8 MiB of every run's memory, bench/memory.py).
+_BACKGROUND_PRELOAD = ("pykvm.quirks.complete", "pykvm.quirks.decode", "pykvm.snapshot.kvmstate")
 _background: threading.Thread | None = None
+_preloaded = threading.Event()
+_imports: queue.SimpleQueue = queue.SimpleQueue()     # (module name, [error], done Event)
 
 
 def configure(*, enabled: bool) -> None:
@@ -62,12 +67,44 @@ def _import_all(modules: tuple[str, ...]) -> None:
             break
 
 
+def _preload_and_serve() -> None:
+    """The unconfined helper thread: the background preload, then imports on request."""
+    _import_all(_BACKGROUND_PRELOAD)
+    _preloaded.set()
+    while True:
+        module, error, done = _imports.get()
+        try:
+            importlib.import_module(module)
+        except Exception as failure:        # ImportError, or the library's own failure
+            error.append(failure)
+        done.set()
+
+
 def wait_for_preload(timeout: float = 60.0) -> None:
     """Return once the background preload is done: call it before a rare path's lazy
     import on a thread that may be confined (it cannot import on its own)."""
     thread = _background
     if thread is not None and thread is not threading.current_thread():
-        thread.join(timeout)
+        _preloaded.wait(timeout)
+
+
+def import_unconfined(module: str, timeout: float = 60.0):
+    """``module``, imported by the sandbox's unconfined helper thread when the sandbox
+    is on (a confined thread cannot open files, so it cannot import anything new), by
+    the caller otherwise. ImportError when it cannot be imported."""
+    if module in sys.modules:
+        return sys.modules[module]
+    thread = _background
+    if thread is None or thread is threading.current_thread():
+        return importlib.import_module(module)
+    error: list[Exception] = []
+    done = threading.Event()
+    _imports.put((module, error, done))
+    if not done.wait(timeout):
+        raise ImportError(f"{module}: the sandbox's helper did not import it in {timeout:g} s")
+    if error:
+        raise ImportError(f"{module}: {error[0]}") from error[0]
+    return sys.modules[module]
 
 
 def _program(role: str) -> bytes:
@@ -81,8 +118,8 @@ def _program(role: str) -> bytes:
                 # Started before the caller confines itself, so it is not confined.
                 # Published only once started: wait_for_preload() reads it without the
                 # lock, and joining a thread that is not started yet raises RuntimeError.
-                preload = threading.Thread(target=_import_all, args=(_BACKGROUND_PRELOAD,),
-                                           name="sandbox-preload", daemon=True)
+                preload = threading.Thread(target=_preload_and_serve, name="sandbox-preload",
+                                           daemon=True)
                 preload.start()
                 _background = preload
             _programs[role] = ROLES[role].program()
