@@ -47,6 +47,8 @@ class Machine:
         self._host_console = None
         self.virtio = None
         self.agent = None                   # AgentClient with config.agent (pykvm/agent.py)
+        self.vsock = None                   # VsockDevice with config.vsock_cid (pykvm/vsock)
+        self.balloon = None                 # BalloonDevice with config.balloon
         try:
             self.kvm = Kvm(config.kvm_device)
             self.vm = Vm(self.kvm, self.memory, tracer=tracer,
@@ -69,9 +71,10 @@ class Machine:
         vm = self.vm
         self.serial = Serial(vm.irq_line(layout.COM1_IRQ), self.console)
         vm.add_pio_device(layout.COM1_BASE, layout.COM1_LEN, self.serial)
-        vm.add_pio_device(layout.I8042_BASE, layout.I8042_LEN, i8042.I8042(
+        self.i8042 = i8042.I8042(          # keys: press_keys (Firecracker's SendCtrlAltDel)
             on_reset=self._guest_reset, kbd_irq=vm.irq_line(layout.I8042_KBD_IRQ),
-            aux_irq=vm.irq_line(layout.I8042_AUX_IRQ)))
+            aux_irq=vm.irq_line(layout.I8042_AUX_IRQ))
+        vm.add_pio_device(layout.I8042_BASE, layout.I8042_LEN, self.i8042)
         vm.add_pio_device(layout.RTC_BASE, layout.RTC_LEN, Rtc())
         self.guest_control = GuestControl(on_exit=self._guest_exit, on_progress=self._progress)
         vm.add_pio_device(layout.EXIT_PORT, 2, self.guest_control)
@@ -81,17 +84,37 @@ class Machine:
     def _add_virtio_devices(self) -> None:
         config = self.config
         if config.disks or config.console == "virtio" or config.rng or config.nets or \
-                config.agent or config.shares or config.live_shares or config.rootfs:
+                config.agent or config.shares or config.live_shares or config.rootfs or \
+                config.vsock_cid or config.balloon:
             from ..devices.virtio import attach_virtio
             from ..net.plumbing import machine_key
-            extra = self._agent_devices()
-            self.virtio = attach_virtio(self.vm, self.memory,
-                                        disks=config.disks + self._share_disks(),
-                                        console=config.console == "virtio", rng=config.rng,
-                                        console_output=self.console, nets=config.nets,
-                                        net_key=machine_key(config), extra=extra,
-                                        shares=config.live_shares + self._rootfs_shares(),
-                                        transport=config.transport)
+            extra = self._agent_devices() + self._vsock_devices() + self._balloon_devices()
+            try:
+                self.virtio = attach_virtio(self.vm, self.memory,
+                                            disks=config.disks + self._share_disks(),
+                                            console=config.console == "virtio",
+                                            rng=config.rng, console_output=self.console,
+                                            nets=config.nets, net_key=machine_key(config),
+                                            extra=extra,
+                                            shares=config.live_shares + self._rootfs_shares(),
+                                            transport=config.transport)
+            except BaseException:
+                if self.vsock is not None:    # its socket and thread, if not on the bus yet
+                    self.vsock.close()
+                if self.balloon is not None:
+                    self.balloon.close()
+                raise
+            if self.balloon is not None:      # a new target raises a configuration interrupt
+                transport = next(f for f in self.virtio.functions if f.device is self.balloon)
+                self.balloon.config_changed = transport.config_changed
+
+    def _balloon_devices(self) -> list:
+        """The virtio-balloon (``config.balloon``: Firecracker's /balloon)."""
+        if not self.config.balloon:
+            return []
+        from ..devices.virtio.balloon import BalloonDevice
+        self.balloon = BalloonDevice(self.memory, self.config.balloon_spec())
+        return [self.balloon]
 
     def _rootfs_shares(self) -> list:
         from ..share import rootfs_shares
@@ -105,6 +128,16 @@ class Machine:
         device, self.agent = agent_channel(alive=lambda: not self.vm.stop_requested)
         self.vm.on_close(lambda: self.agent.close("the VM was closed"))
         return [device]
+
+    def _vsock_devices(self) -> list:
+        """The virtio-vsock device (``--vsock``, Firecracker's PUT /vsock), its host socket
+        listening; closed with the VM (its function's close)."""
+        if not self.config.vsock_cid:
+            return []
+        from ..devices.virtio.vsock import open_vsock_device
+        from ..vsock import VsockSpec
+        self.vsock = open_vsock_device(VsockSpec(self.config.vsock_cid, self.config.vsock_uds))
+        return [self.vsock]
 
     def _share_disks(self) -> list:
         """A read-only ext2 image per ``--share`` directory, removed when the VM closes."""

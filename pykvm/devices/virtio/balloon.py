@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ... import sandbox
 from ...layout import PAGE_SIZE
 from ...memory import GuestMemory
 from .device import VirtioDevice
@@ -54,6 +55,7 @@ QUEUE_SIZE = 256
 MAX_PFNS_PER_REQUEST = 4096
 MAX_STATS = 32
 MAX_TARGET_PAGES = 0xFFFFFFFF
+MAX_STATS_INTERVAL_S = 1 << 16   # longer than anyone polls; keeps the wait finite
 
 # Statistics tags (5.5.6.3) and the names Firecracker's GET /balloon/statistics uses.
 STAT_NAMES = {0: "swap_in", 1: "swap_out", 2: "major_faults", 3: "minor_faults",
@@ -149,6 +151,7 @@ class BalloonDevice(VirtioDevice):
         return self._interval
 
     def _poll_stats(self) -> None:
+        sandbox.thread_role("device")   # pykvm/sandbox: seccomp, unless --no-seccomp
         while not self._stop.wait(self._interval):
             with self._lock:
                 self._stats_due = self._stats_head is not None
