@@ -95,3 +95,8 @@ def first_line(error: BaseException) -> str:
     prints for ``error``: its message's first line, or its class name when it has none."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class GuestBootFailed(PykvmError):
+    """A guest did not reach its ready point (its agent answering): the message has the
+    cause and the tail of its console (the pytest plugin's ``linux_vm``)."""

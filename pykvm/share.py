@@ -17,7 +17,7 @@ mounts each such disk read-only at ``/mnt/share`` (``/mnt/share1``, ...). Change
 on the host after the machine started are not seen. The copy is kept because it
 can be snapshotted: a live share's state lives in virtiofsd, so a VM with one
 refuses ``pykvm snapshot``, while the pytest plugin's snapshotted ``linux_vm``
-(pykvm/pytest_plugin.py) uses copies.
+(pykvm/pytest_plugin/) uses copies.
 
 Images are byte-for-byte reproducible for the same directory content (fixed
 UUID, hash seed and file-system times), so a machine restored from a snapshot

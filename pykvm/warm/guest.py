@@ -48,9 +48,10 @@ AGENT_BINARY = "/sbin/pykvm-agent"
 
 # pykvm modules that never shape a guest's state: a change to them keeps the snapshots
 # (nor does guestimage/, the default guest's builder: the kernel and initramfs it makes
-# are in the key themselves; nor do the front ends, cli/ and the control socket, control/)
-STATELESS_PACKAGES = {"guestimage", "cli", "control"}
-STATELESS_SOURCES = {"pytest_plugin.py", "__main__.py",
+# are in the key themselves; nor do the front ends: cli/, the control socket (control/)
+# and the pytest plugin)
+STATELESS_PACKAGES = {"guestimage", "cli", "control", "pytest_plugin"}
+STATELESS_SOURCES = {"__main__.py",
                      "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdb/__init__.py",
                      "gdb/protocol.py", "gdb/registers.py", "gdb/listen.py", "gdb/breakpoints.py",
                      "gdb/traps.py", "gdb/stub.py",
