@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := gcc make binutils libc6-dev linux-libc-dev python3-venv python3-dev \
                 e2fsprogs cpio busybox-static gdb passt mmdebstrap \
-                qemu-system-common
+                qemu-system-common qemu-utils python3-nftables
 
 .PHONY: all deps guests guest run test test-fast bench check clean
 

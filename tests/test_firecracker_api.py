@@ -426,9 +426,12 @@ def test_running_paused_snapshot_and_load(api, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pykvm")] == []
     assert api("PATCH", "/vm", {"state": "Resumed"}) == (204, None)
     assert api("GET", "/")[1]["state"] == "Running"
+    # SendCtrlAltDel presses keys (tests/test_firecracker_devices.py); it does not stop the
+    # VM itself: the guest's reboot would, and this guest has not booted that far.
     assert api("PUT", "/actions", {"action_type": "SendCtrlAltDel"}) == (204, None)
+    api.vmm.end()
     api.main.join(timeout=30)
-    assert api.stop is not None and "SendCtrlAltDel" in api.stop.message
+    assert api.stop is not None
     api.vmm.machine.close()         # its process would have ended: the disk's lock goes
 
     fresh = Api(tmp_path, "fresh.sock")
