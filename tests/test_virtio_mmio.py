@@ -9,6 +9,7 @@ with the VM alive and the device usable again after a reset.
 from __future__ import annotations
 
 import io
+import os
 import struct
 
 import pytest
@@ -230,3 +231,60 @@ def test_a_hostile_driver_gets_needs_reset_and_the_device_recovers(rig, name, at
     assert wait_until(lambda: ring.used_idx() == 1, 5.0)
     assert memory.read(DATA, 64) != bytes(64)
     assert guest.vm.stop_reason is None
+
+
+def test_a_vhost_user_device_gets_its_queues_at_driver_ok_over_mmio(tmp_path):
+    """The front end of a vhost-user device (virtio-fs here) is transport-neutral: on
+    virtio-mmio too the back end gets the rings at DRIVER_OK, its call eventfd becomes
+    InterruptStatus bit 0 and an edge on the device's line, and a reset stops it."""
+    from pykvm.devices.virtio.driver import RecordingLine, StandInVm
+    from pykvm.devices.virtio.fs import FsDevice
+    from pykvm.devices.virtio.mmio import VirtioMmioDevice
+    from pykvm.vhost_user.frontend import Frontend
+    from pykvm.vhost_user.protocol import VRING_ADDR, Request
+
+    from .fakes import wait_for
+    from .test_vhost_user import FakeBackend
+
+    backend = FakeBackend(tmp_path / "backend.sock")
+    memory = GuestMemory.anonymous(16 << 20)
+    vm = StandInVm(memory)
+    line = RecordingLine(6)
+    device = FsDevice(Frontend.connect(str(tmp_path / "backend.sock"), "virtio-fs0"), "mytag")
+    transport = VirtioMmioDevice(vm, memory, device, base=BASE, gsi=6, irq=line)
+    try:
+        def write(offset: int, value: int) -> None:
+            transport.write(offset, 4, value)
+
+        assert transport.read(DEVICE_ID, 4) == 26
+        for status in (0, 1, 3):
+            write(STATUS, status)
+        write(DRIVER_FEATURES_SEL, 1)
+        write(DRIVER_FEATURES, VIRTIO_F_VERSION_1 >> 32)
+        write(STATUS, 0xB)
+        rings = [DriverRing(memory, 0x100000 + i * 0x10000, 128) for i in range(2)]
+        for index, ring in enumerate(rings):
+            write(QUEUE_SEL, index)
+            write(QUEUE_NUM, ring.size)
+            for offset, addr in ((QUEUE_DESC, ring.desc_addr), (QUEUE_DRIVER, ring.avail_addr),
+                                 (QUEUE_DEVICE, ring.used_addr)):
+                write(offset, addr)
+            write(QUEUE_READY, 1)
+        before = len(backend.messages)
+        write(STATUS, 0xF)
+        assert transport.read(STATUS, 4) == 0xF
+        handed = backend.names()[before:]
+        assert handed[:2] == ["SET_FEATURES", "SET_MEM_TABLE"]
+        assert handed.count("SET_VRING_KICK") == 2
+        addr = [m for m in backend.messages if m.request == Request.SET_VRING_ADDR][1]
+        assert VRING_ADDR.unpack(addr.payload)[2] == memory.host_address(rings[1].desc_addr, 16)
+        os.eventfd_write(backend.calls[1], 1)               # the back end used a buffer
+        assert wait_for(lambda: transport.read(INTERRUPT_STATUS, 4) == 1)
+        assert line.triggered >= 1
+        write(STATUS, 0)
+        assert backend.names()[-2:] == ["GET_VRING_BASE", "GET_VRING_BASE"]
+    finally:
+        transport.close()
+        vm.close()
+        memory.close()
+        backend.close()
