@@ -141,3 +141,70 @@ def test_stat_shows_a_running_vm_live(tmp_path):
         if vm.poll() is None:
             vm.kill()
             vm.wait()
+
+
+def test_library_log_records_are_one_line_each(capsys):
+    """What library code logs (pykvm/cli/logs.py): `pykvm: ` and the first line, an
+    attached exception as its type and first line, never a traceback; info is quiet."""
+    import logging
+
+    from pykvm.cli.logs import LineHandler, install
+
+    handler = install(debug=False)
+    try:
+        log = logging.getLogger("pykvm.test_cli")
+        log.info("not shown")
+        log.warning("first line\nsecond line")
+        try:
+            raise OSError(5, "Input/output error")
+        except OSError:
+            log.exception("closing devices")
+        assert capsys.readouterr().err == ("pykvm: first line\n"
+                                           "pykvm: closing devices: OSError: [Errno 5] "
+                                           "Input/output error\n")
+        assert install(debug=False) is handler        # once per process
+        assert sum(isinstance(h, LineHandler) for h in logging.getLogger("pykvm").handlers) == 1
+    finally:
+        logging.getLogger("pykvm").removeHandler(handler)
+
+
+@needs_kvm
+@pytest.mark.skipif(sys.platform != "linux" or __import__("os").geteuid() != 0,
+                    reason="runs a client as another uid")
+def test_what_the_gdb_stub_logs_is_one_pykvm_line(tmp_path):
+    """A refused gdb client is logged by pykvm/gdb/listen.py; `pykvm run` shows the record
+    as one `pykvm: ` line (without the CLI's handler it came out unprefixed)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .test_control_socket import NOBODY, exchange_as_user
+
+    public = Path(tempfile.mkdtemp(prefix="pykvm-gdb-"))   # tmp_path's parents are 0700
+    public.chmod(0o755)
+    flat = tmp_path / "spin.bin"
+    flat.write_bytes(assemble("1: hlt\n jmp 1b", "real", 0x10000))
+    sock = public / "gdb.sock"
+    vm = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--flat", str(flat),
+                           "--gdb", str(sock)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if sock.exists():
+                break
+            time.sleep(0.1)
+        os.chmod(sock, 0o666)
+        assert exchange_as_user(NOBODY, NOBODY, sock, b"$c#63") == b""
+        time.sleep(0.5)
+        vm.terminate()
+        _, stderr = vm.communicate(timeout=30)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        shutil.rmtree(public, ignore_errors=True)
+    refused = [line for line in stderr.splitlines() if "connection refused" in line]
+    assert refused == [f"pykvm: gdb: connection refused: uid {NOBODY} may not use this socket"], \
+        stderr
+    assert "Traceback" not in stderr

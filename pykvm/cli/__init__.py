@@ -5,7 +5,8 @@ One module per subcommand, as kvmtool has one ``builtin-*.c`` per command:
 ``run.py`` (boot a guest), ``check.py`` (can this host run pykvm), ``ctl.py``
 and ``stat.py`` (talk to a running pykvm's --api-sock), ``exec.py`` (``exec``
 and ``cp`` through the guest agent); ``observers.py`` and ``stop.py`` are the
-parts of ``run`` that watch a guest and end a run. ``guest``, ``cache``,
+parts of ``run`` that watch a guest and end a run; ``logs.py`` shows what the
+library logs as one line per record. ``guest``, ``cache``,
 ``image`` and ``firecracker`` add their parsers from their own packages
 (pykvm/guestimage/cli.py, pykvm/warm/cli.py, pykvm/distro/cli.py,
 pykvm/api/firecracker/cli.py). This module only assembles the parser and owns
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     args.command_args = command_args
+    from .logs import install
+    install()           # what the library logs: one "pykvm: ..." line per record (logs.py)
     try:
         return args.handler(args)
     except PykvmError as error:
