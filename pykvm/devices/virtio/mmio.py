@@ -37,6 +37,7 @@ edge-triggered (layout.VIRTIO_MMIO_IRQS), never the level PCI INTx ones.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from ... import layout
 from ...bus import Device
@@ -44,15 +45,22 @@ from ...errors import ConfigError
 from ...interrupts import EventfdIrqLine
 from ...memory import GuestMemory
 from .device import VirtioDevice
-from .transport import INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport, queue_value
+from .transport import (INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport,
+                        VirtioTransportState, queue_value)
 
 MAGIC_VALUE = 0x74726976          # "virt", little-endian
 VERSION = 2                       # the virtio 1.x ("non-legacy") register layout
 VENDOR_ID = 0x554D4551            # "QEMU", what Linux and other VMMs' devices report
 QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
 INTERRUPT_ACK = 0x064
 CONFIG_OFFSET = 0x100
 REGISTER_WIDTH = 4
+
+
+@dataclass(frozen=True)
+class VirtioMmioState(VirtioTransportState, tag="virtio-mmio"):
+    """A virtio-mmio device: the transport's state (InterruptStatus is its ``isr``)."""
 
 
 class VirtioMmioDevice(Device, VirtioTransport):
@@ -84,6 +92,8 @@ class VirtioMmioDevice(Device, VirtioTransport):
         register = _REGISTER_AT.get(offset)
         if register is None or size != REGISTER_WIDTH:
             return 0
+        if offset in _WITHOUT_LOCK:
+            return register.get(self)
         with self._lock:
             return register.get(self) & 0xFFFFFFFF
 
@@ -93,6 +103,9 @@ class VirtioMmioDevice(Device, VirtioTransport):
             return
         register = _REGISTER_AT.get(offset)
         if register is None or register.set is None or size != REGISTER_WIDTH:
+            return
+        if offset in _WITHOUT_LOCK:
+            register.set(self, value & 0xFFFFFFFF)
             return
         with self._lock:
             register.set(self, value & 0xFFFFFFFF)
@@ -123,13 +136,13 @@ class VirtioMmioDevice(Device, VirtioTransport):
         self._pulse(INTERRUPT_CONFIG)
 
     # --- snapshots -----------------------------------------------------------------------------
-    def save_state(self) -> dict:
+    def save_state(self) -> VirtioMmioState:
         """The transport's common state (status, features, queues, InterruptStatus, ...)."""
         self._check_snapshot()
         with self._lock:
-            return self._save_common()
+            return VirtioMmioState(**self._save_common())
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: VirtioMmioState) -> None:
         """Onto a device built from the same configuration at the same address. An
         interrupt the guest had not acknowledged is sent again (an edge is not state
         KVM's IOAPIC snapshot keeps for us), and active queues are served."""
@@ -167,7 +180,7 @@ _REGISTERS = (
     Register(0x038, 4, queue_value("size"), T._set_queue_size),
     Register(0x044, 4, queue_value("enabled"), T._set_queue_enable),
     Register(QUEUE_NOTIFY, 4, _constant(0), T._notify),
-    Register(0x060, 4, T._interrupt_status),
+    Register(INTERRUPT_STATUS, 4, T._interrupt_status),
     Register(INTERRUPT_ACK, 4, _constant(0), T._acknowledge),
     Register(0x070, 4, lambda t: t.status, T._set_device_status),
     *(Register(offset + 4 * high, 4,
@@ -182,6 +195,9 @@ _REGISTERS = (
     Register(0x0FC, 4, lambda t: t.config_generation),
 )
 _REGISTER_AT = {register.offset: register for register in _REGISTERS}
+# The guest's interrupt handler reads InterruptStatus and writes InterruptACK while the
+# worker may hold the transport lock for a long request: these take the ISR lock only.
+_WITHOUT_LOCK = frozenset({QUEUE_NOTIFY, INTERRUPT_STATUS, INTERRUPT_ACK})
 del T
 
 
@@ -215,19 +231,6 @@ class MmioDevices:
 
     def cmdline(self) -> str:
         return " ".join(device.cmdline() for device in self._devices)
-
-    def save_state(self) -> dict:
-        return {"slots": [{"name": device.name, "base": device.base, "gsi": device.gsi,
-                           "device": device.save_state()} for device in self._devices]}
-
-    def restore_state(self, state: dict) -> None:
-        """Onto devices built from the same configuration, in the same slots."""
-        saved = state["slots"]
-        if [(s["name"], s["base"], s["gsi"]) for s in saved] != \
-                [(d.name, d.base, d.gsi) for d in self._devices]:
-            raise ValueError("the saved virtio-mmio devices are not the ones configured")
-        for device, slot in zip(self._devices, saved):
-            device.restore_state(slot["device"])
 
     def close(self) -> None:
         with self._lock:
