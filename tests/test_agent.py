@@ -416,8 +416,11 @@ def test_agent_reports_ready_with_its_version(host_agent):
 @pytest.mark.parametrize("command, status", [
     ("true", 0), ("exit 1", 1), ("exit 7", 7), ("no-such-command-here", 127),
     (["no-such-command-here"], 127), (["/dev/null"], 126), ("kill -9 $$", 137),
-    ("kill -TERM $$", 143)])
+    ("kill -TERM $$", 143), ("trap 'exit 9' EXIT; exit 2", 9), ("exit 300", 44),
+    ("if", 2)])
 def test_agent_exit_statuses(host_agent, command, status):
+    # (each in a fresh agent: a command line runs in its zygote, whose EXIT trap reports
+    # the status, or waitpid when the command's own trap or a signal ends it)
     assert host_agent.exec(command, timeout=30).status == status
 
 

@@ -20,6 +20,14 @@
  *   --device PATH   use this file instead of looking for the port
  *   --fd N          use the already open descriptor N (a socket in the tests)
  *   --no-mount      do not mount share disks
+ *   --vsock-listen PORT [--once]
+ *                   serve the protocol over virtio-vsock instead: listen on guest port
+ *                   PORT (pykvm run --vsock; the host connects to the device's socket
+ *                   and writes "CONNECT PORT\n", Firecracker's convention), one forked
+ *                   agent per connection; with --once, serve the first one and exit
+ *   --vsock-connect PORT
+ *                   dial host port PORT (CID 2: the host's <uds_path>_PORT socket) and
+ *                   serve the protocol there until the host closes it
  *
  * The zygote. Starting a process costs seconds where guest ring 0 is emulated
  * (kvm_pvm): the fork, the exec and every page fault and system call of the new
@@ -32,9 +40,14 @@
  * a shell runs as `sh -c` would (SHELL, no stdin, no environment, in /, at most
  * ZYGOTE_MAX bytes) is written to the pipe after `exec 3<&-` (the command does
  * not inherit it) and the pipe closed; the shell runs it and exits with its
- * status. What differs from `sh -c`: a syntax error's message names the script
- * /proc/self/fd/3, and an external last command is forked, not exec'd in place.
- * Every other EXEC, and every one after it, forks as before.
+ * status, which its EXIT trap also writes to a pipe on fd 5: the agent reports
+ * EXIT from there at once instead of waiting for the SIGCHLD, which comes only
+ * after the kernel has torn the process down (about a second of emulated ring 0
+ * here). What differs from `sh -c`: a syntax error's message names the script
+ * /proc/self/fd/3, an external last command is forked, not exec'd in place, and
+ * fd 5 is open in the command (a command that sets its own EXIT trap, or is
+ * killed, is reported by waitpid as any other). Every other EXEC, and every one
+ * after it, forks as before.
  *
  * REFRESH (a frame: u64 seconds, u32 nanoseconds, up to 512 bytes of the host's
  * randomness) does what --refresh below does, in the agent, and answers OK or
@@ -65,9 +78,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/random.h>
+#include <linux/vm_sockets.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -106,6 +121,7 @@ struct session {
 	uint32_t id;
 	pid_t pid;
 	int out, err, in;         /* our ends of the pipes; -1 when closed */
+	int done;                 /* the zygote's status pipe (see there); -1 when none */
 	int exited, status;
 	unsigned char *input;     /* stdin bytes not yet written */
 	size_t input_len, input_off;
@@ -287,12 +303,12 @@ run_child(int flags, char **argv, char **env, int envc, const char *cwd, int in,
 
 /* --- the zygote (see the comment at the top) ----------------------------------------- */
 
-#define ZYGOTE_SCRIPT "exec 4>&-; . /proc/self/fd/3"
+#define ZYGOTE_SCRIPT "exec 4>&-; trap 'echo $? >&5' EXIT; . /proc/self/fd/3"
 #define ZYGOTE_PRELUDE "exec 3<&-\n"
 #define ZYGOTE_MAX 4000                 /* prelude + command in one atomic pipe write */
 #define ZYGOTE_START_MS (300 * 1000)    /* minutes under load where ring 0 is emulated */
 
-static struct { pid_t pid; int script, out, err; } zygote = { 0, -1, -1, -1 };
+static struct { pid_t pid; int script, out, err, done; } zygote = { 0, -1, -1, -1, -1 };
 
 static void drop_zygote(int kill_it)
 {
@@ -302,13 +318,14 @@ static void drop_zygote(int kill_it)
 	close_fd(&zygote.script);
 	close_fd(&zygote.out);
 	close_fd(&zygote.err);
+	close_fd(&zygote.done);
 }
 
 /* Start the zygote and wait until its shell runs; without /proc (the script is read
  * through /proc/self/fd/3) or when anything fails there is none, and EXECs fork. */
 static void start_zygote(void)
 {
-	int script[2], started[2], out[2], err[2];
+	int script[2], started[2], out[2], err[2], done[2];
 
 	if (access("/proc/self/fd/0", F_OK) < 0 || access("/bin/sh", X_OK) < 0)
 		return;
@@ -319,20 +336,18 @@ static void start_zygote(void)
 		close(script[1]);
 		return;
 	}
-	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
+	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 || pipe2(done, O_CLOEXEC) < 0) {
 		say("zygote: pipe: %s", strerror(errno));
 		return;   /* (leaks: only when out of descriptors) */
 	}
 	pid_t pid = fork();
 	if (pid == 0) {
-		/* above 9 first, so that placing fds 3 and 4 clobbers none of them */
-		int from[4] = { script[0], started[1], out[1], err[1] };
-		for (int i = 0; i < 4; i++)
+		/* above 9 first, so that placing fds 3-5 clobbers none of them */
+		int from[5] = { script[0], started[1], out[1], err[1], done[1] };
+		for (int i = 0; i < 5; i++)
 			from[i] = fcntl(from[i], F_DUPFD_CLOEXEC, 10);
-		if (dup2(from[0], 3) < 0 || dup2(from[1], 4) < 0)
+		if (dup2(from[0], 3) < 0 || dup2(from[1], 4) < 0 || dup2(from[4], 5) < 0)
 			_exit(126);
-		close(from[0]);
-		close(from[1]);
 		char *argv[] = { ZYGOTE_SCRIPT, NULL };
 		run_child(EXEC_SHELL, argv, NULL, 0, "", -1, from[2], from[3]);
 	}
@@ -340,18 +355,21 @@ static void start_zygote(void)
 	close(started[1]);
 	close(out[1]);
 	close(err[1]);
+	close(done[1]);
 	if (pid < 0) {
 		say("zygote: fork: %s", strerror(errno));
 		close(script[1]);
 		close(started[0]);
 		close(out[0]);
 		close(err[0]);
+		close(done[0]);
 		return;
 	}
 	zygote.pid = pid;
 	zygote.script = script[1];
 	zygote.out = out[0];
 	zygote.err = err[0];
+	zygote.done = done[0];
 	/* its shell closes fd 4 once it runs (an exec that failed closes it too) */
 	struct pollfd wait_started = { .fd = started[0], .events = POLLIN };
 	int ready;
@@ -386,9 +404,11 @@ static int exec_in_zygote(struct session *s, uint32_t id, const char *command)
 	s->out = zygote.out;
 	s->err = zygote.err;
 	s->in = -1;
+	s->done = zygote.done;
 	set_nonblocking(s->out);
 	set_nonblocking(s->err);
-	zygote.out = zygote.err = -1;
+	set_nonblocking(s->done);
+	zygote.out = zygote.err = zygote.done = -1;
 	drop_zygote(0);                 /* closes the script: the shell reads its end */
 	return 1;
 }
@@ -484,6 +504,7 @@ static void start_command(uint32_t id, unsigned char *payload, uint32_t length)
 	s->out = out[0];
 	s->err = err[0];
 	s->in = in[1];
+	s->done = -1;
 	set_nonblocking(s->out);
 	set_nonblocking(s->err);
 	if (s->in >= 0)
@@ -568,11 +589,33 @@ static void finish_session(struct session *s)
 	close_fd(&s->out);
 	close_fd(&s->err);
 	close_fd(&s->in);
+	close_fd(&s->done);
 	free(s->input);
 	int status = WIFSIGNALED(s->status) ? 128 + WTERMSIG(s->status) : WEXITSTATUS(s->status);
 	send_exit(s->id, status);
 	memset(s, 0, sizeof *s);
-	s->out = s->err = s->in = -1;
+	s->out = s->err = s->in = s->done = -1;
+}
+
+/* The zygote's shell wrote its exit status (its EXIT trap): the command is over. Its
+ * process still has to end, and ending it costs the guest's kernel a second or more
+ * where ring 0 is emulated; its SIGCHLD, later, finds no session and is ignored. */
+static void read_done(struct session *s)
+{
+	char text[16];
+	ssize_t got = read(s->done, text, sizeof text - 1);
+	if (got < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	close_fd(&s->done);
+	if (got <= 0 || text[got - 1] != '\n')
+		return;          /* no status (killed, or its own EXIT trap): waitpid tells */
+	text[got - 1] = '\0';
+	char *end;
+	long status = strtol(text, &end, 10);
+	if (*end || end == text || status < 0 || status > 255)
+		return;
+	s->exited = 1;
+	s->status = (int)status << 8;       /* as waitpid's status: WEXITSTATUS is it */
 }
 
 static void reap(int signal_fd)
@@ -827,7 +870,7 @@ static void serve(void)
 		exit(1);
 	}
 	for (int i = 0; i < MAX_SESSIONS; i++)
-		sessions[i].out = sessions[i].err = sessions[i].in = -1;
+		sessions[i].out = sessions[i].err = sessions[i].in = sessions[i].done = -1;
 
 	start_zygote();
 	unsigned char ready[4 + sizeof AGENT_TEXT - 1];
@@ -835,8 +878,8 @@ static void serve(void)
 	memcpy(ready + 4, AGENT_TEXT, sizeof AGENT_TEXT - 1);
 	send_frame(T_READY, 0, ready, sizeof ready);
 
-	struct pollfd fds[2 + 3 * MAX_SESSIONS];
-	struct { struct session *s; int which; } owner[2 + 3 * MAX_SESSIONS];
+	struct pollfd fds[2 + 4 * MAX_SESSIONS];
+	struct { struct session *s; int which; } owner[2 + 4 * MAX_SESSIONS];
 	for (;;) {
 		int n = 0;
 		fds[n++] = (struct pollfd){ .fd = channel, .events = POLLIN };
@@ -845,8 +888,9 @@ static void serve(void)
 			struct session *s = &sessions[i];
 			if (!s->used)
 				continue;
-			int wanted[3] = { s->out, s->err, s->input_off < s->input_len ? s->in : -1 };
-			for (int which = 0; which < 3; which++) {
+			int wanted[4] = { s->out, s->err, s->input_off < s->input_len ? s->in : -1,
+					  s->done };
+			for (int which = 0; which < 4; which++) {
 				if (wanted[which] < 0)
 					continue;
 				owner[n].s = s;
@@ -871,6 +915,8 @@ static void serve(void)
 				forward(s->id, &s->err, T_STDERR, 0);
 			else if (owner[i].which == 2 && s->in == fds[i].fd)
 				feed_input(s);
+			else if (owner[i].which == 3 && s->done == fds[i].fd)
+				read_done(s);
 		}
 		if (fds[1].revents)
 			reap(signal_fd);
@@ -1065,10 +1111,92 @@ static int refresh(const char *seconds, const char *nanoseconds, const char *com
 	return error == ENOENT ? 127 : 126;
 }
 
+/* --- virtio-vsock ------------------------------------------------------------------------- */
+
+/* A vsock port: a decimal u32 other than VMADDR_PORT_ANY; -2 (a usage error) if not. */
+static long vsock_port(const char *text)
+{
+	char *end;
+	errno = 0;
+	unsigned long long value = strtoull(text, &end, 10);
+	if (errno || end == text || *end || text[0] == '-' || value >= VMADDR_PORT_ANY)
+		return -2;
+	return (long)value;
+}
+
+static int vsock_socket(unsigned int port, struct sockaddr_vm *address, unsigned int cid)
+{
+	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		say("vsock socket: %s", strerror(errno));
+		exit(1);
+	}
+	memset(address, 0, sizeof *address);
+	address->svm_family = AF_VSOCK;
+	address->svm_cid = cid;
+	address->svm_port = port;
+	return fd;
+}
+
+/* --vsock-connect PORT: the channel is a connection to the host's port PORT. */
+static void vsock_connect(unsigned int port)
+{
+	struct sockaddr_vm host;
+	int fd = vsock_socket(port, &host, VMADDR_CID_HOST);
+	if (connect(fd, (struct sockaddr *)&host, sizeof host) < 0) {
+		say("vsock connect to host port %u: %s", port, strerror(errno));
+		exit(1);
+	}
+	channel = fd;
+	set_nonblocking(channel);
+}
+
+/* --vsock-listen PORT: each connection gets its own agent (a child), or, with once,
+ * the first one gets this process. Returns in the process that serves one. */
+static void vsock_listen(unsigned int port, int once)
+{
+	struct sockaddr_vm any;
+	int listener = vsock_socket(port, &any, VMADDR_CID_ANY);
+	if (bind(listener, (struct sockaddr *)&any, sizeof any) < 0 || listen(listener, 4) < 0) {
+		say("vsock listen on port %u: %s", port, strerror(errno));
+		exit(1);
+	}
+	if (!once)
+		signal(SIGCHLD, SIG_IGN);        /* the connection agents reap themselves */
+	for (;;) {
+		int connection = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+		if (connection < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			say("vsock accept: %s", strerror(errno));
+			exit(1);
+		}
+		if (!once) {
+			pid_t child = fork();
+			if (child < 0) {
+				say("fork: %s", strerror(errno));
+				close(connection);
+				continue;
+			}
+			if (child > 0) {
+				close(connection);
+				continue;
+			}
+			signal(SIGCHLD, SIG_DFL);    /* serve() reaps its commands itself */
+		}
+		close(listener);
+		channel = connection;
+		set_nonblocking(channel);
+		return;
+	}
+}
+
 int main(int argc, char **argv)
 {
 	const char *device_path = NULL;
 	int mount_wanted = 1;
+	long listen_port = -1, connect_port = -1;
+	int once = 0;
 
 	if ((argc == 4 || argc == 5) && strcmp(argv[1], "--refresh") == 0)
 		return refresh(argv[2], argv[3], argc == 5 ? argv[4] : NULL);
@@ -1079,19 +1207,36 @@ int main(int argc, char **argv)
 			channel = atoi(argv[++i]);
 		} else if (strcmp(argv[i], "--no-mount") == 0) {
 			mount_wanted = 0;
+		} else if (strcmp(argv[i], "--vsock-listen") == 0 && i + 1 < argc) {
+			listen_port = vsock_port(argv[++i]);
+		} else if (strcmp(argv[i], "--vsock-connect") == 0 && i + 1 < argc) {
+			connect_port = vsock_port(argv[++i]);
+		} else if (strcmp(argv[i], "--once") == 0) {
+			once = 1;
 		} else {
-			fprintf(stderr, "usage: pykvm-agent [--device PATH | --fd N] [--no-mount]\n"
-				"       pykvm-agent --refresh SECONDS NANOSECONDS [COMMAND_LINE] < seed\n");
-			return 2;
+			listen_port = connect_port = -2;
+			break;
 		}
 	}
+	if (listen_port == -2 || (listen_port >= 0 && connect_port >= 0)) {
+		fprintf(stderr, "usage: pykvm-agent [--device PATH | --fd N] [--no-mount]\n"
+			"       pykvm-agent --vsock-listen PORT [--once] | --vsock-connect PORT\n"
+			"       pykvm-agent --refresh SECONDS NANOSECONDS [COMMAND_LINE] < seed\n");
+		return 2;
+	}
+	if (listen_port >= 0 || connect_port >= 0)
+		mount_wanted = 0;             /* the virtio-serial agent mounts the shares */
 	for (int fd = 0; fd <= 2; fd++)   /* pipes must not become fds 0-2 */
 		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
 			return 1;
 	signal(SIGPIPE, SIG_IGN);
 	if (mount_wanted)
 		mount_shares();
-	if (channel < 0) {
+	if (listen_port >= 0) {
+		vsock_listen((unsigned int)listen_port, once);
+	} else if (connect_port >= 0) {
+		vsock_connect((unsigned int)connect_port);
+	} else if (channel < 0) {
 		char found[300];
 		if (!device_path) {
 			struct timespec pause = { 0, 50 * 1000 * 1000 };
