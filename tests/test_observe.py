@@ -277,11 +277,13 @@ def test_unknown_exit_reasons_from_a_newer_pykvm_are_skipped():
 
 # --- --profile: the guest's RIP sampled from a host thread ------------------------------------------
 HOT_LOOP = "hot: jmp hot\n"
+HALT_LOOP = "sti\nidle: hlt\njmp idle\n"     # halted with interrupts on: not a dead halt
 
 
-def profile_spinning_guest(kvm, options: ObserveOptions, seconds: float = 0.6):
+def profile_spinning_guest(kvm, options: ObserveOptions, seconds: float = 0.6,
+                           source: str = HOT_LOOP):
     """A real-mode guest spinning at offset 0 (symbol ``hot``) under --profile."""
-    code = assemble(HOT_LOOP, "real", 0)
+    code = assemble(source, "real", 0)
     with Observation(options, out=io.StringIO()) as observation, \
             GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory) as vm:
         memory.write(BASE, code)
@@ -319,6 +321,13 @@ def test_profile_without_symbols_groups_by_page_and_replaces_a_symlink(kvm, tmp_
     assert observation.sampler.rows()[0].name == "[page 0x0]"
     assert victim.read_text() == "keep me\n" and not out.is_symlink()
     assert "[page 0x0]" in out.read_text()
+
+
+def test_profile_counts_a_halted_vcpu_as_halted(kvm, tmp_path):
+    observation = profile_spinning_guest(
+        kvm, ObserveOptions(profile=str(tmp_path / "p.txt"), profile_hz=200), source=HALT_LOOP)
+    rows = observation.sampler.rows()
+    assert rows[0].name == "[halted]" and rows[0].share > 0.9, rows
 
 
 @pytest.mark.parametrize("options, fragment", [

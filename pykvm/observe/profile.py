@@ -8,8 +8,9 @@ hosts, where a guest kernel spinning in one function shows the same way.
 How: a host thread asks every vCPU for its registers ``hz`` times a second through
 :meth:`~pykvm.vstate.vcpu.Vcpu.call`: KVM_GET_REGS is only valid from the vCPU's own
 thread, so the request is queued, KVM_RUN is kicked out with a signal (EINTR), and the
-vCPU thread reads RIP, CS and the privilege level between two runs (Intel SDM vol. 3A
-5.5: CPL is CS.RPL, i.e. SS.DPL in long mode). Each sample costs the guest one exit per
+vCPU thread reads its state, RIP and the privilege level between two runs (Intel SDM
+vol. 3A 5.5: CPL is CS.RPL); a halted vCPU or one still waiting for its start-up IPI
+counts as ``[halted]`` or ``[not started]``, whatever its RIP. Each sample costs the guest one exit per
 vCPU (about 10-30 us here), so 50 samples a second cost it well under 1 %.
 
 Samples are grouped by symbol (``--symbols``: a vmlinux ELF or a System.map) or, with
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..ioctl import requests as r
 
 DEFAULT_HZ = 50.0
 MAX_HZ = 1000.0                 # each sample is an exit per vCPU: bound what it costs
@@ -44,10 +46,21 @@ class ProfileRow:
     share: float         # of all samples of all vCPUs
 
 
-def read_position(vcpu) -> tuple[int, int]:
-    """On the vCPU thread: (CPL, RIP) now."""
+# What a vCPU that runs no code is doing (KVM_GET_MP_STATE, api.rst 4.38), by state.
+NOT_RUNNING = {r.KVM_MP_STATE_UNINITIALIZED: "[not started: waits for INIT/SIPI]",
+               r.KVM_MP_STATE_INIT_RECEIVED: "[not started: waits for INIT/SIPI]",
+               r.KVM_MP_STATE_SIPI_RECEIVED: "[not started: waits for INIT/SIPI]",
+               r.KVM_MP_STATE_HALTED: "[halted]"}
+
+
+def read_position(vcpu) -> tuple[str, int]:
+    """On the vCPU thread: what it does now, as ('', RIP) for ring-0..2 code, ('[user]',
+    RIP) for CPL 3, or (state, 0) for a vCPU that runs nothing (halted, not started)."""
+    state = NOT_RUNNING.get(vcpu.get_mp_state())
+    if state is not None:
+        return state, 0
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-    return sregs.cs.selector & 3, regs.rip
+    return ("[user]" if sregs.cs.selector & 3 == 3 else ""), regs.rip
 
 
 class RipSampler:
@@ -56,7 +69,7 @@ class RipSampler:
     def __init__(self, vm, path: str | os.PathLike, hz: float = DEFAULT_HZ, symbols=None):
         check_hz(hz)
         self.vm, self.path, self.hz, self.symbols = vm, Path(path), hz, symbols
-        self.counts: Counter[tuple[int, int]] = Counter()   # (cpl, rip) -> samples
+        self.counts: Counter[tuple[str, int]] = Counter()   # read_position() -> samples
         self.missed = 0
         self.started = time.monotonic()
         self._done = threading.Event()
@@ -90,9 +103,9 @@ class RipSampler:
                 last_write = time.monotonic()
 
     # --- the table ------------------------------------------------------------------------
-    def _name(self, cpl: int, rip: int) -> str:
-        if cpl == 3:
-            return "[user]"
+    def _name(self, state: str, rip: int) -> str:
+        if state:
+            return state
         if self.symbols is not None:
             found = self.symbols.lookup(rip)
             if found is not None:
@@ -101,8 +114,8 @@ class RipSampler:
 
     def rows(self) -> list[ProfileRow]:
         by_name: Counter[str] = Counter()
-        for (cpl, rip), samples in self.counts.items():
-            by_name[self._name(cpl, rip)] += samples
+        for (state, rip), samples in self.counts.items():
+            by_name[self._name(state, rip)] += samples
         if self.missed:
             by_name["[no answer]"] += self.missed
         total = sum(by_name.values()) or 1
