@@ -42,6 +42,22 @@ def image(tmp_path):
     return path
 
 
+def offer_request(memory, ring, kind, sector=0, data_len=0, out_data=b"", status_addr=STATUS):
+    """Put a block request on ``ring`` as a driver does: the header at HEADER, data
+    to write (``out_data``) or room for ``data_len`` bytes to read at DATA, then the
+    status byte (0xEE until the device writes it)."""
+    memory.write(HEADER, struct.pack("<IIQ", kind, 0, sector))
+    buffers = [(HEADER, 16, False)]
+    if out_data:
+        memory.write(DATA, out_data)
+        buffers.append((DATA, len(out_data), False))
+    if data_len:
+        buffers.append((DATA, data_len, True))
+    buffers.append((status_addr, 1, True))
+    memory.write_u8(status_addr, 0xEE)
+    ring.add_chain(buffers)
+
+
 class Blk:
     """A BlockDevice with one ring, driven synchronously."""
 
@@ -55,16 +71,7 @@ class Blk:
         self.queue.activate(indirect=True, event_idx=False)
 
     def request(self, kind, sector=0, data_len=0, out_data=b"", status_addr=STATUS):
-        self.memory.write(HEADER, struct.pack("<IIQ", kind, 0, sector))
-        buffers = [(HEADER, 16, False)]
-        if out_data:
-            self.memory.write(DATA, out_data)
-            buffers.append((DATA, len(out_data), False))
-        if data_len:
-            buffers.append((DATA, data_len, True))
-        buffers.append((status_addr, 1, True))
-        self.memory.write_u8(status_addr, 0xEE)
-        self.ring.add_chain(buffers)
+        offer_request(self.memory, self.ring, kind, sector, data_len, out_data, status_addr)
         self.device.process_queue(0, self.queue)
         (_, written), = self.ring.take_used()
         return self.memory.read_u8(status_addr), written

@@ -57,8 +57,11 @@ def add_parser(commands) -> None:
                               "(virtio-mmio, announced on the kernel command line; the guest "
                               "gets pci=off, as under Firecracker)")
     devices.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
-                         help="a virtio-blk disk backed by a raw image (repeatable; ro: read-only; "
-                              "serial: the ID the guest reads)")
+                         help="a virtio-blk disk (repeatable; ro: read-only; serial: the ID the "
+                              "guest reads). A raw image is served by pykvm; a qcow2 image (by "
+                              "content), or PATH,backend=vhost-user, by a qemu-storage-daemon "
+                              "pykvm starts and stops; vhost-user=SOCKET[,ro] attaches a running "
+                              "vhost-user-blk back end; format=raw|qcow2 skips the probe")
     devices.add_argument("--console", choices=("serial", "virtio"), default="serial",
                          help="the guest console: serial (ttyS0, default) or virtio (hvc0)")
     devices.add_argument("--rng", action="store_true",
@@ -101,6 +104,12 @@ def add_parser(commands) -> None:
                               "BR (or on the TAP); netns: all of it inside namespace NS; mac: "
                               "the guest's (default: stable per machine and NIC). What pykvm "
                               "created or added is removed when it exits")
+    devices.add_argument("--vsock", metavar="CID[,uds=PATH]",
+                         help="a virtio-vsock device, the guest's CID (3 or more), its host "
+                              "side Firecracker's: connect to PATH and write 'CONNECT PORT\\n' "
+                              "to reach guest port PORT (answered 'OK LOCALPORT\\n'); the "
+                              "guest reaching host port P connects to PATH_P. Without uds=, "
+                              "PATH is in a private directory pykvm names on stderr")
     output = run.add_argument_group("observing")
     output.add_argument("--stats", action="store_true",
                         help="print exit counts per reason, device and port, the time split, "
@@ -172,6 +181,10 @@ def cmd_run(args) -> int:
                            rootfs=str(Path(args.rootfs).resolve()) if args.rootfs else "",
                            workdir=os.getcwd() if args.rootfs else "",
                            transport=args.transport)
+    if args.vsock:
+        from ..vsock import VsockSpec
+        vsock = VsockSpec.parse(args.vsock)
+        config.vsock_cid, config.vsock_uds = vsock.guest_cid, vsock.uds_path
     if args.command_args is not None:
         if args.flat:
             from ..errors import ConfigError
@@ -222,6 +235,9 @@ def cmd_run(args) -> int:
                   f"{config.cpus} vCPU(s)...", file=sys.stderr)
         for nic in (machine.virtio.nets if progress and machine.virtio else []):
             print(f"pykvm: {nic.name}: {nic.describe()}", file=sys.stderr)
+        if machine.vsock is not None and (progress or not config.vsock_uds):
+            print(f"pykvm: virtio-vsock: guest CID {machine.vsock.guest_cid}, host socket "
+                  f"{machine.vsock.uds_path}", file=sys.stderr)
         install_stop_signals(machine)
         stop = machine.run()
         observers.finish()
