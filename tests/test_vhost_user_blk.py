@@ -147,6 +147,25 @@ def test_a_back_end_without_config_or_capacity_is_refused(backend_path):
         backend.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a back end as another user")
+def test_a_back_end_run_by_another_user_is_refused():
+    """It would map the guest's RAM: SO_PEERCRED says who listens, whatever the socket's
+    path or mode (an abstract socket here: no file system permissions at all)."""
+    name = f"pykvm-test-{os.getpid()}-{time.monotonic_ns()}"
+    listener = subprocess.Popen(
+        ["/usr/bin/python3", "-c", "import socket, sys, time\n"
+         "s = socket.socket(socket.AF_UNIX)\n"
+         f"s.bind('\\0{name}'); s.listen(1); print('ready', flush=True); time.sleep(30)"],
+        user=65534, group=65534, extra_groups=[], cwd="/", stdout=subprocess.PIPE)
+    try:
+        assert listener.stdout.readline() == b"ready\n"
+        with pytest.raises(VhostUserError, match="uid 65534 may not use"):
+            open_vhost_blk(DiskSpec.parse(f"vhost-user=\0{name}"), "virtio-blk0")
+    finally:
+        listener.kill()
+        listener.wait()
+
+
 # --- --disk forms, the format by content -----------------------------------------------------------
 @pytest.mark.parametrize("text, expected", [
     ("a.img", DiskSpec("a.img")),

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import sandbox
+from ..control.access import peer_refusal
 from . import protocol as p
 from .protocol import Request, VhostUserError
 
@@ -90,6 +91,13 @@ class Frontend:
                 sock.close()
                 raise VhostUserError(f"{name}: cannot connect to {path}: "
                                      f"{error.strerror}") from None
+        # The back end gets the guest's RAM (SET_MEM_TABLE): only one run by this user or
+        # root, whoever put the socket where it is (a user-given --disk vhost-user=SOCKET).
+        refusal = peer_refusal(sock)
+        if refusal is not None:
+            sock.close()
+            raise VhostUserError(f"{name}: refusing the back end at {path}: {refusal} "
+                                 f"(it would map the guest's RAM)")
         frontend = cls(sock, name, timeout=timeout)
         try:
             frontend.handshake()
