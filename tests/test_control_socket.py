@@ -25,11 +25,11 @@ NOBODY = 65534
 
 @pytest.fixture
 def machine(tmp_path):
-    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine import MachineConfig, build_for_boot
 
     flat = tmp_path / "hlt.bin"
     flat.write_bytes(b"\xf4")
-    with Machine(MachineConfig(flat=flat, mem_size=2 << 20)) as built:
+    with build_for_boot(MachineConfig(flat=flat, mem_size=2 << 20)) as built:
         yield built
 
 
