@@ -67,7 +67,8 @@ def test_flat_result_carries_registers_and_memory(vm):
     assert result.regs.rbx == 0x1122334455667788
     assert result.read_int(0x400, 4) == 5050
     assert result.memory[0x10000:0x10005] == b"\xc7\x04\x25\x00\x04"   # the guest's own code
-    with pytest.raises(ValueError):
+    from pykvm.errors import GuestMemoryError
+    with pytest.raises(GuestMemoryError):
         result.read_int(len(result.memory) - 2, 4)      # past the RAM kept: refused, not short
 
 
