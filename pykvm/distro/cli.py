@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..command_group import add_group
-from . import debian
+from . import DEBIAN_DEFAULT_SUITE, DEBIAN_KERNEL_PACKAGE
 
 
 def add_parser(commands) -> None:
@@ -26,14 +26,14 @@ def add_parser(commands) -> None:
                     "a copy from the cache. Boot it with `pykvm run --image FILE`.")
     deb.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                      help="the image to write (a sparse raw ext4 file system)")
-    deb.add_argument("--suite", default=debian.DEFAULT_SUITE,
-                     help=f"the Debian suite (default {debian.DEFAULT_SUITE})")
+    deb.add_argument("--suite", default=DEBIAN_DEFAULT_SUITE,
+                     help=f"the Debian suite (default {DEBIAN_DEFAULT_SUITE})")
     deb.add_argument("--size", default="2G",
                      help="the file system's size, e.g. 2G, 512M (default 2G; sparse)")
     deb.add_argument("--packages", default="", metavar="A,B,...",
                      help="more packages to install (comma-separated)")
     deb.add_argument("--kernel", action="store_true",
-                     help=f"install {debian.KERNEL_PACKAGE} and copy its vmlinuz and "
+                     help=f"install {DEBIAN_KERNEL_PACKAGE} and copy its vmlinuz and "
                           "initramfs beside FILE (FILE.vmlinuz, FILE.initrd.img: "
                           "pykvm run --image-kernel); slow to boot where guest ring 0 is "
                           "emulated")
@@ -43,8 +43,10 @@ def add_parser(commands) -> None:
     deb.set_defaults(handler=cmd_debian)
 
 
-def request_of(args) -> debian.DebianImage:
+def request_of(args):
+    """The DebianImage the arguments ask for (debian.py imported only by this command)."""
     from ..machine import parse_size
+    from . import debian
 
     return debian.DebianImage(suite=args.suite, size=parse_size(args.size),
                               packages=debian.parse_packages(args.packages),
@@ -52,6 +54,8 @@ def request_of(args) -> debian.DebianImage:
 
 
 def cmd_debian(args) -> int:
+    from . import debian
+
     image = request_of(args)
     debian.check_target(args.output, args.force)     # before minutes of building
     say = lambda line: print(f"pykvm image: {line}", file=sys.stderr, flush=True)  # noqa: E731

@@ -37,14 +37,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, GuestBuildError
+from . import DEBIAN_DEFAULT_SUITE, DEBIAN_KERNEL_PACKAGE
 
 MiB = 1 << 20
 GiB = 1 << 30
-DEFAULT_SUITE = "bookworm"
+DEFAULT_SUITE = DEBIAN_DEFAULT_SUITE
 DEFAULT_SIZE = 2 * GiB
 MIN_SIZE = 256 * MiB        # minbase alone is ~150 MiB unpacked
 MAX_SIZE = 1 << 40          # the image is sparse, but mke2fs still writes its metadata
-KERNEL_PACKAGE = "linux-image-cloud-amd64"
+KERNEL_PACKAGE = DEBIAN_KERNEL_PACKAGE
 RECIPE_VERSION = 1          # bump when the recipe below changes what an image holds
 ROOT_IMAGE, KERNEL, INITRD, MANIFEST = "root.img", "vmlinuz", "initrd.img", "manifest.json"
 # Debian Policy 5.6.1 (package names) and the code names Debian uses for suites

@@ -12,3 +12,6 @@ command line, driving a pykvm :class:`~pykvm.machine.Machine` (docs/firecracker.
 # reference for the subset pykvm implements.
 FIRECRACKER_API_VERSION = "1.7.0"
 APP_NAME = "Firecracker"
+# the logger's levels, Firecracker's names: here so that the command line's parser (built
+# by every pykvm run) need not import resources.py, the largest module of this package
+LEVELS = ("Off", "Error", "Warning", "Info", "Debug", "Trace")

@@ -16,8 +16,7 @@ import argparse
 import signal
 import sys
 
-from . import FIRECRACKER_API_VERSION
-from .resources import LEVELS
+from . import FIRECRACKER_API_VERSION, LEVELS
 
 DEFAULT_API_SOCK = "/run/firecracker.socket"
 DEFAULT_ID = "anonymous-instance"

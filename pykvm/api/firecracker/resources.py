@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from ...errors import PykvmError
+from . import LEVELS  # (defined there for the CLI's parser)
 
 REQUIRED = object()
 DESERIALIZE = "An error occurred when deserializing the json body of a request"
@@ -353,7 +354,6 @@ class SnapshotLoadParams(Record):
             self.mem_backend.backend_path
 
 
-LEVELS = ("Off", "Error", "Warning", "Info", "Debug", "Trace")
 
 
 @dataclass(frozen=True)
