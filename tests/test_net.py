@@ -754,3 +754,18 @@ def test_cli_leaves_a_pre_existing_tap_as_it_was(tmp_path, netns):
             process.kill()
     assert link_names() == {"lo", "pcli0"}
     assert link_state("pcli0") == before
+
+
+def test_the_default_mac_is_sha256_derived_without_loading_openssl():
+    """pykvm/net/mac.py hashes with CPython's own SHA-256 (hashlib would map libcrypto
+    into every run with a NIC: bench/memory.py); the MAC is the same function's."""
+    import hashlib
+
+    from pykvm.net.mac import default_mac
+
+    digest = hashlib.sha256(b"pykvm-net\0some-machine\0" + b"1").digest()
+    assert default_mac("some-machine", 1) == bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+    probe = subprocess.run([sys.executable, "-c", "import sys, pykvm.net.mac; "
+                            "print('_hashlib' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout == "False\n"

@@ -9,10 +9,20 @@ and passt all use it, and it imports none of them.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from ..errors import ConfigError
+
+# SHA-256 without OpenSSL: hashlib loads libcrypto, 3.7 MiB resident in every run with a
+# NIC (bench/memory.py), for these few bytes; CPython's own implementation is the same
+# function (FIPS 180-4)
+try:
+    from _sha2 import sha256            # CPython >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256      # CPython 3.11
+    except ImportError:
+        from hashlib import sha256
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
 
@@ -38,7 +48,7 @@ def format_mac(mac: bytes) -> str:
 def default_mac(machine_key: str, index: int) -> bytes:
     """A locally administered unicast MAC derived from the machine and the NIC index:
     the same for the same configuration on every run, different per NIC."""
-    digest = hashlib.sha256(f"pykvm-net\0{machine_key}\0{index}".encode()).digest()
+    digest = sha256(f"pykvm-net\0{machine_key}\0{index}".encode()).digest()
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
