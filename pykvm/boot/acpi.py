@@ -15,8 +15,11 @@ RSDP on 16-byte boundaries; the zero page's ``acpi_rsdp_addr`` points there too)
 - **FADT**: a classic (not hardware-reduced) one: the PM1a event and control
   blocks are I/O ports (``layout.ACPI_PM1A_*``) served by
   ``pykvm.devices.acpi_pm``; no SMI command port (the machine is in ACPI mode
-  from the start), no PM timer, no GPE blocks, no 8042 and no VGA declared
-  (so a kernel with an i8042 driver does not spend minutes probing it).
+  from the start), no PM timer, no GPE blocks, no VGA; the 8042 is declared
+  (IAPC_BOOT_ARCH bit 1): without it, and without a PNP0303 device in the DSDT,
+  Linux's i8042 driver believes the firmware that there is none and never finds
+  the keyboard that Firecracker's SendCtrlAltDel types on (pykvm/devices/i8042.py
+  answers every probe at once, so the probe costs a few exits, not minutes).
 - **DSDT**: nothing but ``Name (_S5_, Package () {5, 5, 0, 0})``. Linux reads
   SLP_TYP for S5 from it, and powers off by writing SLP_TYP | SLP_EN to PM1a
   control. It is kept that small on purpose: the guest's AML interpreter runs
@@ -74,6 +77,7 @@ FADT_MINOR_VERSION = 131    # u8
 
 # IAPC_BOOT_ARCH: bit 0 LEGACY_DEVICES, bit 1 8042, bit 2 VGA not present, bit 3 MSI
 # not supported, bit 4 PCIe ASPM controls, bit 5 CMOS RTC not present.
+IAPC_BOOT_ARCH_8042 = 1 << 1
 IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
 # FADT flags (table 5.10).
 FADT_F_WBINVD = 1 << 0        # WBINVD flushes caches correctly
@@ -183,7 +187,8 @@ def fadt(facs_addr: int, dsdt_addr: int) -> bytes:
     table[FADT_PM1_EVT_LEN] = layout.ACPI_PM1A_EVT_LEN
     table[FADT_PM1_CNT_LEN] = layout.ACPI_PM1A_CNT_LEN
     table[FADT_PM_TMR_LEN] = 0
-    struct.pack_into("<H", table, FADT_IAPC_BOOT_ARCH, IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
+    struct.pack_into("<H", table, FADT_IAPC_BOOT_ARCH,
+                     IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
     struct.pack_into("<I", table, FADT_FLAGS, FADT_FLAGS_VALUE)
     table[FADT_MINOR_VERSION] = FADT_MINOR_REVISION
     return sdt(b"FACP", FADT_REVISION, bytes(table[HEADER_SIZE:]))
