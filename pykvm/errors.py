@@ -67,6 +67,14 @@ class RefreshFailed(PykvmError):
     set): it is not used, and the run boots cold."""
 
 
+class SnapshotError(PykvmError):
+    """A snapshot cannot be taken, or a snapshot directory cannot be restored. For the
+    CLI it is bad input like a bad image or option (exit status 2): the snapshot, the
+    directory or the host resources given for it are at fault, not pykvm."""
+
+    exit_code = 2
+
+
 class GuestMemoryError(PykvmError):
     """A guest-physical access fell outside guest RAM."""
 

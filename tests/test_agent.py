@@ -634,7 +634,7 @@ def test_virtio_serial_brings_a_named_port_up_and_carries_data():
             driver.notify(1)
             assert wait_for(lambda: received == [b"to the host"])
             state = device.save_state()
-            assert state["ports"][0]["ready"] and state["ports"][0]["guest_open"]
+            assert state.ports[0].ready and state.ports[0].guest_open
         finally:
             function.close()
             stand_in.close()

@@ -1,5 +1,7 @@
 """i8042, CMOS RTC and pykvm's guest-control ports, driven as guests drive them."""
 
+import base64
+import json
 import time
 from datetime import datetime, timezone
 
@@ -9,9 +11,10 @@ from hypothesis import strategies as st
 
 from pykvm.devices import guest_control, i8042, ps2_keyboard, rtc
 from pykvm.devices.guest_control import GuestControl
-from pykvm.devices.i8042 import I8042
+from pykvm.devices.i8042 import I8042, I8042State
 from pykvm.devices.rtc import Rtc
 from pykvm.layout import EXIT_PORT, PROGRESS_PORT
+from pykvm.snapshot.state import SnapshotError
 
 from .fakes import FakeIrqLine
 
@@ -206,19 +209,20 @@ def test_keyboard_state_round_trip_and_hostile_states():
     kbc = Controller()
     kbc.command(0xAD)
     kbc.device.press_keys(ps2_keyboard.CTRL_ALT_DEL)
-    state = kbc.device.save_state()
+    saved = json.loads(json.dumps(kbc.device.save_state().to_json()))
     other = Controller()
-    other.device.restore_state(state)
+    other.device.restore_state(I8042State.from_json(saved, "i8042"))
     other.command(0xAE)
     assert read_all(other) == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
-    for bad in ({"queue": [0x100]}, {"queue": [0] * 17}, {"scancode_set": 7},
-                {"pending_command": 0xF4}):
-        with pytest.raises((ValueError, TypeError)):
-            Controller().device.restore_state(state | {"keyboard": state["keyboard"] | bad})
-    with pytest.raises(TypeError):
-        Controller().device.restore_state(state | {"keyboard": {"queue": []}})
-    old = {k: v for k, v in state.items() if k != "keyboard"}    # before the keyboard
-    Controller().device.restore_state(old)
+    for bad, why in (({"queue": [0x100]}, "expected base64"),
+                     ({"queue": base64.b64encode(bytes(17)).decode()}, "17 bytes"),
+                     ({"scancode_set": 7}, "out of range"),
+                     ({"pending_command": 0xF4}, "0xf4 takes no parameter"),
+                     ({"queue": ""} | {"tag": "i8042"}, "tag 'i8042' is not 'ps2-keyboard'")):
+        with pytest.raises(SnapshotError, match=why):
+            I8042State.from_json(saved | {"keyboard": saved["keyboard"] | bad}, "i8042")
+    with pytest.raises(SnapshotError, match="i8042.keyboard: missing scanning"):
+        I8042State.from_json(saved | {"keyboard": {"tag": "ps2-keyboard", "queue": ""}}, "i8042")
 
 
 def test_no_mouse_answers_with_a_timeout(kbc):

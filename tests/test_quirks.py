@@ -29,6 +29,7 @@ from pykvm.ioctl.structs import kvm_regs, kvm_sregs
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.quirks import syscall
+from pykvm.snapshot.state import SnapshotError
 from pykvm.quirks.syscall import (MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
                                   SyscallCompletion, first_instruction)
 from pykvm.observe.stats import VcpuStats
@@ -588,11 +589,10 @@ def test_plants_survive_a_snapshot(memory):
     """Guest RAM saved after planting holds the int3: a restored VM must know it as ours."""
     vcpu, completion, sregs = planted(memory, "0f 1f 00")
     state = completion.save_state()
-    assert state == {"plants": [{"handler": HANDLER, "physical": HANDLER, "displaced": "0f1f00",
-                                 "kind": "nop"}]}
+    assert state == (syscall.Plant(HANDLER, HANDLER, bytes.fromhex("0f1f00"), "nop"),)
     restored = SyscallCompletion()
     restored.restore_state(state)
     assert restored.complete(vcpu, at_handler(memory, 0x401000, USER_CS), sregs)
     assert vcpu.regs.rip == HANDLER + 3
-    with pytest.raises(ValueError):
-        restored.restore_state({"plants": [{**state["plants"][0], "kind": "jmp"}]})
+    with pytest.raises(SnapshotError, match="not a page-fault hook pykvm could have planted"):
+        syscall.Plant.from_json({**state[0].to_json(), "kind": "jmp"}, "quirks.plants[0]")

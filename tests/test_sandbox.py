@@ -238,7 +238,7 @@ RARE_PATHS_SCENARIO = """
     from pykvm.machine import MachineConfig, build_for_boot
     from pykvm.observe.disasm import Disassembler
 
-    assert "capstone" not in sys.modules and "pykvm.snapshot.kvmstate" not in sys.modules
+    assert "capstone" not in sys.modules and "pykvm.vstate.kvmstate" not in sys.modules
 
     class RarePaths(Device):
         '''At the guest's first exit, on the confined vCPU thread: what a snapshot and a
@@ -248,7 +248,7 @@ RARE_PATHS_SCENARIO = """
             state = machine.vm.vcpus[0].save_state()
             loaded = "capstone" in sys.modules
             text = Disassembler().decode(bytes.fromhex("0f01ca"), 0, 64).text
-            print(f"saved {len(state)} parts; capstone loaded before: {loaded}; {text}",
+            print(f"saved {len(state.msrs)} MSRs; capstone loaded before: {loaded}; {text}",
                   flush=True)
             machine.request_stop("exit", 0, "done")
 

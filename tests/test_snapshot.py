@@ -7,6 +7,7 @@ With Linux (marked ``linux``): one boot to the shell, snapshotted there by the
 session fixture of tests/conftest_linux.py, restored for each test.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,12 +26,12 @@ from pykvm.control import ControlServer, parse_command, request
 from pykvm.devices.acpi_pm import AcpiPm
 from pykvm.devices.i8042 import I8042
 from pykvm.devices.pci.config import ConfigSpace
-from pykvm.devices.pci.msix import CONTROL_ENABLE, MsixTable
-from pykvm.devices.rtc import Rtc
-from pykvm.devices.serial import Serial
+from pykvm.devices.pci.msix import CONTROL_ENABLE, MsixState, MsixTable
+from pykvm.devices.rtc import Rtc, RtcState
+from pykvm.devices.serial import Serial, SerialState
 from pykvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pykvm.devices.virtio.driver import DriverRing, PciDriver, RecordingLine, StandInVm
-from pykvm.devices.virtio.pci import VirtioPciDevice
+from pykvm.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 from pykvm.devices.virtio.queue import Virtqueue
 from pykvm.devices.virtio.rng import RngDevice
 from pykvm.errors import ConfigError
@@ -111,7 +112,7 @@ def test_counting_guest_continues_from_the_snapshot(counting_guest, tmp_path):
         wait_for_output(out, len(out.getvalue()) + 5)        # it goes on after the snapshot
         machine.vm.request_stop("user", 0, "test")
         machine.vm.wait()
-    saved_count = load_state(tmp_path / "snap").vcpus[0].regs["rbx"]
+    saved_count = load_state(tmp_path / "snap").vcpus[0].regs.rbx
     assert saved_count >= 20
     assert info.mem_size == layout.MIN_MEM_SIZE + 0x10000
     assert info.memory_bytes < info.mem_size // 10              # sparse: code and counter
@@ -143,7 +144,7 @@ def test_snapshot_of_a_restored_vm_into_its_own_directory(counting_guest, tmp_pa
         save_snapshot(machine, tmp_path / "snap")
         machine.vm.request_stop("user", 0, "test")
         machine.vm.wait()
-    first = load_state(tmp_path / "snap").vcpus[0].regs["rbx"]
+    first = load_state(tmp_path / "snap").vcpus[0].regs.rbx
     with restore_machine(tmp_path / "snap", stdout=io.BytesIO()) as restored:
         restored.vm.start()
         time.sleep(0.3)
@@ -152,7 +153,7 @@ def test_snapshot_of_a_restored_vm_into_its_own_directory(counting_guest, tmp_pa
         assert restored.memory.read_u32(COUNTER_ADDR) >= first
         restored.vm.request_stop("user", 0, "test")
         restored.vm.wait()
-    second = load_state(tmp_path / "snap").vcpus[0].regs["rbx"]
+    second = load_state(tmp_path / "snap").vcpus[0].regs.rbx
     assert second >= first
     with restore_machine(tmp_path / "snap", stdout=io.BytesIO()) as again:
         assert again.memory.read_u32(COUNTER_ADDR) == second
@@ -210,14 +211,14 @@ def test_vcpu_and_vm_state_round_trip(counting_guest, tmp_path):
     saved = json.loads((tmp_path / "snap" / "state.json").read_text())
     with restore_machine(tmp_path / "snap", stdout=io.BytesIO()) as restored:
         for vcpu, state in zip(restored.vm.vcpus, saved["vcpus"]):
-            again = vcpu.save_state()
+            again = vcpu.call(lambda v: v.save_state()).to_json()
             for key in ("regs", "sregs", "fpu", "lapic", "mp_state", "debugregs", "xcrs", "cpuid"):
                 assert again[key] == state[key], key
             msrs = dict(state["msrs"])
             for index in ("0x10",):      # the TSC runs on
                 assert again["msrs"].pop(index) >= msrs.pop(index)
             assert again["msrs"] == msrs
-        vm_state = restored.vm.save_state()
+        vm_state = restored.vm.save_state().to_json()
         assert vm_state["irqchip"] == saved["vm"]["irqchip"]
         assert vm_state["pit"]["channels"][0]["mode"] == saved["vm"]["pit"]["channels"][0]["mode"]
         assert vm_state["clock"]["clock"] >= saved["vm"]["clock"]["clock"]
@@ -425,8 +426,10 @@ def test_checksum_mismatch(snapshot_copy):
 
 def test_other_format_version(snapshot_copy):
     directory, _ = snapshot_copy
-    rewrite(directory, lambda d: d.update(version=2), fix_checksum=True)
-    refused(directory, "format version 2.*reads version 1")
+    for version in (3, 0, "2"):
+        rewrite(directory, lambda d: d.update(version=version), fix_checksum=True)
+        refused(directory, f"format version {version}; this pykvm .* reads versions 1 "
+                           f"\\(converted\\) and 2$")
 
 
 def test_other_host_kind(snapshot_copy):
@@ -539,7 +542,7 @@ def test_serial_state_round_trip():
     serial.receive(b"typed-ahead-input-longer-than-16")
     assert line.levels[-1] is True
     state = serial.save_state()
-    assert json.loads(json.dumps(state)) == state
+    assert SerialState.from_json(json.loads(json.dumps(state.to_json())), "serial") == state
 
     other_line = FakeIrqLine()
     other = Serial(other_line, io.BytesIO(), flush_delay=None)
@@ -565,21 +568,21 @@ def test_rtc_state_round_trip():
     state = clock.save_state()
     now[0] += 3600
     other = Rtc(clock=lambda: now[0])
-    other.restore_state(json.loads(json.dumps(state)))
+    other.restore_state(RtcState.from_json(json.loads(json.dumps(state.to_json())), "rtc"))
     assert other.save_state() == state
     other.write(0, 1, 0x40)
     assert other.read(1, 1) == 0x99
     other.write(0, 1, 0x09)
     assert other.read(1, 1) == 30             # the guest's year, an hour later
-    with pytest.raises(ValueError):
-        other.restore_state(dict(state, cmos="AAAA"))
+    with pytest.raises(SnapshotError, match="rtc.cmos: 3 bytes, not 128"):
+        RtcState.from_json(dict(state.to_json(), cmos="AAAA"), "rtc")
 
 
 def test_i8042_state_round_trip():
     controller = I8042(lambda: None)
     controller.write(4, 1, 0x60)              # write command byte ...
     state_pending = controller.save_state()
-    assert state_pending["pending_command"] == 0x60
+    assert state_pending.pending_command == 0x60
     other = I8042(lambda: None)
     other.restore_state(state_pending)
     other.write(0, 1, 0x47)                   # ... its parameter, after the restore
@@ -587,7 +590,7 @@ def test_i8042_state_round_trip():
     assert other.read(0, 1) == 0x47
     kbd = FakeIrqLine()
     third = I8042(lambda: None, kbd_irq=kbd)
-    third.restore_state(other.save_state() | {"data_full": True, "data": 0x55})
+    third.restore_state(dataclasses.replace(other.save_state(), data_full=True, data=0x55))
     assert kbd.levels == [True] and third.read(4, 1) & 1 and third.read(0, 1) == 0x55
 
 
@@ -612,17 +615,17 @@ def test_pci_config_and_msix_state_round_trip():
     msix.notify(1)                             # ... so this one is pending
     config.write(0x3C, 1, 11)
     saved_config, saved_msix = config.save_state(), msix.save_state()
-    assert saved_msix["pending"] == [1]
+    assert saved_msix.pending == (1,)
 
     config2, msix2, lines2 = build()
     config2.restore_state(saved_config)
-    msix2.restore_state(json.loads(json.dumps(saved_msix)))
+    msix2.restore_state(MsixState.from_json(json.loads(json.dumps(saved_msix.to_json())), "msix"))
     assert config2.read(0x3C, 1) == 11 and msix2.enabled
     assert msix2.entry(1) == (0, 0x41, True) and msix2.pending(1)
     msix2.write(16 + 12, 4, 0)                 # unmasked: the pending interrupt goes out
     assert lines2[1].triggered == 1
     other_device = ConfigSpace(vendor_id=0x1234, device_id=1, class_code=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(SnapshotError, match="PCI config space of device 1044 given to 0001"):
         other_device.restore_state(saved_config)
 
 
@@ -654,13 +657,14 @@ def test_virtqueue_and_virtio_transport_state_round_trip():
             state = function.save_state()
         function.close()
         vm.close()
-        assert state["queues"][0]["active"] and state["queues"][0]["used_idx"] == 1
+        assert state.queues[0].active and state.queues[0].used_idx == 1
 
         vm2 = StandInVm(memory)
         function2 = VirtioPciDevice(vm2, memory, RngDevice(lambda n: b"\xa5" * n),
                                     interrupt_lines=[RecordingLine(24 + i) for i in range(2)])
-        function2.restore_state(json.loads(json.dumps(state)))
-        assert function2.running and PciDriver(function2).status() == state["status"]
+        function2.restore_state(VirtioPciState.from_json(json.loads(json.dumps(state.to_json())),
+                                                         "pci.slots.1.device"))
+        assert function2.running and PciDriver(function2).status() == state.status
         queue: Virtqueue = function2.queues[0]
         assert (queue.last_avail_idx, queue.used_idx, queue.desc_addr) == \
             (1, 1, ring.desc_addr)

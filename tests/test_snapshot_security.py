@@ -182,13 +182,13 @@ CRAFTED = [
     (("config",), []), (("config", "mem_size"), 1 << 62), (("config", "mem_size"), "1G"),
     (("config", "mem_size"), 0), (("config", "mem_size"), 4097), (("config", "cpus"), 0),
     (("config", "cpus"), 1000), (("config", "cpus"), True), (("config", "cpus"), 2),
-    (("config", "disks"), "x"), (("config", "disks"), [{"__type__": "os:system"}]),
-    (("config", "disks"), [{"__type__": "pykvm.machine:MachineConfig"}]),
-    (("config", "disks"), [{"__type__": "pykvm.devices.virtio.attach:DiskSpec", "path": 1}]),
-    (("config", "disks"), [{"__type__": "pykvm.devices.virtio.attach:DiskSpec"}]),
+    (("config", "disks"), "x"), (("config", "disks"), [{"tag": "os:system"}]),
+    (("config", "disks"), [{"tag": "pykvm.machine:MachineConfig"}]),
+    (("config", "disks"), [{"tag": "disk", "path": 1}]),
+    (("config", "disks"), [{"tag": "disk"}]),
     (("config", "disks"), [7] * 100), (("config", "flat"), 5), (("config", "flat"), None),
     (("config", "console"), "nope"), (("config", "kvm_device"), 3), (("config", "extra"), 3),
-    (("config", "shares"), [1]), (("config", "nets"), [{"__type__": "pykvm.net.plumbing:NetSpec",
+    (("config", "shares"), [1]), (("config", "nets"), [{"tag": "net",
                                                        "mac": "zz"}]),
     (("config", "surprise"), 1), (("config", "extra"), {"x": []}), (("vcpus",), []), (("vcpus",), {}), (("vcpus",), [1]),
     (("vcpus", 0, "regs", "rip"), 1 << 64), (("vcpus", 0, "regs", "rip"), -1),
@@ -343,7 +343,7 @@ def test_cli_restore_of_a_crafted_snapshot_is_one_line_exit_2(snapshot_copy, pat
 
 # --- item 11: host resources come from the caller -----------------------------------------------------
 def disk_record(path, read_only=False, serial=""):
-    return {"__type__": "pykvm.devices.virtio.attach:DiskSpec", "path": str(path),
+    return {"tag": "disk", "path": str(path),
             "read_only": read_only, "serial": serial}
 
 
@@ -438,7 +438,7 @@ def test_a_config_list_the_snapshot_code_does_not_know_is_refused_unless_empty(s
 @needs_kvm
 def test_shares_nets_and_the_kvm_device_are_not_the_snapshots(snapshot_copy, tmp_path):
     directory, image = snapshot_copy
-    net = {"__type__": "pykvm.net.plumbing:NetSpec", "tap": "evil0", "mac": None,
+    net = {"tag": "net", "tap": "evil0", "mac": None,
            "bridge": "br-evil", "host_ip": None, "netns": None}
     write_crafted(directory, lambda d: d["config"].update(shares=["/etc"], nets=[net],
                                                           agent=True, flat=None,

@@ -17,10 +17,13 @@ work byte by byte, so an OS may read the 32-bit event block in one go.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from ..boot.acpi import S5_SLP_TYP
 from ..bus import Device
+from ..snapshot.schema import U16
+from ..snapshot.state import ComponentState
 
 STS_OFFSET = 0
 EN_OFFSET = 2
@@ -35,6 +38,14 @@ SLP_EN = 1 << 13
 CNT_WRITE_ONLY = SLP_EN | (1 << 2)   # SLP_EN and GBL_RLS read as 0
 
 
+@dataclass(frozen=True)
+class AcpiPmState(ComponentState, tag="acpi-pm"):
+    """PM1a status, enable and control as the guest left them."""
+    status: U16
+    enable: U16
+    control: U16
+
+
 class AcpiPm(Device):
     name = "acpi-pm"
 
@@ -46,13 +57,12 @@ class AcpiPm(Device):
         self.control = SCI_EN
         self.sleeps: list[int] = []   # SLP_TYP of every sleep request, in order
 
-    def save_state(self) -> dict:
-        return {"status": self.status, "enable": self.enable, "control": self.control}
+    def save_state(self) -> AcpiPmState:
+        return AcpiPmState(self.status, self.enable, self.control)
 
-    def restore_state(self, state: dict) -> None:
-        self.status = state["status"] & 0xFFFF
-        self.enable = state["enable"] & 0xFFFF
-        self.control = state["control"] & 0xFFFF & ~SLP_EN
+    def restore_state(self, state: AcpiPmState) -> None:
+        self.status, self.enable = state.status, state.enable
+        self.control = state.control & ~SLP_EN
 
     def _registers(self) -> bytes:
         control = (self.control | SCI_EN) & ~CNT_WRITE_ONLY

@@ -36,10 +36,13 @@ out their time-outs.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ..bus import Device, IrqLine
-from .ps2_keyboard import BREAK_PREFIX, Ps2Keyboard, translate_set2
+from ..snapshot.schema import U8
+from ..snapshot.state import ComponentState, SnapshotError
+from .ps2_keyboard import BREAK_PREFIX, KeyboardState, Ps2Keyboard, translate_set2
 
 PORT_BASE = 0x60
 PORT_COUNT = 5
@@ -94,6 +97,29 @@ PARAMETER_COMMANDS = frozenset({CMD_WRITE_CTR, CMD_WRITE_OUTPUT_PORT,
                                 CMD_KBD_LOOP, CMD_AUX_LOOP, CMD_AUX_SEND})
 
 
+@dataclass(frozen=True)
+class I8042State(ComponentState, tag="i8042"):
+    """The controller's registers, its one-byte output buffer, and its keyboard."""
+
+    ctr: U8
+    output_port: U8
+    pending_command: U8 | None              # waiting for its parameter byte
+    last_write_was_command: bool
+    data: U8
+    data_full: bool
+    data_from_aux: bool
+    data_timed_out: bool
+    kbd_level: bool
+    aux_level: bool
+    xlate_break: bool
+    keyboard: KeyboardState
+
+    def check(self) -> None:
+        if self.pending_command is not None and self.pending_command not in PARAMETER_COMMANDS:
+            raise SnapshotError(f"i8042: {self.pending_command:#x} is not a command that "
+                                f"takes a parameter")
+
+
 class I8042(Device):
     """A PS/2 controller with a keyboard on its first port and nothing on the second.
     ``on_reset`` is called for each reset request."""
@@ -125,29 +151,21 @@ class I8042(Device):
     _STATE = ("ctr", "output_port", "pending_command", "last_write_was_command", "data",
               "data_full", "data_from_aux", "data_timed_out")
 
-    def save_state(self) -> dict:
+    def save_state(self) -> I8042State:
         with self._lock:
-            state = {name: getattr(self, f"_{name}") for name in self._STATE}
-            state.update(kbd_level=self._kbd_level, aux_level=self._aux_level,
-                         xlate_break=self._xlate_break, keyboard=self.keyboard.save_state())
-            return state
+            return I8042State(**{name: getattr(self, f"_{name}") for name in self._STATE},
+                              kbd_level=self._kbd_level, aux_level=self._aux_level,
+                              xlate_break=self._xlate_break,
+                              keyboard=self.keyboard.save_state())
 
-    def restore_state(self, state: dict) -> None:
-        values = {name: state[name] for name in self._STATE}
-        pending = values["pending_command"]
-        if pending is not None and pending not in PARAMETER_COMMANDS:
-            raise ValueError(f"i8042: {pending!r} is not a command that takes a parameter")
+    def restore_state(self, state: I8042State) -> None:
         keyboard = Ps2Keyboard()
-        if state.get("keyboard") is not None:       # snapshots from before the keyboard
-            keyboard.restore_state(state["keyboard"])
+        keyboard.restore_state(state.keyboard)
         with self._lock:
-            for name, value in values.items():
-                setattr(self, f"_{name}", value)
+            for name in self._STATE:
+                setattr(self, f"_{name}", getattr(state, name))
             self.keyboard = keyboard
-            self._xlate_break = bool(state.get("xlate_break", False))
-            self._ctr &= 0xFF
-            self._output_port &= 0xFF
-            self._data &= 0xFF
+            self._xlate_break = state.xlate_break
             # The new VM's lines are low: raise again what the controller held high.
             self._kbd_level = self._aux_level = False
             self._update_irqs()

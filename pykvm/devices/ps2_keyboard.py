@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Annotated
+
+from ..snapshot.schema import U8, Bounds, blob
+from ..snapshot.state import ComponentState, SnapshotError
 
 ACK = 0xFA
 RESEND = 0xFE
@@ -74,17 +78,21 @@ def translate_set2(code: int) -> int:
     return _HIGH_TRANSLATION.get(code, code)
 
 
-@dataclass
-class KeyboardState:
-    """What a snapshot keeps of the keyboard (JSON-able)."""
+@dataclass(frozen=True)
+class KeyboardState(ComponentState, tag="ps2-keyboard"):
+    """What a snapshot keeps of the keyboard."""
 
-    queue: list[int]
+    queue: blob(QUEUE_LIMIT)                # bytes not yet taken by the controller
     scanning: bool
-    scancode_set: int
-    pending_command: int | None
-    leds: int
-    typematic: int
-    last_sent: int
+    scancode_set: Annotated[int, Bounds(1, 3)]
+    pending_command: U8 | None
+    leds: Annotated[int, Bounds(0, 0x07)]
+    typematic: Annotated[int, Bounds(0, 0x7F)]
+    last_sent: U8
+
+    def check(self) -> None:
+        if self.pending_command is not None and self.pending_command not in PARAMETER_COMMANDS:
+            raise SnapshotError(f"keyboard: {self.pending_command:#x} takes no parameter")
 
 
 class Ps2Keyboard:
@@ -204,26 +212,17 @@ class Ps2Keyboard:
         return (*prefix, BREAK_PREFIX, code)
 
     # --- snapshots --------------------------------------------------------------------
-    def save_state(self) -> dict:
-        return KeyboardState(queue=list(self._queue), scanning=self._scanning,
+    def save_state(self) -> KeyboardState:
+        return KeyboardState(queue=bytes(self._queue), scanning=self._scanning,
                              scancode_set=self._scancode_set,
                              pending_command=self._pending_command, leds=self._leds,
-                             typematic=self._typematic, last_sent=self._last_sent).__dict__
+                             typematic=self._typematic, last_sent=self._last_sent)
 
-    def restore_state(self, state: dict) -> None:
-        """ValueError for a state no keyboard could be in (a snapshot file is input)."""
-        saved = KeyboardState(**state)
-        if len(saved.queue) > QUEUE_LIMIT or \
-                not all(isinstance(b, int) and 0 <= b <= 0xFF for b in saved.queue):
-            raise ValueError("keyboard: the output queue holds more than 16 bytes or non-bytes")
-        if saved.scancode_set not in (1, 2, 3):
-            raise ValueError(f"keyboard: scancode set {saved.scancode_set!r}")
-        if saved.pending_command is not None and saved.pending_command not in PARAMETER_COMMANDS:
-            raise ValueError(f"keyboard: {saved.pending_command!r} takes no parameter")
-        self._queue = deque(saved.queue)
-        self._scanning = bool(saved.scanning)
-        self._scancode_set = saved.scancode_set
-        self._pending_command = saved.pending_command
-        self._leds = int(saved.leds) & 0x07
-        self._typematic = int(saved.typematic) & 0x7F
-        self._last_sent = int(saved.last_sent) & 0xFF
+    def restore_state(self, state: KeyboardState) -> None:
+        self._queue = deque(state.queue)
+        self._scanning = state.scanning
+        self._scancode_set = state.scancode_set
+        self._pending_command = state.pending_command
+        self._leds = state.leds
+        self._typematic = state.typematic
+        self._last_sent = state.last_sent

@@ -19,13 +19,15 @@ IRQ 8 and register C always reads 0), daylight saving, and the divider chain.
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Annotated, Callable
 
 from ..bus import Device
+from ..snapshot.schema import U64, Bounds, blob
+from ..snapshot.state import ComponentState, SnapshotError
 
 PORT_BASE = 0x70
 PORT_COUNT = 2
@@ -68,6 +70,21 @@ TIME_FIELDS = {SECONDS: "second", MINUTES: "minute", HOURS: "hour",
                DAY_OF_MONTH: "day", MONTH: "month", YEAR: "year", CENTURY: "century"}
 
 
+@dataclass(frozen=True)
+class RtcState(ComponentState, tag="rtc"):
+    """CMOS RAM, the selected register, and the guest's clock as an offset from the
+    host's (so the restored clock keeps running with host time)."""
+    index: Annotated[int, Bounds(0, INDEX_MASK)]
+    cmos: blob(CMOS_SIZE, exact=True)
+    offset: float                           # guest time - host time, seconds
+    held: dict[str, U64] | None             # the time fields while SET is raised
+    nmi_masked: bool
+
+    def check(self) -> None:
+        if self.held is not None and set(self.held) != set(TIME_FIELDS.values()):
+            raise SnapshotError("rtc: held time fields incomplete")
+
+
 class Rtc(Device):
     """CMOS RTC and RAM. ``clock`` returns host seconds since the epoch (tests pass a fake)."""
 
@@ -85,27 +102,18 @@ class Rtc(Device):
         self.nmi_masked = False
         self.invalid_time_writes = 0
 
-    def save_state(self) -> dict:
-        """CMOS RAM, the selected register, and the guest's clock as an offset from
-        the host's (so the restored clock keeps running with host time)."""
+    def save_state(self) -> RtcState:
         with self._lock:
-            return {"index": self._index, "cmos": base64.b64encode(bytes(self._cmos)).decode(),
-                    "offset": self._offset, "held": dict(self._held) if self._held else None,
-                    "nmi_masked": self.nmi_masked}
+            return RtcState(self._index, bytes(self._cmos), self._offset,
+                            dict(self._held) if self._held else None, self.nmi_masked)
 
-    def restore_state(self, state: dict) -> None:
-        cmos = base64.b64decode(state["cmos"], validate=True)
-        if len(cmos) != CMOS_SIZE:
-            raise ValueError(f"rtc: CMOS image of {len(cmos)} bytes, not {CMOS_SIZE}")
-        held = state["held"]
-        if held is not None and set(held) != set(TIME_FIELDS.values()):
-            raise ValueError("rtc: held time fields incomplete")
+    def restore_state(self, state: RtcState) -> None:
         with self._lock:
-            self._index = state["index"] & INDEX_MASK
-            self._cmos = bytearray(cmos)
-            self._offset = float(state["offset"])
-            self._held = {name: int(value) for name, value in held.items()} if held else None
-            self.nmi_masked = bool(state["nmi_masked"])
+            self._index = state.index
+            self._cmos = bytearray(state.cmos)
+            self._offset = state.offset
+            self._held = dict(state.held) if state.held else None
+            self.nmi_masked = state.nmi_masked
 
     def read(self, offset: int, size: int) -> int:
         if offset != DATA:

@@ -31,15 +31,44 @@ serial_registers.py's, re-exported here.
 
 from __future__ import annotations
 
-import base64
 import threading
 from collections import deque
+from dataclasses import dataclass
+from typing import Annotated
 
 from ..bus import Device, IrqLine
+from ..snapshot.schema import U8, U16, U64, Bounds, blob
+from ..snapshot.state import ComponentState, SnapshotError
 from .serial_output import BufferedOutput, Output
 from .serial_registers import *  # noqa: F403 - the register map, re-exported: the device's vocabulary
 
 HOST_QUEUE_LIMIT = 1 << 20        # host input waiting for the guest; beyond it bytes are dropped
+
+
+@dataclass(frozen=True)
+class SerialState(ComponentState, tag="serial"):
+    """Registers, the RX FIFO, host input not yet in it, the interrupt line, counters."""
+
+    ier: Annotated[int, Bounds(0, IER_DEFINED)]
+    lcr: U8
+    mcr: Annotated[int, Bounds(0, MCR_DEFINED)]
+    scr: U8
+    divisor: U16
+    fifo_enabled: bool
+    rx_trigger: int
+    rx_fifo: blob(FIFO_SIZE)
+    host_queue: blob(HOST_QUEUE_LIMIT)
+    overrun: bool
+    thr_pending: bool
+    msr_deltas: Annotated[int, Bounds(0, 0x0F)]
+    irq_level: bool
+    tx_bytes: U64
+    rx_bytes: U64
+    rx_dropped: U64
+
+    def check(self) -> None:
+        if self.rx_trigger not in RX_TRIGGER_LEVELS:
+            raise SnapshotError(f"serial: RX trigger level {self.rx_trigger}")
 
 
 class Serial(Device):
@@ -101,42 +130,33 @@ class Serial(Device):
 
     # --- snapshots (pykvm/snapshot) ---------------------------------------------
 
-    def save_state(self) -> dict:
-        """Registers, the RX FIFO, host input not yet in it, and the interrupt line."""
+    def save_state(self) -> SerialState:
         with self._lock:
-            return {"ier": self._ier, "lcr": self._lcr, "mcr": self._mcr, "scr": self._scr,
-                    "divisor": self._divisor, "fifo_enabled": self._fifo_enabled,
-                    "rx_trigger": self._rx_trigger,
-                    "rx_fifo": base64.b64encode(bytes(self._rx_fifo)).decode(),
-                    "host_queue": base64.b64encode(bytes(self._host_queue)).decode(),
-                    "overrun": self._overrun, "thr_pending": self._thr_pending,
-                    "msr_deltas": self._msr_deltas, "irq_level": self._irq_level,
-                    "tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes,
-                    "rx_dropped": self.rx_dropped}
+            return SerialState(
+                ier=self._ier, lcr=self._lcr, mcr=self._mcr, scr=self._scr,
+                divisor=self._divisor, fifo_enabled=self._fifo_enabled,
+                rx_trigger=self._rx_trigger, rx_fifo=bytes(self._rx_fifo),
+                host_queue=bytes(self._host_queue), overrun=self._overrun,
+                thr_pending=self._thr_pending, msr_deltas=self._msr_deltas,
+                irq_level=self._irq_level, tx_bytes=self.tx_bytes, rx_bytes=self.rx_bytes,
+                rx_dropped=self.rx_dropped)
 
-    def restore_state(self, state: dict) -> None:
-        rx_fifo = base64.b64decode(state["rx_fifo"], validate=True)
-        host_queue = base64.b64decode(state["host_queue"], validate=True)
-        if len(rx_fifo) > FIFO_SIZE or state["rx_trigger"] not in RX_TRIGGER_LEVELS:
-            raise ValueError("serial: RX FIFO state out of range")
+    def restore_state(self, state: SerialState) -> None:
         with self._lock:
-            self._ier = state["ier"] & IER_DEFINED
-            self._lcr = state["lcr"] & 0xFF
-            self._mcr = state["mcr"] & MCR_DEFINED
-            self._scr = state["scr"] & 0xFF
-            self._divisor = state["divisor"] & 0xFFFF
-            self._fifo_enabled = bool(state["fifo_enabled"])
-            self._rx_trigger = state["rx_trigger"]
-            self._rx_fifo = deque(rx_fifo)
-            self._host_queue = deque(host_queue[:self._host_queue_limit])
-            self._overrun = bool(state["overrun"])
-            self._thr_pending = bool(state["thr_pending"])
-            self._msr_deltas = state["msr_deltas"] & 0x0F
-            self.tx_bytes, self.rx_bytes = state["tx_bytes"], state["rx_bytes"]
-            self.rx_dropped = state["rx_dropped"]
+            self._ier, self._lcr, self._mcr, self._scr = state.ier, state.lcr, state.mcr, state.scr
+            self._divisor = state.divisor
+            self._fifo_enabled = state.fifo_enabled
+            self._rx_trigger = state.rx_trigger
+            self._rx_fifo = deque(state.rx_fifo)
+            self._host_queue = deque(state.host_queue[:self._host_queue_limit])
+            self._overrun = state.overrun
+            self._thr_pending = state.thr_pending
+            self._msr_deltas = state.msr_deltas
+            self.tx_bytes, self.rx_bytes = state.tx_bytes, state.rx_bytes
+            self.rx_dropped = state.rx_dropped
             # The new VM's line is low: raise it again if the UART held it high.
             self._irq_level = False
-            if state["irq_level"]:
+            if state.irq_level:
                 self._irq_level = True
                 self._irq.set_level(True)
 

@@ -8,6 +8,20 @@ to complete exits KVM could not, and on a normal VT-x/AMD-V host every answer is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..snapshot.state import ComponentState, SnapshotError
+from .syscall import Plant
+
+
+@dataclass(frozen=True)
+class QuirksState(ComponentState, tag="quirks"):
+    """What pykvm keeps for the guest on this host: which quirks, and on kvm_pvm the
+    int3s the system-call completion planted (pykvm/quirks/syscall.py)."""
+
+    name: str
+    plants: tuple[Plant, ...]
+
 
 class Quirks:
     """A host with nothing to work around (kvm_intel, kvm_amd)."""
@@ -35,13 +49,15 @@ class Quirks:
         """The exit hook (pykvm/vstate/hooks.py) the VM registers this object as."""
         return self.complete_internal_error(vcpu, suberror)
 
-    def save_state(self) -> dict:
-        """What pykvm keeps for the guest on this host (a snapshot carries it)."""
-        return {"name": self.name}
+    def save_state(self) -> QuirksState:
+        return QuirksState(self.name, ())
 
-    def restore_state(self, state: dict) -> None:
-        if state["name"] != self.name:
-            raise ValueError(f"quirks of {state['name']} given to {self.name}")
+    def restore_state(self, state: QuirksState) -> None:
+        if state.name != self.name:
+            raise SnapshotError(f"quirks of {state.name[:20]} given to {self.name}")
+        if state.plants:
+            raise SnapshotError(f"{len(state.plants)} page-fault hooks saved for {self.name}, "
+                                f"which plants none")
 
 
 def for_host(kind: str) -> Quirks:

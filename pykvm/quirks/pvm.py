@@ -13,7 +13,8 @@ from ..errors import GuestCrashed, PykvmError
 from ..guest.code import code_at_rip, linear_rip
 from ..ioctl import requests as r
 from .. import sandbox
-from . import Quirks
+from ..snapshot.state import SnapshotError
+from . import Quirks, QuirksState
 from .cmdline import DEBIAN_WORDS, is_debian, merge
 from .syscall import EarlyPlant, SyscallCompletion
 
@@ -65,13 +66,14 @@ class PvmQuirks(Quirks):
             # at port-I/O exits too (guests print before they enter user mode).
             EarlyPlant(self.syscalls).arm(vm)
 
-    def save_state(self) -> dict:
+    def save_state(self) -> QuirksState:
         # The int3 bytes are in guest memory; what they displaced is only here.
-        return {**super().save_state(), "syscalls": self.syscalls.save_state()}
+        return QuirksState(self.name, self.syscalls.save_state())
 
-    def restore_state(self, state: dict) -> None:
-        super().restore_state(state)
-        self.syscalls.restore_state(state["syscalls"])
+    def restore_state(self, state: QuirksState) -> None:
+        if state.name != self.name:
+            raise SnapshotError(f"quirks of {state.name[:20]} given to {self.name}")
+        self.syscalls.restore_state(state.plants)
 
     def adjust_cpuid(self, entries):
         for entry in entries:

@@ -42,6 +42,8 @@ from ..guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from ..guest.pagewalk import LEVEL4, LEVEL5, paging_mode, read_linear, translate
 from ..ioctl.structs import kvm_sregs
 from ..ioctl.run import SYNCED_SREGS_OFFSET
+from ..snapshot.schema import U64, blob
+from ..snapshot.state import ComponentState, SnapshotError
 from ..vstate.hooks import ExitWatch
 from .decode import decode
 
@@ -85,13 +87,20 @@ NOP_PREFIXES = (0x66, 0x2E)   # the prefixes of the multi-byte NOPs compilers em
 
 
 @dataclass(frozen=True)
-class Plant:
-    """An int3 of pykvm's over the first byte of a guest #PF handler."""
+class Plant(ComponentState, tag="pf-hook-plant"):
+    """An int3 of pykvm's over the first byte of a guest #PF handler. A snapshot's
+    memory holds the int3 bytes; without these, a restored guest's next page fault
+    would look like its own breakpoint."""
 
-    handler: int        # linear address (the RIP a vCPU stops at)
-    physical: int       # where the int3 byte lives
-    displaced: bytes    # the whole instruction whose first byte the int3 covers
+    handler: U64        # linear address (the RIP a vCPU stops at)
+    physical: U64       # where the int3 byte lives
+    displaced: blob(15)  # the whole instruction whose first byte the int3 covers
     kind: str           # "nop" or "clac": what pykvm does in its place
+
+    def check(self) -> None:
+        if self.kind not in ("nop", "clac") or not 1 <= len(self.displaced) <= 15:
+            raise SnapshotError(f"not a page-fault hook pykvm could have planted: "
+                                f"{self.kind[:10]!r} over {len(self.displaced)} bytes")
 
 
 class SyscallCompletion:
@@ -160,25 +169,14 @@ class SyscallCompletion:
             self._plants = {}
 
     # --- snapshots -----------------------------------------------------------------------
-    def save_state(self) -> dict:
-        """The plants: where each int3 is and the instruction it displaced. A snapshot's
-        memory holds the int3 bytes; without these, a restored guest's next page fault
-        would look like its own breakpoint."""
+    def save_state(self) -> tuple[Plant, ...]:
+        """The plants: where each int3 is and the instruction it displaced."""
         with self._lock:
-            return {"plants": [{"handler": p.handler, "physical": p.physical,
-                                "displaced": p.displaced.hex(), "kind": p.kind}
-                               for p in self._plants.values()]}
+            return tuple(self._plants.values())
 
-    def restore_state(self, state: dict) -> None:
-        plants = {}
-        for saved in state["plants"]:
-            plant = Plant(int(saved["handler"]), int(saved["physical"]),
-                          bytes.fromhex(saved["displaced"]), str(saved["kind"]))
-            if plant.kind not in ("nop", "clac") or not 1 <= len(plant.displaced) <= 15:
-                raise ValueError(f"not a page-fault hook pykvm could have planted: {saved!r}")
-            plants[plant.handler] = plant
+    def restore_state(self, plants: tuple[Plant, ...]) -> None:
         with self._lock:
-            self._plants = plants
+            self._plants = {plant.handler: plant for plant in plants}
 
     # --- the completion ----------------------------------------------------------------
     def complete(self, vcpu, regs, sregs) -> bool:

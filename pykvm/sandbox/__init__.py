@@ -36,7 +36,7 @@ _PRELOAD = ("pykvm.guest.code", "pykvm.guest.pagewalk")
 # import what a confined thread asks for by import_unconfined(): capstone, for the
 # message about an instruction nobody completes, is loaded only by a run that needs it
 # (its library and engines were ~7.8 MiB of every run's memory, bench/memory.py).
-_BACKGROUND_PRELOAD = ("pykvm.quirks.complete", "pykvm.quirks.decode", "pykvm.snapshot.kvmstate")
+_BACKGROUND_PRELOAD = ("pykvm.quirks.complete", "pykvm.quirks.decode", "pykvm.vstate.kvmstate")
 _background: threading.Thread | None = None
 _preloaded = threading.Event()
 _imports: queue.SimpleQueue = queue.SimpleQueue()     # (module name, [error], done Event)

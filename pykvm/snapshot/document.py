@@ -1,13 +1,15 @@
-"""``state.json``: reading it without trusting it, and its typed envelope (version 1).
+"""``state.json``: reading it without trusting it, and its typed envelope (version 2).
 
 Reading is bounded and checked before anything is used (pykvm/snapshot/schema.py):
 the file must be a regular file (not a symlink, FIFO or device: a FIFO would hang the
 restore), at most MAX_STATE_BYTES; JSON that Python's parser refuses for its own
 limits (numbers of more than 4300 digits, nesting deeper than its recursion limit,
 NaN) is damaged input like any other. Then, in this order, each with its own line:
-the format, the version, the checksum, then every field of the envelope by the
-records below (the vCPUs' and the VM's own records are in kvmstate.py), then the
-memory layout against the RAM the configuration asks for.
+the format, the version, the checksum, then an older version converted
+(migrate.py: version 1) or refused, then every field of the envelope by the records
+below (the vCPUs' and the VM's own are pykvm/vstate/kvmstate.py's), then the memory
+layout against the RAM the configuration asks for. Each device's and the PCI bus's
+state is decoded when it is applied, as the state that part restores (state.py).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kvmstate import VcpuState, VmState
+from ..quirks import QuirksState
+from ..vstate.kvmstate import VcpuState, VmState
+from .migrate import migrate
 from .schema import U64, Hex64, decode
 from .state import SnapshotError
 
 FORMAT = "pykvm-snapshot"
-VERSION = 1
+VERSION = 2                        # this layout; README.md next to this file describes it
+MIGRATED = (1,)                    # older layouts read through migrate.py
 STATE_FILE = "state.json"
 MEMORY_FILE = "memory.bin"
 MAX_STATE_BYTES = 64 << 20         # 255 vCPUs' state is a few MiB
@@ -62,8 +67,8 @@ class MachineState:
 
 @dataclass(frozen=True)
 class SnapshotDocument:
-    """Everything state.json holds, checked; ``config``, ``devices``, ``pci`` and
-    ``quirks`` are checked by their owners (decode_config, each part's restore_state)."""
+    """Everything state.json holds, checked; ``config`` is checked by config.py,
+    ``devices`` and ``pci`` when applied, as the state each part restores."""
 
     format: str
     version: int
@@ -78,7 +83,7 @@ class SnapshotDocument:
     vcpus: tuple[VcpuState, ...]
     devices: dict[str, dict]
     pci: dict | None
-    quirks: dict
+    quirks: QuirksState
 
 
 def canonical(document: dict) -> bytes:
@@ -107,13 +112,16 @@ def read_document(directory: Path) -> SnapshotDocument:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not a pykvm snapshot (format is not {FORMAT!r})")
     version = document.get("version")
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or (version != VERSION and version not in MIGRATED):
         from .. import __version__   # importlib.metadata: only for this message (start-up)
-        raise SnapshotError(f"{path}: snapshot format version {str(version)[:20]}; "
-                            f"this pykvm ({__version__}) reads version {VERSION} only")
+        raise SnapshotError(f"{path}: snapshot format version {str(version)[:20]}; this pykvm "
+                            f"({__version__}) reads versions {', '.join(map(str, MIGRATED))} "
+                            f"(converted) and {VERSION}")
     if document.get("checksum") != checksum(document):
         raise SnapshotError(f"{path}: checksum mismatch: the file was changed or damaged "
                             f"after the snapshot was taken")
+    if version != VERSION:
+        document = migrate(document, version)
     return decode(SnapshotDocument, document, "")
 
 

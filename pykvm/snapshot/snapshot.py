@@ -2,8 +2,9 @@
 
 The directory holds two files (schema: README.md next to this file):
 
-    state.json   every part's save_state(), the machine's configuration, the memory
-                 layout, and a sha256 over the canonical JSON of all of it
+    state.json   every part's typed state (state.py: the protocol), the machine's
+                 configuration (config.py), the memory layout, and a sha256 over the
+                 canonical JSON of all of it; older formats are read through migrate.py
     memory.bin   guest RAM, sparse (pykvm/snapshot/memfile.py)
 
 Both are created under temporary names relative to the directory's fd (O_EXCL,
@@ -17,11 +18,9 @@ memory.bin's inode).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,11 @@ from .document import (FORMAT, MEMORY_FILE, STATE_FILE, VERSION, SnapshotDocumen
                        check_memory_file, checksum, read_document)
 from .memfile import memory_digest, write_memory
 from .resources import HostOverrides, confirm
-from .schema import decode
-from .state import SnapshotError
+from .config import decode_config, encode_config
+from .state import SnapshotError, Stateful, decode_for
 
 if typing.TYPE_CHECKING:
     from ..machine import MachineConfig
-
-MAX_CONFIG_ITEMS = 64
 
 
 @dataclass
@@ -108,7 +105,7 @@ def write_memory_file(machine, target: SnapshotDirectory) -> dict:
 def quiesced(machine):
     """Hold every device that moves data on threads of its own (virtio) between two
     requests, so that memory and device state agree."""
-    functions = [f for _, f in machine.virtio.pci.devices()] if machine.virtio else []
+    functions = machine.virtio.transports() if machine.virtio else []
     with contextlib.ExitStack() as stack:
         for function in functions:
             if hasattr(function, "quiesced"):
@@ -117,18 +114,20 @@ def quiesced(machine):
 
 
 def collect_state(machine) -> dict:
-    """Every part's state (not the memory); the VM must be paused or not yet started."""
+    """Every part's state (not the memory) as JSON; the VM must be paused or not yet
+    started. Each part gives its typed state (state.py); this only encodes them."""
     vm = machine.vm
     with _saving("vCPUs"):
-        vcpus = [vcpu.call(lambda v: v.save_state(), timeout=30) for vcpu in vm.vcpus]
+        vcpus = [vcpu.call(lambda v: v.save_state(), timeout=30).to_json() for vcpu in vm.vcpus]
     with _saving("the VM's irqchip, PIT and clock"):
-        vm_state = vm.save_state()
+        vm_state = vm.save_state().to_json()
     devices = {}
     for key, device in legacy_devices(machine).items():
         with _saving(key):
-            devices[key] = device.save_state()
+            devices[key] = device.save_state().to_json()
+    pci = pci_bus(machine)
     with _saving("PCI"):
-        pci = machine.virtio.pci.save_state() if machine.virtio else None
+        pci_state = pci.save_state().to_json() if pci is not None else None
     from .. import __version__   # importlib.metadata: when saving, not with every restore
     return {
         "format": FORMAT, "version": VERSION, "pykvm_version": __version__,
@@ -136,18 +135,25 @@ def collect_state(machine) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": encode_config(machine.config),
         "machine": {"command_started": machine.console.command_started},
-        "vm": vm_state, "vcpus": vcpus, "devices": devices, "pci": pci,
-        "quirks": vm.quirks.save_state(),
+        "vm": vm_state, "vcpus": vcpus, "devices": devices, "pci": pci_state,
+        "quirks": vm.quirks.save_state().to_json(),
     }
 
 
+def pci_bus(machine):
+    """The machine's PCI bus 0, or None (no virtio devices, or virtio-mmio: those sit
+    on the MMIO bus and are saved with the other bus devices)."""
+    return machine.virtio.pci if machine.virtio is not None else None
+
+
 def legacy_devices(machine) -> dict:
-    """Devices on the port-I/O and MMIO buses that keep state, by ``name@base``."""
+    """Devices on the port-I/O and MMIO buses that keep state (:class:`Stateful`), by
+    ``name@base``."""
     found, seen = {}, set()
     for bus in (machine.vm.pio_bus, machine.vm.mmio_bus):
         for mapping in bus.mappings():
             device = mapping.device
-            if id(device) in seen or not callable(getattr(device, "save_state", None)):
+            if id(device) in seen or not isinstance(device, Stateful):
                 continue
             seen.add(id(device))
             found[f"{device.name}@{mapping.base:#x}"] = device
@@ -172,151 +178,6 @@ def write_state(target: SnapshotDirectory, document: dict) -> int:
         os.close(fd)
     target.publish(STATE_FILE)
     return len(data)
-
-
-# --- the configuration ----------------------------------------------------------------------------
-def encode_config(config) -> dict:
-    """MachineConfig as given (paths made absolute, so a restore works from anywhere)."""
-    from ..machine import MachineConfig
-
-    out = {}
-    for field in dataclasses.fields(MachineConfig):
-        value = getattr(config, field.name)
-        if field.name == "disks":
-            value = [dataclasses.replace(d, path=os.path.abspath(d.path))
-                     if hasattr(d, "path") else d for d in value]
-        elif isinstance(value, Path):
-            value = str(value.absolute())
-        out[field.name] = _encode(value)
-    return out
-
-
-def decode_config(data) -> MachineConfig:
-    """The ``config`` of state.json as a MachineConfig, every field checked against its
-    annotation (pykvm/snapshot/schema.py's rules): records only of the kinds a config
-    holds (CONFIG_RECORDS; no other type named by the file is ever looked up), and
-    :meth:`MachineConfig.validate` as for a command line. SnapshotError if not."""
-    from ..errors import ConfigError
-    from ..machine import MachineConfig
-
-    config = _decode_record(MachineConfig, data, "config")
-    try:
-        config.validate()
-    except ConfigError as error:
-        raise SnapshotError(f"state.json: config: {error}") from None
-    return config
-
-
-def config_records() -> dict:
-    """The records a MachineConfig's lists hold, by the ``__type__`` version 1 saved them
-    as (their module paths then: a fixed table, never imported by name)."""
-    from ..machine.config import DiskSpec, NetSpec
-
-    return {"pykvm.devices.virtio.attach:DiskSpec": DiskSpec,
-            "pykvm.net.plumbing:NetSpec": NetSpec}
-
-
-CONFIG_LISTS = {"disks": "DiskSpec", "nets": "NetSpec", "shares": str}
-
-
-def _decode_record(kind, data, where: str):
-    if not isinstance(data, dict):
-        raise SnapshotError(f"state.json: {where}: expected an object")
-    known = {field.name for field in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - known - {"__type__"})
-    if unknown:
-        raise SnapshotError(f"state.json: {where}: this pykvm does not know "
-                            f"{', '.join(str(u)[:40] for u in unknown[:3])} (a snapshot of a "
-                            f"newer pykvm?)")
-    from ..devices.virtio.fs import FsSpec
-    hints = typing.get_type_hints(kind, localns={"FsSpec": FsSpec})
-    values = {name: _decode_field(kind, name, hints[name], raw, f"{where}.{name}")
-              for name, raw in data.items() if name != "__type__"}
-    try:
-        return kind(**values)
-    except (TypeError, ValueError) as error:
-        raise SnapshotError(f"state.json: {where}: {error}") from None
-
-
-def _decode_field(kind, name: str, hint, raw, where: str):
-    from ..machine import MachineConfig
-
-    if kind is MachineConfig and name in CONFIG_LISTS:
-        if not isinstance(raw, list) or len(raw) > MAX_CONFIG_ITEMS:
-            raise SnapshotError(f"state.json: {where}: expected a list (at most "
-                                f"{MAX_CONFIG_ITEMS} items)")
-        return [_decode_item(CONFIG_LISTS[name], item, f"{where}[{index}]")
-                for index, item in enumerate(raw)]
-    if hint in (list, dict) or typing.get_origin(hint) is list:
-        # A kind of device this module does not know how to check (nor confirm as a
-        # host resource, resources.py): restored only if the snapshot has none of them.
-        empty = [] if typing.get_origin(hint) is list else hint()
-        if raw != empty:
-            raise SnapshotError(f"state.json: {where}: a snapshot with {name} is not "
-                                f"restored by this pykvm")
-        return empty
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
-                                                                   types.UnionType) else (hint,)
-    if raw is None and type(None) in options:
-        return None
-    for option in options:
-        if option is Path and isinstance(raw, str):
-            return Path(decode(str, raw, where))
-        if option in (bool, int, str) and type(raw) is option:
-            return decode(option, raw, where)
-    raise SnapshotError(f"state.json: {where}: {str(raw)[:40]!r} is not a "
-                        f"{' or '.join(getattr(o, '__name__', str(o)) for o in options)}")
-
-
-def _decode_item(kind, raw, where: str):
-    if kind is str:
-        return decode(str, raw, where)
-    records = config_records()
-    name = raw.get("__type__") if isinstance(raw, dict) else None
-    record = records.get(name) if isinstance(name, str) else None
-    if record is None or record.__name__ != kind:
-        raise SnapshotError(f"state.json: {where}: expected a {kind} record")
-    return _as_from_command_line(_decode_record(record, raw, where), where)
-
-
-def _as_from_command_line(spec, where: str):
-    """``spec`` if the command line could have given it: written back as its option
-    text (``--disk``, ``--net``) and parsed by the same code, it comes out the same.
-    So a snapshot holds no disk serial, TAP or namespace name the option would refuse."""
-    from ..errors import ConfigError
-
-    if type(spec).__name__ == "DiskSpec":
-        text = ",".join([spec.path] + (["ro"] if spec.read_only else [])
-                        + ([f"serial={spec.serial}"] if spec.serial else []))
-    else:
-        text = ",".join([f"tap={spec.tap}" if spec.tap else "tap"]
-                        + [f"{key}={value}" for key, value in (("bridge", spec.bridge),
-                                                               ("netns", spec.netns)) if value])
-    try:
-        parsed = type(spec).parse(text)
-    except ConfigError as error:
-        raise SnapshotError(f"state.json: {where}: {error}") from None
-    if parsed != spec:
-        raise SnapshotError(f"state.json: {where}: not what the command line could give "
-                            f"({text[:60]!r})")
-    return spec
-
-
-def _encode(value):
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        kind = type(value)
-        names = {record: name for name, record in config_records().items()}
-        return {"__type__": names[kind],
-                **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
-    if isinstance(value, (list, tuple)):
-        return [_encode(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _encode(item) for key, item in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise SnapshotError(f"configuration value {value!r} cannot be saved in a snapshot")
 
 
 # --- restoring ------------------------------------------------------------------------------------
@@ -393,6 +254,8 @@ def check_disks(config) -> None:
 
 
 def apply_state(machine, document: SnapshotDocument) -> None:
+    """Every part's state, in the order KVM and the devices need (README.md next to this
+    file); each device's and the PCI bus's decoded as the state that part restores."""
     vm = machine.vm
     with _part("the VM's irqchip, PIT and clock"):
         vm.restore_state(document.vm)
@@ -406,12 +269,13 @@ def apply_state(machine, document: SnapshotDocument) -> None:
                             f"this machine has {sorted(present)}")
     for key, device in present.items():
         with _part(key):
-            device.restore_state(saved[key])
-    if (document.pci is None) != (machine.virtio is None):
+            device.restore_state(decode_for(device, saved[key], f"devices.{key}"))
+    pci = pci_bus(machine)
+    if (document.pci is None) != (pci is None):
         raise SnapshotError("state.json: PCI devices saved and present differ")
-    if machine.virtio is not None:
+    if pci is not None:
         with _part("PCI"):
-            machine.virtio.pci.restore_state(document.pci)
+            pci.restore_state(decode_for(pci, document.pci, "pci"))
     with _part("quirks"):
         vm.quirks.restore_state(document.quirks)
     if document.machine.command_started:
@@ -428,15 +292,16 @@ def _saving(where: str):
 
 @contextlib.contextmanager
 def _part(where: str):
-    """Errors of one part, as one line that names it."""
+    """Errors of one part, as one line that names it. Only what a part says about its
+    input (SnapshotError, a PykvmError such as VirtqueueError, KVM refusing a value) is
+    turned into that line: any other exception is a bug in pykvm and stays one."""
     try:
         yield
-    except SnapshotError:
-        raise
+    except SnapshotError as error:
+        message = str(error)
+        raise SnapshotError(message if message.startswith("state.json") else
+                            f"state.json: {where}: {message}") from None
     except KvmError as error:
         raise SnapshotError(f"{where}: KVM refused the state: {error}") from None
     except PykvmError as error:
         raise SnapshotError(f"{where}: {str(error).strip().splitlines()[0]}") from None
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as error:
-        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
-        raise SnapshotError(f"state.json: {where}: bad or missing value ({detail})") from None

@@ -1,148 +1,128 @@
-"""The state protocol, and the helpers its implementations share.
+"""The state protocol: how a part of a machine saves and restores itself.
 
-Every stateful part of a machine (a vCPU, the VM's in-kernel devices, each
-device, the PCI bus, the host's quirks) implements two methods:
+Every stateful part of a machine (a vCPU, the VM's in-kernel devices, each device on
+the port-I/O and MMIO buses, the PCI bus and its functions, each virtqueue, the
+host's quirks) has its state as ONE frozen dataclass, next to the part's own code
+(Firecracker's per-device ``persist.rs`` with its ``*State`` structs; vm-virtio's
+``QueueState``), and two methods:
 
-    save_state() -> dict          JSON-able values only: int, str, bool, None, float,
-                                  lists and dicts of them; binary blobs as base64 text
-    restore_state(state: dict)    put that state back, on an object built from the same
-                                  configuration and not yet running
+    save_state(self) -> XState          what the part holds now (the VM is paused)
+    restore_state(self, state: XState)  put it back, on a part built from the same
+                                        configuration that has not run yet
 
-A part never writes files or knows where its state goes: the orchestration in
-:mod:`pykvm.snapshot.snapshot` collects the dicts into ``state.json``.
-``restore_state`` may raise KeyError, TypeError, ValueError or OverflowError on a
-malformed dict; the orchestration turns those into one :class:`SnapshotError`. The
-parts whose state has a typed record (pykvm/snapshot/schema.py; the vCPUs and the
-VM in kvmstate.py, the document's envelope in document.py) check it before use.
+A device that keeps state does this (pykvm/devices/acpi_pm.py is the shortest one)::
 
-ctypes structs from :mod:`pykvm.ioctl.structs` are kept field by field
-(:func:`struct_to_json` / :func:`struct_from_json`), so ``state.json`` can be
-read next to <linux/kvm.h>; padding and reserved fields are left out (they go
-back as zeros, which is what KVM wants of them).
+    from ..snapshot.schema import U16
+    from ..snapshot.state import ComponentState
+
+    @dataclass(frozen=True)
+    class AcpiPmState(ComponentState, tag="acpi-pm"):
+        status: U16
+        enable: U16
+        control: U16
+
+    class AcpiPm:
+        def save_state(self) -> AcpiPmState:
+            return AcpiPmState(self.status, self.enable, self.control)
+
+        def restore_state(self, state: AcpiPmState) -> None:
+            self.status, self.enable = state.status, state.enable
+            ...
+
+The rules:
+
+* **The annotations are the schema** (schema.py): ``U8``/``U16``/``U32``/``U64`` or
+  ``Annotated[int, Bounds(lo, hi)]``, ``bool``, ``float``, ``str`` (bounded),
+  ``blob(n)`` for bytes (at most n; ``blob(n, exact=True)``: exactly n), a ctypes struct
+  of <linux/kvm.h> (checked field by field against its C types), ``tuple[X, ...]``,
+  ``dict[str, X]``, ``X | None``, a nested record or another part's ``XState``, or
+  ``ComponentState | None`` for "whatever state the part in this slot has" (a virtio
+  function's device: found by its tag among the registered states, never by a module
+  path). A state read from a file is decoded against these before any part sees it;
+  unknown and missing keys are refused. Cross-field rules go in :meth:`check`, which
+  raises SnapshotError (ValueError for a value out of its range is fine too).
+* **The tag is forever.** It is what state.json says instead of a module path
+  (``"tag": "serial"``), so classes may move and be renamed freely. Never reuse a tag
+  for a different layout: a changed layout is a new format version (document.py) with
+  a migration of the old one (migrate.py) or a clear refusal.
+* **restore_state trusts the types, not the meaning.** Every field has the type and
+  range its annotation says; whether it fits *this* part (the same device id, as many
+  queues, the GSIs it was wired to) is the part's to check, with SnapshotError (or a
+  PykvmError). Any other exception out of a restore is a bug in pykvm and propagates
+  as one: the orchestration names the part, it does not hide the traceback.
+* **Parts never write files** or know where their state goes: the orchestration in
+  snapshot.py collects them (``encode``) into state.json and decodes them back.
+* Where a slot may hold any part's state (a PCI function, a virtio device), hand it
+  over with :func:`restore_part`: it checks the state is the kind that part's
+  ``restore_state`` is annotated to take.
+* A part that keeps state but cannot be snapshotted yet (a vhost-user device: its
+  queues live in another process) raises a PykvmError from save_state, one line.
+
+A device is found for a snapshot because it is :class:`Stateful` (has both methods)
+and sits on a bus (snapshot.py's ``legacy_devices``) or in a PCI slot; give it a
+stable ``name`` (the key is ``name@base``).
 """
 
 from __future__ import annotations
 
-import base64
-import ctypes
+import functools
+import typing
 from typing import Protocol, runtime_checkable
 
-from ..errors import PykvmError
+from ..errors import SnapshotError  # noqa: F401 - the protocol's error, re-exported
+from .blob import b64, unb64  # noqa: F401 - the helpers parts use, here with the protocol
+from .cstructs import struct_from_json, struct_to_json  # noqa: F401
+from .schema import STATE_TAGS, Tagged, decode, encode  # noqa: F401
 
 
-class SnapshotError(PykvmError):
-    """A snapshot cannot be taken, or a snapshot directory cannot be restored. For the
-    CLI it is bad input like a bad image or option (exit status 2): the snapshot, the
-    directory or the host resources given for it are at fault, not pykvm."""
+class ComponentState(Tagged):
+    """The base of every part's state record (a frozen dataclass). Subclass it with
+    ``class XState(ComponentState, tag="x")``: the tag is registered once (schema.py's
+    STATE_TAGS); two classes with one tag are a bug found at import."""
 
-    exit_code = 2
+    def check(self) -> None:
+        """Rules between fields (the annotations check each field alone): raise
+        SnapshotError or ValueError. Runs when the state is decoded from a file."""
+
+    def to_json(self) -> dict:
+        """This state as state.json holds it: ``{"tag": ..., field: value, ...}``."""
+        return encode(self)
+
+    @classmethod
+    def from_json(cls, data, where: str):
+        """``data`` (parsed JSON, or already this record) decoded and checked as this
+        record: SnapshotError with ``where`` in its one line if it is not one."""
+        return data if isinstance(data, cls) else decode(cls, data, where)
 
 
 @runtime_checkable
 class Stateful(Protocol):
-    def save_state(self) -> dict: ...
+    """A part the snapshot orchestration saves and restores (see the module's text)."""
 
-    def restore_state(self, state: dict) -> None: ...
+    def save_state(self) -> ComponentState: ...
 
-
-def b64(data: bytes | bytearray | memoryview) -> str:
-    return base64.b64encode(bytes(data)).decode("ascii")
+    def restore_state(self, state: ComponentState) -> None: ...
 
 
-def unb64(text: str, size: int | None = None) -> bytes:
-    """Decode base64 text; with ``size``, insist on exactly that many bytes."""
-    if not isinstance(text, str):
-        raise TypeError(f"expected base64 text, got {type(text).__name__}")
-    data = base64.b64decode(text.encode("ascii"), validate=True)
-    if size is not None and len(data) != size:
-        raise ValueError(f"expected {size} bytes, got {len(data)}")
-    return data
+def restore_part(part, state: ComponentState, where: str) -> None:
+    """``part.restore_state(state)`` if ``state`` is the kind that part restores (its
+    ``restore_state`` annotation says which): where a slot may hold any part's state
+    (a PCI slot, a virtio transport's device), a state of another kind is refused
+    with one line instead of reaching code written for another record."""
+    expected = _restored_type(type(part))
+    if not isinstance(state, expected):
+        raise SnapshotError(f"state.json: {where}: {getattr(state, 'tag', None) or 'no'} state "
+                            f"given to a {getattr(part, 'name', type(part).__name__)}")
+    part.restore_state(state)
 
 
-_SKIPPED = ("pad", "padding", "reserved", "pad0", "pad1", "pad2")
+def decode_for(part, data, where: str) -> ComponentState:
+    """``data`` (parsed JSON) decoded as the state ``part`` restores (its
+    ``restore_state`` annotation), checked: SnapshotError naming ``where`` if not."""
+    return decode(_restored_type(type(part)), data, where)
 
 
-def _skipped(name: str) -> bool:
-    return name in _SKIPPED
-
-
-def struct_to_json(value):
-    """A ctypes struct (or array, or scalar) as nested dicts and lists of ints.
-    ``c_char`` arrays (raw register pages) become base64 text."""
-    if isinstance(value, ctypes.Structure):
-        out = {}
-        for name, field_type in value._fields_:
-            if _skipped(name):
-                continue
-            if issubclass(field_type, ctypes.Array) and field_type._type_ is ctypes.c_char:
-                # A c_char array field reads as bytes cut at the first NUL: take them all.
-                offset = getattr(type(value), name).offset
-                out[name] = b64(field_type.from_buffer_copy(value, offset).raw)
-            else:
-                out[name] = struct_to_json(getattr(value, name))
-        return out
-    if isinstance(value, ctypes.Array):
-        if value._type_ is ctypes.c_char:
-            return b64(bytes(value))     # .value/.raw would stop or copy oddly: the bytes
-        return [struct_to_json(item) for item in value]
-    return value
-
-
-def struct_from_json(struct_type, data):
-    """The inverse of :func:`struct_to_json`: a new ``struct_type`` filled from ``data``.
-    Every non-padding field must be present (KeyError otherwise)."""
-    result = struct_type()
-    _fill(result, data)
-    return result
-
-
-def _fill(target: ctypes.Structure, data: dict) -> None:
-    if not isinstance(data, dict):
-        raise TypeError(f"{type(target).__name__}: expected an object, got {type(data).__name__}")
-    for name, field_type in target._fields_:
-        if _skipped(name):
-            continue
-        if name not in data:
-            raise KeyError(f"{type(target).__name__}.{name}")
-        value = data[name]
-        if issubclass(field_type, ctypes.Structure):
-            _fill(getattr(target, name), value)
-        elif issubclass(field_type, ctypes.Array) and field_type._type_ is ctypes.c_char:
-            raw = unb64(value, ctypes.sizeof(field_type))   # the field reads as bytes: write
-            offset = getattr(type(target), name).offset     # through the address instead
-            ctypes.memmove(ctypes.addressof(target) + offset, raw, len(raw))
-        elif issubclass(field_type, ctypes.Array):
-            _fill_array(getattr(target, name), field_type, value, f"{type(target).__name__}.{name}")
-        else:
-            setattr(target, name, _integer(value, f"{type(target).__name__}.{name}", field_type))
-
-
-def _fill_array(array, array_type, value, where: str) -> None:
-    if array_type._type_ is ctypes.c_char:
-        raw = unb64(value, ctypes.sizeof(array_type))
-        ctypes.memmove(ctypes.addressof(array), raw, len(raw))
-        return
-    if not isinstance(value, list) or len(value) != array_type._length_:
-        raise ValueError(f"{where}: expected a list of {array_type._length_} items")
-    element = array_type._type_
-    for index, item in enumerate(value):
-        if issubclass(element, ctypes.Structure):
-            _fill(array[index], item)
-        elif issubclass(element, ctypes.Array):
-            _fill_array(array[index], element, item, f"{where}[{index}]")
-        else:
-            array[index] = _integer(item, where, element)
-
-
-def _integer(value, where: str, c_type) -> int:
-    """``value`` if it is an integer that ``c_type`` holds as is: ctypes would silently
-    cut 2**70 to 64 bits (or -1 to 0xff...), a crafted snapshot must not get that far."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: expected an integer, got {str(value)[:40]!r}")
-    bits = 8 * ctypes.sizeof(c_type)
-    signed = c_type(-1).value < 0
-    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    if not low <= value <= high:
-        raise ValueError(f"{where}: {value if abs(value) < 1 << 80 else 'a huge number'} does "
-                         f"not fit in {bits} bits")
-    return value
+@functools.cache
+def _restored_type(kind: type) -> type:
+    hint = typing.get_type_hints(kind.restore_state).get("state", ComponentState)
+    return hint if isinstance(hint, type) else ComponentState

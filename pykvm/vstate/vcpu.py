@@ -170,6 +170,12 @@ class Vcpu:
     def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
         k.ioctl(self.fd, k.KVM_SET_XCRS, xcrs)
 
+    def get_xsave(self) -> s.kvm_xsave:
+        return self._get(k.KVM_GET_XSAVE, s.kvm_xsave)
+
+    def set_xsave(self, xsave: s.kvm_xsave) -> None:
+        k.ioctl(self.fd, k.KVM_SET_XSAVE, xsave)
+
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         buffer = s.flexible(s.kvm_msrs, s.kvm_msr_entry, len(indices))()
         buffer.nmsrs = len(indices)
@@ -220,16 +226,15 @@ class Vcpu:
         events.flags = 0
         self.set_events(events)
 
-    def save_state(self) -> dict:
-        """Everything KVM holds for this vCPU, JSON-able (pykvm/snapshot/kvmstate.py)."""
+    def save_state(self):
+        """Everything KVM holds for this vCPU: a VcpuState (vstate/kvmstate.py)."""
         sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
-        from ..snapshot.kvmstate import save_vcpu
-        return save_vcpu(self)
+        from .kvmstate import VcpuState
+        return VcpuState.save(self)
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state) -> None:
         sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
-        from ..snapshot.kvmstate import restore_vcpu
-        restore_vcpu(self, state, log=self.log)
+        state.restore(self, log=self.log)
 
     # --- cross-thread requests ----------------------------------------------------------
     def call(self, function: Callable[["Vcpu"], object], timeout: float | None = 10.0):

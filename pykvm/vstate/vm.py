@@ -136,14 +136,38 @@ class Vm:
             slot=slot, flags=flags, guest_phys_addr=guest_addr, memory_size=size,
             userspace_addr=host_addr))
 
-    def save_state(self) -> dict:
-        """The in-kernel PIC, IOAPIC, PIT and clock, JSON-able (pykvm/snapshot/kvmstate.py)."""
-        from ..snapshot.kvmstate import save_vm
-        return save_vm(self)
+    # --- the in-kernel devices' state (snapshots: vstate/kvmstate.py) ----------------------
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        k.ioctl(self.fd, k.KVM_GET_IRQCHIP, chip)
+        return chip
 
-    def restore_state(self, state: dict) -> None:
-        from ..snapshot.kvmstate import restore_vm
-        restore_vm(self, state)
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        k.ioctl(self.fd, k.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        pit = s.kvm_pit_state2()
+        k.ioctl(self.fd, k.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit: s.kvm_pit_state2) -> None:
+        k.ioctl(self.fd, k.KVM_SET_PIT2, pit)
+
+    def get_clock(self) -> s.kvm_clock_data:
+        clock = s.kvm_clock_data()
+        k.ioctl(self.fd, k.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock: s.kvm_clock_data) -> None:
+        k.ioctl(self.fd, k.KVM_SET_CLOCK, clock)
+
+    def save_state(self):
+        """The in-kernel PIC, IOAPIC, PIT and clock: a VmState (vstate/kvmstate.py)."""
+        from .kvmstate import VmState
+        return VmState.save(self)
+
+    def restore_state(self, state) -> None:
+        state.restore(self)
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
         return KvmIrqLine(self.fd, gsi)

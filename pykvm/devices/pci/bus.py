@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import dataclass
 
 from ... import layout
 from ...bus import Device
 from ...errors import ConfigError, PykvmError
+from ...snapshot.schema import U32
+from ...snapshot.state import ComponentState, SnapshotError, Stateful, restore_part
 from ...interrupts import SharedLevelLine
 from .config import (COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, INTERRUPT_PIN, INTX_PIN_A,
-                     ConfigSpace)
+                     ConfigSpace, ConfigSpaceState)
 from .device import PciDevice
 
 SLOTS = 32
@@ -32,6 +35,21 @@ HOST_BRIDGE_CLASS = 0x060000
 # Red Hat's PCI IDs, which QEMU and others use for virtual hardware.
 PCI_VENDOR_REDHAT = 0x1B36
 PCI_DEVICE_HOST_BRIDGE = 0x0008
+
+
+@dataclass(frozen=True)
+class PciSlotState:
+    name: str                               # the function's name: the same one must be there
+    config: ConfigSpaceState
+    device: ComponentState | None           # what the function itself keeps (virtio: its transport)
+
+
+@dataclass(frozen=True)
+class PciBusState(ComponentState, tag="pci-bus"):
+    """conf1's address register, and per slot the config space and the function's state."""
+
+    conf1_address: U32
+    slots: dict[str, PciSlotState]
 
 
 class HostBridge(PciDevice):
@@ -161,35 +179,33 @@ class PciBus:
         return self._mapped.get((slot, index))
 
     # --- snapshots ---------------------------------------------------------------------------
-    def save_state(self) -> dict:
-        """conf1's address register, and per slot the config space (BARs, command,
-        MSI-X control) and what the function itself keeps."""
+    def save_state(self) -> PciBusState:
         with self._lock:
-            slots = {}
-            for slot, device in self.devices():
-                slots[str(slot)] = {
-                    "name": device.name, "config": device.config.save_state(),
-                    "device": device.save_state() if hasattr(device, "save_state") else None}
-            return {"conf1_address": self.config_access.address, "slots": slots}
+            slots = {str(slot): PciSlotState(
+                device.name, device.config.save_state(),
+                device.save_state() if isinstance(device, Stateful) else None)
+                for slot, device in self.devices()}
+            return PciBusState(self.config_access.address, slots)
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: PciBusState) -> None:
         """Onto a bus built from the same configuration: the same functions in the same
         slots. BARs the guest moved are mapped where it put them."""
         with self._lock:
-            saved = state["slots"]
+            saved = state.slots
             present = {str(slot): device for slot, device in self.devices()}
             if set(saved) != set(present):
-                raise ValueError(f"PCI slots {sorted(saved)} saved, {sorted(present)} present")
-            self.config_access.address = state["conf1_address"] & 0x80FFFFFC
+                raise SnapshotError(f"PCI slots {sorted(k[:8] for k in saved)[:8]} saved, "
+                                    f"{sorted(present)} present")
+            self.config_access.address = state.conf1_address & 0x80FFFFFC
             for key, device in present.items():
-                if saved[key]["name"] != device.name:
-                    raise ValueError(f"PCI slot {key}: {saved[key]['name']} saved, "
-                                     f"{device.name} present")
-                device.config.restore_state(saved[key]["config"])
+                if saved[key].name != device.name:
+                    raise SnapshotError(f"PCI slot {key}: {saved[key].name[:40]} saved, "
+                                        f"{device.name} present")
+                device.config.restore_state(saved[key].config)
                 self._update_mappings(int(key))
             for key, device in present.items():
-                if saved[key]["device"] is not None:
-                    device.restore_state(saved[key]["device"])
+                if saved[key].device is not None:
+                    restore_part(device, saved[key].device, f"pci.slots.{key}.device")
 
     def close(self) -> None:
         with self._lock:

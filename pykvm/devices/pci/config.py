@@ -13,11 +13,12 @@ follow its Enable and Function Mask bits).
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import ConfigError
+from ...snapshot.schema import blob
+from ...snapshot.state import ComponentState, SnapshotError
 
 CONFIG_SIZE = 256
 
@@ -84,6 +85,14 @@ class _Capability:
     hook: Callable[[int, int], None] | None   # (offset within the capability, size)
 
 
+@dataclass(frozen=True)
+class ConfigSpaceState(ComponentState, tag="pci-config"):
+    """The 256 bytes are the state: BARs, command, MSI-X control (masks and
+    capabilities follow from the device)."""
+
+    data: blob(CONFIG_SIZE, exact=True)
+
+
 class ConfigSpace:
     """Config space bytes plus per-bit write masks. Not thread-safe by itself:
     the PCI bus serializes config accesses."""
@@ -127,18 +136,15 @@ class ConfigSpace:
         status = self.get(STATUS, 2)
         self.set(STATUS, 2, status | bit if on else status & ~bit)
 
-    # --- snapshots: the bytes are the state (masks and capabilities follow from the device) ---
-    def save_state(self) -> dict:
-        return {"data": base64.b64encode(bytes(self.data)).decode()}
+    # --- snapshots --------------------------------------------------------------------------
+    def save_state(self) -> ConfigSpaceState:
+        return ConfigSpaceState(bytes(self.data))
 
-    def restore_state(self, state: dict) -> None:
-        data = base64.b64decode(state["data"], validate=True)
-        if len(data) != CONFIG_SIZE:
-            raise ValueError(f"PCI config space of {len(data)} bytes, not {CONFIG_SIZE}")
-        if data[:4] != self.data[:4]:
-            raise ValueError(f"PCI config space of device {data[2:4][::-1].hex()} given to "
-                             f"{self.data[2:4][::-1].hex()}")
-        self.data[:] = data
+    def restore_state(self, state: ConfigSpaceState) -> None:
+        if state.data[:4] != self.data[:4]:
+            raise SnapshotError(f"PCI config space of device {state.data[2:4][::-1].hex()} "
+                                f"given to {self.data[2:4][::-1].hex()}")
+        self.data[:] = state.data
 
     # --- the guest's side --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

@@ -15,12 +15,15 @@ message address low, high, message data, vector control (bit 0 = masked).
 
 from __future__ import annotations
 
-import base64
 import struct
 import threading
+from dataclasses import dataclass
+from typing import Annotated
 
 from ...bus import Device
 from ...errors import ConfigError
+from ...snapshot.schema import U32, Bounds, blob
+from ...snapshot.state import ComponentState, SnapshotError
 from ...interrupts import EventfdIrqLine, InterruptRoutingError, gsi_routing
 from .config import ConfigSpace
 
@@ -31,6 +34,16 @@ ENTRY_SIZE = 16
 VECTOR_MASKED = 1
 MAX_VECTORS = 2048
 NO_VECTOR = 0xFFFF   # "no MSI-X vector" as virtio (and others) spell it
+
+
+@dataclass(frozen=True)
+class MsixState(ComponentState, tag="msix"):
+    """The vector table, pending bits and each vector's GSI (Enable and Function Mask
+    live in config space, saved with it)."""
+
+    table: blob(ENTRY_SIZE * MAX_VECTORS)
+    pending: tuple[Annotated[int, Bounds(0, MAX_VECTORS - 1)], ...]
+    gsis: tuple[U32 | None, ...]
 
 
 class MsixTable(Device):
@@ -87,25 +100,26 @@ class MsixTable(Device):
         return self._pending[vector]
 
     # --- snapshots ---------------------------------------------------------------------------
-    def save_state(self) -> dict:
-        """The vector table, pending bits and each vector's GSI (Enable and Function
-        Mask live in config space, saved with it)."""
+    def save_state(self) -> MsixState:
         with self._lock:
-            return {"table": base64.b64encode(bytes(self._table)).decode(),
-                    "pending": [v for v in range(self.vectors) if self._pending[v]],
-                    "gsis": [getattr(line, "gsi", None) for line in self._lines]}
+            return MsixState(bytes(self._table),
+                             tuple(v for v in range(self.vectors) if self._pending[v]),
+                             tuple(getattr(line, "gsi", None) for line in self._lines))
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: MsixState) -> None:
         """After the config space: restores the table and routes the live vectors."""
-        table = base64.b64decode(state["table"], validate=True)
-        if len(table) != len(self._table):
-            raise ValueError(f"MSI-X table of {len(table)} bytes, not {len(self._table)}")
-        if state["gsis"] != [getattr(line, "gsi", None) for line in self._lines]:
-            raise ValueError("MSI-X vectors sit on other GSIs than when the snapshot was taken")
+        if len(state.table) != len(self._table):
+            raise SnapshotError(f"MSI-X table of {len(state.table)} bytes, not "
+                                f"{len(self._table)}")
+        if list(state.gsis) != [getattr(line, "gsi", None) for line in self._lines]:
+            raise SnapshotError("MSI-X vectors sit on other GSIs than when the snapshot was "
+                                "taken")
+        if any(vector >= self.vectors for vector in state.pending):
+            raise SnapshotError(f"MSI-X: a pending vector beyond this table's {self.vectors}")
         with self._lock:
-            self._table[:] = table
+            self._table[:] = state.table
             self._pending = [False] * self.vectors
-            for vector in state["pending"]:
+            for vector in state.pending:
                 self._pending[vector] = True
         self._deliver_unmasked()
 

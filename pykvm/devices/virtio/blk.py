@@ -21,8 +21,12 @@ import os
 import stat
 import struct
 
+from dataclasses import dataclass
+
 from ...errors import ImageError
 from ...ioctl import libc
+from ...snapshot.schema import U64
+from ...snapshot.state import ComponentState, SnapshotError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views, gather
 
@@ -99,6 +103,16 @@ def open_image(path: str, read_only: bool, *, sized: bool = True) -> tuple[int, 
         os.close(fd)
         raise
     return fd, size
+
+
+@dataclass(frozen=True)
+class BlockState(ComponentState, tag="virtio-blk"):
+    """Which image the disk was, and its size (the image itself is the user's: a
+    restore checks it has not changed size; its path is informational)."""
+
+    path: str
+    size: U64
+    read_only: bool
 
 
 class BlockDevice(VirtioDevice):
@@ -204,17 +218,17 @@ class BlockDevice(VirtioDevice):
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
 
-    def save_state(self) -> dict:
+    def save_state(self) -> BlockState:
         """A snapshot: the image is fsync'ed (what the guest was told is written is on
         the disk); the image itself is the user's and must not change until a restore."""
         if not self.read_only:
             os.fsync(self.fd)
-        return {"path": self.path, "size": self.size, "read_only": self.read_only}
+        return BlockState(self.path, self.size, self.read_only)
 
-    def restore_state(self, state: dict) -> None:
-        if state["size"] != self.size:
-            raise ValueError(f"{self.path}: the disk image has {self.size} bytes, "
-                             f"{state['size']} when the snapshot was taken: it was changed")
+    def restore_state(self, state: BlockState) -> None:
+        if state.size != self.size:
+            raise SnapshotError(f"{self.path}: the disk image has {self.size} bytes, "
+                                f"{state.size} when the snapshot was taken: it was changed")
 
     def close(self) -> None:
         if self.fd >= 0:

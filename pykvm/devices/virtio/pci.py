@@ -21,16 +21,18 @@ virtio-mmio (mmio.py).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from ...bus import Device
 from ...memory import GuestMemory
+from ...snapshot.schema import U16
 from ..pci.config import (COMMAND_INTX_DISABLE, INTX_PIN_A, STATUS_INTERRUPT, Bar,
                           ConfigSpace)
 from ..pci.device import PciDevice, RegionMap
-from ..pci.msix import NO_VECTOR, MsixTable
+from ..pci.msix import NO_VECTOR, MsixState, MsixTable
 from .device import VirtioDevice
 from .transport import (INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport,
-                        queue_value)
+                        VirtioTransportState, queue_value)
 
 PCI_VENDOR_VIRTIO = 0x1AF4
 PCI_DEVICE_MODERN_BASE = 0x1040          # + virtio device ID: non-transitional devices
@@ -57,6 +59,14 @@ ISR_CONFIG = INTERRUPT_CONFIG
 
 # Common configuration (4.1.4.3): what is not a field below (queue_notify_data,
 # queue_reset at 0x38..0x3B) reads 0 and ignores writes.
+
+
+@dataclass(frozen=True)
+class VirtioPciState(VirtioTransportState, tag="virtio-pci"):
+    """A virtio-pci function: the transport's state, the config vector, MSI-X."""
+
+    config_msix_vector: U16
+    msix: MsixState
 
 
 class VirtioPciDevice(PciDevice, VirtioTransport):
@@ -103,21 +113,20 @@ class VirtioPciDevice(PciDevice, VirtioTransport):
         self.config_msix_vector = NO_VECTOR
 
     # --- snapshots -----------------------------------------------------------------------------
-    def save_state(self) -> dict:
+    def save_state(self) -> VirtioPciState:
         """The transport's common state, the config MSI-X vector and the MSI-X table."""
         self._check_snapshot()
         with self._lock:
-            state = self._save_common()
-            state["config_msix_vector"] = self.config_msix_vector
-            state["msix"] = self.msix.save_state()
-            return state
+            return VirtioPciState(**self._save_common(),
+                                  config_msix_vector=self.config_msix_vector,
+                                  msix=self.msix.save_state())
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: VirtioPciState) -> None:
         """After the config space (the PCI bus restores it first)."""
         with self._lock:
             self._restore_common(state)
-            self.config_msix_vector = state["config_msix_vector"] & 0xFFFF
-        self.msix.restore_state(state["msix"])
+            self.config_msix_vector = state.config_msix_vector
+        self.msix.restore_state(state.msix)
         if self._isr and not self.msix.enabled:
             self._set_intx(True)
         self._kick_active()

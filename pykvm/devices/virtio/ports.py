@@ -38,7 +38,6 @@ through device resets, as the console keeps type-ahead.
 
 from __future__ import annotations
 
-import base64
 import struct
 import threading
 import time
@@ -46,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...errors import PykvmError
+from ...snapshot.schema import blob
+from ...snapshot.state import ComponentState, SnapshotError
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
 from .queue import Virtqueue, gather, scatter, stream_readable
 
@@ -93,6 +94,27 @@ class Port:
     sent: int = 0                # bytes delivered to the guest
     received: int = 0            # bytes the guest wrote
     dropped: int = 0             # bytes of a request beyond MAX_STREAM_PER_CHAIN
+
+
+@dataclass(frozen=True)
+class PortState:
+    name: str
+    ready: bool
+    guest_open: bool
+    pending: blob(MAX_PENDING)              # host -> guest bytes not yet taken
+
+
+@dataclass(frozen=True)
+class PortsState(ComponentState, tag="virtio-serial"):
+    """Each port's flags and pending bytes, and the control messages not yet sent."""
+
+    ports: tuple[PortState, ...]
+    control: tuple[blob(_CONTROL.size + 256), ...]
+
+    def check(self) -> None:
+        if len(self.ports) > MAX_PORTS or len(self.control) > MAX_CONTROL_PENDING:
+            raise SnapshotError(f"virtio-serial: {len(self.ports)} ports, "
+                                f"{len(self.control)} control messages")
 
 
 class PortsDevice(VirtioDevice):
@@ -255,23 +277,18 @@ class PortsDevice(VirtioDevice):
             self._closed = True
             self._lock.notify_all()
 
-    def save_state(self) -> dict:
+    def save_state(self) -> PortsState:
         with self._lock:
-            return {
-                "ports": [{"name": p.name, "ready": p.ready, "guest_open": p.guest_open,
-                           "pending": base64.b64encode(bytes(p.pending)).decode()}
-                          for p in self.ports],
-                "control": [base64.b64encode(m).decode() for m in self._control],
-            }
+            return PortsState(tuple(PortState(p.name, p.ready, p.guest_open, bytes(p.pending))
+                                    for p in self.ports), tuple(self._control))
 
-    def restore_state(self, state: dict) -> None:
-        saved = state["ports"]
-        if [p["name"] for p in saved] != [p.name for p in self.ports]:
-            raise ValueError(f"{self.name}: saved ports {[p['name'] for p in saved]} are not "
-                             f"this device's {[p.name for p in self.ports]}")
+    def restore_state(self, state: PortsState) -> None:
+        if [p.name for p in state.ports] != [p.name for p in self.ports]:
+            raise SnapshotError(f"{self.name}: saved ports {[p.name[:20] for p in state.ports][:8]} "
+                                f"are not this device's {[p.name for p in self.ports]}")
         with self._lock:
-            for port, data in zip(self.ports, saved):
-                port.ready = bool(data["ready"])
-                port.guest_open = bool(data["guest_open"])
-                port.pending = bytearray(base64.b64decode(data["pending"])) + port.pending
-            self._control = [base64.b64decode(m) for m in state["control"]]
+            for port, saved in zip(self.ports, state.ports):
+                port.ready = saved.ready
+                port.guest_open = saved.guest_open
+                port.pending = bytearray(saved.pending) + port.pending
+            self._control = list(state.control)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 from ...errors import GuestMemoryError, PykvmError
 from ...memory import GuestMemory
+from ...snapshot.schema import U16, U64
+from ...snapshot.state import ComponentState
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -74,6 +76,25 @@ class DescriptorChain:
         return sum(map(len, self.writable))
 
 
+@dataclass(frozen=True)
+class QueueState(ComponentState, tag="virtqueue"):
+    """The driver's registers and the device's ring indices (vm-virtio's QueueState;
+    the rings themselves are in guest RAM)."""
+
+    size: U16
+    desc_addr: U64
+    avail_addr: U64
+    used_addr: U64
+    enabled: bool
+    msix_vector: U16
+    active: bool
+    last_avail_idx: U16
+    used_idx: U16
+    signalled_used: U16
+    indirect: bool
+    event_idx: bool
+
+
 class Virtqueue:
     """Registers the driver programs (size, ring addresses, enable, MSI-X vector)
     and the device's ring state once the queue is activated."""
@@ -100,30 +121,27 @@ class Virtqueue:
         self._ram: tuple[tuple[int, int, memoryview], ...] = ()
 
     # --- snapshots ---------------------------------------------------------------------------
-    def save_state(self) -> dict:
-        """The driver's registers and the device's ring indices (the rings are in RAM)."""
-        return {"size": self.size, "desc_addr": self.desc_addr, "avail_addr": self.avail_addr,
-                "used_addr": self.used_addr, "enabled": self.enabled,
-                "msix_vector": self.msix_vector, "active": self.active,
-                "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
-                "signalled_used": self._signalled_used, "indirect": self.indirect_allowed,
-                "event_idx": self.event_idx}
+    def save_state(self) -> QueueState:
+        return QueueState(self.size, self.desc_addr, self.avail_addr, self.used_addr,
+                          self.enabled, self.msix_vector, self.active, self.last_avail_idx,
+                          self.used_idx, self._signalled_used, self.indirect_allowed,
+                          self.event_idx)
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: QueueState) -> None:
         """Onto a reset queue; an active queue is activated again (its ring views then
         point into this VM's RAM), with the saved indices. VirtqueueError if the saved
         registers do not make a valid queue."""
         self.reset()
-        self.size = state["size"]
-        self.desc_addr, self.avail_addr = state["desc_addr"], state["avail_addr"]
-        self.used_addr = state["used_addr"]
-        self.enabled = bool(state["enabled"])
-        self.msix_vector = state["msix_vector"] & 0xFFFF
-        if state["active"]:
-            self.activate(indirect=bool(state["indirect"]), event_idx=bool(state["event_idx"]))
-            self.last_avail_idx = state["last_avail_idx"] & 0xFFFF
-            self.used_idx = state["used_idx"] & 0xFFFF
-            self._signalled_used = state["signalled_used"] & 0xFFFF
+        self.size = state.size
+        self.desc_addr, self.avail_addr, self.used_addr = \
+            state.desc_addr, state.avail_addr, state.used_addr
+        self.enabled = state.enabled
+        self.msix_vector = state.msix_vector
+        if state.active:
+            self.activate(indirect=state.indirect, event_idx=state.event_idx)
+            self.last_avail_idx = state.last_avail_idx
+            self.used_idx = state.used_idx
+            self._signalled_used = state.signalled_used
 
     # --- activation ------------------------------------------------------------------------
     def check_registers(self) -> None:

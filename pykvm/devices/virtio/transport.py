@@ -32,7 +32,6 @@ A transport subclass supplies the register layout and the interrupt delivery:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import sys
@@ -41,10 +40,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...memory import GuestMemory
+from ...snapshot.schema import U8, U16, U32, U64, blob
+from ...snapshot.state import ComponentState, SnapshotError, restore_part
 from .device import (STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
                      VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                      QueueWorker, VirtioDevice)
-from .queue import Virtqueue, VirtqueueError
+from .queue import QueueState, Virtqueue, VirtqueueError
 
 INTERRUPT_QUEUE = 1     # ISR / InterruptStatus bit 0: a used buffer (4.1.4.5, 4.2.2)
 INTERRUPT_CONFIG = 2    # bit 1: the device configuration (or NEEDS_RESET) changed
@@ -52,6 +53,30 @@ INTERRUPT_CONFIG = 2    # bit 1: the device configuration (or NEEDS_RESET) chang
 
 class DriverError(VirtqueueError):
     """The driver wrote a register it must not write now, or a value it must not write."""
+
+
+MAX_CONFIG_BYTES = 4096      # a device configuration space (virtio 1.2: well under a page)
+
+
+@dataclass(frozen=True)
+class VirtioTransportState(ComponentState):
+    """What both transports keep (each adds its own and a tag: pci.py, mmio.py): status,
+    features, the queues, the interrupt status, the device configuration as the driver
+    reads it (informational: it follows from the device) and the device's own state."""
+
+    device_id: U32
+    status: U8
+    config_generation: U8
+    device_feature_select: U32
+    driver_feature_select: U32
+    driver_features: U64
+    queue_select: U16
+    running: bool
+    broken: bool
+    isr: U8
+    queues: tuple[QueueState, ...]
+    config: blob(MAX_CONFIG_BYTES)
+    device: ComponentState | None
 
 
 class VirtioTransport:
@@ -130,45 +155,44 @@ class VirtioTransport:
                                  f"state live in another process (use --share DIR,copy)")
 
     def _save_common(self) -> dict:
-        """Status, features, the queues' registers and indices, the interrupt status, the
-        device configuration (blk capacity, ...) and what the device itself keeps.
-        Called with the transport lock held."""
+        """The fields of :class:`VirtioTransportState`, transport lock held."""
         with self._isr_lock:
             isr = self._isr
-        return {
-            "device_id": self.device.device_id, "status": self.status,
-            "config_generation": self.config_generation,
-            "device_feature_select": self.device_feature_select,
-            "driver_feature_select": self.driver_feature_select,
-            "driver_features": self.driver_features, "queue_select": self.queue_select,
-            "running": self.running, "broken": self.broken, "isr": isr,
-            "queues": [queue.save_state() for queue in self.queues],
-            "config": base64.b64encode(self.device.config_bytes()).decode(),
-            "device": self.device.save_state() if hasattr(self.device, "save_state") else None,
-        }
+        device = self.device.save_state() if hasattr(self.device, "save_state") else None
+        return dict(
+            device_id=self.device.device_id, status=self.status,
+            config_generation=self.config_generation,
+            device_feature_select=self.device_feature_select,
+            driver_feature_select=self.driver_feature_select,
+            driver_features=self.driver_features, queue_select=self.queue_select,
+            running=self.running, broken=self.broken, isr=isr,
+            queues=tuple(queue.save_state() for queue in self.queues),
+            config=bytes(self.device.config_bytes()), device=device)
 
-    def _restore_common(self, state: dict) -> None:
+    def _restore_common(self, state: VirtioTransportState) -> None:
         """The inverse of :meth:`_save_common`, transport lock held. A running device is
         activated again with its negotiated features; :meth:`_kick_active` afterwards
         serves requests the guest made just before the snapshot."""
-        if state["device_id"] != self.device.device_id or len(state["queues"]) != len(self.queues):
-            raise ValueError(f"{self.name}: the saved state is of another device")
-        self.status = state["status"] & 0xFF
-        self.config_generation = state["config_generation"] & 0xFF
-        self.device_feature_select = state["device_feature_select"] & 0xFFFFFFFF
-        self.driver_feature_select = state["driver_feature_select"] & 0xFFFFFFFF
-        self.driver_features = state["driver_features"] & self.device.offered_features
-        self.queue_select = state["queue_select"] & 0xFFFF
-        self.broken = bool(state["broken"])
-        for queue, saved in zip(self.queues, state["queues"]):
+        if state.device_id != self.device.device_id or len(state.queues) != len(self.queues):
+            raise SnapshotError(f"{self.name}: the saved state is of another device")
+        if (state.device is None) != (not hasattr(self.device, "save_state")):
+            raise SnapshotError(f"{self.name}: the saved device state does not fit")
+        self.status = state.status
+        self.config_generation = state.config_generation
+        self.device_feature_select = state.device_feature_select
+        self.driver_feature_select = state.driver_feature_select
+        self.driver_features = state.driver_features & self.device.offered_features
+        self.queue_select = state.queue_select
+        self.broken = state.broken
+        for queue, saved in zip(self.queues, state.queues):
             queue.restore_state(saved)
-        if state["device"] is not None:
-            self.device.restore_state(state["device"])
-        self.running = bool(state["running"])
+        if state.device is not None:
+            restore_part(self.device, state.device, f"{self.name}.device")
+        self.running = state.running
         if self.running:
             self.device.activate(self.driver_features)
         with self._isr_lock:
-            self._isr = state["isr"] & (INTERRUPT_QUEUE | INTERRUPT_CONFIG)
+            self._isr = state.isr & (INTERRUPT_QUEUE | INTERRUPT_CONFIG)
 
     def _kick_active(self) -> None:
         if self.running:
