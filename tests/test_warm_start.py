@@ -293,3 +293,46 @@ def test_a_setting_the_cache_does_not_key_over_is_not_cached(monkeypatch):
                            rootfs="/srv")
     assert refusal(build_parser().parse_args(["run"]), config) == \
         "the boot cache does not key over rootfs"
+
+
+def test_the_key_remembers_file_digests_until_a_file_changes(tmp_path, monkeypatch):
+    """pykvm/warm/digests.py: a file's digest is reused while its device, inode, size,
+    mtime and ctime stay; a rewrite with the same size and a faked mtime still moves its
+    ctime, so the key follows the content. Files changed in the last RACY_SECONDS, and a
+    damaged memo, are not trusted."""
+    import json
+
+    from pykvm.warm import digests
+    from pykvm.warm.cache import BootCache
+    from pykvm.warm.guest import GuestSpec
+
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd"
+    kernel.write_bytes(b"k" * 4096)
+    initrd.write_bytes(b"i" * 100)
+    old = time.time() - 60
+    for path in (kernel, initrd):
+        os.utime(path, (old, old))
+    monkeypatch.setattr(digests, "RACY_SECONDS", 0.0)      # (ctimes are seconds old here)
+    cache = BootCache(tmp_path / "boots")
+    spec = GuestSpec(kernel=str(kernel), initrd=str(initrd), append="", mem=1 << 27, cpus=1)
+    key = spec.key("/dev/kvm", cache.digest_memo())
+    assert key == spec.key("/dev/kvm")                      # the memo never changes a key
+    memo = json.loads((cache.root / digests.MEMO_NAME).read_text())
+    assert memo[str(kernel)][-1] == digests.hash_file(str(kernel))[0]
+
+    hashed = []
+    real = digests.hash_file
+    monkeypatch.setattr(digests, "hash_file", lambda path: hashed.append(path) or real(path))
+    assert spec.key("/dev/kvm", cache.digest_memo()) == key and hashed == []
+    kernel.write_bytes(b"K" * 4096)                         # same size, same mtime ...
+    os.utime(kernel, (old, old))
+    changed = spec.key("/dev/kvm", cache.digest_memo())     # ... but the ctime moved
+    assert changed != key and hashed == [str(kernel)]
+    assert changed == spec.key("/dev/kvm")
+
+    (cache.root / digests.MEMO_NAME).write_text("{not json")
+    assert spec.key("/dev/kvm", cache.digest_memo()) == changed
+    monkeypatch.setattr(digests, "RACY_SECONDS", 3600.0)
+    (cache.root / digests.MEMO_NAME).unlink()
+    assert spec.key("/dev/kvm", cache.digest_memo()) == changed
+    assert not (cache.root / digests.MEMO_NAME).exists()     # too recent to remember

@@ -128,6 +128,17 @@ class BootCache:
                                  f"else (uid {info.st_uid}, mode "
                                  f"{stat.S_IMODE(info.st_mode):04o})")
 
+    def digest_memo(self):
+        """The file digests this cache remembers (pykvm/warm/digests.py; GuestSpec.key
+        saves what it adds); a cache directory that is not safely ours remembers nothing."""
+        from .digests import MEMO_NAME, DigestMemo
+
+        try:
+            self.ensure_root()
+        except BootCacheError:
+            return DigestMemo(None)         # the run says why when it looks an entry up
+        return DigestMemo.load(self.root / MEMO_NAME)
+
     @contextlib.contextmanager
     def locked(self, exclusive: bool):
         """The cache's lock file held shared (restoring) or exclusive (changing)."""

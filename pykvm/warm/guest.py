@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digests import DigestMemo
+
 CONSOLE_KEEP = 1 << 20
 RESTORE_READY_TIMEOUT = 60.0        # a restored agent answers at once; this is a bound
 REFRESH_SEED_BYTES = 512            # agent.c's REFRESH_BYTES
@@ -55,7 +57,8 @@ STATELESS_SOURCES = {"__main__.py",
                      "observe/plot.py", "observe/stats.py", "observe/kvmstats.py", "gdb/__init__.py",
                      "gdb/protocol.py", "gdb/registers.py", "gdb/listen.py", "gdb/breakpoints.py",
                      "gdb/traps.py", "gdb/stub.py",
-                     "warm/cli.py", "warm/cache.py", "warm/run.py", "warm/__init__.py"}
+                     "warm/cli.py", "warm/cache.py", "warm/run.py", "warm/__init__.py",
+                     "warm/digests.py"}
 
 
 class ConsoleLog:
@@ -129,22 +132,25 @@ class GuestSpec:
                              console=self.console, rng=self.rng, nets=list(self.nets),
                              agent=True, shares=list(self.shares))
 
-    def key(self, device: str) -> str:
+    def key(self, device: str, memo: DigestMemo | None = None) -> str:
         """The cache key: the kernel's and initramfs' bytes, the machine, the device,
-        the host's kind of KVM, the snapshot format, pykvm's version and the source of
-        the pykvm modules that shape a guest's state, and the shared trees."""
-        from .. import __version__
+        the host's kind of KVM, the snapshot format, the source of the pykvm modules
+        that shape a guest's state (which says more than pykvm's version, read from the
+        package's metadata for ~15-90 ms: not a part), and the shared trees. The files'
+        digests come from ``memo`` when it remembers them unchanged (digests.py)."""
         from ..kvm import detect_host_kind
         from ..snapshot import VERSION
 
+        memo = memo or DigestMemo(None)
         digest = hashlib.sha256()
-        digest_file(self.kernel, digest)
-        digest_file(self.initrd, digest)
+        for path in (self.kernel, self.initrd):
+            digest.update((memo.file_digest(path) if path is not None else "-").encode() + b"\0")
         digest.update(repr((self.append, self.mem, self.cpus, self.console, self.rng, device,
-                            detect_host_kind(), VERSION, __version__, source_digest(),
+                            detect_host_kind(), VERSION, source_digest(memo),
                             self.shares)).encode())
         for share in self.shares:
             tree_digest(share, digest)
+        memo.save()
         return digest.hexdigest()[:24]
 
     def describe(self) -> dict:
@@ -153,34 +159,30 @@ class GuestSpec:
                 "mem": self.mem, "cpus": self.cpus, "console": self.console, "rng": self.rng}
 
 
-def digest_file(path: str | None, digest) -> None:
-    if path is None:
-        digest.update(b"-\0")
-        return
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    digest.update(b"\0")
-
-
 _SOURCE_DIGEST: str | None = None
 
 
-def source_digest() -> str:
-    """pykvm's own code, as far as it decides what a snapshot holds (once a process)."""
+def source_digest(memo: DigestMemo | None = None) -> str:
+    """pykvm's own code, as far as it decides what a snapshot holds (once a process;
+    from ``memo`` when no file of it changed since it was remembered)."""
     global _SOURCE_DIGEST
     if _SOURCE_DIGEST is None:
         import pykvm
 
-        digest = hashlib.sha256()
         root = Path(pykvm.__file__).resolve().parent
-        for path in sorted(root.rglob("*.py")):
-            relative = path.relative_to(root)
-            if relative.as_posix() in STATELESS_SOURCES or relative.parts[0] in STATELESS_PACKAGES:
-                continue
-            digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes())
-        _SOURCE_DIGEST = digest.hexdigest()
+        files = [(path.relative_to(root).as_posix(), path) for path in sorted(root.rglob("*.py"))
+                 if path.relative_to(root).as_posix() not in STATELESS_SOURCES
+                 and path.relative_to(root).parts[0] not in STATELESS_PACKAGES]
+        _SOURCE_DIGEST = (memo or DigestMemo(None)).tree_digest(f"pykvm source:{root}", files,
+                                                                hash_sources)
     return _SOURCE_DIGEST
+
+
+def hash_sources(files: list[tuple[str, Path]]) -> str:
+    digest = hashlib.sha256()
+    for relative, path in files:
+        digest.update(relative.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def tree_digest(directory: str, digest) -> None:

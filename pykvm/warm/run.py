@@ -115,7 +115,7 @@ class WarmRun:
     def run(self, command: str) -> int:
         if self.cache is not None:
             # once, before the boot: the key of the code and files this process runs
-            self.key = self.spec.key(self.device)
+            self.key = self.spec.key(self.device, self.cache.digest_memo())
         result = self.warm(command)
         if result is None:
             guest = self.booted()
