@@ -34,11 +34,14 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable
 
 from ... import sandbox
+from ...errors import SnapshotError
 from ...layout import PAGE_SIZE
 from ...memory import GuestMemory
+from ...snapshot.schema import U32, Bounds
+from ...snapshot.state import ComponentState
 from .device import VirtioDevice
 from .queue import Virtqueue, VirtqueueError, gather
 
@@ -82,6 +85,17 @@ class BalloonStats:
 
     values: dict[str, int] = field(default_factory=dict)
     updated: float = 0.0
+
+
+@dataclass(frozen=True)
+class BalloonState(ComponentState, tag="virtio-balloon"):
+    """The target and actual size the driver and the host agreed, the statistics buffer
+    the driver left with the device, and the statistics interval."""
+
+    target: U32                                             # pages
+    actual: U32
+    stats_head: Annotated[int, Bounds(0, QUEUE_SIZE - 1)] | None
+    interval: Annotated[int, Bounds(0, MAX_STATS_INTERVAL_S)]
 
 
 class BalloonDevice(VirtioDevice):
@@ -233,21 +247,21 @@ class BalloonDevice(VirtioDevice):
             self._stats_due = False
 
     # --- snapshots -------------------------------------------------------------------------
-    def save_state(self) -> dict:
+    def save_state(self) -> BalloonState:
         with self._lock:
-            return {"target": self._target, "actual": self._actual,
-                    "stats_head": self._stats_head, "interval": self._interval}
+            return BalloonState(self._target, self._actual, self._stats_head, self._interval)
 
-    def restore_state(self, state: dict) -> None:
-        head = state["stats_head"]
-        if head is not None and not (isinstance(head, int) and 0 <= head < QUEUE_SIZE):
-            raise ValueError(f"virtio-balloon: statistics buffer {head!r} is not a descriptor")
+    def restore_state(self, state: BalloonState) -> None:
         with self._lock:
-            self._target = self._check_target(int(state["target"]))
-            self._actual = int(state["actual"]) & 0xFFFFFFFF
-            self._stats_head = head if self.features & VIRTIO_BALLOON_F_STATS_VQ else None
-            if self._interval and state.get("interval"):
-                self._interval = int(state["interval"])
+            try:
+                self._target = self._check_target(state.target)
+            except ValueError as error:
+                raise SnapshotError(f"virtio-balloon: {error}") from None
+            self._actual = state.actual
+            self._stats_head = state.stats_head if self.features & VIRTIO_BALLOON_F_STATS_VQ \
+                else None
+            if self._interval and state.interval:
+                self._interval = state.interval
 
     def close(self) -> None:
         self._stop.set()
