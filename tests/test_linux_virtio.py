@@ -41,16 +41,23 @@ SCRIPT = (
 
 @pytest.fixture(scope="module")
 def boot(tmp_path_factory):
-    where = tmp_path_factory.mktemp("virtio")
+    return boot_with_disks(tmp_path_factory.mktemp("virtio"), RO_PATTERN, SCRIPT,
+                           ["--console", "virtio"], serial="pykvm-disk-0")
+
+
+def boot_with_disks(where, ro_pattern: bytes, script: str, options: list[str], serial=""):
+    """One `pykvm run` of the default guest with a blank 16 MiB disk (vda), a read-only
+    one filled with ``ro_pattern`` (vdb) and the RNG, running ``script``; the result
+    with ``values`` (the key=value lines it printed), ``elapsed``, ``blank``."""
     blank, read_only = where / "blank.img", where / "ro.img"
     with open(blank, "wb") as image:
         image.truncate(16 << 20)
-    read_only.write_bytes(RO_PATTERN * 256)
+    read_only.write_bytes(ro_pattern * 256)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pykvm", "run", "--mem", "256M", "--console", "virtio",
-         "--disk", f"{blank},serial=pykvm-disk-0", "--disk", f"{read_only},ro", "--rng",
-         "--", SCRIPT],
+        [sys.executable, "-m", "pykvm", "run", "--mem", "256M", *options,
+         "--disk", f"{blank},serial={serial}" if serial else str(blank),
+         "--disk", f"{read_only},ro", "--rng", "--", script],
         capture_output=True, text=True, timeout=BOOT_TIMEOUT)
     result.elapsed = time.monotonic() - started
     result.values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
