@@ -487,7 +487,7 @@ def test_a_device_reset_drops_every_connection(guest, uds):
 def test_restore_sends_a_transport_reset_event(memory, uds, tmp_path):
     guest = Guest(memory, uds)
     state = guest.device.save_state()
-    assert state == {"guest_cid": CID}
+    assert state.to_json() == {"tag": "virtio-vsock", "guest_cid": CID}
     guest.close()
     restored = Guest(memory, tmp_path / "w.sock")
     try:
@@ -507,9 +507,10 @@ def test_restore_sends_a_transport_reset_event(memory, uds, tmp_path):
 @pytest.mark.parametrize("state", [{"guest_cid": 4}, {"guest_cid": 2}, {}, {"guest_cid": "3"},
                                    {"guest_cid": 3, "connections": []}])
 def test_a_bad_saved_state_is_refused(guest, state):
-    from pykvm.snapshot.state import SnapshotError
-    with pytest.raises((ValueError, SnapshotError)):
-        guest.device.restore_state(state)
+    from pykvm.snapshot.state import SnapshotError, decode_for
+    with pytest.raises(SnapshotError):
+        guest.device.restore_state(decode_for(guest.device, {"tag": "virtio-vsock", **state},
+                                              "vsock"))
 
 
 # --- the option ----------------------------------------------------------------------------------

@@ -29,11 +29,14 @@ connections.
 from __future__ import annotations
 
 import collections
+import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Annotated
 
-from ...snapshot.schema import Bounds, Record
+from ...errors import SnapshotError
+from ...snapshot.schema import Bounds
+from ...snapshot.state import ComponentState
 from ...vsock.packet import (EVENT_TRANSPORT_RESET, HEADER_SIZE, MAX_GUEST_CID, MIN_GUEST_CID,
                              Header, check)
 from .device import VirtioDevice
@@ -50,7 +53,7 @@ _EVENT = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
-class VsockState(Record):
+class VsockState(ComponentState, tag="virtio-vsock"):
     """What a snapshot keeps of the device: the CID the guest was told (checked against
     the restoring machine's). Connections are not kept (module docstring)."""
 
@@ -62,12 +65,15 @@ class VsockDevice(VirtioDevice):
     name = "virtio-vsock"
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE)
 
-    def __init__(self, guest_cid: int, backend):
+    def __init__(self, guest_cid: int, backend, *, cleanup=None):
         """``backend``: the muxer (guest_packet, reject, fill, has_pending, reset,
-        close, and a ``kick`` attribute it calls when it has a packet for the guest)."""
+        close, and a ``kick`` attribute it calls when it has a packet for the guest).
+        ``cleanup``: called once the back end is closed (the private directory)."""
         super().__init__()
         self.guest_cid = guest_cid
         self.backend = backend
+        self.uds_path = getattr(backend, "uds_path", "")
+        self._cleanup = cleanup
         backend.kick = lambda: self.kick(RX_QUEUE)
         self.stats: collections.Counter = collections.Counter()
         self._held: DescriptorChain | None = None     # an rx chain popped while idle
@@ -159,15 +165,17 @@ class VsockDevice(VirtioDevice):
 
     def close(self) -> None:
         self.backend.close()
+        if self._cleanup is not None:
+            cleanup, self._cleanup = self._cleanup, None
+            cleanup()
 
-    def save_state(self) -> dict:
-        return asdict(VsockState(self.guest_cid))
+    def save_state(self) -> VsockState:
+        return VsockState(self.guest_cid)
 
-    def restore_state(self, state) -> None:
-        saved = VsockState.from_json(state, "vsock")
-        if saved.guest_cid != self.guest_cid:
-            raise ValueError(f"{self.name}: the snapshot's guest CID is {saved.guest_cid}, "
-                             f"this machine's {self.guest_cid}")
+    def restore_state(self, state: VsockState) -> None:
+        if state.guest_cid != self.guest_cid:
+            raise SnapshotError(f"{self.name}: the snapshot's guest CID is {state.guest_cid}, "
+                                f"this machine's {self.guest_cid}")
         self.transport_reset()
 
     def transport_reset(self) -> None:
@@ -176,3 +184,27 @@ class VsockDevice(VirtioDevice):
         self._held = None
         self._reset_event_due = True
         self.kick(EVENT_QUEUE)
+
+
+def open_vsock_device(spec) -> VsockDevice:
+    """The device of a :class:`~pykvm.vsock.VsockSpec`, listening on its ``uds_path``;
+    without one, on ``vsock.sock`` in a new private directory (0700) that goes with the
+    device. ConfigError if the socket cannot be made."""
+    import shutil
+    import tempfile
+
+    from ...vsock.muxer import UnixMuxer
+
+    private = None
+    path = spec.uds_path
+    if not path:
+        private = tempfile.mkdtemp(prefix="pykvm-vsock-")
+        path = os.path.join(private, "vsock.sock")
+    try:
+        muxer = UnixMuxer(spec.guest_cid, path)
+    except BaseException:
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
+        raise
+    return VsockDevice(spec.guest_cid, muxer, cleanup=(lambda: shutil.rmtree(
+        private, ignore_errors=True)) if private else None)
