@@ -19,7 +19,7 @@ from pykvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pykvm.devices.virtio.driver import DriverRing
 from pykvm.memory import GuestMemory
 
-from .test_hostile_guest import FlatGuest, Script, wait_until
+from .test_hostile_guest import CMD_ADDR, FlatGuest, Script, wait_until
 
 GUEST_MEM = 64 << 20
 BASE = layout.VIRTIO_MMIO_START
@@ -288,3 +288,74 @@ def test_a_vhost_user_device_gets_its_queues_at_driver_ok_over_mmio(tmp_path):
         vm.close()
         memory.close()
         backend.close()
+
+
+# --- snapshots ------------------------------------------------------------------------------------
+class MachineGuest(FlatGuest):
+    """hostile.S in a whole Machine (built for boot, or from a snapshot): the same
+    scripts, with the command register added to the machine's VM."""
+
+    def __init__(self, machine):
+        from .command_register import CommandRegister
+        self.memory, self.vm, self.log = machine.memory, machine.vm, io.StringIO()
+        self.commands = CommandRegister("hostile-cmd")
+        self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
+
+
+def test_a_snapshot_keeps_the_mmio_devices_state_and_the_guest_goes_on(kvm, tmp_path):
+    """Snapshot a running flat guest with virtio-mmio devices between two requests, with
+    an interrupt it has not acknowledged; in the restored machine the device is still
+    DRIVER_OK on the same ring, InterruptStatus still says so, and the next request
+    completes at used index 2."""
+    import json
+
+    from pykvm.devices.virtio.attach import DiskSpec
+    from pykvm.machine import MachineConfig, build_for_boot, build_from_snapshot
+    from pykvm.snapshot import save_snapshot
+
+    from .test_hostile_guest import PARAMS, SCRIPT_ADDR, guest_image
+
+    flat, image = tmp_path / "hostile.bin", tmp_path / "disk.img"
+    flat.write_bytes(guest_image())
+    image.write_bytes(bytes(SECTORS * 512))
+    config = MachineConfig(flat=flat, entry="long", mem_size=GUEST_MEM, rng=True,
+                           disks=[DiskSpec(str(image))], transport="mmio")
+    with build_for_boot(config, stdout=io.BytesIO()) as machine:
+        machine.memory.write_u64(PARAMS, SCRIPT_ADDR)
+        machine.memory.write_u64(PARAMS + 8, CMD_ADDR)
+        guest = MachineGuest(machine)
+        machine.vm.start()
+        ring = DriverRing(machine.memory, RINGS, QSIZE)
+        script = MmioScript(RNG)
+        script.negotiate()
+        script.queue(0, ring)
+        script.reg(STATUS, 0xF)
+        _publish(ring, DATA, 32)
+        script.notify(0)
+        guest.run(script)
+        assert wait_until(lambda: ring.used_idx() == 1, 5.0)
+        machine.vm.pause()
+        save_snapshot(machine, tmp_path / "snap")
+        machine.vm.request_stop("user", 0, "test")
+        machine.vm.wait()
+    devices = json.loads((tmp_path / "snap" / "state.json").read_text())["devices"]
+    assert devices[f"virtio-rng@{RNG:#x}"]["tag"] == "virtio-mmio"
+    assert devices[f"virtio-blk0@{BLK:#x}"]["status"] == 0
+
+    with build_from_snapshot(tmp_path / "snap", stdout=io.BytesIO(), trust=True) as restored:
+        guest = MachineGuest(restored)
+        restored.vm.start()
+        memory = restored.memory
+        memory.write(DATA + 0x100, bytes(32))
+        ring.memory = memory                      # the same ring, in the restored RAM
+        _publish(ring, DATA + 0x100, 32)
+        check = MmioScript(RNG)
+        status, pending = check.get(STATUS), check.get(INTERRUPT_STATUS)
+        check.notify(0)
+        values = guest.run(check)
+        assert (values[status], values[pending]) == (0xF, 1)
+        assert wait_until(lambda: ring.used_idx() == 2, 5.0)
+        assert memory.read(DATA + 0x100, 32) != bytes(32)
+        assert restored.virtio.transports()[1].interrupts >= 1
+        restored.vm.request_stop("user", 0, "test")
+        restored.vm.wait()

@@ -202,9 +202,9 @@ del T
 
 
 class MmioDevices:
-    """The virtio-mmio devices of one VM: the slot and IRQ of each (from layout.py),
-    the command line that announces them, and their snapshots. Devices close with
-    the VM."""
+    """The virtio-mmio devices of one VM: the slot and IRQ of each (from layout.py) and
+    the command line that announces them. Devices close with the VM; a snapshot finds
+    them on the VM's MMIO bus (``name@base``), as any other device there."""
 
     def __init__(self, vm, *, log=None):
         self.vm = vm
