@@ -435,10 +435,10 @@ class Broken(Closable):
         raise OSError("disk on fire")
 
 
-def test_close_flushes_then_closes_every_device_once(kvm):
-    log, messages = [], io.StringIO()
+def test_close_flushes_then_closes_every_device_once(kvm, caplog):
+    log = []
     with GuestMemory.anonymous(2 << 20) as memory:
-        vm = Vm(kvm, memory, log=messages)
+        vm = Vm(kvm, memory)
         first, broken, mmio = Closable(log), Broken(log), Closable(log)
         vm.add_pio_device(0x100, 4, first)
         vm.add_pio_device(0x200, 1, first)          # a second range of the same device
@@ -450,7 +450,35 @@ def test_close_flushes_then_closes_every_device_once(kvm):
     kinds = [kind for kind, _ in log]
     assert kinds == ["flush", "flush", "flush", "closer", "close", "close"]
     assert [d for kind, d in log if kind == "close"] == [first, mmio]
-    assert "disk on fire" in messages.getvalue()     # reported, and the others still closed
+    # reported (logged: pykvm/cli/logs.py shows it as one line), and the others still closed
+    assert [r.getMessage() for r in caplog.records if r.name == "pykvm.vstate.vm"] == \
+        ["closing devices: OSError: disk on fire"]
+
+
+class Faulty(Device):
+    name = "faulty"
+
+    def write(self, offset, size, value):
+        raise ZeroDivisionError("a bug in a device")
+
+    def read(self, offset, size):
+        return 0
+
+
+def test_a_bug_on_a_vcpu_thread_stops_the_vm_and_is_logged(kvm, caplog):
+    """Not a PykvmError: the VM stops with one line, and the vCPU logs the exception
+    (with its traceback for PYKVM_DEBUG) instead of printing it to a stream."""
+    code = assemble("mov $0x300, %dx\n out %al, %dx\n hlt", "real", layout.FLAT_LOAD_ADDR)
+    with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
+        vm.add_pio_device(0x300, 1, Faulty())
+        memory.write(layout.FLAT_LOAD_ADDR, code)
+        vm.create_vcpus(1)
+        set_mode(vm.vcpus[0], memory, "real", layout.FLAT_LOAD_ADDR)
+        stop = vm.run(timeout=20)
+    assert stop.kind == "error" and "internal error" in stop.message, stop
+    logged = [r for r in caplog.records if r.name == "pykvm.vstate.vcpu"]
+    assert [r.getMessage() for r in logged] == ["vCPU 0: internal error"]
+    assert isinstance(logged[0].exc_info[1], ZeroDivisionError)
 
 
 # --- pause and resume: tests/test_core.py has the single-vCPU case -------------------------

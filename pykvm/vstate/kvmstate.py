@@ -18,8 +18,8 @@ LAPIC timer is in TSC-deadline mode), pending events, debug registers.
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -28,6 +28,8 @@ from ..errors import KvmError
 from ..ioctl import structs as s
 from ..snapshot.schema import U32, U64, Bounds, blob
 from ..snapshot.state import ComponentState, SnapshotError
+
+logger = logging.getLogger(__name__)
 
 IRQCHIPS = (("pic_master", k.KVM_IRQCHIP_PIC_MASTER, "pic"),
             ("pic_slave", k.KVM_IRQCHIP_PIC_SLAVE, "pic"),
@@ -77,7 +79,7 @@ class VcpuState(ComponentState, tag="vcpu"):
             lapic=bytes(vcpu.get_lapic()), events=vcpu.get_events(),
             mp_state=vcpu.get_mp_state(), debugregs=vcpu.get_debugregs())
 
-    def restore(self, vcpu, log=sys.stderr) -> None:
+    def restore(self, vcpu) -> None:
         if self.id != vcpu.id:
             raise SnapshotError(f"state.json: vCPU state {self.id} given to vCPU {vcpu.id}")
         vcpu.set_cpuid(list(self.cpuid))
@@ -98,8 +100,8 @@ class VcpuState(ComponentState, tag="vcpu"):
         vcpu.set_lapic(s.kvm_lapic_state.from_buffer_copy(self.lapic))
         failed += write_msrs(vcpu, deadline)
         if failed:
-            print(f"pykvm: restore: vCPU {vcpu.id}: KVM refused MSR(s) "
-                  f"{', '.join(f'{i:#x}' for i in failed)}", file=log)
+            logger.warning("restore: vCPU %d: KVM refused MSR(s) %s", vcpu.id,
+                           ", ".join(f"{i:#x}" for i in failed))
         events = s.kvm_vcpu_events.from_buffer_copy(self.events)
         events.flags = EVENTS_SET_FLAGS | (events.flags & k.KVM_VCPUEVENT_VALID_SMM)
         vcpu.set_events(events)

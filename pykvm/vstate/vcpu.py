@@ -18,14 +18,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import logging
 import mmap
 import os
 import queue
 import signal
-import sys
 import threading
 import time
-import traceback
 from concurrent.futures import Future
 from typing import Callable
 
@@ -38,6 +37,8 @@ from ..observe.stats import VcpuStats
 from . import exits
 from .control import RunControl
 from .hooks import NO_WATCH, ExitHooks, ExitWatch
+
+logger = logging.getLogger(__name__)
 
 # The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it
 # cannot collide with what an embedding application uses SIGUSR1/2 for.
@@ -71,7 +72,7 @@ class Vcpu:
     devices, ``hooks`` and ``control`` shared with the VM's other vCPUs."""
 
     def __init__(self, vm_fd: int, vcpu_id: int, *, kvm, memory, pio_bus, mmio_bus,
-                 hooks: ExitHooks, control: RunControl, log=sys.stderr):
+                 hooks: ExitHooks, control: RunControl):
         self.id = vcpu_id
         self.kvm = kvm
         self.memory = memory
@@ -79,7 +80,6 @@ class Vcpu:
         self.mmio_bus = mmio_bus
         self.hooks = hooks
         self.control = control
-        self.log = log
         self.fd = k.ioctl(vm_fd, k.KVM_CREATE_VCPU, vcpu_id)
         try:
             self._run_map = mmap.mmap(self.fd, kvm.vcpu_mmap_size, mmap.MAP_SHARED,
@@ -234,7 +234,7 @@ class Vcpu:
 
     def restore_state(self, state) -> None:
         sandbox.wait_for_preload()   # on a confined vCPU thread: imported in the background
-        state.restore(self, log=self.log)
+        state.restore(self)
 
     # --- cross-thread requests ----------------------------------------------------------
     def call(self, function: Callable[["Vcpu"], object], timeout: float | None = 10.0):
@@ -285,7 +285,7 @@ class Vcpu:
         except BaseException as error:  # never let a vCPU thread die silently
             self.control.request_stop_error(
                 PykvmError(f"vCPU {self.id}: internal error: {error!r}"))
-            traceback.print_exception(error, file=self.log)
+            logger.error("vCPU %d: internal error", self.id, exc_info=error)
         finally:
             self.stats.stopped_ns = time.perf_counter_ns()
             self._serve_requests()

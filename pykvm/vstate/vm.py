@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import logging
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
 
 from .. import ioctl as k
 from .. import layout
@@ -29,6 +29,8 @@ from .control import RunControl, Stop
 from .cpuid import vcpu_cpuid
 from .hooks import ExitHooks
 from .vcpu import KICK_SIGNAL, RFLAGS_IF, Vcpu
+
+logger = logging.getLogger(__name__)
 
 IDLE_CHECK_INTERVAL = 1.0  # seconds without an exit before pykvm looks whether a vCPU is dead-halted
 
@@ -82,6 +84,8 @@ class Vm:
             self.hooks.add(tracer)
         self.hooks.timing = timing
         self.control = RunControl()
+        # Where device transports still print (virtio/transport.py, pci/bus.py, virtio/net.py);
+        # the VM and its vCPUs log under the pykvm logger (pykvm/cli/logs.py shows it).
         self.log = log
         self.pio_bus = PioBus()
         self.mmio_bus = MmioBus()
@@ -205,7 +209,7 @@ class Vm:
         for vcpu_id in range(len(self.vcpus), total):
             vcpu = Vcpu(self.fd, vcpu_id, kvm=self.kvm, memory=self.memory,
                         pio_bus=self.pio_bus, mmio_bus=self.mmio_bus, hooks=self.hooks,
-                        control=self.control, log=self.log)
+                        control=self.control)
             self.vcpus.append(vcpu)
             self.control.join(vcpu)
             vcpu.set_cpuid(self.quirks.adjust_cpuid(vcpu_cpuid(supported, vcpu_id, total)))
@@ -301,9 +305,6 @@ class Vm:
                 self.request_stop("halt", 0, f"guest halted with interrupts disabled on {where} "
                                              f"(power-off without ACPI)")
 
-    def log_exception(self, error: BaseException) -> None:
-        traceback.print_exception(error, file=self.log)
-
     def close(self) -> None:
         if self.fd < 0:
             return
@@ -343,7 +344,7 @@ class Vm:
             try:
                 action()
             except Exception as error:
-                print(f"pykvm: closing devices: {type(error).__name__}: {error}", file=self.log)
+                logger.warning("closing devices: %s: %s", type(error).__name__, error)
 
         for device in self.devices():
             if callable(getattr(device, "flush", None)):
