@@ -79,7 +79,9 @@ def library_restore(directory: Path) -> dict:
     """restore_machine() phases, in this process (the guest is not started)."""
     import io
 
-    from pykvm.snapshot.snapshot import decode_config, load_state, restore_machine, verify_memory
+    from pykvm.machine import build_from_snapshot as restore_machine
+    from pykvm.snapshot.config import decode_config
+    from pykvm.snapshot.snapshot import load_state, verify_memory
     t0 = time.monotonic()
     document = load_state(directory)
     t1 = time.monotonic()

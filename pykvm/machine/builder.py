@@ -81,3 +81,6 @@ def build_from_snapshot(directory, *, stdout: BinaryIO | None = None,
         machine.close()
         raise
     return machine
+
+
+restore_machine = build_from_snapshot   # pykvm.snapshot.restore_machine: its older name

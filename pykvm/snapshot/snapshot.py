@@ -241,12 +241,6 @@ def open_snapshot(directory, *, verify: bool = True, trust: bool = False, disks=
     return OpenedSnapshot(document, config, memory)
 
 
-def restore_machine(directory, **options):
-    """:func:`pykvm.machine.builder.build_from_snapshot` (this module's name for it)."""
-    from ..machine.builder import build_from_snapshot
-    return build_from_snapshot(directory, **options)
-
-
 def check_disks(config) -> None:
     for disk in config.disks:
         if not os.path.exists(disk.path):
