@@ -139,6 +139,9 @@ struct put {
 static struct session sessions[MAX_SESSIONS];
 static struct put transfers[MAX_PUTS];
 static int channel = -1;
+/* /dev/urandom, opened once before READY: a REFRESH after a restore then makes two
+ * system calls fewer (tens of milliseconds each on a loaded kvm_pvm host). */
+static int urandom_fd = -1;
 static unsigned char out_frame[HEADER_SIZE + CHUNK];
 
 static void say(const char *format, ...)
@@ -303,9 +306,15 @@ run_child(int flags, char **argv, char **env, int envc, const char *cwd, int in,
 
 /* --- the zygote (see the comment at the top) ----------------------------------------- */
 
-#define ZYGOTE_SCRIPT "exec 4>&-; trap 'echo $? >&5' EXIT; . /proc/self/fd/3"
-#define ZYGOTE_PRELUDE "exec 3<&-\n"
-#define ZYGOTE_MAX 4000                 /* prelude + command in one atomic pipe write */
+/* Every guest system call counts here (tens of milliseconds on a loaded kvm_pvm host),
+ * so what can happen at start-up does: the prelude is written with the script, run
+ * before READY; the trap's `exec >&5` costs one dup2 where `echo >&5` would save and
+ * restore stdout (four calls); the agent's ends of the pipes are made non-blocking
+ * here, not at the EXEC. */
+#define ZYGOTE_SCRIPT "trap '_pykvm_status=$?; exec >&5; echo $_pykvm_status' EXIT; " \
+		      ". /proc/self/fd/3"
+#define ZYGOTE_PRELUDE "exec 3<&- 4>&-\n"       /* the pipe, and fd 4: "started" */
+#define ZYGOTE_MAX 4096                 /* the command in one atomic pipe write */
 #define ZYGOTE_START_MS (300 * 1000)    /* minutes under load where ring 0 is emulated */
 
 static struct { pid_t pid; int script, out, err, done; } zygote = { 0, -1, -1, -1, -1 };
@@ -370,7 +379,13 @@ static void start_zygote(void)
 	zygote.out = out[0];
 	zygote.err = err[0];
 	zygote.done = done[0];
-	/* its shell closes fd 4 once it runs (an exec that failed closes it too) */
+	set_nonblocking(zygote.out);
+	set_nonblocking(zygote.err);
+	set_nonblocking(zygote.done);
+	/* its shell closes fd 4 once it has read the prelude through the script's pipe
+	 * (an exec that failed closes it too) */
+	if (write(zygote.script, ZYGOTE_PRELUDE, sizeof ZYGOTE_PRELUDE - 1) < 0)
+		say("zygote: write: %s", strerror(errno));
 	struct pollfd wait_started = { .fd = started[0], .events = POLLIN };
 	int ready;
 	while ((ready = poll(&wait_started, 1, ZYGOTE_START_MS)) < 0 && errno == EINTR) {
@@ -386,14 +401,11 @@ static void start_zygote(void)
 /* Hand the command line to the zygote as session s; 0 when there is none to use. */
 static int exec_in_zygote(struct session *s, uint32_t id, const char *command)
 {
-	char script[ZYGOTE_MAX];
-	size_t length = strlen(command) + sizeof ZYGOTE_PRELUDE - 1;
+	size_t length = strlen(command);
 
-	if (zygote.pid <= 0 || length > sizeof script)
+	if (zygote.pid <= 0 || length > ZYGOTE_MAX)
 		return 0;
-	memcpy(script, ZYGOTE_PRELUDE, sizeof ZYGOTE_PRELUDE - 1);
-	memcpy(script + sizeof ZYGOTE_PRELUDE - 1, command, strlen(command));
-	if (write(zygote.script, script, length) != (ssize_t)length) {   /* EPIPE: it died */
+	if (write(zygote.script, command, length) != (ssize_t)length) {   /* EPIPE: it died */
 		drop_zygote(1);
 		return 0;
 	}
@@ -405,9 +417,6 @@ static int exec_in_zygote(struct session *s, uint32_t id, const char *command)
 	s->err = zygote.err;
 	s->in = -1;
 	s->done = zygote.done;
-	set_nonblocking(s->out);
-	set_nonblocking(s->err);
-	set_nonblocking(s->done);
 	zygote.out = zygote.err = zygote.done = -1;
 	drop_zygote(0);                 /* closes the script: the shell reads its end */
 	return 1;
@@ -586,13 +595,13 @@ static void finish_session(struct session *s)
 		forward(s->id, &s->out, T_STDOUT, 1);
 	if (s->err >= 0)
 		forward(s->id, &s->err, T_STDERR, 1);
+	int status = WIFSIGNALED(s->status) ? 128 + WTERMSIG(s->status) : WEXITSTATUS(s->status);
+	send_exit(s->id, status);       /* first: the closes are not the host's wait */
 	close_fd(&s->out);
 	close_fd(&s->err);
 	close_fd(&s->in);
 	close_fd(&s->done);
 	free(s->input);
-	int status = WIFSIGNALED(s->status) ? 128 + WTERMSIG(s->status) : WEXITSTATUS(s->status);
-	send_exit(s->id, status);
 	memset(s, 0, sizeof *s);
 	s->out = s->err = s->in = s->done = -1;
 }
@@ -873,6 +882,7 @@ static void serve(void)
 		sessions[i].out = sessions[i].err = sessions[i].in = sessions[i].done = -1;
 
 	start_zygote();
+	urandom_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);   /* -1: opened at each REFRESH */
 	unsigned char ready[4 + sizeof AGENT_TEXT - 1];
 	put_le32(ready, PROTOCOL_VERSION);
 	memcpy(ready + 4, AGENT_TEXT, sizeof AGENT_TEXT - 1);
@@ -1006,8 +1016,9 @@ static void mount_shares(void)
 
 /* Mix `have` bytes of `bytes` into the kernel's input pool and credit them, force the
  * CRNG to reseed, set CLOCK_REALTIME to `now`: all of it is tried. 0, or the errno of
- * the first step that failed with what it was in `why`. */
-static int freshen(const unsigned char *bytes, size_t have, struct timespec now,
+ * the first step that failed with what it was in `why`. `urandom` is /dev/urandom open
+ * for writing, or -1 to open it here. */
+static int freshen(const unsigned char *bytes, size_t have, struct timespec now, int urandom,
 		   char *why, size_t size)
 {
 	struct {
@@ -1022,7 +1033,7 @@ static int freshen(const unsigned char *bytes, size_t have, struct timespec now,
 		return EINVAL;
 	}
 	memcpy(seed.bytes, bytes, have);
-	int random_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	int random_fd = urandom >= 0 ? urandom : open("/dev/urandom", O_WRONLY | O_CLOEXEC);
 	if (random_fd < 0) {
 		error = errno;
 		snprintf(why, size, "/dev/urandom: %s", strerror(error));
@@ -1037,7 +1048,8 @@ static int freshen(const unsigned char *bytes, size_t have, struct timespec now,
 			error = errno;
 			snprintf(why, size, "RNDRESEEDCRNG: %s", strerror(error));
 		}
-		close(random_fd);
+		if (random_fd != urandom)
+			close(random_fd);
 	}
 	if (clock_settime(CLOCK_REALTIME, &now) < 0 && !error) {
 		error = errno;
@@ -1058,7 +1070,7 @@ static void refresh_request(uint32_t id, const unsigned char *payload, uint32_t 
 	uint64_t seconds = get_le32(payload) | (uint64_t)get_le32(payload + 4) << 32;
 	struct timespec now = { (time_t)(seconds > INT64_MAX ? -1 : (int64_t)seconds),
 				(long)get_le32(payload + 8) };
-	int error = freshen(payload + 12, length - 12, now, why, sizeof why);
+	int error = freshen(payload + 12, length - 12, now, urandom_fd, why, sizeof why);
 	if (error)
 		send_error(id, error, "refresh: %s", why);
 	else
@@ -1092,7 +1104,7 @@ static int refresh(const char *seconds, const char *nanoseconds, const char *com
 		return REFRESH_FAILED;
 	}
 	struct timespec now = { (time_t)when, nano };
-	if (freshen(seed, have, now, why, sizeof why) != 0) {
+	if (freshen(seed, have, now, -1, why, sizeof why) != 0) {
 		say("refresh: %s", why);
 		return REFRESH_FAILED;
 	}

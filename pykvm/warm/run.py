@@ -138,7 +138,7 @@ class WarmRun:
                 entry = self.cache.lookup(self.key)
                 if entry is None:
                     return None
-                guest = restore_guest(entry, self.device, self.console)
+                guest = restore_guest(entry, self.device, self.console, answering=False)
         except (BootCacheError, OSError) as error:   # the cache itself: left alone
             say(self.stderr, f"not using the boot cache: {first_line(error)}")
             self.cache = None
