@@ -233,6 +233,18 @@ class AgentClient(FileRequests):
                     return False
                 self._cond.wait(0.25 if remaining is None else min(remaining, 0.25))
 
+    def _answer(self, request: _Request, timeout: float | None, what: str, late: str,
+                refused: type[RequestRefused] = RequestRefused, subject: str = "") -> None:
+        """Wait for the answer to ``request`` (OK, the end of a file): AgentTimeout
+        ("``late`` TIMEOUT s") past ``timeout`` seconds; ``refused`` ("guest: ``subject``
+        MESSAGE", the guest's errno) when the agent answered ERROR."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait(request, deadline, what):
+            raise AgentTimeout(f"{late} {timeout:g} s")
+        if request.error is not None:
+            code, message = request.error
+            raise refused(f"guest: {subject}{message}", code)
+
     # --- readiness ----------------------------------------------------------------------------------
     def ping(self, timeout: float = 5.0) -> bool:
         """Whether the agent answers a PING within ``timeout`` seconds."""
@@ -270,11 +282,7 @@ class AgentClient(FileRequests):
             seconds, nanoseconds = divmod(now_ns, 10**9)
             self._send(frame(REFRESH, request_id, struct.pack("<QI", seconds, nanoseconds)
                              + seed))
-            if not self._wait(request, time.monotonic() + timeout, "refresh"):
-                raise AgentTimeout(f"the guest agent did not refresh within {timeout:g} s")
-            if request.error is not None:
-                code, message = request.error
-                raise RequestRefused(f"guest: {message}", code)
+            self._answer(request, timeout, "refresh", "the guest agent did not refresh within")
         finally:
             self._forget(request_id)
 

@@ -20,17 +20,16 @@ import shlex
 import struct
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import AgentTimeout, GuestFileError, InvalidRequest
+from .errors import GuestFileError, InvalidRequest
 from .protocol import DATA, DEFAULT_READY_TIMEOUT, GET_FILE, PUT_FILE, data_frames, frame
 
 
 class FileRequests:
     """The file half of AgentClient (a mixin: it uses the client's request table,
-    ``_new``/``_send``/``_wait``/``_forget``, and its ``exec``, ``wait_ready``,
+    ``_new``/``_send``/``_answer``/``_forget``, and its ``exec``, ``wait_ready``,
     ``max_output`` and ``max_file``)."""
 
     # --- files -------------------------------------------------------------------------------------------
@@ -44,12 +43,8 @@ class FileRequests:
             self._send(frame(PUT_FILE, request_id, struct.pack("<I", mode & 0o7777)
                              + path.encode() + b"\0"),
                        *data_frames(DATA, request_id, data, end=True))
-            deadline = None if timeout is None else time.monotonic() + timeout
-            if not self._wait(request, deadline, f"writing {path}"):
-                raise AgentTimeout(f"writing {path} in the guest took more than {timeout:g} s")
-            if request.error is not None:
-                code, message = request.error
-                raise GuestFileError(f"guest: {path}: {message}", code)
+            self._answer(request, timeout, f"writing {path}",
+                         f"writing {path} in the guest took more than", GuestFileError, f"{path}: ")
         finally:
             self._forget(request_id)
 
@@ -76,12 +71,9 @@ class FileRequests:
                                         limit=self.max_file if limit is None else limit)
         try:
             self._send(frame(GET_FILE, request_id, path.encode() + b"\0"))
-            deadline = None if timeout is None else time.monotonic() + timeout
-            if not self._wait(request, deadline, f"reading {path}"):
-                raise AgentTimeout(f"reading {path} from the guest took more than {timeout:g} s")
-            if request.error is not None:
-                code, message = request.error
-                raise GuestFileError(f"guest: {path}: {message}", code)
+            self._answer(request, timeout, f"reading {path}",
+                         f"reading {path} from the guest took more than", GuestFileError,
+                         f"{path}: ")
             mode, _ = request.info or (0o644, 0)
             return mode & 0o7777
         finally:
