@@ -237,7 +237,7 @@ def test_a_vhost_user_device_gets_its_queues_at_driver_ok_over_mmio(tmp_path):
     """The front end of a vhost-user device (virtio-fs here) is transport-neutral: on
     virtio-mmio too the back end gets the rings at DRIVER_OK, its call eventfd becomes
     InterruptStatus bit 0 and an edge on the device's line, and a reset stops it."""
-    from pykvm.devices.virtio.driver import RecordingLine, StandInVm
+    from pykvm.devices.virtio.driver import MmioDriver, RecordingLine, StandInVm
     from pykvm.devices.virtio.fs import FsDevice
     from pykvm.devices.virtio.mmio import VirtioMmioDevice
     from pykvm.vhost_user.frontend import Frontend
@@ -252,36 +252,26 @@ def test_a_vhost_user_device_gets_its_queues_at_driver_ok_over_mmio(tmp_path):
     line = RecordingLine(6)
     device = FsDevice(Frontend.connect(str(tmp_path / "backend.sock"), "virtio-fs0"), "mytag")
     transport = VirtioMmioDevice(vm, memory, device, base=BASE, gsi=6, irq=line)
+    driver = MmioDriver(transport)
     try:
-        def write(offset: int, value: int) -> None:
-            transport.write(offset, 4, value)
-
-        assert transport.read(DEVICE_ID, 4) == 26
-        for status in (0, 1, 3):
-            write(STATUS, status)
-        write(DRIVER_FEATURES_SEL, 1)
-        write(DRIVER_FEATURES, VIRTIO_F_VERSION_1 >> 32)
-        write(STATUS, 0xB)
+        assert driver.read(DEVICE_ID) == 26
+        assert driver.negotiate(VIRTIO_F_VERSION_1) == 0xB
         rings = [DriverRing(memory, 0x100000 + i * 0x10000, 128) for i in range(2)]
         for index, ring in enumerate(rings):
-            write(QUEUE_SEL, index)
-            write(QUEUE_NUM, ring.size)
-            for offset, addr in ((QUEUE_DESC, ring.desc_addr), (QUEUE_DRIVER, ring.avail_addr),
-                                 (QUEUE_DEVICE, ring.used_addr)):
-                write(offset, addr)
-            write(QUEUE_READY, 1)
+            driver.setup_queue(index, ring)
         before = len(backend.messages)
-        write(STATUS, 0xF)
-        assert transport.read(STATUS, 4) == 0xF
+        driver.driver_ok()
+        assert driver.status() == 0xF
         handed = backend.names()[before:]
         assert handed[:2] == ["SET_FEATURES", "SET_MEM_TABLE"]
         assert handed.count("SET_VRING_KICK") == 2
         addr = [m for m in backend.messages if m.request == Request.SET_VRING_ADDR][1]
         assert VRING_ADDR.unpack(addr.payload)[2] == memory.host_address(rings[1].desc_addr, 16)
         os.eventfd_write(backend.calls[1], 1)               # the back end used a buffer
-        assert wait_for(lambda: transport.read(INTERRUPT_STATUS, 4) == 1)
-        assert line.triggered >= 1
-        write(STATUS, 0)
+        assert wait_for(lambda: driver.read(INTERRUPT_STATUS) == 1)
+        assert line.triggered >= 1 and driver.acknowledge() == 1
+        assert driver.read(INTERRUPT_STATUS) == 0
+        driver.write(STATUS, 0)
         assert backend.names()[-2:] == ["GET_VRING_BASE", "GET_VRING_BASE"]
     finally:
         transport.close()
@@ -359,3 +349,19 @@ def test_a_snapshot_keeps_the_mmio_devices_state_and_the_guest_goes_on(kvm, tmp_
         assert restored.virtio.transports()[1].interrupts >= 1
         restored.vm.request_stop("user", 0, "test")
         restored.vm.wait()
+
+
+def test_closing_the_vm_closes_each_device_once_and_quietly(kvm, caplog):
+    """The VM closes what is left on its MMIO bus after MmioDevices closed them: a second
+    close must be a no-op (it once stopped a stopped worker: a warning per device)."""
+    from pykvm.devices.virtio.attach import attach_virtio
+    from pykvm.vstate.vm import Vm
+
+    with GuestMemory.anonymous(GUEST_MEM) as memory:
+        vm = Vm(kvm, memory, log=io.StringIO())
+        virtio = attach_virtio(vm, memory, rng=True, transport="mmio")
+        worker = virtio.transports()[0].worker.thread
+        with caplog.at_level("WARNING"):
+            vm.close()
+        assert not worker.is_alive()
+        assert "closing devices" not in caplog.text

@@ -1,4 +1,4 @@
-"""The guest's side of a split virtqueue and of virtio-pci, in Python: what tests
+"""The guest's side of a split virtqueue, of virtio-pci and of virtio-mmio, in Python: what tests
 and benches use to drive a device without booting a guest.
 
 It writes rings and registers exactly as a driver would (and can be told to
@@ -142,6 +142,60 @@ class PciDriver:
 
     def notify(self, index: int) -> None:
         self.write(0x3000 + 4 * index, 2, index)
+
+
+class MmioDriver:
+    """Programs a VirtioMmioDevice through its register page, like Linux's virtio_mmio
+    (32-bit accesses only, virtio 1.2 4.2.2.2); the same methods as :class:`PciDriver`."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def read(self, offset: int) -> int:
+        return self.transport.read(offset, 4)
+
+    def write(self, offset: int, value: int) -> None:
+        self.transport.write(offset, 4, value & 0xFFFFFFFF)
+
+    def device_features(self) -> int:
+        self.write(0x014, 0)
+        low = self.read(0x010)
+        self.write(0x014, 1)
+        return self.read(0x010) << 32 | low
+
+    def negotiate(self, features: int) -> int:
+        """ACKNOWLEDGE, DRIVER, features, FEATURES_OK; returns the status read back."""
+        for status in (0, 1, 3):
+            self.write(0x070, status)
+        for select in (0, 1):
+            self.write(0x024, select)
+            self.write(0x020, features >> 32 * select)
+        self.write(0x070, 3 | 8)
+        return self.read(0x070)
+
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
+        self.write(0x030, index)
+        self.write(0x038, ring.size)
+        for offset, addr in ((0x080, ring.desc_addr), (0x090, ring.avail_addr),
+                             (0x0A0, ring.used_addr)):
+            self.write(offset, addr)
+            self.write(offset + 4, addr >> 32)
+        self.write(0x044, 1)
+
+    def driver_ok(self) -> None:
+        self.write(0x070, self.read(0x070) | 4)
+
+    def status(self) -> int:
+        return self.read(0x070)
+
+    def acknowledge(self) -> int:
+        """Read InterruptStatus and write it back to InterruptACK, as vm_interrupt does."""
+        pending = self.read(0x060)
+        self.write(0x064, pending)
+        return pending
+
+    def notify(self, index: int) -> None:
+        self.write(0x050, index)
 
 
 class RecordingLine:

@@ -73,6 +73,7 @@ class VirtioMmioDevice(Device, VirtioTransport):
         self.gsi = gsi
         self.irq = irq if irq is not None else EventfdIrqLine(vm, gsi)
         self.interrupts = 0
+        self._closed = False
         self._init_transport(vm, memory, device, log)
         self._notify_fds: list[int] = []
         vm.add_mmio_device(base, layout.VIRTIO_MMIO_SLOT, self)
@@ -153,6 +154,10 @@ class VirtioMmioDevice(Device, VirtioTransport):
         self._kick_active()
 
     def close(self) -> None:
+        """Idempotent: the VM closes what is still on its MMIO bus, MmioDevices too."""
+        if self._closed:
+            return
+        self._closed = True
         if self.vm.fd >= 0:
             for index, fd in enumerate(self._notify_fds):
                 self.vm.add_ioeventfd(self.base + QUEUE_NOTIFY, REGISTER_WIDTH, fd,
