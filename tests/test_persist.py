@@ -34,9 +34,9 @@ from pykvm.snapshot.schema import STATE_TAGS
 from pykvm.snapshot.snapshot import _part
 from pykvm.snapshot.state import ComponentState, decode_for, restore_part
 
-from .asm import assemble
 from .conftest import needs_kvm
 from .fakes import FakeIrqLine
+from .test_snapshot import counting_guest  # noqa: F401 - the flat guest that counts (a fixture)
 
 FIXTURE = Path(__file__).parent / "data" / "snapshot-v1"
 COUNTER_ADDR = layout.FLAT_LOAD_ADDR + 0x8000
@@ -208,24 +208,6 @@ def test_a_version_1_snapshot_restores_and_the_guest_counts_on(v1_snapshot):
 
 
 # --- the builder ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def counting_guest(tmp_path_factory):
-    code = assemble("""
-        xor %ebx, %ebx
-        mov $0x3f8, %dx
-    1:  inc %ebx
-        mov %bl, %al
-        and $15, %al
-        add $'a', %al
-        out %al, %dx
-        mov $3000, %ecx
-    2:  loop 2b
-        jmp 1b""")
-    path = tmp_path_factory.mktemp("guest") / "count.bin"
-    path.write_bytes(code)
-    return path
-
-
 @needs_kvm
 def test_built_for_boot_snapshotted_and_built_from_the_snapshot(counting_guest, tmp_path):
     config = MachineConfig(flat=counting_guest, mem_size=layout.MIN_MEM_SIZE + 0x10000)
