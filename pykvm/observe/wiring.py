@@ -8,7 +8,7 @@ socket or a script can do the same with an :class:`ObserveOptions` and a
 1. ``Observation(options)`` before the VM exists: checks every option (a bad
    --trace-filter, --symbols or --stats-plot is a ConfigError, exit status 2,
    before anything boots) and opens the trace file; :attr:`Observation.tracer`
-   goes to ``Machine(tracer=...)`` or ``Vm(tracer=...)``;
+   goes to ``build_for_boot(config, tracer=...)`` or ``Vm(tracer=...)``;
 2. :meth:`Observation.attach` once the vCPUs exist and *before* they run (the
    run loop reads ``vm.hooks`` and ``vm.timing`` when it starts): KVM's stats
    fds, per-exit timing, the periodic printer, the symbols for stop messages;

@@ -16,7 +16,7 @@ says why in one line) runs its command like this:
    ones print the same. ``--cold`` takes the same path with no cache at all: it
    neither reads nor writes one.
 
-Configurations that cannot be cached keep the initramfs path (pykvm/machine.py:
+Configurations that cannot be cached keep the initramfs path (pykvm/machine/boot.py:
 the command is appended to the initramfs and /init runs it on the console).
 """
 
