@@ -190,7 +190,7 @@ def test_conf1_reaches_host_bridge_and_devices(stand_in):
     assert stand_in.pio_read(0xCF8, 4) == conf1_address(1, 0)
 
 
-def test_bars_are_preassigned_and_follow_decode_and_moves(stand_in):
+def test_bars_are_preassigned_and_follow_decode_and_moves(stand_in, caplog):
     bus = PciBus(stand_in)
     probe = Probe()
     slot = bus.add(probe)
@@ -213,6 +213,16 @@ def test_bars_are_preassigned_and_follow_decode_and_moves(stand_in):
     assert probe.events == [("map", address), ("unmap", address), ("map", 0xD0000000)]
     cfg_write(BAR0, 4, 0x1000)                   # onto guest RAM: refused, stays unmapped
     assert bus.bar_address(slot, 0) is None
+    cfg_write(BAR0, 4, 0xD0000000)
+    assert bus.bar_address(slot, 0) == 0xD0000000
+    other = Probe()
+    other_slot = bus.add(other)
+    stand_in.pio_write(0xCF8, 4, conf1_address(other_slot, BAR0))
+    stand_in.pio_write(0xCFC, 4, 0xD0000000)     # onto the first probe's BAR: not mapped,
+    assert bus.bar_address(other_slot, 0) is None  # and the bus logs why (one warning)
+    warned = [r.getMessage() for r in caplog.records if r.name == "pykvm.devices.pci.bus"]
+    assert len(warned) == 1 and warned[0].startswith("probe: BAR 0 at 0xd0000000 not mapped: "), \
+        warned
 
 
 def test_intx_line_is_given_from_the_pci_irq_range(stand_in):

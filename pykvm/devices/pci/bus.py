@@ -15,7 +15,7 @@ bus and tells the device, which moves its ioeventfds.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -28,6 +28,8 @@ from ...interrupts import SharedLevelLine
 from .config import (COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, INTERRUPT_PIN, INTX_PIN_A,
                      ConfigSpace, ConfigSpaceState)
 from .device import PciDevice
+
+logger = logging.getLogger(__name__)
 
 SLOTS = 32
 CONFIG_ENABLE = 1 << 31
@@ -80,9 +82,8 @@ class BarAllocator:
 class PciBus:
     """Bus 0 of one VM. :meth:`add` places a function in the next free slot."""
 
-    def __init__(self, vm, *, log=None):
+    def __init__(self, vm):
         self.vm = vm
-        self.log = log or getattr(vm, "log", sys.stderr)
         self.slots: list[PciDevice | None] = [None] * SLOTS
         self._mapped: dict[tuple[int, int], int] = {}   # (slot, BAR index) -> address
         self._lock = threading.RLock()
@@ -163,8 +164,8 @@ class PciBus:
                 try:
                     self.vm.add_mmio_device(wanted, bar.size, handler)
                 except PykvmError as error:
-                    print(f"pykvm: {device.name}: BAR {index} at {wanted:#x} not mapped: {error}",
-                          file=self.log)
+                    logger.warning("%s: BAR %d at %#x not mapped: %s", device.name, index,
+                                   wanted, error)
                     continue
                 self._mapped[(slot, index)] = wanted
                 device.bar_mapped(index, wanted)
