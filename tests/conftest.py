@@ -34,3 +34,14 @@ def kvm():
 def on_pvm() -> bool:
     from pykvm.kvm import detect_host_kind
     return detect_host_kind() == "kvm_pvm"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (a Debian kernel's boot: many minutes on kvm_pvm) run only when asked
+    for with PYKVM_SLOW_TESTS=1; `make test` and CI leave them out."""
+    if os.environ.get("PYKVM_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set PYKVM_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -27,8 +27,8 @@ DEBIAN_WORDS = (
     # - ftrace_check_for_weak_functions: a work item that looks up the symbol of every one
     #   of the ~38,000 ftrace call sites through kallsyms (kernel/trace/ftrace.c,
     #   test_for_valid_rec), to disable tracing of overridden weak functions: ~20 minutes
-    #   of emulated ring 0, and it holds locks the next initcalls wait for. Without it,
-    #   tracing such a function is refused when ftrace checks the call site's bytes.
+    #   of emulated ring 0 in one boot here. Without it such a call site may be listed
+    #   under a wrong name; ftrace still checks a site's bytes before it patches one.
     # - blake2s_mod_init, crypto_kdf108_init: self-tests only (lib/crypto/blake2s.c,
     #   crypto/kdf_sp800108.c); the algorithms still work.
     # - cubictcp_register, bpf_prog_test_run_init: the built-ins that register BPF kfuncs,
@@ -36,8 +36,13 @@ DEBIAN_WORDS = (
     #   over 5 minutes here. TCP falls back to reno (tcp_cubic is not a module here).
     #   A module with BTF still triggers the parse when it loads (kernel/bpf/btf.c,
     #   btf_module_notify): a Debian initramfs that loads virtio modules pays it once.
+    # - trace_eval_init, tracer_init_tracefs: work items that rewrite the print format of
+    #   every trace event (trace_event_update_all) and create /sys/kernel/tracing with a
+    #   directory per event (~2,000), holding event_mutex: init waited over 6 minutes for
+    #   it in init_kprobe_trace. The guest then has no tracefs files (no ftrace from
+    #   inside it); --append initcall_blacklist= gives them back.
     "initcall_blacklist=ftrace_check_for_weak_functions,blake2s_mod_init,crypto_kdf108_init,"
-    "cubictcp_register,bpf_prog_test_run_init",
+    "cubictcp_register,bpf_prog_test_run_init,trace_eval_init,tracer_init_tracefs",
     # The crypto manager's self-test of every algorithm registered (crypto/testmgr.c).
     "cryptomgr.notests=1",
     # Debian turns on zeroing of every page allocated (CONFIG_INIT_ON_ALLOC_DEFAULT_ON):
