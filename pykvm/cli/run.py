@@ -3,7 +3,7 @@ snapshot) and run it until it stops; with ``-- CMD`` run one command in it.
 
 The options become a :class:`~pykvm.machine.MachineConfig` (or a restore from
 pykvm/snapshot); the machine, the observers (observers.py), the control socket
-(pykvm/control.py) and the stop signals (stop.py) are set up around one
+(pykvm/control/) and the stop signals (stop.py) are set up around one
 ``machine.run()``. A command run goes to pykvm/warm first, which restores a cached
 boot when it can.
 """
@@ -117,7 +117,7 @@ def add_parser(commands) -> None:
     output.add_argument("-v", "--verbose", action="store_true",
                         help="with -- CMD: show the guest's boot log on stderr")
     add_observing_options(output)
-    snapshots = run.add_argument_group("snapshots and control (pykvm/snapshot, pykvm/control.py)")
+    snapshots = run.add_argument_group("snapshots and control (pykvm/snapshot, pykvm/control/)")
     snapshots.add_argument("--restore", type=Path, metavar="DIR",
                            help="resume the guest saved in the snapshot directory DIR (the "
                                 "machine comes from the snapshot: no boot or device options). "
