@@ -1,4 +1,4 @@
-"""pykvm's pytest plugin (pykvm/pytest_plugin.py), used the way a project would use it:
+"""pykvm's pytest plugin (pykvm/pytest_plugin/), used the way a project would use it:
 sample test files run by pytester in a session of their own.
 
 - flat ``vm`` guests: one passes; one fails, and its report carries the guest's

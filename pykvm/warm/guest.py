@@ -1,6 +1,6 @@
 """A Linux guest at its *ready* point, booted or restored, and what identifies it.
 
-The ready point is the moment the guest agent (pykvm/agent.py, pykvm/guestimage/
+The ready point is the moment the guest agent (pykvm/agent/, pykvm/guestimage/
 agent.c) first answers a PING: the kernel is up, /init has mounted its own file
 systems and started the agent, and no user command has run yet. The agent mounts
 ``--share`` disks before it answers, which is why a guest with shares is keyed over

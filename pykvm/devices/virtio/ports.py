@@ -7,7 +7,7 @@ device ``/dev/vport<N>p<id>`` (N: the virtio device's index) and shows its name
 in ``/sys/class/virtio-ports/vport<N>p<id>/name``, which is how a guest program
 finds its port (QEMU's virtio-serial does the same; udev would add
 ``/dev/virtio-ports/<name>`` links, a busybox initramfs has no udev). pykvm's
-guest agent uses the port ``org.pykvm.agent.0`` (pykvm/agent.py).
+guest agent uses the port ``org.pykvm.agent.0`` (pykvm/agent/).
 
 Queues, as the Linux driver lays them out: 0/1 receive/transmit of port 0,
 2/3 the control queues (receive: device -> driver, transmit: driver -> device),
