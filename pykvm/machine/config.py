@@ -228,6 +228,7 @@ class MachineConfig:
     disks: list[DiskSpec] = field(default_factory=list)   # one virtio-blk disk each
     console: str = "serial"             # the guest console: "serial" (ttyS0) or "virtio" (hvc0)
     rng: bool = False                   # a virtio-rng device
+    rng_rate_limit: str = ""            # its token buckets (devices/rate_limiter.py's text form)
     nets: list[NetSpec] = field(default_factory=list)     # one virtio-net NIC each (pykvm/net)
     agent: bool = False                 # the guest agent's channel (pykvm/agent.py): exec, files
     shares: list[str] = field(default_factory=list)       # host dirs, read-only at /mnt/share... (pykvm/share.py)
@@ -268,6 +269,12 @@ class MachineConfig:
         self._check_records()
         if self.balloon:
             self.balloon_spec()
+        if self.rng_rate_limit:
+            from ..devices.rate_limiter import parse_rate_limit
+            try:
+                parse_rate_limit(self.rng_rate_limit)
+            except ValueError as error:
+                raise ConfigError(f"virtio-rng: {error}") from None
         if self.vsock_cid or self.vsock_uds:
             from ..vsock import VsockSpec
             VsockSpec(self.vsock_cid, self.vsock_uds)     # ConfigError if it is not one

@@ -104,6 +104,9 @@ class Machine:
                 if self.balloon is not None:
                     self.balloon.close()
                 raise
+            if config.rng_rate_limit and self.virtio.rng is not None:
+                from ..devices.rate_limiter import parse_rate_limit
+                self.virtio.rng.limit(parse_rate_limit(config.rng_rate_limit))
             if self.balloon is not None:      # a new target raises a configuration interrupt
                 transport = next(f for f in self.virtio.functions if f.device is self.balloon)
                 self.balloon.config_changed = transport.config_changed

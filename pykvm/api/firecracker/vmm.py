@@ -320,6 +320,7 @@ class Vmm:
         self.machine_config = MachineConfiguration(vcpu_count=config.cpus,
                                                    mem_size_mib=config.mem_size // layout.MiB)
         self.balloon.describe_loaded(config)
+        self.entropy.describe_loaded(config)
         if config.kernel is not None:
             self.boot_source = BootSource(
                 kernel_image_path=str(config.kernel), boot_args=config.append or None,
@@ -360,7 +361,7 @@ class Vmm:
                              initrd=Path(source.initrd_path) if source.initrd_path else None,
                              append=" ".join(words), kvm_device=self.kvm_device,
                              disks=disks, nets=nets, transport=TRANSPORT,
-                             rng=self.entropy.configured, **self.balloon.machine_fields())
+                             **self.entropy.machine_fields(), **self.balloon.machine_fields())
 
     def _ordered_drives(self) -> list[Drive]:
         """The root device first (it is /dev/vda), the others in the order they came."""
