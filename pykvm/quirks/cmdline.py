@@ -26,8 +26,8 @@ DEBIAN_WORDS = (
     # Skip these initcalls (init/main.c, initcall_blacklist):
     # - ftrace_check_for_weak_functions: a work item that looks up the symbol of every one
     #   of the ~38,000 ftrace call sites through kallsyms (kernel/trace/ftrace.c,
-    #   test_for_valid_rec), to disable tracing of overridden weak functions: ~20 minutes
-    #   of emulated ring 0 in one boot here. Without it such a call site may be listed
+    #   test_for_valid_rec), to disable tracing of overridden weak functions: over a
+    #   minute of one CPU's emulated ring 0 here. Without it such a call site may be listed
     #   under a wrong name; ftrace still checks a site's bytes before it patches one.
     # - blake2s_mod_init, crypto_kdf108_init: self-tests only (lib/crypto/blake2s.c,
     #   crypto/kdf_sp800108.c); the algorithms still work.
@@ -38,9 +38,10 @@ DEBIAN_WORDS = (
     #   btf_module_notify): a Debian initramfs that loads virtio modules pays it once.
     # - trace_eval_init, tracer_init_tracefs: work items that rewrite the print format of
     #   every trace event (trace_event_update_all) and create /sys/kernel/tracing with a
-    #   directory per event (~2,000), holding event_mutex: init waited over 6 minutes for
-    #   it in init_kprobe_trace. The guest then has no tracefs files (no ftrace from
-    #   inside it); --append initcall_blacklist= gives them back.
+    #   directory per event (~2,000), holding trace_event_sem and event_mutex: init
+    #   waited for them 1,050 s of guest time in one boot (init_blk_tracer), over 6
+    #   minutes in another (init_kprobe_trace). The guest then has no tracefs files (no
+    #   ftrace from inside it); --append initcall_blacklist= gives them back.
     "initcall_blacklist=ftrace_check_for_weak_functions,blake2s_mod_init,crypto_kdf108_init,"
     "cubictcp_register,bpf_prog_test_run_init,trace_eval_init,tracer_init_tracefs",
     # The crypto manager's self-test of every algorithm registered (crypto/testmgr.c).
