@@ -40,6 +40,7 @@ guest's.
     python3 bench/blk.py             # 1 s per case
     python3 bench/blk.py --quick     # 0.2 s per case: does it work?
     python3 bench/blk.py --spin      # the guest spins on the used index instead of waiting
+    python3 bench/blk.py --transport mmio   # pykvm's device on virtio-mmio (rows say so)
     python3 bench/blk.py --record    # also add rows to bench/RESULTS.md
 
 Needs /dev/kvm and GNU as/ld. Last line: ``ratio: X`` = pykvm MB/s / host MB/s
@@ -199,26 +200,21 @@ class GuestDisk:
     VhostBlkDevice whose queue qemu-storage-daemon serves), its queue set up as a
     driver would, and the ring-3 guest waiting for cases. The VM owns ``device``."""
 
-    def __init__(self, kvm, guest: bytes, device, wait: bool):
+    def __init__(self, kvm, guest: bytes, device, wait: bool, transport: str = "pci"):
         from pykvm.boot.modes import set_mode
         from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
-        from pykvm.devices.virtio.driver import DriverRing, PciDriver
-        from pykvm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
+        from pykvm.devices.virtio.driver import DriverRing
         from pykvm.memory import GuestMemory
         from pykvm.vstate.vm import Vm
 
         self.memory = GuestMemory.anonymous(MEM_SIZE)
         self.vm = Vm(kvm, self.memory, log=sys.stderr)
         self.device = device
-        self.function = VirtioPciDevice(self.vm, self.memory, self.device)
+        driver, notify_addr = (self._mmio if transport == "mmio" else self._pci)()
         self.vm.on_close(self.function.close)
-        self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
-        self.waiter = Waiter(self.function)
-        self.function.intx = self.waiter
         self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
         self.commands = CommandRegister("bench-cmd")  # posted 1: run the case
         self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
-        driver = PciDriver(self.function)
         if not driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & 8:
             raise BenchError("the device refused the bench's features")
         self.ring = DriverRing(self.memory, RING, QUEUE)
@@ -229,13 +225,41 @@ class GuestDisk:
         self.memory.write(LOAD_ADDR, bytes(image_bytes))
         for name, value in (("queue_size", QUEUE), ("avail_ring", self.ring.avail_addr),
                             ("used_ring", self.ring.used_addr),
-                            ("notify_addr", BAR_ADDR + NOTIFY_OFFSET), ("notify_value", 0),
+                            ("notify_addr", notify_addr), ("notify_value", 0),
                             ("wait_addr", WAIT_ADDR if wait else 0), ("cmd_addr", CMD_ADDR),
                             ("headers", HEADERS), ("statuses", STATUSES)):
             self.set(name, value)
         self.vm.create_vcpus(1)
         set_mode(self.vm.vcpus[0], self.memory, "long", LOAD_ADDR)
         self.vm.start()
+
+    def _pci(self):
+        """A virtio-pci function whose BAR the bench "maps" at BAR_ADDR, interrupting on
+        INTx (the waiter); its doorbell the 16-bit write Linux's virtio_pci makes."""
+        from pykvm.devices.virtio.driver import PciDriver
+        from pykvm.devices.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
+
+        self.function = VirtioPciDevice(self.vm, self.memory, self.device)
+        self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
+        self.waiter = Waiter(self.function)
+        self.function.intx = self.waiter
+        return PciDriver(self.function), BAR_ADDR + NOTIFY_OFFSET
+
+    def _mmio(self):
+        """A virtio-mmio device at BAR_ADDR, its edge line the waiter. blk_loop.S rings
+        with a 16-bit store; Linux's virtio_mmio with a 32-bit one, which the transport's
+        own ioeventfd matches: a second one of 16 bits on the same register, same
+        eventfd, puts the bench's doorbell on the same in-kernel path."""
+        from pykvm.devices.virtio.driver import MmioDriver
+        from pykvm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioDevice
+
+        acknowledge = lambda: MmioDriver(self.function).acknowledge()  # noqa: E731
+        self.waiter = Waiter(None, acknowledge)
+        self.function = VirtioMmioDevice(self.vm, self.memory, self.device, base=BAR_ADDR,
+                                         gsi=0, irq=self.waiter)
+        self.vm.add_ioeventfd(BAR_ADDR + QUEUE_NOTIFY, 2, self.function.queue_fds[0],
+                              datamatch=0)
+        return MmioDriver(self.function), BAR_ADDR + QUEUE_NOTIFY
 
     def get(self, name: str) -> int:
         return self.memory.read_u64(self.params + 8 * P[name])
@@ -359,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("both", "pykvm", "vhost-user"), default="both",
                         help="who serves the queue: pykvm's own virtio-blk, qemu-storage-daemon "
                         "over vhost-user, or both in turn against the same reference (both)")
+    parser.add_argument("--transport", choices=("pci", "mmio"), default="pci",
+                        help="pykvm's own device on virtio-pci (default) or virtio-mmio (one "
+                        "per run: both would lock the one image; vhost-user stays on PCI)")
     parser.add_argument("--quick", action="store_true", help="0.2 s per case: does it work?")
     parser.add_argument("--record", action="store_true", help="add rows to bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -384,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             host_kind = kvm.host_kind
             backends = [name for name in ("pykvm", "vhost-user")
                         if args.backend in (name, "both")]
+            if args.transport == "mmio" and "pykvm" in backends:
+                backends[backends.index("pykvm")] = "pykvm-mmio"
             if "vhost-user" in backends and not storage_daemon_available():
                 print("blk: qemu-storage-daemon is not installed (apt-get install "
                       "qemu-system-common): no vhost-user-blk figures", file=sys.stderr)
@@ -391,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             disks = {}
             try:
                 for name in backends:
-                    device = BlockDevice(str(image), name="bench-blk") if name == "pykvm" \
-                        else vhost_device(image)
-                    disks[name] = GuestDisk(kvm, guest, device, not args.spin)
+                    device = vhost_device(image) if name == "vhost-user" \
+                        else BlockDevice(str(image), name="bench-blk")
+                    disks[name] = GuestDisk(kvm, guest, device, not args.spin,
+                                            "mmio" if name == "pykvm-mmio" else "pci")
                 for case in CASES:
                     for depth in DEPTHS:
                         reference = host_rate(next(iter(disks.values())).memory, image, case,
@@ -476,16 +506,18 @@ def record(host_kind: str, rows, seconds: float, load: float, wait: bool) -> Non
     own, vhost = "", ""
     for case, depth, reference, rates in rows:
         ratio = {name: rate.mb_per_s / (reference.mb_per_s or 1) for name, rate in rates.items()}
-        head = (f"| {today} | {host_kind} | {case.label} | {depth} | "
+        label = case.label + (" (virtio-mmio)" if "pykvm-mmio" in rates else "")
+        head = (f"| {today} | {host_kind} | {label} | {depth} | "
                 f"{reference.mb_per_s:.0f} ({reference.ops_per_s:,.0f}) | ")
         tail = f"{guest} | {load:.1f} | {seconds:g} s |\n"
-        rate = rates.get("pykvm")
+        own_name = "pykvm-mmio" if "pykvm-mmio" in rates else "pykvm"
+        rate = rates.get(own_name)
         if rate is not None:
-            own += (head + f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | {ratio['pykvm']:.3f} | "
+            own += (head + f"{rate.mb_per_s:.0f} ({rate.ops_per_s:,.0f}) | {ratio[own_name]:.3f} | "
                     f"{rate.cpu:.0%} / {rate.vcpu:.0%} | " + tail)
         vrate = rates.get("vhost-user")
         if vrate is not None:
-            vhost += (head + (f"{ratio['pykvm']:.3f} | " if rate is not None else "- | ")
+            vhost += (head + (f"{ratio[own_name]:.3f} | " if rate is not None else "- | ")
                       + f"{vrate.mb_per_s:.0f} ({vrate.ops_per_s:,.0f}) | "
                       f"{ratio['vhost-user']:.3f} | {vrate.cpu:.0%} / {vrate.vcpu:.0%} | " + tail)
     if own:

@@ -39,19 +39,25 @@ def assemble(source: Path, workdir: Path, load_addr: int) -> bytes:
 
 class Waiter:
     """What an idle guest waits on: the device's interrupt. It is the function's INTx
-    line (no MSI-X here), and an MMIO register whose read returns once the line
-    went up (or after WAIT_TIMEOUT), acknowledging the interrupt (ISR read)."""
+    line (no MSI-X here) or a virtio-mmio device's edge line, and an MMIO register whose
+    read returns once the line went up (or after WAIT_TIMEOUT), acknowledging the
+    interrupt (a PCI ISR read; ``acknowledge`` for another transport)."""
 
     name = "bench-wait"
 
-    def __init__(self, function):
-        from pykvm.devices.virtio.pci import ISR_OFFSET
+    def __init__(self, function, acknowledge=None):
         self.event = threading.Event()
-        self._isr = lambda: function.bar_devices[0].read(ISR_OFFSET, 1)
+        if acknowledge is None:
+            from pykvm.devices.virtio.pci import ISR_OFFSET
+            acknowledge = lambda: function.bar_devices[0].read(ISR_OFFSET, 1)  # noqa: E731
+        self._isr = acknowledge
 
     def set_level(self, high: bool) -> None:
         if high:
             self.event.set()
+
+    def pulse(self) -> None:
+        self.event.set()
 
     def read(self, offset: int, size: int) -> int:
         self.event.wait(WAIT_TIMEOUT)
