@@ -29,6 +29,7 @@ from ...errors import PykvmError
 from . import APP_NAME, FIRECRACKER_API_VERSION
 from .balloon import BalloonApi
 from .entropy import EntropyApi
+from .vsock import VsockApi
 from .logs import Log, MetricsSink
 from .resources import (DEFAULT_MACHINE, ApiFault, BootSource, Drive, InstanceActionInfo,
                         Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive,
@@ -68,6 +69,7 @@ class Vmm:
         self.machine = None
         self.balloon = BalloonApi(self)       # /balloon, /balloon/statistics (balloon.py)
         self.entropy = EntropyApi(self)       # /entropy (entropy.py)
+        self.vsock = VsockApi(self)           # /vsock (vsock.py)
         self._lock = threading.RLock()
         self._tasks: queue.Queue = queue.Queue()
         self._ended = threading.Event()
@@ -107,7 +109,7 @@ class Vmm:
                     "metrics": self.metrics_config.to_json() if self.metrics_config else None,
                     "mmds-config": None,
                     "network-interfaces": [nic.to_json() for nic in self.nets.values()],
-                    "vsock": None, "entropy": self.entropy.to_json()}
+                    "vsock": self.vsock.to_json(), "entropy": self.entropy.to_json()}
 
     # --- pre-boot resources -----------------------------------------------------------------------
     def put_machine_config(self, body) -> None:
@@ -321,6 +323,7 @@ class Vmm:
                                                    mem_size_mib=config.mem_size // layout.MiB)
         self.balloon.describe_loaded(config)
         self.entropy.describe_loaded(config)
+        self.vsock.describe_loaded(config)
         if config.kernel is not None:
             self.boot_source = BootSource(
                 kernel_image_path=str(config.kernel), boot_args=config.append or None,
@@ -361,7 +364,8 @@ class Vmm:
                              initrd=Path(source.initrd_path) if source.initrd_path else None,
                              append=" ".join(words), kvm_device=self.kvm_device,
                              disks=disks, nets=nets, transport=TRANSPORT,
-                             **self.entropy.machine_fields(), **self.balloon.machine_fields())
+                             **self.entropy.machine_fields(), **self.balloon.machine_fields(),
+                             **self.vsock.machine_fields())
 
     def _ordered_drives(self) -> list[Drive]:
         """The root device first (it is /dev/vda), the others in the order they came."""
@@ -465,7 +469,8 @@ class Vmm:
         for key, method in (("logger", self.put_logger), ("metrics", self.put_metrics),
                             ("machine-config", self.put_machine_config),
                             ("boot-source", self.put_boot_source),
-                            ("balloon", self.balloon.put), ("entropy", self.entropy.put)):
+                            ("balloon", self.balloon.put), ("entropy", self.entropy.put),
+                            ("vsock", self.vsock.put)):
             if config.get(key) is not None:
                 method(config[key])
         for key, method, name in (("drives", self.put_drive, "drive_id"),
@@ -480,7 +485,7 @@ class Vmm:
 
 CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", "logger",
                "metrics", "balloon", "vsock", "mmds-config", "entropy", "cpu-config")
-NOT_YET_KEYS = ("vsock", "mmds-config", "cpu-config")
+NOT_YET_KEYS = ("mmds-config", "cpu-config")
 
 
 def existing_link_kind(name: str) -> str | None:
