@@ -8,7 +8,8 @@ Two levels:
   NEEDS_RESET) or as a harmless completion, never as another exception, and a
   request costs the host a fixed amount of memory whatever it names;
 - end to end: flat guests (tests/guests/hostile*.S) program the devices through
-  their PCI BARs on the real bus under KVM (see the second half of this file).
+  their PCI BARs on the real bus under KVM, and again through their virtio-mmio
+  register pages (see the second half of this file).
 """
 
 from __future__ import annotations
@@ -424,6 +425,47 @@ class DriverScript(Script):
     def notify(self, queue: int) -> None:
         self.store(self.bar + 0x3000 + 4 * queue, queue, 2)
 
+    def status(self) -> int:
+        """Read the device status back: the entry's index for the result."""
+        return self.load(self.bar + 0x14, 1)
+
+
+class MmioDriverScript(DriverScript):
+    """The same driver over virtio-mmio: ``bar`` is the device's register page, every
+    control register 32 bits wide (virtio 1.2 4.2.2), Linux's virtio_mmio's order."""
+
+    def reg(self, offset: int, value: int) -> None:
+        self.store(self.bar + offset, value, 4)
+
+    def negotiate(self, features: int = FEATURES) -> None:
+        for status in (0, 1, 3):                          # reset, ACKNOWLEDGE, DRIVER
+            self.reg(0x070, status)
+        for select in (0, 1):
+            self.reg(0x024, select)
+            self.reg(0x020, features >> 32 * select)
+        self.reg(0x070, 0xB)                              # FEATURES_OK
+
+    def queue(self, queue: int, *, size: int = QSIZE, desc: int = 0, avail: int = 0,
+              used: int = 0) -> None:
+        self.reg(0x030, queue)
+        self.reg(0x038, size)
+        for offset, addr in ((0x080, desc), (0x090, avail), (0x0A0, used)):
+            self.reg(offset, addr)
+            self.reg(offset + 4, addr >> 32)
+        self.reg(0x044, 1)                                # QueueReady
+
+    def init(self, queue: int, *, features: int = FEATURES, size: int = QSIZE,
+             desc: int = 0, avail: int = 0, used: int = 0) -> None:
+        self.negotiate(features)
+        self.queue(queue, size=size, desc=desc, avail=avail, used=used)
+        self.reg(0x070, 0xF)                              # DRIVER_OK
+
+    def notify(self, queue: int) -> None:
+        self.reg(0x050, queue)                            # QueueNotify: the ioeventfd
+
+    def status(self) -> int:
+        return self.load(self.bar + 0x070, 4)
+
 
 def _chain(script, ring, buffers, *, head=0):
     """Descriptors head, head+1, ... for (addr, len, flags) buffers, chained."""
@@ -492,7 +534,7 @@ REGISTER_CASES = [
 class HostileBench:
     """The VM, its devices and the guest (inside the subprocess)."""
 
-    def __init__(self, kvm, workdir: Path):
+    def __init__(self, kvm, workdir: Path, transport: str = "pci"):
         from pykvm.devices.virtio.attach import DiskSpec, attach_virtio
 
         self.memory, self.mapping = canaried_memory(GUEST_MEM)
@@ -505,12 +547,17 @@ class HostileBench:
         extra = [NetDevice(self.tap, MAC), PortsDevice([("org.pykvm.hostile.0", self.serial)])]
         self.virtio = attach_virtio(self.guest.vm, self.memory, disks=[DiskSpec(str(self.image))],
                                     console=True, rng=True, console_output=self.console,
-                                    extra=extra)
+                                    extra=extra, transport=transport)
         kinds = ["blk", "console", "rng", "net", "ports"]
-        slots = {id(device): slot for slot, device in self.virtio.pci.devices()}
         self.functions = {kind: function for kind, function in zip(kinds, self.virtio.functions)}
-        self.bars = {kind: self.virtio.pci.bar_address(slots[id(function)], 0)
-                     for kind, function in self.functions.items()}
+        if transport == "mmio":                             # the register pages
+            self.script = MmioDriverScript
+            self.bars = {kind: function.base for kind, function in self.functions.items()}
+        else:
+            self.script = DriverScript
+            slots = {id(device): slot for slot, device in self.virtio.pci.devices()}
+            self.bars = {kind: self.virtio.pci.bar_address(slots[id(function)], 0)
+                         for kind, function in self.functions.items()}
         self.failures: list[tuple[str, str]] = []
         for kind, function in self.functions.items():
             function.fail = self._recording(kind, function.fail)
@@ -530,15 +577,15 @@ class HostileBench:
         arguments = {"desc": ring.desc_addr, "avail": ring.avail_addr, "used": ring.used_addr}
         for key, value in (init or {}).items():
             arguments[key] = {"bar": bar, "used+2": ring.used_addr + 2}.get(value, value)
-        script = DriverScript(bar)
+        script = self.script(bar)
         script.init(queue, **arguments)
         if build is not None:
             build(script, ring, GUEST_MEM, bar)
             script.notify(queue)
         self.guest.run(script)
         wait_until(lambda: function.broken or ring.used_idx() != 0, 2.0)
-        check = DriverScript(bar)
-        status = check.load(bar + 0x14, 1)
+        check = self.script(bar)
+        status = check.status()
         return self.guest.run(check)[status]
 
     def legitimate(self, target: str, number: int) -> bool:
@@ -546,7 +593,7 @@ class HostileBench:
         kind, queue = TARGETS[target]
         function, bar = self.functions[kind], self.bars[kind]
         ring = DriverRing(self.memory, RINGS, QSIZE)
-        script = DriverScript(bar)
+        script = self.script(bar)
         script.init(queue, desc=ring.desc_addr, avail=ring.avail_addr, used=ring.used_addr)
         marker = f"legitimate request {number} to {target}".encode().ljust(64, b".")
         self.memory.write(DATA, bytes(0x3000))
@@ -619,16 +666,16 @@ def address_space() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
-def run_hostile_suite(workdir: str) -> dict:
-    """The whole suite, in this process (the subprocess of the test below): results as
-    a dict for JSON."""
+def run_hostile_suite(workdir: str, transport: str = "pci") -> dict:
+    """The whole suite against the devices on ``transport``, in this process (the
+    subprocess of the test below): results as a dict for JSON."""
     import resource
 
     from pykvm.kvm import Kvm
 
     results: dict = {"cases": []}
     with Kvm() as kvm:
-        bench = HostileBench(kvm, Path(workdir))
+        bench = HostileBench(kvm, Path(workdir), transport)
         try:
             limit = address_space() + AS_HEADROOM
             resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
@@ -659,8 +706,8 @@ def run_hostile_suite(workdir: str) -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def hostile_results(tmp_path_factory):
+@pytest.fixture(scope="module", params=["pci", "mmio"])
+def hostile_results(tmp_path_factory, request):
     import json
     import subprocess
     import sys
@@ -672,15 +719,15 @@ def hostile_results(tmp_path_factory):
         pytest.skip(f"needs /dev/kvm: {reason}")
     workdir = tmp_path_factory.mktemp("hostile")
     code = ("import json, sys; from tests.test_hostile_guest import run_hostile_suite; "
-            "print(json.dumps(run_hostile_suite(sys.argv[1])))")
-    done = subprocess.run([sys.executable, "-c", code, str(workdir)], cwd=ROOT,
+            "print(json.dumps(run_hostile_suite(sys.argv[1], sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, str(workdir), request.param], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"the VMM died under attack:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_hostile_guest_on_the_pci_bus(hostile_results, target):
+def test_hostile_guest_on_each_transport(hostile_results, target):
     cases = [case for case in hostile_results["cases"] if case["target"] == target]
     assert len(cases) == len(HOSTILE_CASES) + len(REGISTER_CASES)
     for case in cases:

@@ -19,7 +19,7 @@ from pykvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pykvm.devices.virtio.driver import DriverRing
 from pykvm.memory import GuestMemory
 
-from .test_hostile_guest import CMD_ADDR, FlatGuest, Script, wait_until
+from .test_hostile_guest import CMD_ADDR, FlatGuest, MmioDriverScript, wait_until
 
 GUEST_MEM = 64 << 20
 BASE = layout.VIRTIO_MMIO_START
@@ -39,39 +39,15 @@ QUEUE_DESC, QUEUE_DRIVER, QUEUE_DEVICE = 0x080, 0x090, 0x0A0
 SHM_LEN_LOW, CONFIG_GENERATION, CONFIG = 0x0B0, 0x0FC, 0x100
 
 
-class MmioScript(Script):
-    """A Script that speaks virtio-mmio to the register page at ``base``, in the
-    order Linux's virtio_mmio does (vm_setup_vq, vm_finalize_features, ...)."""
-
-    def __init__(self, base: int):
-        super().__init__()
-        self.base = base
-
-    def reg(self, offset: int, value: int) -> None:
-        self.store(self.base + offset, value, 4)
+class MmioScript(MmioDriverScript):
+    """MmioDriverScript with reads by register and a queue set up on a DriverRing."""
 
     def get(self, offset: int, width: int = 4) -> int:
-        return self.load(self.base + offset, width)
+        return self.load(self.bar + offset, width)
 
-    def negotiate(self, features: int = VIRTIO_F_VERSION_1) -> None:
-        for status in (0, 1, 3):                          # reset, ACKNOWLEDGE, DRIVER
-            self.reg(STATUS, status)
-        for select in (0, 1):
-            self.reg(DRIVER_FEATURES_SEL, select)
-            self.reg(DRIVER_FEATURES, features >> 32 * select)
-        self.reg(STATUS, 0xB)                             # FEATURES_OK
-
-    def queue(self, index: int, ring: DriverRing, *, size: int | None = None) -> None:
-        self.reg(QUEUE_SEL, index)
-        self.reg(QUEUE_NUM, ring.size if size is None else size)
-        for offset, addr in ((QUEUE_DESC, ring.desc_addr), (QUEUE_DRIVER, ring.avail_addr),
-                             (QUEUE_DEVICE, ring.used_addr)):
-            self.reg(offset, addr & 0xFFFFFFFF)
-            self.reg(offset + 4, addr >> 32)
-        self.reg(QUEUE_READY, 1)
-
-    def notify(self, index: int) -> None:
-        self.reg(QUEUE_NOTIFY, index)
+    def ring(self, index: int, ring, *, size: int | None = None) -> None:
+        self.queue(index, size=ring.size if size is None else size, desc=ring.desc_addr,
+                   avail=ring.avail_addr, used=ring.used_addr)
 
 
 @pytest.fixture
@@ -138,7 +114,7 @@ def test_a_request_round_trip_over_the_ioeventfd_and_the_interrupt_status(rig):
     ring = DriverRing(memory, RINGS, QSIZE)
     setup = MmioScript(BLK)
     setup.negotiate()
-    setup.queue(0, ring)
+    setup.ring(0, ring)
     setup.reg(STATUS, 0xF)                                # DRIVER_OK
     status = setup.get(STATUS)
     assert guest.run(setup)[status] == 0xF
@@ -179,16 +155,16 @@ class _Outside:
 
 # (name, what the hostile driver does after FEATURES_OK, on rng's queue 0)
 HOSTILE = [
-    ("queue size not a power of two", lambda s, r: s.queue(0, r, size=3)),
-    ("queue size above QueueNumMax", lambda s, r: s.queue(0, r, size=1 << 16)),
-    ("rings outside RAM", lambda s, r: s.queue(0, _Outside())),
-    ("QueueNum after QueueReady", lambda s, r: (s.queue(0, r), s.reg(QUEUE_NUM, 8))),
-    ("QueueDesc after QueueReady", lambda s, r: (s.queue(0, r), s.reg(QUEUE_DESC, DATA))),
+    ("queue size not a power of two", lambda s, r: s.ring(0, r, size=3)),
+    ("queue size above QueueNumMax", lambda s, r: s.ring(0, r, size=1 << 16)),
+    ("rings outside RAM", lambda s, r: s.ring(0, _Outside())),
+    ("QueueNum after QueueReady", lambda s, r: (s.ring(0, r), s.reg(QUEUE_NUM, 8))),
+    ("QueueDesc after QueueReady", lambda s, r: (s.ring(0, r), s.reg(QUEUE_DESC, DATA))),
     ("features after FEATURES_OK", lambda s, r: s.reg(DRIVER_FEATURES, 0)),
     ("status bits cleared", lambda s, r: s.reg(STATUS, 1)),
     ("DRIVER_OK without FEATURES_OK", lambda s, r: (s.reg(STATUS, 0), s.reg(STATUS, 1),
                                                     s.reg(STATUS, 7))),
-    ("a buffer outside RAM", lambda s, r: (s.queue(0, r), s.reg(STATUS, 0xF),
+    ("a buffer outside RAM", lambda s, r: (s.ring(0, r), s.reg(STATUS, 0xF),
                                            _publish(r, GUEST_MEM - 8, 64), s.notify(0))),
 ]
 
@@ -221,7 +197,7 @@ def test_a_hostile_driver_gets_needs_reset_and_the_device_recovers(rig, name, at
     ring = DriverRing(memory, RINGS, QSIZE)
     again = MmioScript(RNG)
     again.negotiate()
-    again.queue(0, ring)
+    again.ring(0, ring)
     again.reg(STATUS, 0xF)
     status = again.get(STATUS)
     memory.write(DATA, bytes(64))
@@ -318,7 +294,7 @@ def test_a_snapshot_keeps_the_mmio_devices_state_and_the_guest_goes_on(kvm, tmp_
         ring = DriverRing(machine.memory, RINGS, QSIZE)
         script = MmioScript(RNG)
         script.negotiate()
-        script.queue(0, ring)
+        script.ring(0, ring)
         script.reg(STATUS, 0xF)
         _publish(ring, DATA, 32)
         script.notify(0)
