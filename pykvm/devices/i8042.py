@@ -39,13 +39,14 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import layout
 from ..bus import Device, IrqLine
 from ..snapshot.schema import U8
 from ..snapshot.state import ComponentState, SnapshotError
 from .ps2_keyboard import BREAK_PREFIX, KeyboardState, Ps2Keyboard, translate_set2
 
-PORT_BASE = 0x60
-PORT_COUNT = 5
+PORT_BASE = layout.I8042_BASE   # 0x60: where a PC has it (pykvm/layout.py owns the ports)
+PORT_COUNT = layout.I8042_LEN
 DATA = 0                  # offset of port 0x60
 STATUS = COMMAND = 4      # offset of port 0x64
 

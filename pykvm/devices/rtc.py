@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Callable
 
+from .. import layout
 from ..bus import Device
 from ..snapshot.schema import U64, Bounds, blob
 from ..snapshot.state import ComponentState, SnapshotError
 
-PORT_BASE = 0x70
-PORT_COUNT = 2
+PORT_BASE = layout.RTC_BASE     # 0x70 (pykvm/layout.py owns the ports)
+PORT_COUNT = layout.RTC_LEN
 INDEX = 0
 DATA = 1
 
