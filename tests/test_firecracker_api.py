@@ -178,7 +178,7 @@ def test_drives(api, tmp_path):
         "PUT", "/drives/rootfs", {**root, "path_on_host": str(tmp_path / "none")})
     assert "missing field `is_root_device`" in api.fault(
         "PUT", "/drives/rootfs", {"drive_id": "rootfs", "path_on_host": str(image)})
-    assert "rate_limiter: not supported" in api.fault(
+    assert "missing field `size`" in api.fault(     # test_firecracker_rate_limits.py
         "PUT", "/drives/rootfs", {**root, "rate_limiter": {"bandwidth": {}}})
     assert "Invalid drive ID" in api.fault("PUT", "/drives/a-b", {**root, "drive_id": "a-b"})
     assert api("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(other),

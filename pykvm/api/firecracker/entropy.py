@@ -12,20 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...devices.rate_limiter import format_rate_limit, parse_rate_limit
-from .resources import Record, spec
-
-
-@dataclass(frozen=True)
-class TokenBucket(Record):
-    size: int = spec(int)
-    one_time_burst: int | None = spec(int, None)
-    refill_time: int = spec(int)
-
-
-@dataclass(frozen=True)
-class RateLimiter(Record):
-    bandwidth: TokenBucket | None = spec(TokenBucket, None)
-    ops: TokenBucket | None = spec(TokenBucket, None)
+from .resources import RateLimiter, Record, TokenBucket, spec
 
 
 @dataclass(frozen=True)

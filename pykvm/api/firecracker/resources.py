@@ -8,7 +8,7 @@ with one :class:`ApiFault` line, when it has a field the definition does not nam
 value of the wrong JSON type, or misses a required field: Firecracker's serde
 parser refuses the same bodies (``deny_unknown_fields``), and a field pykvm silently
 ignored would be a setting the client believes it made. Fields pykvm does not
-implement yet (rate limiters, vhost-user drives, huge pages...) are accepted only at
+implement yet (vhost-user drives, huge pages...) are accepted only at
 their "off" value and refused otherwise, naming what is missing.
 """
 
@@ -161,6 +161,28 @@ def path_id_matches(path_id: str, body_id: str) -> None:
 
 # --- the resources -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TokenBucket(Record):
+    """Swagger TokenBucket: ``size`` tokens (bytes or requests), all refilled in
+    ``refill_time`` ms, ``one_time_burst`` more once (pykvm/devices/rate_limiter.py)."""
+
+    size: int = spec(int)
+    one_time_burst: int | None = spec(int, None)
+    refill_time: int = spec(int)
+
+    def check(self) -> None:
+        if max(self.size, self.refill_time, self.one_time_burst or 0) >= 1 << 64:
+            raise ApiFault(f"{DESERIALIZE}: a token bucket value is larger than a u64")
+
+
+@dataclass(frozen=True)
+class RateLimiter(Record):
+    """Swagger RateLimiter: a bucket for bytes and one for operations (either optional)."""
+
+    bandwidth: TokenBucket | None = spec(TokenBucket, None)
+    ops: TokenBucket | None = spec(TokenBucket, None)
+
+
+@dataclass(frozen=True)
 class MachineConfiguration(Record):
     """PUT/PATCH/GET /machine-config. pykvm has no SMT topology, CPU templates or huge
     pages: those are accepted at their defaults only."""
@@ -210,7 +232,7 @@ class Drive(Record):
     is_read_only: bool | None = spec(bool, None)
     cache_type: str = spec(str, "Unsafe", ("Unsafe", "Writeback"))
     io_engine: str = spec(str, "Sync", ("Sync", "Async"))
-    rate_limiter: None = spec("null", None)
+    rate_limiter: RateLimiter | None = spec(RateLimiter, None)
     socket: None = spec("null", None)
 
     def check(self) -> None:
@@ -230,7 +252,7 @@ class Drive(Record):
 class PartialDrive(Record):
     drive_id: str = spec(str)
     path_on_host: str | None = spec(str, None)
-    rate_limiter: None = spec("null", None)
+    rate_limiter: RateLimiter | None = spec(RateLimiter, None)
 
 
 @dataclass(frozen=True)
@@ -248,8 +270,8 @@ class NetworkInterface(Record):
     iface_id: str = spec(str)
     host_dev_name: str = spec(str)
     guest_mac: str | None = spec(str, None)
-    rx_rate_limiter: None = spec("null", None)
-    tx_rate_limiter: None = spec("null", None)
+    rx_rate_limiter: RateLimiter | None = spec(RateLimiter, None)
+    tx_rate_limiter: RateLimiter | None = spec(RateLimiter, None)
 
     def check(self) -> None:
         check_id(self.iface_id, "network interface")
@@ -288,8 +310,8 @@ class NetworkInterface(Record):
 @dataclass(frozen=True)
 class PartialNetworkInterface(Record):
     iface_id: str = spec(str)
-    rx_rate_limiter: None = spec("null", None)
-    tx_rate_limiter: None = spec("null", None)
+    rx_rate_limiter: RateLimiter | None = spec(RateLimiter, None)
+    tx_rate_limiter: RateLimiter | None = spec(RateLimiter, None)
 
 
 ACTIONS = ("FlushMetrics", "InstanceStart", "SendCtrlAltDel")

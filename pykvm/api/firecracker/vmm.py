@@ -17,6 +17,7 @@ served one at a time (``_lock``), as Firecracker's single API thread serves them
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import queue
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 from ... import layout
 from ...errors import PykvmError
 from . import APP_NAME, FIRECRACKER_API_VERSION
+from . import rate_limits
 from .balloon import BalloonApi
 from .entropy import EntropyApi
 from .vsock import VsockApi
@@ -155,6 +157,15 @@ class Vmm:
             if changes.get("path_on_host") is not None:
                 raise ApiFault("PATCH /drives path_on_host: swapping a running VM's disk "
                                "image is not supported by pykvm yet")
+            if changes.get("rate_limiter") is not None:     # rate_limits.py
+                index = [d.drive_id for d in self._ordered_drives()].index(drive_id)
+                device = self.machine.virtio.disks[index]
+                rate_limits.patch_throttle(rate_limits.block_throttle(device, drive_id),
+                                           changes["rate_limiter"])
+                old = self.drives[drive_id]
+                self.drives[drive_id] = dataclasses.replace(
+                    old, rate_limiter=rate_limits.merged(old.rate_limiter,
+                                                         changes["rate_limiter"]))
 
     def put_network_interface(self, iface_id: str, body) -> None:
         from ...net.tap import valid_ifname
@@ -189,7 +200,16 @@ class Vmm:
             self._after_start()
             if iface_id not in self.nets:
                 raise ApiFault(f"Invalid network interface ID: {iface_id}")
-            # Only rate limiters can be patched, and only null ones are accepted: a no-op.
+            # Only rate limiters can be patched (rate_limits.py).
+            device = self.machine.virtio.nets[list(self.nets).index(iface_id)]
+            old = self.nets[iface_id]
+            updates = {}
+            for name, throttle in (("rx_rate_limiter", device.rx_throttle),
+                                   ("tx_rate_limiter", device.tx_throttle)):
+                if changes.get(name) is not None:
+                    rate_limits.patch_throttle(throttle, changes[name])
+                    updates[name] = rate_limits.merged(getattr(old, name), changes[name])
+            self.nets[iface_id] = dataclasses.replace(old, **updates)
 
     def put_logger(self, body) -> None:
         record = Logger.from_json(body)
@@ -375,10 +395,15 @@ class Vmm:
     def _start(self) -> None:
         from ...machine import build_for_boot
         config = self.machine_config_for_start()
+        for drive, disk in zip(self._ordered_drives(), config.disks):
+            if drive.rate_limiter is not None and not disk.serial:   # qcow2: vhost-user
+                rate_limits.block_throttle(None, drive.drive_id)     # refused
         try:
             self.machine = build_for_boot(config, stdin=self.stdin, stdout=self.stdout)
         except PykvmError as error:
             raise ApiFault(f"Start microvm error: {_text(error)}") from None
+        rate_limits.apply_at_start(self._ordered_drives(), list(self.nets.values()),
+                                   self.machine.virtio)
 
     # --- the main thread ----------------------------------------------------------------------------
     def _on_main(self, work) -> None:

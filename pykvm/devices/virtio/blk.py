@@ -11,6 +11,11 @@ read-only disk), so a second pykvm on the same writable image fails with a
 clear error instead of corrupting it; a read-only disk answers every write with
 VIRTIO_BLK_S_IOERR; a request that reaches past the image's end is an I/O error,
 never a file extension.
+
+A rate limiter (Firecracker's drive ``rate_limiter``, :meth:`BlockDevice.limit`,
+devices/virtio/throttle.py) charges each request its data bytes and one op; when
+the buckets are empty the requests stay in the guest's ring until a timer kicks
+the queue again.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from ...errors import ImageError
 from ...ioctl import libc
 from ...snapshot.schema import U64
 from ...snapshot.state import ComponentState, SnapshotError
+from ..rate_limiter import RateLimiter
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views, gather
+from .throttle import QueueThrottle
 
 SECTOR_SIZE = 512
 QUEUE_SIZE = 256
@@ -130,6 +137,8 @@ class BlockDevice(VirtioDevice):
         self.features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH \
             | (VIRTIO_BLK_F_RO if read_only else 0)
         self.requests = {"read": 0, "write": 0, "flush": 0, "get_id": 0, "error": 0}
+        # Firecracker's drive rate_limiter (devices/virtio/throttle.py): set by limit().
+        self.throttle = QueueThrottle(lambda: self.kick(0), f"{name}-limit")
 
     @property
     def capacity(self) -> int:
@@ -141,10 +150,29 @@ class BlockDevice(VirtioDevice):
                             0, 0, 0, 0, 0, 0, 1)
 
     # --- requests --------------------------------------------------------------------------
+    def limit(self, limiter: RateLimiter | None) -> None:
+        """Serve requests within ``limiter``'s buckets (bytes of data, requests)."""
+        self.throttle.set(limiter)
+
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         pop, add_used, handle = queue.pop, queue.add_used, self.handle
-        while (chain := pop()) is not None:
+        throttle = self.throttle
+        if throttle.limiter is None:            # the usual case: no rate limiter
+            while (chain := pop()) is not None:
+                add_used(chain.head, handle(chain))
+            return
+        # Limited: a request is taken only while the buckets allow; the rest stay in
+        # the ring until the throttle's wake-up kicks this queue again.
+        while queue.has_available() and throttle.admit():
+            chain = pop()
+            if chain is None:
+                return
             add_used(chain.head, handle(chain))
+            throttle.charge(max(0, chain.readable_len + chain.writable_len
+                                - _HEADER.size - 1))
+
+    def wants_more(self, index: int) -> bool:
+        return not self.throttle.throttled    # throttled: the wake-up kicks the queue
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the number of bytes written to the guest."""
@@ -231,6 +259,7 @@ class BlockDevice(VirtioDevice):
                                 f"{state.size} when the snapshot was taken: it was changed")
 
     def close(self) -> None:
+        self.throttle.close()
         if self.fd >= 0:
             os.close(self.fd)   # also drops the flock
             self.fd = -1

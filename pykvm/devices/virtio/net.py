@@ -50,6 +50,13 @@ is re-armed when the worker has drained the TAP: a busy TAP costs one wake-up
 per batch, not per frame. A batch is at most RX_BATCH / TX_BATCH frames, after
 which the worker re-kicks itself, so neither direction starves the other.
 Interrupts: the transport's (MSI-X irqfd, honouring EVENT_IDX), once per batch.
+
+Rate limiters (Firecracker's ``rx_rate_limiter``/``tx_rate_limiter``, throttle.py):
+transmit takes a chain only while ``tx_throttle`` admits it, receive reads the wire
+only while ``rx_throttle`` does (frames wait in the TAP's or socket's kernel queue);
+a timer kicks the queue when the buckets refill. A :class:`FrameFilter` (MMDS,
+pykvm/mmds/) sees each transmitted frame first and answers the ones it claims
+through the receive queue, never the back end.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ import struct
 
 from .device import VirtioDevice
 from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views
+from .throttle import QueueThrottle
 from ...net.wire import FdWatcher, Wire, WireBusy   # the back ends' interface (pykvm/net/wire.py)
 
 VIRTIO_ID_NET = 1
@@ -100,6 +108,7 @@ TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 RX_BATCH = 128                  # frames per worker turn before the other queue gets one
 TX_BATCH = 128
 RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset: dropped
+MAX_INJECTED = 256              # frames an in-VMM service (MMDS) may have waiting for RX
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024   # iovecs per readv()
 
 _U16 = struct.Struct("<H")
@@ -109,6 +118,16 @@ _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 def _set_num_buffers(views: list[memoryview], count: int) -> None:
     """num_buffers into a header that a driver split over descriptors."""
     scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
+
+
+class FrameFilter:
+    """A service inside pykvm that answers some of the guest's frames itself (MMDS,
+    pykvm/mmds/stack.py). :meth:`filter` gets one Ethernet frame the guest sent (no
+    virtio header) and returns None when the frame is not its (it goes to the back
+    end), else the frames to give the guest back (perhaps none)."""
+
+    def filter(self, frame: bytes) -> list[bytes] | None:
+        raise NotImplementedError
 
 
 class TapWire(Wire):
@@ -188,7 +207,20 @@ class NetDevice(VirtioDevice):
         self._tx_wants_more = True
         self._tx_blocked = False        # the wire said WireBusy: flush it before the next frame
         self._broken_backend = False
+        # Firecracker's rx_rate_limiter / tx_rate_limiter (devices/virtio/throttle.py).
+        self.rx_throttle = QueueThrottle(lambda: self.kick(RECEIVE_QUEUE), f"{name}-rx-limit")
+        self.tx_throttle = QueueThrottle(lambda: self.kick(TRANSMIT_QUEUE), f"{name}-tx-limit")
+        # An in-VMM service on this NIC (MMDS, pykvm/mmds/): see set_frame_filter.
+        self._filter: FrameFilter | None = None
+        self._injected: collections.deque[bytes] = collections.deque()
         wire.start(self._tap_readable, self._wire_writable, name)
+
+    def set_frame_filter(self, frame_filter: "FrameFilter | None") -> None:
+        """Give every frame the guest sends to ``frame_filter`` first: the frames it
+        claims (it returns a list of replies, perhaps empty) never reach the back end,
+        and its replies go into the guest's receive queue, at most MAX_INJECTED waiting
+        (the rest are dropped and counted, as a full NIC drops)."""
+        self._filter = frame_filter
 
     def describe(self) -> str:
         """One line for the user: the host end (the NicBackend's words) and the MAC."""
@@ -233,6 +265,7 @@ class NetDevice(VirtioDevice):
 
     def _drop_pending(self) -> None:
         self._pending.clear()
+        self._injected.clear()
         self._held = None
         self._rx_views = [self._spill]
         self._rx_capacity = 0
@@ -251,6 +284,8 @@ class NetDevice(VirtioDevice):
         # The hot loop of the transmit path: locals only, counters folded in at the end.
         send, pop, add_used = self.wire.send, queue.pop, queue.add_used
         frames = octets = malformed = errors = 0
+        throttle = self.tx_throttle if self.tx_throttle.limiter is not None else None
+        frame_filter = self._filter
         self._tx_wants_more = True
         if self._tx_blocked:
             if not self.wire.flush():
@@ -259,13 +294,20 @@ class NetDevice(VirtioDevice):
             self._tx_blocked = False
         try:
             for _ in range(TX_BATCH):
+                if throttle is not None and not throttle.admit():
+                    self._tx_wants_more = False   # the throttle's wake-up kicks us
+                    return
                 chain = pop()
                 if chain is None:
                     return
                 views = chain.readable
                 length = len(views[0]) if len(views) == 1 else sum(map(len, views))
+                if throttle is not None:
+                    throttle.charge(max(0, length - NET_HDR_SIZE))
                 if length < NET_HDR_SIZE or length > MAX_GSO_FRAME:
                     malformed += 1          # no frame is that short or that long
+                elif frame_filter is not None and self._offer(frame_filter, views):
+                    pass                    # answered inside pykvm: not for the back end
                 else:
                     try:
                         send(views)
@@ -297,12 +339,24 @@ class NetDevice(VirtioDevice):
             return
         recv_into, complete = self.wire.recv_into, self._complete
         frames = octets = 0
+        rx_throttle = self.rx_throttle if self.rx_throttle.limiter is not None else None
         try:
             for _ in range(RX_BATCH):
                 if self._rx_capacity < self._rx_target and not self._take_buffers(queue):
                     self._rx_wants_more = True   # out of buffers: the guest's notify resumes us
                     self.stats["rx_waits_for_buffers"] += 1
                     return
+                if self._injected:               # an in-VMM service's reply (MMDS)
+                    length = NET_HDR_SIZE + len(self._injected[0])
+                    if length <= self._rx_capacity:
+                        scatter(self._rx_views, bytes(NET_HDR_SIZE) + self._injected[0])
+                        complete(queue, length)
+                        frames += 1
+                        octets += length
+                    self._injected.popleft()
+                    continue
+                if rx_throttle is not None and not rx_throttle.admit():
+                    return                       # the throttle's wake-up kicks us
                 try:
                     length = recv_into(self._rx_views)
                 except BlockingIOError:
@@ -321,6 +375,8 @@ class NetDevice(VirtioDevice):
                 complete(queue, length)
                 frames += 1
                 octets += length
+                if rx_throttle is not None:
+                    rx_throttle.charge(length - NET_HDR_SIZE)
             self.kick(RECEIVE_QUEUE)             # batch done: come back after the other queue
         finally:
             self.stats["rx_frames"] += frames
@@ -399,6 +455,21 @@ class NetDevice(VirtioDevice):
             self._rx_capacity -= capacity
         del self._rx_views[:views]
 
+    def _offer(self, frame_filter: "FrameFilter", views: list[memoryview]) -> bool:
+        """True if ``frame_filter`` claimed the frame; its replies are queued for RX."""
+        replies = frame_filter.filter(b"".join(views)[NET_HDR_SIZE:])
+        if replies is None:
+            return False
+        self.stats["tx_intercepted"] += 1
+        for reply in replies:
+            if len(self._injected) >= MAX_INJECTED:
+                self.stats["rx_dropped_injected"] += 1
+                continue
+            self._injected.append(reply)
+        if replies:
+            self.kick(RECEIVE_QUEUE)
+        return True
+
     # --- the TAP watcher's side ------------------------------------------------------------------
     def _tap_readable(self) -> None:
         self.kick(RECEIVE_QUEUE)
@@ -412,6 +483,8 @@ class NetDevice(VirtioDevice):
 
     def close(self) -> None:
         self.wire.stop()
+        self.rx_throttle.close()
+        self.tx_throttle.close()
         self._drop_pending()
         if self.owner is not None:
             self.owner.close()
