@@ -5,6 +5,7 @@ the socket file's creation, device reset and the snapshot's transport reset."""
 
 import os
 import socket
+import stat
 import struct
 
 import pytest
@@ -22,7 +23,9 @@ from pykvm.vsock.packet import (HEADER_SIZE, HOST_CID, OP_CREDIT_REQUEST, OP_CRE
                                 OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
                                 SHUTDOWN_BOTH, TYPE_STREAM, Header)
 
+from .conftest import needs_kvm
 from .fakes import wait_for
+from .test_snapshot import counting_guest  # noqa: F401 - the flat guest that counts (a fixture)
 
 CID = 3
 RINGS = {RX_QUEUE: 0x1000, TX_QUEUE: 0x3000, EVENT_QUEUE: 0x5000}
@@ -521,3 +524,44 @@ def test_vsock_spec_parsing():
                 "3,uds=/" + "a" * 200):
         with pytest.raises(ConfigError):
             VsockSpec.parse(bad)
+
+
+# --- a machine's device and its snapshot (KVM, a flat guest) ---------------------------------
+@needs_kvm
+def test_a_restored_machine_listens_again_and_resets_the_guests_sockets(counting_guest,
+                                                                         tmp_path):
+    import io
+    import time
+
+    from pykvm import layout
+    from pykvm.machine import MachineConfig, build_for_boot, build_from_snapshot
+    from pykvm.snapshot import SnapshotError, save_snapshot
+
+    uds = tmp_path / "v.sock"
+    config = MachineConfig(flat=counting_guest, mem_size=layout.MIN_MEM_SIZE + 0x10000,
+                           vsock_cid=3, vsock_uds=str(uds))
+    with build_for_boot(config, stdout=io.BytesIO()) as machine:
+        assert stat.S_ISSOCK(os.lstat(uds).st_mode)
+        machine.vm.start()
+        time.sleep(0.2)
+        save_snapshot(machine, tmp_path / "snap")
+        machine.vm.request_stop("user", 0, "test")
+        machine.vm.wait()
+    assert not os.path.lexists(uds)                # the machine's close removed it
+    with pytest.raises(SnapshotError, match="vsock socket"):   # a host resource: trust it
+        build_from_snapshot(tmp_path / "snap", stdout=io.BytesIO())
+    assert not os.path.lexists(uds)
+    with build_from_snapshot(tmp_path / "snap", stdout=io.BytesIO(), trust=True) as restored:
+        assert restored.vsock.guest_cid == 3 and restored.vsock._reset_event_due
+        assert stat.S_ISSOCK(os.lstat(uds).st_mode)
+    assert not os.path.lexists(uds)
+
+
+def test_without_uds_the_socket_is_private_and_goes_with_the_device():
+    from pykvm.devices.virtio.vsock import open_vsock_device
+    device = open_vsock_device(VsockSpec(3))
+    directory = os.path.dirname(device.uds_path)
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert stat.S_ISSOCK(os.lstat(device.uds_path).st_mode)
+    device.close()
+    assert not os.path.exists(directory)

@@ -84,6 +84,11 @@ def confirm(config, overrides: HostOverrides, trust: bool, directory) -> None:
         raise SnapshotError(f"{directory}: the snapshot names host resources ({named}): "
                             f"confirm them with {options} in the same order, or restore "
                             f"with --trust-snapshot if you took the snapshot yourself")
+    if config.vsock_uds and not trust:
+        # pykvm would make a socket there and connect the guest to PATH_PORT sockets
+        raise SnapshotError(f"{directory}: the snapshot names the vsock socket "
+                            f"{config.vsock_uds[:120]}: restore with --trust-snapshot if you "
+                            f"took the snapshot yourself")
 
 
 def describe_kind(config, kind: str) -> list[str]:
