@@ -565,3 +565,18 @@ def test_without_uds_the_socket_is_private_and_goes_with_the_device():
     assert stat.S_ISSOCK(os.lstat(device.uds_path).st_mode)
     device.close()
     assert not os.path.exists(directory)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--vsock", "2"], "vsock guest CID 2: must be 3 to"),
+    (["--vsock", "3,port=5"], "unknown option 'port=5'"),
+    (["--restore", "/nonexistent", "--vsock", "3"], "drop --vsock"),
+])
+def test_the_option_is_refused_in_one_line(arguments, message):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "pykvm", "run", *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

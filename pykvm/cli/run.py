@@ -253,7 +253,7 @@ def cmd_run(args) -> int:
 RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
                      ("console", "serial"), ("rng", False), ("agent", False),
-                     ("vhost_user_fs", []), ("rootfs", None))
+                     ("vhost_user_fs", []), ("rootfs", None), ("vsock", None))
 
 
 def check_restore_options(args) -> None:
