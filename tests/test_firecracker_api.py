@@ -493,9 +493,9 @@ def test_the_process_serves_the_socket_until_signalled(tmp_path):
 def test_config_file_errors_are_one_line(tmp_path):
     config = tmp_path / "vm.json"
     config.write_text(json.dumps({"machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-                                  "mmds-config": {"network_interfaces": ["eth0"]}}))
+                                  "cpu-config": {"cpuid_modifiers": []}}))
     done = firecracker("--no-api", "--config-file", str(config))
-    assert done.returncode == 2 and "mmds-config is not supported by pykvm yet" in done.stderr
+    assert done.returncode == 2 and "cpu-config is not supported by pykvm yet" in done.stderr
     config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(tmp_path / "none")}}))
     done = firecracker("--no-api", "--config-file", str(config))
     assert done.returncode == 2 and "The kernel file cannot be opened" in done.stderr

@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-log-origin", action="store_true",
                         help="log lines name their source file and line")
     parser.add_argument("--metadata", metavar="FILE",
-                        help="MMDS contents (MMDS is not supported by pykvm yet: refused)")
+                        help="the MMDS data store's contents at start (a JSON object)")
+    parser.add_argument("--mmds-size-limit", type=int, default=51200, metavar="BYTES",
+                        help="the MMDS data store's size limit (default 51200)")
     parser.add_argument("--boot-timer", action="store_true",
                         help="accepted; pykvm has no boot-timer device yet")
     parser.add_argument("--version", action="store_true",
@@ -79,14 +81,15 @@ def run(args) -> int:
         return 0
     if args.no_api and not args.config_file:
         raise ConfigError("--no-api needs --config-file (nothing else could start the microVM)")
-    if args.metadata:
-        raise ConfigError("--metadata: MMDS is not supported by pykvm yet")
     sandbox.configure(enabled=not args.no_seccomp)
     log = Log(args.id, args.level, show_level=args.show_level, show_origin=args.show_log_origin)
     if args.log_path:
         log.configure(args.log_path, args.level, args.show_level, args.show_log_origin)
     vmm = Vmm(args.id, log, kvm_device=args.device, stdin=sys.stdin.buffer,
               stdout=sys.stdout.buffer)
+    vmm.mmds.store.size_limit = args.mmds_size_limit
+    if args.metadata:
+        vmm.mmds.load_file(args.metadata)        # the MMDS data store's first contents
     previous = {sig: signal.signal(sig, lambda signum, frame: vmm.end())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -57,6 +57,7 @@ def routes(vmm: Vmm) -> dict:
         ("PUT", "/logger"): vmm.put_logger,
         ("PUT", "/metrics"): vmm.put_metrics,
         **vmm.balloon.routes(), **vmm.entropy.routes(), **vmm.vsock.routes(),
+        **vmm.mmds.routes(),
     }
 
 
@@ -64,8 +65,7 @@ ITEM_ROUTES = {("PUT", "drives"): "put_drive", ("PATCH", "drives"): "patch_drive
                ("PUT", "network-interfaces"): "put_network_interface",
                ("PATCH", "network-interfaces"): "patch_network_interface"}
 # Firecracker endpoints pykvm does not serve yet: a clear fault, not "invalid path".
-NOT_YET = ("/mmds", "/mmds/config",
-           "/cpu-config", "/hotplug/memory")
+NOT_YET = ("/cpu-config", "/hotplug/memory")
 
 
 def dispatch(vmm: Vmm, table: dict, method: str, path: str, body):

@@ -30,6 +30,7 @@ from ...errors import PykvmError
 from . import APP_NAME, FIRECRACKER_API_VERSION
 from . import rate_limits
 from .balloon import BalloonApi
+from .mmds import MmdsApi
 from .entropy import EntropyApi
 from .vsock import VsockApi
 from .logs import Log, MetricsSink
@@ -72,6 +73,7 @@ class Vmm:
         self.balloon = BalloonApi(self)       # /balloon, /balloon/statistics (balloon.py)
         self.entropy = EntropyApi(self)       # /entropy (entropy.py)
         self.vsock = VsockApi(self)           # /vsock (vsock.py)
+        self.mmds = MmdsApi(self)             # /mmds, /mmds/config (mmds.py)
         self._lock = threading.RLock()
         self._tasks: queue.Queue = queue.Queue()
         self._ended = threading.Event()
@@ -109,7 +111,7 @@ class Vmm:
                     "logger": self.logger.to_json() if self.logger else None,
                     "machine-config": self.machine_config.to_json(),
                     "metrics": self.metrics_config.to_json() if self.metrics_config else None,
-                    "mmds-config": None,
+                    "mmds-config": self.mmds.to_json(),
                     "network-interfaces": [nic.to_json() for nic in self.nets.values()],
                     "vsock": self.vsock.to_json(), "entropy": self.entropy.to_json()}
 
@@ -404,6 +406,8 @@ class Vmm:
             raise ApiFault(f"Start microvm error: {_text(error)}") from None
         rate_limits.apply_at_start(self._ordered_drives(), list(self.nets.values()),
                                    self.machine.virtio)
+        if self.machine.virtio is not None:
+            self.mmds.attach(list(self.nets), self.machine.virtio.nets)
 
     # --- the main thread ----------------------------------------------------------------------------
     def _on_main(self, work) -> None:
@@ -506,11 +510,13 @@ class Vmm:
                 raise ApiFault(f"--config-file {path}: {key} must be a list")
             for item in items:
                 method(item.get(name, "") if isinstance(item, dict) else "", item)
+        if config.get("mmds-config") is not None:        # names the NICs: after them
+            self.mmds.put_config(config["mmds-config"])
 
 
 CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", "logger",
                "metrics", "balloon", "vsock", "mmds-config", "entropy", "cpu-config")
-NOT_YET_KEYS = ("mmds-config", "cpu-config")
+NOT_YET_KEYS = ("cpu-config",)
 
 
 def existing_link_kind(name: str) -> str | None:
