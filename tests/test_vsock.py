@@ -9,6 +9,8 @@ import stat
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pykvm.devices.virtio.driver import DriverRing
 from pykvm.devices.virtio.queue import Virtqueue, VirtqueueError
@@ -580,3 +582,49 @@ def test_the_option_is_refused_in_one_line(arguments, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# --- a hostile guest's packet sequences (hypothesis) ---------------------------------------------
+PACKET = st.tuples(
+    st.sampled_from([OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE,
+                     OP_CREDIT_REQUEST, 0, 8, 0xFFFF]),
+    st.sampled_from([1234, 1235, 0, 0xFFFF_FFFF]),                  # guest port
+    st.sampled_from([5000, 5001, 7, FIRST_LOCAL_PORT]),             # host port
+    st.sampled_from([b"", b"x", b"y" * 4096, b"z" * 60000]),
+    st.sampled_from([None, 0, 1, 0xFFFF_FFFF]),                     # len: the payload's if None
+    st.sampled_from([CID, CID, 2, 0xFFFF_FFFF_FFFF_FFFF]),           # src_cid
+    st.sampled_from([HOST_CID, HOST_CID, CID]),                     # dst_cid
+    st.sampled_from([TYPE_STREAM, TYPE_STREAM, 2, 0]),
+    st.sampled_from([0, 1, 2, 3, 0xFFFF_FFFF]),                     # flags
+    st.sampled_from([0, 100, GUEST_BUF_ALLOC, 0xFFFF_FFFF]),        # buf_alloc
+    st.sampled_from([0, 100, 0xFFFF_FFFF]),                         # fwd_cnt
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(packets=st.lists(PACKET, min_size=1, max_size=40))
+def test_any_packet_sequence_leaves_the_device_and_the_muxer_sound(memory, packets):
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+        uds = os.path.join(directory, "v.sock")
+        listeners = [host_listener(uds, port) for port in (5000, 5001)]
+        guest = Guest(memory, uds, max_connections=4)
+        try:
+            for op, src, dst, payload, length, src_cid, dst_cid, kind, flags, alloc, fwd in \
+                    packets:
+                guest.send(op, src_port=src, dst_port=dst, payload=payload, length=length,
+                           src_cid=src_cid, dst_cid=dst_cid, type_=kind, flags=flags,
+                           buf_alloc=alloc, fwd_cnt=fwd)
+                guest.poll()
+                muxer = guest.muxer
+                assert len(muxer.connections) <= 4
+                assert all(len(conn.tx) <= BUFFER_SIZE for conn in muxer.connections.values())
+                assert len(muxer._resets) <= 256
+            for header, payload in guest.received:   # what the guest got is well-formed
+                assert (header.src_cid, header.dst_cid, header.type) == (HOST_CID, CID, 1)
+                assert header.len == len(payload) <= 4096
+        finally:
+            guest.close()
+            for listener in listeners:
+                listener.close()
