@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 
 from .. import sandbox
-from ..control import peer_refusal
+from ..control.access import peer_refusal
 from ..devices.virtio.queue import scatter, slice_views
 from ..errors import ConfigError
 from .connection import CONTROL_ORDER, Connection, CreditViolation, State
