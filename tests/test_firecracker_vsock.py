@@ -83,3 +83,11 @@ def test_config_file_takes_vsock(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "vsock guest CID 1: must be 3" in lines[0], lines
+
+
+def test_a_configured_vsock_forbids_a_snapshot_load(api, tmp_path):
+    assert api("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")}) == \
+        (204, None)
+    assert "Loading a microVM snapshot not allowed" in api.fault(
+        "PUT", "/snapshot/load", {"snapshot_path": str(tmp_path / "s"),
+                                  "mem_file_path": str(tmp_path / "m")})

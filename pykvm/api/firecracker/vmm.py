@@ -308,7 +308,7 @@ class Vmm:
             raise ApiFault("network_overrides: not supported by pykvm yet")
         with self._lock:
             self._before_start()
-            if self.boot_source or self.drives or self.nets or \
+            if self.boot_source or self.drives or self.nets or self.vsock.config or \
                     self.machine_config != DEFAULT_MACHINE:
                 raise ApiFault("Loading a microVM snapshot not allowed after configuring "
                                "boot-specific resources.")
