@@ -36,7 +36,10 @@ class GsiRouting:
     """A VM's GSI routing table; thread-safe (vCPU threads reprogram MSI-X vectors)."""
 
     def __init__(self, vm):
-        self._vm = vm
+        # A proxy: this table is the value of ``vm``'s entry in a WeakKeyDictionary
+        # (gsi_routing), and a value that holds its key strongly keeps it forever -- every
+        # VM with MSI-X, its guest RAM and memfd included, until the process ended.
+        self._vm = weakref.proxy(vm)
         self._lock = threading.Lock()
         self._msi: dict[int, tuple[int, int]] = {}   # gsi -> (address, data)
         self._free_gsis: list[int] = []

@@ -407,6 +407,23 @@ def test_cli_stops_the_disk_daemon_on_every_exit_path(kvm, hello_guest, qcow2_im
     assert not list(private_tmp.iterdir()), list(private_tmp.iterdir())
 
 
+def test_a_closed_vm_with_msi_routes_is_freed(kvm):
+    """A VM's GSI routing table (the value of its entry in interrupts.gsi_routing's
+    WeakKeyDictionary) once held the VM strongly: every VM with MSI-X stayed alive -- its
+    guest RAM mapped, the memfd open -- until the process ended."""
+    import weakref
+    from pykvm.interrupts import gsi_routing
+    memory = GuestMemory.anonymous(2 << 20)
+    vm = Vm(kvm, memory)
+    gsi_routing(vm)
+    vm.close()
+    memory.close()
+    alive_vm = weakref.ref(vm)
+    del vm
+    gc.collect()
+    assert alive_vm() is None
+
+
 def test_vm_close_releases_everything_even_never_started(kvm):
     fds, maps = open_fds(), mappings()
     for _ in range(10):

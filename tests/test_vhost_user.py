@@ -126,6 +126,8 @@ class FakeBackend:
                     return
                 self.messages.append(message)
                 if self.hang_up_after is not None and len(self.messages) >= self.hang_up_after:
+                    for fd in message.fds:      # the memfd too: it would outlive the test
+                        os.close(fd)
                     return
                 request = message.request
                 if request == Request.GET_FEATURES:
