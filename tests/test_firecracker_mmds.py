@@ -139,3 +139,19 @@ def test_nic_answers_arp_for_mmds_into_its_receive_queue():
         finally:
             device.close()
             host.close()
+
+
+def test_config_file_takes_mmds_config_after_the_nics(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    path = tmp_path / "vm.json"
+    path.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": str(kernel)},
+        "mmds-config": {"network_interfaces": ["eth0"], "version": "V2"},
+        "network-interfaces": [user_nic("eth0", "pykvm:user")]}))
+    vmm = Vmm("x", Log("x", stream=io.StringIO()), stdout=io.BytesIO())
+    try:
+        vmm.apply_config_file(str(path))
+        assert vmm.vm_config()["mmds-config"]["version"] == "V2"
+    finally:
+        vmm.close()
