@@ -27,13 +27,12 @@ from pykvm.devices.virtio.device import (STATUS_DRIVER_OK, STATUS_NEEDS_RESET,
                                          VIRTIO_F_VERSION_1)
 from pykvm.devices.virtio.driver import DriverRing, PciDriver, RecordingLine, StandInVm
 from pykvm.devices.virtio.pci import VirtioPciDevice
-from pykvm.devices.virtio.vhost_blk import (CONFIG_SIZE, VhostBlkDevice, image_format,
-                                            open_vhost_blk, probe_format, served_by_vhost_user)
+from pykvm.devices.virtio.vhost_blk import (CONFIG_SIZE, image_format, open_vhost_blk,
+                                            probe_format, served_by_vhost_user)
 from pykvm.errors import ConfigError, ImageError
 from pykvm.machine.config import DiskSpec
 from pykvm.memory import GuestMemory
 from pykvm.vhost_user import protocol as p
-from pykvm.vhost_user.frontend import Frontend
 from pykvm.vhost_user.protocol import Request, VhostUserError
 
 from .fakes import wait_for
