@@ -45,8 +45,8 @@ from ...errors import ConfigError
 from ...interrupts import EventfdIrqLine
 from ...memory import GuestMemory
 from .device import VirtioDevice
-from .transport import (INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport,
-                        VirtioTransportState, queue_value)
+from .state import VirtioTransportState
+from .transport import INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport, queue_value
 
 MAGIC_VALUE = 0x74726976          # "virt", little-endian
 VERSION = 2                       # the virtio 1.x ("non-legacy") register layout

@@ -31,8 +31,8 @@ from ..pci.config import (COMMAND_INTX_DISABLE, INTX_PIN_A, STATUS_INTERRUPT, Ba
 from ..pci.device import PciDevice, RegionMap
 from ..pci.msix import NO_VECTOR, MsixState, MsixTable
 from .device import VirtioDevice
-from .transport import (INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport,
-                        VirtioTransportState, queue_value)
+from .state import VirtioTransportState
+from .transport import INTERRUPT_CONFIG, INTERRUPT_QUEUE, Register, VirtioTransport, queue_value
 
 PCI_VENDOR_VIRTIO = 0x1AF4
 PCI_DEVICE_MODERN_BASE = 0x1040          # + virtio device ID: non-transitional devices

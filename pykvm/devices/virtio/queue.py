@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 from ...errors import GuestMemoryError, PykvmError
 from ...memory import GuestMemory
-from ...snapshot.schema import U16, U64
-from ...snapshot.state import ComponentState
+from .state import QueueState
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -74,25 +73,6 @@ class DescriptorChain:
     @property
     def writable_len(self) -> int:
         return sum(map(len, self.writable))
-
-
-@dataclass(frozen=True)
-class QueueState(ComponentState, tag="virtqueue"):
-    """The driver's registers and the device's ring indices (vm-virtio's QueueState;
-    the rings themselves are in guest RAM)."""
-
-    size: U16
-    desc_addr: U64
-    avail_addr: U64
-    used_addr: U64
-    enabled: bool
-    msix_vector: U16
-    active: bool
-    last_avail_idx: U16
-    used_idx: U16
-    signalled_used: U16
-    indirect: bool
-    event_idx: bool
 
 
 class Virtqueue:

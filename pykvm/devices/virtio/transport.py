@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...memory import GuestMemory
-from ...snapshot.schema import U8, U16, U32, U64, blob
-from ...snapshot.state import ComponentState, SnapshotError, restore_part
+from ...snapshot.state import SnapshotError, restore_part
 from .device import (STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
                      VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                      QueueWorker, VirtioDevice)
-from .queue import QueueState, Virtqueue, VirtqueueError
+from .queue import Virtqueue, VirtqueueError
+from .state import VirtioTransportState
 
 INTERRUPT_QUEUE = 1     # ISR / InterruptStatus bit 0: a used buffer (4.1.4.5, 4.2.2)
 INTERRUPT_CONFIG = 2    # bit 1: the device configuration (or NEEDS_RESET) changed
@@ -53,30 +53,6 @@ INTERRUPT_CONFIG = 2    # bit 1: the device configuration (or NEEDS_RESET) chang
 
 class DriverError(VirtqueueError):
     """The driver wrote a register it must not write now, or a value it must not write."""
-
-
-MAX_CONFIG_BYTES = 4096      # a device configuration space (virtio 1.2: well under a page)
-
-
-@dataclass(frozen=True)
-class VirtioTransportState(ComponentState):
-    """What both transports keep (each adds its own and a tag: pci.py, mmio.py): status,
-    features, the queues, the interrupt status, the device configuration as the driver
-    reads it (informational: it follows from the device) and the device's own state."""
-
-    device_id: U32
-    status: U8
-    config_generation: U8
-    device_feature_select: U32
-    driver_feature_select: U32
-    driver_features: U64
-    queue_select: U16
-    running: bool
-    broken: bool
-    isr: U8
-    queues: tuple[QueueState, ...]
-    config: blob(MAX_CONFIG_BYTES)
-    device: ComponentState | None
 
 
 class VirtioTransport:
