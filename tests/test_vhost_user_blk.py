@@ -200,6 +200,9 @@ def test_qcow2_is_found_by_content_not_by_name(tmp_path):
     assert served_by_vhost_user(DiskSpec.parse(f"{raw},backend=vhost-user"))
     # format=raw: no probe (a guest could write the magic into a raw disk's first sector)
     assert not served_by_vhost_user(DiskSpec.parse(f"{qcow2},format=raw"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert probe_format(str(fifo)) == "raw"        # at once: the open that follows says why
 
 
 @needs_qsd

@@ -38,6 +38,7 @@ whichever process serves it).
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from ...errors import ConfigError, ImageError
@@ -92,11 +93,14 @@ def image_format(fd: int, path: str) -> str:
 def probe_format(path: str) -> str:
     """The format :func:`image_format` finds at ``path`` ("raw" when unreadable: the
     open that follows says why)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:    # O_NONBLOCK: a FIFO given as a disk must not hang pykvm here
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return "raw"
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return "raw"
         return image_format(fd, path)
     finally:
         os.close(fd)
