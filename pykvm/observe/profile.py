@@ -122,7 +122,7 @@ class RipSampler:
         return [ProfileRow(name, samples, samples / total)
                 for name, samples in by_name.most_common()]
 
-    def format(self, top: int = 60) -> str:
+    def format(self, top: int = 200) -> str:
         rows = self.rows()
         total = sum(row.samples for row in rows)
         lines = [f"# pykvm RIP profile: {total} samples of {len(self.vm.vcpus)} vCPU(s) at "
