@@ -312,7 +312,7 @@ def test_metrics_are_written_unasked(api, tmp_path, monkeypatch):
 def test_bad_requests(api):
     assert "Invalid request method and/or path: GET /nope" in api.fault("GET", "/nope")
     assert "Invalid request method and/or path: DELETE /" in api.fault("DELETE", "/")
-    assert "not supported by pykvm yet" in api.fault("PUT", "/balloon", {"amount_mib": 1})
+    assert "not supported by pykvm yet" in api.fault("PUT", "/cpu-config", {})
     assert "missing field `guest_cid`" in api.fault("PUT", "/vsock", {})
     assert "The request body is missing" in api.fault("PUT", "/machine-config")
     assert "not a JSON request" in api.fault("PUT", "/machine-config", raw=b"{nope")
