@@ -341,3 +341,29 @@ def test_closing_the_vm_closes_each_device_once_and_quietly(kvm, caplog):
             vm.close()
         assert not worker.is_alive()
         assert "closing devices" not in caplog.text
+
+
+@pytest.mark.parametrize("transport,status", [("mmio", 4), ("pci", 1)])
+def test_pykvm_run_transport_puts_the_rng_on_the_register_page(kvm, tmp_path, transport, status):
+    """`pykvm run --transport mmio --rng`: a 32-bit flat guest finds "virt" and device ID
+    4 at 0xd0000000 and exits with the ID; with --transport pci nothing is there."""
+    import subprocess
+    import sys
+
+    from .asm import assemble
+
+    flat = tmp_path / "probe.bin"
+    flat.write_bytes(assemble(f"""
+        mov {BASE + MAGIC:#x}, %eax
+        mov $1, %bl
+        cmp $0x74726976, %eax
+        jne 1f
+        mov {BASE + DEVICE_ID:#x}, %ebx
+    1:  mov %bl, %al
+        mov ${layout.EXIT_PORT:#x}, %dx
+        out %al, %dx
+        hlt""", "protected", layout.FLAT_LOAD_ADDR))
+    done = subprocess.run([sys.executable, "-m", "pykvm", "run", "--flat", str(flat), "--entry",
+                           "protected", "--rng", "--transport", transport],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr
