@@ -37,6 +37,7 @@ from pykvm.snapshot.state import ComponentState, decode_for, restore_part
 from .conftest import needs_kvm
 from .fakes import FakeIrqLine
 from .test_snapshot import counting_guest  # noqa: F401 - the flat guest that counts (a fixture)
+from .test_snapshot import snapshot_of_running
 
 FIXTURE = Path(__file__).parent / "data" / "snapshot-v1"
 COUNTER_ADDR = layout.FLAT_LOAD_ADDR + 0x8000
@@ -270,12 +271,7 @@ def test_every_device_a_config_can_ask_for_comes_back_as_it_was_saved(counting_g
     config = MachineConfig(flat=counting_guest, mem_size=layout.MIN_MEM_SIZE + 0x10000,
                            transport=transport, disks=[DiskSpec(str(disk))], console="virtio",
                            rng=True, balloon=True, balloon_stats_s=1, vsock_cid=3)
-    with build_for_boot(config, stdout=io.BytesIO()) as machine:
-        machine.vm.start()
-        time.sleep(0.2)
-        save_snapshot(machine, tmp_path / "snap")
-        machine.vm.request_stop("user", 0, "test")
-        machine.vm.wait()
+    snapshot_of_running(config, tmp_path / "snap")
     saved = json.loads((tmp_path / "snap" / "state.json").read_text())
     parts = list(saved["devices"].values())
     if transport == "pci":

@@ -84,6 +84,16 @@ def flat_config(path, **kwargs) -> MachineConfig:
     return MachineConfig(flat=path, mem_size=layout.MIN_MEM_SIZE + 0x10000, **kwargs)
 
 
+def snapshot_of_running(config: MachineConfig, directory: Path, seconds: float = 0.2) -> None:
+    """Boot ``config``, let the guest run ``seconds``, snapshot it into ``directory``, stop."""
+    with build_for_boot(config, stdout=io.BytesIO()) as machine:
+        machine.vm.start()
+        time.sleep(seconds)
+        save_snapshot(machine, directory)
+        machine.vm.request_stop("user", 0, "test")
+        machine.vm.wait()
+
+
 def wait_for_output(out: io.BytesIO, count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while len(out.getvalue()) < count:
@@ -366,12 +376,7 @@ def good_snapshot(tmp_path_factory, counting_guest):
     config = flat_config(counting_guest, rng=True)
     from pykvm.devices.virtio import DiskSpec
     config.disks = [DiskSpec(str(image))]
-    with build_for_boot(config, stdout=io.BytesIO()) as machine:
-        machine.vm.start()
-        time.sleep(0.2)
-        save_snapshot(machine, where / "snap")
-        machine.vm.request_stop("user", 0, "test")
-        machine.vm.wait()
+    snapshot_of_running(config, where / "snap")
     return where / "snap", image
 
 
