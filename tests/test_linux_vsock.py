@@ -6,7 +6,8 @@
   through the agent on that connection, then closes it;
 - ``--vsock-listen 1024 --once``: the host connects to ``PATH``, writes
   ``CONNECT 1024\\n``, gets ``OK <port>\\n`` and runs a command in the guest through
-  the agent (a host-initiated connection), as a Firecracker user reaches a guest.
+  the agent (a host-initiated connection), as a Firecracker user reaches a guest,
+  then moves 1 MiB each way over it (credit updates in both directions).
 
 Each guest fork+exec costs about 1.5 s on kvm_pvm; the boot most of the time.
 """
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT = 1200
 GUEST_PORT, HOST_PORT = 1024, 5005
 AGENT = "/sbin/pykvm-agent"
+BULK = os.urandom(1 << 20)       # 1 MiB each way: many times one connection's credit
 SCRIPT = (f"echo phase=dial; {AGENT} --vsock-connect {HOST_PORT}; echo dialstatus=$?; "
           f"echo phase=listen; {AGENT} --vsock-listen {GUEST_PORT} --once; "
           f"echo listenstatus=$?")
@@ -43,8 +45,11 @@ pytestmark = [
 ]
 
 
-def run_over(sock: socket.socket, command: str, timeout: float = 300) -> tuple[int, bytes]:
-    """Run ``command`` through the guest agent at the other end of ``sock``."""
+def run_over(sock: socket.socket, command: str, timeout: float = 300,
+             more=()) -> tuple[int, bytes]:
+    """Run ``command`` through the guest agent at the other end of ``sock`` (then each
+    ``(command, stdin)`` of ``more``: their (status, stdout) go in ``sock``'s place in
+    the result list); returns the first one's (status, stdout)."""
     client = AgentClient(sock.sendall)
 
     def pump():
@@ -56,6 +61,9 @@ def run_over(sock: socket.socket, command: str, timeout: float = 300) -> tuple[i
     reader.start()
     try:
         result = client.exec(command, timeout=timeout, ready_timeout=timeout)
+        for index, (extra, stdin) in enumerate(more):
+            other = client.exec(extra, stdin=stdin, timeout=timeout)
+            more[index] = (other.status, other.stdout)
         return result.status, result.stdout
     finally:
         sock.shutdown(socket.SHUT_RDWR)
@@ -89,7 +97,9 @@ def host_connects(uds: Path, result: dict, deadline: float) -> None:
             if match:
                 result["local_port"] = int(match.group(1))
                 client.settimeout(None)
-                result["connect"] = run_over(client, "uname -s")
+                bulk = [("head -c 1048576 /dev/zero", None), ("wc -c", BULK)]
+                result["connect"] = run_over(client, "uname -s", more=bulk)
+                result["bulk"] = bulk
                 return
         except Exception as error:    # noqa: BLE001 - retried, the last one reported
             result["connect_error"] = repr(error)
@@ -139,5 +149,8 @@ def test_host_and_guest_initiated_connections_reach_the_agent(tmp_path):
     status, stdout = result.get("connect", (None, b""))
     assert (status, stdout) == (0, b"Linux\n"), shown
     assert result["local_port"] >= 1 << 30, shown        # Firecracker's local port range
+    (out_status, out), (in_status, counted) = result["bulk"]
+    assert (out_status, out) == (0, bytes(1 << 20)), (out_status, len(out))
+    assert (in_status, counted.strip()) == (0, b"%d" % len(BULK)), (in_status, counted)
     assert values.get("listenstatus") == "0", shown
     assert not uds.exists()                               # removed when pykvm ended
