@@ -306,3 +306,15 @@ def test_other_traffic_passes_through(stack):
     assert stack.filter(ipv4(b"\x00" * 40, dst=bytes([10, 0, 0, 1]))) is None
     assert stack.filter(eth(0x86DD, bytes(60))) is None          # IPv6
     assert stack.filter(b"\x01") is None
+
+
+def test_a_retransmitted_request_gets_the_response_again(stack):
+    """Our response was lost on the way (the guest never acknowledged it): the guest's
+    retransmission of its request makes us send it again from the first byte."""
+    ours = handshake(stack)
+    get = b"GET /latest/meta-data/ami-id HTTP/1.1\r\n\r\n"
+    first = [parse_tcp(f) for f in stack.filter(tcp(ACK | PSH, 1001, ours, get))]
+    again = [parse_tcp(f) for f in stack.filter(tcp(ACK | PSH, 1001, ours, get))]
+    assert [(f["seq"], f["data"], f["flags"]) for f in again] == \
+        [(f["seq"], f["data"], f["flags"]) for f in first]
+    assert again[0]["seq"] == ours and again[-1]["flags"] & FIN

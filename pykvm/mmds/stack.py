@@ -12,8 +12,9 @@ the NIC's back end untouched. Of what it claims it serves TCP to port 80 (RFC 92
   answered with an ACK of what we have (the guest retransmits), never reassembled;
 - each connection takes one HTTP request (guest_http.py, at most MAX_REQUEST bytes),
   sends the response within the guest's window and MAX_IN_FLIGHT bytes, then FIN;
-  a duplicate ACK re-sends the first unacknowledged segment (the only retransmission:
-  replies go straight into the guest's receive queue and are not lost on the way);
+  a duplicate ACK, or the guest retransmitting what we already have, re-sends from the
+  first unacknowledged byte (there is no retransmission timer: replies go straight
+  into the guest's receive queue, so the guest's own retransmissions drive ours);
 - RST for a segment of no connection, for another port, and when the table is full;
   a connection ends at RST, or when both FINs are acknowledged.
 
@@ -187,9 +188,14 @@ class MmdsStack(FrameFilter):
         duplicate = ack == conn.snd_una and not data and not flags & FIN
         conn.snd_una, conn.window = ack, window
         if seq != conn.rcv_nxt:
-            if data or flags & FIN:
-                out.append(self._emit(conn, conn.snd_nxt, ACK))   # not in order: tell it
-            return out
+            if not (data or flags & FIN):
+                return out
+            if _seq(conn.rcv_nxt - seq) < 1 << 31 and conn.snd_una != conn.snd_nxt:
+                self._rewind(conn)        # a retransmission of what we have: ours got lost
+                sent = self._pump(conn)
+                if sent:
+                    return sent
+            return [self._emit(conn, conn.snd_nxt, ACK)]    # not in order: tell it
         if data and not conn.peer_fin:
             if len(conn.request) + len(data) > MAX_REQUEST or conn.fin_wanted:
                 self.connections.pop(key, None)
@@ -209,13 +215,17 @@ class MmdsStack(FrameFilter):
             self.connections.pop(key, None)
             return [self._emit(conn, conn.snd_nxt, ACK)] if flags & FIN else []
         if duplicate and conn.snd_una != conn.snd_nxt:
-            conn.snd_nxt = conn.snd_una    # re-send from the first unacknowledged byte
-            if conn.fin_sent and self._sent(conn) <= len(conn.out):
-                conn.fin_sent = False
+            self._rewind(conn)
         sent = self._pump(conn)
         if not sent and (data or flags & FIN):
             sent = [self._emit(conn, conn.snd_nxt, ACK)]
         return out + sent
+
+    def _rewind(self, conn: Connection) -> None:
+        """Send again from the first unacknowledged byte (and the FIN after it)."""
+        conn.snd_nxt = conn.snd_una
+        if conn.fin_sent and self._sent(conn) <= len(conn.out):
+            conn.fin_sent = False
 
     def _sent(self, conn: Connection) -> int:
         """Bytes of ``out`` sent so far (snd_nxt relative to the first data byte)."""
