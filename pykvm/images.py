@@ -39,6 +39,34 @@ def read_image_file(path: str | os.PathLike, what: str = "kernel",
     :data:`IMAGE_LIMITS` for ``what``), or an ImageError naming the file and the problem."""
     name = os.fspath(path)
     limit = IMAGE_LIMITS.get(what, DEFAULT_LIMIT) if limit is None else limit
+    with _open_checked(name, what, limit) as image:
+        try:
+            data = _read_at_most(image.fileno(), limit + 1)
+        except OSError as error:
+            raise ImageError(f"{name}: cannot read {what} image: {error.strerror}") from None
+    if len(data) > limit:
+        raise ImageError(f"{name}: {what} image grew past {format_bytes(limit)} while it was read")
+    if not data:
+        raise ImageError(f"{name}: {what} image is empty")
+    return data
+
+
+def read_image_head(path: str | os.PathLike, count: int, what: str = "kernel") -> bytes:
+    """The first ``count`` bytes (fewer if the file is shorter) of the regular file
+    ``path``, checked as :func:`read_image_file` checks it: for a look at a header before
+    the whole image is read (a bzImage's version string), which must not block on a FIFO
+    or read a device."""
+    name = os.fspath(path)
+    with _open_checked(name, what, IMAGE_LIMITS.get(what, DEFAULT_LIMIT)) as image:
+        try:
+            return _read_at_most(image.fileno(), count)
+        except OSError as error:
+            raise ImageError(f"{name}: cannot read {what} image: {error.strerror}") from None
+
+
+def _open_checked(name: str, what: str, limit: int):
+    """``name`` opened for reading, once the descriptor's own fstat shows a regular file of
+    at most ``limit`` bytes; blocking again, so that reads wait for the disk."""
     try:
         image = open(name, "rb", buffering=0, opener=_open_nonblocking)
     except FileNotFoundError:
@@ -49,24 +77,22 @@ def read_image_file(path: str | os.PathLike, what: str = "kernel",
         raise ImageError(f"{name}: {what} image is not readable (permission denied)") from None
     except OSError as error:
         raise ImageError(f"{name}: cannot open {what} image: {error.strerror}") from None
-    with image:
-        try:
-            info = os.fstat(image.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ImageError(f"{name}: is a {_file_kind(info.st_mode)}, not a regular "
-                                 f"file: a {what} image must be one")
-            if info.st_size > limit:
-                raise ImageError(f"{name}: {what} image of {info.st_size} bytes is larger "
-                                 f"than pykvm accepts ({format_bytes(limit)})")
-            os.set_blocking(image.fileno(), True)
-            data = _read_at_most(image.fileno(), limit + 1)
-        except OSError as error:
-            raise ImageError(f"{name}: cannot read {what} image: {error.strerror}") from None
-    if len(data) > limit:
-        raise ImageError(f"{name}: {what} image grew past {format_bytes(limit)} while it was read")
-    if not data:
-        raise ImageError(f"{name}: {what} image is empty")
-    return data
+    try:
+        info = os.fstat(image.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{name}: is a {_file_kind(info.st_mode)}, not a regular "
+                             f"file: a {what} image must be one")
+        if info.st_size > limit:
+            raise ImageError(f"{name}: {what} image of {info.st_size} bytes is larger "
+                             f"than pykvm accepts ({format_bytes(limit)})")
+        os.set_blocking(image.fileno(), True)
+    except OSError as error:
+        image.close()
+        raise ImageError(f"{name}: cannot read {what} image: {error.strerror}") from None
+    except ImageError:
+        image.close()
+        raise
+    return image
 
 
 def _open_nonblocking(path: str, flags: int) -> int:

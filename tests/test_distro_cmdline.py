@@ -4,6 +4,8 @@ kernel is recognised from its bzImage header alone (pykvm/boot/bzimage.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import struct
 
 import pytest
@@ -46,6 +48,22 @@ def test_a_version_pointer_outside_the_setup_code_is_ignored(tmp_path):
     struct.pack_into("<H", data, bzimage.KERNEL_VERSION, 0x1000)  # -> 0x1200, past it
     path.write_bytes(bytes(data))
     assert version_of_file(path) is None
+
+
+def test_a_fifo_or_device_has_no_version_and_is_never_waited_on(tmp_path):
+    """The command line is built before the kernel is loaded: reading the version must go
+    through images.py's checks (a FIFO nobody writes blocked `pykvm run --kernel FIFO`)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        version = pool.submit(version_of_file, fifo)
+        try:
+            assert version.result(timeout=10) is None
+        finally:
+            if not version.done():    # unblock the open so the pool can shut down
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert version_of_file("/dev/zero") is None
+    assert version_of_file(tmp_path) is None
 
 
 def test_only_debian_kernels_get_the_debian_words():

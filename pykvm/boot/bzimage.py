@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import ImageError
-from ..images import read_image_file
+from ..images import read_image_file, read_image_head
 
 # --- setup header offsets (boot.rst name, size) -----------------------------------
 # The same offsets hold in the kernel file and in struct boot_params (the zero
@@ -48,6 +48,7 @@ BOOT_FLAG_MAGIC = 0xAA55
 HDRS_MAGIC = b"HdrS"
 SECTOR_SIZE = 512
 DEFAULT_SETUP_SECTS = 4     # "If this field is 0, the real value is 4."
+MAX_SETUP_SIZE = (255 + 1) * SECTOR_SIZE   # setup_sects is one byte, plus the boot sector
 MIN_PROTOCOL = 0x020C       # 2.12: the first protocol with xloadflags
 XLF_KERNEL_64 = 1 << 0      # the kernel has the 64-bit entry point at load address + 0x200
 
@@ -190,17 +191,17 @@ def _check_extent(header: SetupHeader, file_size: int, name: str) -> None:
 
 def version_of_file(path: str | os.PathLike) -> str | None:
     """The version string of the bzImage at ``path`` (boot.rst, kernel_version), read from
-    its setup code alone; None for anything else (an ELF vmlinux, a flat binary) or a
-    header that does not hold one. What pykvm's quirks tell kernels apart by."""
+    its setup code alone; None for anything else (an ELF vmlinux, a flat binary, a file
+    that is not a regular one) or a header that does not hold one. What pykvm's quirks
+    tell kernels apart by. The read goes through images.py's checks (a FIFO given as the
+    kernel must not block here, before the loader reports it)."""
     try:
-        with open(path, "rb") as image:
-            head = image.read(HEADER + 4)
-            if len(head) < HEADER + 4 or head[HEADER:HEADER + 4] != HDRS_MAGIC:
-                return None
-            setup_sects = head[SETUP_SECTS] or DEFAULT_SETUP_SECTS
-            head += image.read((setup_sects + 1) * SECTOR_SIZE - len(head))
-    except OSError:
+        head = read_image_head(path, MAX_SETUP_SIZE)
+    except ImageError:
         return None
+    if len(head) < HEADER + 4 or head[HEADER:HEADER + 4] != HDRS_MAGIC:
+        return None
+    head = head[:((head[SETUP_SECTS] or DEFAULT_SETUP_SECTS) + 1) * SECTOR_SIZE]
     return _version_at(head, struct.unpack_from("<H", head, KERNEL_VERSION)[0], len(head))
 
 
