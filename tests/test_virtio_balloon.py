@@ -2,6 +2,7 @@
 virtio_balloon driver drives them, and as a hostile one would; pages given back are
 really gone from the host (the memfd's allocated blocks drop, the page reads zero)."""
 
+import io
 import os
 import struct
 import time
@@ -14,8 +15,11 @@ from pykvm.devices.virtio.balloon import (DEFLATE, INFLATE, MAX_PFNS_PER_REQUEST
 from pykvm.devices.virtio.driver import DriverRing, PciDriver, StandInVm
 from pykvm.devices.virtio.pci import VirtioPciDevice
 from pykvm.devices.virtio.queue import Virtqueue, VirtqueueError
+from pykvm.errors import ConfigError
 from pykvm.layout import PAGE_SIZE
 from pykvm.memory import GuestMemory
+
+from .conftest import needs_kvm
 
 RAM = 4 << 20
 RINGS = 0x1000                  # three rings of 256 entries, 0x3000 apart
@@ -214,3 +218,33 @@ def test_balloon_through_virtio_pci(memory):
     finally:
         function.close()
         vm.close()
+
+
+@needs_kvm
+def test_balloon_and_rng_limit_survive_a_snapshot(tmp_path):
+    """A machine's balloon (its target as the host last set it, its statistics interval)
+    and its virtio-rng's rate limiter are part of what a snapshot restores."""
+    from pykvm import layout
+    from pykvm.machine import MachineConfig, build_for_boot
+    from pykvm.snapshot import restore_machine, save_snapshot
+
+    from .asm import assemble
+
+    guest = tmp_path / "spin.bin"
+    guest.write_bytes(assemble("1: jmp 1b"))
+    config = MachineConfig(flat=guest, mem_size=8 << 20, balloon=True,
+                           balloon_mib=1, balloon_stats_s=7, rng=True,
+                           rng_rate_limit="bandwidth=4096:1000:0")
+    with build_for_boot(config, stdout=io.BytesIO()) as machine:
+        machine.balloon.set_target(300)
+        machine.vm.start()
+        save_snapshot(machine, tmp_path / "snap")
+        machine.vm.request_stop("user", 0, "test")
+        machine.vm.wait()
+    with restore_machine(tmp_path / "snap", stdout=io.BytesIO()) as restored:
+        assert restored.balloon.target_pages == 300
+        assert restored.balloon.stats_interval_s == 7
+        assert restored.virtio.rng.rate_limiter.bandwidth.size == 4096
+    with pytest.raises(ConfigError, match="balloon target"):
+        MachineConfig(flat=guest, mem_size=layout.MIN_MEM_SIZE + 0x10000, balloon=True,
+                      balloon_mib=1 << 20).validate()
