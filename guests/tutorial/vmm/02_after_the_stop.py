@@ -8,7 +8,7 @@ at all: it is the VMM's own mmap, so the guest's store is simply there.
 """
 
 import lesson
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 
 RESULT = 0x400   # where answer.S stores 1 + 2 + ... + 100
 
@@ -16,7 +16,7 @@ RESULT = 0x400   # where answer.S stores 1 + 2 + ... + 100
 def after_the_stop() -> tuple[int, int]:
     config = MachineConfig(mem_size=16 << 20, flat=lesson.guest("vmm-answer.bin"),
                            entry="protected")
-    with Machine(config) as machine:
+    with build_for_boot(config) as machine:
         stop = machine.run(timeout=30)
         print(f"stopped: {stop.message if stop else 'timeout'}")
         # The vCPU thread has ended, so its registers can be read from here.

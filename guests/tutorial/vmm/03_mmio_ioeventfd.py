@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import lesson
 from pykvm import ioctl as k
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 
 DOORBELL, RINGS = 0xD0000000, 1000
 
@@ -44,7 +44,7 @@ def run(wire) -> Run:
     counts, once the guest has stopped, the doorbells the host side saw."""
     config = MachineConfig(mem_size=16 << 20, flat=lesson.guest("vmm-doorbell.bin"),
                            entry="protected")
-    with Machine(config) as machine:
+    with build_for_boot(config) as machine:
         count = wire(machine.vm)
         stop = machine.run(timeout=60)
         if stop is None or stop.status != 0:

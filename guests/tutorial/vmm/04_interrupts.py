@@ -28,7 +28,7 @@ import os
 import threading
 
 import lesson
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 
 DEVICE_GSI = 5
 PERIOD = 0.05       # seconds between two interrupts
@@ -43,7 +43,7 @@ def device(fd: int, stop: threading.Event) -> None:
 def interrupts() -> dict[str, int]:
     config = MachineConfig(mem_size=16 << 20, flat=lesson.guest("vmm-interrupt.bin"),
                            entry="long", stats=True)
-    with Machine(config) as machine:
+    with build_for_boot(config) as machine:
         vm = machine.vm
         fd = vm.new_eventfd()
         vm.add_irqfd(fd, DEVICE_GSI)             # KVM_IRQFD: a write to fd raises GSI 5

@@ -25,7 +25,7 @@ from pykvm.devices.virtio.device import VirtioDevice
 from pykvm.devices.virtio.driver import DriverRing, PciDriver, RecordingLine, StandInVm
 from pykvm.devices.virtio.pci import VirtioPciDevice
 from pykvm.devices.virtio.queue import scatter
-from pykvm.machine import Machine, MachineConfig
+from pykvm.machine import MachineConfig, build_for_boot
 from pykvm.memory import GuestMemory
 
 UPCASE_PORT = 0x510
@@ -53,7 +53,7 @@ def port_device() -> tuple[bytes, int]:
                            entry="protected")
     output = io.BytesIO()
     upcase = Upcase()
-    with Machine(config, stdout=output) as machine:
+    with build_for_boot(config, stdout=output) as machine:
         machine.vm.add_pio_device(UPCASE_PORT, 1, upcase)   # your device, on the bus
         machine.run(timeout=30)
     print(f"the guest printed: {output.getvalue().decode(errors='replace')}", end="")
