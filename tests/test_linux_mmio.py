@@ -1,6 +1,7 @@
 """virtio-mmio with the real default Linux guest: ONE boot (`pykvm run --transport
 mmio`, ``pci=off`` on the command line as firectl and Kata give it) with a writable
-disk, a read-only disk and the RNG, found by Linux only through the
+disk, a read-only disk, the virtio console (the command's output comes back through
+it) and the RNG -- four devices on four IRQs -- found by Linux only through the
 ``virtio_mmio.device=`` entries pykvm announces; the host then checks the image."""
 
 import shutil
@@ -33,6 +34,7 @@ SCRIPT = (
     "echo mmio=$(ls /sys/bus/platform/devices | grep -c virtio-mmio); "
     "echo pci=$(ls /sys/bus/pci/devices 2>/dev/null | wc -l); "
     "echo irqs=$(grep -c virtio /proc/interrupts); "
+    "echo console=$(cat /sys/class/tty/console/active); "
     "echo cmdline=$(cat /proc/cmdline)"
 )
 
@@ -40,16 +42,19 @@ SCRIPT = (
 @pytest.fixture(scope="module")
 def boot(tmp_path_factory):
     return boot_with_disks(tmp_path_factory.mktemp("mmio"), RO_PATTERN, SCRIPT,
-                           ["--transport", "mmio", "--append", "pci=off"])
+                           ["--transport", "mmio", "--append", "pci=off",
+                            "--console", "virtio"])
 
 
 def test_the_guest_finds_its_devices_on_the_command_line_alone(boot):
     assert boot.returncode == 0, boot.stderr[-3000:]
     assert boot.values.get("pci") == "0", boot.stdout            # no PCI bus at all
-    assert boot.values.get("mmio") == "3", boot.stdout           # two disks and the RNG
-    first = layout.VIRTIO_MMIO_IRQS[0]
-    assert f"virtio_mmio.device=4K@0xd0000000:{first}" in boot.values["cmdline"]
-    assert int(boot.values.get("irqs", "0")) >= 1, boot.stdout   # interrupts went through
+    assert boot.values.get("mmio") == "4", boot.stdout           # disks, console, RNG
+    for slot, irq in enumerate(layout.VIRTIO_MMIO_IRQS[:4]):
+        assert f"virtio_mmio.device=4K@{0xd0000000 + 0x1000 * slot:#x}:{irq}" \
+            in boot.values["cmdline"]
+    assert int(boot.values.get("irqs", "0")) == 4, boot.stdout   # each device's line
+    assert boot.values.get("console") == "hvc0", boot.stdout     # output came over it
 
 
 def test_the_guest_writes_a_file_system_and_reads_it_back(boot):
