@@ -2,7 +2,8 @@
 
     pykvm-firecracker [--api-sock PATH] [--id ID] [--config-file FILE [--no-api]]
                       [--no-seccomp] [--level L] [--log-path P] [--show-level]
-                      [--show-log-origin] [--metadata FILE] [--boot-timer] [--version]
+                      [--show-log-origin] [--metadata FILE] [--mmds-size-limit BYTES]
+                      [--boot-timer] [--version]
 
 The API socket is served until the microVM stops; then the process exits, as
 Firecracker does, with the guest's status (0 for a reboot or power-off). "API server
