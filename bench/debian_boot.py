@@ -6,8 +6,9 @@
     python3 bench/debian_boot.py --append 'initcall_blacklist= mitigations=auto'   # a cut undone
 
 The kernel is Debian's package (pykvm/distro/kernel.py: apt-get download, dpkg-deb -x),
-the initramfs pykvm's default guest's, the command ``cat /proc/uptime /sys/devices/system/cpu/online`` (the
-guest's own clock at that point, and which CPUs came up). ``pykvm run --cold -v`` prints the boot log on stderr; the bench
+the initramfs pykvm's default guest's, the command ``cat /proc/uptime
+/sys/devices/system/cpu/online`` (the guest's own clock at that point, and which CPUs came
+up). ``pykvm run --cold -v`` prints the boot log on stderr; the bench
 timestamps the line ``Run /init as init process`` as it arrives and the command's output.
 On kvm_pvm pykvm adds its Debian command line (pykvm/quirks/cmdline.py); ``--append``
 words with the same key replace its words (e.g. ``initcall_blacklist=`` restores every
@@ -34,10 +35,11 @@ MARKER = "<!-- debian_boot.py --record adds rows above this line -->"
 SECTION = (
     "\n## debian boot — Debian's own kernel, process start to /init and to a command\n\n"
     "`python3 bench/debian_boot.py --record` adds a row. Seconds of wall time from spawning "
-    "`pykvm run --kernel vmlinuz-6.1.0-*-{cloud-,}amd64 --cold -v -- cat /proc/uptime` (pykvm's "
-    "initramfs) to the kernel's `Run /init` line and to the command's output; the guest's own "
-    "clock at the command (its uptime); 512 MiB. Command line: pykvm's Debian default on "
-    "kvm_pvm (pykvm/quirks/cmdline.py, docs/hosts.md), plus what the row's note adds.\n\n"
+    "`pykvm run --kernel vmlinuz-6.1.0-*-{cloud-,}amd64 --cold -v -- cat /proc/uptime "
+    "/sys/devices/system/cpu/online` (pykvm's initramfs) to the kernel's `Run /init` line and "
+    "to the command's output; the guest's own clock at the command (its uptime) and the CPUs "
+    "online; 512 MiB. Command line: pykvm's Debian default on kvm_pvm "
+    "(pykvm/quirks/cmdline.py, docs/hosts.md), plus what the row's note adds.\n\n"
     "| date | host kind | kernel | vCPUs | start → /init | start → output | guest uptime "
     "| load | note |\n|---|---|---|---|---|---|---|---|---|\n"
     f"{MARKER}\n")
