@@ -208,7 +208,7 @@ class GuestDisk:
         from pykvm.vstate.vm import Vm
 
         self.memory = GuestMemory.anonymous(MEM_SIZE)
-        self.vm = Vm(kvm, self.memory, log=sys.stderr)
+        self.vm = Vm(kvm, self.memory)
         self.device = device
         driver, notify_addr = (self._mmio if transport == "mmio" else self._pci)()
         self.vm.on_close(self.function.close)

@@ -163,7 +163,7 @@ def run_pykvm(kvm: Kvm, image: bytes, count: int, vcpu_class=None, timing: bool 
     reads; ``timing=True`` measures the --stats path). ``vcpu_class`` swaps the
     Vcpu's run loop, to measure a candidate loop."""
     with GuestMemory.anonymous(MEM_SIZE) as memory, \
-            Vm(kvm, memory, log=sys.stderr, timing=timing) as vm:
+            Vm(kvm, memory, timing=timing) as vm:
         port, finish = CountingPort(), FinishPort(vm)
         vm.add_pio_device(PORT, 1, port)
         vm.add_pio_device(EXIT_PORT, 1, finish)

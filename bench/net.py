@@ -202,7 +202,7 @@ class GuestNic:
 
         self.mode, self.size = mode, size
         self.memory = GuestMemory.anonymous(MEM_SIZE)
-        self.vm = Vm(kvm, self.memory, log=sys.stderr)
+        self.vm = Vm(kvm, self.memory)
         spec = NetSpec(tap="pbtap0") if backend == "tap" else NetSpec(mode="user")
         self.backend = open_nic(spec, GUEST_MAC)
         self.device = NetDevice(getattr(self.backend, "wire", None) or self.backend.tap,

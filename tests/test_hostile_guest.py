@@ -15,7 +15,6 @@ Two levels:
 from __future__ import annotations
 
 import functools
-import io
 import mmap
 import socket
 import struct
@@ -240,13 +239,12 @@ def guest_image() -> bytes:
 class FlatGuest:
     """A VM running hostile.S in ring 3 on one vCPU; :meth:`run` has it run a script."""
 
-    def __init__(self, kvm, memory: GuestMemory, log=None):
+    def __init__(self, kvm, memory: GuestMemory):
         from pykvm.boot.modes import set_mode
         from pykvm.vstate.vm import Vm
 
         self.memory = memory
-        self.log = log if log is not None else io.StringIO()
-        self.vm = Vm(kvm, memory, log=self.log)
+        self.vm = Vm(kvm, memory)
         self.commands = CommandRegister("hostile-cmd")  # posted 1: run the script
         self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
         memory.write(LOAD_ADDR, guest_image())
@@ -700,7 +698,6 @@ def run_hostile_suite(workdir: str, transport: str = "pci") -> dict:
                 function.worker.thread.is_alive() for function in bench.functions.values())
             results["canaries_intact"] = canaries_intact(bench.mapping, GUEST_MEM)
             results["image_as_requested"] = bench.image.read_bytes() == bytes(bench.expected_image)
-            results["log"] = bench.guest.log.getvalue()
         finally:
             bench.close()
     return results

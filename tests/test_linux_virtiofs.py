@@ -21,6 +21,8 @@ from pykvm.devices.virtio.fs import FsSpec
 from pykvm.machine import MachineConfig, build_for_boot, default_linux_guest
 from pykvm.vhost_user.daemon import virtiofsd_path
 
+from .logs import pykvm_warnings
+
 pytestmark = [pytest.mark.linux,
               pytest.mark.skipif(virtiofsd_path() is None,
                                  reason="virtiofsd missing (apt-get install qemu-system-common)")]
@@ -29,7 +31,7 @@ BOOT_TIMEOUT = 900
 TIMEOUT = 300
 
 
-def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path):
+def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path, caplog):
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     rw.mkdir()
     ro.mkdir()
@@ -70,7 +72,7 @@ def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path):
         # the second back end dies: its device needs a reset, nothing else notices
         transport = machine.virtio.functions[
             [f.device for f in machine.virtio.functions].index(machine.virtio.shares[1])]
-        transport.log = log = io.StringIO()
+        caplog.clear()
         os.kill(pids[1], 9)
         deadline = time.monotonic() + 30
         while not transport.status & STATUS_NEEDS_RESET and time.monotonic() < deadline:
@@ -79,8 +81,8 @@ def test_live_shares_both_ways_read_only_and_a_dying_back_end(kvm, tmp_path):
         assert runner.is_alive()
         again = machine.exec("cat /mnt/share/from-guest", timeout=TIMEOUT, check=True)
         assert again.stdout == b"written in the guest\n"
-        lines = log.getvalue().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("pykvm: virtio-fs1: ") and \
+        lines = pykvm_warnings(caplog, "pykvm.devices")
+        assert len(lines) == 1 and lines[0].startswith("virtio-fs1: ") and \
             "killed by signal 9" in lines[0] and "needs reset" in lines[0], lines
     finally:
         machine.request_stop("user", 0, "test done")

@@ -34,6 +34,7 @@ from pykvm.vhost_user.frontend import Frontend, Vring
 from pykvm.vhost_user.protocol import Request, VhostUserError
 
 from .fakes import wait_for
+from .logs import pykvm_warnings
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -146,7 +147,10 @@ class FakeBackend:
                         self.mapped.append(mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED,
                                                      offset=region.mmap_offset))
                 elif request == Request.SET_VRING_CALL and message.fds:
+                    old = self.calls.get(message.payload[0])   # swapped (MSI-X masking)
                     self.calls[message.payload[0]] = os.dup(message.fds[0])
+                    if old is not None:
+                        os.close(old)
                 if message.flags & p.FLAG_NEED_REPLY:
                     self.acked += 1
                     self._reply(conn, message, p.u64(1 if request == self.refuse else 0))
@@ -350,7 +354,7 @@ def test_virtio_fs_identity_config_and_hand_over(fs_function):
         function.save_state()
 
 
-def test_a_back_end_that_dies_leaves_the_device_needing_reset(backend_path):
+def test_a_back_end_that_dies_leaves_the_device_needing_reset(backend_path, caplog):
     backend = FakeBackend(backend_path, hang_up_after=8)
     with GuestMemory.anonymous(16 << 20) as memory:
         vm = StandInVm(memory)
@@ -365,14 +369,14 @@ def test_a_back_end_that_dies_leaves_the_device_needing_reset(backend_path):
             driver.driver_ok()      # the back end hangs up in the middle: no exception here
             assert wait_for(lambda: driver.status() & STATUS_NEEDS_RESET)
             assert not function.running
-            lines = vm.log.getvalue().splitlines()
+            lines = pykvm_warnings(caplog)
             assert len(lines) == 1 and "virtio-fs" in lines[0] and "needs reset" in lines[0]
             # the driver resets and tries again: refused again, still one line
             driver.write(0x14, 1, 0)
             driver.negotiate(VIRTIO_F_VERSION_1)
             driver.driver_ok()
             assert driver.status() & STATUS_NEEDS_RESET
-            assert len(vm.log.getvalue().splitlines()) == 1
+            assert len(pykvm_warnings(caplog)) == 1
         finally:
             function.close()
             vm.close()
@@ -450,7 +454,7 @@ def test_common_config_partial_and_straddling_accesses():
 
 
 @needs_virtiofsd
-def test_a_killed_virtiofsd_is_one_line_with_its_end(tmp_path):
+def test_a_killed_virtiofsd_is_one_line_with_its_end(tmp_path, caplog):
     """The hang-up watcher runs confined (seccomp) and still learns how the daemon ended
     (it once ran in the device role, where wait4 kills pykvm with SIGSYS)."""
     from pykvm import sandbox
@@ -467,7 +471,7 @@ def test_a_killed_virtiofsd_is_one_line_with_its_end(tmp_path):
         try:
             os.kill(daemon.process.pid, 9)
             assert wait_for(lambda: function.status & STATUS_NEEDS_RESET)
-            lines = vm.log.getvalue().splitlines()
+            lines = pykvm_warnings(caplog)
             assert len(lines) == 1 and "killed by signal 9" in lines[0], lines
         finally:
             function.close()

@@ -14,7 +14,6 @@ import enum
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -70,7 +69,7 @@ def install_kick_handler() -> None:
 
 class Vm:
     def __init__(self, kvm: Kvm, memory: GuestMemory, *, quirks=None, tracer=None,
-                 timing: bool = True, log=sys.stderr):
+                 timing: bool = True):
         from ..quirks import for_host
 
         self.kvm = kvm
@@ -84,9 +83,6 @@ class Vm:
             self.hooks.add(tracer)
         self.hooks.timing = timing
         self.control = RunControl()
-        # Where device transports still print (virtio/transport.py, pci/bus.py, virtio/net.py);
-        # the VM and its vCPUs log under the pykvm logger (pykvm/cli/logs.py shows it).
-        self.log = log
         self.pio_bus = PioBus()
         self.mmio_bus = MmioBus()
         self.vcpus: list[Vcpu] = []

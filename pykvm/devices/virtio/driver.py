@@ -7,7 +7,6 @@ write garbage, which is how the tests play a hostile guest).
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 
@@ -227,7 +226,6 @@ class StandInVm:
 
     def __init__(self, memory: GuestMemory):
         self.memory = memory
-        self.log = io.StringIO()
         self.pio_bus, self.mmio_bus = PioBus(), MmioBus()
         self.ioeventfds: dict[tuple[int, int], int] = {}
         self.lines: dict[int, RecordingLine] = {}

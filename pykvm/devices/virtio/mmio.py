@@ -68,13 +68,13 @@ class VirtioMmioDevice(Device, VirtioTransport):
     ``irq`` (an IrqLine; :class:`~pykvm.interrupts.EventfdIrqLine` in a VM)."""
 
     def __init__(self, vm, memory: GuestMemory, device: VirtioDevice, *, base: int, gsi: int,
-                 irq=None, log=None):
+                 irq=None):
         self.base = base
         self.gsi = gsi
         self.irq = irq if irq is not None else EventfdIrqLine(vm, gsi)
         self.interrupts = 0
         self._closed = False
-        self._init_transport(vm, memory, device, log)
+        self._init_transport(vm, memory, device)
         self._notify_fds: list[int] = []
         vm.add_mmio_device(base, layout.VIRTIO_MMIO_SLOT, self)
         for index, fd in enumerate(self.queue_fds):
@@ -211,9 +211,8 @@ class MmioDevices:
     the command line that announces them. Devices close with the VM; a snapshot finds
     them on the VM's MMIO bus (``name@base``), as any other device there."""
 
-    def __init__(self, vm, *, log=None):
+    def __init__(self, vm):
         self.vm = vm
-        self.log = log
         self._devices: list[VirtioMmioDevice] = []
         self._lock = threading.Lock()
         vm.on_close(self.close)
@@ -225,7 +224,7 @@ class MmioDevices:
                 raise ConfigError(f"no room for {device.name}: at most "
                                   f"{layout.VIRTIO_MMIO_SLOTS} virtio-mmio devices")
             gsi = layout.VIRTIO_MMIO_IRQS[slot % len(layout.VIRTIO_MMIO_IRQS)]
-            transport = VirtioMmioDevice(self.vm, memory, device, gsi=gsi, log=self.log,
+            transport = VirtioMmioDevice(self.vm, memory, device, gsi=gsi,
                                          base=layout.VIRTIO_MMIO_START
                                          + slot * layout.VIRTIO_MMIO_SLOT)
             self._devices.append(transport)

@@ -64,6 +64,7 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import logging
 import os
 import struct
 
@@ -71,6 +72,8 @@ from .device import VirtioDevice
 from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views
 from .throttle import QueueThrottle
 from ...net.wire import FdWatcher, Wire, WireBusy   # the back ends' interface (pykvm/net/wire.py)
+
+logger = logging.getLogger(__name__)
 
 VIRTIO_ID_NET = 1
 RECEIVE_QUEUE = 0
@@ -176,7 +179,7 @@ class NetDevice(VirtioDevice):
     dhcp = False      # the default guest's /init asks DHCP for this NIC (user networking)
 
     def __init__(self, wire, mac: bytes, *, mtu: int = 1500, offloads: bool = True,
-                 name: str = "virtio-net", owner=None, log=None):
+                 name: str = "virtio-net", owner=None):
         super().__init__()
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
@@ -189,7 +192,6 @@ class NetDevice(VirtioDevice):
         self.mac = bytes(mac)
         self.mtu = mtu
         self.owner = owner
-        self.log = log
         self.features = BASIC_FEATURES | (OFFLOAD_FEATURES if offloads and wire.offloads else 0)
         self.stats = collections.Counter()
         self._mergeable = False
@@ -478,8 +480,7 @@ class NetDevice(VirtioDevice):
         self.kick(TRANSMIT_QUEUE)
 
     def _note(self, message: str) -> None:
-        import sys
-        print(f"pykvm: {self.name}: {message}", file=self.log or sys.stderr)
+        logger.warning("%s: %s", self.name, message)
 
     def close(self) -> None:
         self.wire.stop()

@@ -70,7 +70,7 @@ class VirtioPciState(VirtioTransportState, tag="virtio-pci"):
 
 
 class VirtioPciDevice(PciDevice, VirtioTransport):
-    def __init__(self, vm, memory: GuestMemory, device: VirtioDevice, *, log=None,
+    def __init__(self, vm, memory: GuestMemory, device: VirtioDevice, *,
                  interrupt_lines=None):
         num_queues = len(device.queue_sizes)
         config = ConfigSpace(vendor_id=PCI_VENDOR_VIRTIO,
@@ -81,7 +81,7 @@ class VirtioPciDevice(PciDevice, VirtioTransport):
         PciDevice.__init__(self, config)
         self._notify_base: int | None = None
         self.config_msix_vector = NO_VECTOR
-        self._init_transport(vm, memory, device, log)
+        self._init_transport(vm, memory, device)
 
         config.add_bar(Bar(BAR_INDEX, BAR_SIZE))
         for cfg_type, offset, length in ((CFG_COMMON, COMMON_OFFSET, COMMON_SIZE),

@@ -33,8 +33,8 @@ A transport subclass supplies the register layout and the interrupt delivery:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -46,6 +46,8 @@ from .device import (STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS
                      QueueWorker, VirtioDevice)
 from .queue import Virtqueue, VirtqueueError
 from .state import VirtioTransportState
+
+logger = logging.getLogger(__name__)
 
 INTERRUPT_QUEUE = 1     # ISR / InterruptStatus bit 0: a used buffer (4.1.4.5, 4.2.2)
 INTERRUPT_CONFIG = 2    # bit 1: the device configuration (or NEEDS_RESET) changed
@@ -60,12 +62,11 @@ class VirtioTransport:
     docstring). Subclasses call :meth:`_init_transport` and, once their own state is
     complete, :meth:`_start_worker`."""
 
-    def _init_transport(self, vm, memory: GuestMemory, device: VirtioDevice, log=None) -> None:
+    def _init_transport(self, vm, memory: GuestMemory, device: VirtioDevice) -> None:
         self.name = device.name
         self.vm = vm
         self.memory = memory
         self.device = device
-        self.log = log or getattr(vm, "log", sys.stderr)
         self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
         self.queue_fds = [vm.new_eventfd() for _ in device.queue_sizes]
         device.kick = self.kick
@@ -363,7 +364,7 @@ class VirtioTransport:
             self.failures += 1
             if not self._logged_failure:
                 self._logged_failure = True
-                print(f"pykvm: {self.name}: {error}; device needs reset", file=self.log)
+                logger.warning("%s: %s; device needs reset", self.name, error)
             if self.broken:
                 return
             self.broken = True
