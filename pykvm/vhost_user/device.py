@@ -4,8 +4,10 @@ The virtio-pci transport (pykvm/devices/virtio/pci.py) keeps what the driver
 talks to -- feature negotiation, the queues' registers, MSI-X, the device config
 -- and at DRIVER_OK hands the queues over through :meth:`start_queues`
 (a :class:`QueueHandoff`) instead of serving them on a Python worker. From then
-on a guest notify goes from KVM's ioeventfd straight to the back end, and no
-byte of the guest's I/O passes through pykvm.
+on a guest notify goes from KVM's ioeventfd straight to the back end, a completion
+from the back end straight to KVM's irqfd of the queue's MSI-X vector (while that
+vector delivers; see transport.py), and no byte of the guest's I/O passes through
+pykvm.
 
 A back end that dies or refuses a request calls the transport's ``fail`` (set
 by the transport, like ``kick``): the device goes NEEDS_RESET with one line on
@@ -39,6 +41,9 @@ class VhostUserDevice(VirtioDevice):
 
     external_queues = True       # the transport hands queues over instead of serving them
     device_features = 0          # device-specific bits pykvm lets through to the driver
+    # What the device is, as the snapshot refusal names it (transport.py), and the way out.
+    snapshot_kind = "a vhost-user device"
+    snapshot_hint = ""
 
     def __init__(self, frontend: Frontend, daemon=None):
         super().__init__()
@@ -59,6 +64,10 @@ class VhostUserDevice(VirtioDevice):
 
     def start_queues(self, handoff: QueueHandoff) -> None:
         self.frontend.start(handoff.features, handoff.memory, handoff.vrings)
+
+    def set_call(self, index: int, fd: int) -> None:
+        """Queue ``index``'s back end signals used buffers on ``fd`` from now on."""
+        self.frontend.set_call(index, fd)
 
     def stop_queues(self) -> None:
         """Reset: the back end stops its rings (GET_VRING_BASE). A dead back end has

@@ -212,6 +212,13 @@ class Frontend:
             for ring in vrings:
                 self.tell(Request.SET_VRING_ENABLE, p.vring_state(ring.index, 1))
 
+    def set_call(self, index: int, fd: int) -> None:
+        """SET_VRING_CALL again on a started ring: the transport moves the back end's
+        used-buffer signal between the vector's KVM irqfd and its own eventfd as the
+        driver masks and unmasks MSI-X vectors (what QEMU's vhost_virtqueue_mask does)."""
+        if index in self.started:
+            self.tell(Request.SET_VRING_CALL, p.vring_fd(index, True), [fd])
+
     def stop(self) -> dict[int, int]:
         """Stop every started ring; returns each one's next available index."""
         started, self.started = self.started, []

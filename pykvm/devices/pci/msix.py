@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Callable
 
 from ...bus import Device
 from ...errors import ConfigError
@@ -74,6 +74,9 @@ class MsixTable(Device):
         self._lines = interrupt_lines
         self.delivered = [0] * vectors
         self.refused_routes = 0
+        # The owner's hook, called (no lock held) after anything that can change which
+        # vectors deliver: a table write, Enable or Function Mask, a restore.
+        self.on_change: Callable[[], None] | None = None
         body = struct.pack("<HII", vectors - 1, table_offset | bar_index, pba_offset | bar_index)
         writable = struct.pack("<HII", CONTROL_ENABLE | CONTROL_FUNCTION_MASK, 0, 0)
         self.offset = config.add_capability(CAP_ID_MSIX, body, writable, self._control_written)
@@ -99,6 +102,22 @@ class MsixTable(Device):
     def pending(self, vector: int) -> bool:
         return self._pending[vector]
 
+    def direct_fd(self, vector: int) -> int | None:
+        """The irqfd a writer may signal to deliver ``vector`` with no pykvm thread in
+        the way (a vhost-user back end's call fd): only while a write to it is exactly
+        what :meth:`notify` would do -- MSI-X enabled, neither the function nor the
+        vector masked (PCI 3.0 6.8.2.9: a masked vector's message is held as a pending
+        bit, which only pykvm can set). None otherwise, or for a line with no eventfd."""
+        with self._lock:
+            if not self.enabled or self.function_masked or not 0 <= vector < self.vectors \
+                    or self._table[vector * ENTRY_SIZE + 12] & VECTOR_MASKED:
+                return None
+        return getattr(self._lines[vector], "fd", None)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     # --- snapshots ---------------------------------------------------------------------------
     def save_state(self) -> MsixState:
         with self._lock:
@@ -122,6 +141,7 @@ class MsixTable(Device):
             for vector in state.pending:
                 self._pending[vector] = True
         self._deliver_unmasked()
+        self._changed()
 
     # --- the device's side -----------------------------------------------------------------
     def notify(self, vector: int) -> bool:
@@ -167,6 +187,7 @@ class MsixTable(Device):
 
     def _control_written(self, offset: int, size: int) -> None:
         self._deliver_unmasked()
+        self._changed()
 
     # --- the guest's side: table and PBA accesses in the BAR -------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -185,6 +206,7 @@ class MsixTable(Device):
         with self._lock:
             self._table[offset:offset + size] = value.to_bytes(size, "little")
         self._entry_written(vector)
+        self._changed()
 
     def _entry_written(self, vector: int) -> None:
         address, data, masked = self.entry(vector)

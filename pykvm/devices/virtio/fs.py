@@ -85,6 +85,8 @@ def _check_tag(tag: str, text: str, option: str) -> str:
 
 class FsDevice(VhostUserDevice):
     device_id = VIRTIO_ID_FS
+    snapshot_kind = "a live share (--share DIR, --vhost-user-fs)"
+    snapshot_hint = " (use --share DIR,copy)"
     queue_sizes = (QUEUE_SIZE,) * (1 + REQUEST_QUEUES)     # hiprio, then the request queue
 
     def __init__(self, frontend, tag: str, *, daemon=None, name: str = "virtio-fs"):

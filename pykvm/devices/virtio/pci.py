@@ -97,6 +97,7 @@ class VirtioPciDevice(PciDevice, VirtioTransport):
             config.add_capability(CAP_ID_VENDOR, body)
         self.msix = MsixTable(vm, config, num_queues + 1, BAR_INDEX, MSIX_TABLE_OFFSET,
                               MSIX_PBA_OFFSET, interrupt_lines=interrupt_lines)
+        self.msix.on_change = self._rewire_calls
 
         bar = RegionMap(device.name)
         bar.add(COMMON_OFFSET, COMMON_SIZE, _Region(self._common_read, self._common_write))
@@ -199,6 +200,11 @@ class VirtioPciDevice(PciDevice, VirtioTransport):
         queue = self._selected()
         if queue is not None:
             queue.msix_vector = self._valid_vector(value)
+            self._rewire_calls()
+
+    def _direct_call_fd(self, index: int) -> int | None:
+        """The irqfd of the queue's MSI-X vector while it delivers (see transport.py)."""
+        return self.msix.direct_fd(self.queues[index].msix_vector)
 
     def _set_queue_desc(self, value: int) -> None:
         self._set_queue_address("desc_addr", value)

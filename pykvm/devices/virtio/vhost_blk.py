@@ -121,6 +121,8 @@ class VhostBlkDevice(VhostUserDevice):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
     device_features = DEVICE_FEATURES
+    snapshot_kind = "a vhost-user disk (qcow2, backend=vhost-user, vhost-user=SOCKET)"
+    snapshot_hint = " (a raw image on pykvm's own virtio-blk can be snapshotted)"
 
     def __init__(self, frontend, *, read_only: bool = False, daemon=None,
                  name: str = "virtio-blk", image_fd: int = -1):
