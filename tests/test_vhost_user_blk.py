@@ -424,3 +424,53 @@ def test_a_firecracker_qcow2_drive_is_served_over_vhost_user(tmp_path):
         assert device.capacity == 8 * MiB // 512 and device.daemon.alive
     finally:
         device.close()
+
+
+# --- the Firecracker API: a vhost-user-block drive (PUT /drives "socket") -----------------------------
+@needs_qsd
+def test_a_firecracker_socket_drive_is_a_vhost_user_disk(tmp_path):
+    """Firecracker's vhost-user-block drive: ``socket`` instead of ``path_on_host``,
+    the back end the client runs; pykvm attaches it as ``--disk vhost-user=SOCKET``."""
+    import socket as sockets
+
+    from pykvm.vhost_user.daemon import start_storage_daemon
+
+    from .test_firecracker_api import Api
+    raw = tmp_path / "data.img"
+    raw.write_bytes(bytes(MiB))
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    fd = os.open(raw, os.O_RDWR | os.O_CLOEXEC)
+    daemon = start_storage_daemon(fd, "raw", name="client-vhost-blk")
+    not_a_socket = tmp_path / "plain"
+    not_a_socket.write_bytes(b"")
+    drive = {"drive_id": "data", "socket": daemon.socket_path, "is_root_device": False}
+    api = Api(tmp_path)
+    try:
+        assert "exactly one is required" in api.fault(
+            "PUT", "/drives/data", {**drive, "path_on_host": str(raw)})
+        assert "exactly one is required" in api.fault(
+            "PUT", "/drives/data", {"drive_id": "data", "is_root_device": False})
+        assert "is not a Unix socket" in api.fault(
+            "PUT", "/drives/data", {**drive, "socket": str(not_a_socket)})
+        assert "Unable to connect to the vhost-user-block socket" in api.fault(
+            "PUT", "/drives/data", {**drive, "socket": str(tmp_path / "none")})
+        assert "cannot be rate-limited" in api.fault("PUT", "/drives/data", {
+            **drive, "rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})
+        assert "socket" in api.fault("PUT", "/drives/data", {**drive, "socket": 3})
+        assert api("PUT", "/drives/data", drive) == (204, None)
+        (shown,) = api("GET", "/vm/config")[1]["drives"]
+        assert shown.items() >= drive.items() and "path_on_host" not in shown
+        assert api("PUT", "/boot-source", {"kernel_image_path": str(kernel)}) == (204, None)
+        (spec,) = api.vmm.machine_config_for_start().disks
+    finally:
+        api.close()
+    assert spec == DiskSpec("", socket=daemon.socket_path, backend="vhost-user")
+    assert served_by_vhost_user(spec)
+    device = open_vhost_blk(spec, "virtio-blk0")     # connects to the client's daemon
+    try:
+        assert device.capacity == MiB // 512 and device.daemon is None
+    finally:
+        device.close()
+        daemon.stop()
+        os.close(fd)

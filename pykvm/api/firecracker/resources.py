@@ -8,7 +8,7 @@ with one :class:`ApiFault` line, when it has a field the definition does not nam
 value of the wrong JSON type, or misses a required field: Firecracker's serde
 parser refuses the same bodies (``deny_unknown_fields``), and a field pykvm silently
 ignored would be a setting the client believes it made. Fields pykvm does not
-implement yet (vhost-user drives, huge pages...) are accepted only at
+implement yet (huge pages...) are accepted only at
 their "off" value and refused otherwise, naming what is missing.
 """
 
@@ -233,19 +233,39 @@ class Drive(Record):
     cache_type: str = spec(str, "Unsafe", ("Unsafe", "Writeback"))
     io_engine: str = spec(str, "Sync", ("Sync", "Async"))
     rate_limiter: RateLimiter | None = spec(RateLimiter, None)
-    socket: None = spec("null", None)
+    socket: str | None = spec(str, None)     # a vhost-user-blk back end's socket
 
     def check(self) -> None:
+        """A virtio-block drive has ``path_on_host``, a vhost-user-block one ``socket``
+        (served by a back end the client runs, as ``--disk vhost-user=SOCKET``), never
+        both; the queue of the latter is in the back end, out of a rate limiter's reach."""
         check_id(self.drive_id, "drive")
-        if self.path_on_host is None:
-            raise ApiFault("path_on_host: required (vhost-user drives are not supported by "
-                           "pykvm yet)")
+        if (self.path_on_host is None) == (self.socket is None):
+            raise ApiFault("path_on_host or socket: exactly one is required (socket: a "
+                           "vhost-user-block drive)")
+        if self.socket is not None and self.rate_limiter is not None:
+            raise ApiFault("rate_limiter: a vhost-user-block drive (socket) cannot be "
+                           "rate-limited: its back end serves the queue")
         if self.partuuid is not None and not re.match(r"^[0-9A-Fa-f-]{1,64}$", self.partuuid):
             raise ApiFault("partuuid: not a partition UUID")
 
     @property
     def read_only(self) -> bool:
         return bool(self.is_read_only)
+
+    def disk_spec(self):
+        """The pykvm ``--disk`` this drive is: ``socket`` is ``vhost-user=SOCKET``; a
+        qcow2 image is served by qemu-storage-daemon over vhost-user as for ``--disk``.
+        A vhost-user back end answers GET_ID itself, so neither carries the drive_id
+        as its serial."""
+        from ...devices.virtio import DiskSpec
+        from ...devices.virtio.vhost_blk import probe_format
+        if self.socket is not None:
+            return DiskSpec(path="", socket=self.socket, backend="vhost-user",
+                            read_only=self.read_only)
+        return DiskSpec(path=self.path_on_host, read_only=self.read_only,
+                        serial="" if probe_format(self.path_on_host) == "qcow2"
+                        else self.drive_id[:20])
 
 
 @dataclass(frozen=True)

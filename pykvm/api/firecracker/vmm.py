@@ -21,6 +21,7 @@ import dataclasses
 import os
 import queue
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -139,7 +140,10 @@ class Vmm:
     def put_drive(self, drive_id: str, body) -> None:
         record = Drive.from_json(body)
         path_id_matches(drive_id, record.drive_id)
-        _readable(record.path_on_host, "Unable to open the block device backing file")
+        if record.socket is not None:
+            _is_socket(record.socket, "Unable to connect to the vhost-user-block socket")
+        else:
+            _readable(record.path_on_host, "Unable to open the block device backing file")
         with self._lock:
             self._before_start()
             if record.is_root_device and any(d.is_root_device and d.drive_id != drive_id
@@ -354,25 +358,19 @@ class Vmm:
                      for word in config.append.split())
         for index, disk in enumerate(config.disks):
             drive_id = disk.serial or f"drive{index}"
-            self.drives[drive_id] = Drive(drive_id=drive_id, path_on_host=disk.path,
+            self.drives[drive_id] = Drive(drive_id=drive_id, path_on_host=disk.path or None,
+                                          socket=disk.socket or None,
                                           is_root_device=rooted and index == 0,
                                           is_read_only=disk.read_only)
 
     # --- the start --------------------------------------------------------------------------------
     def machine_config_for_start(self):
         """The pykvm MachineConfig of what was configured (called at InstanceStart)."""
-        from ...devices.virtio import DiskSpec
         from ...machine import MachineConfig
         if self.boot_source is None:
             raise ApiFault("Cannot start microvm without kernel configuration.")
         drives = self._ordered_drives()
-        from ...devices.virtio.vhost_blk import probe_format
-        # a qcow2 image is served by qemu-storage-daemon over vhost-user, as for --disk;
-        # that daemon answers GET_ID itself, so such a drive has no drive_id serial
-        disks = [DiskSpec(path=d.path_on_host, read_only=d.read_only,
-                          serial="" if probe_format(d.path_on_host) == "qcow2"
-                          else d.drive_id[:20])
-                 for d in drives]
+        disks = [d.disk_spec() for d in drives]
         nets = [n.net_spec() for n in self.nets.values()]
         words = (self.boot_source.boot_args or "").split()
         root = next((d for d in drives if d.is_root_device), None)
@@ -386,6 +384,7 @@ class Vmm:
                              initrd=Path(source.initrd_path) if source.initrd_path else None,
                              append=" ".join(words), kvm_device=self.kvm_device,
                              disks=disks, nets=nets, transport=TRANSPORT,
+                             keyboard=True,     # SendCtrlAltDel types on it
                              **self.entropy.machine_fields(), **self.balloon.machine_fields(),
                              **self.vsock.machine_fields())
 
@@ -528,6 +527,16 @@ def existing_link_kind(name: str) -> str | None:
     with IPRoute() as ipr:
         link = _link(ipr, name)
     return None if link is None else link_kind(link)
+
+
+def _is_socket(path: str, what: str) -> None:
+    """A vhost-user back end's socket exists now (it is connected at InstanceStart)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ApiFault(f"{what}: {error.strerror} (os error {error.errno})") from None
+    if not stat.S_ISSOCK(mode):
+        raise ApiFault(f"{what}: {path} is not a Unix socket")
 
 
 def _readable(path: str, what: str) -> None:
