@@ -7,6 +7,7 @@ that the guest really uses the devices is tests/test_linux_firecracker_devices.p
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
@@ -14,6 +15,7 @@ from pykvm.api.firecracker import balloon as fcballoon
 from pykvm.api.firecracker.vmm import AFTER_START, BEFORE_START
 
 from .test_firecracker_api import Api, api, firecracker, guest_kernel  # noqa: F401 - fixture
+from .test_firmware_tables import read_table
 
 BALLOON = {"amount_mib": 16, "deflate_on_oom": True, "stats_polling_interval_s": 1}
 
@@ -93,6 +95,8 @@ def test_balloon_entropy_and_ctrl_alt_del_on_a_running_vm(api):
     assert api("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
     machine = api.vmm.machine
     assert machine.virtio.rng.rate_limiter.bandwidth.size == 4096
+    fadt = read_table(machine.memory, machine.acpi_tables.fadt)[2]
+    assert struct.unpack_from("<H", fadt, 109)[0] & 0b10     # the guest is told of the 8042
     assert machine.balloon is not None and machine.balloon.target_pages == 16 << 8
     assert machine.virtio.rng is not None
     for method, url, body in [("PUT", "/balloon", BALLOON), ("PUT", "/entropy", {})]:

@@ -95,7 +95,9 @@ def test_fadt_names_the_pm_ports_facs_and_dsdt(memory):
     assert struct.unpack_from("<I", fadt, 64)[0] == layout.ACPI_PM1A_CNT_BLK
     assert (fadt[88], fadt[89]) == (layout.ACPI_PM1A_EVT_LEN, layout.ACPI_PM1A_CNT_LEN)
     assert not struct.unpack_from("<I", fadt, 112)[0] & (1 << 20)  # not HW_REDUCED
-    assert struct.unpack_from("<H", fadt, 109)[0] & 0b10       # the 8042 (SendCtrlAltDel's keyboard)
+    assert not struct.unpack_from("<H", fadt, 109)[0] & 0b10       # no 8042 declared...
+    with_keyboard = read_table(memory, acpi.write_acpi_tables(memory, 2, keyboard=True).fadt)[2]
+    assert struct.unpack_from("<H", with_keyboard, 109)[0] & 0b10  # ...unless asked
     assert tables.facs % 64 == 0
     facs = memory.read(tables.facs, 64)
     assert facs[:4] == b"FACS" and struct.unpack_from("<I", facs, 4)[0] == 64

@@ -15,11 +15,13 @@ RSDP on 16-byte boundaries; the zero page's ``acpi_rsdp_addr`` points there too)
 - **FADT**: a classic (not hardware-reduced) one: the PM1a event and control
   blocks are I/O ports (``layout.ACPI_PM1A_*``) served by
   ``pykvm.devices.acpi_pm``; no SMI command port (the machine is in ACPI mode
-  from the start), no PM timer, no GPE blocks, no VGA; the 8042 is declared
-  (IAPC_BOOT_ARCH bit 1): without it, and without a PNP0303 device in the DSDT,
-  Linux's i8042 driver believes the firmware that there is none and never finds
-  the keyboard that Firecracker's SendCtrlAltDel types on (pykvm/devices/i8042.py
-  answers every probe at once, so the probe costs a few exits, not minutes).
+  from the start), no PM timer, no GPE blocks, no VGA. The 8042 is declared
+  (IAPC_BOOT_ARCH bit 1) only when the machine's keyboard is for the guest
+  (``keyboard``: Firecracker's SendCtrlAltDel types on it): without the bit, and
+  without a PNP0303 device in the DSDT, Linux's i8042 driver believes the firmware
+  that there is none and skips it; with it, the controller and atkbd probes cost
+  about 2% of a boot's guest time here (pykvm/devices/i8042.py answers every probe
+  at once: a few hundred exits, not the minutes of polling it once took).
 - **DSDT**: nothing but ``Name (_S5_, Package () {5, 5, 0, 0})``. Linux reads
   SLP_TYP for S5 from it, and powers off by writing SLP_TYP | SLP_EN to PM1a
   control. It is kept that small on purpose: the guest's AML interpreter runs
@@ -173,8 +175,9 @@ def madt(cpus: int) -> bytes:
     return sdt(b"APIC", MADT_REVISION, bytes(body))
 
 
-def fadt(facs_addr: int, dsdt_addr: int) -> bytes:
-    """Fixed ACPI Description Table: PM1a blocks at I/O ports, SCI on IRQ 9."""
+def fadt(facs_addr: int, dsdt_addr: int, keyboard: bool = False) -> bytes:
+    """Fixed ACPI Description Table: PM1a blocks at I/O ports, SCI on IRQ 9; the 8042
+    declared with ``keyboard``."""
     table = bytearray(FADT_LENGTH)
     struct.pack_into("<I", table, FADT_FIRMWARE_CTRL, facs_addr)
     struct.pack_into("<I", table, FADT_DSDT, dsdt_addr)
@@ -187,8 +190,8 @@ def fadt(facs_addr: int, dsdt_addr: int) -> bytes:
     table[FADT_PM1_EVT_LEN] = layout.ACPI_PM1A_EVT_LEN
     table[FADT_PM1_CNT_LEN] = layout.ACPI_PM1A_CNT_LEN
     table[FADT_PM_TMR_LEN] = 0
-    struct.pack_into("<H", table, FADT_IAPC_BOOT_ARCH,
-                     IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
+    struct.pack_into("<H", table, FADT_IAPC_BOOT_ARCH, IAPC_BOOT_ARCH_VGA_NOT_PRESENT |
+                     (IAPC_BOOT_ARCH_8042 if keyboard else 0))
     struct.pack_into("<I", table, FADT_FLAGS, FADT_FLAGS_VALUE)
     table[FADT_MINOR_VERSION] = FADT_MINOR_REVISION
     return sdt(b"FACP", FADT_REVISION, bytes(table[HEADER_SIZE:]))
@@ -265,7 +268,8 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-def build_acpi_tables(cpus: int, base: int = layout.ACPI_ADDR) -> tuple[AcpiTables, bytes]:
+def build_acpi_tables(cpus: int, base: int = layout.ACPI_ADDR,
+                      keyboard: bool = False) -> tuple[AcpiTables, bytes]:
     """Every table laid out from ``base`` (RSDP first, the FACS 64-byte aligned, the
     rest 16-byte aligned): their addresses and the bytes to copy to ``base``."""
     check_cpus(cpus)
@@ -283,7 +287,7 @@ def build_acpi_tables(cpus: int, base: int = layout.ACPI_ADDR) -> tuple[AcpiTabl
     addresses["rsdp"] = base
     facs_addr = place("facs", facs(), FACS_ALIGN)
     dsdt_addr = place("dsdt", dsdt())
-    fadt_addr = place("fadt", fadt(facs_addr, dsdt_addr))
+    fadt_addr = place("fadt", fadt(facs_addr, dsdt_addr, keyboard))
     madt_addr = place("madt", madt(cpus))
     xsdt_addr = place("xsdt", xsdt([fadt_addr, madt_addr]))
     rsdt_addr = place("rsdt", rsdt([fadt_addr, madt_addr]))
@@ -292,10 +296,11 @@ def build_acpi_tables(cpus: int, base: int = layout.ACPI_ADDR) -> tuple[AcpiTabl
     return tables, bytes(image)
 
 
-def write_acpi_tables(memory, cpus: int, base: int = layout.ACPI_ADDR) -> AcpiTables:
+def write_acpi_tables(memory, cpus: int, base: int = layout.ACPI_ADDR,
+                      keyboard: bool = False) -> AcpiTables:
     """Write the tables for ``cpus`` vCPUs into guest memory at ``base``; return where.
     The RSDP's address goes into the zero page (``boot.zeropage.set_acpi_rsdp``)."""
-    tables, image = build_acpi_tables(cpus, base)
+    tables, image = build_acpi_tables(cpus, base, keyboard)
     if base % 16 or not layout.ACPI_ADDR <= base or tables.end > layout.ACPI_END:
         raise ConfigError(f"ACPI tables at {base:#x}..{tables.end:#x} leave the BIOS area "
                           f"{layout.ACPI_ADDR:#x}..{layout.ACPI_END:#x}")

@@ -57,7 +57,8 @@ def write_firmware_tables(machine, boot) -> None:
     from ..boot.zeropage import set_acpi_rsdp
 
     write_mptable(machine.memory, machine.config.cpus)
-    machine.acpi_tables = write_acpi_tables(machine.memory, machine.config.cpus)
+    machine.acpi_tables = write_acpi_tables(machine.memory, machine.config.cpus,
+                                            keyboard=machine.config.keyboard)
     set_acpi_rsdp(machine.memory, boot.boot_params_addr, machine.acpi_tables.rsdp)
 
 

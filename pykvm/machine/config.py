@@ -238,6 +238,7 @@ class MachineConfig:
     transport: str = "pci"              # virtio over "pci" or "mmio" (devices/virtio/mmio.py)
     vsock_cid: int = 0                  # --vsock: the guest's CID (0: no virtio-vsock device)
     vsock_uds: str = ""                 # its host Unix socket ("": a private one; pykvm/vsock)
+    keyboard: bool = False              # the firmware tells the guest of the i8042 (its keyboard)
     balloon: bool = False               # a virtio-balloon device (devices/virtio/balloon.py)
     balloon_mib: int = 0                # its first target, MiB
     balloon_deflate_on_oom: bool = False
