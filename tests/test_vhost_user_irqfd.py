@@ -192,3 +192,49 @@ def test_a_snapshot_refusal_names_the_vhost_user_device_kind(tmp_path, kind):
         assert "virtio-blk0: a VM with a vhost-user disk" in message and "--share" not in message
     else:
         assert "virtio-fs0: a VM with a live share" in message and "--share DIR,copy" in message
+
+
+# --- with real KVM: the interrupt reaches the vCPU's local APIC --------------------------------
+def irr(vcpu, vector: int) -> bool:
+    """Is ``vector`` requested in the vCPU's local APIC (IRR, 32 bits per 16 bytes)?"""
+    regs = bytes(vcpu.get_lapic())
+    word = int.from_bytes(regs[0x200 + vector // 32 * 0x10:][:4], "little")
+    return bool(word >> vector % 32 & 1)
+
+
+def test_with_kvm_the_back_end_s_signal_reaches_the_apic_and_a_masked_one_waits_for_unmask(
+        kvm, tmp_path):
+    from pykvm.vstate.vm import Vm
+
+    backend = FakeBackend(tmp_path / "backend.sock")
+    with GuestMemory.anonymous(16 << 20) as memory, Vm(kvm, memory) as vm:
+        vm.create_vcpus(1)
+        vcpu = vm.vcpus[0]
+        regs = bytearray(vcpu.get_lapic())
+        regs[0xF1] |= 1                                   # SVR: the APIC software-enabled
+        vcpu.set_lapic(type(vcpu.get_lapic()).from_buffer_copy(regs))
+        device = FsDevice(Frontend.connect(str(tmp_path / "backend.sock"), "virtio-fs0"), "t")
+        function = VirtioPciDevice(vm, memory, device)
+        try:
+            driver = PciDriver(function)
+            set_control(function, CONTROL_ENABLE)
+            for vector, number in ((0, 0x41), (1, 0x42)):
+                for offset, value in ((0, 0xFEE00000), (4, 0), (8, number), (12, 0)):
+                    function.msix.write(16 * vector + offset, 4, value)
+            assert driver.negotiate(VIRTIO_F_VERSION_1) & 8
+            for index in range(2):
+                driver.setup_queue(index, DriverRing(memory, 0x100000 + index * 0x10000, 128),
+                                   vector=index)
+            driver.driver_ok()
+            os.eventfd_write(backend.calls[1], 1)        # the back end -> KVM -> the APIC
+            assert wait_for(lambda: irr(vcpu, 0x42))
+            assert function.msix.delivered == [0, 0, 0]   # no pykvm thread did it
+            set_masked(function, 0, True)
+            os.eventfd_write(backend.calls[0], 1)
+            assert wait_for(lambda: function.msix.pending(0))
+            assert not irr(vcpu, 0x41)                   # masked: held as the pending bit
+            set_masked(function, 0, False)
+            assert wait_for(lambda: irr(vcpu, 0x41))     # delivered at unmask
+        finally:
+            function.close()
+    backend.close()
