@@ -36,6 +36,7 @@ from pykvm.vhost_user import protocol as p
 from pykvm.vhost_user.protocol import Request, VhostUserError
 
 from .fakes import wait_for
+from .logs import pykvm_warnings
 from .test_vhost_user import FakeBackend
 from .test_virtio_blk import DATA, STATUS, offer_request
 
@@ -374,7 +375,7 @@ def test_a_ring3_guest_writes_a_qcow2_image_read_back_with_qemu_img(kvm, blk_ben
 
 @needs_qsd
 def test_a_daemon_killed_mid_io_leaves_the_vm_running_and_the_device_needing_reset(
-        kvm, blk_bench, flat_guest, tmp_path, capsys):
+        kvm, blk_bench, flat_guest, tmp_path, caplog):
     size = 64 * MiB
     image = make_qcow2(tmp_path / "disk.qcow2", size)
     device = open_vhost_blk(DiskSpec.parse(str(image)), "virtio-blk0")
@@ -390,7 +391,7 @@ def test_a_daemon_killed_mid_io_leaves_the_vm_running_and_the_device_needing_res
         # the VM runs on: its vCPU still reads the wait register, nothing completes
         assert disk.vm.stop_reason is None and disk.get("waits") > waits
         assert disk.get("completed") == completed
-        lines = [line for line in capsys.readouterr().err.splitlines() if "pykvm:" in line]
+        lines = pykvm_warnings(caplog)
         assert len(lines) == 1, lines
         assert "virtio-blk0" in lines[0] and "killed by signal 9" in lines[0] \
             and "needs reset" in lines[0]
