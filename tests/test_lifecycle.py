@@ -280,15 +280,25 @@ def finish(process: subprocess.Popen, terminate_when=None) -> bytes:
             process.wait()
 
 
+@pytest.fixture
+def private_tmp():
+    """A TMPDIR of pykvm's own with a short path: the daemons' sockets are made in it,
+    and a Unix socket's path is at most 107 bytes (a tmp_path under pytest-xdist, with
+    these tests' long names, is longer: virtiofsd refused it, 'Socket path too long')."""
+    directory = Path(tempfile.mkdtemp(prefix="pykvm-t-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @needs_virtiofsd
 @pytest.mark.parametrize("how", ["exit", "sigterm", "crash"])
-def test_cli_stops_the_share_daemon_on_every_exit_path(kvm, hello_guest, tmp_path, how):
+def test_cli_stops_the_share_daemon_on_every_exit_path(kvm, hello_guest, tmp_path, private_tmp,
+                                                       how):
     """`pykvm run --flat ... --share DIR` ends normally, by SIGTERM, or by a guest triple
     fault: afterwards nothing serves DIR (the daemon was seen while it ran) and pykvm's
     private temp directory (TMPDIR) is empty: no socket, log or directory left."""
-    share, private_tmp = tmp_path / "share", tmp_path / "tmp"
+    share = tmp_path / "share"
     share.mkdir()
-    private_tmp.mkdir()
     guest = tmp_path / "guest.bin"
     guest.write_bytes({"exit": hello_guest.read_bytes(), "sigterm": SPIN_GUEST,
                        "crash": CRASH_GUEST}[how])
@@ -371,13 +381,11 @@ def test_cycles_with_a_vhost_user_disk_leak_no_daemon_socket_lock_or_memfd(kvm, 
 @needs_qsd
 @pytest.mark.parametrize("how", ["exit", "sigterm", "crash", "vmm-error"])
 def test_cli_stops_the_disk_daemon_on_every_exit_path(kvm, hello_guest, qcow2_image, tmp_path,
-                                                      how):
+                                                      private_tmp, how):
     """`pykvm run --flat ... --disk IMG` (a qcow2 image) ends normally, by SIGTERM, by a
     guest triple fault, or by a VMM error after its daemon started (the same image again as
     a second --disk: locked by the first): afterwards no qemu-storage-daemon of it lives (it was seen while pykvm
     ran) and pykvm's private temp directory (TMPDIR) is empty."""
-    private_tmp = tmp_path / "tmp"
-    private_tmp.mkdir()
     guest = tmp_path / "guest.bin"
     guest.write_bytes({"exit": hello_guest.read_bytes(), "sigterm": SPIN_GUEST,
                        "crash": CRASH_GUEST, "vmm-error": hello_guest.read_bytes()}[how])
