@@ -199,7 +199,7 @@ def test_bad_checksums_are_refused_then_the_connection_dropped():
 def test_the_gdb_package_imports_one_way():
     """No cycle inside pykvm/gdb; the package itself loads nothing (--gdb parses without
     the stub); nothing the VM is built from imports gdb (no cost without a debugger)."""
-    from .test_observe import ROOT, find_cycle, graph, reachable
+    from .import_graph import ROOT, find_cycle, graph, reachable
 
     edges = graph((ROOT / "gdb").glob("*.py"))
     assert {"pykvm.gdb.stub", "pykvm.gdb.protocol", "pykvm.gdb.traps"} <= set(edges)

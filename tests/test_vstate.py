@@ -1,6 +1,6 @@
 """pykvm/vstate/: the vCPU does not drive the VM (issue #14 item 1).
 
-The import graph is read from the source (tests/test_observe.py's ast reader), so an
+The import graph is read from the source (tests/import_graph.py), so an
 import hidden in a function counts; the hook list and the stop/pause channel are
 checked with a real VM and a flat guest.
 """
@@ -22,7 +22,7 @@ from pykvm.vstate.vm import Vm
 
 from .asm import assemble
 from .ports import ExitPort, SerialOut
-from .test_observe import ROOT, find_cycle, graph, reachable
+from .import_graph import ROOT, find_cycle, graph, reachable
 from .test_trace import BASE, SERIAL_GUEST
 
 
