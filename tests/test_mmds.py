@@ -318,3 +318,39 @@ def test_a_retransmitted_request_gets_the_response_again(stack):
     assert [(f["seq"], f["data"], f["flags"]) for f in again] == \
         [(f["seq"], f["data"], f["flags"]) for f in first]
     assert again[0]["seq"] == ours and again[-1]["flags"] & FIN
+
+
+CONFINED_EXCHANGE = """
+import sys, threading
+from pykvm import sandbox
+from pykvm.mmds.guest_http import V2, MmdsService
+from pykvm.mmds.store import MetadataStore
+from tests.test_mmds import DATA
+store = MetadataStore()
+store.put(DATA)
+service = MmdsService(store, V2)
+result = []
+def worker():
+    sandbox.thread_role("device")          # as a NIC's queue worker runs
+    put = b"PUT /latest/api/token HTTP/1.1\\r\\nX-metadata-token-ttl-seconds: 9\\r\\n\\r\\n"
+    token = service.answer(put)[0].split(b"\\r\\n\\r\\n")[1].decode()
+    get = f"GET /latest/user-data HTTP/1.1\\r\\nX-metadata-token: {token}\\r\\n\\r\\n"
+    result.append(service.answer(get.encode())[0])
+thread = threading.Thread(target=worker)
+thread.start()
+thread.join()
+sys.stdout.write(result[0].decode())
+"""
+
+
+def test_a_v2_exchange_on_a_confined_device_thread():
+    """The guest's requests are answered on the NIC's worker, under the device role's
+    seccomp filter, which cannot open a file: nothing on that path may import lazily
+    (the first GET with a token once imported hmac there, and the NIC stopped)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, "-c", CONFINED_EXCHANGE], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("HTTP/1.1 200 OK") and done.stdout.endswith("hello")

@@ -17,6 +17,7 @@ Thread-safe: the API thread writes while a NIC's worker reads.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import threading
@@ -179,5 +180,6 @@ class TokenAuthority:
 
 
 def _same(a: str, b: str) -> bool:
-    import hmac
+    # hmac is imported at the top: this runs on a NIC's worker thread, whose seccomp
+    # filter (pykvm/sandbox) refuses the open() a first import needs.
     return hmac.compare_digest(a.encode(), b.encode("utf-8", "replace"))
