@@ -45,7 +45,7 @@ from pykvm.devices.virtio.queue import MAX_STREAM_PER_CHAIN, Virtqueue, Virtqueu
 from pykvm.devices.virtio.rng import MAX_BYTES_PER_REQUEST
 from pykvm.memory import GuestMemory
 
-from .test_hostile_guest import IMAGE_SECTORS, make_rig
+from .device_rigs import IMAGE_SECTORS, make_rig
 from .test_virtqueue import address_of
 
 RAM = 128 << 10
