@@ -131,7 +131,7 @@ def reference() -> Resident:
 
 
 def run_guest(quick: bool, workdir: Path, kernel: list[str]) -> Resident:
-    from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell
+    from tests.guest_shell import BOOT_TIMEOUT, PROMPT, GuestShell
 
     disk = workdir / "disk.img"
     with open(disk, "wb") as image:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.startup import child_environment  # noqa: E402
 from pykvm.kvm import detect_host_kind  # noqa: E402
 from pykvm.machine import default_guest_dir  # noqa: E402
-from tests.linux_snapshot import BOOT_TIMEOUT, PROMPT, GuestShell  # noqa: E402
+from tests.guest_shell import BOOT_TIMEOUT, PROMPT, GuestShell  # noqa: E402
 
 RESULTS = BENCH / "RESULTS.md"
 MARKER = "<!-- snapshot.py --record adds rows above this line -->"

@@ -4,10 +4,6 @@ import pytest
 
 from pykvm.errors import KvmUnavailable
 
-# Fixtures for tests that need the Linux guest at its shell: booted once per session,
-# snapshotted, restored per test (tests/conftest_linux.py).
-pytest_plugins = ["tests.conftest_linux"]
-
 
 def kvm_unavailable_reason() -> str | None:
     from pykvm.kvm import Kvm

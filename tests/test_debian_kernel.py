@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .linux_snapshot import REPO
+from .guest_shell import REPO
 
 pytestmark = [pytest.mark.linux, pytest.mark.slow]
 

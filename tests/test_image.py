@@ -256,9 +256,14 @@ def test_image_kernel_is_taken_from_beside_the_image_and_refuses_commands(tmp_pa
 
 def _debian_root(tmp_path: Path) -> Path:
     """The bookworm minbase test image, built once per $PYKVM_CACHE, copied to tmp_path."""
-    from .conftest_linux import _skip_without_linux
+    from pykvm.machine import default_guest_dir
 
-    _skip_without_linux()
+    from .conftest import _REASON
+
+    if _REASON is not None:
+        pytest.skip(f"needs /dev/kvm: {_REASON}")
+    if default_guest_dir() is None:
+        pytest.skip("the default Linux guest is not built (pykvm guest build)")
     if shutil.which("mmdebstrap") is None:
         pytest.skip("mmdebstrap missing (apt-get install mmdebstrap)")
     if os.geteuid() != 0:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .linux_snapshot import REPO, GuestShell
+from .guest_shell import REPO, GuestShell
 from .test_firecracker_api import call
 
 pytestmark = pytest.mark.linux

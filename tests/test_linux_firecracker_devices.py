@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .linux_snapshot import COMMAND_TIMEOUT
+from .guest_shell import COMMAND_TIMEOUT
 from .test_linux_firecracker import FirecrackerShell, reboots_on_ctrl_alt_del
 
 pytestmark = pytest.mark.linux

@@ -145,6 +145,38 @@ def test_markers_are_registered(pytester):
                                  "*pykvm_net(spec)*", "*pykvm_share(directory)*"])
 
 
+def test_a_disk_is_keyed_by_its_bytes_and_options_not_its_path(tmp_path):
+    """linux_vm's snapshots with pykvm_disk: one per disk content (each test's own image
+    restores from it); a NIC or a disk served by another process boots every time."""
+    from pykvm.machine import DiskSpec, NetSpec
+    from pykvm.warm.guest import GuestSpec
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k" * 4096)
+    images = []
+    for name, data in (("a.img", b"\0" * 8192), ("b.img", b"\0" * 8192), ("c.img", b"x" * 8192)):
+        images.append(tmp_path / name)
+        images[-1].write_bytes(data)
+    base = GuestSpec(kernel=str(kernel), initrd=None, append="", mem=1 << 27, cpus=1)
+
+    def key(*disks):
+        spec = GuestSpec(**{**base.__dict__, "disks": disks})
+        assert spec.restorable
+        return spec.key("/dev/kvm")
+
+    same = key(DiskSpec(str(images[0]), serial="s"))
+    assert key(DiskSpec(str(images[1]), serial="s")) == same         # another path, same bytes
+    assert key(DiskSpec(str(images[2]), serial="s")) != same         # other bytes
+    assert key(DiskSpec(str(images[0]), serial="t")) != same         # other options
+    assert key(DiskSpec(str(images[0]), read_only=True, serial="s")) != same
+    assert key() != same
+    for spec in (GuestSpec(**{**base.__dict__, "nets": (NetSpec.parse("user"),)}),
+                 GuestSpec(**{**base.__dict__, "disks": (DiskSpec("", socket="/x.sock"),)}),
+                 GuestSpec(**{**base.__dict__, "disks": (DiskSpec(str(images[0]),
+                                                                  format="qcow2"),)})):
+        assert not spec.restorable
+
+
 @pytest.mark.linux
 def test_linux_vm_runs_commands(pytester, monkeypatch):
     from pykvm.pytest_plugin import kvm_unavailable_reason

@@ -3,12 +3,10 @@
 Without Linux: a flat guest that counts resumes from the same count after a restore
 (in-process and through the CLI and the control socket); each device's state round
 trip; damaged, truncated, foreign and tampered snapshots are refused with one line.
-With Linux (marked ``linux``): one boot to the shell, snapshotted there by the
-session fixture of tests/conftest_linux.py, restored for each test.
+Snapshots of Linux guests: tests/test_linux_snapshot.py.
 """
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -679,67 +677,3 @@ def test_virtqueue_and_virtio_transport_state_round_trip():
         assert memory.read(0x200000, 16) == b"\xa5" * 16
         function2.close()
         vm2.close()
-
-
-# --- Linux ----------------------------------------------------------------------------------------
-@pytest.mark.linux
-def test_restored_guests_read_the_marker_and_are_independent(linux_snapshot, restored_guest):
-    """Three restores of one snapshot: each sees the marker written before it, runs a
-    command, and leaves a file that the next one does not see."""
-    seen = []
-    for round_ in range(3):
-        with restored_guest() as guest:
-            assert guest.check("cat /tmp/marker").strip() == linux_snapshot.marker
-            assert guest.check("echo $((6 * 7))").strip() == "42"
-            seen.append(guest.check("ls /tmp").split())
-            guest.check(f"echo round-{round_} > /tmp/written-{round_}")
-            assert guest.check(f"cat /tmp/written-{round_}").strip() == f"round-{round_}"
-    for listing in seen:
-        assert "marker" in listing and not any(name.startswith("written-") for name in listing)
-
-
-@pytest.mark.linux
-def test_restore_is_fast_next_to_the_boot(linux_snapshot, restored_guest):
-    started = time.monotonic()
-    with restored_guest() as guest:
-        assert guest.check("uname -s").strip() == "Linux"
-        seconds = time.monotonic() - started
-    assert seconds < linux_snapshot.boot_seconds / 10, (seconds, linux_snapshot.boot_seconds)
-    info = linux_snapshot.info
-    assert info["disk_bytes"] < info["mem_size"]
-
-
-@pytest.mark.linux
-def test_snapshot_mid_disk_io_restores_intact_data(linux_snapshot, restored_guest, tmp_path):
-    """A guest writes 1 MiB to its disk in the background, 64 KiB per dd with an fsync
-    each; it is snapshotted with some written and some not, stopped, and restored: the
-    restored guest finishes the writes and reads back exactly what it wrote, and the
-    host sees the same bytes in the image. (Small: on kvm_pvm the guest kernel copies
-    about 64 KiB a second, its ring 0 being emulated.)"""
-    size, chunks = 1 << 20, 16
-    with restored_guest() as guest:
-        # Varied bytes with few system calls: the start of busybox's own binary.
-        guest.check(f"head -c {size} /bin/busybox > /tmp/data", timeout=600)
-        steps = " ".join(str(i) for i in range(chunks))
-        guest.check(f"( (for i in {steps}; do dd if=/tmp/data of=/dev/vda bs={size // chunks} "
-                    f"count=1 skip=$i seek=$i conv=fsync 2>/dev/null; done; "
-                    f"echo done > /tmp/dd-finished) & )")
-        deadline = time.monotonic() + 300
-        while True:                            # until the first chunk reached the disk
-            written = int(guest.check("cat /sys/block/vda/stat").split()[6]) * 512
-            if written:
-                break
-            assert time.monotonic() < deadline, "the guest wrote nothing to its disk"
-        assert written < size, "all written before the snapshot: not mid-I/O"
-        guest.ctl("pause")                     # it never runs after the snapshot: the
-        guest.snapshot(tmp_path / "mid-io")    # image stays as the snapshot knows it
-    with restored_guest(directory=tmp_path / "mid-io", reset_disk=False) as guest:
-        deadline = time.monotonic() + 900
-        while guest.run("cat /tmp/dd-finished")[1] != 0:
-            assert time.monotonic() < deadline, "the writes did not finish after the restore"
-            time.sleep(2)
-        local = guest.check("md5sum < /tmp/data").split()[0]
-        on_disk = guest.check(f"head -c {size} /dev/vda | md5sum").split()[0]
-        assert local == on_disk
-    image = linux_snapshot.disk.read_bytes()[:size]
-    assert hashlib.md5(image).hexdigest() == local

@@ -47,9 +47,16 @@ Fixtures
     host's kind of KVM and pykvm's own source, so a change to any of them boots
     again (pykvm/warm: the code ``pykvm run -- CMD``'s boot cache uses too).
     Where a snapshot cannot be taken, the booted guest is shared by the
-    session's tests instead. A machine with a ``pykvm_disk`` or ``pykvm_net`` is
-    booted afresh for each test (a restore would meet a changed disk or a TAP
-    that no longer exists).
+    session's tests instead. A ``pykvm_disk`` image is part of the key by its
+    content, and each test's guest is restored onto the test's own image (a guest
+    at its ready point has read its disks, not written them); a machine with a
+    ``pykvm_net`` (or a vhost-user disk) is booted afresh for each test (a restore
+    would meet a TAP or a back end that no longer exists).
+``linux_vms``
+    A factory for tests that want more than one guest: ``linux_vms(**changes)``
+    starts a fresh guest of the test's machine, ``changes`` replacing fields of its
+    :class:`~pykvm.warm.guest.GuestSpec` (``disks=(DiskSpec(path),)``, ``mem=...``);
+    each comes from the same one-boot-per-configuration snapshots.
 
 Markers that configure ``linux_vm``
 -----------------------------------
@@ -184,13 +191,31 @@ def vm(request, pykvm_device, tmp_path) -> FlatVm:
 
 # --- linux_vm --------------------------------------------------------------------------------------------------
 @pytest.fixture
-def linux_vm(request, pykvm_device):
+def linux_vm(linux_vms):
     """The Linux guest, running, its agent answering: ``linux_vm.exec(cmd)``."""
+    return linux_vms()
+
+
+@pytest.fixture
+def linux_vms(request, pykvm_device):
+    """A factory of guests like ``linux_vm``'s, as many as the test wants:
+    ``linux_vms(**changes)`` starts one more, of the test's machine with ``changes``
+    (GuestSpec fields, e.g. ``disks=(DiskSpec(path),)``); each is closed after the test."""
+    from dataclasses import replace
+
     spec = linux_spec(request)
     state = request.config.stash[_STATE]
-    guest = state.linux_vm(spec, pykvm_device)
-    attach_console(request, "linux_vm", guest.console_text)
+    guests: list[LinuxVm] = []
+
+    def start(**changes) -> LinuxVm:
+        guest = state.linux_vm(replace(spec, **changes), pykvm_device)
+        attach_console(request, f"linux_vm[{len(guests)}]" if guests else "linux_vm",
+                       guest.console_text)
+        guests.append(guest)
+        return guest
+
     try:
-        yield guest
+        yield start
     finally:
-        state.release(guest)
+        for guest in guests:
+            state.release(guest)

@@ -25,6 +25,7 @@ class LinuxVm(RunningGuest):
     def __init__(self, machine, console: ConsoleLog, origin: str = "booted for this test",
                  boot_log: str = ""):
         self.origin = origin            # "booted", "restored from DIR" or "shared ..."
+        self.snapshot: Path | None = None   # DIR, for a restored guest
         self.boot_log = boot_log
         super().__init__(machine, console)
 

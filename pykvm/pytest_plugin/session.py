@@ -1,8 +1,9 @@
 """What the plugin keeps for one pytest session: whether KVM can be used through
 each device, and the Linux guests it booted: each distinct machine is booted once,
 snapshotted with its agent answering (pykvm/warm/cache.py keeps the snapshots between
-sessions), and every test gets a fresh guest restored from it; where no snapshot can be
-used, the booted guest is shared by the session's tests.
+sessions), and every test gets a fresh guest restored from it, onto the test's own disk
+images (keyed over their content: pykvm/warm/guest.py); where no snapshot can be used,
+the booted guest is shared by the session's tests.
 """
 
 from __future__ import annotations
@@ -86,26 +87,33 @@ class Session:
         if not spec.restorable:
             return self._boot(spec, device)
         key = spec.key(device)
-        if key in self._shared:
-            return self._shared[key]
+        shared = self._shared.get(key)
+        if shared is not None and shared.running:
+            return shared
         snapshot = self._snapshots.get(key) or self.cache().lookup(key)
         if snapshot is not None:
-            guest = self._try_restore(key, snapshot, device)
+            guest = self._try_restore(key, snapshot, spec, device)
             if guest is not None:
                 return guest
         booted = self._boot(spec, device)
         snapshot = self._take_snapshot(booted, spec, key)
-        guest = self._try_restore(key, snapshot, device) if snapshot is not None else None
-        if guest is None:               # no snapshots here: the booted guest serves the session
+        if snapshot is not None and spec.disks:
+            booted.close()              # it holds its images' locks, which a restore takes
+            booted = None
+        guest = self._try_restore(key, snapshot, spec, device) if snapshot is not None else None
+        if guest is None:               # no snapshots here: a booted guest serves the session
+            booted = booted or self._boot(spec, device)
             booted.origin = "booted once for the session (no snapshot could be used)"
             self._shared[key] = booted
             return booted
-        booted.close()
+        if booted is not None:
+            booted.close()
         return guest
 
-    def _try_restore(self, key: str, snapshot: Path, device: str) -> LinuxVm | None:
+    def _try_restore(self, key: str, snapshot: Path, spec: GuestSpec,
+                     device: str) -> LinuxVm | None:
         try:
-            guest = self._restore(snapshot, device)
+            guest = self._restore(snapshot, spec, device)
         except PykvmError as error:
             warnings.warn(pytest.PytestWarning(f"pykvm: cannot restore {snapshot}: {error}; "
                                                f"booting instead"))
@@ -139,13 +147,15 @@ class Session:
                                                f"({error}); its tests share one guest"))
             return None
 
-    def _restore(self, snapshot: Path, device: str) -> LinuxVm:
+    def _restore(self, snapshot: Path, spec: GuestSpec, device: str) -> LinuxVm:
         from pykvm.warm.cache import BOOT_LOG
         from pykvm.warm.guest import restore_guest
 
-        # the plugin took this snapshot itself (its shares are the spec's own): trusted
-        guest = restore_guest(snapshot, device, ConsoleLog(), factory=LinuxVm)
+        # the plugin took this snapshot itself (its shares are the spec's own): trusted;
+        # the disks are this test's images (the key says their bytes are the snapshot's)
+        guest = restore_guest(snapshot, device, ConsoleLog(), factory=LinuxVm, disks=spec.disks)
         guest.origin = f"restored from {snapshot}"
+        guest.snapshot = snapshot
         boot_log = snapshot / BOOT_LOG
         if boot_log.exists():
             guest.boot_log = boot_log.read_bytes().decode(errors="replace")

@@ -4,8 +4,10 @@ The ready point is the moment the guest agent (pykvm/agent/, pykvm/guestimage/
 agent.c) first answers a PING: the kernel is up, /init has mounted its own file
 systems and started the agent, and no user command has run yet. The agent mounts
 ``--share`` disks before it answers, which is why a guest with shares is keyed over
-the shared trees' content; a guest with ``--disk`` or ``--net`` is never kept, since a
-restore would meet a changed disk or a TAP that no longer exists.
+the shared trees' content. A guest with a ``--net`` NIC is never kept (a restore would
+meet a TAP that no longer exists); ``pykvm run`` keeps none with a ``--disk`` either,
+while the pytest plugin keys a guest's disk images over their content and restores
+the snapshot onto the test's own image (:attr:`GuestSpec.restorable`).
 
 A snapshot taken there (pykvm/snapshot) can be restored any number of times, each
 copy continuing from the same kernel state. What would make the copies tell apart
@@ -36,7 +38,7 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .digests import DigestMemo
@@ -109,9 +111,13 @@ class GuestSpec:
 
     @property
     def restorable(self) -> bool:
-        """Whether a snapshot at the ready point can stand in for a boot (shares are
-        keyed over their content; disks and NICs are the host's live resources)."""
-        return not self.disks and not self.nets
+        """Whether a snapshot at the ready point can stand in for a boot: not with a NIC
+        (its TAP or passt is the host's live resource), nor with a disk served by another
+        process (vhost-user); image files are keyed over their content (:meth:`key`), so
+        a snapshot restored onto another image with the same bytes is the boot it
+        stands for (a guest at its ready point has read its disks, never written them)."""
+        return not self.nets and not any(disk.socket or disk.backend == "vhost-user"
+                                         or disk.format == "qcow2" for disk in self.disks)
 
     def cache_refusal(self) -> str | None:
         """Why ``pykvm run`` does not keep this boot (None: it does)."""
@@ -148,6 +154,9 @@ class GuestSpec:
         digest.update(repr((self.append, self.mem, self.cpus, self.console, self.rng, device,
                             detect_host_kind(), VERSION, source_digest(memo),
                             self.shares)).encode())
+        for disk in self.disks:         # the bytes and the options, not where the image is
+            digest.update(memo.file_digest(disk.path).encode() + b"\0"
+                          + repr(replace(disk, path="")).encode())
         for share in self.shares:
             tree_digest(share, digest)
         memo.save()
@@ -231,16 +240,19 @@ def boot_guest(spec: GuestSpec, device: str, console: ConsoleLog, timeout: float
 
 
 def restore_guest(directory: Path, device: str, console: ConsoleLog,
-                  factory=RunningGuest, answering: bool = True) -> RunningGuest:
+                  factory=RunningGuest, answering: bool = True,
+                  disks=None) -> RunningGuest:
     """The guest saved in ``directory`` (a snapshot at a ready point that this pykvm
     took itself: its shares are trusted), running, its agent answering (a PING; with
     ``answering=False`` not waited for: :func:`fresh_exec`'s REFRESH is the first
     request and waits instead, a round trip and three guest system calls fewer).
-    SnapshotError, AgentError or KvmError when it cannot be."""
+    ``disks`` (DiskSpec, one per disk of the snapshot): the images to restore onto,
+    instead of those the snapshot was taken with. SnapshotError, AgentError or
+    KvmError when it cannot be."""
     from ..snapshot import restore_machine
 
     machine = restore_machine(directory, stdout=console, stderr=console, trust=True,
-                              kvm_device=device)
+                              kvm_device=device, disks=list(disks) if disks else None)
     if not answering:
         return factory(machine, console)
     return running(factory(machine, console), RESTORE_READY_TIMEOUT)

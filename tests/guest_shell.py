@@ -1,4 +1,9 @@
-"""Driving the default Linux guest's interactive shell from a test, and snapshots of it.
+"""Driving the shell of a guest that a pykvm *command* runs, over its serial console:
+for tests and benches of the command itself (``pykvm run``, ``pykvm firecracker``:
+tests/test_linux_firecracker.py's FirecrackerShell; bench/snapshot.py, bench/memory.py).
+Tests that only need a Linux guest use the pytest plugin's ``linux_vm`` / ``linux_vms``
+(pykvm/pytest_plugin: one boot and snapshot per configuration, a restore per test, the
+guest agent as the driver), not this.
 
 :class:`GuestShell` runs ``python -m pykvm run ...`` with the guest's serial console on
 pipes and a control socket (``--api-sock``). :meth:`GuestShell.run` types a command
@@ -10,10 +15,6 @@ protocol over the console, until the guest has a proper exec channel):
 
 The quotes split the markers in the echoed input line, so only the shell's output
 matches. Output lines come with the console's CR LF; they are given back with LF.
-
-:func:`boot_and_snapshot` boots the guest to its shell once and snapshots it there;
-:func:`restore` starts a guest from that snapshot (tests/conftest_linux.py has the
-pytest fixtures).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -201,51 +201,3 @@ class GuestShell:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-class LinuxSnapshot:
-    """A snapshot of the default guest at its shell, with the disk image it was taken with."""
-
-    def __init__(self, directory: Path, disk: Path, marker: str, boot_seconds: float,
-                 info: dict):
-        self.directory = directory
-        self.disk = disk
-        self.pristine_disk = disk.with_name(disk.name + ".pristine")
-        self.marker = marker            # the content of /tmp/marker in the snapshot
-        self.boot_seconds = boot_seconds
-        self.info = info
-        shutil.copyfile(disk, self.pristine_disk)
-
-    def state(self) -> dict:
-        return json.loads((self.directory / "state.json").read_text())
-
-    def reset_disk(self) -> None:
-        """The disk image as it was at the snapshot (guests restored earlier wrote to it)."""
-        shutil.copyfile(self.pristine_disk, self.disk)
-
-
-def boot_and_snapshot(workdir: Path, *, mem: str = "256M", disk_mib: int = 16,
-                      marker: str = "marker-from-before-the-snapshot") -> LinuxSnapshot:
-    """Boot the default guest with a scratch disk to its shell, write ``marker`` to
-    /tmp/marker (tmpfs), snapshot it into workdir/snapshot, and stop it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "scratch.img"
-    with open(disk, "wb") as image:
-        image.truncate(disk_mib << 20)
-    shell = GuestShell(["--mem", mem, "--disk", f"{disk},serial=scratch"],
-                       api_sock=workdir / "boot.sock", log=workdir / "boot.log")
-    with shell:
-        shell.wait_for_shell()
-        boot_seconds = time.monotonic() - shell.started
-        shell.check(f"echo {marker} > /tmp/marker")
-        info = shell.snapshot(workdir / "snapshot")
-    return LinuxSnapshot(workdir / "snapshot", disk, marker, boot_seconds, info)
-
-
-def restore(snapshot: LinuxSnapshot, api_sock: Path, log: Path | None = None,
-            directory: Path | None = None) -> GuestShell:
-    """A guest restored from ``snapshot`` (its disk reset first), its shell answering."""
-    snapshot.reset_disk()
-    shell = GuestShell(["--restore", str(directory or snapshot.directory)], api_sock=api_sock,
-                       log=log)
-    return shell
