@@ -26,6 +26,7 @@ from .guest_shell import REPO
 pytestmark = [pytest.mark.linux, pytest.mark.slow]
 
 BOOT_TIMEOUT = 3600        # seconds: a Debian kernel's boot where ring 0 is emulated
+REPO = Path(__file__).resolve().parents[1]
 
 
 def debian_kernel(flavour: str):
