@@ -52,6 +52,8 @@ def test_guest_reads_metadata_with_a_v2_token(netns, tmp_path):  # noqa: F811
         token = answer.strip().splitlines()[-1]
         assert len(token) == 64, answer
         assert get(shell, token, "/ami-id") == "ami-12345678"
+        assert shell.check(f"{WGET} --header 'X-metadata-token: {token}' {URL}/hostname"
+                           ).strip() == "pykvm-guest"
         assert get(shell, token, "/").split() == ["ami-id", "hostname"]   # IMDS: the keys
         assert get(shell, "0" * 64, "/ami-id") == "MMDS token not valid."
         shell.ok("PATCH", "/mmds", {"latest": {"meta-data": {"ami-id": "ami-87654321"}}})
