@@ -208,12 +208,26 @@ def test_root_device_goes_on_the_command_line(tmp_path):
                              "is_root_device": True, "is_read_only": True})
     config = vmm.machine_config_for_start()
     # pci=off stays: the disks are virtio-mmio devices, announced on the command line
-    assert config.append == "pci=off quiet root=/dev/vda ro" and config.transport == "mmio"
+    assert config.append == ("pci=off quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
+                             "root=/dev/vda ro") and config.transport == "mmio"
     assert [(d.path, d.read_only, d.serial) for d in config.disks] == [(str(image), True,
                                                                        "rootfs")]
     vmm.put_drive("rootfs", {"drive_id": "rootfs", "path_on_host": str(image),
                              "is_root_device": True, "partuuid": "0eaa91a0-01"})
     assert vmm.machine_config_for_start().append.endswith("root=PARTUUID=0eaa91a0-01 rw")
+
+
+def test_i8042_probe_words_are_added_unless_the_user_set_them(tmp_path):
+    """Firecracker's recommended i8042 words (its docs, SendCtrlAltDel) join the command
+    line; one the user's boot_args set, in either spelling, is left as the user wrote it."""
+    vmm = Vmm("x", Log("x", stream=io.StringIO()))
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    vmm.put_boot_source({"kernel_image_path": str(kernel),
+                         "boot_args": "console=ttyS0 i8042.nomux=0 i8042.dumbkbd"})
+    words = vmm.machine_config_for_start().append.split()
+    assert words == ["console=ttyS0", "i8042.nomux=0", "i8042.dumbkbd", "i8042.noaux",
+                     "i8042.nopnp"]
 
 
 def test_network_interface_needs_an_existing_tap(api):
@@ -454,6 +468,54 @@ def test_running_paused_snapshot_and_load(api, tmp_path):
                                      "cache_type": "Unsafe", "io_engine": "Sync"}]
         assert fresh("PATCH", "/vm", {"state": "Resumed"}) == (204, None)
         assert fresh("GET", "/")[1]["state"] == "Running"
+    finally:
+        fresh.close()
+
+
+def test_snapshot_load_network_overrides(netns, tmp_path):
+    """PUT /snapshot/load's network_overrides (Firecracker >= 1.12) re-point a NIC, named
+    by its iface_id, at another TAP: the snapshot's TAP is gone before the load, the NIC
+    comes up on the new one; an iface_id the snapshot has no NIC of is Firecracker's 400. The Api threads start inside the test's namespace."""
+    from .test_net import ip
+    kernel, initrd = guest_kernel()
+    ip("tuntap", "add", "dev", "fctap0", "mode", "tap")
+    ip("tuntap", "add", "dev", "fctap1", "mode", "tap")
+    api = Api(tmp_path)
+    try:
+        boot = {"kernel_image_path": str(kernel), "boot_args": "quiet"}
+        if initrd:
+            boot["initrd_path"] = str(initrd)
+        assert api("PUT", "/boot-source", boot) == (204, None)
+        assert api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}) == (204, None)
+        # no guest_mac: a snapshot cannot save a NIC's MAC yet (pykvm/snapshot/config.py)
+        assert api("PUT", "/network-interfaces/eth0", {
+            "iface_id": "eth0", "host_dev_name": "fctap0"}) == (204, None)
+        assert api("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
+        assert api("PATCH", "/vm", {"state": "Paused"}) == (204, None)
+        paths = {"snapshot_path": str(tmp_path / "vm.snap"),
+                 "mem_file_path": str(tmp_path / "vm.mem")}
+        answer = api("PUT", "/snapshot/create", paths)
+        assert answer == (204, None), answer
+        api.vmm.end()
+        api.main.join(timeout=30)
+        api.vmm.machine.close()
+    finally:
+        api.close()
+    ip("link", "del", "fctap0")            # the snapshot's TAP: the load must not need it
+
+    fresh = Api(tmp_path, "fresh.sock")
+    try:
+        message = fresh.fault("PUT", "/snapshot/load", {**paths, "network_overrides": [
+            {"iface_id": "eth9", "host_dev_name": "fctap1"}]})
+        assert "Load snapshot error" in message and "'eth9'" in message
+        assert fresh("GET", "/")[1]["state"] == "Not started"
+        assert fresh("PUT", "/snapshot/load", {**paths, "network_overrides": [
+            {"iface_id": "eth0", "host_dev_name": "fctap1"}]}) == (204, None)
+        assert [net.tap for net in fresh.vmm.machine.config.nets] == ["fctap1"]
+        assert [(n["iface_id"], n["host_dev_name"])
+                for n in fresh("GET", "/vm/config")[1]["network-interfaces"]] == [("eth0",
+                                                                                   "fctap1")]
+        assert fresh("PATCH", "/vm", {"state": "Resumed"}) == (204, None)
     finally:
         fresh.close()
 

@@ -98,6 +98,9 @@ def _decode_field(kind, name: str, hint, raw, where: str):
                                 f"{MAX_CONFIG_ITEMS} items)")
         return [_decode_item(CONFIG_LISTS[name], item, f"{where}[{index}]")
                 for index, item in enumerate(raw)]
+    if hint is tuple and raw == []:
+        # NetSpec.forwards of a TAP NIC: JSON has no tuples (a user NIC's are refused below)
+        return ()
     if hint in (list, dict) or typing.get_origin(hint) is list:
         # A kind of device this module does not know how to check (nor confirm as a
         # host resource, resources.py): restored only if the snapshot has none of them.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import queue
 import shutil
@@ -51,6 +52,7 @@ MAX_STATE_FILE = 64 << 20     # a pykvm state.json (pykvm/snapshot/document.py b
 # Firecracker's devices are virtio-mmio, announced on the kernel command line, so its
 # users' command lines say pci=off (firectl, Kata): pykvm's are too here, by default.
 TRANSPORT = "mmio"
+I8042_WORDS = ("i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd")
 
 
 class Vmm:
@@ -297,6 +299,8 @@ class Vmm:
             workdir = _workdir(params.mem_file_path, "Create snapshot error")
             try:
                 save_snapshot(machine, workdir)
+                interfaces = [(n.iface_id, n.host_dev_name) for n in self.nets.values()]
+                wrap_state(workdir / STATE_FILE, interfaces)
                 os.replace(workdir / MEMORY_FILE, params.mem_file_path)
                 _move(workdir / STATE_FILE, params.snapshot_path)
             except (OSError, PykvmError) as error:
@@ -308,8 +312,6 @@ class Vmm:
 
     def snapshot_load(self, body) -> None:
         params = SnapshotLoadParams.from_json(body)
-        if params.network_overrides:
-            raise ApiFault("network_overrides: not supported by pykvm yet")
         with self._lock:
             self._before_start()
             if self.boot_source or self.drives or self.nets or self.vsock.config or \
@@ -330,15 +332,20 @@ class Vmm:
                 os.link(memory, workdir / MEMORY_FILE)
             except OSError:
                 shutil.copyfile(memory, workdir / MEMORY_FILE)
-            _copy_bounded(params.snapshot_path, workdir / STATE_FILE)
+            interfaces = unwrap_state(params.snapshot_path, workdir / STATE_FILE)
+            nets = network_overrides(interfaces, params.network_overrides)
             machine = restore_machine(workdir, stdin=self.stdin, stdout=self.stdout,
                                       paused=not params.resume_vm, trust=True,
-                                      kvm_device=self.kvm_device)
+                                      kvm_device=self.kvm_device, nets=nets)
         except (OSError, PykvmError) as error:
             raise ApiFault(f"Load snapshot error: {_text(error)}") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         self._describe_loaded(machine.config)
+        for iface_id, host_dev_name in interfaces:
+            tap = next((o.host_dev_name for o in params.network_overrides
+                        if o.iface_id == iface_id), host_dev_name)
+            self.nets[iface_id] = NetworkInterface(iface_id=iface_id, host_dev_name=tap)
         self.machine = machine
         self.log.info(f"Loaded the microVM snapshot {params.snapshot_path}")
 
@@ -373,6 +380,7 @@ class Vmm:
         disks = [d.disk_spec() for d in drives]
         nets = [n.net_spec() for n in self.nets.values()]
         words = (self.boot_source.boot_args or "").split()
+        words += i8042_quick_probe(words)
         root = next((d for d in drives if d.is_root_device), None)
         if root is not None:
             words += [f"root=PARTUUID={root.partuuid}" if root.partuuid else "root=/dev/vda",
@@ -518,6 +526,17 @@ CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", 
 NOT_YET_KEYS = ("cpu-config",)
 
 
+def i8042_quick_probe(words: list[str]) -> list[str]:
+    """Firecracker's recommended i8042 words (docs/api_requests/actions.md, SendCtrlAltDel:
+    ``i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd``) that the user's boot_args do not
+    set, in either spelling (``i8042.noaux`` or ``i8042.noaux=VALUE``): without them Linux
+    probes a mouse port and a multiplexer the i8042 does not have, which takes seconds of
+    emulated boot on kvm_pvm hosts (docs/hosts.md). The keyboard, and so Ctrl-Alt-Del,
+    works with all four."""
+    present = {word.split("=", 1)[0] for word in words}
+    return [word for word in I8042_WORDS if word not in present]
+
+
 def existing_link_kind(name: str) -> str | None:
     """What kind of link ``name`` is in the calling thread's network namespace (netlink,
     pykvm/net/plumbing.py's reading of it: "tap", "tun", "bridge"...), None if none."""
@@ -565,15 +584,72 @@ def _move(source: Path, target: str) -> None:
         shutil.copyfile(source, target)
 
 
-def _copy_bounded(source: str, target: Path) -> None:
+# --- Firecracker's snapshot file: pykvm's state.json and the API's NIC names ------------------
+# pykvm's machine configuration knows its NICs by position only; Firecracker's snapshot load
+# re-points them by iface_id (network_overrides), so the file at snapshot_path carries the
+# NICs' ids beside pykvm's state.json, whose text is kept byte for byte.
+SNAPSHOT_WRAPPER = "pykvm_firecracker_snapshot"
+
+
+def wrap_state(state: Path, interfaces: list[tuple[str, str]]) -> None:
+    """Rewrite pykvm's ``state`` file as the snapshot file: a JSON object holding its
+    text and each NIC's (iface_id, host_dev_name), in the machine's NIC order."""
+    text = state.read_text()
+    wrapped = {SNAPSHOT_WRAPPER: 1, "state_json": text,
+               "network_interfaces": [{"iface_id": i, "host_dev_name": h}
+                                      for i, h in interfaces]}
+    state.write_text(json.dumps(wrapped))
+
+
+def unwrap_state(source: str, target: Path) -> list[tuple[str, str]]:
+    """pykvm's state.json out of the snapshot file ``source`` into ``target`` (new, not
+    following a symlink); returns the NICs' (iface_id, host_dev_name). A plain state.json
+    (pykvm's own snapshot) is taken as it is, with no NIC ids. Bounded, and every field
+    checked: the file is the caller's, but a damaged one gets a 400, not a traceback."""
+    what = f"Load snapshot error: {source}"
     with open(source, "rb") as stream:
-        data = stream.read(MAX_STATE_FILE + 1)
-    if len(data) > MAX_STATE_FILE:
-        raise ApiFault(f"Load snapshot error: {source}: larger than a pykvm snapshot's state")
+        data = stream.read(2 * MAX_STATE_FILE + 1)
+    if len(data) > 2 * MAX_STATE_FILE:
+        raise ApiFault(f"{what}: larger than a pykvm snapshot's state")
+    interfaces: list[tuple[str, str]] = []
+    try:
+        document = json.loads(data)
+    except ValueError:
+        document = None                 # pykvm's reader says what is wrong with it
+    if isinstance(document, dict) and SNAPSHOT_WRAPPER in document:
+        text, nics = document.get("state_json"), document.get("network_interfaces")
+        if not isinstance(text, str) or not isinstance(nics, list) or len(nics) > MAX_NICS:
+            raise ApiFault(f"{what}: not a pykvm-firecracker snapshot file")
+        for nic in nics:
+            if not (isinstance(nic, dict) and isinstance(nic.get("iface_id"), str) and
+                    isinstance(nic.get("host_dev_name"), str)):
+                raise ApiFault(f"{what}: not a pykvm-firecracker snapshot file")
+            interfaces.append((nic["iface_id"], nic["host_dev_name"]))
+        data = text.encode()
+        if len(data) > MAX_STATE_FILE:
+            raise ApiFault(f"{what}: larger than a pykvm snapshot's state")
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with os.fdopen(fd, "wb") as stream:
         stream.write(data)
+    return interfaces
+
+
+def network_overrides(interfaces: list[tuple[str, str]], overrides) -> list | None:
+    """PUT /snapshot/load's ``network_overrides`` (Firecracker >= 1.12) as pykvm's restore
+    takes them: a NetSpec per snapshot NIC, in order, the named ones on their new TAP
+    (pykvm/snapshot/resources.py keeps each NIC's MAC: the guest has it); None when there
+    are none (the snapshot's own TAPs). An iface_id the snapshot has no NIC of is a 400,
+    as in Firecracker."""
+    if not overrides:
+        return None
+    known = dict(interfaces)
+    for override in overrides:
+        if override.iface_id not in known:
+            raise ApiFault(f"Load snapshot error: network_overrides: the snapshot has no "
+                           f"network interface {override.iface_id[:64]!r}")
+        known[override.iface_id] = override.host_dev_name
+    return [NetworkInterface(iface_id=i, host_dev_name=h).net_spec() for i, h in known.items()]
 
 
 def _text(error: BaseException) -> str:
