@@ -274,7 +274,7 @@ def test_bad_handshakes_are_closed_without_a_packet(guest, uds, line):
 
 
 def test_a_handshake_that_never_comes_times_out(memory, uds, monkeypatch):
-    monkeypatch.setattr("pykvm.vsock.muxer.HANDSHAKE_TIMEOUT", 0.2)
+    monkeypatch.setattr("pykvm.vsock.host_sockets.HANDSHAKE_TIMEOUT", 0.2)
     guest = Guest(memory, uds)
     try:
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -288,7 +288,7 @@ def test_a_handshake_that_never_comes_times_out(memory, uds, monkeypatch):
 
 
 def test_a_guest_that_never_answers_a_request_is_given_up_on(memory, uds, monkeypatch):
-    monkeypatch.setattr("pykvm.vsock.muxer.CONNECT_TIMEOUT", 0.2)
+    monkeypatch.setattr("pykvm.vsock.host_sockets.CONNECT_TIMEOUT", 0.2)
     guest = Guest(memory, uds)
     try:
         client = connect_from_host(uds, 54)
@@ -473,7 +473,7 @@ def test_a_symlink_or_file_at_uds_path_is_refused(tmp_path):
 
 
 def test_a_guest_listener_owned_by_another_user_is_not_dialled(guest, uds, monkeypatch):
-    monkeypatch.setattr("pykvm.vsock.muxer.peer_refusal", lambda sock: "uid 1234 may not")
+    monkeypatch.setattr("pykvm.vsock.host_sockets.peer_refusal", lambda sock: "uid 1234 may not")
     listener = host_listener(uds, 5000)
     guest.send(OP_REQUEST)
     guest.expect(OP_RST)
