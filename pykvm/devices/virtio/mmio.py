@@ -35,7 +35,7 @@ edge-triggered (layout.VIRTIO_MMIO_IRQS), never the level PCI INTx ones.
 Because the driver ignores an interrupt whose InterruptStatus reads 0, a vhost-user
 back end on this transport cannot signal the irqfd itself (as it does a PCI MSI-X
 vector's): it signals the transport's call eventfd and pykvm's thread sets bit 0
-before the pulse (transport.py: no ``_direct_call_fd`` here).
+before the pulse (external_queues.py: no ``_direct_call_fd`` here).
 """
 
 from __future__ import annotations
