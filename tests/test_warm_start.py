@@ -148,7 +148,6 @@ def test_concurrent_first_runs_print_the_command_output_and_leave_one_entry(firs
     assert (entry / "state.json").is_file() and (entry / "memory.bin").is_file()
     assert (entry / "entry.json").is_file()
     # no scratch directory of the losing run was left behind
-    # no scratch directory left: the lock and the key's digest memo (warm/digests.py)
     assert sorted(p.name for p in (cache / "boots").iterdir() if p.name.startswith(".")) == \
         [".digests.json", ".lock"]
 
