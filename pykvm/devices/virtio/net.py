@@ -18,23 +18,8 @@ TUNSETVNETHDRSZ 12, see pykvm/net/tap.py), so the header passes through:
   guest RAM -- go to the TAP in one writev(); the kernel reads the header
   (checksum to complete, TSO segment size) itself.
 - receive: readv() from the TAP lands straight in the guest's receive buffers;
-  the device only fills in num_buffers. With VIRTIO_NET_F_MRG_RXBUF a frame may
-  spread over several buffers (each its own used element; num_buffers counts
-  them); without it each frame takes one chain (the driver's "big" buffers
-  when it asked for TSO). The device reads only once it holds buffers for the
-  largest frame the negotiated features allow; until the guest offers that
-  much, frames wait in the TAP's queue (and the kernel drops beyond it, as a
-  full NIC would). A frame longer than the buffers -- the host raised the TAP's
-  MTU, say -- is dropped and counted (a spare host byte after the buffers shows
-  it: the kernel truncates silently); the buffers are reused.
-  One readv() takes at most IOV_MAX buffers, so the device never holds more
-  descriptors than that for one frame: a receive chain that would pass the
-  bound waits for the next frame (the frame is read into the buffers already
-  held, a longer one is dropped as too long), and a chain that alone has more
-  is returned unused (length 0), as a malformed buffer the driver drops
-  (virtio 1.2 section 2.7.4.1: "the device MAY have a reasonable limit of
-  descriptors it will allow in a chain"; 2.7.4 names IOV_MAX as such a limit).
-  A guest's odd buffers cost it frames, never the NIC.
+  the device only fills in num_buffers (net_receive.py: which buffers a frame
+  takes, the IOV_MAX bound, frames too long for them).
 - errors: a TAP that fails a read stops receive until the driver resets the
   device (reset clears it), never for the VM's lifetime.
 
@@ -62,65 +47,34 @@ through the receive queue, never the back end.
 from __future__ import annotations
 
 import collections
-import errno
 import functools
 import logging
 import os
 import struct
 
 from .device import VirtioDevice
-from .queue import DescriptorChain, Virtqueue, VirtqueueError, scatter, slice_views
+# The numbers of section 5.1 live in net_spec.py and the receive path in net_receive.py;
+# all their names are importable from here, as before the split.
+from .net_receive import IOV_MAX, RX_BATCH, NetReceive
+from .net_spec import (BASIC_FEATURES, ETH_HEADER, MAX_GSO_FRAME, NET_HDR_SIZE,
+                       NUM_BUFFERS_OFFSET, OFFLOAD_FEATURES, QUEUE_SIZE, RECEIVE_QUEUE,
+                       TRANSMIT_QUEUE, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN,
+                       VIRTIO_ID_NET, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+                       VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+                       VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+                       VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+                       VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP)
+from .queue import DescriptorChain, Virtqueue
 from .throttle import QueueThrottle
 from ...net.wire import FdWatcher, Wire, WireBusy   # the back ends' interface (pykvm/net/wire.py)
 
 logger = logging.getLogger(__name__)
 
-VIRTIO_ID_NET = 1
-RECEIVE_QUEUE = 0
-TRANSMIT_QUEUE = 1
-QUEUE_SIZE = 256
-
-# --- feature bits (section 5.1.3) ---------------------------------------------------------
-VIRTIO_NET_F_CSUM = 1 << 0
-VIRTIO_NET_F_GUEST_CSUM = 1 << 1
-VIRTIO_NET_F_MTU = 1 << 3
-VIRTIO_NET_F_MAC = 1 << 5
-VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
-VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
-VIRTIO_NET_F_GUEST_ECN = 1 << 9
-VIRTIO_NET_F_HOST_TSO4 = 1 << 11
-VIRTIO_NET_F_HOST_TSO6 = 1 << 12
-VIRTIO_NET_F_HOST_ECN = 1 << 13
-VIRTIO_NET_F_MRG_RXBUF = 1 << 15
-VIRTIO_NET_F_STATUS = 1 << 16
-
-VIRTIO_NET_S_LINK_UP = 1
-
-BASIC_FEATURES = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU | VIRTIO_NET_F_MRG_RXBUF
-OFFLOAD_FEATURES = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
-                    | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN
-                    | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_ECN)
-
-# --- the header and the TAP --------------------------------------------------------------------
-NET_HDR_SIZE = 12               # virtio_net_hdr_v1 (VERSION_1: num_buffers always present)
-NUM_BUFFERS_OFFSET = 10
-ETH_HEADER = 14 + 4             # Ethernet header with one VLAN tag
-MAX_GSO_FRAME = NET_HDR_SIZE + ETH_HEADER + 65535
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
-
-RX_BATCH = 128                  # frames per worker turn before the other queue gets one
 TX_BATCH = 128
 RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset: dropped
 MAX_INJECTED = 256              # frames an in-VMM service (MMDS) may have waiting for RX
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024   # iovecs per readv()
 
-_U16 = struct.Struct("<H")
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
-
-
-def _set_num_buffers(views: list[memoryview], count: int) -> None:
-    """num_buffers into a header that a driver split over descriptors."""
-    scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
 
 
 class FrameFilter:
@@ -168,7 +122,7 @@ def tun_offload(features: int) -> int:
     return flags
 
 
-class NetDevice(VirtioDevice):
+class NetDevice(NetReceive, VirtioDevice):
     """A NIC whose wire is ``wire`` (a :class:`Wire`; an open TAP, with ``fd`` and
     ``set_offload``, is wrapped in a TapWire). ``owner``, if given, is closed with
     the device instead of the wire alone (the NicBackend, which also undoes the
@@ -334,128 +288,6 @@ class NetDevice(VirtioDevice):
             if malformed or errors:
                 stats["tx_malformed"] += malformed
                 stats["tx_errors"] += errors
-
-    def _receive(self, queue: Virtqueue) -> None:
-        self._rx_wants_more = False
-        if self._broken_backend:
-            return
-        recv_into, complete = self.wire.recv_into, self._complete
-        frames = octets = 0
-        rx_throttle = self.rx_throttle if self.rx_throttle.limiter is not None else None
-        try:
-            for _ in range(RX_BATCH):
-                if self._rx_capacity < self._rx_target and not self._take_buffers(queue):
-                    self._rx_wants_more = True   # out of buffers: the guest's notify resumes us
-                    self.stats["rx_waits_for_buffers"] += 1
-                    return
-                if self._injected:               # an in-VMM service's reply (MMDS)
-                    length = NET_HDR_SIZE + len(self._injected[0])
-                    if length <= self._rx_capacity:
-                        scatter(self._rx_views, bytes(NET_HDR_SIZE) + self._injected[0])
-                        complete(queue, length)
-                        frames += 1
-                        octets += length
-                    self._injected.popleft()
-                    continue
-                if rx_throttle is not None and not rx_throttle.admit():
-                    return                       # the throttle's wake-up kicks us
-                try:
-                    length = recv_into(self._rx_views)
-                except BlockingIOError:
-                    self.wire.arm()              # drained: wake us when the wire has more
-                    return
-                except OSError as error:
-                    if error.errno == errno.EINTR:
-                        continue
-                    self._broken_backend = True
-                    self._note(f"reading the {'TAP' if self.tap else 'wire'} failed: "
-                               f"{error.strerror}; receive stopped")
-                    return
-                if length > self._rx_capacity:
-                    self.stats["rx_dropped_too_long"] += 1   # reached the spare byte: reused
-                    continue
-                complete(queue, length)
-                frames += 1
-                octets += length
-                if rx_throttle is not None:
-                    rx_throttle.charge(length - NET_HDR_SIZE)
-            self.kick(RECEIVE_QUEUE)             # batch done: come back after the other queue
-        finally:
-            self.stats["rx_frames"] += frames
-            self.stats["rx_bytes"] += octets - NET_HDR_SIZE * frames
-
-    def _take_buffers(self, queue: Virtqueue) -> bool:
-        """Pop receive chains until they hold a largest frame (one chain without
-        MRG_RXBUF: a frame never spans chains then), within one readv()'s IOV_MAX
-        buffers. False if the guest has too few."""
-        pending, views, pop = self._pending, self._rx_views, queue.pop
-        while self._rx_capacity < self._rx_target:
-            if pending and not self._mergeable:
-                return True                   # the one chain is what the driver gave us
-            if self._held is not None:
-                entry, self._held = self._held, None
-                chain, capacity, count = entry
-            else:
-                chain = pop()
-                if chain is None:
-                    return False
-                if chain.readable:
-                    raise VirtqueueError(f"receive chain {chain.head} has device-readable "
-                                         f"buffers")
-                writable = chain.writable
-                count = len(writable)
-                capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
-                if capacity < NET_HDR_SIZE:
-                    raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes "
-                                         f"cannot hold the {NET_HDR_SIZE}-byte header")
-                entry = (chain, capacity, count)
-            if len(views) + count > IOV_MAX:          # views end with the spare byte
-                if pending:
-                    self._held = entry        # the next frame's; this one reads what we hold
-                    return True
-                queue.add_used(chain.head, 0)  # more buffers than one readv() takes
-                self.stats["rx_chains_too_fragmented"] += 1
-                continue
-            pending.append(entry)
-            views[-1:-1] = chain.writable
-            self._rx_capacity += capacity
-        return True
-
-    def _complete(self, queue: Virtqueue, length: int) -> None:
-        """``length`` bytes landed at the start of the pending buffers: say how many
-        buffers the frame took, then hand them to the guest."""
-        pending = self._pending
-        chain, capacity, count = pending[0]
-        first = chain.writable
-        if length <= capacity or not self._mergeable:   # one buffer: the common case
-            if len(first[0]) >= NET_HDR_SIZE:
-                _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, 1)
-            else:
-                _set_num_buffers(first, 1)
-            queue.add_used(chain.head, length)
-            pending.popleft()
-            self._rx_capacity -= capacity
-            del self._rx_views[:count]
-            return
-        used, remaining, views = 0, length, 0
-        for _, capacity, count in pending:
-            used += 1
-            views += count
-            remaining -= capacity
-            if remaining <= 0:
-                break
-        if len(first[0]) >= NET_HDR_SIZE:
-            _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, used)
-        else:
-            _set_num_buffers(first, used)
-        remaining = length
-        for _ in range(used):
-            chain, capacity, _count = pending.popleft()
-            written = min(capacity, remaining)
-            queue.add_used(chain.head, written)
-            remaining -= written
-            self._rx_capacity -= capacity
-        del self._rx_views[:views]
 
     def _offer(self, frame_filter: "FrameFilter", views: list[memoryview]) -> bool:
         """True if ``frame_filter`` claimed the frame; its replies are queued for RX."""
