@@ -1,12 +1,16 @@
 """firectl's sequence against ``pykvm firecracker``: the default guest booted purely
 through Firecracker's API to a shell on the serial console, paused and resumed,
 snapshotted through the API and loaded into a fresh process, where it answers.
-One Linux boot (minutes on kvm_pvm hosts)."""
+The guest's agent listens on vsock (``pykvm.agent=vsock:PORT`` on its command line: the
+default guest's /init starts it), so a command runs over ``CONNECT PORT`` on the vsock
+device's uds_path too. One Linux boot (minutes on kvm_pvm hosts)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +22,7 @@ from .guest_shell import REPO, GuestShell
 from .test_firecracker_api import call
 
 pytestmark = pytest.mark.linux
+AGENT_PORT = 1024               # pykvm.agent=vsock:AGENT_PORT: the guest agent's vsock port
 
 
 class FirecrackerShell(GuestShell):
@@ -83,7 +88,32 @@ def ext4_root_image(tmp_path):
     return image
 
 
-def put_firectl_config(shell, tmp_path) -> None:
+def connect_vsock(uds_path, port: int, timeout: float = 600) -> socket.socket:
+    """A connection to guest ``port`` through Firecracker's host side of vsock: connect
+    to ``uds_path``, write ``CONNECT port``, read ``OK hostport``; retried until the
+    guest listens (until then the muxer closes the client)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(60)
+        line = b""
+        try:
+            client.connect(str(uds_path))
+            client.sendall(b"CONNECT %d\n" % port)
+            while not line.endswith(b"\n") and (byte := client.recv(1)):
+                line += byte
+            if re.fullmatch(rb"OK \d+\n", line):
+                client.settimeout(None)
+                return client
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        client.close()
+        assert time.monotonic() < deadline, f"guest port {port} never accepted: {line!r}"
+        time.sleep(1)
+
+
+def put_firectl_config(shell, tmp_path, extra_args: str = "") -> None:
     """firectl's requests before InstanceStart: the machine, the default guest's kernel
     with firectl's command line, an ext4 root drive (ext4_root_image)."""
     from pykvm.machine import default_guest_dir, default_linux_guest
@@ -94,7 +124,8 @@ def put_firectl_config(shell, tmp_path) -> None:
     shell.wait_for_socket()
     assert shell.ok("GET", "/machine-config")["vcpu_count"] == 1
     shell.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 256, "smt": False})
-    boot = {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0 reboot=k pci=off"}
+    boot = {"kernel_image_path": str(kernel),
+            "boot_args": f"console=ttyS0 reboot=k pci=off {extra_args}".strip()}
     if initrd:
         boot["initrd_path"] = str(initrd)
     shell.ok("PUT", "/boot-source", boot)
@@ -105,8 +136,12 @@ def put_firectl_config(shell, tmp_path) -> None:
 def test_firectl_sequence_boot_pause_snapshot_load(tmp_path):
     from pykvm.machine import default_guest_dir
 
+    from .test_linux_vsock import run_over
+
+    uds = tmp_path / "v.sock"
     with FirecrackerShell(tmp_path / "fc.sock", tmp_path / "fc.log") as shell:
-        put_firectl_config(shell, tmp_path)
+        put_firectl_config(shell, tmp_path, f"pykvm.agent=vsock:{AGENT_PORT}")
+        shell.ok("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(uds)})
         shell.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         assert shell.ok("GET", "/")["state"] == "Running"
         shell.wait_for_shell()
@@ -114,6 +149,9 @@ def test_firectl_sequence_boot_pause_snapshot_load(tmp_path):
         # pci=off: the disk is a virtio-mmio device, announced on the command line
         assert "virtio-mmio.0" in shell.check("ls /sys/bus/platform/devices").split()
         assert shell.check("ls /bin").split() == ["busybox", "cat", "ls", "sh"]  # the ext4 root
+        # the same shell over vsock: the agent (bound into the ext4 root) runs it there
+        status, output = run_over(connect_vsock(uds, AGENT_PORT), "ls /bin; echo $((6 * 7))")
+        assert (status, output.decode().split()) == (0, ["busybox", "cat", "ls", "sh", "42"])
         shell.ok("PATCH", "/vm", {"state": "Paused"})
         assert shell.ok("GET", "/")["state"] == "Paused"
         shell.ok("PATCH", "/vm", {"state": "Resumed"})

@@ -15,6 +15,10 @@
  * busybox poweroff / reboot / halt signal PID 1: report 0.
  * With pykvm.agent=1 on the kernel command line, /sbin/pykvm-agent (agent.c)
  *   is started too, before the command or shell; init only reaps it.
+ *   With pykvm.agent=vsock:PORT instead, the agent serves its protocol over
+ *   virtio-vsock, listening on guest port PORT (--vsock-listen PORT): guests
+ *   booted through Firecracker's API, whose host reaches them by CONNECT PORT
+ *   on the device's uds_path (docs/vsock.md), not over a virtio-serial port.
  * With pykvm.virtiofs=NAME:TAG[:ro],... (pykvm run --share DIR: live shares,
  *   pykvm/share.py), each virtio-fs TAG is mounted at /mnt/NAME first.
  * With pykvm.rootfs=TAG pykvm.cwd=TAG2:PATH (pykvm run --rootfs DIR), virtio-fs
@@ -73,6 +77,7 @@ enum { STATUS_INIT_FAILED = 125, STATUS_CANNOT_EXEC = 126, STATUS_NOT_FOUND = 12
 #define CONSOLE_ACTIVE "/sys/class/tty/console/active"
 #define AGENT "/sbin/pykvm-agent"
 #define AGENT_FLAG "pykvm.agent=1"
+#define AGENT_VSOCK_KEY "pykvm.agent=vsock:"
 #define KERNEL_CMDLINE "/proc/cmdline"
 #define DHCP_KEY "pykvm.dhcp="
 #define UDHCPC "/sbin/udhcpc"
@@ -430,6 +435,29 @@ static int cmdline_flag(const char *word)
 /* The agent's path: the initramfs's, or its bind mount inside a block root. */
 static const char *agent_path = AGENT;
 
+/* pykvm.agent=vsock:PORT's PORT (decimal, 1..0xFFFFFFFE), or NULL; a bad one is said. */
+static const char *agent_vsock_port(void)
+{
+	static char port[16];
+	char *end;
+
+	if (!cmdline_value(AGENT_VSOCK_KEY, port, sizeof port))
+		return NULL;
+	errno = 0;
+	unsigned long value = strtoul(port, &end, 10);
+	if (errno || *end || port[0] < '0' || port[0] > '9' || value == 0 || value >= 0xFFFFFFFFUL) {
+		say("%s%s: not a vsock port", AGENT_VSOCK_KEY, port);
+		return NULL;
+	}
+	return port;
+}
+
+/* Whether the command line asks for the agent, on virtio-serial or on vsock. */
+static int agent_wanted(void)
+{
+	return cmdline_flag(AGENT_FLAG) || agent_vsock_port() != NULL;
+}
+
 /* root=/dev/DEVICE: see the comment at the top. Returns 1 when the root was switched. */
 static int enter_block_root(void)
 {
@@ -462,7 +490,7 @@ static int enter_block_root(void)
 	}
 	block_root = 1;
 	mount_new_root_file_systems();
-	if (cmdline_flag(AGENT_FLAG)) {
+	if (agent_wanted()) {
 		int fd = open(ROOT_MERGED IMAGE_AGENT, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
 			      O_CLOEXEC, 0755);
 		if (fd >= 0)
@@ -596,7 +624,8 @@ static void configure_dhcp(const sigset_t *child_mask)
 /* pykvm-agent (agent.c), when pykvm asked for it on the kernel command line. */
 static void start_agent(const sigset_t *child_mask)
 {
-	if (!cmdline_flag(AGENT_FLAG))
+	const char *vsock_port = agent_vsock_port();
+	if (!vsock_port && !cmdline_flag(AGENT_FLAG))
 		return;
 	pid_t pid = fork();
 	if (pid < 0) {
@@ -605,7 +634,10 @@ static void start_agent(const sigset_t *child_mask)
 	}
 	if (pid == 0) {
 		sigprocmask(SIG_SETMASK, child_mask, NULL);
-		execl(agent_path, "pykvm-agent", (char *)NULL);
+		if (vsock_port)
+			execl(agent_path, "pykvm-agent", "--vsock-listen", vsock_port, (char *)NULL);
+		else
+			execl(agent_path, "pykvm-agent", (char *)NULL);
 		say("cannot run %s: %s", agent_path, strerror(errno));
 		_exit(STATUS_NOT_FOUND);
 	}
