@@ -475,7 +475,8 @@ def test_running_paused_snapshot_and_load(api, tmp_path):
 def test_snapshot_load_network_overrides(netns, tmp_path):
     """PUT /snapshot/load's network_overrides (Firecracker >= 1.12) re-point a NIC, named
     by its iface_id, at another TAP: the snapshot's TAP is gone before the load, the NIC
-    comes up on the new one; an iface_id the snapshot has no NIC of is Firecracker's 400. The Api threads start inside the test's namespace."""
+    comes up on the new one with the snapshot's MAC (a snapshot keeps a guest_mac); an
+    iface_id the snapshot has no NIC of is Firecracker's 400. The Api threads start inside the test's namespace."""
     from .test_net import ip
     kernel, initrd = guest_kernel()
     ip("tuntap", "add", "dev", "fctap0", "mode", "tap")
@@ -487,9 +488,9 @@ def test_snapshot_load_network_overrides(netns, tmp_path):
             boot["initrd_path"] = str(initrd)
         assert api("PUT", "/boot-source", boot) == (204, None)
         assert api("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}) == (204, None)
-        # no guest_mac: a snapshot cannot save a NIC's MAC yet (pykvm/snapshot/config.py)
         assert api("PUT", "/network-interfaces/eth0", {
-            "iface_id": "eth0", "host_dev_name": "fctap0"}) == (204, None)
+            "iface_id": "eth0", "host_dev_name": "fctap0",
+            "guest_mac": "06:00:ac:10:00:02"}) == (204, None)
         assert api("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
         assert api("PATCH", "/vm", {"state": "Paused"}) == (204, None)
         paths = {"snapshot_path": str(tmp_path / "vm.snap"),
@@ -511,7 +512,8 @@ def test_snapshot_load_network_overrides(netns, tmp_path):
         assert fresh("GET", "/")[1]["state"] == "Not started"
         assert fresh("PUT", "/snapshot/load", {**paths, "network_overrides": [
             {"iface_id": "eth0", "host_dev_name": "fctap1"}]}) == (204, None)
-        assert [net.tap for net in fresh.vmm.machine.config.nets] == ["fctap1"]
+        (net,) = fresh.vmm.machine.config.nets
+        assert (net.tap, net.mac) == ("fctap1", bytes.fromhex("0600ac100002"))
         assert [(n["iface_id"], n["host_dev_name"])
                 for n in fresh("GET", "/vm/config")[1]["network-interfaces"]] == [("eth0",
                                                                                    "fctap1")]

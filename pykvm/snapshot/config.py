@@ -19,6 +19,7 @@ import types
 import typing
 from pathlib import Path
 
+from ..net.mac import format_mac
 from .schema import decode
 from .state import SnapshotError
 
@@ -26,6 +27,7 @@ if typing.TYPE_CHECKING:
     from ..machine import MachineConfig
 
 MAX_CONFIG_ITEMS = 64
+MAX_BYTES_TEXT = 64          # a saved bytes value (a MAC: 17 characters)
 
 
 def encode_config(config) -> dict:
@@ -118,6 +120,11 @@ def _decode_field(kind, name: str, hint, raw, where: str):
             return Path(decode(str, raw, where))
         if option in (bool, int, str) and type(raw) is option:
             return decode(option, raw, where)
+        if option is bytes and isinstance(raw, str) and len(raw) <= MAX_BYTES_TEXT:
+            try:                        # a NIC's MAC: _encode's colon-separated hex
+                return bytes.fromhex(raw.replace(":", ""))
+            except ValueError:
+                break
     raise SnapshotError(f"state.json: {where}: {str(raw)[:40]!r} is not a "
                         f"{' or '.join(getattr(o, '__name__', str(o)) for o in options)}")
 
@@ -144,7 +151,8 @@ def _as_from_command_line(spec, where: str):
     else:
         text = ",".join([f"tap={spec.tap}" if spec.tap else "tap"]
                         + [f"{key}={value}" for key, value in (("bridge", spec.bridge),
-                                                               ("netns", spec.netns)) if value])
+                                                               ("netns", spec.netns)) if value]
+                        + ([f"mac={format_mac(spec.mac)}"] if spec.mac is not None else []))
     try:
         parsed = type(spec).parse(text)
     except ConfigError as error:
@@ -158,6 +166,8 @@ def _as_from_command_line(spec, where: str):
 def _encode(value):
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, bytes):        # a NIC's MAC (NetSpec.mac); decoded by _decode_field
+        return format_mac(value) if len(value) == 6 else value.hex()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         kind = type(value)
         tags = {record: tag for tag, record in config_records().items()}
