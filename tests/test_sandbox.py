@@ -237,8 +237,10 @@ RARE_PATHS_SCENARIO = """
     from pykvm.bus import Device
     from pykvm.machine import MachineConfig, build_for_boot
     from pykvm.observe.disasm import Disassembler
+    from pykvm.quirks.syscall import nop_length
 
     assert "capstone" not in sys.modules and "pykvm.vstate.kvmstate" not in sys.modules
+    assert "pykvm.quirks.decode" not in sys.modules
 
     class RarePaths(Device):
         '''At the guest's first exit, on the confined vCPU thread: what a snapshot and a
@@ -248,8 +250,9 @@ RARE_PATHS_SCENARIO = """
             state = machine.vm.vcpus[0].save_state()
             loaded = "capstone" in sys.modules
             text = Disassembler().decode(bytes.fromhex("0f01ca"), 0, 64).text
-            print(f"saved {len(state.msrs)} MSRs; capstone loaded before: {loaded}; {text}",
-                  flush=True)
+            nop = nop_length(bytes.fromhex("0f1f4000"))   # planting the #PF hook decodes
+            print(f"saved {len(state.msrs)} MSRs; nop of {nop}; "
+                  f"capstone loaded before: {loaded}; {text}", flush=True)
             machine.request_stop("exit", 0, "done")
 
     machine = build_for_boot(MachineConfig(mem_size=2 << 20, flat=sys.argv[1]))
@@ -263,15 +266,15 @@ RARE_PATHS_SCENARIO = """
 
 @needs_kvm
 def test_rare_paths_import_on_a_confined_thread_right_after_start(tmp_path):
-    """kvmstate is imported off the start-up path by an unconfined thread; a confined
-    vCPU thread needing it at once waits for it (sandbox.wait_for_preload). capstone is
-    not loaded until a confined thread needs it: the same thread imports it then
-    (sandbox.import_unconfined)."""
+    """kvmstate and the #PF hook's instruction decoder are imported off the start-up path
+    by an unconfined thread; a confined vCPU thread needing them at once waits for them
+    (sandbox.wait_for_preload). capstone is not loaded until a confined thread needs it:
+    the same thread imports it then (sandbox.import_unconfined)."""
     result = child(RARE_PATHS_SCENARIO, probe_guest(tmp_path), PROBE_PORT)
     assert result.returncode == 0, result.stderr
     saved, stop = result.stdout.splitlines()[-2:]
     assert stop == "exit" and saved.startswith("saved ")
-    assert "capstone loaded before: False" in saved
+    assert "capstone loaded before: False" in saved and "nop of 4;" in saved
     try:
         import capstone  # noqa: F401
     except ImportError:

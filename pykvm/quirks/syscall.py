@@ -42,11 +42,11 @@ from ..errors import GuestCrashed, GuestMemoryError, PykvmError
 from ..guest.idt import INTERRUPT_GATE, TRAP_GATE, read_gate
 from ..guest.pagewalk import LEVEL4, LEVEL5, paging_mode, read_linear, translate
 from ..ioctl.structs import kvm_sregs
+from .. import sandbox
 from ..ioctl.run import SYNCED_SREGS_OFFSET
 from ..snapshot.schema import U64, blob
 from ..snapshot.state import ComponentState, SnapshotError
 from ..vstate.hooks import ExitWatch
-from .decode import decode
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,13 @@ def _nop_or_clac(code: bytes) -> bool:
 
 def nop_length(code: bytes) -> int | None:
     """Length of the NOP at the start of ``code``: 90, 66 90, 0f 1f /0 (with the prefixes
-    compilers put on multi-byte NOPs); decode.py reads its ModRM, SIB and displacement."""
+    compilers put on multi-byte NOPs); decode.py reads its ModRM, SIB and displacement.
+
+    Only planting the hook asks (never before a guest's first KVM_RUN), so the decoder is
+    imported here, after the sandbox's background preload (bench/startup.py): the caller
+    may be a confined vCPU thread, which cannot import on its own."""
+    sandbox.wait_for_preload()
+    from .decode import decode
     instruction = decode(code)
     if instruction is None or instruction.rex or set(instruction.prefixes) - set(NOP_PREFIXES):
         return None

@@ -25,7 +25,6 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import Future
 from typing import Callable
 
 from .. import ioctl as k
@@ -37,6 +36,7 @@ from ..observe.stats import VcpuStats
 from . import exits
 from .control import RunControl
 from .hooks import NO_WATCH, ExitHooks, ExitWatch
+from .reply import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -242,11 +242,11 @@ class Vcpu:
         if self.thread is None or threading.current_thread() is self.thread \
                 or not self.thread.is_alive():
             return function(self)
-        future: Future = Future()
-        self._requests.put((function, future))
+        reply = Reply()
+        self._requests.put((function, reply))
         self.kick()
         self.control.wake_paused()
-        return future.result(timeout)
+        return reply.result(timeout)
 
     def kick(self) -> None:
         """Make KVM_RUN return (EINTR) soon, whether or not the guest is inside it now."""
@@ -261,14 +261,13 @@ class Vcpu:
     def _serve_requests(self) -> None:
         while True:
             try:
-                function, future = self._requests.get_nowait()
+                function, reply = self._requests.get_nowait()
             except queue.Empty:
                 return
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function(self))
-                except BaseException as error:  # handed to the caller, who re-raises it
-                    future.set_exception(error)
+            try:
+                reply.set_result(function(self))
+            except BaseException as error:  # handed to the caller, who re-raises it
+                reply.set_exception(error)
 
     # --- the run loop ---------------------------------------------------------------------
     def start(self) -> None:
