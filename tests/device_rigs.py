@@ -1,5 +1,5 @@
 """Virtio device models with every queue activated on DriverRings in a GuestMemory, no
-KVM: the rigs that tests/test_hostile_guest.py attacks and tests/test_virtio_fuzz.py
+KVM: the rigs that tests/kvm/test_hostile_guest.py attacks and tests/unit/test_virtio_fuzz.py
 fuzzes (blk on a file, net on a socket-pair TAP stand-in, console, rng, the serial
 ports device)."""
 

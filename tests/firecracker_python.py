@@ -1,5 +1,5 @@
 """The `firecracker-python` client from PyPI in a virtualenv of its own, for
-tests/test_firecracker_python.py: it pins its dependencies (pyroute2 0.8.1, requests,
+tests/kvm/test_firecracker_python.py: it pins its dependencies (pyroute2 0.8.1, requests,
 docker...), which must not meet pykvm's own in .venv.
 
 The venv lives in ``${PYKVM_CACHE:-~/.cache/pykvm}/firecracker-python-VERSION/`` and is

@@ -1,4 +1,4 @@
-"""Run by tests/test_firecracker_python.py with the python of the `firecracker-python`
+"""Run by tests/kvm/test_firecracker_python.py with the python of the `firecracker-python`
 venv (tests/firecracker_python.py), inside a throwaway network namespace: that client,
 as its users call it, creates, starts, pauses, resumes, snapshots and deletes a microVM
 whose VMM binary is pykvm-firecracker. It imports nothing of pykvm.

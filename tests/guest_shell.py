@@ -1,6 +1,6 @@
 """Driving the shell of a guest that a pykvm *command* runs, over its serial console:
 for tests and benches of the command itself (``pykvm run``, ``pykvm firecracker``:
-tests/test_linux_firecracker.py's FirecrackerShell; bench/snapshot.py, bench/memory.py).
+tests/linux/test_linux_firecracker.py's FirecrackerShell; bench/snapshot.py, bench/memory.py).
 Tests that only need a Linux guest use the pytest plugin's ``linux_vm`` / ``linux_vms``
 (pykvm/pytest_plugin: one boot and snapshot per configuration, a restore per test, the
 guest agent as the driver), not this.

@@ -2,7 +2,7 @@
 
 Request numbers are computed with the kernel's own _IOC encoding from the
 struct each request carries, so a struct's size and its request cannot drift
-apart; ``tests/test_abi.py`` compares every value with the C header's.
+apart; ``tests/unit/test_abi.py`` compares every value with the C header's.
 """
 
 import ctypes

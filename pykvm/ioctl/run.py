@@ -2,7 +2,7 @@
 "The kvm_run structure", and "KVM_EXIT_IO", "KVM_EXIT_MMIO", "KVM_EXIT_INTERNAL_ERROR",
 "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_DEBUG").
 
-Every offset here is taken from the ctypes structs in structs.py, which tests/test_abi.py
+Every offset here is taken from the ctypes structs in structs.py, which tests/unit/test_abi.py
 compares field by field against <linux/kvm.h>; the struct.Struct formats are built from
 those offsets (:func:`layout`), so they cannot drift from the kernel's layout.
 

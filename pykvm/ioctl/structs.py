@@ -1,7 +1,7 @@
 """ctypes mirrors of the structs in <linux/kvm.h> and <asm/kvm.h> (x86-64).
 
 Declared once, here, in the kernel's field order and names, so a reader can
-hold this file next to the header. ``tests/test_abi.py`` compiles a C program
+hold this file next to the header. ``tests/unit/test_abi.py`` compiles a C program
 against the system header and checks every size and offset declared below.
 """
 

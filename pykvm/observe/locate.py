@@ -4,7 +4,7 @@ Called on the vCPU thread after pykvm handled the exit and before the next
 KVM_RUN, so it may read the vCPU's registers (KVM_GET_REGS, KVM_GET_SREGS, or
 the kvm_run page with KVM_CAP_SYNC_REGS) and walk the guest's own page tables.
 
-Where RIP points at an exit (measured; see tests/test_trace.py). KVM finishes
+Where RIP points at an exit (measured; see tests/kvm/test_trace.py). KVM finishes
 an instruction that needed user space in one of two ways:
 
 - *after* user space answered: RIP still points at the instruction when

@@ -11,7 +11,7 @@ raised (#UD, #NM, #GP, #PF; SDM vol. 2 lists them per instruction under
 not in the table stops the VM (pvm.py says which and where).
 
 Each row was measured: on this kind of host a flat ring-0 guest executing it
-ends KVM_RUN with the emulation failure (tests/test_completions.py runs each one
+ends KVM_RUN with the emulation failure (tests/kvm/test_completions.py runs each one
 and checks its architectural result). Instructions the emulator does run
 (fxsave, fxrstor, xsetbv, wbinvd, clflush, rdtsc, ...) need no row; the ones it
 stops at that Linux can be kept away from by CPUID or its command line are kept

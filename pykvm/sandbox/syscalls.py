@@ -2,7 +2,7 @@
 
 The table is ``arch/x86/entry/syscalls/syscall_64.tbl`` (the same numbers as
 ``<asm/unistd_64.h>``), written as the names in number order; ``-`` marks a
-number with no system call. ``tests/test_sandbox.py`` checks it against the
+number with no system call. ``tests/kvm/test_sandbox.py`` checks it against the
 installed header. Numbers at or above ``X32_SYSCALL_BIT`` are the x32 ABI, which
 a pykvm filter always refuses.
 """

@@ -1,5 +1,5 @@
 /*
- * hostile.S: the guest of tests/test_hostile_guest.py -- ring-3 code that runs the
+ * hostile.S: the guest of tests/kvm/test_hostile_guest.py -- ring-3 code that runs the
  * scripts a test writes into its RAM: the stores and loads a hostile driver makes,
  * to its rings in RAM and to the virtio devices' BARs on the PCI bus (MMIO exits
  * and ioeventfd doorbells, as a real driver's). Ring 3 runs at native speed on

@@ -265,7 +265,7 @@ class Virtqueue:
         stores visible in program order (TSO), so a driver that sees the new index
         sees the whole element; nothing else writes this ring, and only one thread
         at a time serves a queue (the transport's lock), so the index never goes
-        back. tests/test_hostile_guest.py watches it from a guest vCPU."""
+        back. tests/kvm/test_hostile_guest.py watches it from a guest vCPU."""
         slot = 2 * (self.used_idx & (self.size - 1))
         ring = self._used_ring
         ring[slot] = head
