@@ -31,7 +31,7 @@
 
 /* READ16 src, reg, scratch: a 16-bit ring index, with one 16-bit load: pykvm
  * publishes each index with one 16-bit store, after the element it covers
- * (tests/test_hostile_guest.py proves it with a guest like this one). Reading
+ * (tests/kvm/test_hostile_guest.py proves it with a guest like this one). Reading
  * twice and counting a difference as a glitch, as this macro once did, counted
  * the device's legitimate progress between the two loads (the one "glitch" seen
  * at QD32); `glitches` now counts only indexes that cannot be true. */
