@@ -107,6 +107,23 @@ def guest_kernel():
         pytest.skip(str(error))
 
 
+def vmm_with_the_default_guest() -> Vmm:
+    """A Vmm (its log in a buffer, the guest's output dropped) whose boot source is the
+    default guest, not started: the caller adds devices, may call ``_start()`` (which
+    builds the machine as InstanceStart does) and closes it."""
+    kernel, initrd = guest_kernel()
+    vmm = Vmm("x", Log("x", stream=io.StringIO()), stdout=io.BytesIO())
+    try:
+        boot = {"kernel_image_path": str(kernel)}
+        if initrd:
+            boot["initrd_path"] = str(initrd)
+        vmm.put_boot_source(boot)
+    except BaseException:
+        vmm.close()
+        raise
+    return vmm
+
+
 # --- before the start -------------------------------------------------------------------------------
 def test_instance_info_and_version(api):
     status, info = api("GET", "/")
@@ -680,13 +697,8 @@ def _passt_children() -> list[int]:
 def test_instance_start_with_a_user_nic_starts_passt(user_netns):
     """The machine is built (as InstanceStart does on the main thread) but never run:
     no guest boots. passt runs in the throwaway namespace, and is gone after close."""
-    kernel, initrd = guest_kernel()
-    vmm = Vmm("x", Log("x", stream=io.StringIO()), stdout=io.BytesIO())
+    vmm = vmm_with_the_default_guest()
     try:
-        boot = {"kernel_image_path": str(kernel)}
-        if initrd:
-            boot["initrd_path"] = str(initrd)
-        vmm.put_boot_source(boot)
         vmm.put_network_interface("eth0", user_nic("eth0", "pykvm:user,fwd=tcp:18096:80"))
         assert _passt_children() == []
         vmm._start()

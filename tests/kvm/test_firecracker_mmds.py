@@ -20,7 +20,8 @@ from pykvm.memory import GuestMemory
 from pykvm.mmds.stack import MMDS_MAC, MmdsStack
 from pykvm.net.stream import StreamWire
 
-from .test_firecracker_api import api, firecracker, guest_kernel, user_nic  # noqa: F401
+from .test_firecracker_api import (api, firecracker, user_nic,  # noqa: F401
+                                   vmm_with_the_default_guest)
 from ..unit.test_mmds import DATA, arp
 from .test_passt import needs_passt, user_netns  # noqa: F401 - user_netns: a fixture
 from ..unit.test_queue_throttle import ring_and_queue
@@ -87,13 +88,8 @@ def test_metadata_file(tmp_path):
 
 @needs_passt
 def test_instance_start_puts_the_stack_on_the_named_nic(user_netns):
-    kernel, initrd = guest_kernel()
-    vmm = Vmm("x", Log("x", stream=io.StringIO()), stdout=io.BytesIO())
+    vmm = vmm_with_the_default_guest()
     try:
-        boot = {"kernel_image_path": str(kernel)}
-        if initrd:
-            boot["initrd_path"] = str(initrd)
-        vmm.put_boot_source(boot)
         vmm.put_network_interface("eth0", user_nic("eth0", "pykvm:user"))
         vmm.put_network_interface("eth1", user_nic("eth1", "pykvm:user"))
         vmm.mmds.put_config({"network_interfaces": ["eth1"], "ipv4_address": "169.254.1.1"})

@@ -5,12 +5,10 @@ meaning (a bucket given replaces, one left out is kept, size 0 turns it off)."""
 
 from __future__ import annotations
 
-import io
+from pykvm.api.firecracker.vmm import BEFORE_START
 
-from pykvm.api.firecracker.logs import Log
-from pykvm.api.firecracker.vmm import BEFORE_START, Vmm
-
-from .test_firecracker_api import api, guest_kernel, user_nic  # noqa: F401 - api: a fixture
+from .test_firecracker_api import (api, user_nic,  # noqa: F401 - api: a fixture
+                                   vmm_with_the_default_guest)
 from .test_passt import needs_passt, user_netns  # noqa: F401 - user_netns: a fixture
 
 LIMITED = {"bandwidth": {"size": 1 << 20, "refill_time": 1000},
@@ -40,15 +38,10 @@ def test_drive_and_nic_limiters_before_the_start(api, tmp_path):
 @needs_passt
 def test_limiters_reach_the_devices_and_patch_updates_them(user_netns, tmp_path):
     """The machine is built as InstanceStart builds it but never run."""
-    kernel, initrd = guest_kernel()
     image = tmp_path / "data.img"
     image.write_bytes(bytes(65536))
-    vmm = Vmm("x", Log("x", stream=io.StringIO()), stdout=io.BytesIO())
+    vmm = vmm_with_the_default_guest()
     try:
-        boot = {"kernel_image_path": str(kernel)}
-        if initrd:
-            boot["initrd_path"] = str(initrd)
-        vmm.put_boot_source(boot)
         vmm.put_drive("data", {"drive_id": "data", "path_on_host": str(image),
                                "is_root_device": False, "rate_limiter": LIMITED})
         vmm.put_network_interface("eth0", user_nic(
