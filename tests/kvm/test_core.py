@@ -176,23 +176,38 @@ def test_pause_stops_progress_and_resume_continues(kvm):
         out %eax, %dx
         jmp 1b""", "long", origin=layout.FLAT_LOAD_ADDR)
     with flat_vm(kvm, code, devices=[(0x80, 4, counter)]) as vm:
-        assert vm.state is State.CREATED
-        vm.start()
-        assert vm.state is State.RUNNING
-        time.sleep(0.3)
-        vm.pause()
-        assert vm.state is State.PAUSED
+        start_run_pause(vm)
         frozen = len(counter.writes)
         time.sleep(0.3)
         assert len(counter.writes) == frozen and frozen > 0
-        vm.resume()
-        assert vm.state is State.RUNNING
-        time.sleep(0.3)
+        resume_run(vm)
         assert len(counter.writes) > frozen
-        vm.request_stop("user", 0, "test done")
-        assert vm.wait(timeout=5).kind == "user"
-        assert vm.state is State.STOPPED
-        assert not any(v.thread.is_alive() for v in vm.vcpus)
+        stop_and_join(vm)
+
+
+def start_run_pause(vm) -> None:
+    """Start a created VM, let it run 0.3 s, pause it; the states follow the life cycle."""
+    assert vm.state is State.CREATED
+    vm.start()
+    assert vm.state is State.RUNNING
+    time.sleep(0.3)
+    vm.pause()
+    assert vm.state is State.PAUSED
+
+
+def resume_run(vm) -> None:
+    """Resume a paused VM and let it run 0.3 s."""
+    vm.resume()
+    assert vm.state is State.RUNNING
+    time.sleep(0.3)
+
+
+def stop_and_join(vm) -> None:
+    """Stop a running VM: it reports the user's stop, and every vCPU thread has ended."""
+    vm.request_stop("user", 0, "test done")
+    assert vm.wait(timeout=5).kind == "user"
+    assert vm.state is State.STOPPED
+    assert not any(v.thread.is_alive() for v in vm.vcpus)
 
 
 def test_stop_from_another_thread_kicks_a_spinning_guest(kvm):

@@ -29,6 +29,7 @@ from pykvm.vstate.vm import State, Vm
 
 from ..asm import assemble
 from ..ports import ExitPort
+from .test_core import resume_run, start_run_pause, stop_and_join
 
 CYCLES = 100
 
@@ -527,24 +528,14 @@ def test_pause_and_resume_with_an_ap_waiting_for_sipi(kvm):
         memory.write(layout.FLAT_LOAD_ADDR, code)
         vm.create_vcpus(2)
         set_mode(vm.vcpus[0], memory, "long", layout.FLAT_LOAD_ADDR)
-        assert vm.state is State.CREATED
-        vm.start()
-        assert vm.state is State.RUNNING
-        time.sleep(0.3)
-        vm.pause()
-        assert vm.state is State.PAUSED
+        start_run_pause(vm)
         frozen = counter.count
         time.sleep(0.3)
         assert counter.count == frozen > 0
         assert vm.vcpus[1].call(lambda v: v.get_mp_state()) == k.KVM_MP_STATE_UNINITIALIZED
-        vm.resume()
-        assert vm.state is State.RUNNING
-        time.sleep(0.3)
+        resume_run(vm)
         assert counter.count > frozen
-        vm.request_stop("user", 0, "test done")
-        assert vm.wait(timeout=5).kind == "user"
-        assert vm.state is State.STOPPED
-        assert not any(v.thread.is_alive() for v in vm.vcpus)
+        stop_and_join(vm)
 
 
 # --- SMP: application processors start through the in-kernel LAPIC --------------------------
