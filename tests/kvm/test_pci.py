@@ -321,30 +321,22 @@ def test_conf1_from_a_guest(kvm):
         def read(self, offset, size):
             return 0
 
-    code = assemble(f"""
+    def conf1_read_to_port_80(address: int, read: str = "mov $0xcfc, %dx\n in %dx, %eax"):
+        """Select ``address`` at 0xcf8, run ``read`` (it leaves the value in %eax), and
+        write %eax to the sink at port 0x80."""
+        return f"""
         mov $0xcf8, %dx
-        mov ${conf1_address(0, 0):#x}, %eax
+        mov ${address:#x}, %eax
         out %eax, %dx
-        mov $0xcfc, %dx
-        in %dx, %eax
+        {read}
         mov $0x80, %dx
-        out %eax, %dx
-        mov $0xcf8, %dx
-        mov ${conf1_address(1, 0):#x}, %eax
-        out %eax, %dx
-        mov $0xcfc, %dx
-        in %dx, %eax
-        mov $0x80, %dx
-        out %eax, %dx
-        mov $0xcf8, %dx
-        mov ${conf1_address(0, 0x08):#x}, %eax
-        out %eax, %dx
-        xor %eax, %eax
-        mov $0xcfe, %dx
-        in %dx, %ax
-        mov $0x80, %dx
-        out %eax, %dx
-        hlt""", "protected", origin=layout.FLAT_LOAD_ADDR)
+        out %eax, %dx"""
+
+    code = assemble(conf1_read_to_port_80(conf1_address(0, 0))
+                    + conf1_read_to_port_80(conf1_address(1, 0))
+                    + conf1_read_to_port_80(conf1_address(0, 0x08),        # 16 bits at 0xcfe
+                                            "xor %eax, %eax\n mov $0xcfe, %dx\n in %dx, %ax")
+                    + "\n hlt", "protected", origin=layout.FLAT_LOAD_ADDR)
     with GuestMemory.anonymous(2 << 20) as memory, Vm(kvm, memory) as vm:
         sink = Sink()
         vm.add_pio_device(0x80, 4, sink)
