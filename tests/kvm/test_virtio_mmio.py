@@ -102,6 +102,23 @@ def test_register_file_reads_as_a_version_2_device(rig):
                    "capacity": SECTORS, "magic_16bit": 0, "rng_device": 4}
 
 
+def _negotiated(memory, base: int) -> tuple[DriverRing, MmioScript]:
+    """A fresh queue-0 ring in RINGS and a script that has the device at ``base``
+    negotiate its features (FEATURES_OK) and nothing more yet."""
+    ring = DriverRing(memory, RINGS, QSIZE)
+    script = MmioScript(base)
+    script.negotiate()
+    return ring, script
+
+
+def _driver_ok(memory, base: int) -> tuple[DriverRing, MmioScript]:
+    """:func:`_negotiated`, then the ring set up as queue 0 and DRIVER_OK written."""
+    ring, script = _negotiated(memory, base)
+    script.ring(0, ring)
+    script.reg(STATUS, 0xF)
+    return ring, script
+
+
 def _blk_request(memory, ring: DriverRing, kind: int, sector: int, data_addr: int) -> None:
     memory.write(DATA, struct.pack("<IIQ", kind, 0, sector))
     memory.write(DATA + 0x2000, b"\xff")
@@ -112,11 +129,7 @@ def test_a_request_round_trip_over_the_ioeventfd_and_the_interrupt_status(rig):
     guest, virtio, image = rig
     memory = guest.memory
     transport = virtio.transports()[0]
-    ring = DriverRing(memory, RINGS, QSIZE)
-    setup = MmioScript(BLK)
-    setup.negotiate()
-    setup.ring(0, ring)
-    setup.reg(STATUS, 0xF)                                # DRIVER_OK
+    ring, setup = _driver_ok(memory, BLK)
     status = setup.get(STATUS)
     assert guest.run(setup)[status] == 0xF
 
@@ -179,9 +192,7 @@ def test_a_hostile_driver_gets_needs_reset_and_the_device_recovers(rig, name, at
     guest, virtio, _ = rig
     memory = guest.memory
     transport = virtio.transports()[1]
-    ring = DriverRing(memory, RINGS, QSIZE)
-    script = MmioScript(RNG)
-    script.negotiate()
+    ring, script = _negotiated(memory, RNG)
     attack(script, ring)
     guest.run(script)
     assert wait_until(lambda: transport.broken, 5.0), name
@@ -195,11 +206,7 @@ def test_a_hostile_driver_gets_needs_reset_and_the_device_recovers(rig, name, at
     assert not any("internal error" in line for line in pykvm_warnings(caplog)), name
 
     # The driver resets the device and it serves an ordinary request again.
-    ring = DriverRing(memory, RINGS, QSIZE)
-    again = MmioScript(RNG)
-    again.negotiate()
-    again.ring(0, ring)
-    again.reg(STATUS, 0xF)
+    ring, again = _driver_ok(memory, RNG)
     status = again.get(STATUS)
     memory.write(DATA, bytes(64))
     _publish(ring, DATA, 64)
@@ -292,11 +299,7 @@ def test_a_snapshot_keeps_the_mmio_devices_state_and_the_guest_goes_on(kvm, tmp_
         machine.memory.write_u64(PARAMS + 8, CMD_ADDR)
         guest = MachineGuest(machine)
         machine.vm.start()
-        ring = DriverRing(machine.memory, RINGS, QSIZE)
-        script = MmioScript(RNG)
-        script.negotiate()
-        script.ring(0, ring)
-        script.reg(STATUS, 0xF)
+        ring, script = _driver_ok(machine.memory, RNG)
         _publish(ring, DATA, 32)
         script.notify(0)
         guest.run(script)
