@@ -17,7 +17,6 @@ from pykvm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pykvm.devices.virtio.vsock import (EVENT_QUEUE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_VSOCK,
                                         VsockDevice)
 from pykvm.errors import ConfigError
-from pykvm.memory import GuestMemory
 from pykvm.vsock import VsockSpec
 from pykvm.vsock.connection import BUFFER_SIZE
 from pykvm.vsock.muxer import FIRST_LOCAL_PORT, UnixMuxer, bind_listener
@@ -28,6 +27,7 @@ from pykvm.vsock.packet import (HEADER_SIZE, HOST_CID, OP_CREDIT_REQUEST, OP_CRE
 from ..conftest import needs_kvm
 from ..fakes import wait_for
 from .test_snapshot import counting_guest  # noqa: F401 - the flat guest that counts (a fixture)
+from ..unit.test_virtio_blk import memory  # noqa: F401 - the fixture: 2 MiB of guest RAM
 
 CID = 3
 RINGS = {RX_QUEUE: 0x1000, TX_QUEUE: 0x3000, EVENT_QUEUE: 0x5000}
@@ -142,12 +142,6 @@ class Guest:
     def quiet(self, seconds=0.3):
         """True if no packet arrives for ``seconds``."""
         return not wait_for(lambda: bool(self.poll()), seconds)
-
-
-@pytest.fixture
-def memory():
-    with GuestMemory.anonymous(2 << 20) as ram:
-        yield ram
 
 
 @pytest.fixture
