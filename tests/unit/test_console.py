@@ -9,6 +9,7 @@ import sys
 import termios
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -105,8 +106,12 @@ def test_restore_is_idempotent(pty_pair):
     assert termios.tcgetattr(slave) == before
 
 
-def run_console_child(slave, ending):
-    """A child pykvm-like process whose stdin is the pty; reports once raw."""
+@contextmanager
+def raw_console_child(slave, ending):
+    """A child pykvm-like process whose stdin is the pty, run until it reports raw and
+    then given to the body with ``ending`` still to run; killed and its pipe closed on the
+    way out, after which the terminal must be as it was before the child started."""
+    before = termios.tcgetattr(slave)
     script = (
         "import sys, time\n"
         "from pykvm.console import HostConsole\n"
@@ -115,36 +120,29 @@ def run_console_child(slave, ending):
         "print('raw' if console.raw else 'cooked', flush=True)\n"
         f"{ending}\n"
     )
-    return subprocess.Popen([sys.executable, "-c", script], stdin=slave,
-                            stdout=subprocess.PIPE, cwd=REPO)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=slave,
+                             stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert child.stdout.readline() == b"raw\n"
+        yield child
+    finally:
+        child.kill()
+        child.stdout.close()
+    assert termios.tcgetattr(slave) == before
 
 
 def test_sigterm_restores_the_terminal_then_terminates(pty_pair):
     master, slave = pty_pair
-    before = termios.tcgetattr(slave)
-    child = run_console_child(slave, "time.sleep(60)")
-    try:
-        assert child.stdout.readline() == b"raw\n"
+    with raw_console_child(slave, "time.sleep(60)") as child:
         assert not termios.tcgetattr(slave)[3] & termios.ICANON
         child.send_signal(signal.SIGTERM)
         assert child.wait(10) == -signal.SIGTERM    # the signal still kills it
-    finally:
-        child.kill()
-        child.stdout.close()
-    assert termios.tcgetattr(slave) == before
 
 
 def test_exit_without_close_restores_the_terminal(pty_pair):
     master, slave = pty_pair
-    before = termios.tcgetattr(slave)
-    child = run_console_child(slave, "sys.exit(3)")
-    try:
-        assert child.stdout.readline() == b"raw\n"
+    with raw_console_child(slave, "sys.exit(3)") as child:
         assert child.wait(10) == 3
-    finally:
-        child.kill()
-        child.stdout.close()
-    assert termios.tcgetattr(slave) == before
 
 
 # --- not a terminal ---------------------------------------------------------------
