@@ -32,6 +32,19 @@ def ring_and_queue(memory, base, size=16):
     return ring, queue
 
 
+def limited_disk_parts(memory, tmp_path):
+    """A BlockDevice on a zeroed 16-sector image, the indexes of its kicks recorded in
+    the list returned with it, and a 16-entry queue 0 at 0x1000: (device, kicks, ring,
+    queue). The caller closes the device."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(512 * 16))
+    device = BlockDevice(str(image))
+    kicks = []
+    device.kick = kicks.append
+    ring, queue = ring_and_queue(memory, 0x1000)
+    return device, kicks, ring, queue
+
+
 @pytest.fixture
 def memory():
     with GuestMemory.anonymous(2 << 20) as ram:
@@ -64,12 +77,7 @@ def test_update_keeps_what_it_is_not_given_and_removes_with_none():
 
 
 def test_limited_disk_serves_n_ops_then_waits_for_the_timer(memory, tmp_path):
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(512 * 16))
-    device = BlockDevice(str(image))
-    kicks = []
-    device.kick = kicks.append
-    ring, queue = ring_and_queue(memory, 0x1000)
+    device, kicks, ring, queue = limited_disk_parts(memory, tmp_path)
     try:
         # 3 requests at once, then one more each 100 ms (of the test's clock)
         clock = Clock()
@@ -96,11 +104,7 @@ def test_limited_disk_serves_n_ops_then_waits_for_the_timer(memory, tmp_path):
 
 
 def test_bandwidth_counts_data_bytes_and_a_large_request_still_runs(memory, tmp_path):
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(512 * 16))
-    device = BlockDevice(str(image))
-    device.kick = lambda index: None
-    ring, queue = ring_and_queue(memory, 0x1000)
+    device, _, ring, queue = limited_disk_parts(memory, tmp_path)
     try:
         device.limit(RateLimiter(bandwidth=TokenBucket(1024, 60_000)))
         offer_request(memory, ring, READ, sector=0, data_len=4096)    # 4x the bucket
