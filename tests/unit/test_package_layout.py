@@ -19,9 +19,7 @@ MAX_LINES = 400
 KNOWN_CYCLES: set[frozenset[str]] = set()
 
 # Modules over MAX_LINES whose split is in progress elsewhere (issue #14 item 7).
-KNOWN_LONG = {
-    "pykvm.api.firecracker.vmm",
-}
+KNOWN_LONG: set[str] = set()
 
 
 def strongly_connected(edges: dict[str, set[str]]) -> list[set[str]]:

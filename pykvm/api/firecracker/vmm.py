@@ -12,18 +12,16 @@ The machine is built (InstanceStart, snapshot load) and run on the process's mai
 thread (:meth:`Vmm.serve_main`): the API server's threads run under the sandbox's
 ``control`` role, and a vCPU thread inherits its creator's filter. Requests are
 served one at a time (``_lock``), as Firecracker's single API thread serves them.
+Beside it: the machine's resources (machine_resources.py), Firecracker's snapshot
+files (snapshot_file.py), ``--config-file`` (config_file.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import json
 import os
 import queue
 import shutil
-import stat
-import tempfile
 import threading
 from pathlib import Path
 
@@ -36,26 +34,23 @@ from .mmds import MmdsApi
 from .entropy import EntropyApi
 from .vsock import VsockApi
 from .logs import Log, MetricsSink
+from .machine_resources import MachineResources
 from .resources import (DEFAULT_MACHINE, ApiFault, BootSource, Drive, InstanceActionInfo,
-                        Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive,
-                        PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams,
-                        VmState, patched, path_id_matches)
+                        Logger, MachineConfiguration, Metrics, NetworkInterface,
+                        SnapshotCreateParams, SnapshotLoadParams, VmState)
+from .snapshot_file import move_file, network_overrides, unwrap_state, workdir_beside, wrap_state
 
 NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
 AFTER_START = "The requested operation is not supported after starting the microVM."
 BEFORE_START = "The requested operation is not supported before starting the microVM."
-MAX_DRIVES = 16
-MAX_NICS = 8
-MAX_CONFIG_FILE = 1 << 20
 METRICS_INTERVAL = 60.0       # seconds between unasked metrics lines (Firecracker's too)
-MAX_STATE_FILE = 64 << 20     # a pykvm state.json (pykvm/snapshot/document.py bounds it too)
 # Firecracker's devices are virtio-mmio, announced on the kernel command line, so its
 # users' command lines say pci=off (firectl, Kata): pykvm's are too here, by default.
 TRANSPORT = "mmio"
 I8042_WORDS = ("i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd")
 
 
-class Vmm:
+class Vmm(MachineResources):
     """One microVM. ``log`` is the VMM's :class:`~.logs.Log`; ``stdin``/``stdout`` the
     serial console's host side (Firecracker's own stdin and stdout)."""
 
@@ -117,107 +112,6 @@ class Vmm:
                     "mmds-config": self.mmds.to_json(),
                     "network-interfaces": [nic.to_json() for nic in self.nets.values()],
                     "vsock": self.vsock.to_json(), "entropy": self.entropy.to_json()}
-
-    # --- pre-boot resources -----------------------------------------------------------------------
-    def put_machine_config(self, body) -> None:
-        record = MachineConfiguration.from_json(body)
-        with self._lock:
-            self._before_start()
-            self.machine_config = record
-
-    def patch_machine_config(self, body) -> None:
-        with self._lock:
-            self._before_start()
-            self.machine_config = patched(self.machine_config, body, "MachineConfiguration")
-
-    def put_boot_source(self, body) -> None:
-        record = BootSource.from_json(body)
-        _readable(record.kernel_image_path, "The kernel file cannot be opened")
-        if record.initrd_path is not None:
-            _readable(record.initrd_path, "The initrd file cannot be opened")
-        with self._lock:
-            self._before_start()
-            self.boot_source = record
-
-    def put_drive(self, drive_id: str, body) -> None:
-        record = Drive.from_json(body)
-        path_id_matches(drive_id, record.drive_id)
-        if record.socket is not None:
-            _is_socket(record.socket, "Unable to connect to the vhost-user-block socket")
-        else:
-            _readable(record.path_on_host, "Unable to open the block device backing file")
-        with self._lock:
-            self._before_start()
-            if record.is_root_device and any(d.is_root_device and d.drive_id != drive_id
-                                             for d in self.drives.values()):
-                raise ApiFault("A root block device already exists!")
-            if drive_id not in self.drives and len(self.drives) >= MAX_DRIVES:
-                raise ApiFault(f"at most {MAX_DRIVES} drives")
-            self.drives[drive_id] = record
-
-    def patch_drive(self, drive_id: str, body) -> None:
-        changes = PartialDrive.from_json(body, partial=True)
-        path_id_matches(drive_id, changes["drive_id"])
-        with self._lock:
-            self._after_start()
-            if drive_id not in self.drives:
-                raise ApiFault(f"Invalid block device ID: {drive_id}")
-            if changes.get("path_on_host") is not None:
-                raise ApiFault("PATCH /drives path_on_host: swapping a running VM's disk "
-                               "image is not supported by pykvm yet")
-            if changes.get("rate_limiter") is not None:     # rate_limits.py
-                index = [d.drive_id for d in self._ordered_drives()].index(drive_id)
-                device = self.machine.virtio.disks[index]
-                rate_limits.patch_throttle(rate_limits.block_throttle(device, drive_id),
-                                           changes["rate_limiter"])
-                old = self.drives[drive_id]
-                self.drives[drive_id] = dataclasses.replace(
-                    old, rate_limiter=rate_limits.merged(old.rate_limiter,
-                                                         changes["rate_limiter"]))
-
-    def put_network_interface(self, iface_id: str, body) -> None:
-        from ...net.tap import valid_ifname
-        record = NetworkInterface.from_json(body)
-        path_id_matches(iface_id, record.iface_id)
-        name, net = record.host_dev_name, record.net_spec()
-        if net.mode == "tap" and (not valid_ifname(name) or existing_link_kind(name) != "tap"):
-            raise ApiFault(f"Could not create the network device: {name[:16]!r} is not an "
-                           f"existing TAP device")
-        with self._lock:
-            self._before_start()
-            for other in self.nets.values():
-                if other.iface_id == iface_id:
-                    continue
-                if net.mode == "tap" and other.host_dev_name == name:
-                    raise ApiFault(f"The host device name {name} is already in use.")
-                taken = {(f.protocol, f.host_port) for f in other.net_spec().forwards}
-                for forward in net.forwards:
-                    if (forward.protocol, forward.host_port) in taken:
-                        raise ApiFault(f"host port {forward.protocol} {forward.host_port} is "
-                                       f"already forwarded to {other.iface_id}")
-                if record.guest_mac is not None and other.guest_mac == record.guest_mac:
-                    raise ApiFault(f"The MAC address is already in use: {record.guest_mac}")
-            if iface_id not in self.nets and len(self.nets) >= MAX_NICS:
-                raise ApiFault(f"at most {MAX_NICS} network interfaces")
-            self.nets[iface_id] = record
-
-    def patch_network_interface(self, iface_id: str, body) -> None:
-        changes = PartialNetworkInterface.from_json(body, partial=True)
-        path_id_matches(iface_id, changes["iface_id"])
-        with self._lock:
-            self._after_start()
-            if iface_id not in self.nets:
-                raise ApiFault(f"Invalid network interface ID: {iface_id}")
-            # Only rate limiters can be patched (rate_limits.py).
-            device = self.machine.virtio.nets[list(self.nets).index(iface_id)]
-            old = self.nets[iface_id]
-            updates = {}
-            for name, throttle in (("rx_rate_limiter", device.rx_throttle),
-                                   ("tx_rate_limiter", device.tx_throttle)):
-                if changes.get(name) is not None:
-                    rate_limits.patch_throttle(throttle, changes[name])
-                    updates[name] = rate_limits.merged(getattr(old, name), changes[name])
-            self.nets[iface_id] = dataclasses.replace(old, **updates)
 
     def put_logger(self, body) -> None:
         record = Logger.from_json(body)
@@ -296,13 +190,13 @@ class Vmm:
             if self.state != PAUSED:
                 raise ApiFault("Create snapshot error: the microVM must be paused first "
                                "(PATCH /vm {\"state\": \"Paused\"})")
-            workdir = _workdir(params.mem_file_path, "Create snapshot error")
+            workdir = workdir_beside(params.mem_file_path, "Create snapshot error")
             try:
                 save_snapshot(machine, workdir)
                 interfaces = [(n.iface_id, n.host_dev_name) for n in self.nets.values()]
                 wrap_state(workdir / STATE_FILE, interfaces)
                 os.replace(workdir / MEMORY_FILE, params.mem_file_path)
-                _move(workdir / STATE_FILE, params.snapshot_path)
+                move_file(workdir / STATE_FILE, params.snapshot_path)
             except (OSError, PykvmError) as error:
                 raise ApiFault(f"Create snapshot error: {_text(error)}") from None
             finally:
@@ -326,7 +220,7 @@ class Vmm:
         the files it names, as Firecracker does), the directory removed."""
         from ...snapshot import MEMORY_FILE, STATE_FILE, restore_machine
         memory = os.path.realpath(params.memory_path)
-        workdir = _workdir(memory, "Load snapshot error")
+        workdir = workdir_beside(memory, "Load snapshot error")
         try:
             try:
                 os.link(memory, workdir / MEMORY_FILE)
@@ -467,6 +361,12 @@ class Vmm:
         if self.machine is not None and not self.machine.vm.stop_requested:
             self.machine.request_stop("signal", 0, "the VMM was asked to end")
 
+    def apply_config_file(self, path: str) -> None:
+        """The resources of a Firecracker --config-file (config_file.py), then the
+        caller's InstanceStart (:meth:`start_here`)."""
+        from .config_file import apply_config_file
+        apply_config_file(self, path)
+
     def close(self) -> None:
         self._ended.set()
         if self.machine is not None:
@@ -477,53 +377,6 @@ class Vmm:
                 self.metrics = None
         self.log.close()
 
-    # --- --config-file ---------------------------------------------------------------------------
-    def apply_config_file(self, path: str) -> None:
-        """The resources of a Firecracker --config-file (the same JSON the API takes, one
-        key per resource), then InstanceStart."""
-        from ...control import ControlError, parse_request
-        try:
-            with open(path, "rb") as stream:
-                data = stream.read(MAX_CONFIG_FILE + 1)
-        except OSError as error:
-            raise ApiFault(f"--config-file {path}: cannot read: {error.strerror}") from None
-        if len(data) > MAX_CONFIG_FILE:
-            raise ApiFault(f"--config-file {path}: larger than {MAX_CONFIG_FILE >> 20} MiB")
-        try:
-            config = parse_request(data)
-        except ControlError as error:
-            raise ApiFault(f"--config-file {path}: {error}") from None
-        if not isinstance(config, dict):
-            raise ApiFault(f"--config-file {path}: not a JSON object")
-        for key in config:
-            if key not in CONFIG_KEYS:
-                raise ApiFault(f"--config-file {path}: unknown field `{str(key)[:40]}`, "
-                               f"expected one of {', '.join(CONFIG_KEYS)}")
-        for key in NOT_YET_KEYS:
-            if config.get(key) is not None:
-                raise ApiFault(f"--config-file {path}: {key} is not supported by pykvm yet")
-        for key, method in (("logger", self.put_logger), ("metrics", self.put_metrics),
-                            ("machine-config", self.put_machine_config),
-                            ("boot-source", self.put_boot_source),
-                            ("balloon", self.balloon.put), ("entropy", self.entropy.put),
-                            ("vsock", self.vsock.put)):
-            if config.get(key) is not None:
-                method(config[key])
-        for key, method, name in (("drives", self.put_drive, "drive_id"),
-                                  ("network-interfaces", self.put_network_interface,
-                                   "iface_id")):
-            items = config.get(key) or []
-            if not isinstance(items, list):
-                raise ApiFault(f"--config-file {path}: {key} must be a list")
-            for item in items:
-                method(item.get(name, "") if isinstance(item, dict) else "", item)
-        if config.get("mmds-config") is not None:        # names the NICs: after them
-            self.mmds.put_config(config["mmds-config"])
-
-
-CONFIG_KEYS = ("boot-source", "drives", "machine-config", "network-interfaces", "logger",
-               "metrics", "balloon", "vsock", "mmds-config", "entropy", "cpu-config")
-NOT_YET_KEYS = ("cpu-config",)
 
 
 def i8042_quick_probe(words: list[str]) -> list[str]:
@@ -535,121 +388,6 @@ def i8042_quick_probe(words: list[str]) -> list[str]:
     works with all four."""
     present = {word.split("=", 1)[0] for word in words}
     return [word for word in I8042_WORDS if word not in present]
-
-
-def existing_link_kind(name: str) -> str | None:
-    """What kind of link ``name`` is in the calling thread's network namespace (netlink,
-    pykvm/net/plumbing.py's reading of it: "tap", "tun", "bridge"...), None if none."""
-    from pyroute2 import IPRoute
-
-    from ...net.plumbing import _link, link_kind
-    with IPRoute() as ipr:
-        link = _link(ipr, name)
-    return None if link is None else link_kind(link)
-
-
-def _is_socket(path: str, what: str) -> None:
-    """A vhost-user back end's socket exists now (it is connected at InstanceStart)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as error:
-        raise ApiFault(f"{what}: {error.strerror} (os error {error.errno})") from None
-    if not stat.S_ISSOCK(mode):
-        raise ApiFault(f"{what}: {path} is not a Unix socket")
-
-
-def _readable(path: str, what: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise ApiFault(f"{what}: {error.strerror} (os error {error.errno})") from None
-
-
-def _workdir(beside: str, what: str) -> Path:
-    """A private (0700, new) directory in ``beside``'s directory."""
-    try:
-        return Path(tempfile.mkdtemp(prefix=".pykvm-snapshot-",
-                                     dir=os.path.dirname(os.path.abspath(beside))))
-    except OSError as error:
-        raise ApiFault(f"{what}: {beside}: {error.strerror}") from None
-
-
-def _move(source: Path, target: str) -> None:
-    try:
-        os.replace(source, target)
-    except OSError as error:
-        if error.errno != 18:       # EXDEV: another file system
-            raise
-        shutil.copyfile(source, target)
-
-
-# --- Firecracker's snapshot file: pykvm's state.json and the API's NIC names ------------------
-# pykvm's machine configuration knows its NICs by position only; Firecracker's snapshot load
-# re-points them by iface_id (network_overrides), so the file at snapshot_path carries the
-# NICs' ids beside pykvm's state.json, whose text is kept byte for byte.
-SNAPSHOT_WRAPPER = "pykvm_firecracker_snapshot"
-
-
-def wrap_state(state: Path, interfaces: list[tuple[str, str]]) -> None:
-    """Rewrite pykvm's ``state`` file as the snapshot file: a JSON object holding its
-    text and each NIC's (iface_id, host_dev_name), in the machine's NIC order."""
-    text = state.read_text()
-    wrapped = {SNAPSHOT_WRAPPER: 1, "state_json": text,
-               "network_interfaces": [{"iface_id": i, "host_dev_name": h}
-                                      for i, h in interfaces]}
-    state.write_text(json.dumps(wrapped))
-
-
-def unwrap_state(source: str, target: Path) -> list[tuple[str, str]]:
-    """pykvm's state.json out of the snapshot file ``source`` into ``target`` (new, not
-    following a symlink); returns the NICs' (iface_id, host_dev_name). A plain state.json
-    (pykvm's own snapshot) is taken as it is, with no NIC ids. Bounded, and every field
-    checked: the file is the caller's, but a damaged one gets a 400, not a traceback."""
-    what = f"Load snapshot error: {source}"
-    with open(source, "rb") as stream:
-        data = stream.read(2 * MAX_STATE_FILE + 1)
-    if len(data) > 2 * MAX_STATE_FILE:
-        raise ApiFault(f"{what}: larger than a pykvm snapshot's state")
-    interfaces: list[tuple[str, str]] = []
-    try:
-        document = json.loads(data)
-    except ValueError:
-        document = None                 # pykvm's reader says what is wrong with it
-    if isinstance(document, dict) and SNAPSHOT_WRAPPER in document:
-        text, nics = document.get("state_json"), document.get("network_interfaces")
-        if not isinstance(text, str) or not isinstance(nics, list) or len(nics) > MAX_NICS:
-            raise ApiFault(f"{what}: not a pykvm-firecracker snapshot file")
-        for nic in nics:
-            if not (isinstance(nic, dict) and isinstance(nic.get("iface_id"), str) and
-                    isinstance(nic.get("host_dev_name"), str)):
-                raise ApiFault(f"{what}: not a pykvm-firecracker snapshot file")
-            interfaces.append((nic["iface_id"], nic["host_dev_name"]))
-        data = text.encode()
-        if len(data) > MAX_STATE_FILE:
-            raise ApiFault(f"{what}: larger than a pykvm snapshot's state")
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(data)
-    return interfaces
-
-
-def network_overrides(interfaces: list[tuple[str, str]], overrides) -> list | None:
-    """PUT /snapshot/load's ``network_overrides`` (Firecracker >= 1.12) as pykvm's restore
-    takes them: a NetSpec per snapshot NIC, in order, the named ones on their new TAP
-    (pykvm/snapshot/resources.py keeps each NIC's MAC: the guest has it); None when there
-    are none (the snapshot's own TAPs). An iface_id the snapshot has no NIC of is a 400,
-    as in Firecracker."""
-    if not overrides:
-        return None
-    known = dict(interfaces)
-    for override in overrides:
-        if override.iface_id not in known:
-            raise ApiFault(f"Load snapshot error: network_overrides: the snapshot has no "
-                           f"network interface {override.iface_id[:64]!r}")
-        known[override.iface_id] = override.host_dev_name
-    return [NetworkInterface(iface_id=i, host_dev_name=h).net_spec() for i, h in known.items()]
 
 
 def _text(error: BaseException) -> str:
