@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import pytest
 
@@ -212,8 +213,10 @@ HALT_LOOP = "sti\nidle: hlt\njmp idle\n"     # halted with interrupts on: not a 
 
 
 def profile_spinning_guest(kvm, options: ObserveOptions, seconds: float = 0.6,
-                           source: str = HOT_LOOP):
-    """A real-mode guest spinning at offset 0 (symbol ``hot``) under --profile."""
+                           source: str = HOT_LOOP, min_samples: int = 0):
+    """A real-mode guest spinning at offset 0 (symbol ``hot``) under --profile, for
+    ``seconds`` and then until the sampler holds ``min_samples`` (a loaded host gives the
+    sampler thread fewer ticks in the same wall time: count samples, not seconds)."""
     code = assemble(source, "real", 0)
     with Observation(options, out=io.StringIO()) as observation, \
             GuestMemory.anonymous(4 << 20) as memory, Vm(kvm, memory) as vm:
@@ -223,6 +226,10 @@ def profile_spinning_guest(kvm, options: ObserveOptions, seconds: float = 0.6,
         observation.attach(vm)
         vm.start()
         assert not vm.wait_stopped(seconds)      # still spinning: the sampler ran meanwhile
+        deadline = time.monotonic() + 60
+        while sum(dict(observation.sampler.counts).values()) < min_samples \
+                and time.monotonic() < deadline:
+            assert not vm.wait_stopped(0.05)
         vm.request_stop("exit", 0, "test over")
         vm.wait(5)
         observation.finish()
@@ -234,7 +241,8 @@ def test_profile_names_the_function_the_guest_spins_in(kvm, tmp_path):
     symbols.write_text("0000000000000000 T hot\n0000000000000100 T cold\n")
     out = tmp_path / "profile.txt"
     observation = profile_spinning_guest(
-        kvm, ObserveOptions(symbols=str(symbols), profile=str(out), profile_hz=200))
+        kvm, ObserveOptions(symbols=str(symbols), profile=str(out), profile_hz=200),
+        min_samples=20)
     rows = observation.sampler.rows()
     assert rows[0].name == "hot" and rows[0].samples >= 20, rows
     assert "cold" not in [row.name for row in rows]
