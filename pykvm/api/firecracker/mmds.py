@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ...mmds.guest_http import V1, V2, MmdsService
 from ...mmds.stack import DEFAULT_IPV4, MmdsStack
 from ...mmds.store import DEFAULT_SIZE_LIMIT, MetadataStore, StoreError
+from .record import refuse_unknown_fields
 from .resources import DESERIALIZE, MAX_LIST, ApiFault, check_id
 
 EMPTY_LIST = ("The list of network interface IDs that allow forwarding MMDS requests is "
@@ -40,10 +41,7 @@ class MmdsConfig:
         """Strictly, as resources.Record reads a body (its list field holds strings)."""
         if not isinstance(body, dict):
             raise ApiFault(f"{DESERIALIZE}: invalid type, expected struct MmdsConfig")
-        for name in body:
-            if name not in _FIELDS:
-                raise ApiFault(f"{DESERIALIZE}: unknown field `{str(name)[:64]}`, expected "
-                               f"one of {', '.join(f'`{n}`' for n in _FIELDS)}")
+        refuse_unknown_fields(body, _FIELDS)
         nics = body.get("network_interfaces")
         if nics is None:
             raise ApiFault(f"{DESERIALIZE}: missing field `network_interfaces`")

@@ -85,11 +85,7 @@ class Record:
             raise ApiFault(f"{DESERIALIZE}: invalid type: {_json_type(body)}, expected "
                            f"struct {where}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for name in body:
-            if name not in fields:
-                expected = ", ".join(f"`{n}`" for n in fields)
-                raise ApiFault(f"{DESERIALIZE}: unknown field `{str(name)[:64]}`, expected one "
-                               f"of {expected}")
+        refuse_unknown_fields(body, fields)
         values = {}
         for name, info in fields.items():
             if name not in body:
@@ -114,6 +110,15 @@ class Record:
             if value is not None:
                 result[info.name] = value
         return result
+
+
+def refuse_unknown_fields(body: dict, names) -> None:
+    """serde's ``deny_unknown_fields``: a key of ``body`` not among ``names`` refuses it."""
+    for name in body:
+        if name not in names:
+            expected = ", ".join(f"`{n}`" for n in names)
+            raise ApiFault(f"{DESERIALIZE}: unknown field `{str(name)[:64]}`, expected one "
+                           f"of {expected}")
 
 
 def _value(metadata, raw, where: str, name: str):
