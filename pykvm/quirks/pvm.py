@@ -57,6 +57,9 @@ class PvmQuirks(Quirks):
 
     def __init__(self):
         self.syscalls = SyscallCompletion()
+        # Per vCPU, the (RIP, bytes) of the last instruction refused that no completion
+        # holds: see complete_instruction for why it gets one retry.
+        self._refused: dict[int, tuple[int, bytes]] = {}
 
     def on_start(self, vm) -> None:
         self.syscalls.watch(vm)
@@ -114,8 +117,20 @@ class PvmQuirks(Quirks):
         completion = None if instruction is None else find(instruction)
         rip = linear_rip(regs, sregs)
         if completion is None:
+            # Cross-modifying code: Linux patches its text under a running SMP guest with
+            # an int3 at the first byte (text_poke_bp, arch/x86/kernel/alternative.c).
+            # Another vCPU that fetched that int3 stops the emulator, and by the time
+            # pykvm reads RIP's bytes the patch may be finished: a NOP or a jump the
+            # emulator runs. So an instruction no row holds is retried once; the same
+            # RIP and bytes refused again are the guest's own and stop the VM.
+            seen = (rip, code[:instruction.length if instruction else len(code)])
+            if self._refused.get(vcpu.id) != seen:
+                self._refused[vcpu.id] = seen
+                vcpu.stats.quirks["retried: code changed under the emulator"] += 1
+                return True
             raise GuestCrashed(describe_unknown(vcpu.id, rip, code, bits, instruction,
                                                 self.symbols))
+        self._refused.pop(vcpu.id, None)
         vcpu.stats.quirks[complete(Step(vcpu, regs, sregs, rip, instruction, bits),
                                    completion)] += 1
         return True
