@@ -33,6 +33,10 @@ def add_parser(commands) -> None:
     boot.add_argument("-k", "--kernel", type=Path, help="Linux kernel: bzImage or ELF vmlinux")
     boot.add_argument("-i", "--initrd", type=Path, help="initramfs (cpio, optionally compressed)")
     boot.add_argument("-p", "--append", default="", help="extra kernel command line")
+    boot.add_argument("--clock-slowdown", type=int, default=0, metavar="N",
+                      help="the Linux guest's clock runs N times slower than real time, and "
+                           "its timer ticks N times further apart (default 1; 10 for Debian's "
+                           "kernels where guest ring 0 is emulated: docs/hosts.md)")
     boot.add_argument("--flat", type=Path, help="a flat binary loaded at 0x10000 (tutorial guests)")
     boot.add_argument("--entry", default="real", choices=("real", "protected", "long"),
                       help="CPU mode a --flat guest starts in (default real)")
@@ -171,7 +175,8 @@ def cmd_run(args) -> int:
         live_shares += [FsSpec.parse_socket(text) for text in args.vhost_user_fs]
     config = MachineConfig(mem_size=parse_size(args.mem), cpus=args.cpus, flat=args.flat,
                            entry=args.entry, kernel=args.kernel, initrd=args.initrd,
-                           append=args.append, kvm_device=args.device, stats=args.stats,
+                           append=args.append, clock_slowdown=args.clock_slowdown,
+                           kvm_device=args.device, stats=args.stats,
                            verbose=args.verbose, extract_kernel=not args.no_extract,
                            disks=[DiskSpec.parse(text) for text in args.disk],
                            console=args.console, rng=args.rng,
@@ -250,7 +255,8 @@ def cmd_run(args) -> int:
     return report_stop(stop, config)
 
 
-RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("flat", None),
+RESTORE_CONFLICTS = (("kernel", None), ("initrd", None), ("append", ""), ("clock_slowdown", 0),
+                     ("flat", None),
                      ("entry", "real"), ("no_extract", False), ("mem", "512M"), ("cpus", 1),
                      ("console", "serial"), ("rng", False), ("agent", False),
                      ("vhost_user_fs", []), ("rootfs", None), ("vsock", None))

@@ -90,14 +90,17 @@ def linux_cmdline(machine) -> str:
     if config.rootfs:
         from ..share import rootfs_cmdline
         parts.append(rootfs_cmdline(config))     # /init switches to that root
+    from ..boot.bzimage import version_of_file
+    version = version_of_file(config.kernel)
     # Tell the kernel its TSC frequency instead of letting it calibrate against the
     # PIT: calibration is slow everywhere and fails outright when guest ring 0 is
     # emulated (kvm_pvm), leaving a guest clock that runs at a third of real time.
-    parts.append(f"tsc_early_khz={machine.vm.vcpus[0].tsc_khz()}")
+    # Times the clock slowdown: a guest told its TSC is N times faster keeps time, and
+    # sets its timer deadlines, N times slower (quirks/cmdline.py says when and why).
+    slowdown = config.clock_slowdown or machine.vm.quirks.clock_slowdown(version)
+    parts.append(f"tsc_early_khz={machine.vm.vcpus[0].tsc_khz() * slowdown}")
     parts.append(config.append)
-    from ..boot.bzimage import version_of_file
-    return machine.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p),
-                                            version_of_file(config.kernel))
+    return machine.vm.quirks.adjust_cmdline(" ".join(p for p in parts if p), version)
 
 
 def pad4(data: bytes) -> bytes:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MEM = 512 * layout.MiB
 MAX_CPUS = 255
+# The guest's tsc_early_khz is the TSC's kHz times the slowdown, and Linux parses it as an
+# unsigned 32-bit number (arch/x86/kernel/tsc.c): 100 keeps a 40 GHz TSC inside it.
+MAX_CLOCK_SLOWDOWN = 100
 CONSOLES = ("serial", "virtio")
 
 
@@ -220,6 +223,8 @@ class MachineConfig:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
+    clock_slowdown: int = 0             # the guest's clock runs N times slower (0: the host
+                                        # kind's default, quirks.clock_slowdown; boot.py)
     command: str | None = None          # `pykvm run -- CMD`: a shell command line for the guest
     kvm_device: str = DEFAULT_DEVICE
     stats: bool = False
@@ -254,6 +259,9 @@ class MachineConfig:
                               f"(at least {format_size(minimum)} for this guest)")
         if self.mem_size > layout.MAX_MEM_SIZE:
             raise ConfigError(f"memory size {format_size(self.mem_size)} is too large")
+        if not 0 <= self.clock_slowdown <= MAX_CLOCK_SLOWDOWN:
+            raise ConfigError(f"--clock-slowdown {self.clock_slowdown}: must be between 1 and "
+                              f"{MAX_CLOCK_SLOWDOWN} (0: the host's default)")
         if not 1 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus {self.cpus}: must be between 1 and {MAX_CPUS}")
         if (self.flat is None) == (self.kernel is None):

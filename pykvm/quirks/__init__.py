@@ -38,6 +38,12 @@ class Quirks:
         (pykvm/boot/bzimage.py), to tell a distribution's kernel from pykvm's own."""
         return cmdline
 
+    def clock_slowdown(self, kernel_version: str | None = None) -> int:
+        """How many times slower than real time a Linux guest's clock runs by default
+        (pykvm/machine/boot.py tells Linux its TSC is that many times faster). 1: real
+        time, which every host where guest ring 0 runs natively keeps."""
+        return 1
+
     def on_start(self, vm) -> None:
         pass
 

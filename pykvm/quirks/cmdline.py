@@ -59,6 +59,17 @@ DEBIAN_WORDS = (
     "audit=0",
 )
 
+# Debian's kernels tick at HZ=250, and where ring 0 is emulated one tick's work
+# (scheduler_tick, PELT, RCU, timekeeping) takes milliseconds: over half of a 2-vCPU boot's
+# samples were the tick, and under load a tick outlasted its 4 ms period. No command-line
+# word lowers HZ, so pykvm slows the guest's clock instead (machine/boot.py tells Linux its
+# TSC runs this many times faster than it does): its timer deadlines, ticks included, land
+# that many times further apart in real time. The guest's clock, sleeps and timeouts run
+# slow by the same factor (its RCU-stall and soft-lockup limits stay in proportion to its
+# emulated CPU); `--clock-slowdown 1` gives real time back. Measured in bench/RESULTS.md
+# ("debian boot").
+DEBIAN_CLOCK_SLOWDOWN = 10
+
 _WORD = re.compile(r"\S+")
 
 

@@ -15,7 +15,7 @@ from ..ioctl import requests as r
 from .. import sandbox
 from ..snapshot.state import SnapshotError
 from . import Quirks, QuirksState
-from .cmdline import DEBIAN_WORDS, is_debian, merge
+from .cmdline import DEBIAN_CLOCK_SLOWDOWN, DEBIAN_WORDS, is_debian, merge
 from .syscall import EarlyPlant, SyscallCompletion
 
 CPUID_1_ECX_CX16 = 1 << 13
@@ -53,6 +53,8 @@ class PvmQuirks(Quirks):
         f"Linux gets: {LINUX_CMDLINE}",
         "Debian's kernels also get (a word of --append with the same key replaces "
         f"pykvm's): {' '.join(DEBIAN_WORDS)}",
+        f"Debian's kernels keep a clock {DEBIAN_CLOCK_SLOWDOWN} times slower than real time "
+        "(fewer timer ticks per second; --clock-slowdown 1 for real time)",
     ]
 
     def __init__(self):
@@ -89,6 +91,9 @@ class PvmQuirks(Quirks):
         if is_debian(kernel_version):
             cmdline = merge(cmdline, DEBIAN_WORDS)   # a word of the user's wins (cmdline.py)
         return cmdline
+
+    def clock_slowdown(self, kernel_version: str | None = None) -> int:
+        return DEBIAN_CLOCK_SLOWDOWN if is_debian(kernel_version) else 1
 
     def complete_internal_error(self, vcpu, suberror: int) -> bool:
         if suberror != r.KVM_INTERNAL_ERROR_EMULATION:

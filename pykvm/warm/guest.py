@@ -108,6 +108,7 @@ class GuestSpec:
     disks: tuple = ()               # DiskSpec
     nets: tuple = ()                # NetSpec
     shares: tuple = ()              # host directories, read-only in the guest
+    clock_slowdown: int = 0         # MachineConfig.clock_slowdown (0: the host's default)
 
     @property
     def restorable(self) -> bool:
@@ -136,7 +137,8 @@ class GuestSpec:
                              initrd=Path(self.initrd) if self.initrd else None,
                              append=self.append, kvm_device=device, disks=list(self.disks),
                              console=self.console, rng=self.rng, nets=list(self.nets),
-                             agent=True, shares=list(self.shares))
+                             agent=True, shares=list(self.shares),
+                             clock_slowdown=self.clock_slowdown)
 
     def key(self, device: str, memo: DigestMemo | None = None) -> str:
         """The cache key: the kernel's and initramfs' bytes, the machine, the device,
@@ -153,7 +155,7 @@ class GuestSpec:
             digest.update((memo.file_digest(path) if path is not None else "-").encode() + b"\0")
         digest.update(repr((self.append, self.mem, self.cpus, self.console, self.rng, device,
                             detect_host_kind(), VERSION, source_digest(memo),
-                            self.shares)).encode())
+                            self.shares, self.clock_slowdown)).encode())
         for disk in self.disks:         # the bytes and the options, not where the image is
             digest.update(memo.file_digest(disk.path).encode() + b"\0"
                           + repr(replace(disk, path="")).encode())

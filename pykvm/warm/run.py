@@ -78,7 +78,7 @@ def spec_of(config) -> GuestSpec:
                      initrd=str(Path(config.initrd).absolute()), append=config.append,
                      mem=config.mem_size, cpus=config.cpus, console=config.console,
                      rng=config.rng, disks=tuple(config.disks), nets=tuple(config.nets),
-                     shares=tuple(config.shares))
+                     shares=tuple(config.shares), clock_slowdown=config.clock_slowdown)
 
 
 def run_command(args, config, stdout=None, stderr=None) -> int | None:

@@ -87,3 +87,44 @@ def test_a_users_word_replaces_pykvms_word_with_the_same_key(user):
 def test_merge_adds_only_missing_keys():
     assert merge("  a=1 b ", ["a=2", "b", "c=3"]) == "a=1 b c=3"
     assert merge("", ["x"]) == "x"
+
+
+def cmdline_of(kernel, quirks, clock_slowdown: int = 0) -> str:
+    """machine/boot.py's command line for a machine with no devices on a 2 GHz TSC."""
+    from types import SimpleNamespace
+
+    from pykvm.machine import MachineConfig
+    from pykvm.machine.boot import linux_cmdline
+
+    config = MachineConfig(kernel=kernel, clock_slowdown=clock_slowdown)
+    config.validate()
+    cpu = SimpleNamespace(tsc_khz=lambda: 2_000_000)
+    machine = SimpleNamespace(config=config, virtio=None,
+                              vm=SimpleNamespace(vcpus=[cpu], quirks=quirks))
+    (word,) = [word for word in linux_cmdline(machine).split() if key(word) == "tsc_early_khz"]
+    return word
+
+
+def test_debian_kernels_keep_a_slower_clock_where_ring_0_is_emulated(tmp_path):
+    """Debian's kernels on kvm_pvm are told their TSC is DEBIAN_CLOCK_SLOWDOWN times faster
+    (fewer timer ticks per real second); pykvm's own kernel and VT-x/AMD-V hosts keep real
+    time, and --clock-slowdown overrides the default either way."""
+    from pykvm.quirks.cmdline import DEBIAN_CLOCK_SLOWDOWN
+
+    debian, ours = fake_bzimage(tmp_path / "deb", DEBIAN), fake_bzimage(tmp_path / "ours", PYKVM)
+    assert DEBIAN_CLOCK_SLOWDOWN == 10
+    assert cmdline_of(debian, PvmQuirks()) == "tsc_early_khz=20000000"
+    assert cmdline_of(ours, PvmQuirks()) == "tsc_early_khz=2000000"
+    assert cmdline_of(debian, Quirks()) == "tsc_early_khz=2000000"
+    assert cmdline_of(debian, PvmQuirks(), clock_slowdown=1) == "tsc_early_khz=2000000"
+    assert cmdline_of(ours, Quirks(), clock_slowdown=3) == "tsc_early_khz=6000000"
+
+
+@pytest.mark.parametrize("slowdown", [-1, 101])
+def test_a_clock_slowdown_out_of_range_is_refused(slowdown):
+    from pykvm.errors import ConfigError
+    from pykvm.machine import MachineConfig
+
+    with pytest.raises(ConfigError, match=rf"--clock-slowdown {slowdown}: must be between 1 "
+                                          r"and 100 \(0: the host's default\)"):
+        MachineConfig(kernel="k", clock_slowdown=slowdown).validate()
