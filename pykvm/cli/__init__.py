@@ -20,17 +20,27 @@ Every subcommand module imports what its command needs inside its handler, so
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from ..errors import PykvmError, first_line
-from ..guestimage import cli as guest_cli
-from ..distro import cli as image_cli
-from ..api.firecracker import cli as firecracker_cli
-from ..warm import cli as cache_cli
-from . import check, ctl, exec as exec_, run, stat
 
 EXIT_USAGE = 2
+
+# Each subcommand's module and the function that adds its parser, in --help's order. A
+# command builds only its own parser: the others' modules, argparse parsers and the
+# gettext lookup argparse makes for each of their strings cost every `pykvm run` ~5 ms of
+# start-up (bench/startup.py); `pykvm --help` and an unknown command build them all.
+SUBCOMMANDS = ((("guest",), "..guestimage.cli", "add_parser"),
+               (("cache",), "..warm.cli", "add_parser"),
+               (("firecracker",), "..api.firecracker.cli", "add_parser"),
+               (("image",), "..distro.cli", "add_parser"),
+               (("check",), ".check", "add_parser"),
+               (("run",), ".run", "add_parser"),
+               (("ctl",), ".ctl", "add_parser"),
+               (("stat",), ".stat", "add_parser"),
+               (("exec", "cp"), ".exec", "add_parsers"))
 
 __all__ = ["main", "build_parser", "exit_status", "first_line", "EXIT_USAGE"]
 
@@ -41,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, command_args = argv[:split], argv[split + 1:]
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
@@ -90,19 +100,16 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """pykvm's parser; with ``command`` (the first word of the command line) naming a
+    subcommand, only that subcommand's parser is built (SUBCOMMANDS), else all of them."""
     parser = argparse.ArgumentParser(
         prog="pykvm", description="A userspace virtual machine monitor in Python on top of KVM.")
     parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    guest_cli.add_parser(commands)
-    cache_cli.add_parser(commands)
-    firecracker_cli.add_parser(commands)
-    image_cli.add_parser(commands)
-    check.add_parser(commands)
-    run.add_parser(commands)
-    ctl.add_parser(commands)
-    stat.add_parser(commands)
-    exec_.add_parsers(commands)
+    known = any(command in names for names, _, _ in SUBCOMMANDS)
+    for names, module, add in SUBCOMMANDS:
+        if not known or command in names:
+            getattr(importlib.import_module(module, __name__), add)(commands)
     return parser

@@ -39,6 +39,11 @@ _PRELOAD = ("pykvm.guest.code", "pykvm.guest.pagewalk")
 _BACKGROUND_PRELOAD = ("pykvm.quirks.complete", "pykvm.quirks.decode", "pykvm.vstate.kvmstate")
 _background: threading.Thread | None = None
 _preloaded = threading.Event()
+# Set once the thread that started the preload is confined: until then (at most
+# PRELOAD_HOLD seconds) the preload waits, as its imports would hold the GIL while that
+# thread builds and installs its filter and reaches its first KVM_RUN (bench/startup.py).
+_confined = threading.Event()
+PRELOAD_HOLD = 1.0
 _imports: queue.SimpleQueue = queue.SimpleQueue()     # (module name, [error], done Event)
 
 
@@ -69,6 +74,7 @@ def _import_all(modules: tuple[str, ...]) -> None:
 
 def _preload_and_serve() -> None:
     """The unconfined helper thread: the background preload, then imports on request."""
+    _confined.wait(PRELOAD_HOLD)
     _import_all(_BACKGROUND_PRELOAD)
     _preloaded.set()
     while True:
@@ -132,3 +138,4 @@ def thread_role(role: str) -> None:
     function; threads it starts later inherit the filter."""
     if _enabled:
         install_filter(_program(role), role)
+        _confined.set()

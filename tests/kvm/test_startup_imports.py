@@ -63,6 +63,9 @@ NOT_BEFORE_FIRST_RUN = {
     "pykvm.vsock", "pykvm.share", "pykvm.control.server", "pykvm.api.firecracker.vmm",
     "pykvm.warm.cache", "pykvm.warm.run", "pykvm.mmds", "pykvm.vhost_user",
     "pykvm.boot.bzimage",
+    # the other subcommands: `pykvm run` builds only its own parser (cli/__init__.py)
+    "pykvm.api", "pykvm.distro", "pykvm.guestimage", "pykvm.warm.cli", "pykvm.cli.check",
+    "pykvm.cli.ctl", "pykvm.cli.exec", "pykvm.cli.stat", "pykvm.command_group",
 }
 # Modules a flat run does need: their presence shows the wrapper saw a real start.
 NEEDED = {"pykvm.cli.run", "pykvm.vstate.vm", "pykvm.vstate.vcpu", "pykvm.sandbox",
@@ -101,3 +104,22 @@ def test_a_flat_run_imports_only_what_it_needs_before_its_first_kvm_run(tmp_path
                     if any(name == bad or name.startswith(bad + ".")
                            for bad in NOT_BEFORE_FIRST_RUN))
     assert not loaded, f"imported before the first KVM_RUN of a flat run: {loaded}"
+
+
+def test_a_command_builds_only_its_own_parser_and_parses_as_the_full_one():
+    """What build_parser("run") leaves out changes nothing a run's options parse into, and
+    `pykvm --help` (no command) still lists every subcommand."""
+    from pykvm.cli import SUBCOMMANDS, build_parser
+
+    def commands(parser):
+        return set(next(action for action in parser._actions
+                        if action.dest == "==SUPPRESS==" and action.choices).choices)
+
+    every = {name for names, _, _ in SUBCOMMANDS for name in names}
+    assert commands(build_parser()) == every
+    assert commands(build_parser("--help")) == every
+    assert commands(build_parser("run")) == {"run"}
+    assert commands(build_parser("cp")) == {"exec", "cp"}
+    argv = ["run", "--flat", "guest.bin", "--entry", "long", "-m", "64M", "--stats"]
+    only, full = build_parser("run").parse_args(argv), build_parser().parse_args(argv)
+    assert vars(only) == vars(full)
