@@ -198,6 +198,9 @@ def cmd_run(args) -> int:
     if config.flat is None and config.kernel is None and args.restore is None:
         config.kernel, default_initrd = default_linux_guest()
         config.initrd = config.initrd or default_initrd
+    elif config.command is not None and config.initrd is None and args.restore is None:
+        from ..machine.boot import default_initramfs
+        config.initrd = default_initramfs()     # its /init runs the command, any kernel's
     if config.command is not None and args.restore is None:
         from ..warm.run import run_command     # the agent and the boot cache (pykvm/warm)
         status = run_command(args, config)

@@ -131,6 +131,19 @@ def default_guest_dir() -> Path | None:
     return find_guest()
 
 
+def default_initramfs() -> Path:
+    """The default guest's initramfs, for `pykvm run --kernel K -- CMD` without --initrd:
+    its /init is what runs the command and reports its status (guests/init), and it
+    needs nothing of the kernel's but a console (busybox and pykvm-agent are static; no
+    module is loaded), so it serves a distribution's kernel as well as pykvm's own."""
+    directory = default_guest_dir()
+    initrd = directory / "initramfs.cpio" if directory is not None else None
+    if initrd is None or not initrd.exists():
+        raise ConfigError("-- CMD with --kernel runs the command through pykvm's initramfs, "
+                          "which is not built: run `pykvm guest build` (or give --initrd)")
+    return initrd
+
+
 def default_linux_guest() -> tuple[Path, Path | None]:
     directory = default_guest_dir()
     if directory is None:

@@ -51,10 +51,12 @@ def refusal(args, config) -> str | None:
         if getattr(args, name, None):
             return f"{option} watches the boot itself"
     guest = default_guest_dir()
-    default_initrd = guest / "initramfs.cpio" if guest is not None else None
-    if config.initrd is None or default_initrd is None or \
-            Path(config.initrd).resolve() != default_initrd.resolve():
+    if guest is None or not same_file(config.initrd, guest / "initramfs.cpio"):
         return "only the default guest's initramfs is known to start pykvm-agent"
+    if not any(same_file(config.kernel, guest / name) for name in ("vmlinux", "bzImage")):
+        # the agent's channel is a virtio console port: a distribution's kernel has
+        # virtio as modules, which pykvm's initramfs does not load
+        return "only the default guest's kernel is known to have the agent's virtio console"
     spec = spec_of(config)
     return spec.cache_refusal() or unknown_settings(config, spec)
 
@@ -71,6 +73,10 @@ def unknown_settings(config, spec: GuestSpec) -> str | None:
     if differ:
         return f"the boot cache does not key over {', '.join(differ)}"
     return None
+
+
+def same_file(given, path: Path) -> bool:
+    return given is not None and path.exists() and Path(given).resolve() == path.resolve()
 
 
 def spec_of(config) -> GuestSpec:

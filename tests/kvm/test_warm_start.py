@@ -260,6 +260,7 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path):
     (["--disk", "/dev/null"], "a --disk is attached"),
     (["--stats"], "--stats watches the boot itself"),
     (["--initrd", "/dev/null"], "only the default guest's initramfs"),
+    (["--kernel", "/dev/null"], "only the default guest's kernel"),
     (["--no-extract"], "does not key over extract_kernel"),
 ])
 def test_runs_that_cannot_use_the_cache_say_why(options, reason, monkeypatch):
@@ -271,7 +272,7 @@ def test_runs_that_cannot_use_the_cache_say_why(options, reason, monkeypatch):
         pytest.skip("the default Linux guest is not built (pykvm guest build)")
     monkeypatch.setenv("PYKVM_GUEST_DIR", str(GUEST))      # as the module saw it
     args = build_parser().parse_args(["run", *options])
-    config = MachineConfig(kernel=GUEST / "vmlinux",
+    config = MachineConfig(kernel=Path(args.kernel or GUEST / "vmlinux"),
                            initrd=Path(args.initrd or GUEST / "initramfs.cpio"),
                            disks=list(args.disk), extract_kernel=not args.no_extract)
     assert reason in refusal(args, config)
