@@ -4,6 +4,7 @@
     python3 bench/debian_boot.py                       # the cloud kernel, 1 vCPU
     python3 bench/debian_boot.py --flavour generic --cpus 2 --record
     python3 bench/debian_boot.py --append 'initcall_blacklist= mitigations=auto'   # a cut undone
+    python3 bench/debian_boot.py --cpus 2 --clock-slowdown 1      # the guest's clock in real time
 
 The kernel is Debian's package (pykvm/distro/kernel.py: apt-get download, dpkg-deb -x),
 the initramfs pykvm's default guest's, the command ``cat /proc/uptime
@@ -48,9 +49,9 @@ COMMAND = "cat /proc/uptime /sys/devices/system/cpu/online"
 
 
 def boot(kernel: Path, cpus: int, append: str, timeout: float, profile: str = "",
-         symbols: str = "") -> dict:
+         symbols: str = "", clock_slowdown: int = 0) -> dict:
     args = [sys.executable, "-m", "pykvm", "run", "--kernel", str(kernel), "--cpus", str(cpus),
-            "--cold", "-v"]
+            "--cold", "-v", "--clock-slowdown", str(clock_slowdown)]
     if append:
         args += ["--append", append]
     if profile:
@@ -88,6 +89,8 @@ def main() -> int:
     parser.add_argument("--flavour", choices=("cloud", "generic"), default="cloud")
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--append", default="", help="more kernel command line")
+    parser.add_argument("--clock-slowdown", type=int, default=0, metavar="N",
+                        help="pykvm run --clock-slowdown N (default: pykvm's, 10 on kvm_pvm)")
     parser.add_argument("--note", default="", help="what the row's note column says")
     parser.add_argument("--timeout", type=float, default=7200.0)
     parser.add_argument("--profile", default="", metavar="FILE",
@@ -103,7 +106,7 @@ def main() -> int:
     kernel = fetch(args.flavour)
     load = os.getloadavg()[0]
     figures = boot(kernel.vmlinuz, args.cpus, args.append, args.timeout, args.profile,
-                   args.symbols)
+                   args.symbols, args.clock_slowdown)
     init = f"{figures['init']:.0f}" if figures["init"] is not None else "?"
     print(f"{kernel.release}, {args.cpus} vCPU(s): start to /init {init} s, to output "
           f"{figures['answer']:.0f} s, guest uptime {figures['uptime']:.0f} s, CPUs online "
