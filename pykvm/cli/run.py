@@ -60,6 +60,9 @@ def add_parser(commands) -> None:
                          help="how the guest reaches its virtio devices: pci (default) or mmio "
                               "(virtio-mmio, announced on the kernel command line; the guest "
                               "gets pci=off, as under Firecracker)")
+    devices.add_argument("--virtio-poll-us", type=int, default=32, metavar="US",
+                         help="after serving a virtio queue, poll its ring this long at most "
+                              "(adaptive, µs; 0: off) before sleeping (default 32)")
     devices.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                          help="a virtio-blk disk (repeatable; ro: read-only; serial: the ID the "
                               "guest reads). A raw image is served by pykvm; a qcow2 image (by "
@@ -185,7 +188,7 @@ def cmd_run(args) -> int:
                            shares=share_copies, live_shares=live_shares,
                            rootfs=str(Path(args.rootfs).resolve()) if args.rootfs else "",
                            workdir=os.getcwd() if args.rootfs else "",
-                           transport=args.transport)
+                           transport=args.transport, virtio_poll_us=args.virtio_poll_us)
     if args.vsock:
         from ..vsock import VsockSpec
         vsock = VsockSpec.parse(args.vsock)

@@ -248,6 +248,7 @@ class MachineConfig:
     balloon_mib: int = 0                # its first target, MiB
     balloon_deflate_on_oom: bool = False
     balloon_stats_s: int = 0            # its statistics interval, s (0: no statistics queue)
+    virtio_poll_us: int = 32            # virtio queues' avail-ring polling cap, µs (0: off; devices/virtio/poll.py)
 
     def validate(self) -> None:
         """ConfigError (one line) for a config no machine can be built from."""
@@ -272,6 +273,8 @@ class MachineConfig:
             raise ConfigError(f"--console {self.console}: must be serial or virtio")
         if self.transport not in ("pci", "mmio"):
             raise ConfigError(f"--transport {self.transport}: must be pci or mmio")
+        if not 0 <= self.virtio_poll_us <= 1000:
+            raise ConfigError(f"--virtio-poll-us {self.virtio_poll_us}: must be 0 (off) to 1000")
         if (self.agent or self.shares or self.live_shares or self.rootfs) and \
                 self.flat is not None:
             raise ConfigError("--agent and --share need a Linux guest (the agent runs in it)")

@@ -104,6 +104,9 @@ class Machine:
                 if self.balloon is not None:
                     self.balloon.close()
                 raise
+            from ..devices.virtio.poll import configure
+            for function in self.virtio.functions:    # avail-ring polling cap (0: off)
+                configure(function, config.virtio_poll_us * 1000)
             if config.rng_rate_limit and self.virtio.rng is not None:
                 from ..devices.rate_limiter import parse_rate_limit
                 self.virtio.rng.limit(parse_rate_limit(config.rng_rate_limit))

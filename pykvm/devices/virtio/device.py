@@ -106,6 +106,11 @@ class QueueWorker:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop: a poll of a queue (poll.py) ends at once."""
+        return self._stopping
+
     def _run(self) -> None:
         sandbox.thread_role("device")   # pykvm/sandbox: seccomp, unless --no-seccomp
         poller = select.poll()

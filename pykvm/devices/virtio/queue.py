@@ -32,11 +32,15 @@ from dataclasses import dataclass, field
 from ...errors import GuestMemoryError, PykvmError
 from ...memory import GuestMemory
 from .state import QueueState
+# The buffer helpers lived here; devices and tests still import them from this module.
+from .buffers import (MAX_STREAM_PER_CHAIN, STREAM_CHUNK, StreamCount,  # noqa: F401
+                      gather, scatter, slice_views, stream_readable)
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
 DESCRIPTOR_SIZE = 16
 MAX_QUEUE_SIZE = 32768
 
@@ -152,6 +156,7 @@ class Virtqueue:
         self._avail_flags = _u16_view(self._avail, 0)
         self._avail_idx = _u16_view(self._avail, 2)
         self._used_event = _u16_view(self._avail, 4 + 2 * size)
+        self._used_flags = _u16_view(self._used, 0)
         self._used_idx = _u16_view(self._used, 2)
         self._avail_event = _u16_view(self._used, 4 + 8 * size)
         # The used elements as (id, len) pairs of 32-bit words: one store per field,
@@ -212,6 +217,7 @@ class Virtqueue:
         table, table_size = self._desc, self.size
         index, budget, indirect = head, table_size, False
         unpack, ram = _DESCRIPTOR.unpack_from, self._ram
+        low, high, low_view = ram[0]      # the region nearly every buffer is in: first
         while True:
             if index >= table_size:
                 raise VirtqueueError(f"descriptor index {index} is out of range "
@@ -226,12 +232,15 @@ class Virtqueue:
                 table_size = budget = length // DESCRIPTOR_SIZE
                 index, indirect = 0, True
                 continue
-            for start, end, region in ram:
-                if start <= addr and addr + length <= end:
-                    view = region[addr - start:addr - start + length]
-                    break
+            if low <= addr and addr + length <= high:
+                view = low_view[addr - low:addr - low + length]
             else:
-                raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
+                for start, end, region in ram:
+                    if start <= addr and addr + length <= end:
+                        view = region[addr - start:addr - start + length]
+                        break
+                else:
+                    raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
             if flags & DESC_F_WRITE:
                 writable.append(view)
             elif writable:
@@ -286,13 +295,30 @@ class Virtqueue:
 
     def enable_notification(self) -> bool:
         """Before the device sleeps: ask to be notified of new buffers; True if some
-        arrived meanwhile (then process them instead of sleeping)."""
+        arrived meanwhile (then process them instead of sleeping: a buffer published
+        while notifications were suppressed came without a notify)."""
         if not self.active:
             return False
         if self.event_idx:
             self._avail_event[0] = self.last_avail_idx
+        elif self._used_flags[0]:
+            self._used_flags[0] = 0
         full_barrier()   # avail_event store before the avail idx load, or a kick is lost
         return self.avail_idx() != self.last_avail_idx
+
+    def suppress_notification(self) -> None:
+        """While the device polls the ring (poll.py): the driver need not notify
+        (virtio 1.2 section 2.7.10). With EVENT_IDX, avail_event one behind the
+        device's index: the driver notifies when its new index passes avail_event
+        coming from its old one, and its old index is never behind the device's, so
+        that never happens (until :meth:`enable_notification`); without it,
+        VIRTQ_USED_F_NO_NOTIFY. Only a hint to the driver: nothing relies on it."""
+        if not self.active:
+            return
+        if self.event_idx:
+            self._avail_event[0] = (self.last_avail_idx - 1) & 0xFFFF
+        else:
+            self._used_flags[0] = USED_F_NO_NOTIFY
 
 
 def _u16_view(area: memoryview, offset: int) -> memoryview:
@@ -302,89 +328,3 @@ def _u16_view(area: memoryview, offset: int) -> memoryview:
 def need_event(event: int, new: int, old: int) -> bool:
     """virtio's vring_need_event: did the index move past ``event`` going old -> new?"""
     return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-
-# --- copying between byte strings and buffer lists (scatter/gather) -------------------------
-def gather(views: list[memoryview], limit: int) -> bytes:
-    """The first ``limit`` bytes of ``views`` in order: one copy, for small headers
-    (a limit is required: a chain's total may be many times guest RAM)."""
-    out = bytearray()
-    for view in views:
-        if len(out) >= limit:
-            break
-        out += view[:limit - len(out)]
-    return bytes(out)
-
-
-# What a device may copy out of one request at most, and the piece it copies at a time:
-# a chain may name all of guest RAM many times over (64 descriptors of 512 MiB each), so
-# a device streams what it reads, never gathers it. The per-request bound is pykvm's, not
-# the spec's: no driver puts that much in one console request (Linux writes at most
-# 32 KiB per buffer, a pipe's worth per splice); beyond it bytes are dropped and counted.
-STREAM_CHUNK = 64 * 1024
-MAX_STREAM_PER_CHAIN = 1 << 20
-
-
-@dataclass
-class StreamCount:
-    """What :func:`stream_readable` passed on and what it dropped (beyond the bound)."""
-
-    sent: int = 0
-    dropped: int = 0
-
-
-def stream_readable(queue: "Virtqueue", write, limit: int = MAX_STREAM_PER_CHAIN) -> StreamCount:
-    """Pop every available chain and pass its device-readable bytes to ``write(bytes)``
-    in order, at most ``limit`` bytes of each chain (the rest is counted as dropped),
-    through one buffer of at most STREAM_CHUNK bytes: the host memory this takes does
-    not depend on what the guest wrote. Each chain is returned with length 0."""
-    count = StreamCount()
-    buffer = bytearray()
-    while (chain := queue.pop()) is not None:
-        room = limit
-        for view in chain.readable:
-            take = min(len(view), room)
-            room -= take
-            count.dropped += len(view) - take
-            offset = 0
-            while offset < take:
-                piece = min(take - offset, STREAM_CHUNK - len(buffer))
-                buffer += view[offset:offset + piece]
-                offset += piece
-                if len(buffer) >= STREAM_CHUNK:
-                    count.sent += len(buffer)
-                    write(bytes(buffer))
-                    buffer.clear()
-        queue.add_used(chain.head, 0)
-    if buffer:
-        count.sent += len(buffer)
-        write(bytes(buffer))
-    return count
-
-
-def scatter(views: list[memoryview], data: bytes | memoryview) -> int:
-    """Copy ``data`` into ``views`` in order; returns the number of bytes written."""
-    data = memoryview(data)
-    done = 0
-    for view in views:
-        if done >= len(data):
-            break
-        count = min(len(view), len(data) - done)
-        view[:count] = data[done:done + count]
-        done += count
-    return done
-
-
-def slice_views(views: list[memoryview], start: int, length: int | None = None) -> list[memoryview]:
-    """The sub-views covering bytes [start, start+length) of the concatenation (no copy)."""
-    out = []
-    position = 0
-    end = None if length is None else start + length
-    for view in views:
-        view_start, view_end = position, position + len(view)
-        position = view_end
-        lo = max(start, view_start)
-        hi = view_end if end is None else min(end, view_end)
-        if lo < hi:
-            out.append(view[lo - view_start:hi - view_start])
-    return out

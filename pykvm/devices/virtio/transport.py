@@ -43,6 +43,7 @@ from .device import (STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS
                      VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                      QueueWorker, VirtioDevice)
 from .external_queues import ExternalQueues
+from .poll import PollWindow, serve_queue
 from .queue import Virtqueue, VirtqueueError
 from .state import VirtioTransportState
 
@@ -68,6 +69,7 @@ class VirtioTransport(ExternalQueues):
         self.device = device
         self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
         self.queue_fds = [vm.new_eventfd() for _ in device.queue_sizes]
+        self.poll_windows = [PollWindow() for _ in device.queue_sizes]   # poll.py: the cap
         device.kick = self.kick
         self._lock = threading.RLock()     # transport state + request processing
         self._isr_lock = threading.Lock()
@@ -314,19 +316,7 @@ class VirtioTransport(ExternalQueues):
 
     # --- the data path (worker thread) -----------------------------------------------------------
     def _process(self, index: int) -> None:
-        with self._lock:
-            queue = self.queues[index]
-            if not self.running or self.broken or not queue.active:
-                return
-            try:
-                while True:
-                    self.device.process_queue(index, queue)
-                    if queue.should_interrupt():
-                        self._signal_queue(index)
-                    if not queue.enable_notification() or not self.device.wants_more(index):
-                        break
-            except VirtqueueError as error:
-                self.fail(error)
+        serve_queue(self, index)    # poll.py: serve, interrupt, poll the ring, sleep
 
     def _violation(self, message: str) -> None:
         self.fail(DriverError(message))
