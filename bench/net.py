@@ -188,7 +188,7 @@ class GuestNic:
     driver would, and the ring-3 guest told which queue to drive."""
 
     def __init__(self, kvm, image: bytes, mode: str, size: int, spin: bool = False,
-                 backend: str = "tap"):
+                 backend: str = "tap", poll_ns: int | None = None):
         from pykvm.boot.modes import set_mode
         from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
         from pykvm.devices.virtio.driver import DriverRing, PciDriver
@@ -209,6 +209,9 @@ class GuestNic:
                                 GUEST_MAC, offloads=False, name="bench-net", owner=self.backend)
         self.function = VirtioPciDevice(self.vm, self.memory, self.device)
         self.vm.on_close(self.function.close)
+        if poll_ns is not None:                     # --poll-us: pykvm's avail-ring polling cap
+            from pykvm.devices.virtio.poll import configure
+            configure(self.function, poll_ns)
         self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
         self.waiter = Waiter(self.function)
         self.function.intx = self.waiter
@@ -281,8 +284,9 @@ class GuestNic:
 
 
 def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: float,
-               seconds: float, spin: bool = False, backend: str = "tap") -> Result:
-    nic = GuestNic(kvm, image, mode, size, spin, backend)
+               seconds: float, spin: bool = False, backend: str = "tap",
+               poll_ns: int | None = None) -> Result:
+    nic = GuestNic(kvm, image, mode, size, spin, backend, poll_ns)
     try:
         nic.start()
         wire = nic.device.wire
@@ -322,6 +326,9 @@ def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: floa
         stop = nic.vm.stop_reason
         if stop is not None:
             raise BenchError(f"the guest stopped: {stop.message}")
+        window = nic.function.poll_windows[0 if mode == "rx" else 1]
+        note += (f"; polls: found {window.found}, timeouts {window.timeouts}, busy "
+                 f"{window.busy}, give-ups {window.give_ups}")
         return Result(rate, cpu, size, note)
     finally:
         nic.close()
@@ -369,11 +376,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="an idle guest spins instead of waiting for the device's interrupt")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     parser.add_argument("--no-passt", action="store_true", help="skip the passt back end")
+    parser.add_argument("--poll-us", type=float, default=None,
+                        help="pykvm's device: the avail-ring polling cap in µs (0: off; default: "
+                        "pykvm's own, pykvm/devices/virtio/poll.py)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("net: needs root (TAP devices and a network namespace)", file=sys.stderr)
         return 1
     seconds, warmup = (0.5, 0.2) if args.quick else (args.seconds, 0.5)
+    poll_ns = None if args.poll_us is None else int(args.poll_us * 1000)
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(not 60 <= s <= 1514 for s in sizes):
         parser.error("frame sizes must be between 60 and 1514 bytes")
@@ -391,12 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             host_kind = kvm.host_kind
             for size in sizes:
                 reference = veth_rate(netns, size, warmup, seconds)
-                tx = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin)
-                rx = pykvm_rate(kvm, image, netns, "rx", size, warmup, seconds, args.spin)
+                tx = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin,
+                                poll_ns=poll_ns)
+                rx = pykvm_rate(kvm, image, netns, "rx", size, warmup, seconds, args.spin,
+                                poll_ns=poll_ns)
                 rows.append((size, reference, tx, rx))
                 if with_passt:
                     passt = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin,
-                                       backend="passt")
+                                       backend="passt", poll_ns=poll_ns)
                     passt_rows.append((size, reference, passt, tx))
                     if not args.quick:
                         print(f"{size} B: passt tx {passt.frames_per_s:,.0f}/s ({passt.note})",
