@@ -95,7 +95,7 @@ SEED = 0x9E3779B97F4A7C15
 P = {name: i for i, name in enumerate(
     "queue_size avail_ring used_ring notify_addr notify_value wait_addr cmd_addr headers "
     "statuses depth pattern spr limit stop completed errors notifies waits glitches rng "
-    "next_sector cases".split())}
+    "next_sector cases guest_poll".split())}
 
 
 @dataclass(frozen=True)
@@ -424,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-us", type=float, default=None,
                         help="pykvm's device: the avail-ring polling cap in µs (0: off; default: "
                         "pykvm's own, pykvm/devices/virtio/poll.py)")
+    parser.add_argument("--guest-poll", type=int, default=0, metavar="N",
+                        help="the waiting guest first looks at the used index N more times, a "
+                        "pause between looks (like Linux's haltpoll; default 0: it waits at once)")
     parser.add_argument("--only", choices=("seq", "rand"), default=None,
                         help="only the 1 MiB sequential or the 4 KiB random cases")
     parser.add_argument("--quick", action="store_true", help="0.2 s per case: does it work?")
@@ -469,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.msix)
                     if args.poll_us is not None:
                         configure(disks[name].function, int(args.poll_us * 1000))
+                    disks[name].set("guest_poll", args.guest_poll)
                 for case in CASES:
                     if args.only and case.random != (args.only == "rand"):
                         continue
@@ -493,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     print("virtio-blk driven by a ring-3 guest vs the host's preadv/pwritev on the same file")
     print(f"host kind: {host_kind}   {seconds:g} s per case   load average: {load:.2f}   "
           f"CPUs: {os.cpu_count()}   guest: {'spins' if args.spin else 'waits for interrupts'}"
-          f"{', MSI-X' if args.msix else ''}")
+          f"{', MSI-X' if args.msix else ''}"
+          f"{f', polls the used index {args.guest_poll} times first' if args.guest_poll else ''}"
+          f"   device polling cap: "
+          f"{'default' if args.poll_us is None else f'{args.poll_us:g} µs'}")
     print(f"image: {args.image_mib} MiB on {fs}, read whole before each case (all in the page "
           f"cache; writes dirty cached pages, no O_DIRECT, no fsync)")
     print("host: one thread, synchronous calls, as many buffers as the queue depth; "
@@ -510,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rate.mb_per_s / (reference.mb_per_s or 1):>6.3f}"
                   for rate in rates.values()))
     if args.record:
-        record(host_kind, rows, seconds, load, "wait" if not args.spin
+        record(host_kind, rows, seconds, load, ("wait" if not args.spin
                else "spin, MSI-X" if args.msix else "spin")
+               + (f", guest polls {args.guest_poll}" if args.guest_poll and not args.spin else "")
+               + (f", --poll-us {args.poll_us:g}" if args.poll_us is not None else ""))
     headline = [(r, p) for c, d, r, p in rows if c is CASES[0] and d == max(DEPTHS)] or \
         [(r, p) for c, d, r, p in rows if d == max(DEPTHS)]
     reference, rates = headline[0]

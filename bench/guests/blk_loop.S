@@ -26,7 +26,9 @@
  * back to the command register.
  * With nothing completed yet it spins (wait_addr 0) or sets used_event and
  * reads the bench's wait register, which returns when the device interrupted
- * (INTx, acknowledged by that read) or after a few ms: one exit per wait.
+ * (INTx, acknowledged by that read) or after a few ms: one exit per wait. With
+ * `guest_poll` N it first looks at the used index up to N more times (a `pause`
+ * between looks), as a Linux guest's haltpoll idle governor polls before halting.
  */
 
 /* READ16 src, reg, scratch: a 16-bit ring index, with one 16-bit load: pykvm
@@ -68,6 +70,7 @@ glitches:       .quad   0               /* +144 used indexes that cannot be true
 rng:            .quad   0               /* +152 xorshift64 state (random) */
 next_sector:    .quad   0               /* +160 sequential: the next request's sector */
 cases:          .quad   0               /* +168 cases finished */
+guest_poll:     .quad   0               /* +176 pause loops on the used index before a wait */
 
 /* Registers in ring 3: r8 avail ring, r9 used ring, r10 notify address, r11 N,
  * r12 used index seen, ebx avail index, ebp in flight, r13 notify value,
@@ -147,9 +150,16 @@ idle:   cmpq    $0, stop(%rip)
         jmp     loop
 6:      mov     %r12w, (%r15)           /* used_event = seen: wake me at the next one */
         mfence                          /* used_event store before the used idx load */
-        movzwl  2(%r9), %edx
+        mov     guest_poll(%rip), %rcx  /* like Linux's haltpoll: look a while first */
+7:      movzwl  2(%r9), %edx
         cmp     %r12d, %edx
         jne     loop                    /* it moved meanwhile */
+        test    %rcx, %rcx
+        jz      8f
+        dec     %rcx
+        pause
+        jmp     7b
+8:
         mov     wait_addr(%rip), %rdx
         mov     (%rdx), %edx            /* the exit: returns once the device interrupted */
         incq    waits(%rip)
