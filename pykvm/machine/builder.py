@@ -71,16 +71,27 @@ def build_from_snapshot(directory, *, stdout: BinaryIO | None = None,
         machine = Machine(config, memory=opened.memory, stdout=stdout, stderr=stderr,
                           stdin=None if config.command is not None else stdin, tracer=tracer)
     except BaseException:
+        _quietly(opened.verified)
         opened.memory.close()
         raise
     try:
         apply_state(machine, opened.document)
         if paused:
             machine.vm.pause()
+        opened.verified()      # memory.bin's digest, checked while the machine was built
     except BaseException:
+        _quietly(opened.verified)
         machine.close()
         raise
     return machine
+
+
+def _quietly(wait) -> None:
+    """``wait()`` on a path that already fails: its own failure is not the one to report."""
+    try:
+        wait()
+    except Exception:
+        pass
 
 
 restore_machine = build_from_snapshot   # pykvm.snapshot.restore_machine: its older name

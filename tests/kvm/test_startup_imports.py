@@ -123,3 +123,21 @@ def test_a_command_builds_only_its_own_parser_and_parses_as_the_full_one():
     argv = ["run", "--flat", "guest.bin", "--entry", "long", "-m", "64M", "--stats"]
     only, full = build_parser("run").parse_args(argv), build_parser().parse_args(argv)
     assert vars(only) == vars(full)
+
+
+def test_reading_a_snapshots_config_imports_no_virtio_fs():
+    """A restore reads state.json's config (snapshot/config.py) without virtio-fs and
+    vhost-user (~10 ms of every restore): a snapshot never holds a live share."""
+    script = textwrap.dedent("""
+        import sys
+        from pykvm.machine import MachineConfig
+        from pykvm.snapshot.config import decode_config, encode_config
+        config = decode_config(encode_config(MachineConfig(mem_size=64 << 20, flat="g.bin")))
+        assert config.live_shares == [] and config.mem_size == 64 << 20
+        print(sorted(name for name in sys.modules
+                     if name.startswith(("pykvm.devices.virtio", "pykvm.vhost_user"))))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
