@@ -39,6 +39,7 @@ from .buffers import (MAX_STREAM_PER_CHAIN, STREAM_CHUNK, StreamCount,  # noqa: 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
+_NEXT_OR_INDIRECT = DESC_F_NEXT | DESC_F_INDIRECT
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 DESCRIPTOR_SIZE = 16
@@ -206,19 +207,54 @@ class Virtqueue:
                                  f"{last} (queue size {self.size})")
         head = self._avail_ring[last & (self.size - 1)]
         self.last_avail_idx = (last + 1) & 0xFFFF
-        return self._walk(head)
+        if head >= self.size:
+            raise VirtqueueError(f"descriptor index {head} is out of range "
+                                 f"(table of {self.size})")
+        descriptor = _DESCRIPTOR.unpack_from(self._desc, DESCRIPTOR_SIZE * head)
+        addr, length, flags, _ = descriptor
+        low, high, view = self._ram[0]
+        if not flags & _NEXT_OR_INDIRECT and low <= addr and addr + length <= high:
+            view = view[addr - low:addr - low + length]   # one buffer (a frame): no walk
+            return DescriptorChain(head, [], [view]) if flags & DESC_F_WRITE \
+                else DescriptorChain(head, [view], [])
+        return self._walk(head, descriptor)
 
-    def _walk(self, head: int) -> DescriptorChain:
-        """The chain from ``head``: every rule in the module docstring is checked here,
-        on the one copy of each descriptor it reads (the hot path of every request:
-        locals only, the RAM bounds check inlined)."""
+    def _walk(self, head: int, descriptor: tuple[int, int, int, int]) -> DescriptorChain:
+        """The chain from ``head``, whose descriptor ``pop`` read: every rule in the
+        module docstring is checked here, on the one copy of each descriptor it reads
+        (the hot path of every request: locals only, the RAM bounds check inlined)."""
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         table, table_size = self._desc, self.size
-        index, budget, indirect = head, table_size, False
+        budget, indirect = table_size - 1, False      # the head is one of the table's
         unpack, ram = _DESCRIPTOR.unpack_from, self._ram
         low, high, low_view = ram[0]      # the region nearly every buffer is in: first
+        addr, length, flags, next_index = descriptor
         while True:
+            if flags & DESC_F_INDIRECT:
+                table = self._indirect_table(addr, length, flags, indirect)
+                table_size = budget = length // DESCRIPTOR_SIZE
+                index, indirect = 0, True
+            else:
+                if low <= addr and addr + length <= high:
+                    view = low_view[addr - low:addr - low + length]
+                else:
+                    for start, end, region in ram:
+                        if start <= addr and addr + length <= end:
+                            view = region[addr - start:addr - start + length]
+                            break
+                    else:
+                        raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
+                if flags & DESC_F_WRITE:
+                    writable.append(view)
+                elif writable:
+                    raise VirtqueueError(f"chain from head {head} has a readable buffer after a "
+                                         f"writable one")
+                else:
+                    readable.append(view)
+                if not flags & DESC_F_NEXT:
+                    return DescriptorChain(head, readable, writable)
+                index = next_index
             if index >= table_size:
                 raise VirtqueueError(f"descriptor index {index} is out of range "
                                      f"(table of {table_size})")
@@ -227,30 +263,6 @@ class Virtqueue:
                                      f"({table_size} descriptors): a loop?")
             budget -= 1
             addr, length, flags, next_index = unpack(table, DESCRIPTOR_SIZE * index)
-            if flags & DESC_F_INDIRECT:
-                table = self._indirect_table(addr, length, flags, indirect)
-                table_size = budget = length // DESCRIPTOR_SIZE
-                index, indirect = 0, True
-                continue
-            if low <= addr and addr + length <= high:
-                view = low_view[addr - low:addr - low + length]
-            else:
-                for start, end, region in ram:
-                    if start <= addr and addr + length <= end:
-                        view = region[addr - start:addr - start + length]
-                        break
-                else:
-                    raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
-            if flags & DESC_F_WRITE:
-                writable.append(view)
-            elif writable:
-                raise VirtqueueError(f"chain from head {head} has a readable buffer after a "
-                                     f"writable one")
-            else:
-                readable.append(view)
-            if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable)
-            index = next_index
 
     def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
         """The view of an indirect table, after its rules (virtio 1.2 section 2.7.5.3)."""
