@@ -74,8 +74,13 @@ def linux_cmdline(machine) -> str:
             parts.append(virtio.cmdline())   # virtio-mmio: announced, not discovered
     else:
         # The DSDT declares no PCI root bridge (it is kept minimal), and with ACPI
-        # Linux scans only the roots ACPI declares: have it probe bus 0 through conf1.
-        parts.append("pci=noacpi")
+        # Linux scans only the roots ACPI declares. `pci=lastbus=1` has it look for
+        # buses 0 and 1 through conf1 after ACPI's roots (arch/x86/pci/legacy.c,
+        # pcibios_fixup_peer_bridges) and scan bus 0, which holds pykvm's devices.
+        # Not `pci=noacpi`: that also turns off ACPI's interrupt routing, and a kernel
+        # without an MP-table parser (Debian's cloud flavour) then disables its local
+        # APIC: one CPU, no IOAPIC (arch/x86/kernel/acpi/boot.c, acpi_mps_check).
+        parts.append("pci=lastbus=1")
     if config.command is not None and not config.verbose:
         parts.append("quiet")
     if config.agent or config.shares:
