@@ -11,7 +11,7 @@ import pytest
 from pykvm.devices.virtio import poll
 from pykvm.devices.virtio.driver import DriverRing
 from pykvm.devices.virtio.poll import (BUSY, FOUND, GIVE_UP, GROW_START_NS, MAX_BACKOFF,
-                                       STOPPED, TIMEOUT, PollWindow, spin)
+                                       OPEN_AFTER, STOPPED, TIMEOUT, PollWindow, spin)
 from pykvm.devices.virtio.queue import (USED_F_NO_NOTIFY, Virtqueue, VirtqueueError,
                                         need_event)
 from pykvm.errors import ConfigError
@@ -27,10 +27,20 @@ MAX = 32_000
 def test_window_opens_at_4_us_and_doubles_up_to_the_cap():
     window = PollWindow(max_ns=MAX)
     sizes = []
-    for _ in range(6):
+    for _ in range(OPEN_AFTER + 5):
         window.adjust(MAX)             # idle just within the cap: a longer window would catch it
         sizes.append(window.ns)
-    assert sizes == [GROW_START_NS, 8_000, 16_000, 32_000, 32_000, 32_000]
+    assert sizes == [0] * (OPEN_AFTER - 1) + [GROW_START_NS, 8_000, 16_000, 32_000, 32_000,
+                                              32_000]
+
+
+def test_a_shut_window_does_not_open_on_a_blip():
+    window = PollWindow(max_ns=MAX)
+    for _ in range(3):
+        for _ in range(OPEN_AFTER - 1):
+            window.adjust(1_000)
+        window.adjust(MAX + 1)         # one long idle period: start counting again
+    assert window.ns == 0
 
 
 def test_work_caught_inside_the_window_changes_nothing():
@@ -59,10 +69,11 @@ def test_woke_adjusts_from_the_time_the_ring_went_idle():
     window = PollWindow(max_ns=MAX)
     window.woke(5_000)                 # never idle: nothing to learn
     assert window.ns == 0
+    window.ns = GROW_START_NS
     window.went_idle(1_000)
     window.went_idle(2_000)            # still the same idle period
     window.woke(1_000 + MAX)
-    assert window.ns == GROW_START_NS and window.idle_since == 0
+    assert window.ns == 2 * GROW_START_NS and window.idle_since == 0
 
 
 def test_spins_that_find_nothing_stop_polling_with_a_doubling_back_off():
@@ -80,8 +91,9 @@ def test_spins_that_find_nothing_stop_polling_with_a_doubling_back_off():
         window.woke(2_000)
         assert window.ns == 0
     assert window.skip == 0
-    window.went_idle(1_000)
-    window.woke(2_000)
+    for _ in range(OPEN_AFTER):
+        window.went_idle(1_000)
+        window.woke(2_000)
     assert window.ns == GROW_START_NS
 
 

@@ -22,15 +22,25 @@ from the moment the worker found the ring empty until the next request):
 - block > max: polling could not have caught it; the window is divided by
   ``shrink`` (to 0 below 1 µs);
 - otherwise: a longer window would have caught it; the window is multiplied by
-  ``grow`` (from 4 µs when it was 0), up to ``max``.
+  ``grow``, up to ``max``. A shut window opens (at 4 µs) only after OPEN_AFTER such
+  idle periods in a row: on this project's nested hosts a lone short one is noise, and
+  a spin that cannot find work is not free (below).
+
+Why a spin may find nothing however long: in CPython the worker and a vCPU thread share
+the GIL, and a guest whose next request needs Python on its vCPU thread (an exit the VMM
+serves) waits for the spinner, which takes the GIL back after every look; and a vCPU
+sharing the spinner's CPU cannot run. So GIVE_UP spins in a row that found nothing shut
+the window for 1, 2, 4 ... MAX_BACKOFF wake-ups (bench/RESULTS.md "blk" has the figures).
 
 Bounds, so polling never costs more than the window: a spin ends at the window's
 deadline, when the queue is no longer active (reset), the device stops serving
 (broken, stopped, closed), or when the host is busy -- each look at the ring is
-followed by ``sched_yield()``, which also drops Python's GIL (the vCPU thread
-needs it for its exits); a yield that took longer than BUSY_NS means another
-thread wanted this CPU, so the spin ends and the window is halved. ``max_ns`` 0
-turns polling off (the worker sleeps at once, as before).
+followed by a C call that returns at once, around which ctypes drops the GIL (not
+``sched_yield()``, which hands the CPU to any other busy process for the rest of its
+slice, nor ``time.sleep(0)``, which sleeps for the timer slack); a look that took
+longer than BUSY_NS means another thread had the CPU or the GIL, so the spin ends
+and the window is halved. ``max_ns`` 0 turns polling off (the worker sleeps at
+once, as before).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ GROW_START_NS = 4_000         # QEMU: "start polling at 4 microseconds"
 MIN_WINDOW_NS = 1_000         # shrinking below this turns the window off
 BUSY_NS = 30_000              # one look this long: another thread had our CPU or the GIL
 GIVE_UP = 5                   # spins in a row that found nothing: stop polling for a while
+OPEN_AFTER = 8                # a shut window opens after this many short idle periods in a row
 MAX_BACKOFF = 256             # ... for at most this many wake-ups
 DEFAULT_MAX_NS = 32_000       # pykvm run --virtio-poll-us (README "Performance")
 MAX_MAX_NS = 1_000_000        # what a user may ask for at most: 1 ms per look
@@ -63,6 +74,7 @@ class PollWindow:
     misses: int = 0               # spins in a row that found nothing
     backoff: int = 0              # wake-ups to sit out after the last give-up (doubles)
     skip: int = 0                 # wake-ups still to sit out
+    short: int = 0                # idle periods in a row a window could have caught (shut)
     found: int = 0
     timeouts: int = 0
     busy: int = 0
@@ -81,8 +93,14 @@ class PollWindow:
             pass                                          # the sweet spot
         elif block_ns > self.max_ns:
             self.halve()                                  # polling could not catch it
-        elif self.ns < self.max_ns:
-            self.ns = min(self.max_ns, self.ns * self.grow if self.ns else GROW_START_NS)
+        elif self.ns:
+            self.ns = min(self.max_ns, self.ns * self.grow)
+        else:                                             # shut: open on a pattern, not a blip
+            self.short += 1
+            if self.short >= OPEN_AFTER:
+                self.ns, self.short = GROW_START_NS, 0
+            return
+        self.short = 0
 
     def halve(self) -> None:
         self.ns //= self.shrink
