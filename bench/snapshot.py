@@ -14,6 +14,13 @@ In one run:
 4. the library's `restore_machine()` in this process, split into checking state.json,
    verifying memory.bin's digest, and building the machine with its state.
 
+Each restore's seconds are split with the control socket's ``stats`` asked once the
+answer is in: pykvm's start (process start until the vCPU thread starts: seconds minus
+the vCPU's wall time), the time inside KVM_RUN (the guest, and on kvm_pvm the host's
+emulation of its ring 0) and in pykvm's exit handlers, the exits and pykvm's
+completions (system calls, instructions); the vCPU's wall time runs on until that
+request, a few ms past the answer, idle in the guest's HLT.
+
 The goal is a restore at most 1/50 of the cold boot. On kvm_pvm hosts a typed
 character costs the guest tens of milliseconds (its tty and shell run emulated ring-0
 code and system calls), so the command is kept short.
@@ -75,6 +82,22 @@ def answer_time(shell: GuestShell, started: float, *, wait_prompt: bool) -> floa
     return time.monotonic() - started
 
 
+def vcpu_split(stats: dict, seconds: float) -> dict:
+    """Where a restore's ``seconds`` to the answer went, from the control socket's
+    ``stats`` (one vCPU): pykvm's start, inside KVM_RUN, pykvm's handlers, exits."""
+    vcpu = stats["vcpus"][0]
+    times = {name: ns / 1e9 for name, ns in vcpu["time_ns"].items()}
+    return {"start": seconds - times["wall"], "guest": times["guest"],
+            "handlers": times["handlers"], "exits": sum(vcpu["exits"].values()),
+            "completed": sum(vcpu["quirks"].values())}
+
+
+def format_split(split: dict) -> str:
+    return (f"pykvm start {split['start']:.3f} s, then inside KVM_RUN {split['guest']:.3f} s, "
+            f"pykvm handlers {split['handlers']:.3f} s ({split['exits']} exits, "
+            f"{split['completed']} completions)")
+
+
 def library_restore(directory: Path) -> dict:
     """restore_machine() phases, in this process (the guest is not started)."""
     import io
@@ -129,20 +152,28 @@ def main() -> int:
                 info = shell.snapshot(snap)
             print(f"snapshot: {info['seconds']:.2f} s, {info['mem_size'] >> 20} MiB RAM, "
                   f"{info['disk_bytes'] / (1 << 20):.1f} MiB on disk", flush=True)
-        restores = []
+        restores, splits = [], []
+        if args.snapshot is not None:   # no cold boot filled the bytecode cache: a restore does
+            with GuestShell(["--restore", str(snap)], api_sock=work / "warm.sock",
+                            log=work / "warm.log") as shell:
+                answer_time(shell, time.monotonic(), wait_prompt=False)
         for index in range(args.restores):
             started = time.monotonic()
             with GuestShell(["--restore", str(snap)], api_sock=work / f"r{index}.sock",
                             log=work / f"r{index}.log") as shell:
                 restores.append(answer_time(shell, started, wait_prompt=False))
-            print(f"restore {index + 1}: {restores[-1]:.2f} s to the answer", flush=True)
+                splits.append(vcpu_split(shell.ctl("stats"), restores[-1]))
+            print(f"restore {index + 1}: {restores[-1]:.2f} s to the answer: "
+                  f"{format_split(splits[-1])}", flush=True)
         phases = None if args.quick else library_restore(snap)
     restore = statistics.median(restores)
+    split = splits[restores.index(restore)] if restore in restores else splits[0]
     if args.snapshot is not None:
         print()
         print(f"host kind: {host}, load {load:.1f}")
         print(f"restore to answer:    {restore:8.2f} s (median of {len(restores)}: "
               f"{', '.join(f'{r:.2f}' for r in restores)}); goal <= {RESTORE_GOAL:.2f} s")
+        print(f"  of which:           {format_split(split)}")
         if phases:
             print("restore_machine():    " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
         print(f"seconds: {restore:.3f}")
@@ -153,6 +184,7 @@ def main() -> int:
     print(f"cold boot to answer:  {cold:8.2f} s")
     print(f"restore to answer:    {restore:8.2f} s (median of {len(restores)}: "
           f"{', '.join(f'{r:.2f}' for r in restores)})")
+    print(f"  of which:           {format_split(split)}")
     print("restore_machine():    " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
     print(f"snapshot:             {info['seconds']:8.2f} s; memory.bin "
           f"{info['disk_bytes'] / (1 << 20):.1f} MiB on disk for {info['mem_size'] >> 20} MiB "

@@ -12,7 +12,9 @@ The restore order follows what KVM needs (QEMU and Firecracker do much the same)
 CPUID first (it decides which MSRs and XSAVE features exist), general registers,
 FPU/XSAVE and XCRs, special registers (EFER, CR0/CR4, the APIC base, which the
 LAPIC's state depends on), MSRs (the TSC among them: guest time continues from
-the snapshot), the MP state, the LAPIC, the TSC deadline (KVM takes it only once the
+the snapshot; not on kvm_pvm, which runs the guest on the host's TSC and accepts and
+ignores the write, so a restored guest's clock jumps by the snapshot's age:
+bench/RESULTS.md, "snapshot"), the MP state, the LAPIC, the TSC deadline (KVM takes it only once the
 LAPIC timer is in TSC-deadline mode), pending events, debug registers.
 """
 
