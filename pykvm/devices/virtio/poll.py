@@ -49,6 +49,7 @@ import ctypes
 import time
 from dataclasses import dataclass
 
+from ...errors import ConfigError
 from .queue import VirtqueueError
 
 GROW_START_NS = 4_000         # QEMU: "start polling at 4 microseconds"
@@ -83,7 +84,7 @@ class PollWindow:
     def __post_init__(self) -> None:
         check_max_ns(self.max_ns)
         if self.grow < 2 or self.shrink < 2:
-            raise ValueError("poll grow and shrink factors must be at least 2")
+            raise ConfigError("virtio poll grow and shrink factors must be at least 2")
 
     def adjust(self, block_ns: int) -> None:
         """QEMU's adjust_polling_time: the queue was idle ``block_ns`` before work came."""
@@ -145,9 +146,9 @@ class PollWindow:
 
 
 def check_max_ns(max_ns: int) -> int:
-    """``max_ns`` if it is a polling cap pykvm accepts (0..MAX_MAX_NS), else ValueError."""
+    """``max_ns`` if it is a polling cap pykvm accepts (0..MAX_MAX_NS), else ConfigError."""
     if not 0 <= max_ns <= MAX_MAX_NS:
-        raise ValueError(f"virtio poll window {max_ns} ns is not 0..{MAX_MAX_NS} ns")
+        raise ConfigError(f"virtio poll window {max_ns} ns is not 0..{MAX_MAX_NS} ns")
     return max_ns
 
 
