@@ -57,7 +57,7 @@ MIN_WINDOW_NS = 1_000         # shrinking below this turns the window off
 BUSY_NS = 30_000              # one look this long: another thread had our CPU or the GIL
 GIVE_UP = 5                   # spins in a row that found nothing: stop polling for a while
 OPEN_AFTER = 8                # a shut window opens after this many short idle periods in a row
-MAX_BACKOFF = 256             # ... for at most this many wake-ups
+MAX_BACKOFF = 1024            # ... for at most this many wake-ups
 DEFAULT_MAX_NS = 32_000       # pykvm run --virtio-poll-us (README "Performance")
 MAX_MAX_NS = 1_000_000        # what a user may ask for at most: 1 ms per look
 
