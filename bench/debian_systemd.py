@@ -4,6 +4,8 @@
 
     pykvm image debian --kernel --packages systemd-sysv -o root.img     # once (~3 min)
     python3 bench/debian_systemd.py --image root.img --cpus 2 --record
+    python3 bench/debian_systemd.py --image root.img --kernel vmlinuz-6.1.0-50-amd64 \
+        --initrd initrd.img-6.1.0-50-amd64 --record     # another kernel of the image's /boot
 
 The image's own kernel and initramfs boot it (``pykvm run --image root.img,ro
 --image-kernel``): initramfs-tools loads the virtio modules, mounts ``/dev/vda`` and starts
@@ -44,19 +46,21 @@ SECTION = (
     "| date | host kind | kernel | vCPUs | start → systemd | start → answer | answer "
     "| load | note |\n|---|---|---|---|---|---|---|---|---|\n"
     f"{MARKER}\n")
-# systemd.run's unit writes to the journal; journald forwards it to the console. The
-# success action powers the guest off, which ends pykvm.
-APPEND = ('systemd.run="/usr/bin/systemctl is-system-running" '
-          "systemd.run_success_action=poweroff systemd.run_failure_action=poweroff "
-          "systemd.journald.forward_to_console=1")
+QUESTION = "/usr/bin/systemctl is-system-running"
 WELCOME = "Welcome to "
 ANSWER = re.compile(r"systemctl\[\d+\]: (initializing|starting|running|degraded|maintenance|"
                     r"stopping|offline)\b")
 
 
-def boot(image: Path, cpus: int, append: str, timeout: float, log: Path | None) -> dict:
-    args = [sys.executable, "-m", "pykvm", "run", "--image", f"{image},ro", "--image-kernel",
-            "--cpus", str(cpus), "-v", "--append", f"{APPEND} {append}".strip()]
+def boot(image: Path, kernel: tuple[Path, Path] | None, cpus: int, append: str, timeout: float,
+         log: Path | None) -> dict:
+    from pykvm.distro.boot import systemd_run_words
+
+    boot_files = ["--kernel", str(kernel[0]), "--initrd", str(kernel[1])] if kernel \
+        else ["--image-kernel"]
+    args = [sys.executable, "-m", "pykvm", "run", "--image", f"{image},ro", *boot_files,
+            "--cpus", str(cpus), "-v", "--append",
+            f"{systemd_run_words(QUESTION)} {append}".strip()]
     started = time.monotonic()
     process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -95,6 +99,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, required=True,
                         help="from `pykvm image debian --kernel --packages systemd-sysv`")
+    parser.add_argument("--kernel", type=Path, help="boot this kernel instead of the image's "
+                        "(another of its /boot, e.g. the generic flavour's), with --initrd")
+    parser.add_argument("--initrd", type=Path, help="its initramfs (initramfs-tools')")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--append", default="", help="more kernel command line")
     parser.add_argument("--note", default="", help="what the row's note column says")
@@ -106,9 +113,12 @@ def main() -> int:
     from pykvm.distro.debian import beside
     from pykvm.kvm import detect_host_kind
 
-    kernel = (version_of_file(beside(args.image)[0]) or "?").split()[0]
+    if (args.kernel is None) != (args.initrd is None):
+        parser.error("--kernel and --initrd go together")
+    files = (args.kernel, args.initrd) if args.kernel else None
+    kernel = (version_of_file(args.kernel or beside(args.image)[0]) or "?").split()[0]
     load = os.getloadavg()[0]
-    seen = boot(args.image, args.cpus, args.append, args.timeout, args.log)
+    seen = boot(args.image, files, args.cpus, args.append, args.timeout, args.log)
     systemd = f"{seen['systemd']:.0f}" if "systemd" in seen else "?"
     print(f"{kernel}, {args.cpus} vCPU(s): start to systemd {systemd} s, to the answer "
           f"{seen['answer']:.0f} s ({seen['state']}), load {load:.1f}")

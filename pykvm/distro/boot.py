@@ -50,3 +50,17 @@ def apply_image(args) -> None:
                                   f"`pykvm image debian --kernel`)")
         args.kernel, args.initrd = kernel, initrd
     args.append = " ".join(words + ([args.append] if args.append else []))
+
+
+def systemd_run_words(command: str) -> str:
+    """Kernel command-line words that have systemd, an image's own init, run ``command``
+    as the goal of the boot and power the guest off once it ends (systemd-run-generator(8):
+    ``systemd.run=`` becomes kernel-command-line.service, a one-shot unit the boot goes
+    to), with the journal, and so the command's output, forwarded to the console
+    (journald's ``forward_to_console``). How bench/debian_systemd.py asks a booted Debian
+    `systemctl is-system-running` when no pykvm code runs in the guest."""
+    if '"' in command or not command.strip():
+        raise ConfigError("a command for systemd.run= must be non-empty and hold no '\"' "
+                          "(the kernel command line has no escape for it)")
+    return (f'systemd.run="{command}" systemd.run_success_action=poweroff '
+            "systemd.run_failure_action=poweroff systemd.journald.forward_to_console=1")

@@ -128,3 +128,16 @@ def test_a_clock_slowdown_out_of_range_is_refused(slowdown):
     with pytest.raises(ConfigError, match=rf"--clock-slowdown {slowdown}: must be between 1 "
                                           r"and 100 \(0: the host's default\)"):
         MachineConfig(kernel="k", clock_slowdown=slowdown).validate()
+
+
+def test_systemd_run_words_ask_systemd_for_one_command_and_a_power_off():
+    from pykvm.distro.boot import systemd_run_words
+    from pykvm.errors import ConfigError
+
+    words = systemd_run_words("/usr/bin/systemctl is-system-running")
+    assert words.split(" systemd.")[0] == 'systemd.run="/usr/bin/systemctl is-system-running"'
+    assert "systemd.run_success_action=poweroff" in words
+    assert "systemd.journald.forward_to_console=1" in words
+    for bad in ('echo "x"', "  "):
+        with pytest.raises(ConfigError, match="systemd.run="):
+            systemd_run_words(bad)
