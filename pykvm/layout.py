@@ -53,6 +53,12 @@ PCI_MMIO64_START = 1 << 40    # 64-bit BAR window, far above any RAM
 PCI_CONFIG_ADDRESS_PORT = 0xCF8  # configuration mechanism #1: address (4 bytes) ...
 PCI_CONFIG_DATA_PORT = 0xCFC     # ... and data (0xCFC-0xCFF, any width)
 PCI_INTX_GSIS = (5, 10, 11)      # ISA-free IRQs for PCI INTx, by slot (9 is the ACPI SCI)
+PCI_SLOTS = 32                   # devices on bus 0 (one function each; slot 0: the host bridge)
+# INTx routing, the one table both sides read: pin A of the device in slot S raises
+# PCI_INTX_GSI_BY_SLOT[S] (pykvm/devices/pci/bus.py wires it, and sets Interrupt Line to
+# it), and the DSDT's _PRT tells the guest so (pykvm/boot/acpi.py). pykvm's functions use
+# pin A only (virtio-pci), so pins B-D have no route.
+PCI_INTX_GSI_BY_SLOT = tuple(PCI_INTX_GSIS[slot % len(PCI_INTX_GSIS)] for slot in range(PCI_SLOTS))
 MSI_GSI_BASE = 24                # GSIs from here on carry MSI routes (0-23 are the IOAPIC's)
 
 # --- virtio-mmio (pykvm/devices/virtio/mmio.py; Firecracker's MMIO_MEM_START too) --------

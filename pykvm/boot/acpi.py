@@ -22,13 +22,24 @@ RSDP on 16-byte boundaries; the zero page's ``acpi_rsdp_addr`` points there too)
   that there is none and skips it; with it, the controller and atkbd probes cost
   about 2% of a boot's guest time here (pykvm/devices/i8042.py answers every probe
   at once: a few hundred exits, not the minutes of polling it once took).
-- **DSDT**: nothing but ``Name (_S5_, Package () {5, 5, 0, 0})``. Linux reads
-  SLP_TYP for S5 from it, and powers off by writing SLP_TYP | SLP_EN to PM1a
-  control. It is kept that small on purpose: the guest's AML interpreter runs
-  in guest ring 0, which some hosts emulate instruction by instruction.
+- **DSDT** (AML encoded by ``pykvm.boot.aml``), kept small because the guest's AML
+  interpreter runs in guest ring 0, which some hosts emulate instruction by
+  instruction:
+  ``Name (_S5_, Package () {5, 5, 0, 0})``: Linux reads SLP_TYP for S5 from it
+  and powers off by writing SLP_TYP | SLP_EN to PM1a control; and
+  ``\\_SB.PCI0``, PCI bus 0 as an ACPI root bridge (PNP0A03), the way QEMU and
+  Cloud Hypervisor declare theirs: its _CRS gives bus 0, the conf1 ports, every
+  other port and the 32-bit BAR window; its _PRT routes pin A of each slot to the
+  GSI pykvm's PCI bus raises for it (``layout.PCI_INTX_GSI_BY_SLOT``, one table
+  for both). Linux then scans bus 0 from ACPI (no ``pci=`` word needed) and a
+  function without MSI-X (a driver that lacks it, or ``pci=nomsi``) gets its INTx.
+  A _PRT GSI is level-triggered, active low (6.2.13): Linux programs the pin so on
+  first use, over the MADT override's active high; KVM's in-kernel IOAPIC ignores
+  polarity, so either reading delivers the line as pykvm drives it.
 
 Layouts: ACPI specification 6.x, sections 5.2.5 (RSDP), 5.2.6 (table header),
-5.2.8 (XSDT), 5.2.9 (FADT), 5.2.10 (FACS), 5.2.12 (MADT), 20 (AML encoding).
+5.2.8 (XSDT), 5.2.9 (FADT), 5.2.10 (FACS), 5.2.12 (MADT), 6.1-6.2 and 6.4
+(device objects, _PRT, resource descriptors), 20 (AML encoding).
 Every table's bytes sum to 0 mod 256 (the FACS has no checksum).
 """
 
@@ -38,6 +49,7 @@ import struct
 from dataclasses import dataclass
 
 from .. import layout
+from . import aml
 from ..errors import ConfigError
 
 OEM_ID = b"PYKVM "          # 6 bytes
@@ -114,6 +126,9 @@ LINT1 = 1
 # --- DSDT ----------------------------------------------------------------------------------------
 DSDT_REVISION = 2             # >= 2: AML integers are 64-bit
 S5_SLP_TYP = 5                # the SLP_TYP value _S5_ names; pykvm.devices.acpi_pm powers off on it
+PCI_CONF1_PORTS = 8           # 0xCF8-0xCFF: the root bridge's own config-mechanism ports
+PCI_IO_AFTER_CONF1 = 0xD00    # the port window past them starts here, as on QEMU's pc
+PCI_PRT_PIN_A = 0             # _PRT pins count from 0 (INTA); config space's Interrupt Pin from 1
 
 XSDT_REVISION = 1
 RSDT_REVISION = 1
@@ -205,44 +220,67 @@ def facs() -> bytes:
     return bytes(data)
 
 
-def aml_pkg_length(payload: int) -> bytes:
-    """AML PkgLength (ACPI 20.2.4) for ``payload`` bytes following it: the length counts
-    its own encoding. One byte up to 63; then a lead byte holding the number of extra
-    bytes in bits 7:6 and the low nibble, the rest of the value in the extra bytes."""
-    for extra in range(4):
-        total = payload + 1 + extra
-        if extra == 0 and total < 0x40:
-            return bytes([total])
-        if extra and total < 1 << (4 + 8 * extra):
-            return bytes([(extra << 6) | (total & 0x0F)]) + (total >> 4).to_bytes(extra, "little")
-    raise ValueError(f"AML package of {payload} bytes is too long")
+aml_pkg_length = aml.pkg_length     # the names the tables' tests know
+aml_byte = aml.integer
 
 
-def aml_byte(value: int) -> bytes:
-    """An AML integer constant: ZeroOp, OneOp, or BytePrefix + byte."""
-    if value == 0:
-        return b"\x00"          # ZeroOp
-    if value == 1:
-        return b"\x01"          # OneOp
-    return bytes([0x0A, value])  # BytePrefix
-
-
-def dsdt(s5_slp_typ: int = S5_SLP_TYP) -> bytes:
-    """The Differentiated System Description Table: just the \\_S5_ sleep package.
-
-    ``Name (_S5_, Package (0x04) {SLP_TYPa, SLP_TYPb, Zero, Zero})`` in AML:
+def s5_package(slp_typ: int = S5_SLP_TYP) -> bytes:
+    """``Name (_S5_, Package (0x04) {SLP_TYPa, SLP_TYPb, Zero, Zero})``, in AML:
         08              NameOp
-        5F 53 35 5F     NameString "_S5_" (a root-scope name: the table has no Scope)
+        5F 53 35 5F     NameString "_S5_" (a root-scope name)
         12              PackageOp
         <PkgLength>     bytes from here to the end of the package
         04              NumElements
         0A 05 0A 05     BytePrefix SLP_TYPa, BytePrefix SLP_TYPb (PM1a and PM1b control)
         00 00           two reserved elements, ZeroOp each
     """
-    elements = aml_byte(s5_slp_typ) + aml_byte(s5_slp_typ) + aml_byte(0) + aml_byte(0)
-    package = bytes([4]) + elements                          # NumElements, elements
-    aml = b"\x08" + b"_S5_" + b"\x12" + aml_pkg_length(len(package)) + package
-    return sdt(b"DSDT", DSDT_REVISION, aml)
+    return aml.name("_S5_", aml.package([aml.integer(slp_typ), aml.integer(slp_typ),
+                                         aml.integer(0), aml.integer(0)]))
+
+
+def pci_root_bridge() -> bytes:
+    """``Scope (\\_SB) { Device (PCI0) {...} }``: PCI bus 0 as an ACPI root bridge (6.1.5
+    _HID, 6.5.6 _BBN, 6.5.6 _SEG, 6.2.2 _CRS, 6.2.13 _PRT), as QEMU's and Cloud
+    Hypervisor's DSDTs declare it. With it Linux scans bus 0 from ACPI (no ``pci=``
+    word needed) and routes INTx through the _PRT instead of finding no GSI.
+
+    _CRS: bus 0 only; ports 0xCF8-0xCFF (conf1) consumed by the bridge itself; every
+    other port forwarded; and the 32-bit BAR window (``layout.PCI_MMIO_*``) where
+    pykvm's bus places every BAR (a BAR outside the windows Linux would move).
+    _PRT: one entry per slot, pin A (0), source 0 (a GSI, not a link device), that
+    slot's GSI from ``layout.PCI_INTX_GSI_BY_SLOT`` -- the table pykvm's bus wires.
+    """
+    mmio_last = layout.PCI_MMIO_START + layout.PCI_MMIO_SIZE - 1
+    crs = aml.resource_template([
+        aml.word_bus_number(0, 0),
+        aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, PCI_CONF1_PORTS),
+        aml.dword_io(0, layout.PCI_CONFIG_ADDRESS_PORT - 1),
+        aml.dword_io(PCI_IO_AFTER_CONF1, 0xFFFF),
+        aml.dword_memory(layout.PCI_MMIO_START, mmio_last),
+    ])
+    prt = aml.package([prt_entry(slot, gsi) for slot, gsi in enumerate(layout.PCI_INTX_GSI_BY_SLOT)])
+    pci0 = aml.device("PCI0", b"".join([
+        aml.name("_HID", aml.eisa_id("PNP0A03")),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", crs),
+        aml.name("_PRT", prt),
+    ]))
+    return aml.scope("\\_SB", pci0)
+
+
+def prt_entry(slot: int, gsi: int, pin: int = PCI_PRT_PIN_A) -> bytes:
+    """``Package () {0xSSSSFFFF, pin, Zero, gsi}`` (6.2.13): any function of device
+    ``slot`` (6.1.1 _ADR, function 0xFFFF), its pin (0 = INTA), no link device, the GSI.
+    A GSI named this way is level-triggered and shareable."""
+    return aml.package([aml.dword(slot << 16 | 0xFFFF), aml.integer(pin), aml.integer(0),
+                        aml.integer(gsi)])
+
+
+def dsdt(s5_slp_typ: int = S5_SLP_TYP) -> bytes:
+    """The Differentiated System Description Table: \\_S5_ first, then the PCI root."""
+    return sdt(b"DSDT", DSDT_REVISION, s5_package(s5_slp_typ) + pci_root_bridge())
 
 
 def check_cpus(cpus: int) -> None:

@@ -31,7 +31,7 @@ from .device import PciDevice
 
 logger = logging.getLogger(__name__)
 
-SLOTS = 32
+SLOTS = layout.PCI_SLOTS
 CONFIG_ENABLE = 1 << 31
 HOST_BRIDGE_CLASS = 0x060000
 # Red Hat's PCI IDs, which QEMU and others use for virtual hardware.
@@ -110,7 +110,7 @@ class PciBus:
                 seen.add(id(bar))
                 config.set_bar_address(bar, self.allocator.allocate(max(bar.size, layout.PAGE_SIZE)))
             if config.get(INTERRUPT_PIN, 1) == INTX_PIN_A:
-                gsi = layout.PCI_INTX_GSIS[slot % len(layout.PCI_INTX_GSIS)]
+                gsi = layout.PCI_INTX_GSI_BY_SLOT[slot]   # what the DSDT's _PRT says
                 config.set(INTERRUPT_LINE, 1, gsi)
                 if gsi not in self._intx_lines:
                     self._intx_lines[gsi] = SharedLevelLine(self.vm.irq_line(gsi))
