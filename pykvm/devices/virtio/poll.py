@@ -216,6 +216,7 @@ def serve_queue(transport, index: int) -> None:
                     queue.suppress_notification()
                     if queue.avail_idx() == queue.last_avail_idx:
                         break
+                    window.spun(FOUND)      # more came while we served: no notify needed
             except VirtqueueError as error:
                 transport.fail(error)
                 return
