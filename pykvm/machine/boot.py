@@ -68,19 +68,16 @@ def linux_cmdline(machine) -> str:
     parts = [LINUX_CONSOLE_CMDLINE]
     if config.console == "virtio":
         parts = [LINUX_CONSOLE_CMDLINE.replace("console=ttyS0", "console=hvc0")]
+    # A PCI guest needs no pci= word: the DSDT declares bus 0 as an ACPI root bridge
+    # (boot/acpi.py), and with ACPI Linux scans the roots ACPI declares and routes
+    # INTx through their _PRT. Never `pci=noacpi`: that also turns off ACPI's interrupt
+    # routing, and a kernel without an MP-table parser (Debian's cloud flavour) then
+    # disables its local APIC: one CPU, no IOAPIC (arch/x86/kernel/acpi/boot.c,
+    # acpi_mps_check).
     if virtio is None or virtio.pci is None:
         parts.append("pci=off")   # no PCI devices: spare the guest the bus scan
         if virtio is not None:
             parts.append(virtio.cmdline())   # virtio-mmio: announced, not discovered
-    else:
-        # The DSDT declares no PCI root bridge (it is kept minimal), and with ACPI
-        # Linux scans only the roots ACPI declares. `pci=lastbus=1` has it look for
-        # buses 0 and 1 through conf1 after ACPI's roots (arch/x86/pci/legacy.c,
-        # pcibios_fixup_peer_bridges) and scan bus 0, which holds pykvm's devices.
-        # Not `pci=noacpi`: that also turns off ACPI's interrupt routing, and a kernel
-        # without an MP-table parser (Debian's cloud flavour) then disables its local
-        # APIC: one CPU, no IOAPIC (arch/x86/kernel/acpi/boot.c, acpi_mps_check).
-        parts.append("pci=lastbus=1")
     if config.command is not None and not config.verbose:
         parts.append("quiet")
     if config.agent or config.shares:
