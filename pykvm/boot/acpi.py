@@ -240,7 +240,7 @@ def s5_package(slp_typ: int = S5_SLP_TYP) -> bytes:
 
 def pci_root_bridge() -> bytes:
     """``Scope (\\_SB) { Device (PCI0) {...} }``: PCI bus 0 as an ACPI root bridge (6.1.5
-    _HID, 6.5.6 _BBN, 6.5.6 _SEG, 6.2.2 _CRS, 6.2.13 _PRT), as QEMU's and Cloud
+    _HID, 6.5.5 _BBN, 6.5.6 _SEG, 6.1.12 _UID, 6.2.2 _CRS, 6.2.13 _PRT), as QEMU's and Cloud
     Hypervisor's DSDTs declare it. With it Linux scans bus 0 from ACPI (no ``pci=``
     word needed) and routes INTx through the _PRT instead of finding no GSI.
 
@@ -273,7 +273,7 @@ def pci_root_bridge() -> bytes:
 def prt_entry(slot: int, gsi: int, pin: int = PCI_PRT_PIN_A) -> bytes:
     """``Package () {0xSSSSFFFF, pin, Zero, gsi}`` (6.2.13): any function of device
     ``slot`` (6.1.1 _ADR, function 0xFFFF), its pin (0 = INTA), no link device, the GSI.
-    A GSI named this way is level-triggered and shareable."""
+    A GSI named this way is level-triggered, active low and shareable."""
     return aml.package([aml.dword(slot << 16 | 0xFFFF), aml.integer(pin), aml.integer(0),
                         aml.integer(gsi)])
 
