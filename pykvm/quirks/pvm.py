@@ -33,11 +33,16 @@ CPUID_1_ECX_CX16 = 1 << 13
 # random.c runs on every CPU between kernel_fpu_begin (the ldmxcsr Debian's cloud kernel
 # stopped at) and kernel_fpu_end; its pshufb/paddd stop the emulator, and without SSSE3
 # Linux takes the generic C BLAKE2s (arch/x86/crypto/blake2s-glue.c).
+# sse4_2, pclmulqdq, aes, sha_ni: the modules a distribution's initramfs loads check
+# these before they use their SSE forms, and the emulator stops at those forms: Debian's
+# initramfs-tools loaded crc32c_intel for ext4 and the boot stopped at its `crc32q`
+# (f2 4c 0f 38 f1) while mounting the root; crc32-pclmul, ghash-clmulni, aesni-intel and
+# sha*-ni are the same kind. Without them Linux takes its generic C code.
 # A Linux 6.1 boot to a shell command then stops at nothing but int3, fwait and
 # pykvm's own #PF hook.
 LINUX_CMDLINE = ("nopv noxsave "
                  "clearcpuid=smap,popcnt,movbe,rdrand,avx,avx2,fsgsbase,bmi1,bmi2,adx,rdseed,"
-                 "ssse3 "
+                 "ssse3,sse4_2,pclmulqdq,aes,sha_ni "
                  "lpj=1000000 tsc=reliable no_timer_check")
 
 
