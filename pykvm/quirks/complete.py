@@ -20,6 +20,7 @@ away (pvm.py's LINUX_CMDLINE) rather than completed.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -178,8 +179,15 @@ def _sse_state_checks(step: Step) -> None:
         raise GuestFault(VECTOR_NM)
 
 
+# One KVM_GET_XSAVE buffer per vCPU thread, kept: ctypes zeroes a new one's 4 KiB, 2 us
+# of every ldmxcsr/stmxcsr (bench/completions.py). A completion uses it until it is done.
+_buffers = threading.local()
+
+
 def _xsave(vcpu) -> s.kvm_xsave:
-    xsave = s.kvm_xsave()
+    xsave = getattr(_buffers, "xsave", None)
+    if xsave is None:
+        xsave = _buffers.xsave = s.kvm_xsave()
     k.ioctl(vcpu.fd, k.KVM_GET_XSAVE, xsave)
     return xsave
 
