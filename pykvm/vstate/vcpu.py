@@ -33,7 +33,7 @@ from ..errors import KvmError, PykvmError
 from ..ioctl import run
 from ..ioctl import structs as s
 from ..observe.stats import VcpuStats
-from . import exits
+from . import exits, nextrun
 from .control import RunControl
 from .hooks import NO_WATCH, ExitHooks, ExitWatch
 from .reply import Reply
@@ -88,10 +88,6 @@ class Vcpu:
             os.close(self.fd)
             raise
         self.run_struct = s.kvm_run.from_buffer(self._run_map)
-        # set_regs(at_next_run=True) needs KVM to load kvm_run's registers (else KVM_RUN
-        # refuses the flag with EINVAL).
-        self._regs_at_next_run = bool(kvm.check_extension(k.KVM_CAP_SYNC_REGS)
-                                      & k.KVM_SYNC_X86_REGS)
         self.stats = VcpuStats(vcpu_id)
         self.thread: threading.Thread | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -106,25 +102,12 @@ class Vcpu:
         return value
 
     def get_regs(self) -> s.kvm_regs:
-        run = self.run_struct
-        if run.kvm_dirty_regs & k.KVM_SYNC_X86_REGS:     # set_regs(at_next_run=True)
-            return s.kvm_regs.from_buffer_copy(run.s.regs.regs)
-        return self._get(k.KVM_GET_REGS, s.kvm_regs)
+        return nextrun.pending(self.run_struct) or self._get(k.KVM_GET_REGS, s.kvm_regs)
 
     def set_regs(self, regs: s.kvm_regs, *, at_next_run: bool = False) -> None:
-        """KVM_SET_REGS; with ``at_next_run``, the registers go into kvm_run's synced
-        registers instead, which KVM loads when the next KVM_RUN starts (KVM_CAP_SYNC_REGS,
-        api.rst "kvm_dirty_regs"): no ioctl (each costs ~10 us on kvm_pvm, as much as a
-        port-I/O exit; bench/completions.py). For a change that is the last before the
-        guest runs again: KVM's loading of them drops a pending exception, so one injected
-        after must follow a plain set_regs. get_regs returns them until KVM has."""
-        run = self.run_struct
-        if at_next_run and self._regs_at_next_run:
-            run.s.regs.regs = regs
-            run.kvm_dirty_regs |= k.KVM_SYNC_X86_REGS
-            return
-        run.kvm_dirty_regs &= ~k.KVM_SYNC_X86_REGS
-        k.ioctl(self.fd, k.KVM_SET_REGS, regs)
+        """``at_next_run``: KVM loads them at the next KVM_RUN, no ioctl (nextrun.py)."""
+        if not nextrun.hand_over(self.run_struct, regs, at_next_run, self.kvm):
+            k.ioctl(self.fd, k.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> s.kvm_sregs:
         return self._get(k.KVM_GET_SREGS, s.kvm_sregs)

@@ -1,8 +1,8 @@
-"""Vcpu.set_regs(at_next_run=True): the registers go into kvm_run's synced registers and
-KVM loads them when the next KVM_RUN starts (KVM_CAP_SYNC_REGS, api.rst "kvm_dirty_regs"),
-one ioctl fewer for an instruction completion (pykvm/quirks/complete.py,
-bench/completions.py). Until KVM has loaded them, get_regs returns them; a plain set_regs
-after them wins.
+"""Vcpu.set_regs(at_next_run=True) (pykvm/vstate/nextrun.py): the registers go into
+kvm_run's synced registers and KVM loads them when the next KVM_RUN starts
+(KVM_CAP_SYNC_REGS, api.rst "kvm_dirty_regs"), one ioctl fewer for an instruction
+completion (pykvm/quirks/complete.py, bench/completions.py). Until KVM has loaded them,
+get_regs returns them; a plain set_regs after them wins.
 """
 
 from __future__ import annotations
