@@ -97,6 +97,12 @@ def test_debian_cloud_kernel_brings_up_two_cpus(tmp_path):
 
 
 @pytest.mark.slow
+def test_debian_cloud_kernel_brings_up_four_cpus(tmp_path):
+    """More vCPUs than this project's hosts have CPUs: the boot still completes."""
+    check_boot("cloud", 4, tmp_path)
+
+
+@pytest.mark.slow
 def test_debian_generic_kernel_brings_up_two_cpus(tmp_path):
     check_boot("generic", 2, tmp_path)
 
