@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# tests/linux/test_debian_kernel.py fetches Debian's kernel with `apt-get download`,
+	@# which needs package lists that know it (a fresh image may ship none)
+	@apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,trace,plot]'
