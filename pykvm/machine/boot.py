@@ -121,6 +121,20 @@ def release_freed_heap() -> None:
         trim(0)
 
 
+# The default guest's files (pykvm/guestimage/build.py writes them): its kernels, in the
+# order a run prefers them (the vmlinux skips the decompressor), and its initramfs.
+GUEST_KERNELS = ("vmlinux", "bzImage")
+GUEST_INITRAMFS = "initramfs.cpio"
+
+
+def guest_files(directory: Path) -> tuple[Path, Path | None]:
+    """The default guest's kernel in ``directory`` and its initramfs (None if absent)."""
+    kernel = next((directory / name for name in GUEST_KERNELS if (directory / name).exists()),
+                  directory / GUEST_KERNELS[-1])
+    initrd = directory / GUEST_INITRAMFS
+    return kernel, initrd if initrd.exists() else None
+
+
 def default_guest_dir() -> Path | None:
     """Where the default Linux guest is: $PYKVM_GUEST_DIR, else the cache's build of this
     pykvm's guest sources (`pykvm guest build`; pykvm/guestimage/cache.py); None if neither."""
@@ -128,7 +142,7 @@ def default_guest_dir() -> Path | None:
 
     if os.environ.get("PYKVM_GUEST_DIR"):
         directory = Path(os.environ["PYKVM_GUEST_DIR"])
-        if (directory / "vmlinux").exists() or (directory / "bzImage").exists():
+        if any((directory / name).exists() for name in GUEST_KERNELS):
             return directory
     return find_guest()
 
@@ -139,8 +153,8 @@ def default_initramfs() -> Path:
     needs nothing of the kernel's but a console (busybox and pykvm-agent are static; no
     module is loaded), so it serves a distribution's kernel as well as pykvm's own."""
     directory = default_guest_dir()
-    initrd = directory / "initramfs.cpio" if directory is not None else None
-    if initrd is None or not initrd.exists():
+    initrd = guest_files(directory)[1] if directory is not None else None
+    if initrd is None:
         raise ConfigError("-- CMD with --kernel runs the command through pykvm's initramfs, "
                           "which is not built: run `pykvm guest build` (or give --initrd)")
     return initrd
@@ -151,6 +165,4 @@ def default_linux_guest() -> tuple[Path, Path | None]:
     if directory is None:
         raise ConfigError("no --kernel given and the default guest is not built: run `pykvm guest build` "
                           "(or pass --kernel PATH)")
-    kernel = directory / "vmlinux" if (directory / "vmlinux").exists() else directory / "bzImage"
-    initrd = directory / "initramfs.cpio"
-    return kernel, initrd if initrd.exists() else None
+    return guest_files(directory)

@@ -57,21 +57,22 @@ class LinuxVm(RunningGuest):
 def linux_spec(request) -> GuestSpec:
     from pykvm.devices.virtio import DiskSpec
     from pykvm.machine import default_guest_dir, parse_size
+    from pykvm.machine.boot import guest_files
 
     config = request.config
     kernel = option(config, "pykvm_kernel", "PYKVM_KERNEL")
     initrd = option(config, "pykvm_initrd", "PYKVM_INITRD")
     directory = default_guest_dir()
+    default_kernel, default_initrd = guest_files(directory) if directory else (None, None)
     if kernel is None:
         if directory is None:
             # KVM works (pykvm_device came first): this is a missed set-up step, not a host
             # that cannot run guests, so it fails rather than skips
             pytest.fail("no Linux guest for linux_vm: the default guest is not built; run "
                         "`pykvm guest build` (or pass --pykvm-kernel PATH)", pytrace=False)
-        kernel = str(directory / "vmlinux" if (directory / "vmlinux").exists()
-                     else directory / "bzImage")
-    if initrd is None and directory is not None and (directory / "initramfs.cpio").exists():
-        initrd = str(directory / "initramfs.cpio")     # its /init starts the agent
+        kernel = str(default_kernel)
+    if initrd is None and default_initrd is not None:
+        initrd = str(default_initrd)     # its /init starts the agent
     node = request.node
 
     def last(name, default):

@@ -46,14 +46,15 @@ def refusal(args, config) -> str | None:
     """Why this ``pykvm run -- CMD`` cannot go through the agent and the boot cache
     (None: it can)."""
     from ..machine import default_guest_dir
+    from ..machine.boot import GUEST_INITRAMFS, GUEST_KERNELS
 
     for name, option in WATCHING:
         if getattr(args, name, None):
             return f"{option} watches the boot itself"
     guest = default_guest_dir()
-    if guest is None or not same_file(config.initrd, guest / "initramfs.cpio"):
+    if guest is None or not same_file(config.initrd, guest / GUEST_INITRAMFS):
         return "only the default guest's initramfs is known to start pykvm-agent"
-    if not any(same_file(config.kernel, guest / name) for name in ("vmlinux", "bzImage")):
+    if not any(same_file(config.kernel, guest / name) for name in GUEST_KERNELS):
         # the agent's channel is a virtio console port: a distribution's kernel has
         # virtio as modules, which pykvm's initramfs does not load
         return "only the default guest's kernel is known to have the agent's virtio console"
