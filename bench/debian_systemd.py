@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -46,21 +45,18 @@ SECTION = (
     "| date | host kind | kernel | vCPUs | start → systemd | start → answer | answer "
     "| load | note |\n|---|---|---|---|---|---|---|---|---|\n"
     f"{MARKER}\n")
-QUESTION = "/usr/bin/systemctl is-system-running"
 WELCOME = "Welcome to "
-ANSWER = re.compile(r"systemctl\[\d+\]: (initializing|starting|running|degraded|maintenance|"
-                    r"stopping|offline)\b")
 
 
 def boot(image: Path, kernel: tuple[Path, Path] | None, cpus: int, append: str, timeout: float,
          log: Path | None) -> dict:
-    from pykvm.distro.boot import systemd_run_words
+    from pykvm.distro.boot import SYSTEM_STATE_QUESTION, system_state_answer, systemd_run_words
 
     boot_files = ["--kernel", str(kernel[0]), "--initrd", str(kernel[1])] if kernel \
         else ["--image-kernel"]
     args = [sys.executable, "-m", "pykvm", "run", "--image", f"{image},ro", *boot_files,
             "--cpus", str(cpus), "-v", "--append",
-            f"{systemd_run_words(QUESTION)} {append}".strip()]
+            f"{systemd_run_words(SYSTEM_STATE_QUESTION)} {append}".strip()]
     started = time.monotonic()
     process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -77,10 +73,10 @@ def boot(image: Path, kernel: tuple[Path, Path] | None, cpus: int, append: str, 
                 out.write(f"{time.monotonic() - started:8.1f} {line}")
             if WELCOME in line and "systemd" not in seen:
                 seen["systemd"] = time.monotonic() - started
-            answer = ANSWER.search(line)
-            if answer and "answer" not in seen:
+            state = system_state_answer(line)
+            if state and "answer" not in seen:
                 seen["answer"] = time.monotonic() - started
-                seen["state"] = answer.group(1)
+                seen["state"] = state
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

@@ -15,6 +15,8 @@ mounts root= and starts the image's own init; pykvm's protocol is not in that bo
 
 from __future__ import annotations
 
+import re
+
 from ..errors import ConfigError
 from .debian import beside
 
@@ -64,3 +66,22 @@ def systemd_run_words(command: str) -> str:
                           "(the kernel command line has no escape for it)")
     return (f'systemd.run="{command}" systemd.run_success_action=poweroff '
             "systemd.run_failure_action=poweroff systemd.journald.forward_to_console=1")
+
+
+SYSTEM_STATE_QUESTION = "/usr/bin/systemctl is-system-running"
+
+# systemctl(1), is-system-running: the states it prints. "offline" means systemd is not
+# the running init (a boot that never reached it); every other state is an answer from a
+# running systemd. On the console the answer comes through the journal as
+# "systemctl[PID]: STATE" (systemd_run_words forwards the journal there).
+SYSTEM_STATES = ("initializing", "starting", "running", "degraded", "maintenance",
+                 "stopping", "offline")
+_SYSTEM_STATE_LINE = re.compile(r"systemctl\[\d+\]: (" + "|".join(SYSTEM_STATES) + r")\b")
+
+
+def system_state_answer(console: str) -> str | None:
+    """The state `systemctl is-system-running` printed on the console (a line or a whole
+    log), asked with ``systemd_run_words(SYSTEM_STATE_QUESTION)``; None before it answered.
+    bench/debian_systemd.py times the answer and the slow Debian test checks it."""
+    found = _SYSTEM_STATE_LINE.search(console)
+    return found.group(1) if found else None

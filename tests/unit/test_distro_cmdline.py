@@ -141,3 +141,15 @@ def test_systemd_run_words_ask_systemd_for_one_command_and_a_power_off():
     for bad in ('echo "x"', "  "):
         with pytest.raises(ConfigError, match="systemd.run="):
             systemd_run_words(bad)
+
+
+def test_system_state_answer_reads_systemctl_from_the_journal_on_the_console():
+    from pykvm.distro.boot import system_state_answer
+
+    log = ("[ 1012.5] systemd[1]: Starting kernel-command-line.service...\n"
+           "[ 1028.1] systemctl[231]: initializing\n"
+           "[ 1029.0] systemctl[232]: running\n")
+    assert system_state_answer(log) == "initializing"          # the first answer
+    assert system_state_answer("[ 3.0] systemctl[9]: offline") == "offline"
+    assert system_state_answer("Starting systemctl is-system-running") is None
+    assert system_state_answer("systemctl[12]: initializingfoo") is None
