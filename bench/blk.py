@@ -42,6 +42,7 @@ guest's.
     python3 bench/blk.py --spin      # the guest spins on the used index instead of waiting
     python3 bench/blk.py --spin --msix   # ... its queue on an MSI-X vector (KVM irqfd), not INTx
     python3 bench/blk.py --transport mmio   # pykvm's device on virtio-mmio (rows say so)
+    python3 bench/blk.py --backend pykvm+c  # pykvm's device, then the C reference (blk_c.py)
     python3 bench/blk.py --record    # also add rows to bench/RESULTS.md
 
 Needs /dev/kvm and GNU as/ld. Last line: ``ratio: X`` = pykvm MB/s / host MB/s
@@ -198,9 +199,10 @@ def host_rate(memory, path: Path, case: Case, depth: int, image_size: int, warmu
 
 # --- the pykvm side -------------------------------------------------------------------------
 class GuestDisk:
-    """A VM with one virtio-blk function over ``device`` (pykvm's own BlockDevice, or a
-    VhostBlkDevice whose queue qemu-storage-daemon serves), its queue set up as a
-    driver would, and the ring-3 guest waiting for cases. The VM owns ``device``."""
+    """A VM with one virtio-blk function over ``device`` (pykvm's own BlockDevice, a
+    VhostBlkDevice whose queue qemu-storage-daemon serves, or blk_c.py's CBlockDevice,
+    whose queue a C loop serves), its queue set up as a driver would, and the ring-3
+    guest waiting for cases. The VM owns ``device``."""
 
     def __init__(self, kvm, guest: bytes, device, wait: bool, transport: str = "pci",
                  msix: bool = False):
@@ -214,6 +216,7 @@ class GuestDisk:
         self.vm = Vm(kvm, self.memory)
         self.device = device
         self.msix = msix
+        self.c_device = hasattr(device, "attach")   # blk_c.CBlockDevice
         driver, notify_addr = (self._mmio if transport == "mmio" else self._pci)()
         self.vm.on_close(self.function.close)
         self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
@@ -227,6 +230,10 @@ class GuestDisk:
         else:
             driver.setup_queue(0, self.ring)
         driver.driver_ok()
+        if self.c_device:                   # the C loop takes the queue and its doorbell over
+            from pykvm.devices.virtio.pci import NOTIFY_OFFSET
+            device.attach(self.function, self.memory, BAR_ADDR, NOTIFY_OFFSET,
+                          self.function.msix.direct_fd(0) if msix else None)
         image_bytes = bytearray(guest)
         self.params = LOAD_ADDR + PARAMS
         self.memory.write(LOAD_ADDR, bytes(image_bytes))
@@ -248,7 +255,8 @@ class GuestDisk:
 
         self.function = VirtioPciDevice(self.vm, self.memory, self.device)
         self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
-        self.waiter = Waiter(self.function)
+        # The C device signals its waiter's eventfd itself; pykvm's raises INTx.
+        self.waiter = self.device.waiter if self.c_device else Waiter(self.function)
         self.function.intx = self.waiter
         if self.msix:
             self._enable_msix()
@@ -345,23 +353,36 @@ class GuestDisk:
             time.sleep(0.001)
         if self.function.broken:
             raise BenchError(f"{case.label}: the device failed (needs reset)")
+        if getattr(self.device, "failure", ""):
+            raise BenchError(f"{case.label}: the C device stopped: {self.device.failure}")
         errors = self.get("errors") - errors0
         if errors:
             raise BenchError(f"{case.label}: {errors} requests completed with an error status")
-        served = requests[kind] - device0 if requests else self.get("completed") - completed0
+        served = self.device.requests[kind] - device0 if requests else self.get("completed") - completed0
         if served != self.get("completed") - completed0:
             raise BenchError(f"{case.label}: the device served {served} requests, the guest "
                              f"counted {self.get('completed') - completed0}")
         if check:
             self.check_data(case, depth, image)
         span = ended - started
+        ops = max(last - first, 1)
+        per_request = (f"; per request: server {(cpu1 - cpu0) / ops * 1e6:.1f} µs CPU, vCPU "
+                       f"{(vcpu1 - vcpu0) / ops * 1e6:.1f} µs CPU")
         polls = ", ".join(f"{name} {now - then}" for (name, now), then
                           in zip(self.poll_counts().items(), poll0.values()))
         return Rate((last - first) / span, case.size, (cpu1 - cpu0) / span, (vcpu1 - vcpu0) / span,
                     f"{self.device.name} served {served} requests; guest: " + ", ".join(
                         f"{name} {self.get(name) - value}" for name, value in guest0.items())
                     + (f"; polls: {polls}, window {self.function.poll_windows[0].ns} ns"
-                       if polls else ""))
+                       if polls else "") + per_request + self.c_counts())
+
+    def c_counts(self) -> str:
+        """The C device's own counts so far (wake-ups, passes, interrupts signalled)."""
+        if not self.c_device:
+            return ""
+        c = self.device.counters
+        return (f"; C loop so far: {c.wakeups} wake-ups, {c.passes} passes, {c.signals} "
+                f"signals, polls found/missed {c.polls_found}/{c.polls_missed}")
 
     def poll_counts(self) -> dict[str, int]:
         """pykvm's device: how its polls of the avail ring ended so far (poll.py)."""
@@ -374,7 +395,8 @@ class GuestDisk:
         """CPU seconds so far of what serves the queue: pykvm's device thread, or the
         vhost-user daemon (all its threads) plus pykvm's thread that turns its used-buffer
         signals into interrupts."""
-        own = cpu_seconds(os.getpid(), self.function.worker.thread.native_id)
+        thread = self.device.thread if self.c_device else self.function.worker.thread
+        own = cpu_seconds(os.getpid(), thread.native_id)
         daemon = getattr(self.device, "daemon", None)
         return own + (cpu_seconds(daemon.process.pid) if daemon is not None else 0.0)
 
@@ -412,9 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin", action="store_true",
                         help="the guest spins on the used index instead of waiting for the "
                         "device's interrupt (it then takes a host CPU for itself)")
-    parser.add_argument("--backend", choices=("both", "pykvm", "vhost-user"), default="both",
+    parser.add_argument("--backend", choices=("both", "pykvm", "vhost-user", "c", "pykvm+c"),
+                        default="both",
                         help="who serves the queue: pykvm's own virtio-blk, qemu-storage-daemon "
-                        "over vhost-user, or both in turn against the same reference (both)")
+                        "over vhost-user, or both in turn against the same reference (both); "
+                        "c: a C loop on the same VM, transport, doorbell and completion path "
+                        "(bench/blk_c.py: the floor of this path on this host), pykvm+c: "
+                        "pykvm's device and the C loop in turn")
     parser.add_argument("--transport", choices=("pci", "mmio"), default="pci",
                         help="pykvm's own device on virtio-pci (default) or virtio-mmio (one "
                         "per run: both would lock the one image; vhost-user stays on PCI)")
@@ -423,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                         "which a vhost-user back end signals directly) instead of INTx")
     parser.add_argument("--poll-us", type=float, default=None,
                         help="pykvm's device: the avail-ring polling cap in µs (0: off; default: "
-                        "pykvm's own, pykvm/devices/virtio/poll.py)")
+                        "pykvm's own, pykvm/devices/virtio/poll.py); the C device: a fixed "
+                        "window this long (default 0: no polling)")
     parser.add_argument("--guest-poll", type=int, default=0, metavar="N",
                         help="the waiting guest first looks at the used index N more times, a "
                         "pause between looks (like Linux's haltpoll; default 0: it waits at once)")
@@ -436,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     image_size = args.image_mib << 20
     if args.msix and (not args.spin or args.transport != "pci"):
         parser.error("--msix needs --spin (a ring-3 guest cannot wait for an MSI) and PCI")
+    if "c" in args.backend.split("+") and args.transport != "pci":
+        parser.error("the C device is on virtio-pci only")
     if args.image_mib < 64 or args.image_mib & (args.image_mib - 1):
         parser.error("--image-mib must be a power of two, at least 64")
 
@@ -454,8 +483,12 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(chunk)
             fs = filesystem_of(image)
             host_kind = kvm.host_kind
-            backends = [name for name in ("pykvm", "vhost-user")
-                        if args.backend in (name, "both")]
+            backends = [name for name in ("pykvm", "vhost-user", "c")
+                        if args.backend in (name, "both") or name in args.backend.split("+")]
+            lib = None
+            if "c" in backends:
+                import blk_c
+                lib = blk_c.build(Path(tmp))
             if args.transport == "mmio" and "pykvm" in backends:
                 backends[backends.index("pykvm")] = "pykvm-mmio"
             if "vhost-user" in backends and not storage_daemon_available():
@@ -466,11 +499,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for name in backends:
                     device = vhost_device(image) if name == "vhost-user" \
-                        else BlockDevice(str(image), name="bench-blk")
+                        else blk_c.CBlockDevice(lib, image, int((args.poll_us or 0) * 1000)) \
+                        if name == "c" else BlockDevice(str(image), name="bench-blk")
                     disks[name] = GuestDisk(kvm, guest, device, not args.spin,
                                             "mmio" if name == "pykvm-mmio" else "pci",
                                             args.msix)
-                    if args.poll_us is not None:
+                    if args.poll_us is not None and name != "c":
                         configure(disks[name].function, int(args.poll_us * 1000))
                     disks[name].set("guest_poll", args.guest_poll)
                 for case in CASES:
@@ -506,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     print("host: one thread, synchronous calls, as many buffers as the queue depth; "
           "pykvm: its own virtio-blk; vhost-user: qemu-storage-daemon serving the queue; "
           "srv/vCPU: CPU share of what serves the queue (pykvm's device thread; the daemon "
-          "plus pykvm's interrupt thread) / of the vCPU thread")
+          "plus pykvm's interrupt thread; the C loop's thread) / of the vCPU thread; c: bench/c/"
+          "blk_serve.c serving the queue on the same VM, doorbell and completion path")
     print(f"{'case':<16} {'QD':>3} | {'host MB/s':>9} {'IOPS':>7} | " + " | ".join(
         f"{name:>10} MB/s {'IOPS':>7} {'srv/vCPU':>9} {'/host':>6}" for name in backends))
     for case, depth, reference, rates in rows:

@@ -4,12 +4,15 @@ ring-3 code that owns a virtio device's queue and BAR.
 - :func:`assemble`: a guest source into a flat binary linked for its load address;
 - :class:`Waiter`: the register an idle guest reads to wait for the device's
   interrupt (ring 3 cannot ``hlt``): one exit per wait;
+- :class:`EventfdWaiter`: the same register over an eventfd that a C device
+  (bench/blk_c.py) signals itself;
 - :func:`cpu_seconds`: a process's or thread's CPU time, from /proc.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import threading
@@ -66,6 +69,45 @@ class Waiter:
 
     def write(self, offset: int, size: int, value: int) -> None:
         pass
+
+
+class EventfdWaiter:
+    """:class:`Waiter` for a device that signals an eventfd (``fd``) instead of an
+    interrupt line: the guest's read returns once it was signalled (or after
+    WAIT_TIMEOUT) and drains it -- one exit per wait, as with :class:`Waiter`, with no
+    Python between the device and the waiting vCPU thread but this read."""
+
+    name = "bench-wait"
+
+    def __init__(self):
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._poller = select.poll()
+        self._poller.register(self.fd, select.POLLIN)
+        self._timeout_ms = int(WAIT_TIMEOUT * 1000)
+
+    def set_level(self, high: bool) -> None:
+        """A transport's INTx (a configuration interrupt) wakes the waiter too."""
+        if high:
+            os.eventfd_write(self.fd, 1)
+
+    def pulse(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def read(self, offset: int, size: int) -> int:
+        if self._poller.poll(self._timeout_ms):
+            try:
+                os.eventfd_read(self.fd)
+            except BlockingIOError:
+                pass
+        return 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
