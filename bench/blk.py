@@ -68,7 +68,7 @@ for _path in (ROOT, BENCH):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
+from flatguest import BenchError, Waiter, assemble, cpu_seconds, run_queue_seconds  # noqa: E402
 from results import add_rows  # noqa: E402
 
 from pykvm.devices.virtio.blk import BlockDevice  # noqa: E402
@@ -338,11 +338,13 @@ class GuestDisk:
         poll0 = self.poll_counts()
         self.commands.pending.put(1)
         time.sleep(warmup)
+        waited0 = self.run_queue_waits()
         first, cpu0, vcpu0, started = self.get("completed"), self.server_cpu(), \
             cpu_seconds(os.getpid(), vcpu), time.perf_counter()
         time.sleep(seconds)
         last, cpu1, vcpu1, ended = self.get("completed"), self.server_cpu(), \
             cpu_seconds(os.getpid(), vcpu), time.perf_counter()
+        waited = [after - before for after, before in zip(self.run_queue_waits(), waited0)]
         self.set("stop", 1)
         deadline = time.monotonic() + 30
         while self.get("cases") == cases:
@@ -366,8 +368,11 @@ class GuestDisk:
             self.check_data(case, depth, image)
         span = ended - started
         ops = max(last - first, 1)
-        per_request = (f"; per request: server {(cpu1 - cpu0) / ops * 1e6:.1f} µs CPU, vCPU "
-                       f"{(vcpu1 - vcpu0) / ops * 1e6:.1f} µs CPU")
+        per_request = (f"; per request: server {(cpu1 - cpu0) / ops * 1e6:.1f} µs CPU + "
+                       f"{waited[0] / ops * 1e6:.1f} µs waiting for a CPU, vCPU "
+                       f"{(vcpu1 - vcpu0) / ops * 1e6:.1f} µs CPU + {waited[1] / ops * 1e6:.1f} µs "
+                       f"waiting for a CPU (threads: server {self.server_thread().native_id}, "
+                       f"vCPU {vcpu})")
         polls = ", ".join(f"{name} {now - then}" for (name, now), then
                           in zip(self.poll_counts().items(), poll0.values()))
         return Rate((last - first) / span, case.size, (cpu1 - cpu0) / span, (vcpu1 - vcpu0) / span,
@@ -391,12 +396,28 @@ class GuestDisk:
             return {}
         return {name: getattr(windows[0], name) for name in ("found", "timeouts", "busy")}
 
+    def pin(self) -> None:
+        """--pin: the vCPU thread on CPU 0, the thread that serves the queue on CPU 1 (the
+        scheduler otherwise often wakes the device thread on the vCPU's own CPU)."""
+        server = self.server_thread()
+        os.sched_setaffinity(self.vm.vcpus[0].thread.native_id, {0})
+        os.sched_setaffinity(server.native_id, {1})
+
+    def server_thread(self):
+        """The thread that serves the queue: pykvm's device worker, or the C loop's."""
+        return self.device.thread if self.c_device else self.function.worker.thread
+
+    def run_queue_waits(self) -> tuple[float, float]:
+        """Seconds the server thread and the vCPU thread have waited for a CPU so far."""
+        server = self.server_thread()
+        return (run_queue_seconds(os.getpid(), server.native_id),
+                run_queue_seconds(os.getpid(), self.vm.vcpus[0].thread.native_id))
+
     def server_cpu(self) -> float:
         """CPU seconds so far of what serves the queue: pykvm's device thread, or the
         vhost-user daemon (all its threads) plus pykvm's thread that turns its used-buffer
         signals into interrupts."""
-        thread = self.device.thread if self.c_device else self.function.worker.thread
-        own = cpu_seconds(os.getpid(), thread.native_id)
+        own = cpu_seconds(os.getpid(), self.server_thread().native_id)
         daemon = getattr(self.device, "daemon", None)
         return own + (cpu_seconds(daemon.process.pid) if daemon is not None else 0.0)
 
@@ -454,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guest-poll", type=int, default=0, metavar="N",
                         help="the waiting guest first looks at the used index N more times, a "
                         "pause between looks (like Linux's haltpoll; default 0: it waits at once)")
+    parser.add_argument("--depth", type=int, choices=DEPTHS, default=None,
+                        help="only this queue depth (default: both)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the vCPU thread to CPU 0 and the queue's server thread to "
+                        "CPU 1 (needs 2 CPUs)")
     parser.add_argument("--only", choices=("seq", "rand"), default=None,
                         help="only the 1 MiB sequential or the 4 KiB random cases")
     parser.add_argument("--quick", action="store_true", help="0.2 s per case: does it work?")
@@ -465,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--msix needs --spin (a ring-3 guest cannot wait for an MSI) and PCI")
     if "c" in args.backend.split("+") and args.transport != "pci":
         parser.error("the C device is on virtio-pci only")
+    if args.pin and not {0, 1} <= os.sched_getaffinity(0):
+        parser.error("--pin needs CPUs 0 and 1")
     if args.image_mib < 64 or args.image_mib & (args.image_mib - 1):
         parser.error("--image-mib must be a power of two, at least 64")
 
@@ -507,10 +535,14 @@ def main(argv: list[str] | None = None) -> int:
                     if args.poll_us is not None and name != "c":
                         configure(disks[name].function, int(args.poll_us * 1000))
                     disks[name].set("guest_poll", args.guest_poll)
+                    if args.pin:
+                        disks[name].pin()
                 for case in CASES:
                     if args.only and case.random != (args.only == "rand"):
                         continue
                     for depth in DEPTHS:
+                        if args.depth and depth != args.depth:
+                            continue
                         reference = host_rate(next(iter(disks.values())).memory, image, case,
                                               depth, image_size, warmup, seconds)
                         rates = {}
@@ -531,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     print("virtio-blk driven by a ring-3 guest vs the host's preadv/pwritev on the same file")
     print(f"host kind: {host_kind}   {seconds:g} s per case   load average: {load:.2f}   "
           f"CPUs: {os.cpu_count()}   guest: {'spins' if args.spin else 'waits for interrupts'}"
-          f"{', MSI-X' if args.msix else ''}"
+          f"{', MSI-X' if args.msix else ''}{', pinned (vCPU 0, server 1)' if args.pin else ''}"
           f"{f', polls the used index {args.guest_poll} times first' if args.guest_poll else ''}"
           f"   device polling cap: "
           f"{'default' if args.poll_us is None else f'{args.poll_us:g} µs'}")
@@ -555,9 +587,10 @@ def main(argv: list[str] | None = None) -> int:
         record(host_kind, rows, seconds, load, ("wait" if not args.spin
                else "spin, MSI-X" if args.msix else "spin")
                + (f", guest polls {args.guest_poll}" if args.guest_poll and not args.spin else "")
-               + (f", --poll-us {args.poll_us:g}" if args.poll_us is not None else ""))
+               + (f", --poll-us {args.poll_us:g}" if args.poll_us is not None else "")
+               + (", pinned" if args.pin else ""))
     headline = [(r, p) for c, d, r, p in rows if c is CASES[0] and d == max(DEPTHS)] or \
-        [(r, p) for c, d, r, p in rows if d == max(DEPTHS)]
+        [(r, p) for c, d, r, p in rows if d == max(DEPTHS)] or [(r, p) for c, d, r, p in rows]
     reference, rates = headline[0]
     rate = next(iter(rates.values()))
     print(f"ratio: {rate.mb_per_s / (reference.mb_per_s or 1):.3f}")

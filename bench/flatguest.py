@@ -6,7 +6,8 @@ ring-3 code that owns a virtio device's queue and BAR.
   interrupt (ring 3 cannot ``hlt``): one exit per wait;
 - :class:`EventfdWaiter`: the same register over an eventfd that a C device
   (bench/blk_c.py) signals itself;
-- :func:`cpu_seconds`: a process's or thread's CPU time, from /proc.
+- :func:`cpu_seconds`: a process's or thread's CPU time, from /proc;
+- :func:`run_queue_seconds`: how long a thread waited for a CPU, from /proc.
 """
 
 from __future__ import annotations
@@ -118,3 +119,14 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def run_queue_seconds(pid: int, tid: int) -> float:
+    """How long a thread has waited on a run queue for a CPU after it became runnable
+    (woken, or preempted), from /proc/PID/task/TID/schedstat's second field: the
+    wake-up latency a request pays on top of CPU time. 0.0 without schedstats."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+    except OSError:
+        return 0.0
+    return int(fields[1]) / 1e9
