@@ -57,6 +57,8 @@ VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_ID_BYTES = 20
 
 _HEADER = struct.Struct("<IIQ")
+_HEADER_SIZE = _HEADER.size
+_unpack_header = _HEADER.unpack_from
 # capacity u64, size_max u32, seg_max u32, geometry (u16, u8, u8), blk_size u32,
 # topology (u8, u8, u16, u32), writeback u8, unused u8, num_queues u16
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBH")
@@ -180,15 +182,19 @@ class BlockDevice(VirtioDevice):
         writable_len = sum(map(len, writable))
         if writable_len < 1:
             raise VirtqueueError(f"block request {chain.head} has no status byte")
-        if readable and len(readable[0]) >= _HEADER.size:      # the usual layout
-            kind, _, sector = _HEADER.unpack_from(readable[0])
+        if readable and len(readable[0]) >= _HEADER_SIZE:      # the usual layout
+            kind, _, sector = _unpack_header(readable[0])
         else:
-            header = gather(readable, _HEADER.size)
-            if len(header) < _HEADER.size:
+            header = gather(readable, _HEADER_SIZE)
+            if len(header) < _HEADER_SIZE:
                 raise VirtqueueError(f"block request {chain.head} has a header of "
-                                     f"{len(header)} bytes, not {_HEADER.size}")
+                                     f"{len(header)} bytes, not {_HEADER_SIZE}")
             kind, _, sector = _HEADER.unpack(header)
-        status_byte, data_in = _split_status(writable, writable_len)
+        status_byte = writable[-1]
+        if len(status_byte) == 1:       # Linux's layout: the status in a descriptor of its own
+            data_in = writable[:-1]
+        else:
+            status_byte, data_in = _split_status(writable, writable_len)
         written = 0
         if kind == VIRTIO_BLK_T_IN:
             status = self._transfer(os.preadv, data_in, writable_len - 1, sector, "read")
@@ -266,10 +272,10 @@ class BlockDevice(VirtioDevice):
 
 
 def _split_status(writable: list[memoryview], total: int) -> tuple[memoryview, list[memoryview]]:
-    """(the status byte, the data buffers before it): the last writable byte is the status."""
+    """(the status byte, the data buffers before it): the last writable byte is the status
+    (Linux's layout, the status in a descriptor of its own, is :meth:`BlockDevice.handle`'s
+    own fast path)."""
     last = writable[-1]
-    if len(last) == 1:                  # Linux's layout: the status in a descriptor of its own
-        return last, writable[:-1]
     if len(last) > 1:
         return last[len(last) - 1:], writable[:-1] + [last[:len(last) - 1]]
     return slice_views(writable, total - 1, 1)[0], slice_views(writable, 0, total - 1)

@@ -204,22 +204,34 @@ def serve_queue(transport, index: int) -> None:
             try:
                 while True:
                     device.process_queue(index, queue)
-                    if queue.should_interrupt():
-                        transport._signal_queue(index)
+                    signal = queue.should_interrupt()
                     if not device.wants_more(index):
                         queue.enable_notification()    # a kick from the host resumes it
+                        if signal:
+                            transport._signal_queue(index)
                         return
                     if not window.ns:
                         if queue.enable_notification():
+                            if signal:          # more came: the driver's interrupt first
+                                transport._signal_queue(index)
                             continue
                         break
                     queue.suppress_notification()
                     if queue.avail_idx() == queue.last_avail_idx:
                         break
+                    if signal:
+                        transport._signal_queue(index)
                     window.spun(FOUND)      # more came while we served: no notify needed
             except VirtqueueError as error:
                 transport.fail(error)
                 return
+            # The interrupt is the pass's last act under the lock (a reset cannot slip
+            # in between): the woken vCPU thread then finds the GIL free, where a signal
+            # before re-enabling notifications had it wake, find the GIL still held and
+            # sleep again until this thread blocked (a second wake-up per pass; bench/
+            # RESULTS.md "blk", issue #13's QD32 pass).
+            if signal:
+                transport._signal_queue(index)
         if window.max_ns:
             window.went_idle(clock())
         if window.ns:
