@@ -385,9 +385,7 @@ class GuestDisk:
         """The C device's own counts so far (wake-ups, passes, interrupts signalled)."""
         if not self.c_device:
             return ""
-        c = self.device.counters
-        return (f"; C loop so far: {c.wakeups} wake-ups, {c.passes} passes, {c.signals} "
-                f"signals, polls found/missed {c.polls_found}/{c.polls_missed}")
+        return "; " + self.device.counters.summary()
 
     def poll_counts(self) -> dict[str, int]:
         """pykvm's device: how its polls of the avail ring ended so far (poll.py)."""
@@ -516,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             lib = None
             if "c" in backends:
                 import blk_c
-                lib = blk_c.build(Path(tmp))
+                import cqueue
+                lib = cqueue.build(Path(tmp))
             if args.transport == "mmio" and "pykvm" in backends:
                 backends[backends.index("pykvm")] = "pykvm-mmio"
             if "vhost-user" in backends and not storage_daemon_available():

@@ -1,49 +1,15 @@
 /*
- * blk_serve.c: bench/blk.py's C reference device -- one virtio-blk split
- * virtqueue served by a C loop on one thread, on the same doorbell and
- * completion path as pykvm's own BlockDevice worker: it sleeps in poll() on
- * the queue's ioeventfd (KVM signals it on the guest's doorbell write), serves
- * every available request with preadv/pwritev straight between the image and
- * guest RAM, publishes the used entries, and signals one eventfd per pass when
- * the driver asked for it (an MSI-X irqfd, or the bench's wait register's
- * eventfd). What it measures is the floor of that path on this host: the
- * wake-ups and system calls with no Python in the way.
+ * blk_serve.c: bench/blk.py's C reference device -- virtio-blk requests (virtio
+ * 1.2 section 5.2.6) on the ring loop of virtq.h (read that first: the doorbell,
+ * the completion path, the checks of the ring, the memory ordering).
  *
- * Built at run time by bench/blk_c.py (gcc -O2 -shared -fPIC) and called through
- * ctypes, which drops the GIL for the call: blk_serve() returns only when the
- * stop eventfd is signalled (0) or the driver broke a rule (-1, counters->why
- * says which; the queue is not served again, as a virtio device with
- * NEEDS_RESET would not).
- *
- * The guest is hostile: every index it writes is checked (virtio 1.2 section
- * 2.7: a head or next index below the queue size, a chain no longer than the
- * queue, an avail index at most queue-size ahead, device-readable descriptors
- * before device-writable ones, no INDIRECT (not negotiated by the bench)),
- * every buffer lies inside guest RAM (checked with overflow-safe arithmetic),
- * and each descriptor is copied once before it is used, so a guest rewriting it
- * meanwhile cannot change what was checked. A request outside the image gets
- * VIRTIO_BLK_S_IOERR, an unknown type VIRTIO_BLK_S_UNSUPP (section 5.2.6).
- *
- * Memory ordering (section 2.7.13, x86-64 here but written with C11 atomics):
- * the avail index is read with acquire before the ring entries it covers; used
- * entries are written before the used index, published with release; a full
- * fence separates publishing the used index from reading used_event, and
- * writing avail_event from reading the avail index again (2.7.10's races).
+ * A request is a 16-byte header (type, reserved, sector) in device-readable
+ * buffers, the data, and a status byte, the last device-writable byte. Data moves
+ * with preadv/pwritev straight between the image and guest RAM. A request outside
+ * the image gets VIRTIO_BLK_S_IOERR, an unknown type VIRTIO_BLK_S_UNSUPP; a chain
+ * without a status byte or a whole header is a broken rule.
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <poll.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/uio.h>
-#include <time.h>
-#include <unistd.h>
-
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define DESC_F_INDIRECT 4
-#define AVAIL_F_NO_INTERRUPT 1
-#define USED_F_NO_NOTIFY 1
+#include "virtq.h"
 
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
@@ -51,66 +17,7 @@
 #define BLK_S_IOERR 1
 #define BLK_S_UNSUPP 2
 #define SECTOR 512
-#define MAX_QUEUE 1024
-
-/* What blk.py hands over: mirrored by blk_c.py's ctypes Structure. */
-struct blk_queue {
-    uint8_t *ram;               /* host address of guest physical 0 */
-    uint64_t ram_size;
-    uint64_t desc, avail, used; /* guest physical addresses of the three rings */
-    uint64_t image_size;        /* bytes */
-    int64_t poll_ns;            /* after a pass, look at the avail index this long first */
-    uint32_t size;              /* queue size, a power of two <= MAX_QUEUE */
-    int32_t event_idx;          /* VIRTIO_F_RING_EVENT_IDX negotiated */
-    int32_t kick_fd;            /* the doorbell's ioeventfd */
-    int32_t call_fd;            /* signalled when the driver wants an interrupt; -1: none */
-    int32_t stop_fd;            /* readable: return */
-    int32_t image_fd;
-};
-
-/* Written by the serving thread, read by blk.py at any time (aligned u64s). */
-struct blk_counters {
-    uint64_t reads, writes, errors, passes, wakeups, signals, polls_found, polls_missed;
-    char why[120];
-};
-
-struct desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags, next;
-};
-
-static int failed(struct blk_counters *c, const char *why)
-{
-    strncpy(c->why, why, sizeof c->why - 1);
-    return -1;
-}
-
-/* The host address of [gpa, gpa + len) if all of it is guest RAM, else NULL. */
-static uint8_t *guest(const struct blk_queue *q, uint64_t gpa, uint64_t len)
-{
-    if (gpa > q->ram_size || len > q->ram_size - gpa)
-        return NULL;
-    return q->ram + gpa;
-}
-
-static uint16_t load16(const uint8_t *p, int order)
-{
-    return __atomic_load_n((const uint16_t *)p, order);
-}
-
-static int64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-/* vring_need_event (2.7.10): did the index pass `event` going from old to new? */
-static int need_event(uint16_t event, uint16_t new, uint16_t old)
-{
-    return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
-}
+#define HEADER 16
 
 /* Bytes [skip, skip + want) of the buffers as an iovec list; the count, or -1. */
 static int slice(struct iovec *out, const struct iovec *in, int n, uint64_t skip, uint64_t want)
@@ -131,90 +38,59 @@ static int slice(struct iovec *out, const struct iovec *in, int n, uint64_t skip
     return want ? -1 : k;
 }
 
-static int64_t transfer(int fd, int out, const struct iovec *iov, int n, uint64_t offset)
+/* preadv/pwritev of all of `iov` at `offset`, short transfers continued; bytes, or -1. */
+static int64_t transfer(int fd, int out, struct iovec *iov, int n, uint64_t offset)
 {
     int64_t done = 0;
-    struct iovec rest[MAX_QUEUE];
-    memcpy(rest, iov, n * sizeof *iov);
     int first = 0;
     while (first < n) {
-        ssize_t r = out ? pwritev(fd, rest + first, n - first, offset + done)
-                          : preadv(fd, rest + first, n - first, offset + done);
+        ssize_t r = out ? pwritev(fd, iov + first, n - first, offset + done)
+                        : preadv(fd, iov + first, n - first, offset + done);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
             return -1;
         done += r;
-        while (first < n && (size_t)r >= rest[first].iov_len)
-            r -= rest[first++].iov_len;
+        while (first < n && (size_t)r >= iov[first].iov_len)
+            r -= iov[first++].iov_len;
         if (first < n) {
-            rest[first].iov_base = (uint8_t *)rest[first].iov_base + r;
-            rest[first].iov_len -= r;
+            iov[first].iov_base = (uint8_t *)iov[first].iov_base + r;
+            iov[first].iov_len -= r;
         }
     }
     return done;
 }
 
-/* Serve the chain at `head`; *written: bytes written to the guest. 0, or -1 (rule broken). */
-static int request(const struct blk_queue *q, struct blk_counters *c, uint16_t head,
-                   uint32_t *written)
+static int blk_request(const struct virtq *q, struct virtq_counters *c, const struct chain *ch,
+                       uint32_t *written)
 {
-    struct iovec rd[MAX_QUEUE], wr[MAX_QUEUE], part[MAX_QUEUE];
-    int nrd = 0, nwr = 0;
-    uint64_t rd_len = 0, wr_len = 0;
-    uint32_t index = head;
-    for (uint32_t count = 0;; count++) {
-        if (index >= q->size)
-            return failed(c, "descriptor index out of range");
-        if (count >= q->size)
-            return failed(c, "descriptor chain longer than the queue (a loop?)");
-        struct desc d;
-        memcpy(&d, q->ram + q->desc + 16 * (uint64_t)index, sizeof d);   /* one copy */
-        if (d.flags & DESC_F_INDIRECT)
-            return failed(c, "indirect descriptor (not negotiated)");
-        uint8_t *p = guest(q, d.addr, d.len);
-        if (p == NULL)
-            return failed(c, "buffer outside guest RAM");
-        if (d.flags & DESC_F_WRITE) {
-            wr[nwr].iov_base = p;
-            wr[nwr++].iov_len = d.len;
-            wr_len += d.len;
-        } else {
-            if (nwr)
-                return failed(c, "device-readable descriptor after a device-writable one");
-            rd[nrd].iov_base = p;
-            rd[nrd++].iov_len = d.len;
-            rd_len += d.len;
-        }
-        if (!(d.flags & DESC_F_NEXT))
-            break;
-        index = d.next;
-    }
-    if (wr_len < 1)
+    static __thread struct iovec part[MAX_QUEUE];
+    if (ch->wr_len < 1)
         return failed(c, "block request without a status byte");
-    if (rd_len < 16)
+    if (ch->rd_len < HEADER)
         return failed(c, "block request header shorter than 16 bytes");
-    uint8_t header[16];
+    uint8_t header[HEADER];
     uint64_t got = 0;
-    for (int i = 0; i < nrd && got < 16; i++) {
-        uint64_t take = rd[i].iov_len < 16 - got ? rd[i].iov_len : 16 - got;
-        memcpy(header + got, rd[i].iov_base, take);
+    for (int i = 0; i < ch->nrd && got < HEADER; i++) {
+        uint64_t take = ch->rd[i].iov_len < HEADER - got ? ch->rd[i].iov_len : HEADER - got;
+        memcpy(header + got, ch->rd[i].iov_base, take);
         got += take;
     }
     uint32_t type;
     uint64_t sector;
     memcpy(&type, header, 4);
     memcpy(&sector, header + 8, 8);
-    /* The status byte: the last byte of the device-writable buffers. */
-    uint8_t *status = (uint8_t *)wr[nwr - 1].iov_base + wr[nwr - 1].iov_len - 1;
+    const struct iovec *last = &ch->wr[ch->nwr - 1];
+    uint8_t *status = (uint8_t *)last->iov_base + last->iov_len - 1;
     uint8_t result = BLK_S_OK;
     *written = 1;
     int out = type == BLK_T_OUT;
     if (type == BLK_T_IN || type == BLK_T_OUT) {
-        uint64_t len = out ? rd_len - 16 : wr_len - 1;
-        int n = out ? slice(part, rd, nrd, 16, len) : slice(part, wr, nwr, 0, len);
-        if (sector > q->image_size / SECTOR || len > q->image_size - sector * SECTOR
-            || n < 0 || transfer(q->image_fd, out, part, n, sector * SECTOR) != (int64_t)len)
+        uint64_t len = out ? ch->rd_len - HEADER : ch->wr_len - 1;
+        int n = out ? slice(part, ch->rd, ch->nrd, HEADER, len)
+                    : slice(part, ch->wr, ch->nwr, 0, len);
+        if (sector > q->backend_size / SECTOR || len > q->backend_size - sector * SECTOR
+            || n < 0 || transfer(q->backend_fd, out, part, n, sector * SECTOR) != (int64_t)len)
             result = BLK_S_IOERR;
         else if (!out)
             *written += len;
@@ -233,89 +109,7 @@ static int request(const struct blk_queue *q, struct blk_counters *c, uint16_t h
     return 0;
 }
 
-/* Notifications on (2.7.10 / 2.7.7): the driver rings for the next request. */
-static void enable_notify(const struct blk_queue *q, uint8_t *avail_event, uint8_t *used_flags,
-                          uint16_t last)
+int blk_serve(const struct virtq *q, struct virtq_counters *c)
 {
-    if (q->event_idx)
-        __atomic_store_n((uint16_t *)avail_event, last, __ATOMIC_RELAXED);
-    else
-        __atomic_store_n((uint16_t *)used_flags, 0, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-}
-
-int blk_serve(const struct blk_queue *q, struct blk_counters *c)
-{
-    uint32_t n = q->size;
-    if (n == 0 || n > MAX_QUEUE || n & (n - 1))
-        return failed(c, "queue size not a power of two up to 1024");
-    uint8_t *desc = guest(q, q->desc, 16 * (uint64_t)n);
-    uint8_t *avail = guest(q, q->avail, 6 + 2 * (uint64_t)n);
-    uint8_t *used = guest(q, q->used, 6 + 8 * (uint64_t)n);
-    if (!desc || !avail || !used || q->desc & 15 || q->avail & 1 || q->used & 3)
-        return failed(c, "ring outside guest RAM or misaligned");
-    uint8_t *used_event = avail + 4 + 2 * n, *avail_event = used + 4 + 8 * n;
-    uint16_t last_avail = load16(used + 2, __ATOMIC_RELAXED);  /* the driver's fresh ring: 0 */
-    uint16_t used_idx = last_avail;
-    struct pollfd fds[2] = {{q->kick_fd, POLLIN, 0}, {q->stop_fd, POLLIN, 0}};
-    uint64_t drained;
-
-    enable_notify(q, avail_event, used, last_avail);
-    for (;;) {
-        for (;;) {                                  /* one pass, then look again */
-            uint16_t avail_idx = load16(avail + 2, __ATOMIC_ACQUIRE);
-            if ((uint16_t)(avail_idx - last_avail) > n)
-                return failed(c, "avail index more than the queue size ahead");
-            if (avail_idx != last_avail) {
-                uint16_t old = used_idx;
-                c->passes++;
-                while (last_avail != avail_idx) {
-                    uint16_t head = load16(avail + 4 + 2 * (last_avail & (n - 1)),
-                                           __ATOMIC_RELAXED);
-                    uint32_t written;
-                    if (request(q, c, head, &written) < 0)
-                        return -1;
-                    uint8_t *elem = used + 4 + 8 * (used_idx & (n - 1));
-                    uint32_t id = head;
-                    memcpy(elem, &id, 4);
-                    memcpy(elem + 4, &written, 4);
-                    last_avail++;
-                    used_idx++;
-                }
-                __atomic_store_n((uint16_t *)(used + 2), used_idx, __ATOMIC_RELEASE);
-                __atomic_thread_fence(__ATOMIC_SEQ_CST);
-                int signal = q->event_idx
-                    ? need_event(load16(used_event, __ATOMIC_RELAXED), used_idx, old)
-                    : !(load16(avail, __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
-                if (signal && q->call_fd >= 0) {
-                    uint64_t one = 1;
-                    if (write(q->call_fd, &one, 8) == 8)
-                        c->signals++;
-                }
-                continue;
-            }
-            if (q->poll_ns > 0) {                   /* notifications stay suppressed */
-                int64_t deadline = now_ns() + q->poll_ns;
-                while (load16(avail + 2, __ATOMIC_ACQUIRE) == last_avail && now_ns() < deadline)
-                    __builtin_ia32_pause();
-                if (load16(avail + 2, __ATOMIC_ACQUIRE) != last_avail) {
-                    c->polls_found++;
-                    continue;
-                }
-                c->polls_missed++;
-            }
-            enable_notify(q, avail_event, used, last_avail);
-            if (load16(avail + 2, __ATOMIC_ACQUIRE) == last_avail)
-                break;                              /* empty, notifications on: sleep */
-        }
-        while (poll(fds, 2, -1) < 0)
-            if (errno != EINTR)
-                return failed(c, "poll failed");
-        if (fds[1].revents)
-            return 0;
-        if (read(q->kick_fd, &drained, 8) == 8)
-            c->wakeups++;
-        if (q->event_idx == 0)                      /* while serving: no notifies */
-            __atomic_store_n((uint16_t *)used, USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
-    }
+    return virtq_serve(q, c, blk_request);
 }

@@ -1,6 +1,7 @@
-"""bench/blk.py's C reference device (bench/c/blk_serve.c through bench/blk_c.py) serves
-a virtio-blk split ring correctly and refuses a hostile one: driven directly over an
-mmap standing in for guest RAM (no VM), then in the bench's real VM. Speed is the
+"""bench/blk.py's C reference device (bench/c/blk_serve.c on bench/c/virtq.h's ring loop,
+built and run by bench/cqueue.py) serves a virtio-blk split ring correctly and refuses a
+hostile one: driven directly over an mmap standing in for guest RAM (no VM), then in the
+bench's real VM. Speed is the
 bench's business; nothing here asserts timing."""
 
 import ctypes
@@ -20,7 +21,7 @@ from ..conftest import needs_kvm
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
-import blk_c  # noqa: E402
+import cqueue  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the C device needs gcc")
 
@@ -38,12 +39,12 @@ class Ring:
         self.anchor = ctypes.c_char.from_buffer(self.ram)
         self.image_fd = os.open(image, os.O_RDWR)
         self.kick, self.call, self.stop = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
-        self.counters = blk_c.Counters()
-        self.queue = blk_c.Queue(ram=ctypes.addressof(self.anchor), ram_size=RAM, desc=DESC,
-                                 avail=AVAIL, used=USED, image_size=os.path.getsize(image),
+        self.counters = cqueue.Counters()
+        self.queue = cqueue.Queue(ram=ctypes.addressof(self.anchor), ram_size=RAM, desc=DESC,
+                                 avail=AVAIL, used=USED, backend_size=os.path.getsize(image),
                                  poll_ns=0, size=N, event_idx=int(event_idx),
                                  kick_fd=self.kick, call_fd=self.call, stop_fd=self.stop,
-                                 image_fd=self.image_fd)
+                                 backend_fd=self.image_fd)
         self.avail_idx = 0
         self.result = None
         self.thread = threading.Thread(target=self._serve, args=(lib,))
@@ -86,7 +87,7 @@ class Ring:
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    return blk_c.build(tmp_path_factory.mktemp("blk_c"))
+    return cqueue.build(tmp_path_factory.mktemp("cqueue"))
 
 
 @pytest.fixture
