@@ -18,6 +18,9 @@ import threading
 from .. import sandbox
 
 
+_SPARE_BYTE = memoryview(bytearray(1))   # recv_frame's: a frame that reaches it did not fit
+
+
 class WireBusy(Exception):
     """Raised by a wire's ``send`` that took the frame but cannot take the next one
     until its fd is writable again (it has then armed its write watcher)."""
@@ -30,12 +33,29 @@ class Wire:
     fills the views (the last one a spare byte) with the next header and frame
     and returns its length (more than the views but the spare byte hold: too
     long, dropped), BlockingIOError when there is none. Both are the plain
-    syscalls for a TAP, so its hot loop pays no Python call per frame."""
+    syscalls for a TAP, so its hot loop pays no Python call per frame; so is
+    :meth:`send_frame`; ``recv_frame`` is one read()."""
 
     fd: int = -1
     mtu: int = 1500
     offloads: bool = False          # can it carry partial checksums and TSO frames?
     send = recv_into = None
+
+    def send_frame(self, frame: memoryview) -> None:
+        """``send`` of a frame that is one view (header and frame in one buffer, as
+        drivers lay out nearly every frame): the device's fast path calls this. A TAP
+        makes it one write() (no iovec list to build or walk)."""
+        self.send([frame])
+
+    def recv_frame(self, frame: memoryview) -> int | None:
+        """``recv_into`` for one view (the device's fast path): the next frame's
+        length, ``len(frame)`` or more if it did not fit (it is lost: the fast path
+        offers only buffers longer than any frame the MTU allows, so a frame that
+        fills one is too long), None when no frame waits. A TAP makes it one read()."""
+        try:
+            return self.recv_into([frame, _SPARE_BYTE])
+        except BlockingIOError:
+            return None
 
     def set_offload(self, features: int) -> None:
         """Tell the host what the driver accepted (``features``) on receive."""

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import logging
 import os
 import struct
@@ -99,6 +100,11 @@ class TapWire(Wire):
         self.fd = tap.fd
         self.mtu = mtu
         self.send = functools.partial(os.writev, tap.fd)
+        self.send_frame = functools.partial(os.write, tap.fd)   # a TAP write is one frame
+        # One read() per frame: a frame cut short fills the buffer (the kernel reports
+        # what it copied), which recv_frame's callers take as too long.
+        self._reader = io.FileIO(tap.fd, "r", closefd=False)
+        self.recv_frame = self._reader.readinto     # None when nothing waits (EAGAIN)
         self.recv_into = functools.partial(os.readv, tap.fd)
 
     def set_offload(self, features: int) -> None:
@@ -256,7 +262,7 @@ class NetDevice(NetReceive, VirtioDevice):
             taken = 0
             while taken < TX_BATCH:
                 if fast:
-                    run = transmit_run(queue, send, TX_BATCH - taken)
+                    run = transmit_run(queue, self.wire.send_frame, TX_BATCH - taken)
                     taken += run.frames + run.errors
                     frames += run.frames
                     octets += run.octets

@@ -59,17 +59,16 @@ class NetReceive:
         recv_into, complete = self.wire.recv_into, self._complete
         frames = octets = too_long = 0
         rx_throttle = self.rx_throttle if self.rx_throttle.limiter is not None else None
-        # net_ring.receive_run takes one-buffer chains big enough for any frame (without
-        # MRG_RXBUF a frame never spans chains: any chain with room for the header);
-        # it runs only while the general path below holds no buffers of its own.
-        min_buffer = self._rx_target if self._mergeable else NET_HDR_SIZE
+        # net_ring.receive_run takes one-buffer chains longer than any frame (a frame
+        # that fills one is too long); it runs only while the general path below
+        # holds no buffers of its own.
+        recv_frame, min_buffer = self.wire.recv_frame, self._rx_target + 1
         try:
             reads = 0
             while reads < RX_BATCH:
                 if rx_throttle is None and not self._pending and self._held is None \
                         and not self._injected:
-                    run = receive_run(queue, recv_into, self._spill, RX_BATCH - reads,
-                                      min_buffer)
+                    run = receive_run(queue, recv_frame, RX_BATCH - reads, min_buffer)
                     reads += run.frames + run.errors
                     frames += run.frames
                     octets += run.octets

@@ -53,20 +53,20 @@ class RunResult:
         self.frames, self.octets, self.errors, self.outcome = frames, octets, errors, outcome
 
 
-def transmit_run(queue: Virtqueue, send, budget: int) -> RunResult:
-    """Send up to ``budget`` one-descriptor frames of ``queue`` with ``send([view])``,
-    returning each with length 0 (section 5.1.6.2: the device writes nothing)."""
+def transmit_run(queue: Virtqueue, send_frame, budget: int) -> RunResult:
+    """Send up to ``budget`` one-descriptor frames of ``queue`` with ``send_frame(view)``
+    (the wire's), returning each with length 0 (section 5.1.6.2: the device writes
+    nothing)."""
     if not queue.active:
         return RunResult(0, 0, 0, EMPTY)
     size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
         _ring(queue)
-    mask, last = size - 1, position
-    iov = [ram[0:0]]
+    mask = size - 1
     frames = octets = errors = 0
     outcome = DONE
-    end = last          # no entry read yet: the first pass of the loop reads the index
+    end = position      # no entry read yet: the first pass of the loop reads the index
     try:
-        while position - last < budget:
+        for _ in range(budget):
             if position == end:
                 end, outcome = _available(avail_idx, position, size)
                 if outcome != DONE:
@@ -80,14 +80,14 @@ def transmit_run(queue: Virtqueue, send, budget: int) -> RunResult:
                     or length < NET_HDR_SIZE or length > MAX_GSO_FRAME:
                 outcome = SLOW
                 break
-            iov[0] = ram[addr - low:addr - low + length]
+            frame = ram[addr - low:addr - low + length]
             position += 1
             slot = (used & mask) << 1
             used_ring[slot] = head
             used_ring[slot + 1] = 0
             used = (used + 1) & 0xFFFF
             try:
-                send(iov)
+                send_frame(frame)
             except OSError:
                 errors += 1                 # the kernel refused it
                 continue
@@ -103,23 +103,23 @@ def transmit_run(queue: Virtqueue, send, budget: int) -> RunResult:
     return RunResult(frames, octets, errors, outcome)
 
 
-def receive_run(queue: Virtqueue, recv_into, spill: memoryview, budget: int,
-                min_buffer: int) -> RunResult:
-    """Read up to ``budget`` frames with ``recv_into([view, spill])``, each into the
-    next chain of one device-writable buffer of at least ``min_buffer`` bytes, and
-    return it with the frame's length and num_buffers 1. A frame that reaches the
-    spare byte is too long: dropped and counted, its buffer used for the next."""
+def receive_run(queue: Virtqueue, recv_frame, budget: int, min_buffer: int) -> RunResult:
+    """Read up to ``budget`` frames with ``recv_frame(view)`` (the wire's), each into
+    the next chain of one device-writable buffer of at least ``min_buffer`` bytes --
+    longer than any frame the MTU allows -- and return it with the frame's length and
+    num_buffers 1. A frame that fills the buffer is too long (the read may have cut
+    it; virtio 1.2 section 5.1.6.3.2: no frame beyond the MTU for the driver):
+    dropped and counted, its buffer used for the next."""
     if not queue.active:
         return RunResult(0, 0, 0, EMPTY)
     size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
         _ring(queue)
-    mask, last = size - 1, position
-    iov = [spill, spill]
-    frames = octets = dropped = reads = 0
+    mask = size - 1
+    frames = octets = dropped = 0
     outcome = DONE
-    end = last
+    end = position
     try:
-        while reads < budget:
+        for _ in range(budget):
             if position == end:
                 end, outcome = _available(avail_idx, position, size)
                 if outcome != DONE:
@@ -134,18 +134,16 @@ def receive_run(queue: Virtqueue, recv_into, spill: memoryview, budget: int,
                 outcome = SLOW
                 break
             view = ram[addr - low:addr - low + length]
-            iov[0] = view
-            reads += 1
             try:
-                got = recv_into(iov)
-            except BlockingIOError:
-                outcome = DRAINED
-                break
+                got = recv_frame(view)
             except OSError:
                 outcome = SLOW              # the general path retries or gives up
                 break
-            if got > length:
-                dropped += 1                # reached the spare byte: the buffer is reused
+            if got is None:
+                outcome = DRAINED
+                break
+            if got >= length:
+                dropped += 1                # too long: the buffer is reused
                 continue
             # num_buffers (u16 at offset 10): the TAP leaves the header's last 2 bytes
             view[NUM_BUFFERS_OFFSET] = 1
