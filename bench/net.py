@@ -36,6 +36,14 @@ that says what the path costs.
     python3 bench/net.py --seconds 10
     python3 bench/net.py --quick        # 0.5 s per case: does it work?
     python3 bench/net.py --record       # also append the table to bench/RESULTS.md
+    python3 bench/net.py --c-tx         # also transmit with a C loop serving the queue (below)
+
+``--c-tx``: each size's transmit case runs a second time with the TX queue served by
+a C loop (bench/c/net_tx_serve.c on bench/c/virtq.h, run by bench/cqueue.py) instead
+of pykvm's worker: the same guest, VM, NIC, TAP, doorbell ioeventfd and completion
+path (an eventfd the wait register blocks on), one writev() per frame. What it cannot
+beat is the host; pykvm ÷ C is what pykvm's Python costs. Not recorded: the rows have
+no column for it.
 
 The passt back end (--net user, pykvm/net/stream.py) has a transmit case beside
 the TAP's when passt is installed: the same guest and frames, the NIC's wire a
@@ -69,7 +77,7 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from flatguest import BenchError, Waiter, assemble, cpu_seconds  # noqa: E402
+from flatguest import BenchError, EventfdWaiter, Waiter, assemble, cpu_seconds  # noqa: E402
 from results import add_rows  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "net_loop.S"
@@ -188,7 +196,7 @@ class GuestNic:
     driver would, and the ring-3 guest told which queue to drive."""
 
     def __init__(self, kvm, image: bytes, mode: str, size: int, spin: bool = False,
-                 backend: str = "tap", poll_ns: int | None = None):
+                 backend: str = "tap", poll_ns: int | None = None, c_lib=None):
         from pykvm.boot.modes import set_mode
         from pykvm.devices.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
         from pykvm.devices.virtio.driver import DriverRing, PciDriver
@@ -213,7 +221,9 @@ class GuestNic:
             from pykvm.devices.virtio.poll import configure
             configure(self.function, poll_ns)
         self.function.bar_mapped(0, BAR_ADDR)       # doorbells become ioeventfds in KVM
-        self.waiter = Waiter(self.function)
+        self.c_queue = None                         # --c-tx: the C loop serving the TX queue
+        # The C loop signals its waiter's eventfd itself; pykvm's device raises INTx.
+        self.waiter = EventfdWaiter() if c_lib is not None else Waiter(self.function)
         self.function.intx = self.waiter
         self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
         driver = PciDriver(self.function)
@@ -235,6 +245,13 @@ class GuestNic:
         if mode == "rx":
             self.rx.set_avail_idx(QUEUE)              # every receive buffer offered
         driver.driver_ok()
+        if c_lib is not None:
+            from cqueue import CQueue
+            if mode != "tx" or backend != "tap":
+                raise BenchError("the C loop serves the TAP's transmit queue only")
+            self.c_queue = CQueue(c_lib.net_tx_serve, self.device.wire.fd)
+            self.c_queue.start(self.function, self.memory, 1,
+                               BAR_ADDR + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * 1, self.waiter.fd)
         params = struct.pack("<11Q", 0 if mode == "tx" else 1, QUEUE, ring.avail_addr,
                              ring.used_addr, BAR_ADDR + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * queue,
                              queue, 0, 0, 0, 0 if spin else WAIT_ADDR, 0)
@@ -279,20 +296,26 @@ class GuestNic:
             raise BenchError("transmit: the frame on the TAP is not the guest's")
 
     def close(self) -> None:
+        if self.c_queue is not None:
+            self.c_queue.stop()
         self.vm.close()
         self.memory.close()
+        if self.c_queue is not None:
+            self.waiter.close()
 
 
 def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: float,
                seconds: float, spin: bool = False, backend: str = "tap",
-               poll_ns: int | None = None) -> Result:
-    nic = GuestNic(kvm, image, mode, size, spin, backend, poll_ns)
+               poll_ns: int | None = None, c_lib=None) -> Result:
+    nic = GuestNic(kvm, image, mode, size, spin, backend, poll_ns, c_lib)
     try:
         nic.start()
         wire = nic.device.wire
         threads = [nic.function.worker.thread.native_id, wire._watcher.thread.native_id]
         if getattr(wire, "_writer", None) is not None:
             threads.append(wire._writer.thread.native_id)
+        if nic.c_queue is not None:                 # what serves the TX queue: the C loop
+            threads = [nic.c_queue.thread.native_id]
         device_cpu = lambda: sum(cpu_seconds(os.getpid(), tid) for tid in threads)  # noqa: E731
         if backend == "passt":
             passt = nic.backend.passt
@@ -306,6 +329,14 @@ def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: floa
             note = (f"device wrote {stats['tx_frames']}, short writes "
                     f"{wire.stats['tx_short_writes']}; doorbells {nic.guest_counter(7)}, "
                     f"waits {nic.guest_counter(10)}")
+        elif mode == "tx" and nic.c_queue is not None:
+            rate, cpu = sample(lambda: rx_packets("pbtap0"), device_cpu, warmup, seconds)
+            nic.check_sent()
+            counts = nic.c_queue.counters
+            if nic.c_queue.failure:
+                raise BenchError(f"the C loop stopped: {nic.c_queue.failure}")
+            note = (f"C loop wrote {counts.writes}, errors {counts.errors}; doorbells "
+                    f"{nic.guest_counter(7)}, waits {nic.guest_counter(10)}; {counts.summary()}")
         elif mode == "tx":
             rate, cpu = sample(lambda: rx_packets("pbtap0"), device_cpu, warmup, seconds)
             nic.check_sent()
@@ -327,8 +358,9 @@ def pykvm_rate(kvm, image: bytes, netns: str, mode: str, size: int, warmup: floa
         if stop is not None:
             raise BenchError(f"the guest stopped: {stop.message}")
         window = nic.function.poll_windows[0 if mode == "rx" else 1]
-        note += (f"; polls: found {window.found}, timeouts {window.timeouts}, busy "
-                 f"{window.busy}, give-ups {window.give_ups}")
+        if nic.c_queue is None:
+            note += (f"; polls: found {window.found}, timeouts {window.timeouts}, busy "
+                     f"{window.busy}, give-ups {window.give_ups}")
         return Result(rate, cpu, size, note)
     finally:
         nic.close()
@@ -375,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin", action="store_true",
                         help="an idle guest spins instead of waiting for the device's interrupt")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--c-tx", action="store_true",
+                        help="also transmit with a C loop serving the TX queue (the floor of "
+                        "the path without Python; needs gcc)")
     parser.add_argument("--no-passt", action="store_true", help="skip the passt back end")
     parser.add_argument("--poll-us", type=float, default=None,
                         help="pykvm's device: the avail-ring polling cap in µs (0: off; default: "
@@ -393,13 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     from pykvm.net.passt import passt_binary
 
     with_passt = not args.no_passt and passt_binary() is not None
-    rows, passt_rows = [], []
+    rows, passt_rows, c_rows = [], [], []
     load = os.getloadavg()[0]
     try:
         with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp, \
                 bench_namespace() as netns:
             image = assemble_guest(Path(tmp))
             host_kind = kvm.host_kind
+            c_lib = None
+            if args.c_tx:
+                from cqueue import build
+                c_lib = build(Path(tmp))
             for size in sizes:
                 reference = veth_rate(netns, size, warmup, seconds)
                 tx = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin,
@@ -407,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
                 rx = pykvm_rate(kvm, image, netns, "rx", size, warmup, seconds, args.spin,
                                 poll_ns=poll_ns)
                 rows.append((size, reference, tx, rx))
+                if c_lib is not None:
+                    c_tx = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin,
+                                      c_lib=c_lib)
+                    c_rows.append((size, reference, c_tx, tx))
+                    if not args.quick:
+                        print(f"{size} B: C tx {c_tx.frames_per_s:,.0f}/s ({c_tx.note})",
+                              file=sys.stderr)
                 if with_passt:
                     passt = pykvm_rate(kvm, image, netns, "tx", size, warmup, seconds, args.spin,
                                        backend="passt", poll_ns=poll_ns)
@@ -447,6 +493,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{passt.gbit:>6.3f} {passt.per_cpu_second / 1000:>7.1f} "
                   f"{passt.frames_per_s / (reference.frames_per_s or 1):>7.3f} "
                   f"{passt.frames_per_s / (tx.frames_per_s or 1):>7.3f}")
+    if c_rows:
+        print("C floor: the transmit queue served by bench/c/net_tx_serve.c (same VM, TAP, "
+              "doorbell, completion path), vs the same veth reference")
+        print(f"{'frame':>6} {'veth /s':>9} | {'C tx /s':>8} {'Gbit/s':>6} {'k/CPU-s':>7} "
+              f"{'C/veth':>7} {'pykvm/C':>7}")
+        for size, reference, c_tx, tx in c_rows:
+            print(f"{size:>5}B {reference.frames_per_s:>9,.0f} | {c_tx.frames_per_s:>8,.0f} "
+                  f"{c_tx.gbit:>6.3f} {c_tx.per_cpu_second / 1000:>7.1f} "
+                  f"{c_tx.frames_per_s / (reference.frames_per_s or 1):>7.3f} "
+                  f"{tx.frames_per_s / (c_tx.frames_per_s or 1):>7.3f}")
     if args.record:
         record(host_kind, rows, seconds, load)
         if passt_rows:

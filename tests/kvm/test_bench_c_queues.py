@@ -1,13 +1,15 @@
-"""bench/blk.py's C reference device (bench/c/blk_serve.c on bench/c/virtq.h's ring loop,
-built and run by bench/cqueue.py) serves a virtio-blk split ring correctly and refuses a
-hostile one: driven directly over an mmap standing in for guest RAM (no VM), then in the
-bench's real VM. Speed is the
+"""The benches' C reference queues (bench/c/virtq.h's ring loop, built and run by
+bench/cqueue.py): blk.py's virtio-blk device (bench/c/blk_serve.c) and net.py's transmit
+queue (bench/c/net_tx_serve.c) serve a split ring correctly and refuse a hostile one:
+driven directly over an mmap standing in for guest RAM (no VM), then in the benches'
+real VMs. Speed is the
 bench's business; nothing here asserts timing."""
 
 import ctypes
 import mmap
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -34,10 +36,10 @@ class Ring:
     """A driver's view of a split ring (virtio 1.2 2.7) in an mmap, and the C loop
     serving it on a thread."""
 
-    def __init__(self, lib, image: Path, *, event_idx=True):
+    def __init__(self, lib, image: Path, *, event_idx=True, server="blk_serve", backend_fd=None):
         self.ram = mmap.mmap(-1, RAM)
         self.anchor = ctypes.c_char.from_buffer(self.ram)
-        self.image_fd = os.open(image, os.O_RDWR)
+        self.image_fd = os.open(image, os.O_RDWR) if backend_fd is None else os.dup(backend_fd)
         self.kick, self.call, self.stop = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
         self.counters = cqueue.Counters()
         self.queue = cqueue.Queue(ram=ctypes.addressof(self.anchor), ram_size=RAM, desc=DESC,
@@ -47,11 +49,11 @@ class Ring:
                                  backend_fd=self.image_fd)
         self.avail_idx = 0
         self.result = None
-        self.thread = threading.Thread(target=self._serve, args=(lib,))
+        self.thread = threading.Thread(target=self._serve, args=(getattr(lib, server),))
         self.thread.start()
 
-    def _serve(self, lib):
-        self.result = lib.blk_serve(ctypes.byref(self.queue), ctypes.byref(self.counters))
+    def _serve(self, server):
+        self.result = server(ctypes.byref(self.queue), ctypes.byref(self.counters))
 
     def descriptor(self, index, addr, length, flags, next_index=0):
         struct.pack_into("<QIHH", self.ram, DESC + 16 * index, addr, length, flags, next_index)
@@ -191,3 +193,52 @@ def test_the_bench_runs_its_guest_on_the_c_device():
     lines = done.stdout.splitlines()
     assert any(line.startswith("rand read 4 KiB   32") for line in lines), done.stdout
     assert float(lines[-1].split()[1]) > 0
+
+
+def test_net_transmit_writes_each_chain_whole_and_drops_malformed_ones(lib, image):
+    """One writev per chain, virtio-net header included (the TAP's IFF_VNET_HDR), used
+    with length 0; a chain shorter than the header or with a device-writable buffer is
+    given back unsent and counted."""
+    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ring = Ring(lib, image, server="net_tx_serve", backend_fd=sender.fileno())
+    try:
+        header, frame = bytes(12), bytes(range(64)) * 2
+        ring.ram[0x20000:0x20000 + 12] = header
+        ring.ram[0x20100:0x20100 + len(frame)] = frame
+        ring.descriptor(0, 0x20000, 12, NEXT, 1)                # header, then the frame
+        ring.descriptor(1, 0x20100, len(frame), 0)
+        ring.descriptor(2, 0x20000, 5, 0)                       # shorter than a header
+        ring.descriptor(3, 0x20000, 12, NEXT, 4)
+        ring.descriptor(4, 0x20100, 64, WRITE)                  # device-writable: not a frame
+        for head in (0, 2, 3):
+            ring.offer(head)
+        assert ring.used(3) == [(0, 0), (2, 0), (3, 0)]
+        receiver.settimeout(5)
+        assert receiver.recv(4096) == header + frame
+        receiver.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            receiver.recv(4096)                                 # nothing else was sent
+        assert (ring.counters.writes, ring.counters.errors) == (1, 2)
+        assert ring.stopped() == 0
+    finally:
+        ring.close()
+        receiver.close()
+        sender.close()
+
+
+@needs_kvm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the net bench needs root (TAP, netns)")
+@pytest.mark.skipif(not all(shutil.which(tool) for tool in ("as", "ld")),
+                    reason="the bench needs GNU as/ld")
+def test_the_net_bench_transmits_through_the_c_queue():
+    """net.py checks that the frame reaching the TAP's host side is the guest's and stops
+    if the C loop broke off; the C floor table then has a row."""
+    pytest.importorskip("pyroute2")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "net.py"), "--quick", "--c-tx",
+                           "--no-passt", "--sizes", "1500"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    floor = lines.index(next(line for line in lines if line.startswith("C floor")))
+    row = lines[floor + 2].split()
+    assert row[0] == "1500B" and float(row[3].replace(",", "")) > 0, done.stdout
