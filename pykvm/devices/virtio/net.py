@@ -20,6 +20,10 @@ TUNSETVNETHDRSZ 12, see pykvm/net/tap.py), so the header passes through:
 - receive: readv() from the TAP lands straight in the guest's receive buffers;
   the device only fills in num_buffers (net_receive.py: which buffers a frame
   takes, the IOV_MAX bound, frames too long for them).
+- the common frame -- a chain of one descriptor: header and frame in one buffer
+  to send, one buffer longer than any frame to receive into -- takes net_ring.py's
+  fast path: a run of them straight off the ring, one write() or read() each, the
+  used index stored once per run; every other chain goes through Virtqueue.pop.
 - errors: a TAP that fails a read stops receive until the driver resets the
   device (reset clears it), never for the VM's lifetime.
 
