@@ -61,8 +61,9 @@ def transmit_run(queue: Virtqueue, send_frame, budget: int) -> RunResult:
         return RunResult(0, 0, 0, EMPTY)
     size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
         _ring(queue)
-    mask = size - 1
-    frames = octets = errors = 0
+    mask, slots, start = size - 1, 2 * size - 1, position
+    slot = (used & mask) << 1        # the next used element: (id, len) at slot, slot + 1
+    octets = errors = 0
     outcome = DONE
     end = position      # no entry read yet: the first pass of the loop reads the index
     try:
@@ -82,25 +83,22 @@ def transmit_run(queue: Virtqueue, send_frame, budget: int) -> RunResult:
                 break
             frame = ram[addr - low:addr - low + length]
             position += 1
-            slot = (used & mask) << 1
             used_ring[slot] = head
             used_ring[slot + 1] = 0
-            used = (used + 1) & 0xFFFF
+            slot = (slot + 2) & slots
             try:
                 send_frame(frame)
             except OSError:
                 errors += 1                 # the kernel refused it
                 continue
             except WireBusy:                # taken; the wire's watcher kicks us
-                frames += 1
                 octets += length
                 outcome = BUSY
                 break
-            frames += 1
             octets += length
     finally:
-        _publish(queue, position, used)
-    return RunResult(frames, octets, errors, outcome)
+        _publish(queue, position, used + position - start)
+    return RunResult(position - start - errors, octets, errors, outcome)
 
 
 def receive_run(queue: Virtqueue, recv_frame, budget: int, min_buffer: int) -> RunResult:
@@ -114,8 +112,9 @@ def receive_run(queue: Virtqueue, recv_frame, budget: int, min_buffer: int) -> R
         return RunResult(0, 0, 0, EMPTY)
     size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
         _ring(queue)
-    mask = size - 1
-    frames = octets = dropped = 0
+    mask, slots, start = size - 1, 2 * size - 1, position
+    slot = (used & mask) << 1        # the next used element: (id, len) at slot, slot + 1
+    octets = dropped = 0
     outcome = DONE
     end = position
     try:
@@ -149,15 +148,13 @@ def receive_run(queue: Virtqueue, recv_frame, budget: int, min_buffer: int) -> R
             view[NUM_BUFFERS_OFFSET] = 1
             view[NUM_BUFFERS_OFFSET + 1] = 0
             position += 1
-            slot = (used & mask) << 1
             used_ring[slot] = head
             used_ring[slot + 1] = got
-            used = (used + 1) & 0xFFFF
-            frames += 1
+            slot = (slot + 2) & slots
             octets += got
     finally:
-        _publish(queue, position, used)
-    return RunResult(frames, octets, dropped, outcome)
+        _publish(queue, position, used + position - start)
+    return RunResult(position - start, octets, dropped, outcome)
 
 
 def _ring(queue: Virtqueue) -> tuple:
@@ -184,6 +181,7 @@ def _publish(queue: Virtqueue, position: int, used: int) -> None:
     device's avail index and store the used index once (one 16-bit store, after
     the elements: section 2.7.8.2, as ``Virtqueue.add_used`` does)."""
     queue.last_avail_idx = position & 0xFFFF
+    used &= 0xFFFF
     if used != queue.used_idx:
         queue.used_idx = used
         queue._used_idx[0] = used
