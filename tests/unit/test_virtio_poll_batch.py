@@ -58,10 +58,10 @@ class SnoopingLine(RecordingLine):
 
 
 def test_the_interrupt_comes_after_notifications_are_back_on(memory, image):  # noqa: F811
-    """A pass that goes to sleep raises its interrupt last: the driver it wakes (and the
-    vCPU thread serving its exit, which then finds the GIL free) sees avail_event re-armed,
-    so its next request rings the doorbell at once. Before issue #13's QD32 pass the
-    interrupt came first and the woken thread waited for the worker to finish."""
+    """A pass that goes to sleep raises its interrupt last: the driver it wakes sees
+    avail_event re-armed (its next request rings the doorbell at once), and no Python of
+    the pass runs after the wake-up of the vCPU thread, which needs the GIL. Before issue
+    #13's QD32 pass the interrupt came before notifications were re-enabled."""
     vm = StandInVm(memory)
     function = None
     lines = [SnoopingLine(24 + i, lambda: function.queues[0]) for i in range(2)]

@@ -225,11 +225,11 @@ def serve_queue(transport, index: int) -> None:
             except VirtqueueError as error:
                 transport.fail(error)
                 return
-            # The interrupt is the pass's last act under the lock (a reset cannot slip
-            # in between): the woken vCPU thread then finds the GIL free, where a signal
-            # before re-enabling notifications had it wake, find the GIL still held and
-            # sleep again until this thread blocked (a second wake-up per pass; bench/
-            # RESULTS.md "blk", issue #13's QD32 pass).
+            # The interrupt is the pass's last act under the lock (a reset cannot slip in
+            # between): the thread it wakes (a vCPU waiting in an exit) needs the GIL, so
+            # nothing of this pass should run after the wake-up, and the driver it wakes
+            # finds notifications already re-armed (bench/RESULTS.md "blk", issue #13's
+            # QD32 pass).
             if signal:
                 transport._signal_queue(index)
         if window.max_ns:
