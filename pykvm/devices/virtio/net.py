@@ -39,6 +39,10 @@ is re-armed when the worker has drained the TAP: a busy TAP costs one wake-up
 per batch, not per frame. A batch is at most RX_BATCH / TX_BATCH frames, after
 which the worker re-kicks itself, so neither direction starves the other.
 Interrupts: the transport's (MSI-X irqfd, honouring EVENT_IDX), once per batch.
+Transmit's batch is a whole 256-entry ring (vhost-net's VHOST_NET_PKT_WEIGHT is
+256 too): half the passes and interrupts of 128, +5-15 % frames per CPU-second
+(bench/RESULTS.md); receive keeps 128, half the ring, because the driver gets its
+buffers back only at the end of a pass.
 
 Rate limiters (Firecracker's ``rx_rate_limiter``/``tx_rate_limiter``, throttle.py):
 transmit takes a chain only while ``tx_throttle`` admits it, receive reads the wire
@@ -76,7 +80,7 @@ from ...net.wire import FdWatcher, Wire, WireBusy   # the back ends' interface (
 
 logger = logging.getLogger(__name__)
 
-TX_BATCH = 128
+TX_BATCH = 256
 RESET_DRAIN_LIMIT = 4096        # frames left in the TAP for a guest that reset: dropped
 MAX_INJECTED = 256              # frames an in-VMM service (MMDS) may have waiting for RX
 
