@@ -266,6 +266,11 @@ class Virtqueue:
         if length == 0 or length % DESCRIPTOR_SIZE or length // DESCRIPTOR_SIZE > self.size:
             raise VirtqueueError(f"indirect table of {length} bytes is not 1..{self.size} "
                                  f"descriptors")
+        # Linux puts every request of more than one buffer in an indirect table when
+        # INDIRECT_DESC is negotiated: the RAM check inlined as the walk does (-0.25 µs).
+        low, high, view = self._ram[0]
+        if low <= addr and addr + length <= high:
+            return view[addr - low:addr - low + length]
         return self._buffer(addr, length)
 
     # --- the used side -------------------------------------------------------------------------
