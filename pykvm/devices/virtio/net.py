@@ -40,7 +40,7 @@ per batch, not per frame. A batch is at most RX_BATCH / TX_BATCH frames, after
 which the worker re-kicks itself, so neither direction starves the other.
 Interrupts: the transport's (MSI-X irqfd, honouring EVENT_IDX), once per batch.
 Transmit's batch is a whole 256-entry ring (vhost-net's VHOST_NET_PKT_WEIGHT is
-256 too): half the passes and interrupts of 128, +5-15 % frames per CPU-second
+256 too): half the passes and interrupts of 128, up to +16 % frames per CPU-second
 (bench/RESULTS.md); receive keeps 128, half the ring, because the driver gets its
 buffers back only at the end of a pass.
 
