@@ -59,6 +59,7 @@ VIRTIO_BLK_ID_BYTES = 20
 _HEADER = struct.Struct("<IIQ")
 _HEADER_SIZE = _HEADER.size
 _unpack_header = _HEADER.unpack_from
+_preadv = os.preadv
 # capacity u64, size_max u32, seg_max u32, geometry (u16, u8, u8), blk_size u32,
 # topology (u8, u8, u16, u32), writeback u8, unused u8, num_queues u16
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBH")
@@ -178,6 +179,30 @@ class BlockDevice(VirtioDevice):
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the number of bytes written to the guest."""
+        readable, writable = chain.readable, chain.writable
+        if len(writable) == 2 and len(readable) == 1:
+            return self._read_fast(readable[0], writable) or self._handle(chain)
+        return self._handle(chain)
+
+    def _read_fast(self, header: memoryview, writable: list[memoryview]) -> int:
+        """Linux's layout of a read -- header | data | status byte, one buffer each -- is
+        every request of a 4 KiB random-read load: served without :meth:`_handle`'s general
+        layout work (a third of a request's Python, issue #13). 0: not that layout."""
+        if len(header) != _HEADER_SIZE or len(status_byte := writable[1]) != 1:
+            return 0
+        kind, _, sector = _unpack_header(header)
+        if kind != VIRTIO_BLK_T_IN:
+            return 0
+        length = len(writable[0])
+        status = self._transfer(_preadv, writable[:1], length, sector, "read")
+        status_byte[0] = status
+        if status == VIRTIO_BLK_S_OK:
+            return length + 1
+        self.requests["error"] += 1
+        return 1
+
+    def _handle(self, chain: DescriptorChain) -> int:
+        """Any request, any layout (:meth:`handle`)."""
         readable, writable = chain.readable, chain.writable
         writable_len = sum(map(len, writable))
         if writable_len < 1:
