@@ -56,13 +56,35 @@ class RunResult:
 def transmit_run(queue: Virtqueue, send_frame, budget: int) -> RunResult:
     """Send up to ``budget`` one-descriptor frames of ``queue`` with ``send_frame(view)``
     (the wire's), returning each with length 0 (section 5.1.6.2: the device writes
-    nothing)."""
+    nothing). A frame the wire refuses (OSError) is returned too and counted in
+    ``errors``."""
+    return _run(queue, send_frame, budget, False, NET_HDR_SIZE, MAX_GSO_FRAME)
+
+
+def receive_run(queue: Virtqueue, recv_frame, budget: int, min_buffer: int) -> RunResult:
+    """Read up to ``budget`` frames with ``recv_frame(view)`` (the wire's), each into
+    the next chain of one device-writable buffer of at least ``min_buffer`` bytes --
+    longer than any frame the MTU allows -- and return it with the frame's length and
+    num_buffers 1. A frame that fills the buffer is too long (the read may have cut
+    it; virtio 1.2 section 5.1.6.3.2: no frame beyond the MTU for the driver):
+    dropped and counted in ``errors``, its buffer used for the next."""
+    return _run(queue, recv_frame, budget, True, min_buffer, 0xFFFFFFFF)
+
+
+def _run(queue: Virtqueue, move_frame, budget: int, receive: bool, shortest: int,
+         longest: int) -> RunResult:
+    """One loop for both directions (a call per frame is what this module saves, so the
+    direction is a branch, not a function): take entries while each is one descriptor
+    of the direction's kind (device-writable for receive), ``shortest`` to ``longest``
+    bytes, wholly in the first RAM region; move a frame through it with
+    ``move_frame``; write its used element; store the used index once at the end."""
     if not queue.active:
         return RunResult(0, 0, 0, EMPTY)
     size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
         _ring(queue)
     mask, slots, start = size - 1, 2 * size - 1, position
     slot = (used & mask) << 1        # the next used element: (id, len) at slot, slot + 1
+    kind = DESC_F_WRITE if receive else 0
     octets = errors = 0
     outcome = DONE
     end = position      # no entry read yet: the first pass of the loop reads the index
@@ -77,17 +99,38 @@ def transmit_run(queue: Virtqueue, send_frame, budget: int) -> RunResult:
                 outcome = SLOW
                 break
             addr, length, flags, _ = _UNPACK(table, head << 4)
-            if flags or addr < low or addr + length > high \
-                    or length < NET_HDR_SIZE or length > MAX_GSO_FRAME:
+            if flags != kind or addr < low or addr + length > high \
+                    or length < shortest or length > longest:
                 outcome = SLOW
                 break
-            frame = ram[addr - low:addr - low + length]
+            view = ram[addr - low:addr - low + length]
+            if receive:
+                try:
+                    got = move_frame(view)
+                except OSError:
+                    outcome = SLOW              # the general path retries or gives up
+                    break
+                if got is None:
+                    outcome = DRAINED
+                    break
+                if got >= length:
+                    errors += 1                 # too long: the buffer is reused
+                    continue
+                # num_buffers (u16 at offset 10): the TAP leaves the header's last 2 bytes
+                view[NUM_BUFFERS_OFFSET] = 1
+                view[NUM_BUFFERS_OFFSET + 1] = 0
+                position += 1
+                used_ring[slot] = head
+                used_ring[slot + 1] = got
+                slot = (slot + 2) & slots
+                octets += got
+                continue
             position += 1
             used_ring[slot] = head
             used_ring[slot + 1] = 0
             slot = (slot + 2) & slots
             try:
-                send_frame(frame)
+                move_frame(view)
             except OSError:
                 errors += 1                 # the kernel refused it
                 continue
@@ -98,63 +141,8 @@ def transmit_run(queue: Virtqueue, send_frame, budget: int) -> RunResult:
             octets += length
     finally:
         _publish(queue, position, used + position - start)
-    return RunResult(position - start - errors, octets, errors, outcome)
-
-
-def receive_run(queue: Virtqueue, recv_frame, budget: int, min_buffer: int) -> RunResult:
-    """Read up to ``budget`` frames with ``recv_frame(view)`` (the wire's), each into
-    the next chain of one device-writable buffer of at least ``min_buffer`` bytes --
-    longer than any frame the MTU allows -- and return it with the frame's length and
-    num_buffers 1. A frame that fills the buffer is too long (the read may have cut
-    it; virtio 1.2 section 5.1.6.3.2: no frame beyond the MTU for the driver):
-    dropped and counted, its buffer used for the next."""
-    if not queue.active:
-        return RunResult(0, 0, 0, EMPTY)
-    size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
-        _ring(queue)
-    mask, slots, start = size - 1, 2 * size - 1, position
-    slot = (used & mask) << 1        # the next used element: (id, len) at slot, slot + 1
-    octets = dropped = 0
-    outcome = DONE
-    end = position
-    try:
-        for _ in range(budget):
-            if position == end:
-                end, outcome = _available(avail_idx, position, size)
-                if outcome != DONE:
-                    break
-            head = avail_ring[position & mask]
-            if head >= size:
-                outcome = SLOW
-                break
-            addr, length, flags, _ = _UNPACK(table, head << 4)
-            if flags != DESC_F_WRITE or addr < low or addr + length > high \
-                    or length < min_buffer:
-                outcome = SLOW
-                break
-            view = ram[addr - low:addr - low + length]
-            try:
-                got = recv_frame(view)
-            except OSError:
-                outcome = SLOW              # the general path retries or gives up
-                break
-            if got is None:
-                outcome = DRAINED
-                break
-            if got >= length:
-                dropped += 1                # too long: the buffer is reused
-                continue
-            # num_buffers (u16 at offset 10): the TAP leaves the header's last 2 bytes
-            view[NUM_BUFFERS_OFFSET] = 1
-            view[NUM_BUFFERS_OFFSET + 1] = 0
-            position += 1
-            used_ring[slot] = head
-            used_ring[slot + 1] = got
-            slot = (slot + 2) & slots
-            octets += got
-    finally:
-        _publish(queue, position, used + position - start)
-    return RunResult(position - start, octets, dropped, outcome)
+    frames = position - start - (0 if receive else errors)
+    return RunResult(frames, octets, errors, outcome)
 
 
 def _ring(queue: Virtqueue) -> tuple:
