@@ -8,7 +8,7 @@ calls, the used index stored per frame). bench/RESULTS.md ("Issue #13, per-frame
 pass") has the breakdown. The loops below serve the case nearly every frame is in --
 a transmit chain of one device-readable descriptor holding header and frame, a
 receive chain of one device-writable descriptor big enough for any frame -- with the
-ring's own views (:class:`~.queue.Virtqueue` activates them), locals only, the avail
+ring's own views (``Virtqueue.ring_views``, ended by ``Virtqueue.publish``), locals only, the avail
 index read once per run of frames and the used index stored once per run (the
 driver is interrupted only after the pass anyway, poll.py).
 
@@ -80,8 +80,8 @@ def _run(queue: Virtqueue, move_frame, budget: int, receive: bool, shortest: int
     ``move_frame``; write its used element; store the used index once at the end."""
     if not queue.active:
         return RunResult(0, 0, 0, EMPTY)
-    size, avail_idx, avail_ring, table, used_ring, low, high, ram, position, used = \
-        _ring(queue)
+    size, avail_idx, avail_ring, table, used_ring, low, high, ram = queue.ring_views()
+    position, used = queue.last_avail_idx, queue.used_idx
     mask, slots, start = size - 1, 2 * size - 1, position
     slot = (used & mask) << 1        # the next used element: (id, len) at slot, slot + 1
     kind = DESC_F_WRITE if receive else 0
@@ -140,16 +140,9 @@ def _run(queue: Virtqueue, move_frame, budget: int, receive: bool, shortest: int
                 break
             octets += length
     finally:
-        _publish(queue, position, used + position - start)
+        queue.publish(position, used + position - start)
     frames = position - start - (0 if receive else errors)
     return RunResult(frames, octets, errors, outcome)
-
-
-def _ring(queue: Virtqueue) -> tuple:
-    """The queue's size, ring views, RAM's first region and indexes: a run's locals."""
-    low, high, ram = queue._ram[0]
-    return (queue.size, queue._avail_idx, queue._avail_ring, queue._desc, queue._used_ring,
-            low, high, ram, queue.last_avail_idx, queue.used_idx)
 
 
 def _available(avail_idx: memoryview, position: int, size: int) -> tuple[int, int]:
@@ -162,14 +155,3 @@ def _available(avail_idx: memoryview, position: int, size: int) -> tuple[int, in
     if pending > size:
         return position, SLOW
     return position + pending, DONE
-
-
-def _publish(queue: Virtqueue, position: int, used: int) -> None:
-    """The run's entries are consumed and its used elements written: move the
-    device's avail index and store the used index once (one 16-bit store, after
-    the elements: section 2.7.8.2, as ``Virtqueue.add_used`` does)."""
-    queue.last_avail_idx = position & 0xFFFF
-    used &= 0xFFFF
-    if used != queue.used_idx:
-        queue.used_idx = used
-        queue._used_idx[0] = used

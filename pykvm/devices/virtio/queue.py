@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ...errors import GuestMemoryError, PykvmError
 from ...memory import GuestMemory
@@ -78,6 +79,21 @@ class DescriptorChain:
     @property
     def writable_len(self) -> int:
         return sum(map(len, self.writable))
+
+
+class RingViews(NamedTuple):
+    """An active queue's ring areas and guest RAM's first region, for a device's own
+    per-frame loop that reads and checks entries itself (virtio-net's net_ring.py):
+    the views ``activate`` took, valid until the queue is reset."""
+
+    size: int
+    avail_idx: memoryview       # 16-bit, the driver's next avail index
+    avail_ring: memoryview      # 16-bit heads
+    descriptors: memoryview     # the table's bytes (section 2.7.5: 16 a descriptor)
+    used_ring: memoryview       # 32-bit (id, len) pairs
+    ram_start: int              # guest RAM's first region: [ram_start, ram_end)
+    ram_end: int
+    ram: memoryview
 
 
 class Virtqueue:
@@ -272,6 +288,24 @@ class Virtqueue:
         if low <= addr and addr + length <= high:
             return view[addr - low:addr - low + length]
         return self._buffer(addr, length)
+
+    def ring_views(self) -> RingViews:
+        """The active queue's views for a loop that takes entries itself; it must make
+        every check ``pop`` makes on what it takes, leave anything else to ``pop``, and
+        end with :meth:`publish`."""
+        start, end, ram = self._ram[0]
+        return RingViews(self.size, self._avail_idx, self._avail_ring, self._desc,
+                         self._used_ring, start, end, ram)
+
+    def publish(self, last_avail_idx: int, used_idx: int) -> None:
+        """After such a loop: entries up to ``last_avail_idx`` are consumed and the used
+        elements up to ``used_idx`` written; store the used index once, after them
+        (section 2.7.8.2, as :meth:`add_used` does)."""
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        used_idx &= 0xFFFF
+        if used_idx != self.used_idx:
+            self.used_idx = used_idx
+            self._used_idx[0] = used_idx
 
     # --- the used side -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
