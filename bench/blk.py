@@ -68,7 +68,8 @@ for _path in (ROOT, BENCH):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from flatguest import BenchError, Waiter, assemble, cpu_seconds, run_queue_seconds  # noqa: E402
+from flatguest import (WAIT_PORT, BenchError, Waiter, assemble, cpu_seconds,  # noqa: E402
+                       run_queue_seconds)
 from results import add_rows  # noqa: E402
 
 from pykvm.devices.virtio.blk import BlockDevice  # noqa: E402
@@ -88,13 +89,12 @@ HEADERS, STATUSES = 0x110000, 0x111000
 DATA = 0x200000                         # slot i's data buffer at DATA + i * size
 MAX_DEPTH = 32
 BAR_ADDR = 0xC0000000                   # where the bench "maps" the device's BAR
-WAIT_ADDR = 0xD0000000                  # the wait register (flatguest.Waiter)
 CMD_ADDR = 0xD0001000                   # the command register (tests/command_register.py)
 SEED = 0x9E3779B97F4A7C15
 
 # The parameter block of blk_loop.S, u64 each, by name -> index.
 P = {name: i for i, name in enumerate(
-    "queue_size avail_ring used_ring notify_addr notify_value wait_addr cmd_addr headers "
+    "queue_size avail_ring used_ring notify_addr notify_value wait_port cmd_addr headers "
     "statuses depth pattern spr limit stop completed errors notifies waits glitches rng "
     "next_sector cases guest_poll".split())}
 
@@ -219,7 +219,7 @@ class GuestDisk:
         self.c_device = hasattr(device, "attach")   # blk_c.CBlockDevice
         driver, notify_addr = (self._mmio if transport == "mmio" else self._pci)()
         self.vm.on_close(self.function.close)
-        self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
+        self.vm.add_pio_device(WAIT_PORT, 4, self.waiter)
         self.commands = CommandRegister("bench-cmd")  # posted 1: run the case
         self.vm.add_mmio_device(CMD_ADDR, 0x1000, self.commands)
         if not driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & 8:
@@ -240,7 +240,7 @@ class GuestDisk:
         for name, value in (("queue_size", QUEUE), ("avail_ring", self.ring.avail_addr),
                             ("used_ring", self.ring.used_addr),
                             ("notify_addr", notify_addr), ("notify_value", 0),
-                            ("wait_addr", WAIT_ADDR if wait else 0), ("cmd_addr", CMD_ADDR),
+                            ("wait_port", WAIT_PORT if wait else 0), ("cmd_addr", CMD_ADDR),
                             ("headers", HEADERS), ("statuses", STATUSES)):
             self.set(name, value)
         self.vm.create_vcpus(1)

@@ -2,8 +2,8 @@
 ring-3 code that owns a virtio device's queue and BAR.
 
 - :func:`assemble`: a guest source into a flat binary linked for its load address;
-- :class:`Waiter`: the register an idle guest reads to wait for the device's
-  interrupt (ring 3 cannot ``hlt``): one exit per wait;
+- :class:`Waiter`: the port (WAIT_PORT) an idle guest reads to wait for the
+  device's interrupt (ring 3 cannot ``hlt``): one exit per wait;
 - :class:`EventfdWaiter`: the same register over an eventfd that a C device
   (bench/blk_c.py) signals itself;
 - :func:`cpu_seconds`: a process's or thread's CPU time, from /proc;
@@ -20,6 +20,13 @@ import threading
 from pathlib import Path
 
 WAIT_TIMEOUT = 0.005                    # a waiting guest looks again after this at the latest
+# The wait register's port (4 ports, a multiple of 8: guests/user_tables.inc grants one
+# bitmap byte). Free in the bench VMs and in pykvm's machine (pykvm/layout.py: i8042
+# 0x60, RTC 0x70, the guest-control ports 0xF4-0xF5, COM1, ACPI PM 0x600, PCI 0xCF8)
+# and not one KVM serves in the kernel (PIC, PIT, speaker port 0x61, ELCR 0x4D0).
+# A port, not an MMIO page: from ring 3 on kvm_pvm a port read is the cheaper exit
+# (bench/RESULTS.md, blk: "the bench guests wait through port I/O").
+WAIT_PORT = 0xE0
 
 
 class BenchError(Exception):
@@ -27,12 +34,14 @@ class BenchError(Exception):
 
 
 def assemble(source: Path, workdir: Path, load_addr: int) -> bytes:
-    """``source`` assembled with GNU as and linked with ld as a flat binary for ``load_addr``."""
+    """``source`` assembled with GNU as and linked with ld as a flat binary for ``load_addr``,
+    with WAIT_PORT defined (the guests' user_tables.inc grants ring 3 that port)."""
     for tool in ("as", "ld"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed (apt-get install binutils)")
     obj, out = workdir / f"{source.stem}.o", workdir / f"{source.stem}.bin"
-    for argv in (["as", "--64", "-I", str(source.parent), "-o", str(obj), str(source)],
+    for argv in (["as", "--64", "-I", str(source.parent), f"--defsym=WAIT_PORT={WAIT_PORT:#x}",
+                  "-o", str(obj), str(source)],
                  ["ld", "-m", "elf_x86_64", f"-Ttext={load_addr:#x}", "--oformat", "binary",
                   "-o", str(out), str(obj)]):
         done = subprocess.run(argv, capture_output=True, text=True)
@@ -43,9 +52,10 @@ def assemble(source: Path, workdir: Path, load_addr: int) -> bytes:
 
 class Waiter:
     """What an idle guest waits on: the device's interrupt. It is the function's INTx
-    line (no MSI-X here) or a virtio-mmio device's edge line, and an MMIO register whose
-    read returns once the line went up (or after WAIT_TIMEOUT), acknowledging the
-    interrupt (a PCI ISR read; ``acknowledge`` for another transport)."""
+    line (no MSI-X here) or a virtio-mmio device's edge line, and a port (WAIT_PORT, on
+    the VM's port-I/O bus) whose read returns once the line went up (or after
+    WAIT_TIMEOUT), acknowledging the interrupt (a PCI ISR read; ``acknowledge`` for
+    another transport)."""
 
     name = "bench-wait"
 

@@ -9,7 +9,7 @@ TAP. The bench plays the driver's probe from the host (features, rings, every
 descriptor written once); the guest then only moves avail indexes and rings the
 doorbell (an ioeventfd) when the device asks for it (EVENT_IDX). With nothing to
 do it sets used_event and waits for the device's interrupt in a read of a bench
-register (the one exit to Python per wait), as an interrupt-driven driver would
+port (flatguest.WAIT_PORT: the one exit to Python per wait), as an interrupt-driven driver would
 (--spin: it spins instead, and takes a host CPU for itself).
 
 - transmit: the guest keeps all 256 frames of its queue in flight; the device
@@ -77,7 +77,8 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from flatguest import BenchError, EventfdWaiter, Waiter, assemble, cpu_seconds  # noqa: E402
+from flatguest import (WAIT_PORT, BenchError, EventfdWaiter, Waiter, assemble,  # noqa: E402
+                       cpu_seconds)
 from results import add_rows  # noqa: E402
 
 GUEST_SOURCE = BENCH / "guests" / "net_loop.S"
@@ -95,7 +96,6 @@ PARAMS = 8                              # offset of the guest's parameter block
 RX_RING, TX_RING = 0x100000, 0x110000
 TX_BUFFERS, RX_BUFFERS = 0x200000, 0x400000
 BAR_ADDR = 0xC0000000                   # where the bench "maps" the device's BAR
-WAIT_ADDR = 0xD0000000                  # the bench's wait register (MMIO, a Python device)
 
 
 def frame(size: int, dst: bytes = GUEST_MAC, seq: int = 0) -> bytes:
@@ -225,7 +225,7 @@ class GuestNic:
         # The C loop signals its waiter's eventfd itself; pykvm's device raises INTx.
         self.waiter = EventfdWaiter() if c_lib is not None else Waiter(self.function)
         self.function.intx = self.waiter
-        self.vm.add_mmio_device(WAIT_ADDR, 0x1000, self.waiter)
+        self.vm.add_pio_device(WAIT_PORT, 4, self.waiter)
         driver = PciDriver(self.function)
         if not driver.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MAC
                                 | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF) & 8:
@@ -254,7 +254,7 @@ class GuestNic:
                                BAR_ADDR + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * 1, self.waiter.fd)
         params = struct.pack("<11Q", 0 if mode == "tx" else 1, QUEUE, ring.avail_addr,
                              ring.used_addr, BAR_ADDR + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * queue,
-                             queue, 0, 0, 0, 0 if spin else WAIT_ADDR, 0)
+                             queue, 0, 0, 0, 0 if spin else WAIT_PORT, 0)
         image = bytearray(image)
         image[PARAMS:PARAMS + len(params)] = params
         self.memory.write(LOAD_ADDR, bytes(image))

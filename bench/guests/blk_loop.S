@@ -24,8 +24,9 @@
  * the device asked for it (VIRTIO_F_RING_EVENT_IDX's avail_event). When the
  * bench sets `stop`, it stops refilling, waits for what is in flight and goes
  * back to the command register.
- * With nothing completed yet it spins (wait_addr 0) or sets used_event and
- * reads the bench's wait register, which returns when the device interrupted
+ * With nothing completed yet it spins (wait_port 0) or sets used_event and
+ * reads the bench's wait port (an `in`, granted by the TSS's I/O bitmap in
+ * user_tables.inc), which returns when the device interrupted
  * (INTx, acknowledged by that read) or after a few ms: one exit per wait. With
  * `guest_poll` N it first looks at the used index up to N more times (a `pause`
  * between looks), as a Linux guest's haltpoll idle governor polls before halting.
@@ -53,7 +54,7 @@ avail_ring:     .quad   0               /* +8   */
 used_ring:      .quad   0               /* +16  */
 notify_addr:    .quad   0               /* +24  the queue's doorbell in the BAR */
 notify_value:   .quad   0               /* +32  */
-wait_addr:      .quad   0               /* +40  0: spin; else the bench's wait register */
+wait_port:      .quad   0               /* +40  0: spin; else the bench's wait port */
 cmd_addr:       .quad   0               /* +48  the bench's command register */
 headers:        .quad   0               /* +56  slot i's header at headers + 16 i */
 statuses:       .quad   0               /* +64  slot i's status byte at statuses + i */
@@ -65,7 +66,7 @@ stop:           .quad   0               /* +104 set by the bench: drain and wait
 completed:      .quad   0               /* +112 requests completed (all cases) */
 errors:         .quad   0               /* +120 completions whose status was not OK */
 notifies:       .quad   0               /* +128 doorbells rung */
-waits:          .quad   0               /* +136 reads of the wait register */
+waits:          .quad   0               /* +136 reads of the wait port */
 glitches:       .quad   0               /* +144 used indexes that cannot be true */
 rng:            .quad   0               /* +152 xorshift64 state (random) */
 next_sector:    .quad   0               /* +160 sequential: the next request's sector */
@@ -144,7 +145,7 @@ idle:   cmpq    $0, stop(%rip)
         jnz     5f
         incq    cases(%rip)             /* drained: wait for the next case */
         jmp     command
-5:      cmpq    $0, wait_addr(%rip)
+5:      cmpq    $0, wait_port(%rip)
         jne     6f
         pause
         jmp     loop
@@ -160,8 +161,8 @@ idle:   cmpq    $0, stop(%rip)
         pause
         jmp     7b
 8:
-        mov     wait_addr(%rip), %rdx
-        mov     (%rdx), %edx            /* the exit: returns once the device interrupted */
+        mov     wait_port(%rip), %rdx
+        in      %dx, %eax               /* the exit: returns once the device interrupted */
         incq    waits(%rip)
         jmp     loop
 

@@ -19,8 +19,8 @@
  *   address (the queue's doorbell in the device's BAR, an ioeventfd in KVM) and
  *   the value to write there (the queue index).
  * With nothing to do (transmit: every frame in flight; receive: nothing new) the
- * guest either spins (wait_addr 0) or, like an interrupt-driven driver, sets
- * used_event and blocks in a read of the bench's wait register until the device
+ * guest either spins (wait_port 0) or, like an interrupt-driven driver, sets
+ * used_event and blocks in a read of the bench's wait port (an `in`) until the device
  * interrupts: the default, so that the guest does not take a host CPU from the
  * device on a busy 2-CPU host.
  * Notifications follow VIRTIO_F_RING_EVENT_IDX: after publishing a new avail
@@ -68,7 +68,7 @@ notify_value:   .quad   0               /* +40 */
 frames:         .quad   0               /* +48: receive: frames the guest got */
 notifies:       .quad   0               /* +56: doorbells rung */
 glitches:       .quad   0               /* +64: ring indexes read mid-store (see below) */
-wait_addr:      .quad   0               /* +72: 0: spin; else the bench's wait register */
+wait_port:      .quad   0               /* +72: 0: spin; else the bench's wait port */
 waits:          .quad   0               /* +80: times the guest waited there */
 
 ring3:
@@ -99,7 +99,7 @@ transmit:
         and     $0xffff, %ebx           /* new avail idx */
         call    publish
         jmp     1b
-3:      cmpq    $0, wait_addr(%rip)
+3:      cmpq    $0, wait_port(%rip)
         je      4f
         /* Block until half the ring is back: used_event = used + N/2 - 1 */
         mov     %r11d, %ecx
@@ -132,7 +132,7 @@ receive:
         and     $0xffff, %ebx
         call    publish
         jmp     1b
-3:      cmpq    $0, wait_addr(%rip)
+3:      cmpq    $0, wait_port(%rip)
         je      4f
         mov     %r12d, %ecx             /* block until the next frame: used_event = seen */
         call    wait
@@ -144,17 +144,19 @@ glitch_rx:
         jmp     1b
 
 /* wait: used idx was %eax; ask for an interrupt once it passes %ecx (used_event,
- * VIRTIO_F_RING_EVENT_IDX), look once more, then read the bench's wait register:
+ * VIRTIO_F_RING_EVENT_IDX), look once more, then read the bench's wait port:
  * that exit returns when the device interrupted (or after a few ms). A kernel
- * driver would `hlt` here; ring 3 cannot. */
+ * driver would `hlt` here; ring 3 cannot. A port, not an MMIO register: the
+ * cheaper exit from ring 3 on kvm_pvm (bench/RESULTS.md, blk: "the bench guests
+ * wait through port I/O"). Clobbers %eax, %edx. */
 wait:
         mov     %cx, (%r15)
         mfence                          /* used_event store before the used idx load */
         movzwl  2(%r9), %edx
         cmp     %eax, %edx
         jne     1f                      /* it moved meanwhile: no need to wait */
-        mov     wait_addr(%rip), %rdx
-        mov     (%rdx), %edx            /* the exit: blocks in the bench */
+        mov     wait_port(%rip), %rdx
+        in      %dx, %eax               /* the exit: blocks in the bench */
         incq    waits(%rip)
 1:      ret
 
