@@ -17,9 +17,11 @@ TUNSETVNETHDRSZ 12, see pykvm/net/tap.py), so the header passes through:
 - transmit: the chain's device-readable buffers -- header and frame, as views of
   guest RAM -- go to the TAP in one writev(); the kernel reads the header
   (checksum to complete, TSO segment size) itself.
-- receive: readv() from the TAP lands straight in the guest's receive buffers;
-  the device only fills in num_buffers (net_receive.py: which buffers a frame
-  takes, the IOV_MAX bound, frames too long for them).
+- receive: without MRG_RXBUF readv() from the TAP lands straight in the guest's
+  receive chain; with it a frame is read once into a host buffer of the largest
+  frame and copied into only as many of the guest's buffers as it takes. The
+  device only fills in num_buffers (net_receive.py: which buffers a frame takes,
+  the IOV_MAX bound, frames too long for them).
 - the common frame -- a chain of one descriptor: header and frame in one buffer
   to send, one buffer longer than any frame to receive into -- takes net_ring.py's
   fast path: a run of them straight off the ring, one write() or read() each, the
@@ -174,6 +176,10 @@ class NetDevice(NetReceive, VirtioDevice):
         self._spill = memoryview(bytearray(1))
         self._rx_views: list[memoryview] = [self._spill]
         self._rx_capacity = 0
+        # MRG_RXBUF: each frame is read here (the largest frame + the spare byte), then
+        # copied into the chains it takes; ``_bounced``: the one frame waiting in it.
+        self._bounce = memoryview(bytearray(self._rx_target + 1))
+        self._bounced = 0
         self._rx_wants_more = False
         self._tx_wants_more = True
         self._tx_blocked = False        # the wire said WireBusy: flush it before the next frame
@@ -209,6 +215,8 @@ class NetDevice(NetReceive, VirtioDevice):
         gso = features & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6)
         self._rx_target = MAX_GSO_FRAME if gso and features & VIRTIO_NET_F_GUEST_CSUM \
             else NET_HDR_SIZE + ETH_HEADER + self.mtu
+        if len(self._bounce) != self._rx_target + 1:
+            self._bounce = memoryview(bytearray(self._rx_target + 1))
         self._drop_pending()
         try:
             self.wire.set_offload(features)
@@ -238,6 +246,7 @@ class NetDevice(NetReceive, VirtioDevice):
         self._pending.clear()
         self._injected.clear()
         self._held = None
+        self._bounced = 0
         self._rx_views = [self._spill]
         self._rx_capacity = 0
 

@@ -4,27 +4,43 @@ the buffers the guest offers on receiveq.
 
 Why a module of its own: receive is the half of pykvm/devices/virtio/net.py with
 rules of its own -- which buffers one frame may take, with and without
-VIRTIO_NET_F_MRG_RXBUF, and the bound one readv() puts on them. :class:`NetReceive`
-is a mixin of :class:`~pykvm.devices.virtio.net.NetDevice` (its state lives there).
+VIRTIO_NET_F_MRG_RXBUF, and the bound on the descriptors one frame uses.
+:class:`NetReceive` is a mixin of :class:`~pykvm.devices.virtio.net.NetDevice`
+(its state lives there).
 
-The rules: readv() from the TAP lands straight in the guest's receive buffers;
-the device only fills in num_buffers. With VIRTIO_NET_F_MRG_RXBUF a frame may
-spread over several buffers (each its own used element; num_buffers counts
-them); without it each frame takes one chain (the driver's "big" buffers
-when it asked for TSO). The device reads only once it holds buffers for the
-largest frame the negotiated features allow; until the guest offers that
-much, frames wait in the TAP's queue (and the kernel drops beyond it, as a
-full NIC would). A frame longer than the buffers -- the host raised the TAP's
-MTU, say -- is dropped and counted (a spare host byte after the buffers shows
-it: the kernel truncates silently); the buffers are reused.
-One readv() takes at most IOV_MAX buffers, so the device never holds more
-descriptors than that for one frame: a receive chain that would pass the
-bound waits for the next frame (the frame is read into the buffers already
-held, a longer one is dropped as too long), and a chain that alone has more
-is returned unused (length 0), as a malformed buffer the driver drops
-(virtio 1.2 section 2.7.4.1: "the device MAY have a reasonable limit of
-descriptors it will allow in a chain"; 2.7.4 names IOV_MAX as such a limit).
-A guest's odd buffers cost it frames, never the NIC.
+The rules. Every frame starts with the 12-byte header; the wire (a TAP) writes it,
+the device only fills in num_buffers (5.1.6.4: the number of used elements the frame
+took). A frame longer than the largest the negotiated features allow -- the host
+raised the TAP's MTU, say -- is dropped and counted (a spare byte after the room
+shows it: the kernel truncates silently); the buffers are reused.
+
+- Without VIRTIO_NET_F_MRG_RXBUF each frame takes one chain (5.1.6.3.1: the
+  driver's "big" buffers when it asked for TSO) and is readv() straight into it;
+  a chain of more descriptors than one readv() takes (IOV_MAX) is returned unused
+  (length 0), as a malformed buffer the driver drops (section 2.7.4.1: "the device
+  MAY have a reasonable limit of descriptors it will allow in a chain"; 2.7.4
+  names IOV_MAX as such a limit).
+- With VIRTIO_NET_F_MRG_RXBUF a frame may spread over several chains, each its
+  own used element, num_buffers counting them (5.1.6.4). Linux offers ~1.5 KiB
+  buffers and, with GUEST_TSO4/6, may be sent 64 KiB frames: reading straight into
+  buffers for the largest frame meant holding ~43 chains and a readv() of ~43
+  iovecs per 1500-byte frame (twice the fast path's cost, bench/RESULTS.md, "Issue
+  #13, per-frame pass"). So the frame is read once into the device's bounce buffer
+  (the largest frame plus the spare byte: one per NIC, sized at negotiation), then
+  copied into only as many chains as it takes, popped as it needs them. A frame
+  the guest has too few buffers for waits in the bounce buffer -- at most that one
+  frame: nothing more is read until it is placed. One frame uses at most
+  IOV_MAX descriptors, as before: a chain that would pass the bound waits for the
+  next frame and the frame is dropped as too long for the buffers held; a chain
+  that alone has more is returned unused.
+
+Either way the device reads a frame only while it holds a validated chain for it
+(popped before the read, so a hostile chain is found with no frame waiting); until
+the guest offers one, frames wait in the TAP's queue, and the kernel drops beyond
+it, as a full NIC would. A guest's odd buffers cost it frames, never the NIC.
+Runs of one-descriptor chains longer than any frame take net_ring.receive_run's
+per-frame fast path instead (one read() straight into each); every other chain
+goes through ``Virtqueue.pop``.
 """
 
 from __future__ import annotations
@@ -42,10 +58,31 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024   # iovec
 
 _U16 = struct.Struct("<H")
 
+# What placing a bounced frame came to (NetReceive._place).
+PLACED, WAIT, DROPPED = 0, 1, 2
+
 
 def _set_num_buffers(views: list[memoryview], count: int) -> None:
-    """num_buffers into a header that a driver split over descriptors."""
-    scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
+    """num_buffers into the first chain's header (section 5.1.6.4), written after the
+    frame; a driver may have split the header over descriptors."""
+    if len(views[0]) >= NET_HDR_SIZE:
+        _U16.pack_into(views[0], NUM_BUFFERS_OFFSET, count)
+    else:
+        scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
+
+
+def _validated(chain) -> tuple:
+    """(chain, bytes it holds, descriptors) for a receive chain, after its rules: only
+    device-writable buffers, room for at least the header (VirtqueueError if not)."""
+    if chain.readable:
+        raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
+    writable = chain.writable
+    count = len(writable)
+    capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
+    if capacity < NET_HDR_SIZE:
+        raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes "
+                             f"cannot hold the {NET_HDR_SIZE}-byte header")
+    return chain, capacity, count
 
 
 class NetReceive:
@@ -56,18 +93,21 @@ class NetReceive:
         self._rx_wants_more = False
         if self._broken_backend:
             return
-        recv_into, complete = self.wire.recv_into, self._complete
+        recv_into, recv_frame = self.wire.recv_into, self.wire.recv_frame
         frames = octets = too_long = 0
         rx_throttle = self.rx_throttle if self.rx_throttle.limiter is not None else None
+        mergeable, bounce, pending = self._mergeable, self._bounce, self._pending
+        add_used, pack_into = queue.add_used, _U16.pack_into
         # net_ring.receive_run takes one-buffer chains longer than any frame (a frame
         # that fills one is too long); it runs only while the general path below
-        # holds no buffers of its own.
-        recv_frame, min_buffer = self.wire.recv_frame, self._rx_target + 1
+        # holds nothing of its own, and not again in a pass once it met a chain it
+        # does not take (a Linux driver's mergeable buffers: every chain would be).
+        fast, min_buffer = rx_throttle is None, self._rx_target + 1
         try:
             reads = 0
             while reads < RX_BATCH:
-                if rx_throttle is None and not self._pending and self._held is None \
-                        and not self._injected:
+                if fast and not self._pending and self._held is None \
+                        and not self._injected and not self._bounced:
                     run = receive_run(queue, recv_frame, RX_BATCH - reads, min_buffer)
                     reads += run.frames + run.errors
                     frames += run.frames
@@ -78,17 +118,69 @@ class NetReceive:
                         return
                     if run.outcome == DONE:
                         break
-                    # EMPTY, SLOW: the general path takes the next chain (or waits)
+                    fast = False                 # EMPTY, SLOW: the general path takes it
                 reads += 1
-                if self._rx_capacity < self._rx_target and not self._take_buffers(queue):
+                if not pending and not self._take_buffer(queue):
                     self._rx_wants_more = True   # out of buffers: the guest's notify resumes us
                     self.stats["rx_waits_for_buffers"] += 1
                     return
+                if mergeable:
+                    length = self._bounced
+                    if not length:
+                        if self._injected:       # an in-VMM service's reply (MMDS)
+                            reply = self._injected.popleft()
+                            length = NET_HDR_SIZE + len(reply)
+                            if length >= len(bounce):
+                                continue
+                            bounce[:NET_HDR_SIZE] = bytes(NET_HDR_SIZE)
+                            bounce[NET_HDR_SIZE:length] = reply
+                        else:
+                            if rx_throttle is not None and not rx_throttle.admit():
+                                return           # the throttle's wake-up kicks us
+                            try:
+                                length = recv_frame(bounce)
+                            except OSError as error:
+                                if error.errno == errno.EINTR:
+                                    continue
+                                self._backend_failed(error)
+                                return
+                            if length is None:
+                                self.wire.arm()  # drained: wake us when the wire has more
+                                return
+                            if length >= len(bounce):
+                                too_long += 1    # reached the spare byte
+                                continue
+                            if rx_throttle is not None:
+                                rx_throttle.charge(length - NET_HDR_SIZE)
+                    chain, capacity, count = pending[0]
+                    if count == 1 and capacity >= length and len(pending) == 1:
+                        view = chain.writable[0]     # the common case: one buffer holds it
+                        view[:length] = bounce[:length]
+                        pack_into(view, NUM_BUFFERS_OFFSET, 1)   # after the frame (5.1.6.4)
+                        add_used(chain.head, length)
+                        pending.clear()
+                        self._rx_capacity = self._bounced = 0
+                        frames += 1
+                        octets += length
+                        continue
+                    placed = self._place(queue, length)
+                    if placed == WAIT:
+                        self._bounced = length       # the one frame that waits
+                        self._rx_wants_more = True   # the guest's notify resumes us
+                        self.stats["rx_waits_for_buffers"] += 1
+                        return
+                    self._bounced = 0
+                    if placed == DROPPED:
+                        too_long += 1
+                    else:
+                        frames += 1
+                        octets += length
+                    continue
                 if self._injected:               # an in-VMM service's reply (MMDS)
                     length = NET_HDR_SIZE + len(self._injected[0])
                     if length <= self._rx_capacity:
                         scatter(self._rx_views, bytes(NET_HDR_SIZE) + self._injected[0])
-                        complete(queue, length)
+                        self._complete(queue, length)
                         frames += 1
                         octets += length
                     self._injected.popleft()
@@ -103,14 +195,12 @@ class NetReceive:
                 except OSError as error:
                     if error.errno == errno.EINTR:
                         continue
-                    self._broken_backend = True
-                    self._note(f"reading the {'TAP' if self.tap else 'wire'} failed: "
-                               f"{error.strerror}; receive stopped")
+                    self._backend_failed(error)
                     return
                 if length > self._rx_capacity:
                     too_long += 1                # reached the spare byte: reused
                     continue
-                complete(queue, length)
+                self._complete(queue, length)
                 frames += 1
                 octets += length
                 if rx_throttle is not None:
@@ -122,75 +212,87 @@ class NetReceive:
             if too_long:
                 self.stats["rx_dropped_too_long"] += too_long
 
-    def _take_buffers(self, queue: Virtqueue) -> bool:
-        """Pop receive chains until they hold a largest frame (one chain without
-        MRG_RXBUF: a frame never spans chains then), within one readv()'s IOV_MAX
-        buffers. False if the guest has too few."""
-        pending, views, pop = self._pending, self._rx_views, queue.pop
-        while self._rx_capacity < self._rx_target:
-            if pending and not self._mergeable:
-                return True                   # the one chain is what the driver gave us
-            if self._held is not None:
-                entry, self._held = self._held, None
-                chain, capacity, count = entry
-            else:
-                chain = pop()
-                if chain is None:
-                    return False
-                if chain.readable:
-                    raise VirtqueueError(f"receive chain {chain.head} has device-readable "
-                                         f"buffers")
-                writable = chain.writable
-                count = len(writable)
-                capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
-                if capacity < NET_HDR_SIZE:
-                    raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes "
-                                         f"cannot hold the {NET_HDR_SIZE}-byte header")
-                entry = (chain, capacity, count)
-            if len(views) + count > IOV_MAX:          # views end with the spare byte
-                if pending:
-                    self._held = entry        # the next frame's; this one reads what we hold
-                    return True
-                queue.add_used(chain.head, 0)  # more buffers than one readv() takes
+    def _backend_failed(self, error: OSError) -> None:
+        self._broken_backend = True
+        self._note(f"reading the {'TAP' if self.tap else 'wire'} failed: "
+                   f"{error.strerror}; receive stopped")
+
+    def _next_chain(self, queue: Virtqueue) -> tuple | None:
+        """The chain held back for this frame, else the next one popped and validated;
+        None if the guest has offered no more."""
+        if self._held is not None:
+            entry, self._held = self._held, None
+            return entry
+        chain = queue.pop()
+        return None if chain is None else _validated(chain)
+
+    def _take_buffer(self, queue: Virtqueue) -> bool:
+        """Hold the next receive chain, the next frame's first (without MRG_RXBUF its
+        only: its buffers, then the spare byte, are the readv() target); False if
+        the guest has offered none."""
+        while True:
+            entry = self._next_chain(queue)
+            if entry is None:
+                return False
+            chain, capacity, count = entry
+            if count + 1 > IOV_MAX:              # with the spare byte: one readv()'s bound
+                queue.add_used(chain.head, 0)    # more buffers than one frame may use
                 self.stats["rx_chains_too_fragmented"] += 1
                 continue
-            pending.append(entry)
-            views[-1:-1] = chain.writable
-            self._rx_capacity += capacity
-        return True
+            self._pending.append(entry)
+            self._rx_capacity = capacity
+            if not self._mergeable:
+                self._rx_views[-1:-1] = chain.writable
+            return True
 
-    def _complete(self, queue: Virtqueue, length: int) -> None:
-        """``length`` bytes landed at the start of the pending buffers: say how many
-        buffers the frame took, then hand them to the guest."""
-        pending = self._pending
-        chain, capacity, count = pending[0]
-        first = chain.writable
-        if length <= capacity or not self._mergeable:   # one buffer: the common case
-            if len(first[0]) >= NET_HDR_SIZE:
-                _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, 1)
-            else:
-                _set_num_buffers(first, 1)
-            queue.add_used(chain.head, length)
-            pending.popleft()
-            self._rx_capacity -= capacity
-            del self._rx_views[:count]
-            return
-        used, remaining, views = 0, length, 0
-        for _, capacity, count in pending:
-            used += 1
-            views += count
-            remaining -= capacity
-            if remaining <= 0:
+    # --- with MRG_RXBUF: a frame read into the bounce buffer, copied into chains -------------
+    def _place(self, queue: Virtqueue, length: int) -> int:
+        """Copy the bounced frame (``length`` bytes, header included) into as many
+        chains as it takes -- the held one first, more popped as needed: PLACED, WAIT
+        (too few buffers yet: the frame stays bounced, the chains stay held) or
+        DROPPED (it would pass the IOV_MAX descriptors bound: too long for the
+        buffers; they are kept for the next frame)."""
+        bounce, pending = self._bounce, self._pending
+        capacity = self._rx_capacity
+        descriptors = sum(count for _, _, count in pending)
+        while capacity < length:
+            entry = self._next_chain(queue)
+            if entry is None:
+                self._rx_capacity = capacity
+                return WAIT
+            if descriptors + entry[2] > IOV_MAX:
+                self._held = entry               # the next frame's
+                self._rx_capacity = capacity
+                return DROPPED
+            pending.append(entry)
+            capacity += entry[1]
+            descriptors += entry[2]
+        done, taken = 0, []
+        while True:                              # at least one chain, even for no bytes
+            chain, size, _ = pending.popleft()
+            capacity -= size
+            start = done
+            for view in chain.writable:
+                piece = min(len(view), length - done)
+                view[:piece] = bounce[done:done + piece]
+                done += piece
+                if done >= length:
+                    break
+            taken.append((chain, done - start))
+            if done >= length:
                 break
-        if len(first[0]) >= NET_HDR_SIZE:
-            _U16.pack_into(first[0], NUM_BUFFERS_OFFSET, used)
-        else:
-            _set_num_buffers(first, used)
-        remaining = length
-        for _ in range(used):
-            chain, capacity, _count = pending.popleft()
-            written = min(capacity, remaining)
+        self._rx_capacity = capacity
+        _set_num_buffers(taken[0][0].writable, len(taken))
+        for chain, written in taken:
             queue.add_used(chain.head, written)
-            remaining -= written
-            self._rx_capacity -= capacity
-        del self._rx_views[:views]
+        return PLACED
+
+    # --- without MRG_RXBUF: one chain per frame, readv() straight into it --------------------
+    def _complete(self, queue: Virtqueue, length: int) -> None:
+        """``length`` bytes landed in the pending chain: num_buffers 1, then hand it to
+        the guest."""
+        chain, _, count = self._pending.popleft()
+        _set_num_buffers(chain.writable, 1)
+        queue.add_used(chain.head, length)
+        self._rx_capacity = 0
+        del self._rx_views[:count]
