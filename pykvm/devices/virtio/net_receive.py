@@ -71,20 +71,6 @@ def _set_num_buffers(views: list[memoryview], count: int) -> None:
         scatter(slice_views(views, NUM_BUFFERS_OFFSET, 2), _U16.pack(count))
 
 
-def _validated(chain) -> tuple:
-    """(chain, bytes it holds, descriptors) for a receive chain, after its rules: only
-    device-writable buffers, room for at least the header (VirtqueueError if not)."""
-    if chain.readable:
-        raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
-    writable = chain.writable
-    count = len(writable)
-    capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
-    if capacity < NET_HDR_SIZE:
-        raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes "
-                             f"cannot hold the {NET_HDR_SIZE}-byte header")
-    return chain, capacity, count
-
-
 class NetReceive:
     """The receive queue's half of :class:`~pykvm.devices.virtio.net.NetDevice`: runs on
     the transport's queue worker."""
@@ -218,13 +204,25 @@ class NetReceive:
                    f"{error.strerror}; receive stopped")
 
     def _next_chain(self, queue: Virtqueue) -> tuple | None:
-        """The chain held back for this frame, else the next one popped and validated;
-        None if the guest has offered no more."""
+        """The chain held back for this frame, else the next one popped, after a
+        receive chain's rules (only device-writable buffers, room for at least the
+        header: VirtqueueError if not): (chain, bytes it holds, descriptors), or None
+        if the guest has offered no more."""
         if self._held is not None:
             entry, self._held = self._held, None
             return entry
         chain = queue.pop()
-        return None if chain is None else _validated(chain)
+        if chain is None:
+            return None
+        if chain.readable:
+            raise VirtqueueError(f"receive chain {chain.head} has device-readable buffers")
+        writable = chain.writable
+        count = len(writable)
+        capacity = len(writable[0]) if count == 1 else sum(map(len, writable))
+        if capacity < NET_HDR_SIZE:
+            raise VirtqueueError(f"receive chain {chain.head} of {capacity} bytes "
+                                 f"cannot hold the {NET_HDR_SIZE}-byte header")
+        return chain, capacity, count
 
     def _take_buffer(self, queue: Virtqueue) -> bool:
         """Hold the next receive chain, the next frame's first (without MRG_RXBUF its
