@@ -132,3 +132,23 @@ def test_a_bad_second_buffer_is_a_virtqueue_error(memory, netns, second, message
     with pytest.raises(VirtqueueError, match=message):
         nic.device.process_queue(RECEIVE_QUEUE, nic.rxq)
     nic.close()
+
+
+def test_a_frame_that_would_pass_iov_max_descriptors_is_dropped_and_the_buffers_kept(
+        memory, netns):
+    # Indirect chains of 250 one-byte buffers: a 1212-byte frame needs five, 1250
+    # descriptors, more than one frame may use (IOV_MAX, 1024). It is dropped as too
+    # long for the buffers; the four held and the fifth are the next frames'.
+    nic = Nic(memory, VIRTIO_NET_F_MRG_RXBUF, size=256)     # tables up to the queue size
+    for chain in range(5):
+        nic.rx.add_indirect(0x300000 + 0x1000 * chain,
+                            [(RX_BUFFERS + 250 * chain + i, 1, True) for i in range(250)])
+    nic.sock.send(frame(b"B" * 1186))
+    medium = frame(b"m" * 380)
+    nic.sock.send(medium)
+    assert nic.receive(2) == [(0, 250), (1, NET_HDR_SIZE + len(medium) - 250)]
+    assert num_buffers(memory, RX_BUFFERS) == 2
+    assert memory.read(RX_BUFFERS + NET_HDR_SIZE, len(medium)) == medium
+    assert nic.device.stats["rx_dropped_too_long"] == 1
+    assert nic.device.stats["rx_chains_too_fragmented"] == 0
+    nic.close()
