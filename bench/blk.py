@@ -453,13 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin", action="store_true",
                         help="the guest spins on the used index instead of waiting for the "
                         "device's interrupt (it then takes a host CPU for itself)")
-    parser.add_argument("--backend", choices=("both", "pykvm", "vhost-user", "c", "pykvm+c"),
+    parser.add_argument("--backend", choices=("both", "pykvm", "vhost-user", "c", "pykvm+c",
+                                              "all"),
                         default="both",
                         help="who serves the queue: pykvm's own virtio-blk, qemu-storage-daemon "
                         "over vhost-user, or both in turn against the same reference (both); "
                         "c: a C loop on the same VM, transport, doorbell and completion path "
                         "(bench/blk_c.py: the floor of this path on this host), pykvm+c: "
-                        "pykvm's device and the C loop in turn")
+                        "pykvm's device and the C loop in turn; all: the three in turn")
     parser.add_argument("--transport", choices=("pci", "mmio"), default="pci",
                         help="pykvm's own device on virtio-pci (default) or virtio-mmio (one "
                         "per run: both would lock the one image; vhost-user stays on PCI)")
@@ -510,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             fs = filesystem_of(image)
             host_kind = kvm.host_kind
             backends = [name for name in ("pykvm", "vhost-user", "c")
-                        if args.backend in (name, "both") or name in args.backend.split("+")]
+                        if args.backend in (name, "all") or name in args.backend.split("+")
+                        or (args.backend == "both" and name != "c")]
             lib = None
             if "c" in backends:
                 import blk_c
