@@ -82,6 +82,12 @@ class VirtioDevice:
         queue with nothing to receive): the transport then waits for a kick."""
         return True
 
+    def give_back_held_chains(self, queues: list[Virtqueue]) -> None:
+        """Before a snapshot (transport lock held): chains the device popped but has
+        not used -- receive buffers it holds for the next frame -- go back to the avail
+        side, so the restored driver is not short of them for good. Most devices hold
+        none: they complete what they pop within one pass."""
+
     def reset(self) -> None:
         """Device reset: forget negotiated state and in-flight host-side data."""
         self.driver_features = 0

@@ -198,6 +198,25 @@ class NetReceive:
             if too_long:
                 self.stats["rx_dropped_too_long"] += too_long
 
+    def give_back_held_chains(self, queues: list[Virtqueue]) -> None:
+        """Before a snapshot: the receive chains held for the next frame (popped, not
+        used: one after every pass that drained the wire) go back to the avail side.
+        They are the receive queue's latest pops, in order (a pass uses what it holds
+        oldest first, and the fast path runs only while nothing is held), so moving
+        last_avail_idx back by their count offers them again, to this device after
+        the snapshot and to the restored one; without it each snapshot cost the guest
+        those buffers for good. A frame waiting in the bounce buffer stays for this
+        device (a snapshot does not keep it: the restored NIC lost a frame)."""
+        held = len(self._pending) + (self._held is not None)
+        if not held:
+            return
+        queue = queues[RECEIVE_QUEUE]
+        queue.last_avail_idx = (queue.last_avail_idx - held) & 0xFFFF
+        self._pending.clear()
+        self._held = None
+        self._rx_views = [self._spill]
+        self._rx_capacity = 0
+
     def _backend_failed(self, error: OSError) -> None:
         self._broken_backend = True
         self._note(f"reading the {'TAP' if self.tap else 'wire'} failed: "

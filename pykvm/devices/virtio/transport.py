@@ -130,6 +130,8 @@ class VirtioTransport(ExternalQueues):
         """The fields of :class:`VirtioTransportState`, transport lock held."""
         with self._isr_lock:
             isr = self._isr
+        if self.running:
+            self.device.give_back_held_chains(self.queues)
         device = self.device.save_state() if hasattr(self.device, "save_state") else None
         return dict(
             device_id=self.device.device_id, status=self.status,
