@@ -83,7 +83,6 @@ class NetReceive:
         frames = octets = too_long = 0
         rx_throttle = self.rx_throttle if self.rx_throttle.limiter is not None else None
         mergeable, bounce, pending = self._mergeable, self._bounce, self._pending
-        add_used, pack_into = queue.add_used, _U16.pack_into
         # net_ring.receive_run takes one-buffer chains longer than any frame (a frame
         # that fills one is too long); it runs only while the general path below
         # holds nothing of its own, and not again in a pass once it met a chain it
@@ -110,87 +109,54 @@ class NetReceive:
                     self._rx_wants_more = True   # out of buffers: the guest's notify resumes us
                     self.stats["rx_waits_for_buffers"] += 1
                     return
-                if mergeable:
-                    length = self._bounced
-                    if not length:
-                        if self._injected:       # an in-VMM service's reply (MMDS)
-                            reply = self._injected.popleft()
-                            length = NET_HDR_SIZE + len(reply)
-                            if length >= len(bounce):
-                                continue
-                            bounce[:NET_HDR_SIZE] = bytes(NET_HDR_SIZE)
-                            bounce[NET_HDR_SIZE:length] = reply
-                        else:
-                            if rx_throttle is not None and not rx_throttle.admit():
-                                return           # the throttle's wake-up kicks us
-                            try:
-                                length = recv_frame(bounce)
-                            except OSError as error:
-                                if error.errno == errno.EINTR:
-                                    continue
-                                self._backend_failed(error)
-                                return
-                            if length is None:
-                                self.wire.arm()  # drained: wake us when the wire has more
-                                return
-                            if length >= len(bounce):
-                                too_long += 1    # reached the spare byte
-                                continue
-                            if rx_throttle is not None:
-                                rx_throttle.charge(length - NET_HDR_SIZE)
-                    chain, capacity, count = pending[0]
-                    if count == 1 and capacity >= length and len(pending) == 1:
-                        view = chain.writable[0]     # the common case: one buffer holds it
-                        view[:length] = bounce[:length]
-                        pack_into(view, NUM_BUFFERS_OFFSET, 1)   # after the frame (5.1.6.4)
-                        add_used(chain.head, length)
-                        pending.clear()
-                        self._rx_capacity = self._bounced = 0
-                        frames += 1
-                        octets += length
+                length = self._bounced if mergeable else 0
+                if length:
+                    pass                         # the frame that waited for buffers
+                elif self._injected:             # an in-VMM service's reply (MMDS)
+                    reply = self._injected.popleft()
+                    length = NET_HDR_SIZE + len(reply)
+                    if length > (len(bounce) - 1 if mergeable else self._rx_capacity):
+                        continue                 # does not fit: dropped
+                    if mergeable:
+                        bounce[:NET_HDR_SIZE] = bytes(NET_HDR_SIZE)
+                        bounce[NET_HDR_SIZE:length] = reply
+                    else:
+                        scatter(self._rx_views, bytes(NET_HDR_SIZE) + reply)
+                else:
+                    if rx_throttle is not None and not rx_throttle.admit():
+                        return                   # the throttle's wake-up kicks us
+                    try:
+                        length = recv_frame(bounce) if mergeable else recv_into(self._rx_views)
+                    except BlockingIOError:
+                        length = None
+                    except OSError as error:
+                        if error.errno == errno.EINTR:
+                            continue
+                        self._backend_failed(error)
+                        return
+                    if length is None:
+                        self.wire.arm()          # drained: wake us when the wire has more
+                        return
+                    if length > (len(bounce) - 1 if mergeable else self._rx_capacity):
+                        too_long += 1            # reached the spare byte: buffers reused
                         continue
+                    if rx_throttle is not None:
+                        rx_throttle.charge(length - NET_HDR_SIZE)
+                if not mergeable:
+                    self._complete(queue, length)
+                else:
                     placed = self._place(queue, length)
                     if placed == WAIT:
-                        self._bounced = length       # the one frame that waits
+                        self._bounced = length   # the one frame that waits
                         self._rx_wants_more = True   # the guest's notify resumes us
                         self.stats["rx_waits_for_buffers"] += 1
                         return
                     self._bounced = 0
                     if placed == DROPPED:
                         too_long += 1
-                    else:
-                        frames += 1
-                        octets += length
-                    continue
-                if self._injected:               # an in-VMM service's reply (MMDS)
-                    length = NET_HDR_SIZE + len(self._injected[0])
-                    if length <= self._rx_capacity:
-                        scatter(self._rx_views, bytes(NET_HDR_SIZE) + self._injected[0])
-                        self._complete(queue, length)
-                        frames += 1
-                        octets += length
-                    self._injected.popleft()
-                    continue
-                if rx_throttle is not None and not rx_throttle.admit():
-                    return                       # the throttle's wake-up kicks us
-                try:
-                    length = recv_into(self._rx_views)
-                except BlockingIOError:
-                    self.wire.arm()              # drained: wake us when the wire has more
-                    return
-                except OSError as error:
-                    if error.errno == errno.EINTR:
                         continue
-                    self._backend_failed(error)
-                    return
-                if length > self._rx_capacity:
-                    too_long += 1                # reached the spare byte: reused
-                    continue
-                self._complete(queue, length)
                 frames += 1
                 octets += length
-                if rx_throttle is not None:
-                    rx_throttle.charge(length - NET_HDR_SIZE)
             self.kick(RECEIVE_QUEUE)             # batch done: come back after the other queue
         finally:
             self.stats["rx_frames"] += frames
@@ -270,6 +236,15 @@ class NetReceive:
         DROPPED (it would pass the IOV_MAX descriptors bound: too long for the
         buffers; they are kept for the next frame)."""
         bounce, pending = self._bounce, self._pending
+        chain, capacity, count = pending[0]
+        if count == 1 and capacity >= length and len(pending) == 1:
+            view = chain.writable[0]             # the common case: one buffer holds it
+            view[:length] = bounce[:length]
+            _U16.pack_into(view, NUM_BUFFERS_OFFSET, 1)   # after the frame (5.1.6.4)
+            queue.add_used(chain.head, length)
+            pending.clear()
+            self._rx_capacity = 0
+            return PLACED
         capacity = self._rx_capacity
         descriptors = sum(count for _, _, count in pending)
         while capacity < length:
